@@ -1,0 +1,1 @@
+"""Deployment files: example settings, service units."""

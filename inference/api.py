@@ -1,0 +1,309 @@
+"""The detector interface: the one place where the pipeline and the models meet.
+
+Inputs and outputs are plain typed values (numpy arrays and dataclasses), so the listener, the worker,
+the training CLI and the tests all speak the same language, and no detector needs to know about DICOM
+networking, the queue or the database.
+
+* :class:`FrameSequence` — what the pipeline hands a detector: ``T`` ordered greyscale frames.
+* :class:`Detection` — what a detector returns: score, threshold, verdict, optional cluster label and a
+  heat map per frame.
+* :class:`ModelCard` — ``card.json`` in every model folder: who the model is and which sequences it may
+  score (:class:`Scope`).
+* :class:`Detector` — the abstract base every detector implements; :func:`register_detector` adds a class
+  to the registry, :func:`load_model` builds one from a model folder.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
+
+import numpy as np
+
+CARD_FILENAME = "card.json"
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+
+
+# --------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class FrameSequence:
+    """An ordered stack of greyscale frames from one series (or a prior + current pair).
+
+    ``frames`` is float32 of shape ``(T, H, W)`` with values in ``[0, 1]``: the modality LUT and the VOI
+    (window) already applied, MONOCHROME1 already inverted, but no resampling and no contrast
+    enhancement; that is the detector's own preprocessing. ``T >= 1``; a single radiograph is ``T = 1``.
+    ``bits_stored`` tells the detector the bit depth the frames came from (8 for JPEG training data,
+    12 to 16 for most DICOM), so that CLAHE can run at the full depth.
+    """
+
+    frames: np.ndarray
+    modality: str = ""
+    body_part: str = ""
+    bits_stored: int = 8
+    series_uid: str = ""
+    frame_refs: tuple[tuple[str, int], ...] = ()  # (SOP Instance UID, 1-based frame number) per frame
+
+    def __post_init__(self) -> None:
+        f = self.frames
+        if not isinstance(f, np.ndarray):
+            raise TypeError(f"frames must be a numpy array, not {type(f).__name__}")
+        if f.ndim != 3:
+            raise ValueError(f"frames must have shape (T, H, W), got {f.shape}")
+        if f.shape[0] < 1 or f.shape[1] < 2 or f.shape[2] < 2:
+            raise ValueError(f"frames shape {f.shape} is empty or degenerate")
+        if f.dtype != np.float32:
+            raise TypeError(f"frames must be float32, got {f.dtype}")
+        if not np.isfinite(f).all():
+            raise ValueError("frames contain NaN or infinity")
+        if f.min() < 0.0 or f.max() > 1.0:
+            raise ValueError(f"frames must lie in [0, 1], got [{f.min()}, {f.max()}]")
+        if self.frame_refs and len(self.frame_refs) != f.shape[0]:
+            raise ValueError(f"{len(self.frame_refs)} frame_refs for {f.shape[0]} frames")
+
+    @property
+    def length(self) -> int:
+        return int(self.frames.shape[0])
+
+
+# -------------------------------------------------------------------------------------------- outputs
+@dataclass(frozen=True)
+class Detection:
+    """A detector's finding for one sequence.
+
+    ``score`` grows with abnormality; ``is_anomaly`` is ``score > threshold``. ``heatmaps`` is float32
+    ``(T, H, W)`` in ``[0, 1]``, aligned with the input frames (same T, H, W). ``cluster_label`` names the
+    anomaly type found by support-vector clustering, or is ``None`` (normal, or a detector without one).
+    """
+
+    score: float
+    threshold: float
+    is_anomaly: bool
+    heatmaps: np.ndarray
+    model_name: str
+    model_version: str
+    cluster_label: str | None = None
+    frame_scores: tuple[float, ...] = ()
+    extras: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.score):
+            raise ValueError(f"score must be finite, got {self.score}")
+        if not np.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite, got {self.threshold}")
+        if bool(self.is_anomaly) != bool(self.score > self.threshold):
+            raise ValueError(
+                f"verdict {self.is_anomaly} disagrees with score {self.score} vs threshold {self.threshold}"
+            )
+        h = self.heatmaps
+        if not isinstance(h, np.ndarray) or h.ndim != 3 or h.dtype != np.float32:
+            raise ValueError("heatmaps must be a float32 array of shape (T, H, W)")
+        if h.size and (h.min() < 0.0 or h.max() > 1.0 or not np.isfinite(h).all()):
+            raise ValueError("heatmaps must lie in [0, 1]")
+
+    @property
+    def verdict(self) -> str:
+        return "abnormal" if self.is_anomaly else "normal"
+
+
+# ---------------------------------------------------------------------------------------- model cards
+@dataclass(frozen=True)
+class Scope:
+    """Which sequences a model may score. Empty ``body_parts`` means any body part of those modalities."""
+
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...] = ()
+    description: str = ""
+
+    def covers(self, modality: str, body_part: str) -> bool:
+        mod = (modality or "").strip().upper()
+        if mod not in {m.upper() for m in self.modalities}:
+            return False
+        if not self.body_parts:
+            return True
+        part = (body_part or "").strip().upper()
+        return part in {b.upper() for b in self.body_parts}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The contents of ``card.json``: identity, scope, provenance and measured performance."""
+
+    name: str
+    version: str
+    detector: str  # registry key of the Detector class that loads this folder
+    scope: Scope
+    description: str = ""
+    intended_use: str = ""
+    limitations: tuple[str, ...] = ()
+    training_data: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256
+    params: Mapping[str, Any] = field(default_factory=dict)  # detector-specific
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelCard":
+        for key in ("name", "version", "detector", "scope"):
+            if key not in d:
+                raise ValueError(f"model card lacks {key!r}")
+        scope = d["scope"]
+        return cls(
+            name=str(d["name"]),
+            version=str(d["version"]),
+            detector=str(d["detector"]),
+            scope=Scope(
+                modalities=tuple(scope.get("modalities", ())),
+                body_parts=tuple(scope.get("body_parts", ())),
+                description=str(scope.get("description", "")),
+            ),
+            description=str(d.get("description", "")),
+            intended_use=str(d.get("intended_use", "")),
+            limitations=tuple(d.get("limitations", ())),
+            training_data=str(d.get("training_data", "")),
+            metrics=dict(d.get("metrics", {})),
+            files=dict(d.get("files", {})),
+            params=dict(d.get("params", {})),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scope"] = asdict(self.scope)
+        return d
+
+    @classmethod
+    def read(cls, model_dir: Path) -> "ModelCard":
+        path = Path(model_dir) / CARD_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_dir} has no {CARD_FILENAME}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def write(self, model_dir: Path) -> None:
+        (Path(model_dir) / CARD_FILENAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_model_files(model_dir: Path, card: ModelCard) -> None:
+    """Raise ``ValueError`` if a file listed in the card is missing or its checksum differs."""
+    for name, digest in card.files.items():
+        path = Path(model_dir) / name
+        if not path.is_file():
+            raise ValueError(f"model {card.name}: file {name} is missing from {model_dir}")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise ValueError(f"model {card.name}: checksum of {name} is {actual}, card says {digest}")
+
+
+# ------------------------------------------------------------------------------------------ detectors
+class Detector(abc.ABC):
+    """Base class of every detector. Subclasses register with :func:`register_detector`.
+
+    A detector is built untrained (``__init__`` takes its hyper-parameters), trained by ``fit`` on normal
+    sequences, saved to a folder with ``save`` and loaded back with ``load``. ``detect`` scores one
+    sequence; ``score_batch`` scores many at once (no heat maps) for evaluation.
+    """
+
+    registry_name: ClassVar[str] = ""
+
+    card: ModelCard | None = None
+
+    @abc.abstractmethod
+    def fit(self, normals: Sequence[FrameSequence], *, validation: Sequence[FrameSequence] = (),
+            seed: int = 0) -> None:
+        """Train on normal sequences only; calibrate the threshold on ``validation`` normals."""
+
+    @abc.abstractmethod
+    def score_batch(self, sequences: Sequence[FrameSequence]) -> np.ndarray:
+        """Anomaly scores (float64, shape ``(N,)``), larger = more abnormal. No heat maps."""
+
+    @abc.abstractmethod
+    def detect(self, sequence: FrameSequence, *, explain: bool = True) -> Detection:
+        """Score one sequence; with ``explain`` also compute the per-frame heat maps (else zeros)."""
+
+    @property
+    @abc.abstractmethod
+    def threshold(self) -> float:
+        """The calibrated decision threshold on the score."""
+
+    @abc.abstractmethod
+    def save(self, model_dir: Path) -> list[str]:
+        """Write the model's files into ``model_dir``; return their names (the card is written by the caller)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, model_dir: Path, card: ModelCard) -> "Detector":
+        """Rebuild a trained detector from a model folder."""
+
+
+_REGISTRY: dict[str, type[Detector]] = {}
+D = TypeVar("D", bound=type[Detector])
+
+
+def register_detector(name: str):
+    """Class decorator: make a detector available by ``name`` (the ``detector`` field of a model card)."""
+
+    def deco(cls: D) -> D:
+        if not (isinstance(cls, type) and issubclass(cls, Detector)):
+            raise TypeError(f"{cls!r} is not a Detector subclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"detector name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.registry_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_detectors() -> dict[str, type[Detector]]:
+    """All registered detector classes, importing the detector modules first."""
+    import inference.detectors  # noqa: F401  (each module registers itself on import)
+
+    return dict(_REGISTRY)
+
+
+def get_detector_class(name: str) -> type[Detector]:
+    classes = registered_detectors()
+    if name not in classes:
+        raise KeyError(f"no detector registered as {name!r}; known: {sorted(classes)}")
+    return classes[name]
+
+
+def load_model(model_dir: Path, *, verify: bool = True) -> Detector:
+    """Load a trained detector from a model folder (``card.json`` + the detector's files)."""
+    model_dir = Path(model_dir)
+    card = ModelCard.read(model_dir)
+    if verify:
+        verify_model_files(model_dir, card)
+    det = get_detector_class(card.detector).load(model_dir, card)
+    det.card = card
+    return det
+
+
+def discover_model_dirs(paths: Iterable[Path]) -> list[Path]:
+    """Model folders among ``paths``: each path is a model folder or a folder of model folders."""
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if (p / CARD_FILENAME).is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(c for c in p.iterdir() if (c / CARD_FILENAME).is_file()))
+    return found
+
+
+def select_model(cards: Iterable[tuple[Path, ModelCard]], modality: str, body_part: str
+                 ) -> tuple[Path, ModelCard] | None:
+    """The first model whose scope covers the sequence, or ``None`` (the sequence is not processed)."""
+    for path, card in cards:
+        if card.scope.covers(modality, body_part):
+            return path, card
+    return None

@@ -1,0 +1,53 @@
+"""The ``medgru`` command: the composition root of the service.
+
+Each area contributes its sub-commands through a ``register(subparsers)`` function in its own module
+(listed in ``_COMMAND_MODULES``); each sub-command stores a handler ``func(args, settings) -> int``.
+Settings are built once here and handed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from medgru import __version__
+from medgru.settings import Settings, load_settings
+
+_COMMAND_MODULES = (
+    "medgru.commands",  # serve, demo, config
+    "training.cli",  # train, evaluate
+    "worker.cli",  # jobs: list, show, retry, cancel
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medgru", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medgru {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML settings file (else $MEDGRU_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(name)
+        module.register(sub)
+    return parser
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = load_settings(config_file=args.config)
+    configure_logging(settings)
+    return int(args.func(args, settings) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

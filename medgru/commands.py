@@ -1,0 +1,5 @@
+"""``medgru serve``, ``medgru demo`` (being written)."""
+
+
+def register(sub):
+    pass

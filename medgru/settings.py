@@ -1,0 +1,181 @@
+"""One typed settings object, built once per process and passed in.
+
+Values come, highest priority first, from keyword arguments, environment variables with the ``MEDGRU_``
+prefix, a TOML file named by ``MEDGRU_CONFIG`` (or passed as ``config_file``), then the defaults below.
+Nothing deep inside the code reads the environment: the composition roots (``medgru.cli``, the Celery
+app) call :func:`load_settings` once and hand the object down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "inference" / "bundled"
+
+_AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+class Destination(BaseModel):
+    """A DICOM peer given as ``AET@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        m = _AE_RE.match(text.strip())
+        if not m:
+            raise ValueError(f"destination {text!r} is not of the form AET@host:port")
+        port = int(m["port"])
+        if not 0 < port < 65536:
+            raise ValueError(f"destination {text!r}: port {port} out of range")
+        return cls(ae_title=m["aet"], host=m["host"], port=port)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment: ``MEDGRU_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDGRU_", extra="ignore", frozen=True, validate_default=True
+    )
+
+    # where we keep things
+    home: Path = Field(default=Path("~/.medgru"), description="spool, quarantine, outbox, SQLite")
+    data_root: Path | None = Field(default=None, description="folder of the benchmark sets (shared/data)")
+
+    # DICOM listener
+    ae_title: str = "MEDGRU"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 11112
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list, description="calling AE titles allowed to associate; empty = accept all"
+    )
+    quiet_period_s: float = Field(default=10.0, ge=0.0, description="a series is complete after this much quiet")
+    add_prior_study: bool = Field(
+        default=False, description="prepend the patient's latest prior study of the same modality as earlier frames"
+    )
+
+    # results destination
+    destination: Destination | None = None
+    send_retry_base_s: float = 2.0
+    send_retry_max_s: float = 300.0
+
+    # database and queue
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite under home")
+    broker_url: str | None = Field(default=None, description="Celery broker; default a filesystem transport under home")
+    job_max_retries: int = 3
+    job_retry_backoff_s: float = 5.0
+
+    # models
+    model: list[Path] = Field(
+        default_factory=lambda: [BUNDLED_MODELS_DIR],
+        description="model folders, or folders of model folders; comma separated in the environment",
+    )
+    device: str = Field(default="auto", description="torch device for inference: auto, cpu or cuda")
+
+    # admin surfaces
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8080
+    log_level: str = "INFO"
+
+    @field_validator("destination", mode="before")
+    @classmethod
+    def _parse_destination(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return Destination.parse(value) if value.strip() else None
+        return value
+
+    @field_validator("allowed_calling_aes", "model", mode="before")
+    @classmethod
+    def _parse_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("MEDGRU_CONFIG")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    # derived locations -------------------------------------------------------------------------
+    @cached_property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @cached_property
+    def quarantine_dir(self) -> Path:
+        return self.home / "quarantine"
+
+    @cached_property
+    def outbox_dir(self) -> Path:
+        return self.home / "outbox"
+
+    @cached_property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'medgru.sqlite3'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.effective_broker_url.startswith("filesystem://")
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.spool_dir, self.quarantine_dir, self.outbox_dir, self.broker_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the process's settings. ``config_file`` sets ``MEDGRU_CONFIG`` for this build only."""
+    if config_file is not None:
+        old = os.environ.get("MEDGRU_CONFIG")
+        os.environ["MEDGRU_CONFIG"] = str(config_file)
+        try:
+            return Settings(**overrides)
+        finally:
+            if old is None:
+                os.environ.pop("MEDGRU_CONFIG", None)
+            else:
+                os.environ["MEDGRU_CONFIG"] = old
+    return Settings(**overrides)

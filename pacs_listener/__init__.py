@@ -1,0 +1,1 @@
+"""DICOM receiving: the C-STORE SCP, the spool, quarantine, and assembly of series into sequences."""

@@ -1,0 +1,1 @@
+"""Training and evaluation of detectors: ``medgru train`` and ``medgru evaluate``."""

@@ -1,0 +1,9 @@
+"""`medgru evaluate` (being written)."""
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args, settings):
+    raise NotImplementedError("medgru evaluate is not written yet")

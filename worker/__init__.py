@@ -1,0 +1,1 @@
+"""The job queue: Celery app, tasks and the pipeline they run (infer → report → outbox)."""

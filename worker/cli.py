@@ -1,0 +1,5 @@
+"""``medgru jobs`` (being written)."""
+
+
+def register(sub):
+    pass
