@@ -213,8 +213,16 @@ class Detector(abc.ABC):
     """
 
     registry_name: ClassVar[str] = ""
+    #: constructor keyword arguments for a tiny, fast configuration: the contract test builds
+    #: ``cls(**cls.SMALL_PARAMS)`` and fits it on a handful of synthetic sequences.
+    SMALL_PARAMS: ClassVar[dict[str, Any]] = {}
 
     card: ModelCard | None = None
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON-serialisable): ``type(self)(**self.get_params())`` builds
+        an untrained twin. Saved as the model card's ``params``; cross-validation relies on it."""
+        return {}
 
     @abc.abstractmethod
     def fit(self, normals: Sequence[FrameSequence], *, validation: Sequence[FrameSequence] = (),
