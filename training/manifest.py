@@ -1,0 +1,139 @@
+"""Reading benchmark manifests and image folders into :class:`~inference.api.FrameSequence` objects.
+
+A manifest is a CSV with at least the columns ``path`` and ``label``; ``split`` and ``group`` are
+optional. Paths are relative to the folder that holds the CSV. A label of ``"normal"`` or ``"0"`` (any
+case) means a normal image; any other label names the anomaly class.
+
+A folder of images is read as ``<folder>/<label>/*.{png,jpg,jpeg}`` or ``<folder>/<split>/<label>/*``.
+
+Training images are 8-bit greyscale (or RGB with R = G = B) JPEG/PNG: they become one frame (``T = 1``),
+float32 in ``[0, 1]``, ``bits_stored = 8``, no modality.
+"""
+
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from inference.api import FrameSequence
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NORMAL_LABELS = frozenset({"normal", "0"})
+REQUIRED_COLUMNS = ("path", "label")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One image of a manifest. ``path`` is absolute."""
+
+    path: Path
+    label: str
+    split: str | None = None
+    group: str | None = None
+
+    @property
+    def is_normal(self) -> bool:
+        return self.label.strip().lower() in NORMAL_LABELS
+
+
+def read_manifest(csv_path: Path) -> list[ManifestRow]:
+    """Rows of a manifest CSV; paths resolved against the CSV's folder.
+
+    Raises ``ValueError`` naming the missing column or the bad row (1-based line number).
+    """
+    csv_path = Path(csv_path)
+    base = csv_path.resolve().parent
+    rows: list[ManifestRow] = []
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in fields]
+        if missing:
+            raise ValueError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; it has {fields}")
+        for lineno, raw in enumerate(reader, start=2):
+            rec = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+            if not rec.get("path"):
+                raise ValueError(f"manifest {csv_path} line {lineno}: empty path")
+            if not rec.get("label"):
+                raise ValueError(f"manifest {csv_path} line {lineno}: empty label for {rec['path']}")
+            p = Path(rec["path"])
+            if not p.is_absolute():
+                p = base / p
+            rows.append(
+                ManifestRow(
+                    path=p.resolve(),
+                    label=rec["label"],
+                    split=rec.get("split") or None,
+                    group=rec.get("group") or None,
+                )
+            )
+    return rows
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def rows_from_folder(folder: Path) -> list[ManifestRow]:
+    """Rows for ``<folder>/<label>/*.{png,jpg,jpeg}``, or ``<folder>/<split>/<label>/*`` when the
+    sub-folders themselves hold only folders."""
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    rows: list[ManifestRow] = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        images = _images_in(sub)
+        subdirs = sorted(p for p in sub.iterdir() if p.is_dir())
+        if images:
+            rows.extend(ManifestRow(path=p, label=sub.name) for p in images)
+        elif subdirs:  # <split>/<label>/
+            for lab in subdirs:
+                rows.extend(ManifestRow(path=p, label=lab.name, split=sub.name) for p in _images_in(lab))
+    if not rows:
+        raise ValueError(f"no images found under {folder} (expected <label>/*.png|jpg|jpeg)")
+    return rows
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An 8-bit image file as float32 greyscale ``(H, W)`` in ``[0, 1]``."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"cannot read image {path}")
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    if img.dtype == np.uint16:
+        return (img.astype(np.float32) / 65535.0).clip(0.0, 1.0)
+    if img.dtype != np.uint8:
+        raise ValueError(f"image {path} has unsupported dtype {img.dtype}")
+    return img.astype(np.float32) / 255.0
+
+
+def load_frames(row_or_path: ManifestRow | Path | str) -> FrameSequence:
+    """One image as a single-frame :class:`FrameSequence` (``T = 1``, ``bits_stored = 8``)."""
+    path = row_or_path.path if isinstance(row_or_path, ManifestRow) else Path(row_or_path)
+    frame = read_image(path)
+    return FrameSequence(frames=frame[None], modality="", bits_stored=8)
+
+
+def load_sequences(rows: Iterable[ManifestRow | Path], workers: int = 2) -> list[FrameSequence]:
+    """Load many images (threads: cv2 releases the GIL while decoding). Order is kept."""
+    rows = list(rows)
+    if workers <= 1 or len(rows) < 8:
+        return [load_frames(r) for r in rows]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(load_frames, rows))
+
+
+def split_rows(rows: Sequence[ManifestRow], split: str) -> list[ManifestRow]:
+    """Rows of one split (case-insensitive)."""
+    s = split.lower()
+    return [r for r in rows if (r.split or "").lower() == s]
