@@ -1,5 +1,57 @@
-"""``medgru serve``, ``medgru demo`` (being written)."""
+"""``medgru serve``, ``medgru demo`` and ``medgru config``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
-def register(sub):
-    pass
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the service: DICOM listener, assembler, worker, sender, dashboard")
+    p.add_argument("--no-worker", action="store_true", help="do not start a worker (workers run elsewhere)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="run the whole loop once on sample series and print the findings")
+    p.add_argument("--data-root", type=Path, help="benchmark data folder (default: settings.data_root)")
+    p.add_argument("--input", type=Path, action="append", help="DICOM file or folder to send (repeatable)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every result")
+    p.add_argument("--home", type=Path, help="data folder for this run (default: <MEDGRU_HOME>/demo)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("config", help="print the effective settings as JSON")
+    p.set_defaults(func=_config)
+
+
+def _serve(args, settings) -> int:
+    from medgru.service import Service
+
+    service = Service(settings, with_worker=not args.no_worker)
+
+    def _terminate(signum, _frame):
+        log.info("signal %s: stopping", signum)
+        service._stop.set()
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    service.start()
+    try:
+        service.wait()
+    finally:
+        service.stop()
+    return 0
+
+
+def _demo(args, settings) -> int:
+    from medgru.demo import run_demo
+
+    return run_demo(settings, data_root=args.data_root, inputs=args.input, timeout=args.timeout, home=args.home)
+
+
+def _config(args, settings) -> int:
+    print(json.dumps(json.loads(settings.model_dump_json()), indent=2))
+    return 0

@@ -1,0 +1,86 @@
+"""The running service: one object that wires listener → assembler → queue → worker → sender.
+
+``medgru serve`` and ``medgru demo`` both build a :class:`Service` from the process's settings. This is
+the composition root: the only place that knows every part.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from medgru.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    settings: Settings
+    with_worker: bool = True
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    listener: Any = None
+    worker: Any = None
+    dashboard: Any = None
+    session_factory: Any = None
+    celery_app: Any = None
+
+    def start(self) -> "Service":
+        from dispatch.sender import Sender
+        from pacs_listener.assembly import Assembler
+        from pacs_listener.scp import Listener
+        from storage.db import init_db, make_session_factory
+        from worker.celery_app import make_celery
+        from worker.tasks import enqueue_job
+
+        s = self.settings
+        s.ensure_dirs()
+        engine = init_db(s.effective_database_url)
+        self.session_factory = sf = make_session_factory(engine)
+        self.celery_app = app = make_celery(s)
+
+        if self.with_worker:
+            from worker.embedded import recover_orphans, start_worker
+
+            self.worker = start_worker(s)
+            recovered = recover_orphans(sf, app)
+            if recovered:
+                log.info("re-enqueued %d unfinished jobs found at start-up", len(recovered) if hasattr(recovered, "__len__") else recovered)
+
+        self.listener = Listener(s, sf)
+        self.listener.start()
+        log.info("listening as %s on %s:%s", s.ae_title, s.listen_host, self.listener.port)
+
+        assembler = Assembler(s, sf, enqueue=lambda job_id: enqueue_job(app, job_id))
+        sender = Sender(s, sf)
+        for name, target in (("assembler", assembler.run_forever), ("sender", sender.run_forever)):
+            t = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+        try:
+            from medgru.dashboard import start_dashboard
+        except ImportError:
+            start_dashboard = None
+        if start_dashboard is not None and s.dashboard_port:
+            self.dashboard = start_dashboard(s, sf, app)
+        return self
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.listener is not None:
+            self.listener.stop()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        log.info("service stopped")
