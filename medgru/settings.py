@@ -12,13 +12,14 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    NoDecode,
     TomlConfigSettingsSource,
 )
 
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
     ae_title: str = "MEDGRU"
     listen_host: str = "127.0.0.1"
     listen_port: int = 11112
-    allowed_calling_aes: list[str] = Field(
+    allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="calling AE titles allowed to associate; empty = accept all"
     )
     quiet_period_s: float = Field(default=10.0, ge=0.0, description="a series is complete after this much quiet")
@@ -89,7 +90,7 @@ class Settings(BaseSettings):
     job_retry_backoff_s: float = 5.0
 
     # models
-    model: list[Path] = Field(
+    model: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [BUNDLED_MODELS_DIR],
         description="model folders, or folders of model folders; comma separated in the environment",
     )

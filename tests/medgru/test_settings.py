@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from medgru.settings import BUNDLED_MODELS_DIR, Destination, Settings, load_settings
+
+
+def test_defaults_are_the_embedded_setup(tmp_path, monkeypatch):
+    for k in list(__import__("os").environ):
+        if k.startswith("MEDGRU_"):
+            monkeypatch.delenv(k)
+    s = Settings(home=tmp_path)
+    assert s.effective_database_url == f"sqlite:///{tmp_path / 'medgru.sqlite3'}"
+    assert s.uses_embedded_broker
+    assert s.model == [BUNDLED_MODELS_DIR]
+    assert s.destination is None
+    assert s.allowed_calling_aes == []
+
+
+def test_environment_with_prefix(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDGRU_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("MEDGRU_AE_TITLE", "WORKER1")
+    monkeypatch.setenv("MEDGRU_LISTEN_PORT", "11113")
+    monkeypatch.setenv("MEDGRU_DESTINATION", "ORTHANC@10.0.0.5:4242")
+    monkeypatch.setenv("MEDGRU_ALLOWED_CALLING_AES", "ORTHANC, STORESCU")
+    monkeypatch.setenv("MEDGRU_QUIET_PERIOD_S", "2.5")
+    monkeypatch.setenv("MEDGRU_MODEL", "/models/a,/models/b")
+    s = Settings()
+    assert s.home == (tmp_path / "h").resolve()
+    assert s.ae_title == "WORKER1" and s.listen_port == 11113
+    assert s.destination == Destination(ae_title="ORTHANC", host="10.0.0.5", port=4242)
+    assert s.allowed_calling_aes == ["ORTHANC", "STORESCU"]
+    assert s.quiet_period_s == 2.5
+    assert s.model == [Path("/models/a"), Path("/models/b")]
+
+
+def test_toml_file_is_read_and_environment_wins(monkeypatch, tmp_path):
+    cfg = tmp_path / "medgru.toml"
+    cfg.write_text('ae_title = "FROMTOML"\nlisten_port = 2000\ndestination = "PACS@pacs:104"\n')
+    monkeypatch.delenv("MEDGRU_AE_TITLE", raising=False)
+    monkeypatch.setenv("MEDGRU_LISTEN_PORT", "3000")
+    s = load_settings(config_file=cfg, home=tmp_path)
+    assert s.ae_title == "FROMTOML"
+    assert s.listen_port == 3000
+    assert str(s.destination) == "PACS@pacs:104"
+
+
+@pytest.mark.parametrize("bad", ["ORTHANC", "ORTHANC@host", "A@h:0", "A@h:70000", "@h:104", "AVERYLONGAETITLE123@h:104"])
+def test_bad_destination_is_refused_with_its_text(bad):
+    with pytest.raises(ValidationError) as exc:
+        Settings(destination=bad)
+    assert "destination" in str(exc.value)
+
+
+def test_settings_are_frozen(tmp_path):
+    s = Settings(home=tmp_path)
+    with pytest.raises(ValidationError):
+        s.ae_title = "OTHER"
