@@ -1,0 +1,154 @@
+"""The contract every registered detector keeps, checked on tiny synthetic data.
+
+Parametrised over :func:`inference.api.registered_detectors`, so a detector added later is covered the
+moment its module lands in ``inference/detectors/``. Each detector is built with its ``SMALL_PARAMS``,
+fitted once per module on smooth synthetic textures (normals), and then checked for: finite scores that
+rank a planted bright blob above held-out normals, valid detections with frame-shaped heat maps for
+T = 1 and T = 3, a save -> card -> ``load_model`` round trip with the same scores, the checksum check,
+and ``get_params`` rebuilding an untrained twin.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from inference.api import (
+    Detection,
+    ModelCard,
+    Scope,
+    load_model,
+    registered_detectors,
+    sha256_file,
+)
+
+SIZE = 64
+DETECTORS = sorted(registered_detectors())
+
+
+def texture(seed: int, t: int = 1, size: int = SIZE) -> np.ndarray:
+    """Smooth random texture frames ``(t, size, size)`` in [0.2, 0.7]: our synthetic 'normal anatomy'."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(t):
+        n = cv2.GaussianBlur(rng.normal(size=(size, size)).astype(np.float32), (0, 0), 3.0)
+        n = (n - n.min()) / (n.max() - n.min() + 1e-6)
+        frames.append(0.2 + 0.5 * n)
+    return np.stack(frames).astype(np.float32)
+
+
+def with_blob(frames: np.ndarray, seed: int) -> np.ndarray:
+    """Plant a bright disc (the 'lesion') in every frame."""
+    rng = np.random.default_rng(seed)
+    out = frames.copy()
+    _, h, w = out.shape
+    cy, cx = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
+    yy, xx = np.mgrid[:h, :w]
+    disc = ((yy - cy) ** 2 + (xx - cx) ** 2) <= (h // 5) ** 2
+    out[:, disc] = 1.0
+    return out
+
+
+def seq(frames: np.ndarray):
+    from inference.api import FrameSequence
+
+    return FrameSequence(frames=frames, modality="CR", body_part="CHEST", bits_stored=8)
+
+
+def test_registry_is_not_empty():
+    assert "knn-effnet" in DETECTORS
+
+
+@pytest.fixture(scope="module", params=DETECTORS)
+def trained(request):
+    """(class, fitted detector) for one registered detector, fitted once per module."""
+    cls = registered_detectors()[request.param]
+    det = cls(**cls.SMALL_PARAMS)
+    normals = [seq(texture(i)) for i in range(16)]
+    validation = [seq(texture(100 + i)) for i in range(8)]
+    det.fit(normals, validation=validation, seed=0)
+    return cls, det
+
+
+def test_scores_finite_and_planted_anomaly_scores_higher(trained):
+    _, det = trained
+    held_out = [seq(texture(1000 + i)) for i in range(8)]
+    anomalies = [seq(with_blob(texture(2000 + i), seed=i)) for i in range(8)]
+    s_norm = det.score_batch(held_out)
+    s_anom = det.score_batch(anomalies)
+    assert s_norm.shape == (8,) and s_anom.shape == (8,)
+    assert np.isfinite(s_norm).all() and np.isfinite(s_anom).all()
+    assert s_anom.mean() > s_norm.mean(), (s_anom, s_norm)
+    assert np.isfinite(det.threshold)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_detect_returns_valid_detection(trained, t):
+    _, det = trained
+    frames = with_blob(texture(3000 + t, t=t), seed=t)
+    d = det.detect(seq(frames), explain=True)
+    assert isinstance(d, Detection)
+    assert d.heatmaps.shape == frames.shape
+    assert d.heatmaps.dtype == np.float32
+    assert 0.0 <= d.heatmaps.min() and d.heatmaps.max() <= 1.0
+    assert d.threshold == pytest.approx(det.threshold)
+    assert d.is_anomaly == (d.score > d.threshold)
+    assert d.frame_scores == () or len(d.frame_scores) == t
+    # detect and score_batch agree on the score
+    assert d.score == pytest.approx(float(det.score_batch([seq(frames)])[0]), rel=1e-5, abs=1e-6)
+    quiet = det.detect(seq(frames), explain=False)
+    assert quiet.heatmaps.shape == frames.shape
+    assert quiet.score == pytest.approx(d.score, rel=1e-5, abs=1e-6)
+
+
+def _save_with_card(cls, det, model_dir):
+    files = det.save(model_dir)
+    assert files, "save must return the names of the files it wrote"
+    card = ModelCard(
+        name=f"contract-{cls.registry_name}", version="0.0.1", detector=cls.registry_name,
+        scope=Scope(modalities=("CR",), body_parts=("CHEST",)),
+        files={name: sha256_file(model_dir / name) for name in files},
+        params=det.get_params(),
+    )
+    card.write(model_dir)
+    return files
+
+
+def test_save_load_round_trip_and_checksum(trained, tmp_path):
+    cls, det = trained
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    files = _save_with_card(cls, det, model_dir)
+    probe = [seq(texture(4000 + i)) for i in range(3)] + [seq(with_blob(texture(4100), seed=7))]
+    loaded = load_model(model_dir)
+    assert type(loaded) is cls
+    np.testing.assert_allclose(loaded.score_batch(probe), det.score_batch(probe), rtol=1e-6, atol=1e-9)
+    assert loaded.threshold == pytest.approx(det.threshold, rel=1e-9)
+    d0 = det.detect(probe[-1])
+    d1 = loaded.detect(probe[-1])
+    np.testing.assert_allclose(d1.heatmaps, d0.heatmaps, atol=1e-5)
+    assert d1.model_name == f"contract-{cls.registry_name}"
+
+    # one changed byte in any model file must be caught
+    victim = model_dir / files[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        load_model(model_dir)
+
+
+def test_get_params_rebuilds_an_untrained_twin(trained):
+    cls, det = trained
+    params = det.get_params()
+    assert json.loads(json.dumps(params)) == params, "params must be JSON-serialisable"
+    twin = cls(**params)
+    assert type(twin) is cls
+    assert twin.get_params() == params
+    # the twin learns the same model from the same data and seed
+    twin.fit([seq(texture(i)) for i in range(16)], validation=[seq(texture(100 + i)) for i in range(8)], seed=0)
+    probe = [seq(texture(5000 + i)) for i in range(3)]
+    np.testing.assert_allclose(twin.score_batch(probe), det.score_batch(probe), rtol=1e-4, atol=1e-6)
