@@ -1,9 +1,30 @@
-"""Engine and session factories. SQLite (embedded default) and PostgreSQL (by URL)."""
+"""Engine and session factories. SQLite (embedded default) and PostgreSQL (by URL).
+
+:func:`init_db` brings a database to the newest schema (``alembic upgrade head`` through the migrations
+shipped in ``storage/migrations``) and returns an engine. It is idempotent and may be called by several
+processes at once (``medgru serve`` and a worker): on PostgreSQL the upgrade runs under a transaction-level
+advisory lock, on SQLite under an exclusive ``flock`` on ``<database file>.migrate-lock``, so exactly one
+process creates the tables and the others find the schema at head.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event
+import contextlib
+import fcntl
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# pg_advisory_xact_lock key for schema migrations (any constant shared by all medgru processes)
+_PG_MIGRATION_LOCK_KEY = 0x6D656467  # "medg"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -27,3 +48,61 @@ def make_engine(url: str, **kwargs) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic ``Config`` for the packaged migrations; with ``connection``, env.py migrates it."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield  # private in-memory database: nobody else can see it
+        return
+    lock_path = Path(database).resolve().with_name(Path(database).name + ".migrate-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
+    lock = _sqlite_file_lock(engine) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+    with lock, engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
+        cfg = alembic_config(conn)
+        if down:
+            command.downgrade(cfg, revision)
+        else:
+            command.upgrade(cfg, revision)
+
+
+def init_db(url: str) -> Engine:
+    """Upgrade the database at ``url`` to the newest schema and return an engine for it.
+
+    Safe to call on every start and from several processes at once. Raises whatever the database
+    raises (unreachable server, permissions); nothing is half-applied on PostgreSQL (transactional DDL).
+    """
+    engine = make_engine(url)
+    _migrate(engine, "head")
+    log.info("database schema at head (%s)", engine.url.render_as_string(hide_password=True))
+    return engine
+
+
+def downgrade_db(url: str, revision: str = "base") -> None:
+    """``alembic downgrade <revision>`` on ``url`` (``base`` drops every medgru table). For tests/admins."""
+    engine = make_engine(url)
+    try:
+        _migrate(engine, revision, down=True)
+    finally:
+        engine.dispose()

@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
@@ -31,6 +32,36 @@ def utcnow() -> datetime:
 
 
 UID = String(64)
+
+
+class UTCDateTime(TypeDecorator):
+    """``DateTime(timezone=True)`` that round-trips timezone-aware datetimes on SQLite too.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones and SQLAlchemy would silently drop the
+    offset (12:00+02:00 came back as a naive 12:00). Values are converted to UTC before binding (a naive
+    value is taken to be UTC already) and come back aware, in UTC, on both databases, so comparisons
+    such as ``last_received_at < cutoff`` are correct on SQLite as well.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
 
 
 class Base(DeclarativeBase):
@@ -68,7 +99,7 @@ class Patient(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), index=True)  # DICOM PatientID (may be "")
     issuer: Mapped[str] = mapped_column(String(64), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     studies: Mapped[list["Study"]] = relationship(back_populates="patient")
     __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient_id_issuer"),)
 
@@ -81,7 +112,7 @@ class Study(Base):
     study_date: Mapped[str] = mapped_column(String(8), default="")  # DICOM DA, "" if absent
     study_time: Mapped[str] = mapped_column(String(16), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list["Series"]] = relationship(back_populates="study")
 
@@ -97,8 +128,8 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     state: Mapped[SeriesState] = mapped_column(_enum(SeriesState), default=SeriesState.RECEIVING, index=True)
     state_reason: Mapped[str] = mapped_column(Text, default="")
-    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list["Instance"]] = relationship(back_populates="series")
     sequences: Mapped[list["SequenceRecord"]] = relationship(back_populates="series")
@@ -122,7 +153,7 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     sha256: Mapped[str] = mapped_column(String(64), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
@@ -135,7 +166,7 @@ class QuarantineItem(Base):
     sop_class_uid: Mapped[str] = mapped_column(UID, default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     status_code: Mapped[int] = mapped_column(Integer)  # the DIMSE status we answered
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class SequenceRecord(Base):
@@ -149,7 +180,7 @@ class SequenceRecord(Base):
     n_frames: Mapped[int] = mapped_column(Integer)
     order_key: Mapped[str] = mapped_column(String(32), default="")  # instance_number | position | time | none
     prior_study_uid: Mapped[str] = mapped_column(UID, default="")  # set when a prior study's frames lead
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     series: Mapped[Series] = relationship(back_populates="sequences")
     jobs: Mapped[list["Job"]] = relationship(back_populates="sequence")
 
@@ -165,9 +196,9 @@ class Job(Base):
     model_name: Mapped[str] = mapped_column(String(64), default="")
     model_version: Mapped[str] = mapped_column(String(64), default="")
     celery_task_id: Mapped[str] = mapped_column(String(64), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     sequence: Mapped[SequenceRecord] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job")
 
@@ -185,7 +216,7 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID, default="")
     sc_sop_instance_uid: Mapped[str] = mapped_column(UID, default="")
     inference_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     job: Mapped[Job] = relationship(back_populates="results")
 
 
@@ -201,8 +232,8 @@ class OutboxItem(Base):
     destination: Mapped[str] = mapped_column(String(128))  # AET@host:port
     state: Mapped[OutboxState] = mapped_column(_enum(OutboxState), default=OutboxState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_error: Mapped[str] = mapped_column(Text, default="")
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
