@@ -1,0 +1,150 @@
+"""Patient and study attributes taken from a source image, cleaned so the result object is valid.
+
+Result objects must land in the same patient and study as their source, so the identifying attributes are
+copied as they are. Real archives hold values that are not valid for their VR (trailing NUL padding,
+``PatientSex = "0000"``, ``StudyDate = "1995.07.20"``); copied blindly they would make our own objects
+invalid. The rules here: trailing NUL/space padding is dropped (it is padding, not content); a value still
+invalid for its VR is replaced by an empty value (all these attributes are Type 2, so empty is legal) and
+a warning names the attribute and the source instance's UID. The UIDs are never altered: an invalid
+Study Instance UID is an error, because the result would land in another study.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+from pydicom.valuerep import validate_value
+
+from reporting.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+# keyword -> VR; the Patient and General Study module attributes copied into every result object
+PATIENT_STUDY_KEYWORDS: dict[str, str] = {
+    "PatientName": "PN",
+    "PatientID": "LO",
+    "IssuerOfPatientID": "LO",
+    "PatientBirthDate": "DA",
+    "PatientSex": "CS",
+    "StudyDate": "DA",
+    "StudyTime": "TM",
+    "StudyID": "SH",
+    "AccessionNumber": "SH",
+    "ReferringPhysicianName": "PN",
+    "StudyDescription": "LO",
+}
+# copied only when the source has a (valid) value: Type 3 in the target modules
+OPTIONAL_KEYWORDS = frozenset({"IssuerOfPatientID", "StudyDescription"})
+PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
+_CHARSETS_OK = frozenset({"ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 144",
+                          "ISO_IR 127", "ISO_IR 126", "ISO_IR 138", "ISO_IR 148", "ISO_IR 13", "ISO_IR 166",
+                          "ISO_IR 192", "GB18030", "GBK"})
+
+
+def require_dataset(value: Any, name: str) -> Dataset:
+    if not isinstance(value, Dataset):
+        raise TypeError(f"{name} must be a pydicom Dataset, not {type(value).__name__}")
+    return value
+
+
+def require_attr(ds: Dataset, keyword: str, what: str) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        uid = ds.get("SOPInstanceUID", "<no SOPInstanceUID>")
+        raise ValueError(f"{what} {uid} lacks {keyword}, which the result object needs")
+    return value
+
+
+def require_uid(ds: Dataset, keyword: str, what: str) -> str:
+    value = str(require_attr(ds, keyword, what)).rstrip("\x00 ")
+    if not is_valid_uid(value):
+        uid = ds.get("SOPInstanceUID", "<no SOPInstanceUID>")
+        raise ValueError(f"{what} {uid}: {keyword} {value!r} is not a valid UID; no result object built")
+    return value
+
+
+def _clean_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = "\\".join(str(v) for v in value)
+    return str(value).rstrip("\x00 ")
+
+
+def _is_valid(vr: str, value: str) -> bool:
+    try:
+        validate_value(vr, value, pydicom_config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a result object copies from (and says about) its source image."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    attributes: dict[str, str]  # keyword -> cleaned value, for PATIENT_STUDY_KEYWORDS
+    specific_character_set: str | None
+
+    def apply_to(self, target: Dataset) -> None:
+        """Write the patient and study attributes (exact copies, cleaned) into ``target``."""
+        if self.specific_character_set:
+            target.SpecificCharacterSet = self.specific_character_set
+        for keyword, value in self.attributes.items():
+            if keyword in OPTIONAL_KEYWORDS and not value:
+                if keyword in target:
+                    del target[keyword]
+                continue
+            setattr(target, keyword, value)
+        target.StudyInstanceUID = self.study_instance_uid
+
+
+def source_info(ds: Dataset, what: str = "source instance", *, patient_study: bool = True) -> SourceInfo:
+    """Validate a source image dataset and extract the attributes a result object copies.
+
+    With ``patient_study=False`` only the UIDs and the modality are read (for the other instances of a
+    sequence, whose patient and study attributes are not copied).
+    """
+    require_dataset(ds, what)
+    sop_uid = require_uid(ds, "SOPInstanceUID", what)
+    info_attrs: dict[str, str] = {}
+    for keyword, vr in (PATIENT_STUDY_KEYWORDS.items() if patient_study else ()):
+        raw = ds.get(keyword)
+        value = _clean_text(raw)
+        if keyword == "PatientSex" and value and value.upper() not in PATIENT_SEX_VALUES:
+            log.warning("source %s: PatientSex %r is not M, F or O; the result leaves it empty", sop_uid, value)
+            value = ""
+        elif value and not _is_valid(vr, value):
+            log.warning("source %s: %s %r is invalid for VR %s; the result leaves it empty",
+                        sop_uid, keyword, value if vr not in ("PN",) else "<name>", vr)
+            value = ""
+        info_attrs[keyword] = value
+    charset = ds.get("SpecificCharacterSet")
+    if isinstance(charset, pydicom.multival.MultiValue):
+        charset_text: str | None = "\\".join(charset)
+        if not all(c in _CHARSETS_OK or c.startswith("ISO 2022") or c == "" for c in charset):
+            charset_text = None
+    else:
+        charset_text = _clean_text(charset) or None
+        if charset_text is not None and charset_text not in _CHARSETS_OK:
+            log.warning("source %s: unknown SpecificCharacterSet %r dropped", sop_uid, charset_text)
+            charset_text = None
+    return SourceInfo(
+        study_instance_uid=require_uid(ds, "StudyInstanceUID", what),
+        series_instance_uid=require_uid(ds, "SeriesInstanceUID", what),
+        sop_instance_uid=sop_uid,
+        sop_class_uid=require_uid(ds, "SOPClassUID", what),
+        modality=_clean_text(ds.get("Modality")),
+        attributes=info_attrs,
+        specific_character_set=charset_text,
+    )

@@ -1,0 +1,227 @@
+"""The anomaly report as a DICOM Structured Report: a TID 1500 Measurement Report.
+
+Document: Comprehensive 3D SR (the SOP class highdicom and most viewers use for TID 1500), Explicit VR
+Little Endian, in a series of its own in the SOURCE study (patient and study attributes copied from the
+source, cleaned by :mod:`reporting._source`). ``CompletionFlag`` COMPLETE, ``VerificationFlag``
+UNVERIFIED, ``PreliminaryFlag`` PRELIMINARY: a machine output no person has verified.
+
+Content tree (codes chosen, see the module constants)::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")            TID 1500
+      HAS CONCEPT MOD  Language of Content = English
+      HAS OBS CONTEXT  Observer Type = (121007, DCM, "Device")         TID 1002/1004
+                       Device Observer UID / Name (our AE title) / Manufacturer "MedGRU" / Model (name version)
+      HAS CONCEPT MOD  Procedure Reported = (363679005, SCT, "Imaging procedure")
+      CONTAINS CONTAINER (126010, DCM, "Imaging Measurements")
+        CONTAINS CONTAINER (125007, DCM, "Measurement Group")          TID 1501
+          Tracking Identifier "MedGRU anomaly assessment - NOT FOR DIAGNOSTIC USE" + Tracking UID
+          Algorithm Name / Algorithm Version / Algorithm Manufacturer  TID 4019
+          NUM (246262008, SCT, "Score") = <score>  unit (1, UCUM, "no units")   (+ TID 4019)
+          NUM (122411, DCM, "Threshold Value") = <threshold>  unit (1, UCUM, "no units")
+          CODE (121073, DCM, "Impression") = (263654008, SCT, "Abnormal") | (17621005, SCT, "Normal")
+          CODE (CLUSTER, 99MEDGRU, "Anomaly cluster") = (<label>, 99MEDGRU, <label>)   only with a label
+          IMAGE (260753009, SCT, "Source") -> each source instance
+
+Why these codes: "Normal"/"Abnormal" are the SNOMED CT qualifier values of CID 222 (Normality Codes), the
+standard answer set for a normal/abnormal judgement; "Impression" (DCM 121073) is the DICOM concept for an
+overall interpretation. The score is an abstract, unit-less number: SNOMED CT "Score" with the UCUM unit
+"1" (CID 7181 "no units"). "Threshold Value" (DCM 122411) names the decision threshold. No standard code
+exists for our cluster labels, so they use the private coding scheme ``99MEDGRU`` (declared in the Coding
+Scheme Identification Sequence).
+
+UIDs come from :mod:`reporting.uids` (source series + model name + version + object kind), so a re-run of
+the same model version on the same series replaces its earlier report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import warnings
+from typing import Sequence
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from inference.api import NOT_FOR_DIAGNOSTIC_USE, Detection, ModelCard
+from reporting import _source
+from reporting.uids import DEVICE_OBSERVER, SR_INSTANCE, SR_SERIES, derive_uid
+
+log = logging.getLogger(__name__)
+
+MANUFACTURER = "MedGRU"
+SR_SERIES_NUMBER = 9901
+SR_SERIES_DESCRIPTION = f"MedGRU anomaly report ({NOT_FOR_DIAGNOSTIC_USE})"
+TRACKING_TEXT = f"MedGRU anomaly assessment - {NOT_FOR_DIAGNOSTIC_USE}"
+PRIVATE_SCHEME = "99MEDGRU"
+
+# --- codes (see the module docstring) -------------------------------------------------------------
+SCORE_CONCEPT = CodedConcept(value="246262008", scheme_designator="SCT", meaning="Score")
+THRESHOLD_CONCEPT = CodedConcept(value="122411", scheme_designator="DCM", meaning="Threshold Value")
+NO_UNITS = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+IMPRESSION_CONCEPT = CodedConcept(value="121073", scheme_designator="DCM", meaning="Impression")
+ABNORMAL = CodedConcept(value="263654008", scheme_designator="SCT", meaning="Abnormal")
+NORMAL = CodedConcept(value="17621005", scheme_designator="SCT", meaning="Normal")
+CLUSTER_CONCEPT = CodedConcept(value="CLUSTER", scheme_designator=PRIVATE_SCHEME, meaning="Anomaly cluster")
+IMAGING_PROCEDURE = CodedConcept(value="363679005", scheme_designator="SCT", meaning="Imaging procedure")
+DEVICE_OBSERVER_TYPE = CodedConcept(value="121007", scheme_designator="DCM", meaning="Device")
+
+_CODE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,16}$")
+
+
+def verdict_code(detection: Detection) -> CodedConcept:
+    return ABNORMAL if detection.is_anomaly else NORMAL
+
+
+def cluster_code(label: str) -> CodedConcept:
+    """The private code for a cluster label: the label itself when it is a short token, else a hash."""
+    label = label.strip()
+    if not label:
+        raise ValueError("cluster label is empty")
+    value = label if _CODE_VALUE_RE.match(label) else "CL-" + hashlib.sha256(label.encode()).hexdigest()[:12]
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=label[:64])
+
+
+def _check_inputs(source_datasets: Sequence[Dataset], detection: Detection, card: ModelCard) -> list[Dataset]:
+    if isinstance(source_datasets, Dataset) or not isinstance(source_datasets, Sequence):
+        raise TypeError(f"source_datasets must be a sequence of pydicom Datasets, "
+                        f"not {type(source_datasets).__name__}")
+    if len(source_datasets) == 0:
+        raise ValueError("source_datasets is empty: an SR needs at least one source image")
+    for i, ds in enumerate(source_datasets):
+        _source.require_dataset(ds, f"source_datasets[{i}]")
+    if not isinstance(detection, Detection):
+        raise TypeError(f"detection must be an inference.api.Detection, not {type(detection).__name__}")
+    if not isinstance(card, ModelCard):
+        raise TypeError(f"card must be an inference.api.ModelCard, not {type(card).__name__}")
+    for attr in ("name", "version"):
+        if not str(getattr(card, attr)).strip():
+            raise ValueError(f"card.{attr} is empty")
+    return list(source_datasets)
+
+
+def _evidence_header(ds: Dataset, info: _source.SourceInfo, current: _source.SourceInfo) -> Dataset:
+    """A pixel-free copy of what highdicom reads from a source: UIDs, image size, cleaned patient/study."""
+    header = Dataset()
+    header.SOPClassUID = info.sop_class_uid
+    header.SOPInstanceUID = info.sop_instance_uid
+    header.StudyInstanceUID = info.study_instance_uid
+    header.SeriesInstanceUID = info.series_instance_uid
+    header.Modality = info.modality
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation", "NumberOfFrames"):
+        if keyword in ds and ds[keyword].value not in (None, ""):
+            setattr(header, keyword, ds[keyword].value)
+    current.apply_to(header)
+    header.StudyInstanceUID = info.study_instance_uid  # apply_to set the current study's; keep the real one
+    # names are set on the finished document (highdicom warns on single-component names like "BRAINIX")
+    header.PatientName = ""
+    header.ReferringPhysicianName = ""
+    return header
+
+
+def build_sr(
+    source_datasets: Sequence[Dataset],
+    detection: Detection,
+    card: ModelCard,
+    *,
+    ae_title: str = "MEDGRU",
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    manufacturer: str = MANUFACTURER,
+    software_version: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 Measurement Report for ``detection`` on ``source_datasets``.
+
+    ``source_datasets`` are the instances whose frames were scored (headers suffice; pixel data is not
+    read). The report lands in the study of the LAST source dataset (a prior study's frames, when added,
+    lead the sequence) and takes its UIDs from that dataset's series. Raises ``TypeError`` or
+    ``ValueError`` naming the argument or attribute that is wrong.
+    """
+    datasets = _check_inputs(source_datasets, detection, card)
+    infos = [_source.source_info(ds, f"source_datasets[{i}]", patient_study=False)
+             for i, ds in enumerate(datasets[:-1])]
+    current = _source.source_info(datasets[-1], f"source_datasets[{len(datasets) - 1}]")
+    infos.append(current)
+    series_uid = current.series_instance_uid
+    headers = [_evidence_header(ds, info, current) for ds, info in zip(datasets, infos)]
+    # highdicom takes patient/study from evidence[0]: put a current-study instance first
+    headers.sort(key=lambda h: h.StudyInstanceUID != current.study_instance_uid)
+
+    algorithm = hd.sr.AlgorithmIdentification(name=card.name, version=card.version, manufacturer=manufacturer)
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derive_uid(ae_title, card.name, card.version, DEVICE_OBSERVER),
+        name=ae_title,
+        manufacturer_name=manufacturer,
+        model_name=f"{card.name} {card.version}"[:64],
+    )
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=DEVICE_OBSERVER_TYPE, observer_identifying_attributes=device
+        )
+    )
+    measurements = [
+        hd.sr.Measurement(name=SCORE_CONCEPT, value=float(detection.score), unit=NO_UNITS, algorithm_id=algorithm),
+        hd.sr.Measurement(name=THRESHOLD_CONCEPT, value=float(detection.threshold), unit=NO_UNITS),
+    ]
+    evaluations = [hd.sr.QualitativeEvaluation(name=IMPRESSION_CONCEPT, value=verdict_code(detection))]
+    if detection.cluster_label:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=CLUSTER_CONCEPT, value=cluster_code(detection.cluster_label)))
+    seen: set[str] = set()
+    source_images = []
+    for header in headers:
+        if header.SOPInstanceUID in seen:
+            continue
+        seen.add(header.SOPInstanceUID)
+        source_images.append(hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID,
+        ))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(series_uid, card.name, card.version, "sr-tracking"), identifier=TRACKING_TEXT
+        ),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=source_images,
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=[group],
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    coding_schemes = [CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME, name="MedGRU anomaly cluster labels", responsible_organization=manufacturer
+    )] if detection.cluster_label else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # empty placeholder names, set just below
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=headers,
+            content=report[0],
+            series_instance_uid=derive_uid(series_uid, card.name, card.version, SR_SERIES),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=derive_uid(series_uid, card.name, card.version, SR_INSTANCE),
+            instance_number=1,
+            manufacturer=manufacturer,
+            institution_name=institution_name,
+            institutional_department_name=institutional_department_name,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            record_evidence=True,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=SR_SERIES_DESCRIPTION,
+            manufacturer_model_name=card.name[:64],
+            software_versions=software_version or card.version,
+            coding_schemes=coding_schemes,
+        )
+    current.apply_to(sr)
+    log.info("built SR %s (series %s) for source series %s, model %s %s: %s",
+             sr.SOPInstanceUID, sr.SeriesInstanceUID, series_uid, card.name, card.version, detection.verdict)
+    return sr
