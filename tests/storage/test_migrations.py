@@ -1,0 +1,115 @@
+"""Alembic migrations on SQLite and PostgreSQL: schema equals the models, idempotent, reversible,
+safe when several processes initialise the same database at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, select, text
+
+from storage.db import MIGRATIONS_DIR, alembic_config, downgrade_db, init_db, make_engine, make_session_factory
+from storage.models import Base, Patient
+from tests.storage.dbutil import isolated_url
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def db_url(database_url):
+    with isolated_url(database_url) as url:
+        yield url
+
+
+def _diff(engine) -> list:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        return compare_metadata(ctx, Base.metadata)
+
+
+def _head() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def _current(engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_single_head_and_packaged_files():
+    script = ScriptDirectory.from_config(alembic_config())
+    assert len(script.get_heads()) == 1
+    assert (MIGRATIONS_DIR / "env.py").is_file() and (MIGRATIONS_DIR / "script.py.mako").is_file()
+
+
+def test_upgrade_gives_exactly_the_models_schema(db_url):
+    engine = init_db(db_url)
+    try:
+        assert _diff(engine) == []
+        tables = set(inspect(engine).get_table_names())
+        assert tables == set(Base.metadata.tables) | {"alembic_version"}
+        assert _current(engine) == _head()
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_is_idempotent_and_keeps_data(db_url):
+    engine = init_db(db_url)
+    with make_session_factory(engine)() as s:
+        s.add(Patient(patient_id="P1"))
+        s.commit()
+    engine.dispose()
+    engine = init_db(db_url)  # second start of the service
+    try:
+        assert _current(engine) == _head()
+        assert _diff(engine) == []
+        with make_session_factory(engine)() as s:
+            assert s.scalars(select(Patient.patient_id)).all() == ["P1"]
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_base_and_back(db_url):
+    init_db(db_url).dispose()
+    downgrade_db(db_url, "base")
+    engine = init_db(db_url)
+    try:
+        assert _diff(engine) == []
+    finally:
+        engine.dispose()
+    downgrade_db(db_url, "base")
+    engine = make_engine(db_url)
+    try:
+        assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+        assert _current(engine) is None
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_init_from_several_processes(db_url):
+    """The serve process and workers start together: each calls init_db, none fails, schema is right."""
+    code = (
+        "import sys; from storage.db import init_db; "
+        "e = init_db(sys.argv[1]); e.dispose(); print('ok')"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, db_url], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate() for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.strip() == "ok"
+    engine = init_db(db_url)
+    try:
+        assert _diff(engine) == []
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+    finally:
+        engine.dispose()
