@@ -1,5 +1,158 @@
-"""``medgru jobs`` (being written)."""
+"""``medgru jobs``: list, show, retry and cancel inference jobs.
+
+Tables show job ids, states, modality, body part, series UIDs and results; never patient names.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+from sqlalchemy import select
+
+from storage.models import Job, JobState, OutboxItem, Result, SequenceRecord, Series
+
+_STATES = [s.value for s in JobState]
 
 
-def register(sub):
-    pass
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("jobs", help="inference jobs: list, show, retry, cancel")
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+
+    q = jobs.add_parser("list", help="the latest jobs, newest first")
+    q.add_argument("--state", choices=_STATES, help="only jobs in this state")
+    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    q.set_defaults(func=_list)
+
+    q = jobs.add_parser("show", help="one job in detail: sequence, attempts, errors, results, outbox")
+    q.add_argument("job_id", type=int, metavar="ID")
+    q.set_defaults(func=_show)
+
+    q = jobs.add_parser("retry", help="put a failed, not processed or cancelled job back on the queue")
+    q.add_argument("job_id", type=int, metavar="ID")
+    q.set_defaults(func=_retry)
+
+    q = jobs.add_parser("cancel", help="cancel a queued or retrying job")
+    q.add_argument("job_id", type=int, metavar="ID")
+    q.set_defaults(func=_cancel)
+
+
+# ------------------------------------------------------------------------------------- plumbing
+def _session_factory(settings):
+    from storage.db import init_db, make_session_factory
+
+    settings.ensure_dirs()
+    return make_session_factory(init_db(settings.effective_database_url))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table: columns padded to their widest cell."""
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _when(dt) -> str:
+    return dt.strftime("%Y-%m-%d %H:%M:%S") if dt is not None else ""
+
+
+def _latest_result(session, job_id: int) -> Result | None:
+    return session.scalars(select(Result).where(Result.job_fk == job_id).order_by(Result.id.desc())).first()
+
+
+# ------------------------------------------------------------------------------------- handlers
+def _list(args, settings) -> int:
+    sf = _session_factory(settings)
+    q = (select(Job, SequenceRecord, Series)
+         .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
+         .join(Series, SequenceRecord.series_fk == Series.id)
+         .order_by(Job.id.desc()).limit(max(1, args.limit)))
+    if args.state:
+        q = q.where(Job.state == JobState(args.state))
+    rows = []
+    with sf() as session:
+        for job, seq, series in session.execute(q).all():
+            res = _latest_result(session, job.id)
+            rows.append([
+                job.id, job.state.value, job.attempts, series.modality, series.body_part, seq.n_frames,
+                f"{job.model_name} {job.model_version}".strip(),
+                "" if res is None else f"{res.score:.4f}",
+                "" if res is None else ("abnormal" if res.is_anomaly else "normal"),
+                _when(job.finished_at or job.started_at or job.created_at),
+                series.series_uid,
+            ])
+    headers = ["ID", "STATE", "TRIES", "MODALITY", "BODY PART", "FRAMES", "MODEL", "SCORE", "VERDICT",
+               "UPDATED (UTC)", "SERIES UID"]
+    print(format_table(headers, rows))
+    if not rows:
+        print("(no jobs)")
+    return 0
+
+
+def _show(args, settings) -> int:
+    sf = _session_factory(settings)
+    with sf() as session:
+        job = session.get(Job, args.job_id)
+        if job is None:
+            print(f"no job {args.job_id}")
+            return 1
+        seq = job.sequence
+        series = seq.series
+        fields = [
+            ("job", job.id), ("state", job.state.value), ("attempts", job.attempts),
+            ("created", _when(job.created_at)), ("started", _when(job.started_at)),
+            ("finished", _when(job.finished_at)), ("model", f"{job.model_name} {job.model_version}".strip()),
+            ("reason", job.reason), ("last error", job.last_error), ("celery task", job.celery_task_id),
+            ("sequence", f"{seq.id} ({seq.n_frames} frames, ordered by {seq.order_key or 'none'})"),
+            ("series UID", series.series_uid), ("study UID", series.study.study_uid),
+            ("modality", series.modality), ("body part", series.body_part),
+        ]
+        if seq.prior_study_uid:
+            fields.append(("prior study UID", seq.prior_study_uid))
+        for res in session.scalars(select(Result).where(Result.job_fk == job.id).order_by(Result.id)).all():
+            fields += [
+                ("result", f"score {res.score:.4f}, threshold {res.threshold:.4f}, "
+                           f"{'abnormal' if res.is_anomaly else 'normal'}"
+                           + (f", cluster {res.cluster_label}" if res.cluster_label else "")
+                           + f", {res.model_name} {res.model_version}, {res.inference_seconds:.2f} s"),
+                ("SR UID", res.sr_sop_instance_uid), ("SC UID", res.sc_sop_instance_uid),
+            ]
+            for item in session.scalars(select(OutboxItem).where(OutboxItem.result_fk == res.id)
+                                        .order_by(OutboxItem.id)).all():
+                fields.append(("outbox", f"{item.sop_instance_uid} {item.state.value} to "
+                                         f"{item.destination or '(none)'}, {item.attempts} attempts"
+                                         + (f": {item.last_error}" if item.last_error else "")))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key.ljust(width)}  {'' if value is None else value}")
+    return 0
+
+
+def _retry(args, settings) -> int:
+    from worker.admin import retry_job
+    from worker.celery_app import make_celery
+
+    sf = _session_factory(settings)
+    try:
+        retry_job(sf, make_celery(settings), args.job_id)
+    except (KeyError, ValueError) as exc:
+        print(f"cannot retry: {exc.args[0] if exc.args else exc}")
+        return 1
+    print(f"job {args.job_id} re-queued")
+    return 0
+
+
+def _cancel(args, settings) -> int:
+    from worker.admin import cancel_job
+
+    sf = _session_factory(settings)
+    try:
+        cancel_job(sf, args.job_id)
+    except (KeyError, ValueError) as exc:
+        print(f"cannot cancel: {exc.args[0] if exc.args else exc}")
+        return 1
+    print(f"job {args.job_id} cancelled")
+    return 0

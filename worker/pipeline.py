@@ -1,0 +1,263 @@
+"""One job, start to finish: claim → load → select model → detect → SR + SC → outbox → SUCCEEDED.
+
+State machine of a job (every transition stamped in the database)::
+
+    QUEUED ──claim──▶ RUNNING ──▶ SUCCEEDED        results + outbox items written in one transaction
+       ▲                 │  ├───▶ NOT_PROCESSED    no model covers the series (reason; no result objects)
+       │                 │  └───▶ RETRYING ──claim──▶ RUNNING ...   (attempts <= job_max_retries)
+       │                 └──────▶ FAILED           (attempts > job_max_retries; last_error kept)
+       └── admin retry (FAILED / NOT_PROCESSED / CANCELLED)      QUEUED / RETRYING ──admin──▶ CANCELLED
+
+* **claim**: a conditional UPDATE (QUEUED or RETRYING → RUNNING, ``attempts + 1``, ``started_at``), so
+  two deliveries of one job never both run it. A job that is RUNNING is claimed again only by the very
+  task (same Celery task id) that claimed it: that is the broker re-delivering after a worker died.
+* **terminal states** (SUCCEEDED, NOT_PROCESSED, CANCELLED, FAILED) make a delivery a no-op.
+* **idempotent outputs**: the SR and SC UIDs are derived from the series and the model version, so a
+  re-run writes the same files (replaced atomically) and replaces the job's earlier Result and the
+  outbox rows of those UIDs.
+* **cancel while running**: the final transaction re-reads the job; if it is no longer RUNNING the
+  results are discarded (files removed) and its state is kept.
+
+Outbox without a destination: when ``settings.destination`` is not set the outbox items are still
+written (PENDING, ``destination`` empty, ``last_error`` saying so): the objects wait in the outbox and
+are sent once a destination is configured; nothing is lost.
+
+Logs carry the job id and UIDs only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from pydicom.dataset import Dataset
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from inference.api import Detection, FrameSequence, ModelCard
+from storage.models import Job, JobState, OutboxItem, OutboxState, Result, utcnow
+from worker.loading import load_sequence_with_sources
+from worker.models import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+CLAIMABLE = (JobState.QUEUED, JobState.RETRYING)
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.NOT_PROCESSED, JobState.CANCELLED, JobState.FAILED})
+NO_DESTINATION = ("no destination configured (settings.destination / MEDGRU_DESTINATION); the object "
+                  "waits in the outbox until one is set")
+MAX_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    """A result object written to the outbox folder."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str  # relative to settings.outbox_dir
+    kind: str  # "sr" | "sc"
+
+
+# ------------------------------------------------------------------------------------------ claim
+def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: str = "") -> JobState | None:
+    """Make job ``job_id`` RUNNING if it may run now; return ``RUNNING``, else its current state
+    (``None`` if there is no such job)."""
+    now = utcnow()
+    may_run = Job.state.in_(CLAIMABLE)
+    if task_id:
+        may_run = or_(may_run, and_(Job.state == JobState.RUNNING, Job.celery_task_id == task_id))
+    with session_factory() as session:
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job_id, may_run)
+            .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=now, finished_at=None,
+                    celery_task_id=task_id[:64], reason="")
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if res.rowcount == 1:
+            return JobState.RUNNING
+        job = session.get(Job, job_id)
+        return None if job is None else job.state
+
+
+def _finish(session: Session, job_id: int, state: JobState, **values) -> JobState:
+    """Set a RUNNING job's final state in ``session`` (not committed); return the state it ends in."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise LookupError(f"job {job_id} vanished")
+    if job.state is not JobState.RUNNING:
+        return job.state  # cancelled (or taken over) meanwhile: leave it
+    job.state = state
+    job.finished_at = utcnow()
+    for key, value in values.items():
+        setattr(job, key, value)
+    return state
+
+
+def record_failure(settings, session_factory: sessionmaker[Session], job_id: int, exc: BaseException) -> JobState:
+    """Record a failed attempt: RETRYING while retries are left, else FAILED. Returns the new state."""
+    message = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+    with session_factory() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise LookupError(f"job {job_id} vanished while recording its failure: {message}")
+        if job.state is not JobState.RUNNING:
+            session.rollback()
+            return job.state
+        final = job.attempts > settings.job_max_retries
+        job.state = JobState.FAILED if final else JobState.RETRYING
+        job.last_error = message
+        if final:
+            job.finished_at = utcnow()
+        attempts = job.attempts
+        session.commit()
+    if final:
+        log.error("job %d FAILED after %d attempts: %s", job_id, attempts, message)
+        return JobState.FAILED
+    log.warning("job %d attempt %d failed, will retry (%d of %d retries used): %s",
+                job_id, attempts, attempts, settings.job_max_retries, message)
+    return JobState.RETRYING
+
+
+# ------------------------------------------------------------------------------------ the outputs
+def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, detection: Detection,
+                         card: ModelCard, settings) -> list[tuple[str, Dataset]]:
+    """The SR and the Grad-CAM SC for ``detection``: ``[("sr", ds), ("sc", ds)]``."""
+    from reporting.sc import build_overlay_sc
+    from reporting.sr import build_sr
+
+    sr = build_sr(sources, detection, card, ae_title=settings.ae_title)
+    sc = build_overlay_sc(sources, sequence, detection, card, ae_title=settings.ae_title)
+    return [("sr", sr), ("sc", sc)]
+
+
+def write_atomically(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM file at ``path``: temp file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def outbox_relpath(sop_instance_uid: str) -> str:
+    """Where a result object lives, relative to ``settings.outbox_dir`` (one file per UID)."""
+    return f"{sop_instance_uid}.dcm"
+
+
+def write_outputs(settings, objects: list[tuple[str, Dataset]]) -> list[OutputObject]:
+    out: list[OutputObject] = []
+    for kind, ds in objects:
+        uid = str(ds.SOPInstanceUID)
+        rel = outbox_relpath(uid)
+        write_atomically(ds, settings.outbox_dir / rel)
+        out.append(OutputObject(sop_instance_uid=uid, sop_class_uid=str(ds.SOPClassUID), path=rel, kind=kind))
+    return out
+
+
+# --------------------------------------------------------------------------------------- the job
+def process_job(settings, session_factory: sessionmaker[Session], job_id: int, registry: ModelRegistry,
+                *, task_id: str = "") -> JobState:
+    """Run job ``job_id`` once and return the state it is left in.
+
+    Never raises for a failure of the job itself (bad pixels, a detector error...): that is recorded as
+    RETRYING or FAILED. A job that may not run now (terminal, or running elsewhere) is left alone and
+    its state returned. Database errors propagate (the caller retries the delivery).
+    """
+    claimed = claim_job(session_factory, job_id, task_id=task_id)
+    if claimed is None:
+        raise LookupError(f"no job {job_id}")
+    if claimed is not JobState.RUNNING:
+        log.info("job %d is %s: nothing to do", job_id, claimed.value)
+        return claimed
+    try:
+        return _run(settings, session_factory, job_id, registry)
+    except Exception as exc:  # every failure of the job is recorded, never dropped
+        log.debug("job %d failed", job_id, exc_info=True)
+        return record_failure(settings, session_factory, job_id, exc)
+
+
+def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry: ModelRegistry) -> JobState:
+    with session_factory() as session:
+        job = session.get(Job, job_id)
+        sequence = job.sequence
+        series = sequence.series
+        modality, body_part, series_uid = series.modality or "", series.body_part or "", series.series_uid
+        sequence_id = sequence.id
+
+        choice = registry.select(modality, body_part)
+        if choice is None:
+            reason = (f"no model covers modality {modality.upper() or '(none)'}, "
+                      f"body part {body_part.upper() or '(none)'}")
+            state = _finish(session, job_id, JobState.NOT_PROCESSED, reason=reason, last_error="",
+                            model_name="", model_version="")
+            session.commit()
+            log.info("job %d (series %s) not processed: %s; models: %s", job_id, series_uid, reason,
+                     registry.describe())
+            return state
+        model_dir, card = choice
+        frames, sources = load_sequence_with_sources(settings, session, sequence_id)
+
+    detector = registry.get(model_dir)
+    card = detector.card or card
+    t0 = time.perf_counter()
+    detection = detector.detect(frames, explain=True)
+    seconds = time.perf_counter() - t0
+    log.info("job %d (series %s): %s %s scored %.4f vs threshold %.4f (%s) in %.2f s", job_id, series_uid,
+             card.name, card.version, detection.score, detection.threshold, detection.verdict, seconds)
+
+    outputs = write_outputs(settings, build_result_objects(sources, frames, detection, card, settings))
+    by_kind = {o.kind: o for o in outputs}
+    destination = str(settings.destination) if settings.destination is not None else ""
+
+    with session_factory() as session:
+        uids = [o.sop_instance_uid for o in outputs]
+        old_results = select(Result.id).where(Result.job_fk == job_id)
+        session.execute(delete(OutboxItem).where(or_(OutboxItem.result_fk.in_(old_results),
+                                                     OutboxItem.sop_instance_uid.in_(uids))))
+        session.execute(delete(Result).where(Result.job_fk == job_id))
+        result = Result(
+            job_fk=job_id,
+            score=float(detection.score),
+            threshold=float(detection.threshold),
+            is_anomaly=bool(detection.is_anomaly),
+            cluster_label=detection.cluster_label or "",
+            model_name=card.name,
+            model_version=card.version,
+            sr_sop_instance_uid=by_kind["sr"].sop_instance_uid if "sr" in by_kind else "",
+            sc_sop_instance_uid=by_kind["sc"].sop_instance_uid if "sc" in by_kind else "",
+            inference_seconds=float(seconds),
+        )
+        session.add(result)
+        session.flush()
+        now = utcnow()
+        for o in outputs:
+            session.add(OutboxItem(
+                result_fk=result.id, path=o.path, sop_instance_uid=o.sop_instance_uid,
+                sop_class_uid=o.sop_class_uid, destination=destination, state=OutboxState.PENDING,
+                attempts=0, next_attempt_at=now, last_error="" if destination else NO_DESTINATION,
+            ))
+        state = _finish(session, job_id, JobState.SUCCEEDED, last_error="", reason="",
+                        model_name=card.name, model_version=card.version)
+        if state is not JobState.SUCCEEDED:
+            session.rollback()
+            for o in outputs:
+                (settings.outbox_dir / o.path).unlink(missing_ok=True)
+            log.info("job %d became %s while running; its results were discarded", job_id, state.value)
+            return state
+        session.commit()
+    log.info("job %d SUCCEEDED: SR %s, SC %s queued for %s", job_id, result.sr_sop_instance_uid,
+             result.sc_sop_instance_uid, destination or "(no destination yet)")
+    return JobState.SUCCEEDED
