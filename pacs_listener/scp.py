@@ -1,0 +1,377 @@
+"""The DICOM listener: Verification + Storage SCP.
+
+``Listener(settings, session_factory, on_stored=None)``; ``start()`` returns at once (pynetdicom runs
+the server in its own thread, one thread per association), ``stop()`` shuts it down, ``port`` is the
+bound port (``settings.listen_port`` 0 picks a free one).
+
+Accepted: Verification, every standard storage SOP class pynetdicom knows, the retired storage SOP
+classes of pydicom's UID dictionary, and private storage SOP classes proposed by the peer (added to
+that association's supported contexts when it is requested), each with every transfer syntax in
+:data:`TRANSFER_SYNTAXES`. Associations must be addressed to ``settings.ae_title`` (called AE title,
+rejected with reason 7 otherwise) and, when ``settings.allowed_calling_aes`` is not empty, come from one
+of those calling AE titles (rejected with reason 3, "calling AE title not recognised").
+
+C-STORE: validate → (failure: quarantine + failure status) → atomic durable spool write → database
+record + commit → Success. Any error while storing answers a failure status and the bytes go to the
+quarantine with the reason; we never answer Success for an instance that is not both on disk and
+committed. A resent SOP Instance UID is answered Success and replaces nothing (see ``ingest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.uid import (
+    UID,
+    UID_dictionary,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEG2000MC,
+    JPEG2000MCLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt, register_uid
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from medgru.settings import Settings
+from pacs_listener.ingest import InstanceMeta, extract_meta, find_instance, record_instance
+from pacs_listener.spool import QuarantineReason, spool_relpath, write_quarantine, write_spool
+from pacs_listener.status import StoreStatus, describe
+from pacs_listener.validate import InvalidDataset, RequestIds, is_valid_uid, validate_received
+from storage.models import QuarantineItem
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEG2000MCLossless,
+    JPEG2000MC,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+)
+
+_DB_ATTEMPTS = 4
+_register_lock = threading.Lock()
+
+
+def _register_storage_class(uid: str, keyword: str) -> None:
+    """Make pynetdicom route C-STORE for ``uid`` to its Storage service class (idempotent)."""
+    with _register_lock:
+        if uid not in _STORAGE_CLASSES.values():
+            register_uid(uid, keyword, StorageServiceClass)
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class we accept: pynetdicom's, plus the retired ones pydicom names."""
+    uids = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    known = set(uids)
+    for uid, (name, kind, _info, retired, keyword) in UID_dictionary.items():
+        if kind != "SOP Class" or uid in known or "Storage" not in name or "Commitment" in name:
+            continue
+        if "Directory" in name:  # DICOMDIR is a media object, never sent by C-STORE
+            continue
+        if not keyword.isidentifier():
+            continue
+        _register_storage_class(uid, keyword)
+        uids.append(uid)
+        known.add(uid)
+    return uids
+
+
+def supported_contexts() -> list[PresentationContext]:
+    contexts = [build_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian])]
+    contexts += [build_context(uid, list(TRANSFER_SYNTAXES)) for uid in storage_sop_classes()]
+    return contexts
+
+
+class Listener:
+    """The Verification + Storage SCP of the service."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        on_stored: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.on_stored = on_stored
+        self.spool_dir = Path(settings.spool_dir)
+        self.quarantine_dir = Path(settings.quarantine_dir)
+        self._server = None
+        self._ae: AE | None = None
+
+    # lifecycle ----------------------------------------------------------------------------------
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.supported_contexts = supported_contexts()
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(self.settings.allowed_calling_aes)
+        ae.maximum_associations = 16
+        ae.maximum_pdu_size = 0  # accept whatever PDU size the sender uses (fewer, larger PDUs)
+        return ae
+
+    def start(self) -> None:
+        """Bind and serve in background threads; returns once the socket listens."""
+        if self._server is not None:
+            raise RuntimeError("listener already started")
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        self._ae = self._build_ae()
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self._ae.start_server(
+            (self.settings.listen_host, self.settings.listen_port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "DICOM listener %s listening on %s:%d (allowed calling AEs: %s)",
+            self.settings.ae_title,
+            self.settings.listen_host,
+            self.port,
+            ",".join(self.settings.allowed_calling_aes) or "any",
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._ae is not None:
+            self._ae.shutdown()
+            self._ae = None
+        log.info("DICOM listener %s stopped", self.settings.ae_title)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("listener not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def active_associations(self) -> list:
+        return [] if self._ae is None else list(self._ae.active_associations)
+
+    def __enter__(self) -> "Listener":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # event handlers -----------------------------------------------------------------------------
+    @staticmethod
+    def _on_conn_open(event) -> None:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def _on_requested(event) -> None:
+        """Accept private storage SOP classes the peer proposes (added to this association only)."""
+        assoc = event.assoc
+        proposed = assoc.requestor.primitive.presentation_context_definition_list or []
+        supported = {cx.abstract_syntax for cx in assoc.acceptor.supported_contexts}
+        extra = []
+        for cx in proposed:
+            uid = UID(str(cx.abstract_syntax))
+            if uid in supported or not uid.is_private or not is_valid_uid(str(uid)):
+                continue
+            _register_storage_class(str(uid), "PrivateStorage_" + str(uid).replace(".", "_"))
+            extra.append(build_context(uid, list(TRANSFER_SYNTAXES)))
+            supported.add(uid)
+        if extra:
+            log.info("accepting private SOP classes %s from %s", [c.abstract_syntax for c in extra],
+                     assoc.requestor.ae_title)
+            assoc.acceptor.supported_contexts = list(assoc.acceptor.supported_contexts) + extra
+
+    @staticmethod
+    def _on_echo(event) -> int:
+        return StoreStatus.SUCCESS
+
+    def _on_store(self, event) -> int:
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        request = RequestIds(
+            sop_class_uid=str(event.request.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(event.request.AffectedSOPInstanceUID or ""),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+        )
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception:
+            log.exception("C-STORE of %s from %s: the received data set cannot be read back",
+                          request.sop_instance_uid, calling_ae)
+            return StoreStatus.PROCESSING_FAILURE
+        return self.store(data, request, calling_ae)
+
+    # the storage path (public so that it can be driven without a network in tests) ------------
+    def store(self, data: bytes, request: RequestIds, calling_ae: str = "") -> int:
+        """Validate, spool, record; returns the DIMSE status to answer."""
+        try:
+            ds = validate_received(data, request)
+        except InvalidDataset as exc:
+            return self._quarantine(data, request, calling_ae, exc.reason, exc.status)
+        except Exception as exc:  # a validator bug must not lose the instance or answer Success
+            log.exception("validation of %s crashed", request.sop_instance_uid)
+            return self._quarantine(data, request, calling_ae, f"validation error: {exc!r}",
+                                    StoreStatus.PROCESSING_FAILURE)
+
+        try:
+            meta = extract_meta(ds, request.transfer_syntax_uid)
+            rel_path = spool_relpath(meta.study_uid, meta.series_uid, meta.sop_instance_uid)
+        except Exception as exc:
+            log.exception("metadata of %s cannot be extracted", request.sop_instance_uid)
+            return self._quarantine(data, request, calling_ae, f"metadata extraction failed: {exc!r}",
+                                    StoreStatus.PROCESSING_FAILURE, ds_uids=None)
+
+        uids = dict(study_uid=meta.study_uid, series_uid=meta.series_uid)
+        try:
+            if self._already_stored(meta):
+                log.info("C-STORE %s (series %s) from %s: already stored, kept the first copy",
+                         meta.sop_instance_uid, meta.series_uid, calling_ae)
+                return StoreStatus.SUCCESS
+        except Exception as exc:
+            log.exception("C-STORE %s: database lookup failed", meta.sop_instance_uid)
+            return self._quarantine(data, request, calling_ae, f"database lookup failed: {exc!r}",
+                                    StoreStatus.PROCESSING_FAILURE, ds_uids=uids)
+
+        path = self.spool_dir / rel_path
+        existed_before = path.exists()
+        try:
+            write_spool(self.spool_dir, rel_path, data)
+        except OSError as exc:
+            log.error("C-STORE %s (series %s): spool write failed: %s", meta.sop_instance_uid, meta.series_uid, exc)
+            return self._quarantine(data, request, calling_ae, f"spool write failed: {exc}",
+                                    StoreStatus.OUT_OF_RESOURCES, ds_uids=uids)
+
+        try:
+            created = self._record(meta, rel_path, data, calling_ae)
+        except Exception as exc:
+            log.exception("C-STORE %s (series %s): database record failed", meta.sop_instance_uid, meta.series_uid)
+            self._remove_unrecorded(path, meta, existed_before)
+            status = StoreStatus.OUT_OF_RESOURCES if isinstance(exc, OSError) else StoreStatus.PROCESSING_FAILURE
+            return self._quarantine(data, request, calling_ae, f"database record failed: {exc!r}", status, ds_uids=uids)
+
+        log.info("stored %s (series %s, study %s, %s, %d bytes) from %s%s", meta.sop_instance_uid, meta.series_uid,
+                 meta.study_uid, meta.transfer_syntax_uid, len(data), calling_ae, "" if created else " (resend)")
+        if self.on_stored is not None:
+            try:
+                self.on_stored(meta.series_uid)
+            except Exception:
+                log.exception("on_stored callback failed for series %s", meta.series_uid)
+        return StoreStatus.SUCCESS
+
+    def _already_stored(self, meta: InstanceMeta) -> bool:
+        with self.session_factory() as session:
+            existing = find_instance(session, meta.sop_instance_uid)
+            return existing is not None and (self.spool_dir / existing.path).is_file()
+
+    def _record(self, meta: InstanceMeta, rel_path: str, data: bytes, calling_ae: str) -> bool:
+        digest = hashlib.sha256(data).hexdigest()
+        last: Exception | None = None
+        for attempt in range(1, _DB_ATTEMPTS + 1):
+            with self.session_factory() as session:
+                try:
+                    result = record_instance(session, meta, rel_path, size_bytes=len(data), sha256=digest,
+                                             calling_ae=calling_ae)
+                    session.commit()
+                    if result.reopened:
+                        log.info("late instance %s: series %s back to receiving", meta.sop_instance_uid, meta.series_uid)
+                    return result.created
+                except (IntegrityError, OperationalError) as exc:
+                    # a concurrent association inserted the same patient/study/series first, or the
+                    # embedded database was busy: roll back and try again
+                    session.rollback()
+                    last = exc
+                    log.info("C-STORE %s: database attempt %d/%d failed (%s), retrying",
+                             meta.sop_instance_uid, attempt, _DB_ATTEMPTS, type(exc).__name__)
+        assert last is not None
+        raise last
+
+    def _remove_unrecorded(self, path: Path, meta: InstanceMeta, existed_before: bool) -> None:
+        """After a failed record, remove the spooled copy unless some row points to it."""
+        try:
+            with self.session_factory() as session:
+                if find_instance(session, meta.sop_instance_uid) is not None:
+                    return
+        except Exception:
+            log.warning("cannot check whether %s is recorded; leaving %s", meta.sop_instance_uid, path)
+            return
+        if not existed_before:
+            path.unlink(missing_ok=True)
+
+    def _quarantine(
+        self,
+        data: bytes,
+        request: RequestIds,
+        calling_ae: str,
+        reason: str,
+        status: StoreStatus,
+        ds_uids: dict[str, str] | None = None,
+    ) -> int:
+        info = QuarantineReason(
+            reason=reason,
+            status_code=int(status),
+            status_text=describe(status),
+            calling_ae=calling_ae,
+            sop_class_uid=request.sop_class_uid[:64],
+            sop_instance_uid=request.sop_instance_uid[:64],
+            transfer_syntax_uid=request.transfer_syntax_uid,
+            **(ds_uids or {}),
+        )
+        try:
+            rel = write_quarantine(self.quarantine_dir, data, info)
+        except OSError as exc:
+            log.error("C-STORE %s from %s refused (%s) and could not be quarantined either: %s",
+                      request.sop_instance_uid, calling_ae, reason, exc)
+            return StoreStatus.OUT_OF_RESOURCES if status == StoreStatus.SUCCESS else status
+        log.warning("C-STORE %s (class %s) from %s refused with %s: %s; quarantined as %s",
+                    request.sop_instance_uid, request.sop_class_uid, calling_ae, describe(status), reason, rel)
+        try:
+            with self.session_factory() as session:
+                session.add(QuarantineItem(
+                    path=rel, reason=reason[:2000], sop_instance_uid=request.sop_instance_uid[:64],
+                    sop_class_uid=request.sop_class_uid[:64], calling_ae=calling_ae[:16], status_code=int(status),
+                ))
+                session.commit()
+        except Exception:
+            log.exception("quarantine of %s recorded in %s.reason.json but not in the database",
+                          request.sop_instance_uid, rel)
+        return status

@@ -1,0 +1,145 @@
+"""Durable files: the spool of received instances and the quarantine of refused ones.
+
+Every write is atomic and durable: the bytes go to a temporary file in the destination folder, are
+flushed and fsync'ed, the file is renamed onto its final name, and the folder is fsync'ed so that the
+rename itself survives a crash. A reader never sees a partial file; a crash leaves at most a
+``.tmp-*`` file, which :func:`clean_temp_files` removes.
+
+Layout::
+
+    spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    quarantine/<YYYY-MM-DD>/<uuid>.dcm
+    quarantine/<YYYY-MM-DD>/<uuid>.reason.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pacs_listener.validate import is_valid_uid
+
+TEMP_PREFIX = ".tmp-"
+
+
+class UnsafeUID(ValueError):
+    """A UID that cannot be used as a file name."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, fsync'ing each parent so the new entries persist."""
+    missing: list[Path] = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            pass
+        _fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (replaces an existing file atomically)."""
+    folder = path.parent
+    _makedirs_durable(folder)
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+
+
+def clean_temp_files(root: Path) -> int:
+    """Remove temporary files left by a crash under ``root``; returns how many were removed."""
+    removed = 0
+    if not root.exists():
+        return 0
+    for tmp in root.rglob(f"{TEMP_PREFIX}*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def check_uid(uid: str, what: str = "UID") -> str:
+    """``uid`` if it is a valid DICOM UID (digits and dots only: safe as a file name), else raise."""
+    if not is_valid_uid(uid) or uid in (".", ".."):
+        raise UnsafeUID(f"{what} {str(uid)[:80]!r} is not a valid UID; refusing to use it as a path")
+    return uid
+
+
+def spool_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+    """Path of an instance relative to the spool folder (POSIX separators, as stored in the DB)."""
+    return "/".join(
+        (
+            check_uid(study_uid, "StudyInstanceUID"),
+            check_uid(series_uid, "SeriesInstanceUID"),
+            check_uid(sop_instance_uid, "SOPInstanceUID") + ".dcm",
+        )
+    )
+
+
+def write_spool(spool_dir: Path, rel_path: str, data: bytes) -> Path:
+    path = spool_dir / rel_path
+    write_atomic(path, data)
+    return path
+
+
+@dataclass
+class QuarantineReason:
+    """The ``.reason.json`` sidecar of a quarantined file."""
+
+    reason: str
+    status_code: int
+    status_text: str
+    calling_ae: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    transfer_syntax_uid: str = ""
+    received_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+
+def write_quarantine(quarantine_dir: Path, data: bytes, reason: QuarantineReason) -> str:
+    """Store refused bytes with their reason; returns the ``.dcm`` path relative to ``quarantine_dir``.
+
+    The sidecar is written first, so a quarantined file never exists without its reason.
+    """
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    name = uuid.uuid4().hex
+    folder = quarantine_dir / day
+    sidecar: dict[str, Any] = asdict(reason)
+    sidecar["file"] = f"{name}.dcm"
+    write_atomic(folder / f"{name}.reason.json", json.dumps(sidecar, indent=2, sort_keys=True).encode())
+    write_atomic(folder / f"{name}.dcm", data)
+    return f"{day}/{name}.dcm"
+
+
+def read_quarantine_reason(quarantine_dir: Path, rel_path: str) -> dict[str, Any]:
+    path = quarantine_dir / rel_path
+    return json.loads(path.with_name(path.name[: -len(".dcm")] + ".reason.json").read_text())
