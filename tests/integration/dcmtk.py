@@ -73,7 +73,11 @@ def storescu(
 
 
 def dsrdump(path: Path) -> str:
-    """``dsrdump`` of an SR file (no network needed: runs on the host)."""
-    proc = subprocess.run([DSRDUMP, "-Ee", "-Ec", os.fspath(path)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"dsrdump failed on {path}: rc={proc.returncode}\n{proc.stderr}\n{proc.stdout}"
-    return proc.stdout
+    """``dsrdump`` of an SR file, values converted to UTF-8 (no network needed: runs on the host)."""
+    proc = subprocess.run(
+        [DSRDUMP, "+U8", "-Ee", "-Ec", os.fspath(path)], capture_output=True, timeout=60
+    )
+    stdout = proc.stdout.decode("utf-8", errors="replace")
+    stderr = proc.stderr.decode("utf-8", errors="replace")
+    assert proc.returncode == 0, f"dsrdump failed on {path}: rc={proc.returncode}\n{stderr}\n{stdout}"
+    return stdout
