@@ -153,13 +153,27 @@ def _jobs_report(service: MedgruService) -> str:
     return f"`medgru jobs list` rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 
-def _job_rows(service: MedgruService) -> list[dict[str, Any]]:
-    """Jobs as dicts, from ``medgru jobs list --json`` (a list of objects)."""
-    proc = service.medgru("jobs", "list", "--json")
-    assert proc.returncode == 0, f"`medgru jobs list --json` failed: {proc.stderr}\n{proc.stdout}"
-    rows = json.loads(proc.stdout)
-    assert isinstance(rows, list), f"`medgru jobs list --json` printed {type(rows).__name__}, not a list"
-    return rows
+def _not_processed_job(service: MedgruService, series_uid: str) -> dict[str, str] | None:
+    """The not_processed job of ``series_uid`` as ``medgru jobs show`` prints it, or None if there is none yet.
+
+    ``medgru jobs list`` prints a table whose first column is the job id and last the series UID.
+    """
+    listed = service.medgru("jobs", "list", "--state", "not_processed", "--limit", "1000")
+    assert listed.returncode == 0, f"`medgru jobs list` failed: {listed.stderr}\n{listed.stdout}"
+    job_id = next(
+        (cols[0] for cols in (line.split() for line in listed.stdout.splitlines()[2:]) if cols and cols[-1] == series_uid),
+        None,
+    )
+    if job_id is None:
+        return None
+    shown = service.medgru("jobs", "show", job_id)
+    assert shown.returncode == 0, f"`medgru jobs show {job_id}` failed: {shown.stderr}\n{shown.stdout}"
+    fields: dict[str, str] = {}
+    for line in shown.stdout.splitlines():
+        key, _, value = line.partition("  ")
+        if key.strip():
+            fields[key.strip()] = value.strip()
+    return fields
 
 
 def _check_sr(orthanc: OrthancServer, hit: dict[str, Any], source_series_uid: str, tmp_path: Path) -> dict[str, Any]:
@@ -285,14 +299,14 @@ def test_orthanc_routes_series_and_gets_sr_and_overlay_back(
     # the knee: no model covers it -> a not_processed job with a reason, and nothing new in its study
     knee = covered["knee"]
 
-    def knee_job():
-        for row in _job_rows(medgru_service):
-            if _contains_string(row, knee["series_uid"]) and row.get("state") == "not_processed":
-                return row
-        return None
-
-    job = _wait_for("a not_processed job for the knee series", knee_job, NOT_PROCESSED_TIMEOUT_S, diagnostics)
-    assert str(job.get("reason") or job.get("state_reason") or "").strip(), f"not_processed job has no reason: {job}"
+    job = _wait_for(
+        "a not_processed job for the knee series",
+        lambda: _not_processed_job(medgru_service, knee["series_uid"]),
+        NOT_PROCESSED_TIMEOUT_S,
+        diagnostics,
+    )
+    assert job.get("state") == "not_processed", job
+    assert job.get("reason"), f"the knee's not_processed job gives no reason: {job}"
     assert {s["ID"] for s in orthanc.study_series(knee["study_id"])} == knee["series_before"], (
         f"the knee study got new series: {orthanc.study_series(knee['study_id'])}"
     )
