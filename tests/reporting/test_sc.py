@@ -1,0 +1,162 @@
+"""The Grad-CAM overlay SC built from real corpus images: valid, RGB, coloured where hot, captioned."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from reporting.overlay import MIN_SHORT_SIDE, output_size, render_overlay
+from reporting.sc import build_overlay_sc, patient_orientation, pick_frame
+from reporting.uids import derive_uid
+from tests.reporting import helpers as h
+
+CASES = {"mr": "orthanc-tests/Brainix/Flair/IM-0001-0010.dcm", "dx": h.DX_FILE, "cr": h.CR_FILE}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, dicom_corpus: Path) -> tuple[str, pydicom.Dataset, np.ndarray]:
+    ds = pydicom.dcmread(dicom_corpus / CASES[request.param])
+    return request.param, ds, h.windowed(ds)
+
+
+def _image_area(sc: pydicom.Dataset, src_shape: tuple[int, int]) -> tuple[int, int, int]:
+    """(top row, height, width) of the image area inside the SC (the caption band is above it)."""
+    ih, iw = output_size(*src_shape)
+    return sc.Rows - ih, ih, iw
+
+
+def test_sc_is_valid_rgb_with_colour_and_caption(case, tmp_path: Path) -> None:
+    name, ds, frame = case
+    heat = h.blob(frame.shape, cy=0.4, cx=0.6)
+    det = h.detection(heat[None])
+    sc = build_overlay_sc(ds, frame, heat, det, h.card())
+    path = tmp_path / f"{name}.dcm"
+    sc.save_as(path, enforce_file_format=True)
+
+    errors, warnings = h.dciodvfy(path)
+    assert errors == [], "\n".join(errors)
+    assert warnings == [], "\n".join(warnings)
+
+    back = h.strict_read(path)
+    assert back.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert back.PhotometricInterpretation == "RGB" and back.SamplesPerPixel == 3 and back.BitsAllocated == 8
+    assert back.BurnedInAnnotation == "YES"
+    assert back.Manufacturer == "MedGRU"
+    assert back.SeriesDescription.startswith("MedGRU Grad-CAM overlay")
+    assert "NOT FOR DIAGNOSTIC USE" in back.ImageComments
+    assert back.StudyInstanceUID == ds.StudyInstanceUID
+    assert back.PatientID == str(ds.get("PatientID", "") or "").rstrip("\x00 ")
+    assert str(back.PatientName) == str(ds.PatientName).rstrip("\x00 ")
+    assert back.AccessionNumber == str(ds.AccessionNumber).rstrip("\x00 ")
+    assert back.SOPInstanceUID == derive_uid(ds.SeriesInstanceUID, "medgru-svc", "1.2.0", "sc-instance")
+    assert back.SeriesInstanceUID == derive_uid(ds.SeriesInstanceUID, "medgru-svc", "1.2.0", "sc-series")
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == ds.SeriesInstanceUID
+    assert min(back.Rows, back.Columns) >= MIN_SHORT_SIDE
+
+    px = back.pixel_array.astype(np.int16)
+    assert px.shape == (back.Rows, back.Columns, 3)
+    top, ih, iw = _image_area(back, frame.shape)
+    # hot spot: clearly coloured (channels differ); far from it: grey (channels equal)
+    hot = px[top + int(0.4 * ih) - 2: top + int(0.4 * ih) + 3, int(0.6 * iw) - 2: int(0.6 * iw) + 3]
+    assert (hot.max(axis=2) - hot.min(axis=2)).min() > 50  # jet red, 60 % opaque
+    cold = px[top + 2: top + ih // 10, 2: iw // 10]
+    assert (cold.max(axis=2) - cold.min(axis=2)).max() == 0
+    # caption band: text pixels, the first line yellow (the warning)
+    band = px[:top]
+    assert top >= 60
+    assert (band.max(axis=2) > 128).sum() > 500
+    yellow = (band[..., 0] > 200) & (band[..., 1] > 200) & (band[..., 2] < 80)
+    assert yellow[: top // 3].sum() > 100
+
+
+def test_sc_uids_deterministic_and_versioned(dicom_corpus: Path) -> None:
+    ds = pydicom.dcmread(dicom_corpus / h.DX_FILE)
+    frame = h.windowed(ds)
+    heat = h.blob(frame.shape)
+    a = build_overlay_sc(ds, frame, heat, h.detection(heat[None]), h.card())
+    b = build_overlay_sc(ds, frame, heat, h.detection(heat[None]), h.card())
+    c = build_overlay_sc(ds, frame, heat, h.detection(heat[None], c=h.card("2.0")), h.card("2.0"))
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    assert a.SOPInstanceUID != c.SOPInstanceUID and a.SeriesInstanceUID != c.SeriesInstanceUID
+    assert np.array_equal(a.pixel_array, b.pixel_array)
+
+
+def test_normal_caption_and_low_heat_stays_grey(dicom_corpus: Path) -> None:
+    ds = pydicom.dcmread(dicom_corpus / h.CR_FILE)
+    frame = h.windowed(ds)
+    heat = np.full(frame.shape, 0.1, np.float32)
+    det = h.detection(heat[None], score=0.2, threshold=0.5, cluster=None)
+    sc = build_overlay_sc(ds, frame, heat, det, h.card())
+    px = sc.pixel_array.astype(np.int16)
+    top, ih, iw = _image_area(sc, frame.shape)
+    area = px[top: top + ih, :iw]
+    assert (area.max(axis=2) - area.min(axis=2)).max() == 0  # no colour at all below the heat floor
+    assert "NORMAL" in sc.ImageComments
+
+
+def test_pick_frame() -> None:
+    heat = np.zeros((4, 8, 8), np.float32)
+    heat[2, 3, 3] = 0.9
+    heat[1, 0, 0] = 0.5
+    assert pick_frame(heat) == 2
+    tie = np.zeros((3, 4, 4), np.float32)
+    tie[0, 0, 0] = tie[1, 0, 0] = 1.0
+    tie[1, 1, 1] = 0.5  # same peak, larger mean
+    assert pick_frame(tie) == 1
+    assert pick_frame(np.zeros((3, 4, 4), np.float32)) == 0
+    with pytest.raises(ValueError, match="shape"):
+        pick_frame(np.zeros((4, 4), np.float32))
+
+
+def test_mr_sequence_uses_hottest_frame(dicom_corpus: Path, tmp_path: Path) -> None:
+    files = sorted(dicom_corpus.glob(h.MR_SERIES_GLOB))[:5]
+    datasets = [pydicom.dcmread(f) for f in files]
+    frames = np.stack([h.windowed(d) for d in datasets])
+    heat = np.stack([h.blob(frames.shape[1:], sigma=0.05 + 0.02 * i) * (0.5 + 0.1 * i) for i in range(5)])
+    heat[3] = np.clip(heat[3] * 2.0, 0, 1)
+    t = pick_frame(heat)
+    assert t == 3
+    det = h.detection(heat.astype(np.float32))
+    sc = build_overlay_sc(datasets[t], frames[t], heat[t], det, h.card(), frame_index=t)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == datasets[t].SOPInstanceUID
+    path = tmp_path / "mr_seq.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    errors, _ = h.dciodvfy(path)
+    assert errors == []
+
+
+def test_patient_orientation_from_source(dicom_corpus: Path) -> None:
+    dx = pydicom.dcmread(dicom_corpus / h.DX_FILE, stop_before_pixels=True)
+    assert patient_orientation(dx) == ("L", "F")
+    mr = pydicom.dcmread(sorted(dicom_corpus.glob(h.MR_SERIES_GLOB))[0], stop_before_pixels=True)
+    assert patient_orientation(mr) == ("L", "P")  # axial: rows run to the left, columns posterior
+    cr = pydicom.dcmread(dicom_corpus / h.CR_FILE, stop_before_pixels=True)
+    assert patient_orientation(cr) is None
+
+
+def test_bad_input_is_named(dicom_corpus: Path) -> None:
+    ds = pydicom.dcmread(dicom_corpus / h.DX_FILE)
+    frame = h.windowed(ds)
+    heat = h.blob(frame.shape)
+    det = h.detection(heat[None])
+    with pytest.raises(ValueError, match="frame .* and heatmap .* differ"):
+        build_overlay_sc(ds, frame, heat[:-1], det, h.card())
+    with pytest.raises(ValueError, match=r"heatmap must lie in \[0, 1\]"):
+        build_overlay_sc(ds, frame, heat * 2, det, h.card())
+    with pytest.raises(TypeError, match="frame must be a float array"):
+        build_overlay_sc(ds, (frame * 255).astype(np.uint8), heat, det, h.card())
+    with pytest.raises(ValueError, match="frame_index 3 is outside"):
+        build_overlay_sc(ds, frame, heat, det, h.card(), frame_index=3)
+    with pytest.raises(TypeError, match="source_dataset must be a pydicom Dataset"):
+        build_overlay_sc("x", frame, heat, det, h.card())  # type: ignore[arg-type]
+    broken = copy.deepcopy(ds)
+    del broken.SOPInstanceUID
+    with pytest.raises(ValueError, match="lacks SOPInstanceUID"):
+        build_overlay_sc(broken, frame, heat, det, h.card())
+    with pytest.raises(ValueError, match="shape"):
+        render_overlay(frame[None], heat[None], [])

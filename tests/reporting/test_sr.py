@@ -1,0 +1,159 @@
+"""The TID 1500 SR built from real corpus instances: dciodvfy-clean, dsrdump-readable, round-trips."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from reporting.sr import ABNORMAL, NORMAL, build_sr
+from reporting.uids import derive_uid
+from tests.reporting import helpers as h
+
+PATIENT_STUDY = ("PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+                 "AccessionNumber")
+
+
+@pytest.fixture(scope="module")
+def mr_series(dicom_corpus: Path) -> list[pydicom.Dataset]:
+    files = sorted(dicom_corpus.glob(h.MR_SERIES_GLOB))
+    assert len(files) > 5
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+
+
+@pytest.fixture(scope="module")
+def dx(dicom_corpus: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(dicom_corpus / h.DX_FILE, stop_before_pixels=True)
+
+
+@pytest.fixture(scope="module")
+def cr(dicom_corpus: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(dicom_corpus / h.CR_FILE, stop_before_pixels=True)
+
+
+def _heat(t: int) -> np.ndarray:
+    return np.stack([h.blob((32, 32))] * t)
+
+
+def _sources(name: str, mr_series, dx, cr) -> list[pydicom.Dataset]:
+    return {"mr": mr_series, "dx": [dx], "cr": [cr]}[name]
+
+
+@pytest.mark.parametrize("name", ["mr", "dx", "cr"])
+def test_sr_is_valid_and_readable(name: str, mr_series, dx, cr, tmp_path: Path) -> None:
+    sources = _sources(name, mr_series, dx, cr)
+    det = h.detection(_heat(len(sources)))
+    sr = build_sr(sources, det, h.card())
+    path = tmp_path / f"{name}.dcm"
+    sr.save_as(path, enforce_file_format=True)
+
+    errors, warnings = h.dciodvfy(path)
+    assert errors == [], "\n".join(errors)
+    assert warnings == [], "\n".join(warnings)
+
+    dump = h.dsrdump(path)
+    assert "Imaging Measurement Report" in dump
+    assert '"Score")="0.8731"' in dump
+    assert '"Threshold Value")="0.5123"' in dump
+    assert '"Impression")=(263654008,SCT,"Abnormal")' in dump
+    assert '"Anomaly cluster")=(consolidation,99MEDGRU,"consolidation")' in dump
+    assert '"Algorithm Name")="medgru-svc"' in dump
+    assert '"Algorithm Version")="1.2.0"' in dump
+    assert '"Observer Type")=(121007,DCM,"Device")' in dump
+    assert "NOT FOR DIAGNOSTIC USE" in dump
+    assert dump.count("Source of Measurement") == len({s.SOPInstanceUID for s in sources})
+
+    back = h.strict_read(path)
+    src = sources[-1]
+    assert back.StudyInstanceUID == src.StudyInstanceUID
+    for kw in PATIENT_STUDY:
+        assert str(back.get(kw, "")) == str(src.get(kw, "") or "").rstrip("\x00 "), kw
+    assert str(back.PatientName) == str(src.PatientName).rstrip("\x00 ")
+    assert back.Manufacturer == "MedGRU"
+    assert back.SeriesDescription.startswith("MedGRU")
+    assert back.Modality == "SR"
+    assert back.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    assert back.SOPInstanceUID == derive_uid(src.SeriesInstanceUID, "medgru-svc", "1.2.0", "sr-instance")
+    assert back.SeriesInstanceUID == derive_uid(src.SeriesInstanceUID, "medgru-svc", "1.2.0", "sr-series")
+    assert back.SeriesInstanceUID != src.SeriesInstanceUID
+    assert (back.CompletionFlag, back.VerificationFlag, back.PreliminaryFlag) == ("COMPLETE", "UNVERIFIED",
+                                                                                 "PRELIMINARY")
+    evidence = back.CurrentRequestedProcedureEvidenceSequence
+    assert len(evidence) == 1 and evidence[0].StudyInstanceUID == src.StudyInstanceUID
+    ref_series = evidence[0].ReferencedSeriesSequence
+    assert [s.SeriesInstanceUID for s in ref_series] == [src.SeriesInstanceUID]
+    assert {i.ReferencedSOPInstanceUID for i in ref_series[0].ReferencedSOPSequence} == {
+        s.SOPInstanceUID for s in sources}
+
+
+def test_invalid_source_values_are_cleaned(mr_series) -> None:
+    # the Brainix source has PatientSex "0000" and NUL-padded strings; the SR must not copy them
+    assert mr_series[-1].PatientSex not in ("M", "F", "O", "")
+    sr = build_sr(mr_series, h.detection(_heat(len(mr_series))), h.card())
+    assert sr.PatientSex == ""
+    assert "\x00" not in str(sr.PatientID) and sr.PatientID == str(mr_series[-1].PatientID).rstrip("\x00 ")
+
+
+def test_uids_deterministic_and_versioned(dx) -> None:
+    det = h.detection(_heat(1))
+    a, b = build_sr([dx], det, h.card()), build_sr([dx], det, h.card())
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    c = build_sr([dx], h.detection(_heat(1), c=h.card("1.3.0")), h.card("1.3.0"))
+    assert c.SOPInstanceUID != a.SOPInstanceUID and c.SeriesInstanceUID != a.SeriesInstanceUID
+    assert c.StudyInstanceUID == a.StudyInstanceUID == dx.StudyInstanceUID
+
+
+def test_normal_verdict_without_cluster(cr, tmp_path: Path) -> None:
+    det = h.detection(_heat(1), score=0.1, threshold=0.5, cluster=None)
+    sr = build_sr([cr], det, h.card())
+    path = tmp_path / "normal.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    dump = h.dsrdump(path)
+    assert f'"Impression")=({NORMAL.value},SCT,"Normal")' in dump
+    assert ABNORMAL.value not in dump
+    assert "Anomaly cluster" not in dump
+    assert "CodingSchemeIdentificationSequence" not in sr
+    errors, warnings = h.dciodvfy(path)
+    assert errors == [] and warnings == []
+
+
+def test_prior_study_frames_go_to_other_evidence(dx, tmp_path: Path) -> None:
+    prior = copy.deepcopy(dx)
+    prior.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    prior.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    prior.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.3"
+    prior.StudyDate = "20190101"
+    sr = build_sr([prior, dx], h.detection(_heat(2)), h.card())
+    assert sr.StudyInstanceUID == dx.StudyInstanceUID
+    assert sr.StudyDate == dx.StudyDate
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == dx.StudyInstanceUID
+    assert sr.PertinentOtherEvidenceSequence[0].StudyInstanceUID == prior.StudyInstanceUID
+    path = tmp_path / "prior.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, _ = h.dciodvfy(path)
+    assert errors == []
+
+
+def test_bad_input_is_named(dx) -> None:
+    det, card = h.detection(_heat(1)), h.card()
+    with pytest.raises(ValueError, match="source_datasets is empty"):
+        build_sr([], det, card)
+    with pytest.raises(TypeError, match="source_datasets must be a sequence"):
+        build_sr(dx, det, card)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"source_datasets\[1\] must be a pydicom Dataset"):
+        build_sr([dx, "x"], det, card)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="detection must be"):
+        build_sr([dx], {"score": 1}, card)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="card must be"):
+        build_sr([dx], det, "card")  # type: ignore[arg-type]
+    broken = copy.deepcopy(dx)
+    del broken.StudyInstanceUID
+    with pytest.raises(ValueError, match="lacks StudyInstanceUID"):
+        build_sr([broken], det, card)
+    broken = copy.deepcopy(dx)
+    broken.SeriesInstanceUID = "1.2.x"
+    with pytest.raises(ValueError, match="SeriesInstanceUID '1.2.x' is not a valid UID"):
+        build_sr([broken], det, card)
