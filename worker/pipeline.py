@@ -128,12 +128,30 @@ def record_failure(settings, session_factory: sessionmaker[Session], job_id: int
 # ------------------------------------------------------------------------------------ the outputs
 def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, detection: Detection,
                          card: ModelCard, settings) -> list[tuple[str, Dataset]]:
-    """The SR and the Grad-CAM SC for ``detection``: ``[("sr", ds), ("sc", ds)]``."""
-    from reporting.sc import build_overlay_sc
+    """The SR and the Grad-CAM SC for ``detection``: ``[("sr", ds), ("sc", ds)]``.
+
+    ``sources`` are the datasets of the sequence's instances in frame order. The SC shows the frame where
+    the heat map peaks (:func:`reporting.sc.pick_frame`), referencing that frame's instance (and frame
+    number when it is multi-frame); both objects derive their UIDs from the series of the last source
+    (the current study when a prior leads the sequence).
+    """
+    from reporting.sc import build_overlay_sc, pick_frame
     from reporting.sr import build_sr
 
-    sr = build_sr(sources, detection, card, ae_title=settings.ae_title)
-    sc = build_overlay_sc(sources, sequence, detection, card, ae_title=settings.ae_title)
+    sr = build_sr(list(sources), detection, card, ae_title=settings.ae_title)
+    k = pick_frame(detection.heatmaps)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    if sequence.frame_refs:
+        uid, number = sequence.frame_refs[k]
+        source = by_uid[str(uid)]
+    else:
+        source, number = sources[min(k, len(sources) - 1)], k + 1
+    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
+    sc = build_overlay_sc(
+        source, sequence.frames[k], detection.heatmaps[k], detection, card,
+        frame_index=k, n_frames=sequence.length, source_frame_number=int(number) if multi_frame else None,
+        series_uid=str(sources[-1].SeriesInstanceUID),
+    )
     return [("sr", sr), ("sc", sc)]
 
 
@@ -253,8 +271,10 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
                         model_name=card.name, model_version=card.version)
         if state is not JobState.SUCCEEDED:
             session.rollback()
-            for o in outputs:
-                (settings.outbox_dir / o.path).unlink(missing_ok=True)
+            kept = set(session.scalars(select(OutboxItem.sop_instance_uid).where(OutboxItem.sop_instance_uid.in_(uids))))
+            for o in outputs:  # remove our files unless an earlier, still valid outbox row points at them
+                if o.sop_instance_uid not in kept:
+                    (settings.outbox_dir / o.path).unlink(missing_ok=True)
             log.info("job %d became %s while running; its results were discarded", job_id, state.value)
             return state
         session.commit()

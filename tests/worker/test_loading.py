@@ -1,0 +1,150 @@
+"""Frame loading on real corpus files: windowing, MONOCHROME1, multi-frame, JPEG 2000, colour, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from inference.api import FrameSequence
+from tests.worker.conftest import BRAINIX, KNEE, add_series
+from worker.loading import FrameLoadError, load_frames, load_sequence
+
+CR_MONO1 = "dwv/data/gdcm-CR-MONO1-10-chest.dcm"
+MULTIFRAME = "dwv/data/multiframe-test1.dcm"  # 16 frames, no window
+RGB = "pydicom-data/SC_rgb.dcm"
+VOI_LUT = "pydicom-data/vlut_04.dcm"
+TRUNCATED = "synthetic_broken/truncated_in_pixeldata.dcm"
+
+
+def _ref(path: Path, frame: int = 1) -> tuple[Path, str, int]:
+    return path, str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID), frame
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
+def test_brainix_series_is_windowed_into_unit_range(dicom_corpus):
+    files = sorted((dicom_corpus / BRAINIX).glob("*.dcm"))
+    frames, bits = load_frames([_ref(p) for p in files])
+    assert frames.shape == (len(files), 288, 288) and frames.dtype == np.float32
+    assert bits == 12
+    assert frames.min() >= 0.0 and frames.max() <= 1.0
+    FrameSequence(frames=frames)  # the detector interface accepts it as is
+    ds = pydicom.dcmread(files[0])
+    raw = ds.pixel_array.astype(np.float64)
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    expected = np.clip((raw - (c - 0.5)) / (w - 1) + 0.5, 0, 1)  # PS3.3 C.11.2.1.2 LINEAR
+    np.testing.assert_allclose(frames[0], expected, atol=1e-5)
+    assert 0.02 < frames[0].mean() < 0.9
+
+
+def test_monochrome1_is_inverted(dicom_corpus):
+    path = dicom_corpus / CR_MONO1
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    frames, bits = load_frames([_ref(path)])
+    assert bits == int(ds.BitsStored) and frames.shape == (1, ds.Rows, ds.Columns)
+    raw = ds.pixel_array.astype(np.float64)
+    assert _corr(frames[0], raw) < -0.9  # high stored values (dense) are dark after inversion
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    np.testing.assert_allclose(frames[0], 1.0 - np.clip((raw - (c - 0.5)) / (w - 1) + 0.5, 0, 1), atol=1e-5)
+
+
+def test_multiframe_picks_frames_by_number(dicom_corpus):
+    path = dicom_corpus / MULTIFRAME
+    ds = pydicom.dcmread(path)
+    all_frames = ds.pixel_array
+    assert all_frames.shape[0] == 16
+    _, uid, _ = _ref(path)
+    frames, _ = load_frames([(path, uid, 3), (path, uid, 11), (path, uid, 1)])
+    assert frames.shape == (3,) + all_frames.shape[1:]
+    assert frames.min() >= 0.0 and frames.max() <= 1.0
+    # each loaded frame matches its own stored frame, not another one
+    for loaded, number in zip(frames, (3, 11, 1)):
+        own = _corr(loaded, all_frames[number - 1])
+        assert own > 0.99
+        other = 12 if number != 12 else 2
+        assert own > _corr(loaded, all_frames[other - 1]) or np.array_equal(all_frames[number - 1], all_frames[other - 1])
+    with pytest.raises(FrameLoadError, match=uid):
+        load_frames([(path, uid, 17)])
+
+
+def test_robust_window_without_voi(dicom_corpus):
+    path = dicom_corpus / MULTIFRAME  # no Window Center/Width, no VOI LUT
+    frames, _ = load_frames([_ref(path, 8)])
+    f = frames[0]
+    raw = pydicom.dcmread(path).pixel_array[7].astype(np.float64)
+    lo, hi = np.percentile(raw, [0.5, 99.5])
+    np.testing.assert_allclose(f, np.clip((raw - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # at most ~0.5 % of the pixels clip at the top; the rest spread over [0, 1]
+    assert (f >= 1.0).mean() <= 0.006 and f.max() == pytest.approx(1.0) and 0.05 < f.mean() < 0.95
+
+
+def test_jpeg2000_series_decodes(dicom_corpus):
+    files = sorted((dicom_corpus / KNEE).glob("*.dcm"))[:3]
+    ts = pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert ts in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+    frames, bits = load_frames([_ref(p) for p in files])
+    assert frames.shape[0] == 3 and bits == 12
+    assert frames.min() >= 0.0 and frames.max() <= 1.0 and frames.std() > 0.05
+
+
+def test_colour_becomes_grey(dicom_corpus):
+    path = dicom_corpus / RGB
+    ds = pydicom.dcmread(path)
+    frames, _ = load_frames([_ref(path)])
+    rgb = ds.pixel_array.astype(np.float64) / 255.0
+    np.testing.assert_allclose(frames[0], rgb @ np.array([0.299, 0.587, 0.114]), atol=1e-5)
+
+
+def test_voi_lut_sequence_is_applied(dicom_corpus):
+    path = dicom_corpus / VOI_LUT
+    frames, _ = load_frames([_ref(path)])
+    assert frames.min() >= 0.0 and frames.max() <= 1.0 and frames.std() > 0.01
+
+
+def test_frames_of_other_sizes_are_resized_to_the_first(dicom_corpus):
+    brain = sorted((dicom_corpus / BRAINIX).glob("*.dcm"))[0]
+    cr = dicom_corpus / CR_MONO1
+    frames, _ = load_frames([_ref(brain), _ref(cr)])
+    assert frames.shape == (2, 288, 288)
+    assert frames[1].std() > 0.05
+
+
+def test_decoding_failure_names_the_instance(dicom_corpus, tmp_path):
+    path = dicom_corpus / TRUNCATED
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).SOPInstanceUID)
+    with pytest.raises(FrameLoadError) as err:
+        load_frames([(path, uid, 1)])
+    assert uid in str(err.value) and err.value.sop_instance_uid == uid
+    missing = tmp_path / "gone.dcm"
+    with pytest.raises(FrameLoadError, match="missing") as err:
+        load_frames([(missing, "1.2.3.4", 1)])
+    assert "1.2.3.4" in str(err.value)
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not DICOM at all" * 10)
+    with pytest.raises(FrameLoadError, match="5.6.7"):
+        load_frames([(garbage, "5.6.7", 1)])
+
+
+def test_load_sequence_from_database(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings()
+    add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=5)
+    from storage.models import SequenceRecord
+
+    with session_factory() as s:
+        seq = s.query(SequenceRecord).one()
+        fs = load_sequence(settings, s, seq.id)
+        refs = [tuple(r) for r in seq.frame_refs]
+        series_uid = seq.series.series_uid
+    assert fs.frames.shape == (5, 288, 288)
+    assert (fs.modality, fs.body_part, fs.series_uid, fs.bits_stored) == ("MR", "BRAIN", series_uid, 12)
+    assert list(fs.frame_refs) == refs
+    # instance order: the first frame is instance number 1
+    first = pydicom.dcmread(dicom_corpus / BRAINIX / "IM-0001-0001.dcm", stop_before_pixels=True)
+    assert fs.frame_refs[0][0] == first.SOPInstanceUID

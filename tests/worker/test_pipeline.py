@@ -1,0 +1,145 @@
+"""process_job on SQLite and PostgreSQL with a genuinely trained detector and real corpus series."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from storage.models import Job, JobState, OutboxItem, OutboxState, Result
+from tests.worker.conftest import BRAINIX, KNEE, MODEL_NAME, MODEL_VERSION, add_series
+from worker.models import ModelRegistry
+from worker.pipeline import NO_DESTINATION, process_job
+
+pytestmark = pytest.mark.integration  # PostgreSQL is a real peer
+
+N_SLICES = 6  # a short Brainix sequence keeps the test quick
+
+
+def _job(sf, job_id) -> Job:
+    with sf() as s:
+        return s.get(Job, job_id)
+
+
+def _results(sf, job_id):
+    with sf() as s:
+        res = s.scalars(select(Result).where(Result.job_fk == job_id)).all()
+        items = s.scalars(select(OutboxItem).order_by(OutboxItem.id)).all()
+        return res, items
+
+
+def test_covered_sequence_succeeds_with_sr_sc_and_outbox(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings()
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=N_SLICES)
+    registry = ModelRegistry.from_settings(settings)
+
+    assert process_job(settings, session_factory, job_id, registry) is JobState.SUCCEEDED
+
+    job = _job(session_factory, job_id)
+    assert job.state is JobState.SUCCEEDED and job.attempts == 1 and job.last_error == ""
+    assert job.started_at is not None and job.finished_at is not None and job.finished_at >= job.started_at
+    assert (job.model_name, job.model_version) == (MODEL_NAME, MODEL_VERSION)
+    results, items = _results(session_factory, job_id)
+    assert len(results) == 1
+    res = results[0]
+    assert res.model_name == MODEL_NAME and res.inference_seconds > 0
+    assert res.is_anomaly == (res.score > res.threshold)
+    assert res.sr_sop_instance_uid and res.sc_sop_instance_uid and res.sr_sop_instance_uid != res.sc_sop_instance_uid
+    assert {i.sop_instance_uid for i in items} == {res.sr_sop_instance_uid, res.sc_sop_instance_uid}
+    for item in items:
+        assert item.result_fk == res.id and item.state is OutboxState.PENDING
+        assert item.destination == "ORTHANC@127.0.0.1:4242" and item.last_error == ""
+        ds = pydicom.dcmread(settings.outbox_dir / item.path)
+        assert ds.SOPInstanceUID == item.sop_instance_uid and ds.SOPClassUID == item.sop_class_uid
+    sr = pydicom.dcmread(settings.outbox_dir / next(i.path for i in items if i.sop_instance_uid == res.sr_sop_instance_uid))
+    sc = pydicom.dcmread(settings.outbox_dir / next(i.path for i in items if i.sop_instance_uid == res.sc_sop_instance_uid))
+    source = pydicom.dcmread(dicom_corpus / BRAINIX / "IM-0001-0001.dcm", stop_before_pixels=True)
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.SamplesPerPixel == 3
+    assert not any(p.name.startswith(".tmp-") for p in settings.outbox_dir.iterdir())
+
+
+def test_uncovered_sequence_is_not_processed_without_outputs(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings()
+    job_id = add_series(settings, session_factory, dicom_corpus, KNEE, body_part="KNEE", limit=3)
+
+    state = process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings))
+
+    assert state is JobState.NOT_PROCESSED
+    job = _job(session_factory, job_id)
+    assert job.state is JobState.NOT_PROCESSED
+    assert job.reason == "no model covers modality MR, body part KNEE"
+    assert job.finished_at is not None
+    results, items = _results(session_factory, job_id)
+    assert results == [] and items == []
+    assert list(settings.outbox_dir.iterdir()) == []
+
+
+def test_failing_job_is_retried_then_failed_with_last_error(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings(job_max_retries=2)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
+    victim = sorted((settings.spool_dir).rglob("*.dcm"))[1]
+    victim_uid = victim.stem
+    victim.write_bytes(victim.read_bytes()[:400])  # a real failure: the spool file is truncated
+    registry = ModelRegistry.from_settings(settings)
+
+    states = [process_job(settings, session_factory, job_id, registry) for _ in range(3)]
+
+    assert states == [JobState.RETRYING, JobState.RETRYING, JobState.FAILED]
+    job = _job(session_factory, job_id)
+    assert job.state is JobState.FAILED and job.attempts == 3 and job.finished_at is not None
+    assert victim_uid in job.last_error and "FrameLoadError" in job.last_error
+    # a FAILED job is kept, and a late duplicate delivery changes nothing
+    assert process_job(settings, session_factory, job_id, registry) is JobState.FAILED
+    assert _job(session_factory, job_id).attempts == 3
+    results, items = _results(session_factory, job_id)
+    assert results == [] and items == []
+
+
+def test_rerun_is_idempotent_and_replaces_results(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings()
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=4)
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, job_id, registry) is JobState.SUCCEEDED
+    first, first_items = _results(session_factory, job_id)
+
+    # a duplicate delivery of a finished job is a no-op
+    assert process_job(settings, session_factory, job_id, registry) is JobState.SUCCEEDED
+    assert _job(session_factory, job_id).attempts == 1
+
+    # an admin re-run: same UIDs, the earlier Result and outbox rows are replaced, not duplicated
+    with session_factory() as s:
+        s.get(Job, job_id).state = JobState.QUEUED
+        s.commit()
+    assert process_job(settings, session_factory, job_id, registry) is JobState.SUCCEEDED
+    second, second_items = _results(session_factory, job_id)
+    assert len(second) == 1 and second[0].created_at >= first[0].created_at
+    assert (second[0].sr_sop_instance_uid, second[0].sc_sop_instance_uid) == (
+        first[0].sr_sop_instance_uid, first[0].sc_sop_instance_uid)
+    assert second[0].score == pytest.approx(first[0].score, rel=1e-5)
+    assert sorted(i.sop_instance_uid for i in second_items) == sorted(i.sop_instance_uid for i in first_items)
+    assert all(i.result_fk == second[0].id for i in second_items)
+    assert len([p for p in settings.outbox_dir.iterdir()]) == 2
+
+
+def test_cancelled_job_is_left_alone(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings()
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=2)
+    with session_factory() as s:
+        s.get(Job, job_id).state = JobState.CANCELLED
+        s.commit()
+    assert process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings)) is JobState.CANCELLED
+    job = _job(session_factory, job_id)
+    assert job.attempts == 0 and job.started_at is None
+    assert list(settings.outbox_dir.iterdir()) == []
+
+
+def test_without_destination_items_wait_in_outbox(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings(destination=None)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=2)
+    assert process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings)) is JobState.SUCCEEDED
+    _, items = _results(session_factory, job_id)
+    assert len(items) == 2
+    assert all(i.destination == "" and i.state is OutboxState.PENDING and i.last_error == NO_DESTINATION
+               for i in items)
+    assert all((settings.outbox_dir / i.path).is_file() for i in items)
