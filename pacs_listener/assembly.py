@@ -1,0 +1,584 @@
+"""Assembly: complete series become ordered frame sequences, and each sequence one queued job.
+
+A series is *complete* when no instance has arrived for ``settings.quiet_period_s`` seconds
+(``Series.last_received_at``). :class:`Assembler` then claims it (RECEIVING → ASSEMBLED or IGNORED),
+orders its frames, writes a :class:`~storage.models.SequenceRecord` and a QUEUED
+:class:`~storage.models.Job` in the same transaction, commits, and only after the commit hands the job id
+to ``enqueue`` (so a worker never sees a job that is not in the database yet).
+
+Frame order (:func:`order_frames`)
+----------------------------------
+Only instances with pixel data take part; a multi-frame instance contributes its frames 1..NumberOfFrames
+in order, as one block. The instances are ordered by the first key below that orders all of them; the key
+used is returned and stored in ``SequenceRecord.order_key``:
+
+1. ``instance_number`` -- every instance has an InstanceNumber and no two share one: ascending number.
+2. ``position`` -- else, when every instance has ImagePositionPatient and ImageOrientationPatient, the
+   slice normals (row × column of the orientation) are parallel, and no two positions project to the same
+   point on the normal (1 µm tolerance): ascending projection of the position on the normal of the first
+   instance (for an axial stack with the usual orientation, feet → head). This is a spatial order; its
+   direction may be the reverse of the acquisition's InstanceNumber order (Brainix FLAIR is numbered head →
+   feet).
+3. ``time`` -- else, when every instance has an acquisition (date)time or, failing that, a content
+   (date)time: ascending time; equal times are ordered by position on the normal (when all positions are
+   known), then by SOP Instance UID. A 4-D series (the same positions repeated over time, e.g. fMRI) whose
+   numbers are missing lands here and comes out volume by volume.
+4. ``none`` -- else by SOP Instance UID: deterministic, but not a meaningful order.
+
+In every case the SOP Instance UID is the last tie-break. A one-image radiograph is a sequence of length 1.
+
+What never becomes a job
+------------------------
+A series is set IGNORED, with the reason in ``Series.state_reason``, when
+
+* none of its instances is an image: every instance's SOP class is in :data:`NON_IMAGE_SOP_CLASSES`
+  (structured reports, presentation states, key object selections, segmentations, encapsulated documents,
+  RT objects, waveforms, raw data, registrations, measurements...) or carries no pixel data;
+* it is our own output: its ``series_description`` starts with :data:`OUR_SERIES_PREFIX` ("MedGRU", the
+  SeriesDescription the reporting package writes, whose Manufacturer is "MedGRU") and it holds Secondary
+  Capture (:data:`SECONDARY_CAPTURE_SOP_CLASSES`) or non-image instances only.
+
+Non-image instances inside an image series are left out of its sequence.
+
+Prior study (only when ``settings.add_prior_study`` is true)
+------------------------------------------------------------
+The frames of the same patient's most recent *earlier* study are prepended, as earlier frames, and the
+study's UID is stored in ``SequenceRecord.prior_study_uid``. The prior is chosen among studies of the same
+Patient row whose StudyDate is non-empty and strictly before this study's StudyDate (a later or same-day
+study is never a prior), holding an ASSEMBLED series of the same modality and the same body part
+(case-insensitive; an empty body part only matches an empty one); the latest such study wins (StudyDate,
+then StudyTime), and within it the latest assembled series (last received). The prior contributes its own
+frames, ordered by the rule above (not the prior's own prior). There is no prior when this study has no
+StudyDate or the patient has an empty PatientID (anonymous studies share one patient row). No prior found
+→ the plain sequence.
+
+Late instances
+--------------
+The listener (:mod:`pacs_listener.ingest`) puts an ASSEMBLED or IGNORED series back to RECEIVING when an
+instance arrives for it, in the same transaction as the instance row. The next pass then builds a NEW
+sequence and job covering all the series' instances; earlier jobs are left as they are.
+
+Concurrency
+-----------
+Several assemblers may run at once (serve + a worker, two hosts on PostgreSQL). A series is claimed with a
+conditional ``UPDATE series SET state='assembled' WHERE id=:id AND state='receiving' AND
+last_received_at <= :cutoff``; only the assembler whose UPDATE changed the row builds the sequence. On
+PostgreSQL the row is first selected ``FOR UPDATE SKIP LOCKED`` so a second assembler skips it instead of
+waiting. One transaction per series: a failure on one series does not hold back the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Protocol
+
+import pydicom.uid as dicom_uid
+from pydicom.uid import UID
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from medgru.settings import Settings
+from storage.models import Instance, Job, JobState, Patient, SequenceRecord, Series, SeriesState, Study
+
+log = logging.getLogger(__name__)
+
+ORDER_INSTANCE_NUMBER = "instance_number"
+ORDER_POSITION = "position"
+ORDER_TIME = "time"
+ORDER_NONE = "none"
+
+#: SeriesDescription prefix of the objects we send back (reporting: SC and SR, Manufacturer "MedGRU").
+OUR_SERIES_PREFIX = "MedGRU"
+
+# --- SOP classes ----------------------------------------------------------------------------------------
+
+STRUCTURED_REPORT_SOP_CLASSES: frozenset[UID] = frozenset({
+    dicom_uid.BasicTextSRStorage,
+    dicom_uid.EnhancedSRStorage,
+    dicom_uid.ComprehensiveSRStorage,
+    dicom_uid.Comprehensive3DSRStorage,
+    dicom_uid.ExtensibleSRStorage,
+    dicom_uid.ProcedureLogStorage,
+    dicom_uid.MammographyCADSRStorage,
+    dicom_uid.ChestCADSRStorage,
+    dicom_uid.ColonCADSRStorage,
+    dicom_uid.XRayRadiationDoseSRStorage,
+    dicom_uid.EnhancedXRayRadiationDoseSRStorage,
+    dicom_uid.RadiopharmaceuticalRadiationDoseSRStorage,
+    dicom_uid.PatientRadiationDoseSRStorage,
+    dicom_uid.AcquisitionContextSRStorage,
+    dicom_uid.SimplifiedAdultEchoSRStorage,
+    dicom_uid.ImplantationPlanSRStorage,
+    dicom_uid.PlannedImagingAgentAdministrationSRStorage,
+    dicom_uid.PerformedImagingAgentAdministrationSRStorage,
+    dicom_uid.WaveformAnnotationSRStorage,
+    dicom_uid.MacularGridThicknessAndVolumeReportStorage,
+})
+
+KEY_OBJECT_SELECTION_SOP_CLASSES: frozenset[UID] = frozenset({dicom_uid.KeyObjectSelectionDocumentStorage})
+
+PRESENTATION_STATE_SOP_CLASSES: frozenset[UID] = frozenset({
+    dicom_uid.GrayscaleSoftcopyPresentationStateStorage,
+    dicom_uid.ColorSoftcopyPresentationStateStorage,
+    dicom_uid.PseudoColorSoftcopyPresentationStateStorage,
+    dicom_uid.BlendingSoftcopyPresentationStateStorage,
+    dicom_uid.XAXRFGrayscaleSoftcopyPresentationStateStorage,
+    dicom_uid.GrayscalePlanarMPRVolumetricPresentationStateStorage,
+    dicom_uid.CompositingPlanarMPRVolumetricPresentationStateStorage,
+    dicom_uid.AdvancedBlendingPresentationStateStorage,
+    dicom_uid.VolumeRenderingVolumetricPresentationStateStorage,
+    dicom_uid.SegmentedVolumeRenderingVolumetricPresentationStateStorage,
+    dicom_uid.MultipleVolumeRenderingVolumetricPresentationStateStorage,
+    dicom_uid.VariableModalityLUTSoftcopyPresentationStateStorage,
+    dicom_uid.BasicStructuredDisplayStorage,
+})
+
+SEGMENTATION_SOP_CLASSES: frozenset[UID] = frozenset({
+    dicom_uid.SegmentationStorage,
+    dicom_uid.SurfaceSegmentationStorage,
+})
+
+ENCAPSULATED_DOCUMENT_SOP_CLASSES: frozenset[UID] = frozenset({
+    dicom_uid.EncapsulatedPDFStorage,
+    dicom_uid.EncapsulatedCDAStorage,
+    dicom_uid.EncapsulatedSTLStorage,
+    dicom_uid.EncapsulatedOBJStorage,
+    dicom_uid.EncapsulatedMTLStorage,
+})
+
+#: Radiotherapy objects, RT Image included (a treatment-verification image, not diagnostic imaging).
+RT_SOP_CLASSES: frozenset[UID] = frozenset({
+    dicom_uid.RTImageStorage,
+    dicom_uid.RTDoseStorage,
+    dicom_uid.RTStructureSetStorage,
+    dicom_uid.RTPlanStorage,
+    dicom_uid.RTIonPlanStorage,
+    dicom_uid.RTBeamsTreatmentRecordStorage,
+    dicom_uid.RTBrachyTreatmentRecordStorage,
+    dicom_uid.RTTreatmentSummaryRecordStorage,
+    dicom_uid.RTIonBeamsTreatmentRecordStorage,
+    dicom_uid.RTPhysicianIntentStorage,
+    dicom_uid.RTSegmentAnnotationStorage,
+    dicom_uid.RTRadiationSetStorage,
+    dicom_uid.RTRadiationRecordSetStorage,
+    dicom_uid.RTRadiationSalvageRecordStorage,
+    dicom_uid.RTRadiationSetDeliveryInstructionStorage,
+    dicom_uid.RTTreatmentPreparationStorage,
+    dicom_uid.RTPatientPositionAcquisitionInstructionStorage,
+    dicom_uid.RTBeamsDeliveryInstructionStorage,
+    dicom_uid.RTBrachyApplicationSetupDeliveryInstructionStorage,
+    dicom_uid.CArmPhotonElectronRadiationRecordStorage,
+    dicom_uid.TomotherapeuticRadiationRecordStorage,
+    dicom_uid.RoboticRadiationRecordStorage,
+})
+
+WAVEFORM_SOP_CLASSES: frozenset[UID] = frozenset({
+    dicom_uid.TwelveLeadECGWaveformStorage,
+    dicom_uid.GeneralECGWaveformStorage,
+    dicom_uid.AmbulatoryECGWaveformStorage,
+    dicom_uid.General32bitECGWaveformStorage,
+    dicom_uid.HemodynamicWaveformStorage,
+    dicom_uid.CardiacElectrophysiologyWaveformStorage,
+    dicom_uid.BasicVoiceAudioWaveformStorage,
+    dicom_uid.GeneralAudioWaveformStorage,
+    dicom_uid.ArterialPulseWaveformStorage,
+    dicom_uid.RespiratoryWaveformStorage,
+    dicom_uid.MultichannelRespiratoryWaveformStorage,
+    dicom_uid.RoutineScalpElectroencephalogramWaveformStorage,
+    dicom_uid.ElectromyogramWaveformStorage,
+    dicom_uid.ElectrooculogramWaveformStorage,
+    dicom_uid.SleepElectroencephalogramWaveformStorage,
+    dicom_uid.BodyPositionWaveformStorage,
+})
+
+#: Other objects without a viewable image: raw data, registrations, fiducials, measurements, templates...
+OTHER_NON_IMAGE_SOP_CLASSES: frozenset[UID] = frozenset({
+    dicom_uid.RawDataStorage,
+    dicom_uid.SpatialRegistrationStorage,
+    dicom_uid.DeformableSpatialRegistrationStorage,
+    dicom_uid.SpatialFiducialsStorage,
+    dicom_uid.RealWorldValueMappingStorage,
+    dicom_uid.StereometricRelationshipStorage,
+    dicom_uid.TractographyResultsStorage,
+    dicom_uid.SurfaceScanMeshStorage,
+    dicom_uid.SurfaceScanPointCloudStorage,
+    dicom_uid.MRSpectroscopyStorage,
+    dicom_uid.MicroscopyBulkSimpleAnnotationsStorage,
+    dicom_uid.HangingProtocolStorage,
+    dicom_uid.ColorPaletteStorage,
+    dicom_uid.GenericImplantTemplateStorage,
+    dicom_uid.ImplantAssemblyTemplateStorage,
+    dicom_uid.ImplantTemplateGroupStorage,
+    dicom_uid.CTDefinedProcedureProtocolStorage,
+    dicom_uid.CTPerformedProcedureProtocolStorage,
+    dicom_uid.XADefinedProcedureProtocolStorage,
+    dicom_uid.XAPerformedProcedureProtocolStorage,
+    dicom_uid.ProtocolApprovalStorage,
+    dicom_uid.LensometryMeasurementsStorage,
+    dicom_uid.AutorefractionMeasurementsStorage,
+    dicom_uid.KeratometryMeasurementsStorage,
+    dicom_uid.SubjectiveRefractionMeasurementsStorage,
+    dicom_uid.VisualAcuityMeasurementsStorage,
+    dicom_uid.SpectaclePrescriptionReportStorage,
+    dicom_uid.OphthalmicAxialMeasurementsStorage,
+    dicom_uid.OphthalmicVisualFieldStaticPerimetryMeasurementsStorage,
+})
+
+#: Every SOP class that is never an image to score.
+NON_IMAGE_SOP_CLASSES: frozenset[UID] = (
+    STRUCTURED_REPORT_SOP_CLASSES
+    | KEY_OBJECT_SELECTION_SOP_CLASSES
+    | PRESENTATION_STATE_SOP_CLASSES
+    | SEGMENTATION_SOP_CLASSES
+    | ENCAPSULATED_DOCUMENT_SOP_CLASSES
+    | RT_SOP_CLASSES
+    | WAVEFORM_SOP_CLASSES
+    | OTHER_NON_IMAGE_SOP_CLASSES
+)
+
+#: Secondary Capture classes: images, except when the series is our own output (see module docstring).
+SECONDARY_CAPTURE_SOP_CLASSES: frozenset[UID] = frozenset({
+    dicom_uid.SecondaryCaptureImageStorage,
+    dicom_uid.MultiFrameSingleBitSecondaryCaptureImageStorage,
+    dicom_uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    dicom_uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    dicom_uid.MultiFrameTrueColorSecondaryCaptureImageStorage,
+})
+
+
+def sop_class_name(uid: str) -> str:
+    """Readable name of a SOP class UID ("Comprehensive SR Storage"), the UID itself when unknown."""
+    name = UID(uid).name if uid else ""
+    return name or uid or "(no SOP class)"
+
+
+# --- ordering -------------------------------------------------------------------------------------------
+
+
+class InstanceLike(Protocol):
+    """What :func:`order_frames` reads; :class:`storage.models.Instance` is one."""
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+    @property
+    def instance_number(self) -> int | None: ...
+    @property
+    def number_of_frames(self) -> int: ...
+    @property
+    def image_position(self) -> Sequence[float] | None: ...
+    @property
+    def image_orientation(self) -> Sequence[float] | None: ...
+    @property
+    def acquisition_time(self) -> str: ...
+    @property
+    def content_time(self) -> str: ...
+    @property
+    def has_pixels(self) -> bool: ...
+
+
+_POSITION_TOLERANCE_MM = 1e-3
+_PARALLEL_COS = 0.999  # slice normals within ~2.5° are the same stack
+_TIME_RE = re.compile(r"^(\d+)(?:\.(\d+))?$")
+
+
+def parse_dicom_time(text: str) -> tuple[int, float] | None:
+    """``(YYYYMMDD or 0, seconds of day)`` of a DICOM DT or TM text; None when empty or unreadable.
+
+    Accepts ``HHMMSS.ffffff`` (and its shorter forms ``HH``, ``HHMM``), ``YYYYMMDD[HHMMSS.ffffff]`` with
+    an optional ``+ZZXX`` offset (ignored: one series comes from one clock), and ACR-NEMA ``HH:MM:SS``.
+    """
+    t = (text or "").strip().replace(":", "")
+    t = re.split(r"[+-]", t, maxsplit=1)[0].strip()
+    m = _TIME_RE.match(t)
+    if not m:
+        return None
+    digits, frac = m.group(1), m.group(2) or ""
+    date = 0
+    if len(digits) > 6:  # DT: the date comes first
+        if len(digits) < 8:
+            return None
+        date, digits = int(digits[:8]), digits[8:]
+        if digits == "":
+            return date, 0.0
+    if len(digits) % 2 or len(digits) > 6:
+        return None
+    parts = [int(digits[i : i + 2]) for i in range(0, len(digits), 2)] + [0, 0]
+    hours, minutes, seconds = parts[0], parts[1], parts[2]
+    return date, hours * 3600 + minutes * 60 + seconds + (float("0." + frac) if frac else 0.0)
+
+
+def _instance_time(inst: InstanceLike) -> tuple[int, float] | None:
+    return parse_dicom_time(inst.acquisition_time) or parse_dicom_time(inst.content_time)
+
+
+def _projections(instances: Sequence[InstanceLike]) -> list[float] | None:
+    """Position of each instance along the first instance's slice normal; None if not all usable."""
+    normal = None
+    out: list[float] = []
+    for inst in instances:
+        pos, ori = inst.image_position, inst.image_orientation
+        if not pos or not ori or len(pos) != 3 or len(ori) != 6:
+            return None
+        try:
+            p = [float(v) for v in pos]
+            o = [float(v) for v in ori]
+        except (TypeError, ValueError):
+            return None
+        r, c = o[:3], o[3:]
+        n = [r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0]]
+        norm = math.sqrt(sum(v * v for v in n))
+        if not all(math.isfinite(v) for v in p + n) or norm < 1e-6:
+            return None
+        n = [v / norm for v in n]
+        if normal is None:
+            normal = n
+        elif abs(sum(a * b for a, b in zip(n, normal))) < _PARALLEL_COS:
+            return None  # not one stack (e.g. a localizer with three orientations)
+        out.append(sum(a * b for a, b in zip(p, normal)))
+    return out
+
+
+def _distinct(values: list[float]) -> bool:
+    s = sorted(values)
+    return all(b - a > _POSITION_TOLERANCE_MM for a, b in zip(s, s[1:]))
+
+
+def order_frames(instances: Sequence[InstanceLike]) -> tuple[list[tuple[str, int]], str]:
+    """Frame references ``[(sop_instance_uid, frame_number_1_based), ...]`` in order, and the order key.
+
+    The rule is in the module docstring. Instances without pixels contribute nothing; with none left the
+    answer is ``([], "none")``.
+    """
+    images = [i for i in instances if i.has_pixels]
+    if not images:
+        return [], ORDER_NONE
+    numbers = [i.instance_number for i in images]
+    projections = _projections(images)
+    if all(n is not None for n in numbers) and len(set(numbers)) == len(numbers):
+        key = ORDER_INSTANCE_NUMBER
+        ranked = sorted(images, key=lambda i: (i.instance_number, i.sop_instance_uid))
+    elif projections is not None and _distinct(projections):
+        key = ORDER_POSITION
+        by_uid = {id(i): p for i, p in zip(images, projections)}
+        ranked = sorted(images, key=lambda i: (by_uid[id(i)], i.sop_instance_uid))
+    else:
+        times = [_instance_time(i) for i in images]
+        proj = projections if projections is not None else [0.0] * len(images)
+        if all(t is not None for t in times):
+            key = ORDER_TIME
+            order = sorted(range(len(images)), key=lambda k: (times[k], proj[k], images[k].sop_instance_uid))
+        else:
+            key = ORDER_NONE
+            order = sorted(range(len(images)), key=lambda k: images[k].sop_instance_uid)
+        ranked = [images[k] for k in order]
+    refs = [
+        (inst.sop_instance_uid, frame)
+        for inst in ranked
+        for frame in range(1, max(int(inst.number_of_frames or 1), 1) + 1)
+    ]
+    return refs, key
+
+
+# --- series classification ------------------------------------------------------------------------------
+
+
+def is_image_instance(inst: Instance) -> bool:
+    return bool(inst.has_pixels) and inst.sop_class_uid not in NON_IMAGE_SOP_CLASSES
+
+
+def ignore_reason(series: Series, instances: Sequence[Instance]) -> str | None:
+    """Why this series never becomes a job, or None when it holds images to score."""
+    if not instances:
+        return "series has no instances"
+    classes = Counter(i.sop_class_uid for i in instances)
+    listing = ", ".join(f"{sop_class_name(uid)} x{n}" for uid, n in sorted(classes.items()))
+    if (series.series_description or "").casefold().startswith(OUR_SERIES_PREFIX.casefold()) and all(
+        uid in SECONDARY_CAPTURE_SOP_CLASSES or uid in NON_IMAGE_SOP_CLASSES for uid in classes
+    ):
+        return f"our own output (series description {series.series_description!r}; {listing})"
+    if not any(is_image_instance(i) for i in instances):
+        if all(uid in NON_IMAGE_SOP_CLASSES for uid in classes):
+            return f"no image content: {listing}"
+        return f"no pixel data in any instance: {listing}"
+    return None
+
+
+# --- the assembler --------------------------------------------------------------------------------------
+
+
+def _aware(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(timezone.utc)
+    return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
+
+
+class Assembler:
+    """Turns quiet RECEIVING series into sequences and QUEUED jobs; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        enqueue: Callable[[int], None],
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.enqueue = enqueue
+
+    # one pass ---------------------------------------------------------------------------------------
+    def run_once(self, now: datetime | None = None) -> list[int]:
+        """Assemble every series quiet since ``settings.quiet_period_s``; return the new job ids.
+
+        Each job is committed before ``enqueue(job_id)`` is called. An ``enqueue`` that raises is logged;
+        the job stays QUEUED in the database for the worker's recovery of queued jobs.
+        """
+        cutoff = _aware(now) - timedelta(seconds=self.settings.quiet_period_s)
+        with self.session_factory() as session:
+            candidates = session.scalars(
+                select(Series.id)
+                .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)
+                .order_by(Series.last_received_at, Series.id)
+            ).all()
+        job_ids: list[int] = []
+        for series_id in candidates:
+            job_id = self._assemble_series(series_id, cutoff)
+            if job_id is None:
+                continue
+            job_ids.append(job_id)
+            try:
+                self.enqueue(job_id)
+            except Exception:
+                log.exception("job %d: committed but could not be enqueued; it stays QUEUED", job_id)
+        return job_ids
+
+    def run_forever(self, stop_event: threading.Event, interval_s: float = 1.0) -> None:
+        """Call :meth:`run_once` every ``interval_s`` until ``stop_event`` is set."""
+        while not stop_event.is_set():
+            try:
+                self.run_once()
+            except OperationalError:
+                log.exception("assembly pass failed on the database; retrying in %.1f s", interval_s)
+            stop_event.wait(interval_s)
+
+    # one series -------------------------------------------------------------------------------------
+    def _claim(self, session: Session, series_id: int, cutoff: datetime) -> bool:
+        quiet = (
+            Series.id == series_id,
+            Series.state == SeriesState.RECEIVING,
+            Series.last_received_at <= cutoff,
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            locked = session.scalar(select(Series.id).where(*quiet).with_for_update(skip_locked=True))
+            if locked is None:
+                return False  # another assembler holds it, or it changed since we listed it
+        result = session.execute(
+            update(Series)
+            .where(*quiet)
+            .values(state=SeriesState.ASSEMBLED, state_reason="")
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1
+
+    def _assemble_series(self, series_id: int, cutoff: datetime) -> int | None:
+        try:
+            with self.session_factory() as session, session.begin():
+                if not self._claim(session, series_id, cutoff):
+                    return None
+                return self._build(session, series_id)
+        except OperationalError:
+            raise  # the database itself failed: nothing was committed, the next pass retries
+        except Exception as exc:
+            log.exception("series id %d: assembly failed; marking it IGNORED", series_id)
+            self._mark_failed(series_id, cutoff, f"assembly failed: {type(exc).__name__}: {exc}")
+            return None
+
+    def _mark_failed(self, series_id: int, cutoff: datetime, reason: str) -> None:
+        with self.session_factory() as session, session.begin():
+            session.execute(
+                update(Series)
+                .where(Series.id == series_id, Series.state == SeriesState.RECEIVING,
+                       Series.last_received_at <= cutoff)
+                .values(state=SeriesState.IGNORED, state_reason=reason[:2000])
+                .execution_options(synchronize_session=False)
+            )
+
+    def _build(self, session: Session, series_id: int) -> int | None:
+        series = session.get(Series, series_id, populate_existing=True)
+        assert series is not None
+        instances = session.scalars(select(Instance).where(Instance.series_fk == series_id)).all()
+        reason = ignore_reason(series, instances)
+        if reason is not None:
+            series.state = SeriesState.IGNORED
+            series.state_reason = reason
+            log.info("series %s ignored: %s", series.series_uid, reason)
+            return None
+        refs, key = order_frames([i for i in instances if is_image_instance(i)])
+        frame_refs: list[list[str | int]] = [[uid, frame] for uid, frame in refs]
+        prior_uid = ""
+        n_prior = 0
+        if self.settings.add_prior_study:
+            prior = self._prior(session, series)
+            if prior is not None:
+                prior_uid, prior_refs = prior
+                n_prior = len(prior_refs)
+                frame_refs = [[uid, frame] for uid, frame in prior_refs] + frame_refs
+        seq = SequenceRecord(
+            series_fk=series.id,
+            frame_refs=frame_refs,
+            n_frames=len(frame_refs),
+            order_key=key,
+            prior_study_uid=prior_uid,
+        )
+        job = Job(sequence=seq, state=JobState.QUEUED)
+        session.add_all([seq, job])
+        series.state_reason = f"{len(refs)} frames ordered by {key}" + (
+            f"; {n_prior} frames of prior study {prior_uid} prepended" if prior_uid else ""
+        )
+        session.flush()
+        log.info(
+            "series %s assembled: sequence %d, %d frames by %s%s, job %d",
+            series.series_uid, seq.id, seq.n_frames, key,
+            f" (prior study {prior_uid})" if prior_uid else "", job.id,
+        )
+        return job.id
+
+    def _prior(self, session: Session, series: Series) -> tuple[str, list[tuple[str, int]]] | None:
+        study = session.get(Study, series.study_fk)
+        patient = session.get(Patient, study.patient_fk) if study is not None else None
+        if study is None or patient is None or not study.study_date or not patient.patient_id:
+            return None
+        has_sequence = exists().where(SequenceRecord.series_fk == Series.id)
+        row = session.execute(
+            select(Series.id, Study.study_uid)
+            .join(Study, Series.study_fk == Study.id)
+            .where(
+                Study.patient_fk == study.patient_fk,
+                Study.id != study.id,
+                Study.study_date != "",
+                Study.study_date < study.study_date,
+                Series.modality == series.modality,
+                func.lower(Series.body_part) == (series.body_part or "").lower(),
+                Series.state == SeriesState.ASSEMBLED,
+                has_sequence,
+            )
+            .order_by(
+                Study.study_date.desc(), Study.study_time.desc(), Series.last_received_at.desc(),
+                Series.id.desc(),
+            )
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        prior_series_id, prior_study_uid = row
+        prior_instances = session.scalars(select(Instance).where(Instance.series_fk == prior_series_id)).all()
+        refs, _key = order_frames([i for i in prior_instances if is_image_instance(i)])
+        if not refs:
+            return None
+        return prior_study_uid, refs
