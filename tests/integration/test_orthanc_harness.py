@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pydicom
@@ -19,7 +20,7 @@ from tests.integration.orthanc import OrthancError, OrthancServer
 pytestmark = pytest.mark.integration
 
 DX_CHEST = Path("highdicom/dx_image.dcm")
-BRAINIX_FLAIR = Path("orthanc-tests/Brainix/Flair")
+STORE_SERIES = Path("dcm_qa_nih/20180918GE/mr_0004")  # a series no other integration test uses
 
 
 def _loopback_port_open(port: int) -> bool:
@@ -77,7 +78,7 @@ def test_echoscu_allowed_and_unknown_ae(netns: NetNamespace, orthanc: OrthancSer
 def test_storescu_allowed_ae_stores_unknown_ae_is_refused(
     netns: NetNamespace, orthanc: OrthancServer, dicom_corpus: Path
 ):
-    files = sorted((dicom_corpus / BRAINIX_FLAIR).glob("*.dcm"))[:3]
+    files = sorted((dicom_corpus / STORE_SERIES).glob("*.dcm"))[:3]
     assert len(files) == 3
     uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
 
@@ -113,6 +114,9 @@ def test_namespace_and_orthanc_are_cleaned_up(dicom_corpus: Path):
             assert ns.pids() == []
             # a stray process is killed by destroy()
             stray = ns.popen(["sleep", "300"])
+            deadline = time.monotonic() + 10  # `ip netns exec` joins the namespace a moment after fork
+            while stray.pid not in ns.pids() and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert stray.pid in ns.pids()
         finally:
             ns.destroy()
