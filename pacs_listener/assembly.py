@@ -65,6 +65,14 @@ conditional ``UPDATE series SET state='assembled' WHERE id=:id AND state='receiv
 last_received_at <= :cutoff``; only the assembler whose UPDATE changed the row builds the sequence. On
 PostgreSQL the row is first selected ``FOR UPDATE SKIP LOCKED`` so a second assembler skips it instead of
 waiting. One transaction per series: a failure on one series does not hold back the others.
+
+Failures
+--------
+A database error while assembling a series rolls its transaction back: the series stays RECEIVING and
+the next pass retries it. Any other error (something in the series' data we did not foresee) is logged
+with the traceback and the series is set IGNORED with ``state_reason = "assembly failed: ..."``, so it is
+visible to an admin instead of failing every second. ``enqueue`` raising is logged; the committed job
+stays QUEUED for the worker's start-up recovery of queued jobs.
 """
 
 from __future__ import annotations
@@ -81,7 +89,7 @@ from typing import Protocol
 import pydicom.uid as dicom_uid
 from pydicom.uid import UID
 from sqlalchemy import exists, func, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medgru.settings import Settings
@@ -463,8 +471,8 @@ class Assembler:
         while not stop_event.is_set():
             try:
                 self.run_once()
-            except OperationalError:
-                log.exception("assembly pass failed on the database; retrying in %.1f s", interval_s)
+            except Exception:  # keep the loop alive: a database outage must not end assembly for good
+                log.exception("assembly pass failed; retrying in %.1f s", interval_s)
             stop_event.wait(interval_s)
 
     # one series -------------------------------------------------------------------------------------
@@ -492,10 +500,10 @@ class Assembler:
                 if not self._claim(session, series_id, cutoff):
                     return None
                 return self._build(session, series_id)
-        except OperationalError:
-            raise  # the database itself failed: nothing was committed, the next pass retries
+        except SQLAlchemyError:
+            raise  # the database failed: nothing was committed, the series stays RECEIVING, next pass retries
         except Exception as exc:
-            log.exception("series id %d: assembly failed; marking it IGNORED", series_id)
+            log.exception("series id %d: assembly failed on its data; marking it IGNORED", series_id)
             self._mark_failed(series_id, cutoff, f"assembly failed: {type(exc).__name__}: {exc}")
             return None
 

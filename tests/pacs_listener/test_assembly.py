@@ -497,6 +497,28 @@ def test_late_instance_gives_a_new_sequence_covering_all_instances(make_settings
         assert s.get(Job, first[0]).state is JobState.QUEUED  # the earlier job is left as it is
 
 
+def test_unforeseen_error_on_one_series_ignores_it_with_reason(make_settings, session_factory, recorder):
+    class Fragile(Assembler):
+        def _build(self, session, series_id):
+            series = session.get(Series, series_id)
+            if series.series_uid == "12.1":
+                raise ValueError("odd data")
+            return super()._build(session, series_id)
+
+    with session_factory() as s:
+        add_series(s, _stack(2), uid="12.1")
+        add_series(s, _stack(2), uid="12.2", last=T0 + timedelta(seconds=1))
+        s.commit()
+    ids = Fragile(make_settings(), session_factory, recorder).run_once(now=T0 + timedelta(minutes=1))
+    assert len(ids) == 1 and recorder.ids == ids
+    with session_factory() as s:
+        series = {x.series_uid: x for x in s.scalars(select(Series))}
+        assert series["12.1"].state is SeriesState.IGNORED
+        assert series["12.1"].state_reason == "assembly failed: ValueError: odd data"
+        assert series["12.1"].sequences == []  # the failed transaction left nothing behind
+        assert series["12.2"].state is SeriesState.ASSEMBLED
+
+
 def test_run_forever_until_stopped(make_settings, session_factory):
     stop = threading.Event()
     got: list[int] = []
