@@ -1,0 +1,264 @@
+"""send_files and the outbox Sender against real peers: DCMTK storescp and a pynetdicom SCP."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from dispatch.sender import (
+    STATUS_ERROR_DATASET_MISMATCH,
+    STATUS_NOT_SENT,
+    STATUS_REFUSED_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    STATUS_WARNING_COERCION,
+    AssociationError,
+    Sender,
+    backoff_delay,
+    is_success,
+    is_transient,
+    requeue_failed,
+    send_files,
+)
+from medgru.settings import Destination
+from storage.models import OutboxItem, OutboxState
+from tests.dispatch.conftest import PACS_AET, free_port, write_objects
+
+T0 = datetime(2031, 1, 1, 12, 0, tzinfo=timezone.utc)  # a logical clock, later than any row's default
+
+
+def _settings(make_settings, port: int | None, **kw):
+    dest = f"{PACS_AET}@127.0.0.1:{port}" if port else None
+    return make_settings(destination=dest, send_retry_base_s=2.0, send_retry_max_s=30.0, **kw)
+
+
+def _enqueue(settings, session_factory, objects, *, destination: str | None = None) -> list[int]:
+    paths = write_objects(objects, settings.outbox_dir)
+    ids = []
+    with session_factory() as s:
+        for ds, p in zip(objects, paths):
+            item = OutboxItem(path=p.name, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                              destination=str(settings.destination) if destination is None else destination)
+            s.add(item)
+            s.flush()
+            ids.append(item.id)
+        s.commit()
+    return ids
+
+
+def _items(session_factory) -> list[OutboxItem]:
+    with session_factory() as s:
+        return list(s.scalars(select(OutboxItem).order_by(OutboxItem.id)))
+
+
+def _received_uids(scp) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in scp.received()}
+
+
+# ------------------------------------------------------------------------------- pure policy
+def test_backoff_is_exponential_and_capped() -> None:
+    assert [backoff_delay(n, 2.0, 30.0) for n in range(0, 7)] == [0.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert backoff_delay(10_000, 2.0, 300.0) == 300.0
+
+
+def test_status_classes() -> None:
+    assert is_success(STATUS_SUCCESS) and is_success(STATUS_WARNING_COERCION)
+    assert not is_success(STATUS_ERROR_DATASET_MISMATCH)
+    assert is_transient(None) and is_transient(STATUS_REFUSED_OUT_OF_RESOURCES) and is_transient(0xA7FF)
+    assert not is_transient(STATUS_ERROR_DATASET_MISMATCH) and not is_transient(0xC000)
+
+
+# ------------------------------------------------------------------------------- send_files
+@pytest.mark.integration
+def test_send_files_to_storescp(storescp, result_objects, tmp_path: Path) -> None:
+    storescp.start()
+    paths = write_objects(result_objects, tmp_path / "out")
+    statuses = send_files(Destination(ae_title=PACS_AET, host="127.0.0.1", port=storescp.port), paths,
+                          calling_ae="MEDGRU", timeout=20)
+    assert statuses == [STATUS_SUCCESS, STATUS_SUCCESS]
+    assert _received_uids(storescp) == {str(ds.SOPInstanceUID) for ds in result_objects}
+
+
+@pytest.mark.integration
+def test_send_files_unreadable_file_is_not_sent(storescp, result_objects, tmp_path: Path) -> None:
+    storescp.start()
+    paths = write_objects(result_objects[:1], tmp_path / "out")
+    junk = tmp_path / "out" / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    statuses = send_files(Destination(ae_title=PACS_AET, host="127.0.0.1", port=storescp.port),
+                          [junk, *paths], calling_ae="MEDGRU", timeout=20)
+    assert statuses == [STATUS_NOT_SENT, STATUS_SUCCESS]
+
+
+@pytest.mark.integration
+def test_send_files_peer_down_or_refusing(storescp, result_objects, tmp_path: Path) -> None:
+    paths = write_objects(result_objects, tmp_path / "out")
+    dest = Destination(ae_title=PACS_AET, host="127.0.0.1", port=storescp.port)
+    with pytest.raises(AssociationError, match="unreachable"):
+        send_files(dest, paths, calling_ae="MEDGRU", timeout=5)
+    storescp.start("--refuse")
+    with pytest.raises(AssociationError, match="rejected"):
+        send_files(dest, paths, calling_ae="MEDGRU", timeout=5)
+    assert storescp.received() == []
+
+
+@pytest.mark.integration
+def test_send_files_failure_status(failing_scp, result_objects, tmp_path: Path) -> None:
+    port, status = failing_scp
+    paths = write_objects(result_objects, tmp_path / "out")
+    assert send_files(Destination(ae_title=PACS_AET, host="127.0.0.1", port=port), paths, calling_ae="MEDGRU",
+                      timeout=10) == [STATUS_ERROR_DATASET_MISMATCH] * 2
+
+
+# ------------------------------------------------------------------------------- the outbox
+@pytest.mark.integration
+def test_sender_sends_due_items_in_one_association(make_settings, session_factory, storescp, result_objects
+                                                   ) -> None:
+    settings = _settings(make_settings, storescp.port)
+    storescp.start()
+    _enqueue(settings, session_factory, result_objects)
+    sender = Sender(settings, session_factory, timeout=20)
+    assert sender.run_once(now=T0) == 2
+    items = _items(session_factory)
+    assert [i.state for i in items] == [OutboxState.SENT] * 2
+    assert all(i.sent_at == T0 and i.attempts == 1 and i.last_status == STATUS_SUCCESS for i in items)
+    assert _received_uids(storescp) == {i.sop_instance_uid for i in items}
+    assert storescp.log_path.read_text(errors="replace").count("Association Acknowledged") == 1  # the readiness probe only connects
+    assert sender.run_once(now=T0 + timedelta(hours=1)) == 0  # nothing sent twice
+    assert len(storescp.received()) == 2
+
+
+@pytest.mark.integration
+def test_sender_backs_off_while_peer_down_then_sends(make_settings, session_factory, storescp, result_objects
+                                                     ) -> None:
+    settings = _settings(make_settings, storescp.port)
+    _enqueue(settings, session_factory, result_objects[:1])
+    sender = Sender(settings, session_factory, timeout=5)
+
+    assert sender.run_once(now=T0) == 0
+    [item] = _items(session_factory)
+    assert (item.state, item.attempts, item.last_status) == (OutboxState.PENDING, 1, None)
+    assert "unreachable" in item.last_error and str(storescp.port) in item.last_error
+    assert item.next_attempt_at == T0 + timedelta(seconds=2)
+
+    assert sender.run_once(now=T0 + timedelta(seconds=1)) == 0  # not due yet: untouched
+    assert _items(session_factory)[0].attempts == 1
+
+    t1 = T0 + timedelta(seconds=2)
+    assert sender.run_once(now=t1) == 0
+    [item] = _items(session_factory)
+    assert item.attempts == 2 and item.next_attempt_at == t1 + timedelta(seconds=4)
+
+    storescp.start()
+    t2 = item.next_attempt_at
+    assert sender.run_once(now=t2) == 1
+    [item] = _items(session_factory)
+    assert (item.state, item.attempts, item.sent_at, item.last_error) == (OutboxState.SENT, 3, t2, "")
+    assert _received_uids(storescp) == {item.sop_instance_uid}
+
+
+@pytest.mark.integration
+def test_transient_failures_never_give_up(make_settings, session_factory, result_objects) -> None:
+    settings = _settings(make_settings, free_port())  # nobody listens there
+    _enqueue(settings, session_factory, result_objects[:1])
+    sender = Sender(settings, session_factory, max_attempts=3, timeout=5)
+    now, delays = T0, []
+    for _ in range(7):
+        sender.run_once(now=now)
+        [item] = _items(session_factory)
+        delays.append((item.next_attempt_at - now).total_seconds())
+        now = item.next_attempt_at
+    assert item.state == OutboxState.PENDING and item.attempts == 7  # beyond max_attempts: still pending
+    assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]  # base 2 s, doubling, capped at 30 s
+
+
+@pytest.mark.integration
+def test_failure_status_recorded_then_failed_then_requeued(make_settings, session_factory, failing_scp,
+                                                           result_objects) -> None:
+    port, status = failing_scp
+    settings = _settings(make_settings, port)
+    _enqueue(settings, session_factory, result_objects[:1])
+    sender = Sender(settings, session_factory, max_attempts=2, timeout=10)
+
+    assert sender.run_once(now=T0) == 0
+    [item] = _items(session_factory)
+    assert (item.state, item.attempts, item.last_status) == (OutboxState.PENDING, 1, STATUS_ERROR_DATASET_MISMATCH)
+    assert "does not match SOP class" in item.last_error and item.sop_instance_uid in item.last_error
+
+    assert sender.run_once(now=item.next_attempt_at) == 0
+    [item] = _items(session_factory)
+    assert (item.state, item.attempts) == (OutboxState.FAILED, 2)  # permanent refusal, kept for an admin
+    assert sender.run_once(now=T0 + timedelta(days=1)) == 0  # FAILED is not retried by itself
+
+    assert requeue_failed(session_factory, now=T0 + timedelta(days=1)) == 1
+    status[0] = STATUS_SUCCESS
+    assert sender.run_once(now=T0 + timedelta(days=1)) == 1
+    assert _items(session_factory)[0].state == OutboxState.SENT
+
+
+@pytest.mark.integration
+def test_out_of_resources_stays_pending(make_settings, session_factory, failing_scp, result_objects) -> None:
+    port, status = failing_scp
+    status[0] = STATUS_REFUSED_OUT_OF_RESOURCES
+    settings = _settings(make_settings, port)
+    _enqueue(settings, session_factory, result_objects[:1])
+    sender = Sender(settings, session_factory, max_attempts=2, timeout=10)
+    now = T0
+    for _ in range(4):
+        sender.run_once(now=now)
+        [item] = _items(session_factory)
+        now = item.next_attempt_at
+    assert (item.state, item.attempts, item.last_status) == (OutboxState.PENDING, 4, STATUS_REFUSED_OUT_OF_RESOURCES)
+
+
+@pytest.mark.integration
+def test_missing_outbox_file_fails_after_max_attempts(make_settings, session_factory, storescp,
+                                                      result_objects) -> None:
+    settings = _settings(make_settings, storescp.port)
+    storescp.start()
+    _enqueue(settings, session_factory, result_objects)
+    (settings.outbox_dir / f"{result_objects[0].SOPInstanceUID}.dcm").unlink()
+    sender = Sender(settings, session_factory, max_attempts=1, timeout=20)
+    assert sender.run_once(now=T0) == 1
+    first, second = _items(session_factory)
+    assert first.state == OutboxState.FAILED and "missing from the outbox" in first.last_error
+    assert second.state == OutboxState.SENT
+
+
+@pytest.mark.integration
+def test_items_without_destination_wait_for_one(make_settings, session_factory, storescp, result_objects) -> None:
+    storescp.start()
+    no_dest = _settings(make_settings, None)
+    _enqueue(no_dest, session_factory, result_objects[:1], destination="")
+    assert Sender(no_dest, session_factory).run_once(now=T0) == 0
+    [item] = _items(session_factory)
+    assert (item.state, item.attempts, item.destination) == (OutboxState.PENDING, 0, "")
+    with_dest = _settings(make_settings, storescp.port)
+    assert Sender(with_dest, session_factory, timeout=20).run_once(now=T0) == 1
+    [item] = _items(session_factory)
+    assert item.state == OutboxState.SENT and item.destination == str(with_dest.destination)
+
+
+@pytest.mark.integration
+def test_run_forever_sends_and_stops(make_settings, session_factory, storescp, result_objects) -> None:
+    settings = _settings(make_settings, storescp.port)
+    storescp.start()
+    _enqueue(settings, session_factory, result_objects)
+    stop = threading.Event()
+    t = threading.Thread(target=Sender(settings, session_factory, timeout=20).run_forever, args=(stop, 0.05))
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(i.state != OutboxState.SENT for i in _items(session_factory)):
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert not t.is_alive()
+    assert [i.state for i in _items(session_factory)] == [OutboxState.SENT] * 2
+    assert len(storescp.received()) == 2
