@@ -17,6 +17,7 @@ available. A failure raises :class:`InvalidDataset` with a reason and the DIMSE 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -71,6 +72,117 @@ def parse_received(file_bytes: bytes) -> Dataset:
             f"data set cannot be parsed: {type(exc).__name__}: {str(exc)[:300]}", StoreStatus.CANNOT_UNDERSTAND
         ) from exc
     return ds
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UR", b"UT", b"UN", b"SV", b"UV"}
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+MAX_NESTING = 32
+
+
+def _dataset_stream(file_bytes: bytes, transfer_syntax_uid: str) -> bytes | None:
+    """The encoded data set after the file meta (inflated for the deflated syntax); None if unknown."""
+    if len(file_bytes) < 144 or file_bytes[128:132] != b"DICM" or file_bytes[132:136] != b"\x02\x00\x00\x00":
+        return None
+    meta_end = 144 + int.from_bytes(file_bytes[140:144], "little")
+    body = file_bytes[meta_end:]
+    if UID(transfer_syntax_uid).is_deflated:
+        try:
+            body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
+        except zlib.error as exc:
+            raise InvalidDataset(f"deflated data set cannot be inflated: {exc}", StoreStatus.CANNOT_UNDERSTAND) from exc
+    return body
+
+
+def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
+    """Walk every element header: no value may run past its container (pydicom silently truncates).
+
+    Also bounds sequence nesting (:data:`MAX_NESTING`), which pydicom would recurse into.
+    """
+    ts = UID(transfer_syntax_uid)
+    body = _dataset_stream(file_bytes, transfer_syntax_uid)
+    if body is None or not ts.is_transfer_syntax:
+        return
+    implicit, order = ts.is_implicit_VR, ("little" if ts.is_little_endian else "big")
+
+    def fail(pos: int, what: str) -> InvalidDataset:
+        return InvalidDataset(f"malformed encoding at byte {pos} of the data set: {what}", StoreStatus.CANNOT_UNDERSTAND)
+
+    def item_tag(pos: int) -> tuple[int, int]:
+        # item and delimiter headers: (group, element) + 4-byte length, in the data set's byte order
+        group = int.from_bytes(body[pos : pos + 2], order)
+        elem = int.from_bytes(body[pos + 2 : pos + 4], order)
+        return (group << 16) | elem, int.from_bytes(body[pos + 4 : pos + 8], order)
+
+    def walk_items(pos: int, end: int | None, depth: int, datasets: bool = True) -> int:
+        """Items of a sequence (datasets) or fragments of encapsulated pixel data (not datasets) from pos;
+        returns the position after the sequence."""
+        while end is None or pos < end:
+            if pos + 8 > len(body):
+                raise fail(pos, "sequence ends before its delimiter")
+            tag, length = item_tag(pos)
+            pos += 8
+            if tag == _SEQ_END:
+                if end is not None:
+                    raise fail(pos, "sequence delimiter inside a defined-length sequence")
+                return pos
+            if tag != _ITEM:
+                raise fail(pos - 8, f"expected an item tag, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+            if length == _UNDEFINED:
+                if not datasets:
+                    raise fail(pos, "pixel data fragment of undefined length")
+                pos = walk_elements(pos, None, depth + 1)
+            else:
+                if pos + length > len(body) or (end is not None and pos + length > end):
+                    raise fail(pos, f"item of {length} bytes runs past the end")
+                if datasets:
+                    walk_elements(pos, pos + length, depth + 1)
+                pos += length
+        if pos != end:
+            raise fail(pos, "sequence items overrun the sequence length")
+        return pos
+
+    def walk_elements(pos: int, end: int | None, depth: int) -> int:
+        if depth > MAX_NESTING:
+            raise fail(pos, f"sequences nested deeper than {MAX_NESTING}")
+        limit = len(body) if end is None else end
+        while pos < limit:
+            if pos + 8 > limit:
+                raise fail(pos, "element header cut short")
+            tag, _ = item_tag(pos)
+            if tag == _ITEM_END:
+                if end is not None or depth == 0:
+                    raise fail(pos, "item delimiter inside a defined-length item")
+                return pos + 8
+            if implicit:
+                vr, length, pos = None, int.from_bytes(body[pos + 4 : pos + 8], order), pos + 8
+            else:
+                vr = body[pos + 4 : pos + 6]
+                if vr in _LONG_VRS:
+                    if pos + 12 > limit:
+                        raise fail(pos, "element header cut short")
+                    length, pos = int.from_bytes(body[pos + 8 : pos + 12], order), pos + 12
+                else:
+                    length, pos = int.from_bytes(body[pos + 6 : pos + 8], order), pos + 8
+            if length == _UNDEFINED:
+                if vr == b"UN":  # implicit VR LE content whatever the syntax: leave it to pydicom
+                    return len(body) if end is None else end
+                if vr not in (None, b"SQ", b"OB", b"OW"):
+                    raise fail(pos, f"undefined length on VR {vr!r}")
+                is_pixels = tag == 0x7FE00010 or vr in (b"OB", b"OW")
+                pos = walk_items(pos, None, depth, datasets=not is_pixels)
+                continue
+            if pos + length > limit:
+                raise fail(pos, f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes, "
+                                f"only {limit - pos} remain")
+            if vr == b"SQ" and length:
+                walk_items(pos, pos + length, depth)
+            pos += length
+        if end is None and depth > 0:
+            raise fail(pos, "item ends before its delimiter")
+        return pos
+
+    walk_elements(0, None, 0)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -150,8 +262,10 @@ def check_pixel_module(ds: Dataset, transfer_syntax_uid: str) -> None:
         return
     expected = expected_native_length(ds)
     actual = len(elem.value or b"")
-    # an odd length is padded by one byte to an even length
-    if actual not in (expected, expected + (expected % 2)):
+    frames = _positive_int(ds, "NumberOfFrames", 1)
+    # too short is always wrong; trailing padding shorter than one frame is tolerated (an odd length is
+    # padded to even; some writers pad more), a whole frame or more in excess means NumberOfFrames lies
+    if actual < expected or actual - expected >= max(expected // frames, 2):
         raise InvalidDataset(
             f"PixelData has {actual} bytes, the pixel module (Rows {ds.get('Rows')} x Columns "
             f"{ds.get('Columns')} x SamplesPerPixel {ds.get('SamplesPerPixel', 1)} x BitsAllocated "
@@ -163,6 +277,7 @@ def validate_received(file_bytes: bytes, request: RequestIds) -> Dataset:
     """Parse and check a received instance; returns the parsed data set or raises :class:`InvalidDataset`."""
     if not is_valid_uid(str(request.sop_instance_uid)):
         raise InvalidDataset(f"request Affected SOP Instance UID {str(request.sop_instance_uid)[:80]!r} is invalid")
+    check_encoding(file_bytes, request.transfer_syntax_uid)
     ds = parse_received(file_bytes)
     check_identifiers(ds, request)
     try:

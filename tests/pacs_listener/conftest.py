@@ -1,0 +1,136 @@
+"""Fixtures for the listener tests: databases (via ``storage.db.init_db``), data sets, a running Listener."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import init_db, make_session_factory
+
+ECHOSCU = "/usr/bin/echoscu"
+STORESCU = "/usr/bin/storescu"
+
+
+@pytest.fixture
+def session_factory(database_url: str) -> sessionmaker[Session]:
+    engine = init_db(database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_session_factory(tmp_path: Path) -> sessionmaker[Session]:
+    engine = init_db(f"sqlite:///{tmp_path / 'listener.sqlite3'}")
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def make_mr(rows: int = 4, cols: int = 4, **attrs) -> Dataset:
+    """A small valid MR instance (fresh UIDs) with native 16-bit pixel data."""
+    ds = Dataset()
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "PID-" + generate_uid()[-8:]
+    ds.Modality = "MR"
+    ds.SeriesDescription = "T1 cérébral"
+    ds.SeriesNumber = 3
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [0.0, 0.0, 1.5]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.AcquisitionDate = "20240102"
+    ds.AcquisitionTime = "101112.5"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(rows * cols * 2)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def to_file_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """Part 10 bytes, as the listener builds them from a C-STORE request."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", MRImageStorage)
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", generate_uid())
+    meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta = meta
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dcmtk_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def run_dcmtk(args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
+    assert Path(args[0]).is_file(), f"DCMTK tool {args[0]} is missing (apt install dcmtk)"
+    return subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=timeout, env=dcmtk_env())
+
+
+@pytest.fixture
+def listener_factory(make_settings, sqlite_session_factory):
+    """Start Listeners on 127.0.0.1 with a free port; stopped at teardown."""
+    from pacs_listener.scp import Listener
+
+    started: list = []
+
+    def factory(session_factory=None, on_stored=None, **overrides):
+        overrides.setdefault("listen_host", "127.0.0.1")
+        overrides.setdefault("listen_port", 0)
+        settings = make_settings(**overrides)
+        listener = Listener(settings, session_factory or sqlite_session_factory, on_stored=on_stored)
+        listener.start()
+        started.append(listener)
+        return listener
+
+    yield factory
+    for listener in started:
+        listener.stop()
+
+
+@pytest.fixture
+def corpus_file(dicom_corpus: Path):
+    def get(rel: str) -> Path:
+        path = dicom_corpus / rel
+        assert path.is_file(), f"corpus file {rel} missing"
+        return path
+
+    return get
+
+
+def copy_to(tmp: Path, paths: list[Path]) -> list[Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, p in enumerate(paths):
+        dst = tmp / f"{i:04d}_{p.name}"
+        shutil.copyfile(p, dst)
+        out.append(dst)
+    return out

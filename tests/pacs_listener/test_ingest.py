@@ -1,0 +1,125 @@
+"""record_instance on SQLite and PostgreSQL: upserts, idempotent resend, late instances."""
+
+from datetime import timedelta
+
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import func, inspect, select
+
+from pacs_listener.ingest import extract_meta, record_instance
+from storage.models import Instance, Patient, Series, SeriesState, Study, utcnow
+
+from .conftest import make_mr
+
+
+def meta_of(ds):
+    return extract_meta(ds, ExplicitVRLittleEndian)
+
+
+def record(session_factory, ds, **kw):
+    meta = meta_of(ds)
+    with session_factory() as session:
+        result = record_instance(session, meta, f"{meta.study_uid}/{meta.series_uid}/{meta.sop_instance_uid}.dcm",
+                                 size_bytes=10, sha256="0" * 64, calling_ae="CT1", **kw)
+        session.commit()
+    return result
+
+
+def test_extract_meta_fields_and_no_patient_name():
+    ds = make_mr(BodyPartExamined="", StudyDescription="IRM", ProtocolName="x", NumberOfFrames=2)
+    meta = meta_of(ds)
+    assert meta.body_part == "BRAIN"  # from "T1 cérébral"
+    assert meta.image_position == [0.0, 0.0, 1.5]
+    assert meta.image_orientation == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert meta.acquisition_time == "20240102101112.5"
+    assert meta.number_of_frames == 2 and meta.has_pixels and meta.series_number == 3
+    assert "Doe" not in repr(meta)
+
+
+def test_extract_meta_tolerates_odd_values():
+    ds = make_mr(InstanceNumber="99999999999", ImagePositionPatient=[1.0, 2.0])
+    ds.AcquisitionDateTime = "20240102101112"
+    meta = meta_of(ds)
+    assert meta.instance_number is None  # out of the database integer range
+    assert meta.image_position is None  # wrong multiplicity
+    assert meta.acquisition_time == "20240102101112"
+
+
+def test_first_instance_creates_patient_study_series(session_factory):
+    ds = make_mr()
+    result = record(session_factory, ds)
+    assert result.created and not result.reopened and result.series_uid == ds.SeriesInstanceUID
+    with session_factory() as s:
+        series = s.scalar(select(Series).where(Series.series_uid == ds.SeriesInstanceUID))
+        assert series.state == SeriesState.RECEIVING and series.body_part == "BRAIN"
+        assert series.modality == "MR" and series.series_number == 3
+        inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID))
+        assert inst.image_position == [0.0, 0.0, 1.5] and inst.calling_ae == "CT1" and inst.has_pixels
+        study = s.scalar(select(Study).where(Study.study_uid == ds.StudyInstanceUID))
+        assert s.get(Patient, study.patient_fk).patient_id == ds.PatientID
+
+
+def test_no_table_has_a_patient_name_column(session_factory):
+    engine = session_factory.kw["bind"]
+    for table in inspect(engine).get_table_names():
+        for column in inspect(engine).get_columns(table):
+            assert "name" not in column["name"].lower() or table in ("jobs", "results", "alembic_version"), (table, column)
+
+
+def test_resent_instance_is_stored_once(session_factory):
+    ds = make_mr()
+    first = record(session_factory, ds)
+    second = record(session_factory, ds)
+    assert first.created and not second.created
+    assert second.instance_id == first.instance_id and second.path == first.path
+    with session_factory() as s:
+        n = s.scalar(select(func.count()).select_from(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID))
+        assert n == 1
+
+
+def test_same_patient_same_issuer_shares_row_other_issuer_does_not(session_factory):
+    pid = "P" + generate_uid()[-10:]
+    a = make_mr(PatientID=pid, IssuerOfPatientID="HOSP_A")
+    b = make_mr(PatientID=pid, IssuerOfPatientID="HOSP_A")
+    c = make_mr(PatientID=pid, IssuerOfPatientID="HOSP_B")
+    for ds in (a, b, c):
+        record(session_factory, ds)
+    with session_factory() as s:
+        rows = s.scalars(select(Patient).where(Patient.patient_id == pid)).all()
+        assert sorted(p.issuer for p in rows) == ["HOSP_A", "HOSP_B"]
+
+
+def test_second_instance_joins_series_and_updates_last_received(session_factory):
+    ds1 = make_mr()
+    ds2 = make_mr(StudyInstanceUID=ds1.StudyInstanceUID, SeriesInstanceUID=ds1.SeriesInstanceUID, InstanceNumber=2)
+    t0 = utcnow()
+    record(session_factory, ds1, now=t0)
+    record(session_factory, ds2, now=t0 + timedelta(seconds=5))
+    with session_factory() as s:
+        series = s.scalar(select(Series).where(Series.series_uid == ds1.SeriesInstanceUID))
+        assert len(series.instances) == 2
+        assert series.last_received_at.replace(tzinfo=None) == (t0 + timedelta(seconds=5)).replace(tzinfo=None)
+        assert s.scalar(select(func.count()).select_from(Study).where(Study.study_uid == ds1.StudyInstanceUID)) == 1
+
+
+def test_late_instance_puts_assembled_series_back_to_receiving(session_factory):
+    ds1 = make_mr()
+    record(session_factory, ds1)
+    with session_factory() as s:
+        series = s.scalar(select(Series).where(Series.series_uid == ds1.SeriesInstanceUID))
+        series.state = SeriesState.ASSEMBLED
+        s.commit()
+    late = make_mr(StudyInstanceUID=ds1.StudyInstanceUID, SeriesInstanceUID=ds1.SeriesInstanceUID)
+    result = record(session_factory, late)
+    assert result.created and result.reopened
+    with session_factory() as s:
+        series = s.scalar(select(Series).where(Series.series_uid == ds1.SeriesInstanceUID))
+        assert series.state == SeriesState.RECEIVING
+        assert late.SOPInstanceUID in series.state_reason
+    # a resend of an instance already there does not reopen an assembled series
+    with session_factory() as s:
+        s.scalar(select(Series).where(Series.series_uid == ds1.SeriesInstanceUID)).state = SeriesState.ASSEMBLED
+        s.commit()
+    again = record(session_factory, late)
+    assert not again.created and not again.reopened
+    with session_factory() as s:
+        assert s.scalar(select(Series.state).where(Series.series_uid == ds1.SeriesInstanceUID)) == SeriesState.ASSEMBLED

@@ -1,0 +1,98 @@
+import json
+import os
+import threading
+
+import pytest
+
+from pacs_listener.spool import (
+    TEMP_PREFIX,
+    QuarantineReason,
+    UnsafeUID,
+    check_uid,
+    clean_temp_files,
+    read_quarantine_reason,
+    spool_relpath,
+    write_atomic,
+    write_quarantine,
+)
+
+
+def test_write_atomic_creates_folders_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "a" / "b" / "x.dcm"
+    write_atomic(target, b"hello")
+    assert target.read_bytes() == b"hello"
+    assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
+
+
+def test_replacement_is_atomic_for_a_concurrent_reader(tmp_path):
+    """A reader polling the final path sees either nothing or one complete version, never a mix."""
+    target = tmp_path / "s" / "x.dcm"
+    versions = [bytes([i]) * (1 << 20) for i in range(1, 9)]  # 1 MiB each, distinct content
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append(target.read_bytes())
+            except FileNotFoundError:
+                seen.append(b"")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for data in versions:
+            write_atomic(target, data)
+    finally:
+        stop.set()
+        t.join()
+    assert seen, "the reader never ran"
+    for data in seen:
+        assert data == b"" or data in versions
+    assert target.read_bytes() == versions[-1]
+    assert not list(target.parent.glob(f"{TEMP_PREFIX}*"))
+
+
+def test_failed_write_leaves_neither_partial_file_nor_temp(tmp_path):
+    target = tmp_path / "s" / "x.dcm"
+    target.mkdir(parents=True)  # a folder where the file should go: the rename fails
+    with pytest.raises(OSError):
+        write_atomic(target, b"data")
+    assert target.is_dir() and not any(target.iterdir())
+    assert not list(target.parent.glob(f"{TEMP_PREFIX}*"))
+
+
+def test_clean_temp_files_removes_leftovers_only(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / f"{TEMP_PREFIX}abc.part").write_bytes(b"partial")
+    (tmp_path / "a" / "keep.dcm").write_bytes(b"full")
+    assert clean_temp_files(tmp_path) == 1
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["keep.dcm"]
+    assert clean_temp_files(tmp_path / "missing") == 0
+
+
+def test_spool_layout_and_uid_safety():
+    assert spool_relpath("1.2.3", "1.2.3.4", "1.2.3.4.5") == "1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+    for bad in ("", "..", "../1.2", "1.2/3", "1.2\\3", "1.2.3 ", "1." + "9" * 70, "1.02"):
+        with pytest.raises(UnsafeUID):
+            check_uid(bad)
+        with pytest.raises(UnsafeUID):
+            spool_relpath("1.2", bad, "1.3")
+
+
+def test_quarantine_writes_file_and_reason_sidecar(tmp_path):
+    reason = QuarantineReason(
+        reason="PixelData too short", status_code=0xA900, status_text="Failure", calling_ae="CT1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", sop_instance_uid="1.2.3",
+    )
+    rel = write_quarantine(tmp_path, b"bytes", reason)
+    day, name = rel.split("/")
+    assert len(day) == 10 and name.endswith(".dcm")
+    assert (tmp_path / rel).read_bytes() == b"bytes"
+    sidecar = read_quarantine_reason(tmp_path, rel)
+    assert sidecar["reason"] == "PixelData too short" and sidecar["calling_ae"] == "CT1"
+    assert sidecar["status_code"] == 0xA900 and sidecar["sop_instance_uid"] == "1.2.3"
+    assert sidecar["file"] == name
+    on_disk = json.loads((tmp_path / day / name.replace(".dcm", ".reason.json")).read_text())
+    assert on_disk == sidecar
+    assert not [p for p in os.listdir(tmp_path / day) if p.startswith(TEMP_PREFIX)]

@@ -1,0 +1,210 @@
+import pytest
+from pydicom import dcmread
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    CTImageStorage,
+    MRImageStorage,
+    RTPlanStorage,
+    generate_uid,
+)
+
+from pacs_listener.status import StoreStatus
+from pacs_listener.validate import InvalidDataset, RequestIds, is_valid_uid, validate_received
+
+from .conftest import make_mr, to_file_bytes
+
+
+def request_for(ds, ts=ExplicitVRLittleEndian, **override):
+    fields = dict(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax_uid=ts)
+    fields.update(override)
+    return RequestIds(**fields)
+
+
+def reject(data, request, status=StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS) -> str:
+    with pytest.raises(InvalidDataset) as info:
+        validate_received(data, request)
+    assert info.value.status == status
+    return info.value.reason
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_valid_native_instance_passes(ts):
+    ds = make_mr()
+    out = validate_received(to_file_bytes(ds, ts), request_for(ds, ts))
+    assert out.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_odd_native_length_padded_to_even_passes():
+    ds = make_mr(rows=3, cols=3)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = bytes(9) + b"\0"  # 9 bytes of pixels + the pad byte
+    validate_received(to_file_bytes(ds), request_for(ds))
+
+
+def test_one_bit_packed_pixels_pass():
+    ds = make_mr(rows=4, cols=4)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.PixelData = bytes(2)  # 16 pixels packed in 2 bytes
+    validate_received(to_file_bytes(ds), request_for(ds))
+
+
+def test_compressed_corpus_instance_passes_without_decoding(corpus_file):
+    path = corpus_file("dicom-test-files/WG04/J2KI/NM1_J2KI")
+    raw = path.read_bytes()
+    ds = dcmread(path)
+    validate_received(raw, request_for(ds, ds.file_meta.TransferSyntaxUID))
+
+
+def test_instance_without_pixel_data_of_a_non_image_class_passes():
+    ds = make_mr()
+    del ds.PixelData
+    ds.SOPClassUID = RTPlanStorage
+    validate_received(to_file_bytes(ds), request_for(ds))
+
+
+def test_unparseable_data_set_cannot_be_understood():
+    ds = make_mr()
+    data = to_file_bytes(ds)
+    i = data.index(b"\x08\x00\x16\x00UI")  # SOPClassUID header: give it a VR that does not exist
+    broken = data[:i] + b"\x08\x00\x16\x00ZZ" + data[i + 6 :]
+    reason = reject(broken, request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
+    assert "cannot be parsed" in reason and "ZZ" in reason
+    reject(b"", request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
+    reject(b"\0" * 132, request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
+
+
+@pytest.mark.parametrize("keyword", ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+def test_missing_identifier_rejected(keyword):
+    ds = make_mr()
+    request = request_for(ds)
+    delattr(ds, keyword)
+    assert keyword in reject(to_file_bytes(ds), request)
+
+
+@pytest.mark.parametrize("bad", ["1.2.3.04", "1.2.abc", "1." + "2" * 70, "1..2", "../../etc"])
+def test_invalid_uid_rejected(bad):
+    ds = make_mr()
+    ds.SeriesInstanceUID = bad
+    reason = reject(to_file_bytes(ds), request_for(ds))
+    assert "SeriesInstanceUID" in reason and "not a valid UID" in reason
+    assert not is_valid_uid(bad)
+
+
+def test_sop_class_mismatch_with_request_rejected():
+    ds = make_mr()
+    reason = reject(to_file_bytes(ds), request_for(ds, sop_class_uid=CTImageStorage))
+    assert "Affected SOP Class UID" in reason
+
+
+def test_sop_instance_mismatch_with_request_rejected():
+    ds = make_mr()
+    reason = reject(to_file_bytes(ds), request_for(ds, sop_instance_uid=generate_uid()))
+    assert "Affected SOP Instance UID" in reason
+
+
+def test_invalid_request_instance_uid_rejected():
+    ds = make_mr()
+    assert "request" in reject(to_file_bytes(ds), request_for(ds, sop_instance_uid="1.2.x"))
+
+
+def test_image_class_without_pixel_data_rejected():
+    ds = make_mr()
+    del ds.PixelData
+    assert "without pixel data" in reject(to_file_bytes(ds), request_for(ds))
+
+
+@pytest.mark.parametrize("keyword", ["Rows", "Columns", "BitsAllocated"])
+def test_missing_pixel_module_attribute_rejected(keyword):
+    ds = make_mr()
+    delattr(ds, keyword)
+    ds["PixelData"].VR = "OW"  # unambiguous without BitsAllocated
+    assert keyword in reject(to_file_bytes(ds), request_for(ds))
+
+
+@pytest.mark.parametrize("keyword", ["Rows", "Columns"])
+def test_zero_rows_or_columns_rejected(keyword):
+    ds = make_mr()
+    setattr(ds, keyword, 0)
+    assert f"{keyword} is 0" in reject(to_file_bytes(ds), request_for(ds))
+
+
+def test_unusual_bits_allocated_rejected():
+    ds = make_mr()
+    ds.BitsAllocated = 12
+    assert "BitsAllocated 12" in reject(to_file_bytes(ds), request_for(ds))
+
+
+def test_pixel_length_inconsistent_with_module_rejected():
+    ds = make_mr(rows=4, cols=4)
+    ds.NumberOfFrames = 3  # module says 3 frames, data holds one
+    reason = reject(to_file_bytes(ds), request_for(ds))
+    assert "PixelData has 32 bytes" in reason and "implies 96" in reason
+
+
+def test_rows_inconsistent_corpus_file_rejected(corpus_file):
+    path = corpus_file("synthetic_broken/rows_inconsistent_with_pixeldata.dcm")
+    ds = dcmread(path)
+    assert "PixelData has" in reject(path.read_bytes(), request_for(ds, ds.file_meta.TransferSyntaxUID))
+
+
+def test_native_pixel_data_under_a_compressed_syntax_rejected():
+    ds = make_mr()
+    data = to_file_bytes(ds, ExplicitVRLittleEndian)
+    # same bytes, but the request says the context's transfer syntax is JPEG 2000
+    reason = reject(data, request_for(ds, ts=JPEG2000))
+    assert "not encapsulated" in reason
+
+
+def test_trailing_padding_shorter_than_a_frame_tolerated_whole_extra_frame_rejected():
+    ds = make_mr(rows=4, cols=4)
+    ds.PixelData = bytes(32 + 8)
+    validate_received(to_file_bytes(ds), request_for(ds))
+    ds.PixelData = bytes(64)
+    assert "implies 32" in reject(to_file_bytes(ds), request_for(ds))
+
+
+@pytest.mark.parametrize("cut", [20, 40, 700])
+def test_truncated_stream_cannot_be_understood(cut):
+    """pydicom silently accepts a value running past the end; we do not."""
+    ds = make_mr(rows=16, cols=16)
+    data = to_file_bytes(ds)
+    reason = reject(data[: len(data) - cut], request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
+    assert "malformed encoding" in reason
+
+
+def test_deeply_nested_sequences_rejected_before_pydicom_recurses():
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = make_mr()
+    inner = Dataset()
+    inner.CodeValue = "X"
+    for _ in range(60):
+        outer = Dataset()
+        outer.ReferencedImageSequence = Sequence([inner])
+        inner = outer
+    ds.ReferencedImageSequence = inner.ReferencedImageSequence
+    reason = reject(to_file_bytes(ds), request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
+    assert "nested deeper" in reason
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_nested_sequences_of_defined_and_undefined_length_walk_cleanly(ts):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = make_mr()
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = generate_uid()
+    item.ReferencedSOPClassUID = MRImageStorage
+    ds.ReferencedImageSequence = Sequence([item, item])
+    validate_received(to_file_bytes(ds, ts), request_for(ds, ts))
+
+
+def test_deflated_real_file_passes(corpus_file):
+    path = corpus_file("pydicom/test_files/image_dfl.dcm")
+    ds = dcmread(path)
+    validate_received(path.read_bytes(), request_for(ds, ds.file_meta.TransferSyntaxUID))
