@@ -1,0 +1,93 @@
+"""``medgru jobs list/show/retry/cancel`` through the real command line (settings from a TOML file)."""
+
+from __future__ import annotations
+
+import os
+
+import pydicom
+import pytest
+
+from medgru.cli import main
+from storage.models import Job, JobState
+from tests.worker.conftest import BRAINIX, KNEE, add_series
+from worker.models import ModelRegistry
+from worker.pipeline import process_job
+
+pytestmark = pytest.mark.integration  # PostgreSQL is a real peer
+
+
+@pytest.fixture
+def cli(worker_settings, tmp_path, monkeypatch):
+    settings = worker_settings()
+    toml = tmp_path / "medgru.toml"
+    model = ", ".join(f'"{p.as_posix()}"' for p in settings.model)
+    toml.write_text(f'home = "{settings.home.as_posix()}"\ndatabase_url = "{settings.database_url}"\n'
+                    f'model = [{model}]\n')
+    for key in list(os.environ):
+        if key.startswith("MEDGRU_") and key != "MEDGRU_DATA_ROOT":
+            monkeypatch.delenv(key)
+
+    def run(*argv) -> int:
+        return main(["--config", str(toml), "jobs", *argv])
+
+    return settings, run
+
+
+def _state(sf, job_id) -> Job:
+    with sf() as s:
+        return s.get(Job, job_id)
+
+
+def test_jobs_list_show_retry_cancel(cli, session_factory, dicom_corpus, capsys):
+    settings, run = cli
+    covered = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=2)
+    uncovered = add_series(settings, session_factory, dicom_corpus, KNEE, body_part="KNEE", limit=1)
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, covered, registry) is JobState.SUCCEEDED
+    assert process_job(settings, session_factory, uncovered, registry) is JobState.NOT_PROCESSED
+    patient_name = str(pydicom.dcmread(dicom_corpus / BRAINIX / "IM-0001-0001.dcm", stop_before_pixels=True).PatientName)
+
+    capsys.readouterr()
+    assert run("list") == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["ID", "STATE", "TRIES"]
+    row = {ln.split()[0]: ln for ln in lines[2:]}
+    assert "succeeded" in row[str(covered)] and "BRAIN" in row[str(covered)]
+    assert ("normal" in row[str(covered)]) or ("abnormal" in row[str(covered)])
+    assert "not_processed" in row[str(uncovered)] and "KNEE" in row[str(uncovered)]
+    assert patient_name not in out and "BRAINIX" not in out.upper()
+
+    assert run("list", "--state", "not_processed") == 0
+    out = capsys.readouterr().out
+    ids = [ln.split()[0] for ln in out.splitlines()[2:]]
+    assert ids == [str(uncovered)]
+
+    assert run("show", str(uncovered)) == 0
+    out = capsys.readouterr().out
+    assert "no model covers modality MR, body part KNEE" in out and patient_name not in out
+    assert run("show", str(covered)) == 0
+    out = capsys.readouterr().out
+    assert "SR UID" in out and "outbox" in out and "ORTHANC@127.0.0.1:4242" in out
+
+    # retry a not-processed job: QUEUED again, attempts reset, a message on the embedded broker
+    queue_dir = settings.broker_dir / "queue"
+    before = set(queue_dir.iterdir()) if queue_dir.is_dir() else set()
+    assert run("retry", str(uncovered)) == 0
+    assert "re-queued" in capsys.readouterr().out
+    job = _state(session_factory, uncovered)
+    assert job.state is JobState.QUEUED and job.attempts == 0 and job.reason == ""
+    assert len(set(queue_dir.iterdir()) - before) == 1
+
+    # a succeeded job cannot be retried, a queued one can be cancelled, a cancelled one not again
+    assert run("retry", str(covered)) == 1
+    assert "cannot retry" in capsys.readouterr().out
+    assert run("cancel", str(uncovered)) == 0
+    assert _state(session_factory, uncovered).state is JobState.CANCELLED
+    assert run("cancel", str(uncovered)) == 1
+    assert "cannot cancel" in capsys.readouterr().out
+    # the worker later picks the message up and finds the job cancelled: a no-op
+    assert process_job(settings, session_factory, uncovered, registry) is JobState.CANCELLED
+
+    assert run("show", "9999") == 1
+    assert run("retry", "9999") == 1
