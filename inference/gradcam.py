@@ -1,0 +1,80 @@
+"""Grad-CAM (Selvaraju et al. 2017; the seed's eq. 8) of the anomaly score on recurrent hidden states.
+
+The recurrent cell is called once per frame; a forward hook on it records every hidden state ``h_t``
+(``A^k`` of eq. 8, one set per frame) and keeps its gradient. After back-propagating the (differentiable)
+SVDD anomaly score, frame ``t`` gets
+
+    L_t = ReLU( sum_k alpha_k^t A_t^k ),   alpha_k^t = mean over (i, j) of d score / d A_t^k(i, j)
+
+computed through the recurrence (so an early frame is credited for what it carried into ``h_T``). The maps
+are bilinearly upsampled to the input frame size and divided by the largest value over the whole
+sequence, so they lie in ``[0, 1]`` and frames stay comparable; an all-zero map stays zero.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class HiddenStateRecorder:
+    """Forward hook on a recurrent cell: records each output hidden state and retains its gradient."""
+
+    def __init__(self, cell: nn.Module):
+        self.states: list[torch.Tensor] = []
+        self._handle = cell.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        h = output[0] if isinstance(output, tuple) else output
+        if h.requires_grad:
+            h.retain_grad()
+        self.states.append(h)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def __enter__(self) -> "HiddenStateRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def cam_from_states(states: list[torch.Tensor], out_size: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM maps ``(T, H, W)`` in [0, 1] from recorded states (batch of one) with gradients."""
+    maps = []
+    for h in states:
+        g = h.grad if h.grad is not None else torch.zeros_like(h)
+        alpha = g.mean(dim=(-2, -1), keepdim=True)  # (1, C, 1, 1)
+        maps.append(F.relu((alpha * h).sum(dim=1, keepdim=True)))  # (1, 1, h, w)
+    cam = torch.cat(maps, dim=0).detach()
+    cam = F.interpolate(cam, size=out_size, mode="bilinear", align_corners=False)[:, 0]
+    cam = cam.clamp_min(0)
+    top = float(cam.max())
+    if top > 0 and np.isfinite(top):
+        cam = cam / top
+    out = cam.cpu().numpy().astype(np.float32)
+    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
+
+
+def grad_cam(cell: nn.Module, forward_score: Callable[[], torch.Tensor], out_size: tuple[int, int]
+             ) -> tuple[float, np.ndarray]:
+    """Run ``forward_score()`` (which must call ``cell`` once per frame, batch of one, and return the
+    scalar anomaly score), back-propagate it and return ``(score, heatmaps (T, H, W))``.
+
+    If the cell is called more than once per frame (stacked layers share no cell, so this does not
+    happen with :class:`~inference.convgru.ConvRecurrentEncoder`), every call yields a map.
+    """
+    with HiddenStateRecorder(cell) as rec, torch.enable_grad():
+        score = forward_score()
+        if score.numel() != 1:
+            raise ValueError("grad_cam needs a scalar score (one sequence)")
+        score = score.reshape(())
+        if score.requires_grad:
+            score.backward()
+        heat = cam_from_states(rec.states, out_size)
+    return float(score.detach()), heat

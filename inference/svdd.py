@@ -1,0 +1,238 @@
+"""One-class boundary (SVDD with an RBF kernel) and support-vector clustering of anomalies.
+
+**Boundary.** With an RBF kernel ``K(x, x) = 1`` for every ``x``, the SVDD minimum enclosing hypersphere
+in feature space and the ``nu``-one-class SVM (Schölkopf et al.) have the same dual and the same solution
+(Tax & Duin 2004), so the boundary is fitted with :class:`sklearn.svm.OneClassSVM`. The squared distance
+of a point's image from the sphere centre is ``R^2(x) = 1 - 2 f(x) + c``, with
+``f(x) = sum_i alpha_i K(sv_i, x)``; it is outside the sphere exactly when ``f(x) < rho``. The anomaly
+score is the (scaled) distance from the boundary, positive outside:
+
+    score(x) = (rho - f(x)) / rho
+
+so 0 is the boundary, negative values are inside, and the score grows monotonically with ``R^2(x)``.
+Embeddings are standardised (per-dimension mean / std of the training embeddings) before the kernel.
+
+:class:`TorchRBFBoundary` evaluates the same function in torch from the fitted support vectors and dual
+coefficients, so that the score is differentiable (Grad-CAM) and runs on the inference device.
+
+**Support-vector clustering** (Ben-Hur et al. 2001): fit an SVDD to a pool of anomalous embeddings with a
+larger ``gamma``; the sphere's pre-image splits into contours, one per cluster. Two points are in the
+same cluster when the segment between them stays inside the sphere. The all-pairs segment test is
+O(n^2); here the test is applied only to the edges of the k-nearest-neighbour graph (O(n k)), and the
+clusters are the connected components of the kept edges (the "k-NN labelling" of SVC). Bounded support
+vectors and points in components smaller than ``min_cluster_size`` are attached to the nearest
+clustered point. Clusters are named ``cluster-1``, ``cluster-2``, ... by decreasing size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.neighbors import NearestNeighbors
+from sklearn.svm import OneClassSVM
+
+
+class SVDDBoundary:
+    """RBF SVDD / one-class SVM on standardised embeddings; ``score`` > 0 outside the boundary."""
+
+    def __init__(self, gamma: float = 1.0, nu: float = 0.1, gamma_is_relative: bool = True):
+        """``gamma_is_relative``: the kernel width is ``gamma / d`` for ``d``-dimensional standardised
+        embeddings (so ``gamma = 1`` is sklearn's ``"scale"`` choice); otherwise ``gamma`` is absolute."""
+        self.gamma = float(gamma)
+        self.nu = float(nu)
+        self.gamma_is_relative = bool(gamma_is_relative)
+        self.mean_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+        self.support_vectors_: np.ndarray | None = None
+        self.dual_coef_: np.ndarray | None = None
+        self.rho_: float | None = None
+        self.kernel_gamma_: float | None = None
+
+    def _standardise(self, x: np.ndarray) -> np.ndarray:
+        assert self.mean_ is not None and self.scale_ is not None
+        return (np.asarray(x, dtype=np.float64) - self.mean_) / self.scale_
+
+    def fit(self, x: np.ndarray) -> "SVDDBoundary":
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"SVDD needs at least two embeddings (N, d), got {x.shape}")
+        self.mean_ = x.mean(axis=0)
+        self.scale_ = x.std(axis=0) + 1e-6
+        xs = self._standardise(x)
+        self.kernel_gamma_ = self.gamma / xs.shape[1] if self.gamma_is_relative else self.gamma
+        svm = OneClassSVM(kernel="rbf", gamma=self.kernel_gamma_, nu=self.nu)
+        svm.fit(xs)
+        self.support_vectors_ = np.asarray(svm.support_vectors_, dtype=np.float64)
+        self.dual_coef_ = np.asarray(svm.dual_coef_, dtype=np.float64).ravel()
+        self.rho_ = float(-svm.intercept_[0])
+        if self.rho_ <= 0:
+            raise ValueError(f"degenerate SVDD fit (rho = {self.rho_}); try another gamma / nu")
+        return self
+
+    def decision(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """``f(x) = sum_i alpha_i K(sv_i, x)`` for embeddings ``x`` (N, d)."""
+        if self.support_vectors_ is None:
+            raise RuntimeError("SVDDBoundary is not fitted")
+        xs = self._standardise(np.atleast_2d(x))
+        sv = self.support_vectors_
+        sv2 = (sv ** 2).sum(1)
+        out = np.empty(xs.shape[0])
+        for i in range(0, xs.shape[0], batch):
+            xb = xs[i:i + batch]
+            d2 = np.maximum((xb ** 2).sum(1)[:, None] + sv2[None, :] - 2.0 * xb @ sv.T, 0.0)
+            out[i:i + batch] = np.exp(-self.kernel_gamma_ * d2) @ self.dual_coef_
+        return out
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Signed, scaled distance from the boundary: ``(rho - f(x)) / rho``; positive outside."""
+        return (self.rho_ - self.decision(x)) / self.rho_
+
+    def squared_radius(self, x: np.ndarray) -> np.ndarray:
+        """``R^2(x) = 1 - 2 sum_i b_i K(sv_i, x) + sum_ij b_i b_j K(sv_i, sv_j)`` with ``b = alpha / sum(alpha)``:
+        the squared feature-space distance from the SVDD centre."""
+        s = self.dual_coef_.sum()
+        b = self.dual_coef_ / s
+        sv = self.support_vectors_
+        d2 = np.maximum((sv ** 2).sum(1)[:, None] + (sv ** 2).sum(1)[None] - 2 * sv @ sv.T, 0.0)
+        const = float(b @ np.exp(-self.kernel_gamma_ * d2) @ b)
+        return 1.0 - 2.0 * self.decision(x) / s + const
+
+    # --------------------------------------------------------------------------- persistence
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            "mean": self.mean_, "scale": self.scale_, "support_vectors": self.support_vectors_,
+            "dual_coef": self.dual_coef_, "rho": np.array([self.rho_]),
+            "kernel_gamma": np.array([self.kernel_gamma_]),
+            "hyper": np.array([self.gamma, self.nu, float(self.gamma_is_relative)]),
+        }
+
+    @classmethod
+    def from_state(cls, st: dict[str, np.ndarray]) -> "SVDDBoundary":
+        g, nu, rel = (float(v) for v in st["hyper"])
+        b = cls(gamma=g, nu=nu, gamma_is_relative=bool(rel))
+        b.mean_, b.scale_ = np.asarray(st["mean"], np.float64), np.asarray(st["scale"], np.float64)
+        b.support_vectors_ = np.asarray(st["support_vectors"], np.float64)
+        b.dual_coef_ = np.asarray(st["dual_coef"], np.float64)
+        b.rho_ = float(st["rho"][0])
+        b.kernel_gamma_ = float(st["kernel_gamma"][0])
+        return b
+
+
+class TorchRBFBoundary(torch.nn.Module):
+    """Differentiable ``score(e) = (rho - sum_i alpha_i exp(-g ||s(e) - sv_i||^2)) / rho`` in torch."""
+
+    def __init__(self, boundary: SVDDBoundary):
+        super().__init__()
+        if boundary.support_vectors_ is None:
+            raise RuntimeError("boundary is not fitted")
+        f32 = torch.float32
+        self.register_buffer("mean", torch.tensor(boundary.mean_, dtype=f32))
+        self.register_buffer("scale", torch.tensor(boundary.scale_, dtype=f32))
+        self.register_buffer("sv", torch.tensor(boundary.support_vectors_, dtype=f32))
+        self.register_buffer("alpha", torch.tensor(boundary.dual_coef_, dtype=f32))
+        self.rho = float(boundary.rho_)
+        self.gamma = float(boundary.kernel_gamma_)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        xs = (e - self.mean) / self.scale
+        d2 = (xs.pow(2).sum(1, keepdim=True) + self.sv.pow(2).sum(1)[None] - 2.0 * xs @ self.sv.T).clamp_min(0)
+        f = torch.exp(-self.gamma * d2) @ self.alpha
+        return (self.rho - f) / self.rho
+
+
+# ------------------------------------------------------------------------------ clustering
+@dataclass
+class ClusterModel:
+    """Result of :func:`support_vector_clustering`: the clustered points and their names."""
+
+    points: np.ndarray  # standardised embeddings that carry a label
+    labels: np.ndarray  # int cluster index per point (0-based, by decreasing size)
+    mean: np.ndarray
+    scale: np.ndarray
+    gamma: float
+
+    @property
+    def names(self) -> list[str]:
+        return [f"cluster-{i + 1}" for i in range(int(self.labels.max()) + 1)] if self.labels.size else []
+
+    def predict(self, x: np.ndarray) -> list[str]:
+        """Name of the cluster of the nearest clustered point for each embedding."""
+        if self.labels.size == 0:
+            return [None] * len(np.atleast_2d(x))  # type: ignore[list-item]
+        xs = (np.atleast_2d(np.asarray(x, np.float64)) - self.mean) / self.scale
+        nn_ = NearestNeighbors(n_neighbors=1).fit(self.points)
+        idx = nn_.kneighbors(xs, return_distance=False)[:, 0]
+        return [f"cluster-{int(self.labels[i]) + 1}" for i in idx]
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"points": self.points, "labels": self.labels, "mean": self.mean, "scale": self.scale,
+                "gamma": np.array([self.gamma])}
+
+    @classmethod
+    def from_state(cls, st: dict[str, Any]) -> "ClusterModel":
+        return cls(points=np.asarray(st["points"], np.float64), labels=np.asarray(st["labels"], np.int64),
+                   mean=np.asarray(st["mean"], np.float64), scale=np.asarray(st["scale"], np.float64),
+                   gamma=float(np.asarray(st["gamma"]).ravel()[0]))
+
+
+def support_vector_clustering(x: np.ndarray, *, gamma: float = 1.0, nu: float = 0.1, k: int = 10,
+                              segment_points: int = 8, min_cluster_size: int = 5,
+                              gamma_is_relative: bool = True) -> ClusterModel:
+    """Cluster embeddings ``x`` (N, d) by SVC with k-NN-graph labelling (O(N k) segment tests).
+
+    ``gamma`` sets the kernel width (relative to ``1/d`` of the standardised data by default): larger
+    values give more, tighter clusters. ``nu`` bounds the fraction of bounded support vectors (outliers).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    if n < 2:
+        return ClusterModel(points=(x - mean) / scale, labels=np.zeros(n, np.int64), mean=mean,
+                            scale=scale, gamma=gamma)
+    sphere = SVDDBoundary(gamma=gamma, nu=nu, gamma_is_relative=gamma_is_relative)
+    sphere.mean_, sphere.scale_ = mean, scale
+    xs = (x - mean) / scale
+    sphere.kernel_gamma_ = gamma / xs.shape[1] if gamma_is_relative else gamma
+    svm = OneClassSVM(kernel="rbf", gamma=sphere.kernel_gamma_, nu=nu).fit(xs)
+    sphere.support_vectors_ = np.asarray(svm.support_vectors_, np.float64)
+    sphere.dual_coef_ = np.asarray(svm.dual_coef_, np.float64).ravel()
+    sphere.rho_ = float(-svm.intercept_[0])
+
+    inside_pt = sphere.decision(x) >= sphere.rho_ * (1 - 1e-9)
+    kk = min(k, n - 1)
+    nbrs = NearestNeighbors(n_neighbors=kk + 1).fit(xs)
+    idx = nbrs.kneighbors(xs, return_distance=False)[:, 1:]
+    src = np.repeat(np.arange(n), kk)
+    dst = idx.ravel()
+    # segment test on interior sample points of each k-NN edge (standardised space -> raw space)
+    ts = np.linspace(0.0, 1.0, segment_points + 2)[1:-1]
+    ok = inside_pt[src] & inside_pt[dst]
+    cand = np.flatnonzero(ok)
+    for t in ts:
+        if cand.size == 0:
+            break
+        seg = (1 - t) * x[src[cand]] + t * x[dst[cand]]
+        inside = sphere.decision(seg) >= sphere.rho_ * (1 - 1e-9)
+        ok[cand[~inside]] = False
+        cand = cand[inside]
+    graph = coo_matrix((np.ones(int(ok.sum())), (src[ok], dst[ok])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    sizes = np.bincount(comp)
+    big = np.flatnonzero(sizes >= max(1, min_cluster_size))
+    if big.size == 0:
+        big = np.array([int(np.argmax(sizes))])
+    order = big[np.argsort(-sizes[big], kind="stable")]
+    remap = {int(c): i for i, c in enumerate(order)}
+    labels = np.array([remap.get(int(c), -1) for c in comp], dtype=np.int64)
+    labelled = np.flatnonzero(labels >= 0)
+    orphans = np.flatnonzero(labels < 0)
+    if orphans.size:
+        nn1 = NearestNeighbors(n_neighbors=1).fit(xs[labelled])
+        j = nn1.kneighbors(xs[orphans], return_distance=False)[:, 0]
+        labels[orphans] = labels[labelled[j]]
+    return ClusterModel(points=xs, labels=labels, mean=mean, scale=scale, gamma=gamma)

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+
+from inference.svdd import ClusterModel, SVDDBoundary, TorchRBFBoundary, support_vector_clustering
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    x = np.random.default_rng(0).normal(size=(300, 6))
+    return x, SVDDBoundary(gamma=1.0, nu=0.1).fit(x)
+
+
+def test_score_is_negative_inside_and_positive_outside(fitted):
+    x, b = fitted
+    assert b.score(np.zeros((1, 6)))[0] < 0
+    assert b.score(np.full((1, 6), 6.0))[0] > 0
+    # nu bounds the share of training points outside the boundary
+    assert (b.score(x) > 0).mean() == pytest.approx(0.1, abs=0.05)
+
+
+def test_score_grows_monotonically_away_from_the_data(fitted):
+    _, b = fitted
+    direction = np.ones(6) / np.sqrt(6)
+    ts = np.linspace(0.0, 8.0, 30)
+    s = b.score(ts[:, None] * direction[None])
+    assert np.all(np.diff(s) > -1e-9)
+    # the score is an increasing function of the squared feature-space distance from the centre
+    r2 = b.squared_radius(ts[:, None] * direction[None])
+    assert np.all(np.diff(r2) > -1e-9)
+    assert np.corrcoef(s, r2)[0, 1] > 0.999
+
+
+def test_torch_boundary_matches_and_is_differentiable(fitted):
+    x, b = fitted
+    tb = TorchRBFBoundary(b)
+    e = torch.tensor(x[:5], dtype=torch.float32, requires_grad=True)
+    s = tb(e)
+    np.testing.assert_allclose(s.detach().numpy(), b.score(x[:5]), rtol=1e-4, atol=1e-4)
+    s.sum().backward()
+    assert e.grad is not None and torch.isfinite(e.grad).all() and e.grad.abs().sum() > 0
+
+
+def test_state_round_trip(fitted):
+    x, b = fitted
+    b2 = SVDDBoundary.from_state(b.state())
+    np.testing.assert_allclose(b2.score(x[:10]), b.score(x[:10]))
+
+
+def test_clustering_separates_two_blobs_and_names_them():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(80, 5))
+    c = rng.normal(size=(60, 5)) + 9.0
+    model = support_vector_clustering(np.r_[a, c], gamma=1.0, nu=0.1, k=8)
+    labels = model.labels
+    assert len(set(labels[:80])) == 1 and len(set(labels[80:])) == 1
+    assert labels[0] != labels[-1]
+    assert model.names == ["cluster-1", "cluster-2"]  # by decreasing size
+    assert model.predict(np.array([[0.0] * 5, [9.0] * 5])) == ["cluster-1", "cluster-2"]
+    again = ClusterModel.from_state(model.state())
+    assert again.predict(np.array([[9.0] * 5])) == ["cluster-2"]
+
+
+def test_one_blob_is_one_cluster():
+    x = np.random.default_rng(2).normal(size=(100, 4))
+    assert support_vector_clustering(x, gamma=0.5, k=10).names == ["cluster-1"]

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inference.api import FrameSequence
+from training.manifest import ManifestRow, load_frames, load_sequences, read_manifest, rows_from_folder
+
+
+def _png(path: Path, value: int = 100, rgb: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((12, 10), value, np.uint8)
+    img[0, 0] = 255
+    if rgb:
+        img = np.stack([img] * 3, axis=-1)
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+def test_read_manifest_resolves_paths_and_labels(tmp_path):
+    _png(tmp_path / "imgs" / "a.png")
+    _png(tmp_path / "imgs" / "b.png")
+    (tmp_path / "m.csv").write_text("path,label,split,group\nimgs/a.png,NORMAL,train,p1\nimgs/b.png,pneumonia,test,\n")
+    rows = read_manifest(tmp_path / "m.csv")
+    assert rows[0] == ManifestRow(path=(tmp_path / "imgs" / "a.png").resolve(), label="NORMAL", split="train", group="p1")
+    assert rows[0].path.is_absolute() and rows[0].is_normal
+    assert rows[1].split == "test" and rows[1].group is None and not rows[1].is_normal
+
+
+def test_zero_label_is_normal_and_split_is_optional(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("label,path\n0,a.png\n1,a.png\n")
+    rows = read_manifest(tmp_path / "m.csv")
+    assert [r.is_normal for r in rows] == [True, False]
+    assert rows[0].split is None
+
+
+def test_missing_column_is_named(tmp_path):
+    (tmp_path / "m.csv").write_text("path,split\na.png,train\n")
+    with pytest.raises(ValueError, match="label"):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_bad_row_is_named(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label\na.png,normal\n,normal\n")
+    with pytest.raises(ValueError, match="line 3"):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_rows_from_folder_both_layouts(tmp_path):
+    _png(tmp_path / "flat" / "normal" / "x.png")
+    _png(tmp_path / "flat" / "tumour" / "y.jpg")
+    rows = rows_from_folder(tmp_path / "flat")
+    assert sorted((r.label, r.split) for r in rows) == [("normal", None), ("tumour", None)]
+    _png(tmp_path / "nested" / "train" / "NORMAL" / "x.jpeg")
+    _png(tmp_path / "nested" / "test" / "PNEUMONIA" / "y.png")
+    rows = rows_from_folder(tmp_path / "nested")
+    assert sorted((r.split, r.label, r.is_normal) for r in rows) == [
+        ("test", "PNEUMONIA", False), ("train", "NORMAL", True)]
+    with pytest.raises(ValueError):
+        rows_from_folder(tmp_path / "flat" / "normal")  # no label sub-folders
+
+
+def test_load_frames_gives_one_greyscale_frame(tmp_path):
+    p = _png(tmp_path / "a.png", value=51, rgb=True)
+    seq = load_frames(p)
+    assert isinstance(seq, FrameSequence)
+    assert seq.frames.shape == (1, 12, 10) and seq.frames.dtype == np.float32
+    assert seq.bits_stored == 8 and seq.modality == ""
+    assert seq.frames[0, 5, 5] == pytest.approx(0.2) and seq.frames[0, 0, 0] == pytest.approx(1.0)
+    rows = [ManifestRow(path=_png(tmp_path / f"{i}.png", value=i * 20), label="normal") for i in range(10)]
+    seqs = load_sequences(rows, workers=2)
+    assert [round(float(s.frames[0, 5, 5]) * 255) for s in seqs] == [i * 20 for i in range(10)]
+
+
+def test_unreadable_image_is_an_error(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        load_frames(tmp_path / "bad.png")
+
+
+def test_real_manifests_read(data_root):
+    rows = read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+    train_normals = [r for r in rows if r.split == "train" and r.is_normal]
+    assert len(train_normals) == 1341
+    assert all(r.path.is_file() for r in rows[:5])
+    brain = read_manifest(data_root / "brain_mri" / "manifest.csv")
+    assert {r.label for r in brain} == {"normal", "glioma", "meningioma", "pituitary"}
