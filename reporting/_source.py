@@ -12,6 +12,7 @@ Study Instance UID is an error, because the result would land in another study.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,19 @@ def _clean_text(value: Any) -> str:
     return str(value).rstrip("\x00 ")
 
 
+_LEGACY_DA = re.compile(r"^(\d{4})\.(\d{2})\.(\d{2})$")  # ACR-NEMA "1995.07.20"
+_LEGACY_TM = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2}(?:\.\d{1,6})?))?$")  # ACR-NEMA "11:22:07"
+
+
+def _modernise(vr: str, value: str) -> str:
+    """Rewrite the ACR-NEMA date/time forms that old archives still hold into DICOM DA/TM."""
+    if vr == "DA" and (m := _LEGACY_DA.match(value)):
+        return "".join(m.groups())
+    if vr == "TM" and (m := _LEGACY_TM.match(value)):
+        return "".join(g for g in m.groups() if g)
+    return value
+
+
 def _is_valid(vr: str, value: str) -> bool:
     try:
         validate_value(vr, value, pydicom_config.RAISE)
@@ -120,7 +134,7 @@ def source_info(ds: Dataset, what: str = "source instance", *, patient_study: bo
     info_attrs: dict[str, str] = {}
     for keyword, vr in (PATIENT_STUDY_KEYWORDS.items() if patient_study else ()):
         raw = ds.get(keyword)
-        value = _clean_text(raw)
+        value = _modernise(vr, _clean_text(raw))
         if keyword == "PatientSex" and value and value.upper() not in PATIENT_SEX_VALUES:
             log.warning("source %s: PatientSex %r is not M, F or O; the result leaves it empty", sop_uid, value)
             value = ""

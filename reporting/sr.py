@@ -74,6 +74,19 @@ DEVICE_OBSERVER_TYPE = CodedConcept(value="121007", scheme_designator="DCM", mea
 _CODE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,16}$")
 
 
+class MedgruComprehensive3DSR(hd.sr.Comprehensive3DSR):
+    """highdicom's Comprehensive 3D SR, minus its module-table driven copy of patient/study attributes.
+
+    highdicom copies those by looking the source's SOP class up in its IOD tables, which fails
+    (``KeyError``) for retired or private image SOP classes still found in archives (e.g. the retired US
+    Image Storage). :func:`build_sr` writes the cleaned patient and study attributes itself
+    (:meth:`reporting._source.SourceInfo.apply_to`), so the copy is not needed.
+    """
+
+    def copy_patient_and_study_information(self, dataset: Dataset) -> None:  # noqa: D102
+        return None
+
+
 def verdict_code(detection: Detection) -> CodedConcept:
     return ABNORMAL if detection.is_anomaly else NORMAL
 
@@ -134,7 +147,7 @@ def build_sr(
     institutional_department_name: str | None = None,
     manufacturer: str = MANUFACTURER,
     software_version: str | None = None,
-) -> hd.sr.Comprehensive3DSR:
+) -> MedgruComprehensive3DSR:
     """Build the TID 1500 Measurement Report for ``detection`` on ``source_datasets``.
 
     ``source_datasets`` are the instances whose frames were scored (headers suffice; pixel data is not
@@ -201,7 +214,7 @@ def build_sr(
     )] if detection.cluster_label else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # empty placeholder names, set just below
-        sr = hd.sr.Comprehensive3DSR(
+        sr = MedgruComprehensive3DSR(
             evidence=headers,
             content=report[0],
             series_instance_uid=derive_uid(series_uid, card.name, card.version, SR_SERIES),

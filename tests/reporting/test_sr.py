@@ -157,3 +157,23 @@ def test_bad_input_is_named(dx) -> None:
     broken.SeriesInstanceUID = "1.2.x"
     with pytest.raises(ValueError, match="SeriesInstanceUID '1.2.x' is not a valid UID"):
         build_sr([broken], det, card)
+
+
+def test_retired_sop_class_and_acr_nema_dates(dicom_corpus: Path) -> None:
+    # retired US Image Storage (unknown to highdicom's IOD tables), study date/time in ACR-NEMA form
+    src = pydicom.dcmread(dicom_corpus / "dwv/data/gdcm-US-RGB-8-esopecho.dcm", stop_before_pixels=True)
+    assert src.SOPClassUID == "1.2.840.10008.5.1.4.1.1.6" and src.StudyDate == "1994.11.05"
+    sr = build_sr([src], h.detection(_heat(1)), h.card())
+    assert (sr.StudyDate, sr.StudyTime) == ("19941105", "112000")
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    item = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert item.ReferencedSOPClassUID == src.SOPClassUID
+
+
+@pytest.mark.parametrize("vr,raw,clean", [("DA", "1995.07.20", "19950720"), ("TM", "11:22:07", "112207"),
+                                          ("TM", "11:22", "1122"), ("DA", "20200125", "20200125"),
+                                          ("TM", "104702.826", "104702.826")])
+def test_legacy_date_time_forms(vr: str, raw: str, clean: str) -> None:
+    from reporting._source import _modernise
+
+    assert _modernise(vr, raw) == clean
