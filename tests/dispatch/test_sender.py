@@ -262,3 +262,29 @@ def test_run_forever_sends_and_stops(make_settings, session_factory, storescp, r
     assert not t.is_alive()
     assert [i.state for i in _items(session_factory)] == [OutboxState.SENT] * 2
     assert len(storescp.received()) == 2
+
+
+@pytest.mark.integration
+def test_association_socket_gets_tcp_nodelay(storescp) -> None:
+    import socket
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from dispatch.sender import _set_nodelay
+
+    storescp.start()
+    seen: list[int] = []
+
+    def check(event) -> None:
+        seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    ae = AE(ae_title="MEDGRU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", storescp.port, ae_title=PACS_AET,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_ACCEPTED, check)])
+    try:
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    assert seen and seen[0] != 0
