@@ -17,12 +17,25 @@ from inference.api import Detector, ModelCard, discover_model_dirs, load_model, 
 log = logging.getLogger(__name__)
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; other values are passed through."""
+    device = (device or "auto").strip().lower()
+    if device != "auto":
+        return device
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ModelRegistry:
     """Per-process cache of model cards and loaded detectors."""
 
-    def __init__(self, model_paths, *, verify: bool = True):
+    def __init__(self, model_paths, *, verify: bool = True, device: str = "auto"):
         self._paths = [Path(p) for p in model_paths]
         self._verify = verify
+        self._device = device
         self._cards: list[tuple[Path, ModelCard]] | None = None
         self._detectors: dict[Path, Detector] = {}
         self._lock = threading.Lock()
@@ -30,7 +43,7 @@ class ModelRegistry:
 
     @classmethod
     def from_settings(cls, settings) -> "ModelRegistry":
-        return cls(settings.model)
+        return cls(settings.model, device=settings.device)
 
     # ---------------------------------------------------------------------------------- cards
     @property
@@ -61,6 +74,9 @@ class ModelRegistry:
             det = self._detectors.get(model_dir)
             if det is None:
                 det = load_model(model_dir, verify=self._verify)
+                device = resolve_device(self._device)
+                if hasattr(det, "to"):  # detectors that run torch accept a device
+                    det.to(device)
                 self._detectors[model_dir] = det
                 log.info("loaded model %s %s from %s", det.card.name if det.card else "?",
                          det.card.version if det.card else "?", model_dir)

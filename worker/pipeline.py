@@ -64,9 +64,10 @@ class OutputObject:
 
 
 # ------------------------------------------------------------------------------------------ claim
-def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: str = "") -> JobState | None:
-    """Make job ``job_id`` RUNNING if it may run now; return ``RUNNING``, else its current state
-    (``None`` if there is no such job)."""
+def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: str = ""
+              ) -> tuple[bool, JobState | None]:
+    """Make job ``job_id`` RUNNING if it may run now. Returns ``(claimed, state)``: ``(True, RUNNING)``,
+    or ``(False, its current state)`` (``None`` if there is no such job)."""
     now = utcnow()
     may_run = Job.state.in_(CLAIMABLE)
     if task_id:
@@ -81,9 +82,9 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: s
         )
         session.commit()
         if res.rowcount == 1:
-            return JobState.RUNNING
+            return True, JobState.RUNNING
         job = session.get(Job, job_id)
-        return None if job is None else job.state
+        return False, (None if job is None else job.state)
 
 
 def _finish(session: Session, job_id: int, state: JobState, **values) -> JobState:
@@ -194,12 +195,12 @@ def process_job(settings, session_factory: sessionmaker[Session], job_id: int, r
     RETRYING or FAILED. A job that may not run now (terminal, or running elsewhere) is left alone and
     its state returned. Database errors propagate (the caller retries the delivery).
     """
-    claimed = claim_job(session_factory, job_id, task_id=task_id)
-    if claimed is None:
+    claimed, state = claim_job(session_factory, job_id, task_id=task_id)
+    if state is None:
         raise LookupError(f"no job {job_id}")
-    if claimed is not JobState.RUNNING:
-        log.info("job %d is %s: nothing to do", job_id, claimed.value)
-        return claimed
+    if not claimed:
+        log.info("job %d is %s: nothing to do here", job_id, state.value)
+        return state
     try:
         return _run(settings, session_factory, job_id, registry)
     except Exception as exc:  # every failure of the job is recorded, never dropped

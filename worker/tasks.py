@@ -71,6 +71,9 @@ def run_job(self, *, job_id: int) -> str:
     job_id = int(job_id)
     try:
         state = process_job(settings, ctx.session_factory, job_id, ctx.registry, task_id=self.request.id or "")
+    except LookupError as exc:  # no such job (deleted?): nothing to run, nothing to keep
+        log.error("job %d: %s; message dropped", job_id, exc)
+        return "missing"
     except Exception as exc:
         # process_job records every job failure itself; what reaches here is infrastructure (the database
         # unreachable...). The job is RUNNING or QUEUED in the database; try again later.

@@ -130,3 +130,34 @@ def test_redis_transport_worker_runs_jobs(worker_settings, session_factory, dico
     finally:
         client.delete(queue)
         client.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_job_of_a_killed_worker_is_recovered_at_restart(worker_settings, session_factory, dicom_corpus):
+    """A worker killed (SIGKILL) mid-job loses its message (filesystem transport); restart recovers it."""
+    settings = worker_settings(broker_url=None)
+    queue = f"medgru.test.{uuid.uuid4().hex[:8]}"
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
+    app = make_celery(settings, queue=queue)
+    first = start_worker(settings, queue=queue, log_path=settings.home / "logs" / "worker1.log")
+    try:
+        enqueue_job(app, job_id)
+        states = _wait_states(session_factory, [job_id], {job_id: {JobState.RUNNING}}, worker=first)
+        assert states[job_id] is JobState.RUNNING, _worker_log(first)
+    finally:
+        first.kill()
+    with session_factory() as s:
+        assert s.get(Job, job_id).state is JobState.RUNNING  # the crash left it there
+
+    second = start_worker(settings, queue=queue, log_path=settings.home / "logs" / "worker2.log")
+    try:
+        assert recover_orphans(session_factory, app) == [job_id]
+        done = {job_id: {JobState.SUCCEEDED, JobState.FAILED}}
+        states = _wait_states(session_factory, [job_id], done, worker=second)
+        assert states[job_id] is JobState.SUCCEEDED, _worker_log(second)
+    finally:
+        second.stop(timeout=60)
+    with session_factory() as s:
+        job = s.get(Job, job_id)
+        assert job.attempts == 2 and job.last_error == ""  # the lost attempt counted; success clears the note
+        assert len(s.scalars(select(Result).where(Result.job_fk == job_id)).all()) == 1

@@ -1,0 +1,149 @@
+"""Server-free checks: Celery configuration, retry backoff, the model registry, claims, orphan recovery."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from inference.api import ModelCard
+from storage.models import Job, JobState
+from tests.worker.conftest import BRAINIX, MODEL_NAME, add_series
+from worker.celery_app import DEFAULT_QUEUE, make_celery
+from worker.embedded import INTERRUPTED_NOTE, recover_orphans, worker_command
+from worker.models import ModelRegistry, resolve_device
+from worker.pipeline import claim_job, process_job
+from worker.tasks import RUN_JOB, enqueue_job, retry_delay
+
+
+def _queued_messages(settings) -> list[dict]:
+    out = []
+    for p in sorted((settings.broker_dir / "queue").glob("*.msg")):
+        out.append(json.loads(p.read_text()))
+    return out
+
+
+def test_celery_app_configuration(make_settings):
+    s = make_settings()
+    app = make_celery(s)
+    c = app.conf
+    assert c.broker_url == "filesystem://" and s.uses_embedded_broker
+    assert c.task_acks_late is True and c.task_reject_on_worker_lost is True
+    assert c.worker_prefetch_multiplier == 1
+    assert c.task_serializer == "json" and list(c.accept_content) == ["json"]
+    assert c.task_default_queue == DEFAULT_QUEUE and not c.result_backend
+    opts = c.broker_transport_options
+    assert opts["data_folder_in"] == opts["data_folder_out"] == str(s.broker_dir / "queue")
+    assert opts["processed_folder"].startswith(str(s.broker_dir))
+    assert (s.broker_dir / "queue").is_dir() and (s.broker_dir / "control").is_dir()
+    assert RUN_JOB in app.tasks
+
+    r = make_celery(make_settings(broker_url="redis://127.0.0.1:6379/7"), queue="other")
+    assert r.conf.broker_url == "redis://127.0.0.1:6379/7" and r.conf.task_default_queue == "other"
+    assert r.conf.broker_transport_options["visibility_timeout"] > 3600
+
+
+def test_retry_delay_is_exponential_and_capped(make_settings):
+    s = make_settings(job_retry_backoff_s=5.0)
+    assert [retry_delay(s, a) for a in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
+    assert retry_delay(s, 40) == 3600.0
+
+
+def test_enqueue_writes_an_id_only_message_on_the_embedded_broker(make_settings):
+    s = make_settings()
+    app = make_celery(s, queue="medgru.unit")
+    task_id = enqueue_job(app, 42)
+    msgs = _queued_messages(s)
+    assert len(msgs) == 1
+    msg = msgs[0]
+    assert msg["headers"]["task"] == RUN_JOB and msg["headers"]["id"] == task_id
+    assert msg["properties"]["delivery_info"]["routing_key"] == "medgru.unit"
+    import base64
+
+    args, kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
+    assert args == [] and kwargs == {"job_id": 42}
+
+
+def test_worker_command_uses_solo_pool_and_queue(make_settings):
+    cmd = worker_command(make_settings(), "q1")
+    assert cmd[1:5] == ["-m", "celery", "-A", "worker.celery_app"]
+    assert "--pool" in cmd and cmd[cmd.index("--pool") + 1] == "solo"
+    assert cmd[cmd.index("-Q") + 1] == "q1" and cmd[cmd.index("--concurrency") + 1] == "1"
+
+
+def test_model_registry_discovers_selects_caches_and_skips_bad_cards(trained_model_dir, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(trained_model_dir, models / "a-good")
+    broken = models / "b-broken"
+    broken.mkdir()
+    (broken / "card.json").write_text("{not json")
+    registry = ModelRegistry([models], device="cpu")
+    cards = registry.cards
+    assert [c.name for _, c in cards] == [MODEL_NAME]
+    assert broken in registry.errors
+    assert registry.select("MR", "brain")[1].name == MODEL_NAME
+    assert registry.select("MR", "KNEE") is None and registry.select("CT", "BRAIN") is None
+    det = registry.get(models / "a-good")
+    assert det is registry.get(models / "a-good")  # loaded once
+    assert det.card.name == MODEL_NAME and det.threshold > 0
+    # a tampered model file is refused (checksums in the card)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(trained_model_dir, tampered)
+    card = ModelCard.read(tampered)
+    victim = tampered / next(iter(card.files))
+    victim.write_bytes(victim.read_bytes() + b"x")
+    with pytest.raises(ValueError, match="checksum"):
+        ModelRegistry([tampered]).get(tampered)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_claim_is_exclusive(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings()
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    assert claim_job(session_factory, job_id, task_id="t1") == (True, JobState.RUNNING)
+    # another delivery (other task id) must not run it too; the same task (broker re-delivery) may
+    assert claim_job(session_factory, job_id, task_id="t2") == (False, JobState.RUNNING)
+    assert process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings),
+                       task_id="t2") is JobState.RUNNING
+    assert claim_job(session_factory, job_id, task_id="t1") == (True, JobState.RUNNING)
+    with session_factory() as s:
+        job = s.get(Job, job_id)
+        assert job.attempts == 2 and job.celery_task_id == "t1"
+    assert claim_job(session_factory, 9999) == (False, None)
+    with pytest.raises(LookupError):
+        process_job(settings, session_factory, 9999, ModelRegistry.from_settings(settings))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_recover_orphans_requeues_unfinished_jobs(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings()
+    ids = [add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)]
+    with session_factory() as s:
+        seq_fk = s.get(Job, ids[0]).sequence_fk
+        for state in (JobState.RUNNING, JobState.RETRYING, JobState.SUCCEEDED, JobState.FAILED,
+                      JobState.CANCELLED, JobState.NOT_PROCESSED):
+            job = Job(sequence_fk=seq_fk, state=state, celery_task_id="old")
+            s.add(job)
+            s.flush()
+            ids.append(job.id)
+        s.commit()
+    app = make_celery(settings, queue="medgru.recover")
+    recovered = recover_orphans(session_factory, app)
+    assert recovered == ids[:3]  # QUEUED, RUNNING, RETRYING; terminal ones stay as they are
+    with session_factory() as s:
+        running = s.get(Job, ids[1])
+        assert running.state is JobState.QUEUED and running.last_error == INTERRUPTED_NOTE
+        assert running.celery_task_id == ""
+        assert [s.get(Job, j).state for j in ids[3:]] == [JobState.SUCCEEDED, JobState.FAILED,
+                                                         JobState.CANCELLED, JobState.NOT_PROCESSED]
+    import base64
+
+    sent = sorted(json.loads(base64.b64decode(m["body"]))[1]["job_id"] for m in _queued_messages(settings))
+    assert sent == sorted(ids[:3])
