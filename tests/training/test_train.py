@@ -1,0 +1,102 @@
+"""A tiny end-to-end ``medgru train`` on a slice of the real Kermany data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.api import ModelCard, load_model
+from medgru.cli import build_parser
+from training.manifest import load_frames, read_manifest
+from training.train import group_split, run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("train")
+    rows = read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+    normals = [r for r in rows if r.split == "train" and r.is_normal][:16]
+    test = [r for r in rows if r.split == "test" and r.is_normal][:3] + \
+           [r for r in rows if r.split == "test" and not r.is_normal][:3]
+    lines = ["path,label,split,group"] + [f"{r.path},{r.label},{r.split},{r.group or ''}" for r in normals + test]
+    (tmp / "slice.csv").write_text("\n".join(lines) + "\n")
+    out = tmp / "model"
+    args = build_parser().parse_args([
+        "train", "--manifest", str(tmp / "slice.csv"), "--out", str(out), "--name", "tiny-chest",
+        "--version", "0.0.1", "--input-size", "64", "--epochs", "2", "--hpo-trials", "3",
+        "--hidden-channels", "8", "--reduce-channels", "16", "--batch-size", "4",
+        "--report-split", "test", "--cache", str(tmp / "cache"), "--modalities", "CR,DX",
+        "--body-parts", "CHEST",
+    ])
+    from medgru.settings import Settings
+
+    settings = Settings(home=tmp / "home", data_root=data_root)
+    assert run(args, settings) == 0
+    return out, test, args, settings
+
+
+@pytest.mark.slow
+def test_model_folder_is_complete_and_loadable(trained):
+    out, test, _, _ = trained
+    card = ModelCard.read(out)
+    assert card.detector == "medgru-svc" and card.name == "tiny-chest" and card.version == "0.0.1"
+    assert card.scope.covers("DX", "CHEST") and not card.scope.covers("MR", "BRAIN")
+    assert set(card.files) >= {"encoder.pt", "svdd.npz", "meta.json", "training.json"}
+    assert "NOT FOR DIAGNOSTIC USE" in " ".join(card.limitations)
+    assert card.params["input_size"] == 64
+    assert "auroc" in card.metrics["test_metrics"]
+    assert "/work/" not in (out / "training.json").read_text()
+    det = load_model(out)
+    seq = load_frames(test[-1])
+    d = det.detect(seq)
+    assert d.model_name == "tiny-chest" and d.model_version == "0.0.1"
+    assert d.heatmaps.shape == seq.frames.shape and d.heatmaps.dtype == np.float32
+    assert d.is_anomaly == (d.score > d.threshold)
+    scores = det.score_batch([load_frames(r) for r in test])
+    assert scores.shape == (6,) and np.isfinite(scores).all()
+
+
+@pytest.mark.slow
+def test_eight_frame_sequence_is_scored(trained):
+    out, test, _, _ = trained
+    det = load_model(out)
+    from inference.api import FrameSequence
+
+    frames = np.concatenate([load_frames(r).frames for r in test] + [load_frames(test[0]).frames] * 2)
+    d = det.detect(FrameSequence(frames=frames))
+    assert d.heatmaps.shape == (8, 224, 224) and len(d.frame_scores) == 8
+
+
+@pytest.mark.slow
+def test_checksum_is_verified(trained, tmp_path):
+    out, _, _, _ = trained
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "svdd.npz", "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(ValueError, match="checksum"):
+        load_model(copy)
+
+
+@pytest.mark.slow
+def test_rerun_uses_the_feature_cache_and_is_deterministic(trained, tmp_path):
+    out, _, args, settings = trained
+    args.out = tmp_path / "again"
+    assert run(args, settings) == 0
+    a = json.loads((out / "meta.json").read_text())["fit_report"]["threshold"]
+    b = json.loads((args.out / "meta.json").read_text())["fit_report"]["threshold"]
+    assert a == pytest.approx(b)
+
+
+def test_group_split_keeps_groups_together():
+    from training.manifest import ManifestRow
+
+    rows = [ManifestRow(path=Path(f"/x/{i}.png"), label="normal", group=f"p{i // 3}") for i in range(30)]
+    parts = group_split(rows, [0.2, 0.2], seed=0)
+    assert sum(len(p) for p in parts) == 30
+    groups = [{r.group for r in p} for p in parts]
+    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
+    assert all(len(p) > 0 for p in parts)
