@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from io import BytesIO
@@ -63,6 +62,8 @@ def make_mr(rows: int = 4, cols: int = 4, **attrs) -> Dataset:
     ds.PixelData = bytes(rows * cols * 2)
     for key, value in attrs.items():
         setattr(ds, key, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what pynetdicom's send_c_store encodes with
     return ds
 
 
@@ -126,11 +127,13 @@ def corpus_file(dicom_corpus: Path):
     return get
 
 
-def copy_to(tmp: Path, paths: list[Path]) -> list[Path]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, p in enumerate(paths):
-        dst = tmp / f"{i:04d}_{p.name}"
-        shutil.copyfile(p, dst)
-        out.append(dst)
-    return out
+def same_dataset(a: Dataset, b: Dataset) -> list[str]:
+    """Differences between two data sets, ignoring group lengths and trailing padding (FFFC,FFFC),
+    which a sender may drop or recompute when it re-encodes."""
+
+    def tags(ds):
+        return {e.tag for e in ds if e.tag.element != 0 and e.tag != 0xFFFCFFFC}
+
+    diffs = [f"only in one: {t}" for t in tags(a) ^ tags(b)]
+    diffs += [f"differs: {t}" for t in sorted(tags(a) & tags(b)) if a[t] != b[t]]
+    return diffs

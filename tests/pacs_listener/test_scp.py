@@ -1,0 +1,271 @@
+"""The listener on 127.0.0.1 against real SCUs: pynetdicom and DCMTK (echoscu, storescu)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage, Verification
+from sqlalchemy import select, text
+
+from pacs_listener.spool import read_quarantine_reason
+from pacs_listener.status import StoreStatus
+from storage.db import init_db, make_session_factory
+from storage.models import Instance, QuarantineItem, Series
+
+from .conftest import ECHOSCU, STORESCU, make_mr, run_dcmtk, same_dataset
+
+pytestmark = pytest.mark.integration
+
+# storescu option that makes it propose (and so send unchanged) each transfer syntax
+STORESCU_TS_OPTION = {
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2": "-xi",
+}
+
+
+def storescu(port: int, files: list[Path], *extra: str, aet: str = "STORESCU", aec: str = "MEDGRU"):
+    return run_dcmtk([STORESCU, "-v", "-nh", "-R", *extra, "-aet", aet, "-aec", aec, "127.0.0.1", str(port),
+                      *map(str, files)], timeout=120)
+
+
+def pynetdicom_assoc(port: int, contexts, aet: str = "PYSCU", aec: str = "MEDGRU"):
+    ae = AE(ae_title=aet)
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, syntaxes)
+    return ae.associate("127.0.0.1", port, ae_title=aec)
+
+
+def instance_row(session_factory, sop_uid: str) -> Instance | None:
+    with session_factory() as s:
+        return s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+
+
+def quarantine_rows(session_factory) -> list[QuarantineItem]:
+    with session_factory() as s:
+        return list(s.scalars(select(QuarantineItem)).all())
+
+
+def test_c_echo_pynetdicom_and_dcmtk(listener_factory):
+    listener = listener_factory()
+    assoc = pynetdicom_assoc(listener.port, [(Verification, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == StoreStatus.SUCCESS
+    assoc.release()
+    res = run_dcmtk([ECHOSCU, "-v", "-aec", "MEDGRU", "127.0.0.1", str(listener.port)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Received Echo Response (Success)" in res.stdout + res.stderr
+
+
+def test_tcp_nodelay_is_set_on_accepted_sockets(listener_factory):
+    listener = listener_factory()
+    assoc = pynetdicom_assoc(listener.port, [(Verification, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    try:
+        acceptors = [a for a in listener.active_associations if a.is_acceptor]
+        assert acceptors, "no accepted association seen by the listener"
+        for a in acceptors:
+            sock = a.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "dicom-test-files/WG04/J2KI/NM1_J2KI",  # JPEG 2000 (lossy)
+        "dicom-test-files/WG04/J2KR/MR4_J2KR",  # JPEG 2000 lossless
+        "dicom-test-files/WG04/JLSL/CT2_JLSL",  # JPEG-LS lossless
+        "dicom-test-files/WG04/JLSN/NM1_JLSN",  # JPEG-LS near-lossless
+        "dicom-test-files/WG04/RLE/CT1_RLE",  # RLE
+        "pydicom/test_files/image_dfl.dcm",  # deflated
+        "orthanc-tests/TransferSyntaxes/1.2.840.10008.1.2.2.dcm",  # explicit big endian
+        "dicom-test-files/WG04/JPLL/MR3_JPLL",  # JPEG lossless SV1 (.70)
+        "orthanc-tests/Encodings/Lena-ascii.dcm",  # JPEG baseline
+    ],
+)
+def test_storescu_stores_each_transfer_syntax_unchanged(listener_factory, sqlite_session_factory, corpus_file, rel):
+    stored: list[str] = []
+    listener = listener_factory(on_stored=stored.append)
+    src = corpus_file(rel)
+    original = dcmread(src)
+    ts = str(original.file_meta.TransferSyntaxUID)
+    res = storescu(listener.port, [src], STORESCU_TS_OPTION[ts])
+    log = res.stdout + res.stderr
+    assert "Received Store Response (Success)" in log, log
+
+    row = instance_row(sqlite_session_factory, original.SOPInstanceUID)
+    assert row is not None, "answered Success but no row"
+    assert row.transfer_syntax_uid == ts
+    spooled = listener.spool_dir / row.path
+    assert row.path == f"{original.StudyInstanceUID}/{original.SeriesInstanceUID}/{original.SOPInstanceUID}.dcm"
+    data = spooled.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == row.sha256 and len(data) == row.size_bytes
+    copy = dcmread(spooled)
+    assert str(copy.file_meta.TransferSyntaxUID) == ts
+    # the data set is the one sent: every element equal, pixel data bytes identical (not decoded)
+    assert copy.PixelData == original.PixelData
+    assert same_dataset(copy, original) == []
+    assert stored == [original.SeriesInstanceUID]
+
+
+def test_pynetdicom_store_resend_and_series_callback(listener_factory, sqlite_session_factory):
+    stored: list[str] = []
+    listener = listener_factory(on_stored=stored.append)
+    ds1 = make_mr()
+    ds2 = make_mr(StudyInstanceUID=ds1.StudyInstanceUID, SeriesInstanceUID=ds1.SeriesInstanceUID, InstanceNumber=2)
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    try:
+        for ds in (ds1, ds2, ds1):
+            assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    first = instance_row(sqlite_session_factory, ds1.SOPInstanceUID)
+    assert first is not None and instance_row(sqlite_session_factory, ds2.SOPInstanceUID) is not None
+    with sqlite_session_factory() as s:
+        series = s.scalar(select(Series).where(Series.series_uid == ds1.SeriesInstanceUID))
+        assert len(series.instances) == 2
+    assert stored == [ds1.SeriesInstanceUID] * 2  # the resend committed nothing new
+    # patient names are in the file as received, never in the database
+    assert "Doe" not in repr(first.__dict__)
+
+
+def test_invalid_instance_answers_failure_and_is_quarantined(listener_factory, sqlite_session_factory):
+    listener = listener_factory()
+    ds = make_mr()
+    ds.NumberOfFrames = 5  # pixel data holds one frame
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])], aet="BADCT")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+    assert status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert instance_row(sqlite_session_factory, ds.SOPInstanceUID) is None
+    [item] = quarantine_rows(sqlite_session_factory)
+    assert item.status_code == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert item.sop_instance_uid == ds.SOPInstanceUID and item.calling_ae == "BADCT"
+    assert "PixelData has" in item.reason
+    sidecar = read_quarantine_reason(listener.quarantine_dir, item.path)
+    assert sidecar["reason"] == item.reason and sidecar["calling_ae"] == "BADCT"
+    assert dcmread(listener.quarantine_dir / item.path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_spool_write_failure_answers_out_of_resources_and_quarantines(listener_factory, sqlite_session_factory):
+    listener = listener_factory()
+    ds = make_mr()
+    (listener.spool_dir / ds.StudyInstanceUID).write_bytes(b"")  # a file where the study folder must go
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    try:
+        status = assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+    assert status == StoreStatus.OUT_OF_RESOURCES
+    assert instance_row(sqlite_session_factory, ds.SOPInstanceUID) is None
+    [item] = quarantine_rows(sqlite_session_factory)
+    assert "spool write failed" in item.reason and item.sop_instance_uid == ds.SOPInstanceUID
+    assert (listener.quarantine_dir / item.path).is_file()
+
+
+def test_database_failure_answers_processing_failure_and_leaves_no_orphan(listener_factory, tmp_path):
+    engine = init_db(f"sqlite:///{tmp_path / 'broken.sqlite3'}")
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE instances"))
+    factory = make_session_factory(engine)
+    listener = listener_factory(session_factory=factory)
+    ds = make_mr()
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    try:
+        status = assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+    assert status == StoreStatus.PROCESSING_FAILURE
+    assert not list(listener.spool_dir.rglob("*.dcm")), "spooled file left without a database row"
+    [item] = quarantine_rows(factory)
+    assert "database" in item.reason and item.status_code == StoreStatus.PROCESSING_FAILURE
+    assert dcmread(listener.quarantine_dir / item.path).SOPInstanceUID == ds.SOPInstanceUID
+    engine.dispose()
+
+
+def test_calling_ae_allow_list_rejects_others(listener_factory):
+    listener = listener_factory(allowed_calling_aes=["PACS1"])
+    assoc = pynetdicom_assoc(listener.port, [(Verification, [ExplicitVRLittleEndian])], aet="INTRUDER")
+    assert assoc.is_rejected and not assoc.is_established
+    res = run_dcmtk([ECHOSCU, "-v", "-aet", "INTRUDER", "-aec", "MEDGRU", "127.0.0.1", str(listener.port)])
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Calling AE Title Not Recognized" in out, out
+    res = run_dcmtk([ECHOSCU, "-v", "-aet", "PACS1", "-aec", "MEDGRU", "127.0.0.1", str(listener.port)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_wrong_called_ae_title_rejected(listener_factory):
+    listener = listener_factory()
+    res = run_dcmtk([ECHOSCU, "-v", "-aec", "SOMEONE", "127.0.0.1", str(listener.port)])
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Called AE Title Not Recognized" in out, out
+
+
+def test_retired_sop_class_accepted_from_storescu(listener_factory, sqlite_session_factory, corpus_file):
+    listener = listener_factory()
+    retired = corpus_file("pydicom-data/color-px.dcm")  # retired Ultrasound Image Storage (.1.1.6)
+    res = storescu(listener.port, [retired])
+    assert "Received Store Response (Success)" in res.stdout + res.stderr, res.stdout + res.stderr
+    assert instance_row(sqlite_session_factory, dcmread(retired).SOPInstanceUID) is not None
+
+
+def test_private_sop_class_accepted(listener_factory, sqlite_session_factory, corpus_file):
+    """storescu will not send an unknown SOP class; a PACS forwarding private objects will."""
+    listener = listener_factory()
+    ds = dcmread(corpus_file("orthanc-tests/UnknownSopClassUid.dcm"))
+    assoc = pynetdicom_assoc(listener.port, [(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])])
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    row = instance_row(sqlite_session_factory, ds.SOPInstanceUID)
+    assert row is not None and row.sop_class_uid == ds.SOPClassUID
+
+
+def test_concurrent_associations_into_one_series(listener_factory, session_factory):
+    """Three senders race to create the same patient/study/series (SQLite and PostgreSQL)."""
+    listener = listener_factory(session_factory=session_factory)
+    base = make_mr()
+    datasets = [make_mr(StudyInstanceUID=base.StudyInstanceUID, SeriesInstanceUID=base.SeriesInstanceUID,
+                        InstanceNumber=i) for i in range(12)]
+    statuses: list[int] = []
+
+    def send(chunk):
+        assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+        try:
+            for ds in chunk:
+                statuses.append(int(assoc.send_c_store(ds).Status))
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=send, args=(datasets[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [StoreStatus.SUCCESS] * 12
+    with session_factory() as s:
+        series = s.scalars(select(Series).where(Series.series_uid == base.SeriesInstanceUID)).all()
+        assert len(series) == 1 and len(series[0].instances) == 12
