@@ -39,6 +39,8 @@ def configure_logging(settings: Settings) -> None:
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pynetdicom logs every PDU and DIMSE message at INFO; keep its warnings and errors only
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,7 +102,7 @@ def run_demo(settings: Settings, *, data_root: Path | None, inputs: list[Path] |
     from sqlalchemy import select
 
     from medgru.service import Service
-    from storage.models import Job, JobState, Result, SequenceRecord, Series
+    from storage.models import Job, JobState, SequenceRecord, Series
 
     root = data_root or settings.data_root
     if inputs:
@@ -137,7 +137,6 @@ def run_demo(settings: Settings, *, data_root: Path | None, inputs: list[Path] |
         while True:
             with service.session_factory() as session:
                 jobs = session.scalars(select(Job)).all()
-                n_results = session.scalar(select(Result.id).limit(1)) is not None
                 done = jobs and all(j.state in terminal for j in jobs)
                 expected = 2 * sum(1 for j in jobs if j.state == JobState.SUCCEEDED)
             if done and len(received) >= expected:
