@@ -187,10 +187,25 @@ def read_dataset(path: Path, sop_instance_uid: str) -> Dataset:
         ) from exc
 
 
+def _fill_missing_pixel_attributes(ds: Dataset, sop_instance_uid: str) -> None:
+    """Type 1 Image Pixel attributes some archives' files lack, set to what other readers assume
+    (unsigned; one sample for MONOCHROME); a warning names the instance."""
+    if "PixelData" not in ds:
+        return
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if "PixelRepresentation" not in ds:
+        log.warning("SOP Instance %s lacks Pixel Representation; decoded as unsigned", sop_instance_uid)
+        ds.PixelRepresentation = 0
+    if "SamplesPerPixel" not in ds and photometric.startswith("MONOCHROME"):
+        log.warning("SOP Instance %s lacks Samples per Pixel; decoded as 1 (%s)", sop_instance_uid, photometric)
+        ds.SamplesPerPixel = 1
+
+
 def decode_frame(ds: Dataset, frame_number: int, sop_instance_uid: str) -> np.ndarray:
     """Decode the 1-based ``frame_number`` of ``ds`` into greyscale ``[0, 1]`` (float64, H×W)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise FrameLoadError(sop_instance_uid, "has no pixel data; the job cannot use it as a frame")
+    _fill_missing_pixel_attributes(ds, sop_instance_uid)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= frame_number <= n_frames:
         raise FrameLoadError(sop_instance_uid, f"frame {frame_number} requested but the instance has {n_frames}")

@@ -85,6 +85,24 @@ def test_robust_window_without_voi(dicom_corpus):
     assert (f >= 1.0).mean() <= 0.006 and f.max() == pytest.approx(1.0) and 0.05 < f.mean() < 0.95
 
 
+def test_enhanced_multiframe_uses_functional_groups(dicom_corpus):
+    # shared groups: Rescale Intercept -1024, window 49/102 (a CT soft-tissue window)
+    path = dicom_corpus / "pydicom-data/eCT_Supplemental.dcm"
+    ds = pydicom.dcmread(path)
+    assert "WindowCenter" not in ds and "RescaleIntercept" not in ds
+    frames, _ = load_frames([_ref(path, 2)])
+    hu = ds.pixel_array[1].astype(np.float64) * 1.0 - 1024.0
+    np.testing.assert_allclose(frames[0], np.clip((hu - 48.5) / 101.0 + 0.5, 0, 1), atol=1e-5)
+    # per-frame groups: frame 1 has its own window (16/128); the file also lacks Pixel Representation and
+    # Samples per Pixel, which the loader assumes (unsigned, 1) as other readers do
+    path = dicom_corpus / "orthanc-tests/MultiframeWindowing.dcm"
+    ds = pydicom.dcmread(path)
+    frames, _ = load_frames([_ref(path, 1)])
+    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+    raw = ds.pixel_array[0].astype(np.float64)
+    np.testing.assert_allclose(frames[0], np.clip((raw - 15.5) / 127.0 + 0.5, 0, 1), atol=1e-5)
+
+
 def test_jpeg2000_series_decodes(dicom_corpus):
     files = sorted((dicom_corpus / KNEE).glob("*.dcm"))[:3]
     ts = pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID
