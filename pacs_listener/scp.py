@@ -57,7 +57,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medgru.settings import Settings
 from pacs_listener.ingest import InstanceMeta, extract_meta, find_instance, record_instance
-from pacs_listener.spool import QuarantineReason, spool_relpath, write_quarantine, write_spool
+from pacs_listener.spool import QuarantineReason, clean_temp_files, spool_relpath, write_quarantine, write_spool
 from pacs_listener.status import StoreStatus, describe
 from pacs_listener.validate import InvalidDataset, RequestIds, is_valid_uid, validate_received
 from storage.models import QuarantineItem
@@ -152,6 +152,10 @@ class Listener:
             raise RuntimeError("listener already started")
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.spool_dir, self.quarantine_dir):
+            removed = clean_temp_files(folder)
+            if removed:
+                log.warning("removed %d partial files left in %s by an interrupted write", removed, folder)
         self._ae = self._build_ae()
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),

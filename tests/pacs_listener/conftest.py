@@ -19,6 +19,21 @@ from storage.db import init_db, make_session_factory
 ECHOSCU = "/usr/bin/echoscu"
 STORESCU = "/usr/bin/storescu"
 
+# storescu option that makes it propose (and so send unchanged) each transfer syntax
+STORESCU_TS_OPTION = {
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2": "-xi",
+}
+
 
 @pytest.fixture
 def session_factory(database_url: str) -> sessionmaker[Session]:

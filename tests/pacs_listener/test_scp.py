@@ -19,25 +19,9 @@ from pacs_listener.status import StoreStatus
 from storage.db import init_db, make_session_factory
 from storage.models import Instance, QuarantineItem, Series
 
-from .conftest import ECHOSCU, STORESCU, make_mr, run_dcmtk, same_dataset
+from .conftest import ECHOSCU, STORESCU, STORESCU_TS_OPTION, make_mr, run_dcmtk, same_dataset
 
 pytestmark = pytest.mark.integration
-
-# storescu option that makes it propose (and so send unchanged) each transfer syntax
-STORESCU_TS_OPTION = {
-    "1.2.840.10008.1.2.4.91": "-xw",
-    "1.2.840.10008.1.2.4.90": "-xv",
-    "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.5": "-xr",
-    "1.2.840.10008.1.2.1.99": "-xd",
-    "1.2.840.10008.1.2.2": "-xb",
-    "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.50": "-xy",
-    "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2": "-xi",
-}
-
 
 def storescu(port: int, files: list[Path], *extra: str, aet: str = "STORESCU", aec: str = "MEDGRU"):
     return run_dcmtk([STORESCU, "-v", "-nh", "-R", *extra, "-aet", aet, "-aec", aec, "127.0.0.1", str(port),
@@ -269,3 +253,18 @@ def test_concurrent_associations_into_one_series(listener_factory, session_facto
     with session_factory() as s:
         series = s.scalars(select(Series).where(Series.series_uid == base.SeriesInstanceUID)).all()
         assert len(series) == 1 and len(series[0].instances) == 12
+
+
+def test_start_removes_partial_files_left_by_a_crash(make_settings, sqlite_session_factory):
+    from pacs_listener.scp import Listener
+    from pacs_listener.spool import TEMP_PREFIX
+
+    settings = make_settings(listen_host="127.0.0.1", listen_port=0)
+    leftover = settings.spool_dir / "1.2.3" / "1.2.3.4" / f"{TEMP_PREFIX}x.part"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"partial")
+    kept = leftover.with_name("1.2.3.4.5.dcm")
+    kept.write_bytes(b"complete")
+    with Listener(settings, sqlite_session_factory) as listener:
+        assert listener.port > 0
+        assert not leftover.exists() and kept.exists()
