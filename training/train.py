@@ -27,6 +27,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -185,21 +186,42 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------- run
-def run(args: argparse.Namespace, settings) -> int:
-    import torch
-    from tqdm import tqdm
+@dataclass
+class Prepared:
+    """Rows, splits, the untrained detector and the cached backbone maps of one training run."""
 
-    from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, sha256_file
-    from inference.backbone import backbone_info
+    rows: list
+    source: str
+    train_rows: list
+    normals: list
+    fit_rows: list
+    hpo_rows: list
+    cal_rows: list
+    det: Any
+    cache: FeatureCache
+    features: dict[str, Any]
+    checkpoint: Path
+
+
+def detector_from_args(args: argparse.Namespace):
     from inference.detectors.medgru_svc import MedGRUSVC
+
+    return MedGRUSVC(
+        input_size=args.input_size, clip_limit=args.clip_limit, tile_grid=args.tile_grid, cell=args.cell,
+        layers=args.layers, hidden_channels=args.hidden_channels, reduce_channels=args.reduce_channels,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        momentum=args.momentum, optimizer=args.optimizer, oe_weight=args.oe_weight,
+        synthetic_per_normal=args.synthetic_per_normal, hpo_trials=args.hpo_trials,
+        hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, device="cpu",
+    )
+
+
+def prepare(args: argparse.Namespace, settings) -> Prepared:
+    """Read the rows, split the normals, build the detector and compute (or load) the backbone maps."""
+    import torch
+
     from training.manifest import read_manifest, rows_from_folder
 
-    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO))
-    if args.supervised:
-        log.error("--supervised is not implemented: medgru train is unsupervised (normals only)")
-        return 2
-    _seed_everything(args.seed)
-    t0 = time.time()
     rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
     source = str(args.manifest or args.folder)
     has_split = any(r.split for r in rows)
@@ -209,73 +231,92 @@ def run(args: argparse.Namespace, settings) -> int:
         rng = np.random.default_rng(args.seed)
         normals = [normals[i] for i in sorted(rng.choice(len(normals), args.max_normals, replace=False))]
     if len(normals) < 8:
-        log.error("only %d normal images in %s (split %r): need at least 8", len(normals), source,
-                  args.train_split)
-        return 2
+        raise ValueError(f"only {len(normals)} normal images in {source} (split {args.train_split!r}): "
+                         "need at least 8")
     fit_rows, hpo_rows, cal_rows = group_split(normals, [args.hpo_fraction, args.calibration_fraction],
                                                args.seed)
     log.info("normals: %d fit, %d HPO, %d calibration (from %s)", len(fit_rows), len(hpo_rows),
              len(cal_rows), source)
-
-    det = MedGRUSVC(
-        input_size=args.input_size, clip_limit=args.clip_limit, tile_grid=args.tile_grid, cell=args.cell,
-        layers=args.layers, hidden_channels=args.hidden_channels, reduce_channels=args.reduce_channels,
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-        momentum=args.momentum, optimizer=args.optimizer, oe_weight=args.oe_weight,
-        synthetic_per_normal=args.synthetic_per_normal, hpo_trials=args.hpo_trials,
-        hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, device="cpu",
-    )
+    det = detector_from_args(args)
     cache_dir = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "features"
     cache = FeatureCache(cache_dir, det, workers=args.workers)
-    f_fit = cache.features(fit_rows, desc="fit normals")
+    feats: dict[str, Any] = {"fit": cache.features(fit_rows, desc="fit normals")}
     syn_rows = fit_rows
     if args.synthetic_max and len(fit_rows) > args.synthetic_max:
         pick = np.random.default_rng(args.seed + 1).choice(len(fit_rows), args.synthetic_max, replace=False)
         syn_rows = [fit_rows[i] for i in sorted(pick)]
-    f_syn = torch.cat([cache.features(syn_rows, synthetic_seed=args.seed * 1000 + k, desc="fit synthetic")
-                       for k in range(max(1, args.synthetic_per_normal))])
-    f_hpo = cache.features(hpo_rows, desc="hpo normals")
-    f_hpo_syn = cache.features(hpo_rows, synthetic_seed=args.seed * 1000 + 999, desc="hpo synthetic")
-    f_cal = cache.features(cal_rows, desc="calibration normals")
-    pool = None
+    feats["fit_syn"] = torch.cat([
+        cache.features(syn_rows, synthetic_seed=args.seed * 1000 + k, desc="fit synthetic")
+        for k in range(max(1, args.synthetic_per_normal))])
+    feats["hpo"] = cache.features(hpo_rows, desc="hpo normals")
+    feats["hpo_syn"] = cache.features(hpo_rows, synthetic_seed=args.seed * 1000 + 999, desc="hpo synthetic")
+    feats["cal"] = cache.features(cal_rows, desc="calibration normals")
+    feats["pool"] = None
     if args.cluster_pool == "unlabelled":
-        pool = cache.features(train_rows, desc="unlabelled train")  # labels ignored
-
-    run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in ("out", "report_split",
-                                                                                     "name", "version",
-                                                                                     "description", "func")},
-                     "rows": len(normals)})
+        feats["pool"] = cache.features(train_rows, desc="unlabelled train")  # labels ignored
+    skip = ("out", "report_split", "name", "version", "description", "func", "training_data", "modalities",
+            "body_parts", "workers")
+    run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals)})
     ckpt = cache_dir.parent / "checkpoints" / f"medgru-{run_key}.pt"
-    report = det.fit_features(f_fit, f_syn, f_hpo, f_hpo_syn, f_cal, seed=args.seed, cluster_pool=pool,
+    return Prepared(rows, source, train_rows, normals, fit_rows, hpo_rows, cal_rows, det, cache, feats, ckpt)
+
+
+def split_metrics(det, cache: FeatureCache, rows: list, split: str) -> dict[str, Any]:
+    """AUROC (overall and per anomaly label) and the verdict rates at the threshold on one split."""
+    test_rows = [r for r in rows if (r.split or "").lower() == split.lower()]
+    if not test_rows:
+        return {}
+    s = det.score_features(cache.features(test_rows, desc=f"{split} report"))
+    return scores_metrics(s, test_rows, det.threshold)
+
+
+def scores_metrics(s: np.ndarray, test_rows: list, threshold: float | None) -> dict[str, Any]:
+    y = np.array([0 if r.is_normal else 1 for r in test_rows])
+    m: dict[str, Any] = {"n": len(test_rows), "n_normal": int((y == 0).sum()), "n_anomalous": int((y == 1).sum())}
+    if 0 < y.sum() < len(y):
+        m["auroc"] = _auroc(y, s)
+        if threshold is not None:
+            pred = s > threshold
+            m["tpr_at_threshold"] = float(pred[y == 1].mean())
+            m["fpr_at_threshold"] = float(pred[y == 0].mean())
+        by_label = {}
+        for lab in sorted({r.label for r in test_rows if not r.is_normal}):
+            sel = np.array([r.label == lab or r.is_normal for r in test_rows])
+            by_label[lab] = _auroc(y[sel], s[sel])
+        m["auroc_by_label"] = by_label
+    return m
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    from tqdm import tqdm
+
+    from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, sha256_file
+    from inference.backbone import backbone_info
+
+    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO))
+    if args.supervised:
+        log.error("--supervised is not implemented: medgru train is unsupervised (normals only)")
+        return 2
+    _seed_everything(args.seed)
+    t0 = time.time()
+    try:
+        prep = prepare(args, settings)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    det, f = prep.det, prep.features
+    rows, source, normals = prep.rows, prep.source, prep.normals
+    fit_rows, hpo_rows, cal_rows = prep.fit_rows, prep.hpo_rows, prep.cal_rows
+    report = det.fit_features(f["fit"], f["fit_syn"], f["hpo"], f["hpo_syn"], f["cal"], seed=args.seed,
+                              cluster_pool=f["pool"],
                               progress=lambda it: tqdm(it, desc="ConvGRU epochs", unit="epoch"),
-                              checkpoint=ckpt)
+                              checkpoint=prep.checkpoint)
 
     metrics: dict[str, Any] = {
         "validation_auroc_normals_vs_synthetic": report.get("hpo_auroc_normal_vs_synthetic"),
         "threshold": det.threshold, "target_fpr": args.target_fpr,
         "calibration_normals": len(cal_rows),
     }
-    if args.report_split:
-        test_rows = [r for r in rows if (r.split or "").lower() == args.report_split.lower()]
-        if test_rows:
-            f_test = cache.features(test_rows, desc=f"{args.report_split} report")
-            s = det.score_features(f_test)
-            y = np.array([0 if r.is_normal else 1 for r in test_rows])
-            m: dict[str, Any] = {"n": len(test_rows), "n_normal": int((y == 0).sum()),
-                                 "n_anomalous": int((y == 1).sum())}
-            if 0 < y.sum() < len(y):
-                m["auroc"] = _auroc(y, s)
-                pred = s > det.threshold
-                m["tpr_at_threshold"] = float(pred[y == 1].mean())
-                m["fpr_at_threshold"] = float(pred[y == 0].mean())
-                by_label = {}
-                for lab in sorted({r.label for r in test_rows if not r.is_normal}):
-                    sel = np.array([r.label == lab or r.is_normal for r in test_rows])
-                    by_label[lab] = _auroc(y[sel], s[sel])
-                m["auroc_by_label"] = by_label
-            metrics[f"{args.report_split}_metrics"] = m
-            log.info("%s: %s", args.report_split, json.dumps(m))
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = det.save(out)
@@ -312,7 +353,7 @@ def run(args: argparse.Namespace, settings) -> int:
             "it does not transfer to other populations without recalibration.",
         ),
         training_data=args.training_data or (
-            f"{len(normals)} normal images from {Path(source).name} split {args.train_split!r} "
+            f"{len(normals)} normal images from {Path(source).parent.name}/{Path(source).name} split {args.train_split!r} "
             f"({len(fit_rows)} fit / {len(hpo_rows)} HPO / {len(cal_rows)} calibration)"),
         metrics=metrics,
         files={f: sha256_file(out / f) for f in files},
@@ -320,4 +361,13 @@ def run(args: argparse.Namespace, settings) -> int:
     )
     card.write(out)
     log.info("wrote %s (%s) in %.0f s", out, ", ".join(files), time.time() - t0)
+    if args.report_split:  # scored once, after the model is saved; the card is then rewritten
+        m = split_metrics(det, prep.cache, rows, args.report_split)
+        if m:
+            metrics[f"{args.report_split}_metrics"] = m
+            log.info("%s: %s", args.report_split, json.dumps(m))
+            extra["metrics"] = metrics
+            (out / "training.json").write_text(json.dumps(extra, indent=2, sort_keys=True, default=str) + "\n")
+            card = replace(card, metrics=metrics, files={f: sha256_file(out / f) for f in files})
+            card.write(out)
     return 0

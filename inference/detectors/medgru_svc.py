@@ -120,6 +120,15 @@ class MedGRUSVC(Detector):
             raise RuntimeError("MedGRU-SVC is not fitted")
         return self._threshold
 
+    def to(self, device: str) -> "MedGRUSVC":
+        """Move the detector (encoder, differentiable boundary, backbone use) to a torch device."""
+        self.device = str(device)
+        if self.encoder is not None:
+            self.encoder.to(self.device)
+        if self._torch_boundary is not None:
+            self._torch_boundary.to(self.device)
+        return self
+
     def _new_encoder(self) -> ConvRecurrentEncoder:
         return ConvRecurrentEncoder(FEATURE_CHANNELS, hidden_channels=self.hidden_channels, layers=self.layers,
                                     reduce_channels=self.reduce_channels, cell=self.cell)
