@@ -1,9 +1,369 @@
-"""`medgru evaluate` (being written)."""
+"""``medgru evaluate``: score a manifest's test split with a model folder and write a report.
+
+::
+
+    medgru evaluate --manifest kermany_cxr/manifest.csv --out reports/kermany [--model DIR] [--cv 5] [--limit N]
+    medgru evaluate --folder some/images --out reports/x
+
+* Rows: the ``test`` split of the manifest, or every row when it has no split column. ``--folder`` reads
+  ``<folder>/<label>/*`` or ``<folder>/<split>/<label>/*``. A relative ``--manifest``/``--folder`` that
+  does not exist is looked up under ``settings.data_root``.
+* Labels: ``normal`` / ``0`` is normal; any other label is an anomaly class, reported per class.
+* Scores come from ``Detector.score_batch``; ``detect(explain=True)`` runs only for the heat-map gallery
+  (the top true positives, false positives and false negatives at the model's threshold).
+* ``--cv K``: K folds over the TRAIN normals (grouped by ``group`` where the manifest has one). For each
+  fold an untrained twin of the model (``get_detector_class(card.detector)(**card.params)``) is fitted on
+  the other folds' normals, calibrated on the fold's own normals, and evaluated on the test rows; the
+  report gives every fold and the mean ± std. Anomalies never take part in fitting or calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "chest-cxr"
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", type=Path, help="CSV with path,label[,split,group]; paths relative to it")
+    src.add_argument("--folder", type=Path, help="image folder: <label>/* or <split>/<label>/*")
+    parser.add_argument("--model", type=Path, default=None,
+                        help=f"model folder (default: the bundled {DEFAULT_MODEL_NAME} model)")
+    parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    parser.add_argument("--cv", type=int, default=0, metavar="K",
+                        help="also run K-fold cross-validation over the train normals (K >= 2)")
+    parser.add_argument("--limit", type=int, default=0, metavar="N",
+                        help="quick look: a class-stratified random subset of N test rows (and, with --cv, "
+                             "at most N train normals)")
+    parser.add_argument("--gallery", type=int, default=4, metavar="N",
+                        help="heat-map gallery: N cases each of TP, FP, FN (0 = none)")
+    parser.add_argument("--batch", type=int, default=64, help="images per score_batch call")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC CI")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --limit, --cv folds and fitting")
+    parser.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    parser.add_argument("--dataset-name", default="", help="name of the data set in the report")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
 
 
-def run(args, settings):
-    raise NotImplementedError("medgru evaluate is not written yet")
+# ------------------------------------------------------------------------------------------- helpers
+def _resolve_input(path: Path, settings) -> Path:
+    if path.exists() or path.is_absolute() or settings.data_root is None:
+        return path
+    alt = Path(settings.data_root) / path
+    return alt if alt.exists() else path
+
+
+def display_path(path: Path | str, settings=None) -> str:
+    """A path for reports: the data root shown as ``$MEDGRU_DATA_ROOT``, the repository as ``.``, the
+    temporary folder as ``$TMPDIR``: committed reports carry no machine-specific absolute paths."""
+    from medgru.settings import BUNDLED_MODELS_DIR
+
+    text = str(path)
+    repo = BUNDLED_MODELS_DIR.parent.parent
+    subs: list[tuple[Path, str]] = []
+    if settings is not None and settings.data_root is not None:
+        subs.append((Path(settings.data_root).resolve(), "$MEDGRU_DATA_ROOT"))
+    subs += [(repo.resolve(), "."), (Path(tempfile.gettempdir()).resolve(), "$TMPDIR"),
+             (Path.home().resolve(), "~")]
+    try:
+        p = Path(text).resolve() if os.path.isabs(text) or os.path.exists(text) else None
+    except OSError:
+        p = None
+    if p is None:
+        return text
+    for base, name in subs:
+        try:
+            rel = p.relative_to(base)
+        except ValueError:
+            continue
+        return name if str(rel) == "." else f"{name}/{rel.as_posix()}"
+    return text
+
+
+def command_line(args, settings=None) -> str:
+    """The ``medgru evaluate`` command that reproduces this run (paths shown with :func:`display_path`)."""
+    parts = ["medgru", "evaluate"]
+    if args.manifest is not None:
+        parts += ["--manifest", display_path(args.manifest, settings)]
+    else:
+        parts += ["--folder", display_path(args.folder, settings)]
+    if args.model is not None:
+        parts += ["--model", display_path(args.model, settings)]
+    parts += ["--out", display_path(args.out, settings)]
+    for flag, value, default in (("--cv", args.cv, 0), ("--limit", args.limit, 0), ("--gallery", args.gallery, 4),
+                                 ("--seed", args.seed, 0), ("--bootstrap", args.bootstrap, 1000),
+                                 ("--threads", args.threads, 0)):
+        if value != default:
+            parts += [flag, str(value)]
+    if args.dataset_name:
+        parts += ["--dataset-name", args.dataset_name]
+    return " ".join(p if p.startswith("$") else shlex.quote(p) for p in parts)
+
+
+def evaluation_rows(rows):
+    """Rows of the ``test`` split, or every row when no row has a split."""
+    if not any(r.split for r in rows):
+        return list(rows)
+    test = [r for r in rows if (r.split or "").lower() == "test"]
+    if not test:
+        splits = sorted({r.split for r in rows if r.split})
+        raise ValueError(f"the manifest has splits {splits} but no 'test' split to evaluate")
+    return test
+
+
+def limit_rows(rows, n: int, seed: int = 0):
+    """A class-stratified random subset of about ``n`` rows (at least one of each class), order kept."""
+    if n <= 0 or n >= len(rows):
+        return list(rows)
+    rng = np.random.default_rng(seed)
+    labels = sorted({r.label for r in rows})
+    keep: list[int] = []
+    for lab in labels:
+        idx = [i for i, r in enumerate(rows) if r.label == lab]
+        k = max(1, int(round(n * len(idx) / len(rows))))
+        keep.extend(rng.choice(idx, size=min(k, len(idx)), replace=False).tolist())
+    return [rows[i] for i in sorted(keep)]
+
+
+def _name_of(row, base: Path | None) -> str:
+    if base is not None:
+        try:
+            return row.path.relative_to(base).as_posix()
+        except ValueError:
+            pass
+    return f"{row.path.parent.name}/{row.path.name}"
+
+
+def _is_normal(row) -> bool:
+    from training.metrics import is_normal_label
+
+    return is_normal_label(row.label)
+
+
+def score_all(det, sequences, batch: int) -> tuple[np.ndarray, float]:
+    """Scores of all sequences and the wall time per image."""
+    t0 = time.perf_counter()
+    parts = [np.asarray(det.score_batch(sequences[i:i + batch]), dtype=np.float64)
+             for i in range(0, len(sequences), batch)]
+    dt = time.perf_counter() - t0
+    scores = np.concatenate(parts) if parts else np.zeros(0)
+    if scores.shape != (len(sequences),):
+        raise ValueError(f"score_batch returned {scores.shape} scores for {len(sequences)} sequences")
+    return scores, dt / max(1, len(sequences))
+
+
+def pick_gallery(scores: np.ndarray, normal: np.ndarray, threshold: float, n: int) -> list[tuple[str, int]]:
+    """(kind, index) of the top true positives, false positives and false negatives."""
+    if n <= 0:
+        return []
+    called = scores > threshold
+    out: list[tuple[str, int]] = []
+    tp = np.where(called & ~normal)[0]
+    fp = np.where(called & normal)[0]
+    fn = np.where(~called & ~normal)[0]
+    out += [("true_positive", int(i)) for i in tp[np.argsort(-scores[tp], kind="stable")][:n]]
+    out += [("false_positive", int(i)) for i in fp[np.argsort(-scores[fp], kind="stable")][:n]]
+    out += [("false_negative", int(i)) for i in fn[np.argsort(scores[fn], kind="stable")][:n]]
+    return out
+
+
+def make_folds(rows, k: int, seed: int) -> list[np.ndarray]:
+    """Fold index (0..k-1) per row: GroupKFold-like when rows carry groups, else shuffled K-fold."""
+    n = len(rows)
+    if k < 2 or k > n:
+        raise ValueError(f"--cv {k}: need 2 <= K <= {n} train normals")
+    rng = np.random.default_rng(seed)
+    fold = np.empty(n, dtype=np.int64)
+    if any(r.group for r in rows):
+        groups = [r.group or f"__row{i}" for i, r in enumerate(rows)]
+        uniq = sorted(set(groups))
+        if len(uniq) < k:
+            raise ValueError(f"--cv {k}: only {len(uniq)} groups among the train normals")
+        rng.shuffle(uniq)
+        # greedy balance: biggest groups first into the currently smallest fold
+        sizes = {g: 0 for g in uniq}
+        for g in groups:
+            sizes[g] += 1
+        load = np.zeros(k, dtype=np.int64)
+        g2f: dict[str, int] = {}
+        for g in sorted(uniq, key=lambda g: -sizes[g]):
+            f = int(np.argmin(load))
+            g2f[g] = f
+            load[f] += sizes[g]
+        fold[:] = [g2f[g] for g in groups]
+    else:
+        perm = rng.permutation(n)
+        fold[perm] = np.arange(n) % k
+    return [np.where(fold == f)[0] for f in range(k)]
+
+
+def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int, batch: int, workers: int,
+           n_boot: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from inference.api import get_detector_class
+    from training import metrics as M
+    from training.manifest import load_sequences
+
+    normals = [r for r in train_rows if _is_normal(r)]
+    folds = make_folds(normals, k, seed)
+    log.info("cv: %d folds over %d train normals (grouped: %s)", k, len(normals), any(r.group for r in normals))
+    sequences = load_sequences(normals, workers=workers)
+    labels = M.binary_labels(test_classes)
+    cls = get_detector_class(card.detector)
+    out: list[dict[str, Any]] = []
+    for f, held in enumerate(folds):
+        held_set = set(held.tolist())
+        fit_idx = [i for i in range(len(normals)) if i not in held_set]
+        twin = cls(**dict(card.params))
+        t0 = time.perf_counter()
+        twin.fit([sequences[i] for i in fit_idx], validation=[sequences[i] for i in held], seed=seed + f)
+        fit_s = time.perf_counter() - t0
+        scores, _ = score_all(twin, test_sequences, batch)
+        summ = M.summarize(scores, labels, twin.threshold, classes=test_classes, n_boot=0)
+        at = summ["at_threshold"]
+        row = {"fold": f + 1, "n_fit": len(fit_idx), "n_calibration": int(len(held)), "fit_seconds": fit_s,
+               "auroc": summ["auroc"], "auprc": summ["auprc"], "sens_at_95_spec": summ["sens_at_95_spec"],
+               "fpr_at_95_sens": summ["fpr_at_95_sens"], "threshold": twin.threshold,
+               "per_class_auroc": summ["per_class_auroc"]}
+        for key in ("sensitivity", "specificity", "f1", "accuracy"):
+            row[key] = at[key]
+        log.info("cv fold %d/%d: AUROC %.4f (fit %.0f s)", f + 1, k, row["auroc"], fit_s)
+        out.append(row)
+        del twin
+    grouped = any(r.group for r in normals)
+    settings = {
+        "k": k, "seed": seed, "grouped_by": "group" if grouped else None, "n_train_normals": len(normals),
+        "detector": card.detector, "params": dict(card.params),
+        "description": (
+            f"{k}-fold split of the {len(normals)} train-split normals"
+            + (" (grouped by patient/group ID, so a group never sits on both sides)" if grouped else "")
+            + ". Per fold: an untrained twin of the model (same detector and hyper-parameters) is fitted on "
+            "the other folds' normals, its threshold calibrated on the held-out fold's normals, and it is "
+            "evaluated on the full test split. No anomaly is used for fitting or calibration."),
+    }
+    return out, settings
+
+
+# ------------------------------------------------------------------------------------------- run
+def run(args, settings) -> int:
+    import torch
+
+    from inference.api import load_model
+    from medgru.settings import BUNDLED_MODELS_DIR
+    from training.manifest import load_sequences, read_manifest, rows_from_folder
+    from training.report import EvaluationResult, GalleryItem, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else BUNDLED_MODELS_DIR / DEFAULT_MODEL_NAME
+    if args.manifest is not None:
+        src = _resolve_input(Path(args.manifest), settings)
+        rows = read_manifest(src)
+        base = src.resolve().parent
+    else:
+        src = _resolve_input(Path(args.folder), settings)
+        rows = rows_from_folder(src)
+        base = src.resolve()
+    eval_rows = limit_rows(evaluation_rows(rows), args.limit, args.seed)
+    classes = [r.label.strip().lower() for r in eval_rows]
+    normal = np.array([_is_normal(r) for r in eval_rows])
+    if normal.all() or (~normal).all():
+        print(f"error: the evaluation rows of {src} hold {int(normal.sum())} normal and "
+              f"{int((~normal).sum())} anomaly images; both are needed", file=sys.stderr)
+        return 2
+
+    det = load_model(model_dir)
+    card = det.card
+    if hasattr(det, "to") and settings.device not in ("auto", "cpu"):
+        det.to(settings.device)
+    log.info("evaluate: model %s %s (%s) on %d images of %s", card.name, card.version, card.detector,
+             len(eval_rows), src)
+    t0 = time.perf_counter()
+    sequences = load_sequences(eval_rows, workers=args.workers)
+    load_s = time.perf_counter() - t0
+    # warm-up (first call builds the backbone, allocates buffers): not counted in the timing
+    det.score_batch(sequences[:1])
+    scores, per_image = score_all(det, sequences, args.batch)
+    log.info("scored %d images in %.1f s (%.1f ms/image)", len(scores), per_image * len(scores), 1e3 * per_image)
+
+    detect_times = []
+    for s in sequences[: min(5, len(sequences))]:
+        t1 = time.perf_counter()
+        det.detect(s, explain=False)
+        detect_times.append(time.perf_counter() - t1)
+
+    gallery: list[GalleryItem] = []
+    explain_times = []
+    for kind, i in pick_gallery(scores, normal, det.threshold, args.gallery):
+        t1 = time.perf_counter()
+        d = det.detect(sequences[i], explain=True)
+        explain_times.append(time.perf_counter() - t1)
+        gallery.append(GalleryItem(kind=kind, name=_name_of(eval_rows[i], base), label=classes[i],
+                                   score=float(d.score), image=sequences[i].frames[0],
+                                   heatmap=d.heatmaps[0]))
+
+    cv_folds: list[dict[str, Any]] = []
+    cv_settings: dict[str, Any] = {}
+    if args.cv:
+        train_rows = [r for r in rows if (r.split or "").lower() == "train"]
+        if args.limit:  # quick look: cap the train normals the folds are made of, too
+            tn = [r for r in train_rows if _is_normal(r)]
+            keep = np.random.default_rng(args.seed).permutation(len(tn))[: args.limit]
+            train_rows = [tn[i] for i in sorted(keep)]
+        if not train_rows:
+            print(f"error: --cv needs a 'train' split in {src}", file=sys.stderr)
+            return 2
+        cv_folds, cv_settings = run_cv(card, train_rows, sequences, classes, k=args.cv, seed=args.seed,
+                                       batch=args.batch, workers=args.workers, n_boot=0)
+
+    timing = {
+        "score_batch_seconds_per_image": per_image,
+        "detect_seconds_median": float(np.median(detect_times)) if detect_times else None,
+        "explain_seconds_median": float(np.median(explain_times)) if explain_times else None,
+        "image_loading_seconds_total": load_s,
+        "device": str(getattr(det, "device", "cpu")),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "batch": args.batch,
+    }
+    dataset = args.dataset_name or display_path(src, settings)
+    notes = [f"Evaluation rows: {'the test split' if any(r.split for r in rows) else 'all rows'} of "
+             f"`{display_path(src, settings)}`" + (f", limited to a stratified subset of {len(eval_rows)} "
+                                                    f"(--limit {args.limit}, seed {args.seed})"
+                                                    if args.limit else "") + "."]
+    if card.training_data:
+        notes.append(f"Model card training data: {card.training_data}")
+    notes += list(args.note)
+    result = EvaluationResult(
+        scores=scores, classes=classes, names=[_name_of(r, base) for r in eval_rows], threshold=det.threshold,
+        model={"name": card.name, "version": card.version, "detector": card.detector,
+               "path": display_path(model_dir, settings), "params": dict(card.params)},
+        dataset=dataset, command=command_line(args, settings),
+        seconds_per_image=per_image, timing=timing, gallery=gallery, cv_folds=cv_folds,
+        cv_settings=cv_settings, notes=notes,
+    )
+    m = write_report(Path(args.out), result, n_boot=args.bootstrap)
+    print(f"{card.name} {card.version} on {dataset}: AUROC {m['auroc']:.4f} "
+          f"[{m['auroc_ci95'][0]:.4f}, {m['auroc_ci95'][1]:.4f}], AUPRC {m['auprc']:.4f}, "
+          f"sens@95spec {m['sens_at_95_spec']:.4f}, FPR@95sens {m['fpr_at_95_sens']:.4f}, "
+          f"sens {m['sensitivity']:.4f} / spec {m['specificity']:.4f} at threshold {m['threshold']:.5g}; "
+          f"{1e3 * per_image:.1f} ms/image")
+    if cv_folds:
+        s = m["cv"]["summary"]["auroc"]
+        print(f"{args.cv}-fold CV AUROC {s['mean']:.4f} ± {s['std']:.4f}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
