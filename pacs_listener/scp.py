@@ -267,14 +267,24 @@ class Listener:
 
         uids = dict(study_uid=meta.study_uid, series_uid=meta.series_uid)
         try:
-            if self._already_stored(meta):
-                log.info("C-STORE %s (series %s) from %s: already stored, kept the first copy",
-                         meta.sop_instance_uid, meta.series_uid, calling_ae)
-                return StoreStatus.SUCCESS
+            stored_path = self._stored_path(meta)
         except Exception as exc:
             log.exception("C-STORE %s: database lookup failed", meta.sop_instance_uid)
             return self._quarantine(data, request, calling_ae, f"database lookup failed: {exc!r}",
                                     StoreStatus.PROCESSING_FAILURE, ds_uids=uids)
+        if stored_path is not None:
+            # a resend: the first copy wins; only restore its file if it went missing
+            if not (self.spool_dir / stored_path).is_file():
+                try:
+                    write_spool(self.spool_dir, stored_path, data)
+                except OSError as exc:
+                    return self._quarantine(data, request, calling_ae, f"spool write failed: {exc}",
+                                            StoreStatus.OUT_OF_RESOURCES, ds_uids=uids)
+                log.warning("C-STORE %s: recorded but its file %s was missing; restored from this resend",
+                            meta.sop_instance_uid, stored_path)
+            log.info("C-STORE %s (series %s) from %s: already stored, kept the first copy",
+                     meta.sop_instance_uid, meta.series_uid, calling_ae)
+            return StoreStatus.SUCCESS
 
         path = self.spool_dir / rel_path
         existed_before = path.exists()
@@ -295,17 +305,18 @@ class Listener:
 
         log.info("stored %s (series %s, study %s, %s, %d bytes) from %s%s", meta.sop_instance_uid, meta.series_uid,
                  meta.study_uid, meta.transfer_syntax_uid, len(data), calling_ae, "" if created else " (resend)")
-        if self.on_stored is not None:
+        if created and self.on_stored is not None:
             try:
                 self.on_stored(meta.series_uid)
             except Exception:
                 log.exception("on_stored callback failed for series %s", meta.series_uid)
         return StoreStatus.SUCCESS
 
-    def _already_stored(self, meta: InstanceMeta) -> bool:
+    def _stored_path(self, meta: InstanceMeta) -> str | None:
+        """The spool path of this SOP Instance UID if it is already recorded."""
         with self.session_factory() as session:
             existing = find_instance(session, meta.sop_instance_uid)
-            return existing is not None and (self.spool_dir / existing.path).is_file()
+            return None if existing is None else existing.path
 
     def _record(self, meta: InstanceMeta, rel_path: str, data: bytes, calling_ae: str) -> bool:
         digest = hashlib.sha256(data).hexdigest()

@@ -18,6 +18,7 @@ from storage.db import init_db, make_session_factory
 
 ECHOSCU = "/usr/bin/echoscu"
 STORESCU = "/usr/bin/storescu"
+PATIENT_NAME = "Zorglubienne^Quetzalia"  # must never appear in logs or tables
 
 # storescu option that makes it propose (and so send unchanged) each transfer syntax
 STORESCU_TS_OPTION = {
@@ -56,7 +57,7 @@ def make_mr(rows: int = 4, cols: int = 4, **attrs) -> Dataset:
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Doe^Jane"
+    ds.PatientName = PATIENT_NAME
     ds.PatientID = "PID-" + generate_uid()[-8:]
     ds.Modality = "MR"
     ds.SeriesDescription = "T1 cérébral"

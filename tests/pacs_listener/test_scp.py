@@ -128,7 +128,12 @@ def test_pynetdicom_store_resend_and_series_callback(listener_factory, sqlite_se
         assert len(series.instances) == 2
     assert stored == [ds1.SeriesInstanceUID] * 2  # the resend committed nothing new
     # patient names are in the file as received, never in the database
-    assert "Doe" not in repr(first.__dict__)
+    from storage.models import Base
+
+    with sqlite_session_factory() as s:
+        for table in Base.metadata.sorted_tables:
+            assert "Zorglub" not in repr(s.execute(table.select()).all()), table.name
+    assert "Zorglub" in (listener.spool_dir / first.path).read_bytes().decode("latin-1")
 
 
 def test_invalid_instance_answers_failure_and_is_quarantined(listener_factory, sqlite_session_factory):
@@ -268,3 +273,48 @@ def test_start_removes_partial_files_left_by_a_crash(make_settings, sqlite_sessi
     with Listener(settings, sqlite_session_factory) as listener:
         assert listener.port > 0
         assert not leftover.exists() and kept.exists()
+
+
+def test_resend_restores_a_missing_file_and_keeps_the_first_row(listener_factory, sqlite_session_factory):
+    listener = listener_factory()
+    ds = make_mr()
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    try:
+        assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+        row = instance_row(sqlite_session_factory, ds.SOPInstanceUID)
+        (listener.spool_dir / row.path).unlink()
+        assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    again = instance_row(sqlite_session_factory, ds.SOPInstanceUID)
+    assert again.id == row.id and again.received_at == row.received_at
+    assert dcmread(listener.spool_dir / row.path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_late_instance_reopens_assembled_series_and_logs_carry_no_names(listener_factory, sqlite_session_factory,
+                                                                         caplog):
+    from storage.models import SeriesState
+
+    caplog.set_level("DEBUG", logger="pacs_listener")
+    stored: list[str] = []
+    listener = listener_factory(on_stored=stored.append)
+    first = make_mr()
+    late = make_mr(StudyInstanceUID=first.StudyInstanceUID, SeriesInstanceUID=first.SeriesInstanceUID)
+    bad = make_mr(NumberOfFrames=9)
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    try:
+        assert assoc.send_c_store(first).Status == StoreStatus.SUCCESS
+        with sqlite_session_factory() as s:
+            s.scalar(select(Series).where(Series.series_uid == first.SeriesInstanceUID)).state = SeriesState.ASSEMBLED
+            s.commit()
+        assert assoc.send_c_store(late).Status == StoreStatus.SUCCESS
+        assert assoc.send_c_store(bad).Status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    finally:
+        assoc.release()
+    with sqlite_session_factory() as s:
+        series = s.scalar(select(Series).where(Series.series_uid == first.SeriesInstanceUID))
+        assert series.state == SeriesState.RECEIVING and late.SOPInstanceUID in series.state_reason
+    assert stored == [first.SeriesInstanceUID, first.SeriesInstanceUID]
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("pacs_listener")]
+    assert any(late.SOPInstanceUID in m for m in ours) and any(bad.SOPInstanceUID in m for m in ours)
+    assert not [m for m in ours if "Zorglub" in m or "Quetzal" in m]
