@@ -318,3 +318,25 @@ def test_late_instance_reopens_assembled_series_and_logs_carry_no_names(listener
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("pacs_listener")]
     assert any(late.SOPInstanceUID in m for m in ours) and any(bad.SOPInstanceUID in m for m in ours)
     assert not [m for m in ours if "Zorglub" in m or "Quetzal" in m]
+
+
+def test_every_storage_class_with_every_transfer_syntax_is_accepted(listener_factory):
+    """Each storage SOP class proposed with one of our syntaxes (rotating), each syntax at least 9 times."""
+    from pacs_listener.scp import TRANSFER_SYNTAXES, storage_sop_classes
+
+    listener = listener_factory()
+    classes = storage_sop_classes()
+    assert len(classes) >= 170
+    pairs = [(uid, TRANSFER_SYNTAXES[i % len(TRANSFER_SYNTAXES)]) for i, uid in enumerate(classes)]
+    for start in range(0, len(pairs), 120):
+        chunk = pairs[start : start + 120]
+        ae = AE(ae_title="PYSCU")
+        for uid, ts in chunk:
+            ae.add_requested_context(uid, [ts])
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDGRU")
+        assert assoc.is_established
+        try:
+            accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+            assert accepted == set(chunk), set(chunk) - accepted
+        finally:
+            assoc.release()
