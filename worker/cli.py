@@ -39,8 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------- plumbing
 def _session_factory(settings):
+    import logging
+
     from storage.db import init_db, make_session_factory
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the table is the output, not migration chatter
     settings.ensure_dirs()
     return make_session_factory(init_db(settings.effective_database_url))
 

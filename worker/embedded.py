@@ -12,6 +12,7 @@ A duplicate message is harmless: the first delivery claims the job, later ones f
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -80,6 +81,19 @@ class WorkerHandle:
             self._log_file = None
 
 
+_PR_SET_PDEATHSIG = 1
+try:  # resolved here, in the parent: the child runs no import between fork and exec
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover - a libc by another name
+    _prctl = None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the worker gets SIGTERM when the process that started it dies, so no worker outlives a
+    killed ``medgru serve`` (its unfinished job is recovered at the next start)."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def worker_command(settings, queue: str, *, node_name: str | None = None) -> list[str]:
     node = node_name or f"medgru-{os.getpid()}-{uuid.uuid4().hex[:6]}@%h"
     return [
@@ -102,7 +116,8 @@ def start_worker(settings, *, queue: str = DEFAULT_QUEUE, log_path: Path | None 
     log_file = open(log_path, "ab")
     try:
         proc = subprocess.Popen(worker_command(settings, queue), env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if _prctl is not None else None)
     except OSError:
         log_file.close()
         raise

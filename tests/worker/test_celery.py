@@ -9,9 +9,9 @@ has moved them to their final state.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -161,3 +161,35 @@ def test_job_of_a_killed_worker_is_recovered_at_restart(worker_settings, session
         job = s.get(Job, job_id)
         assert job.attempts == 2 and job.last_error == ""  # the lost attempt counted; success clears the note
         assert len(s.scalars(select(Result).where(Result.job_fk == job_id)).all()) == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state
+
+
+PARENT_SCRIPT = """
+import os, sys, time
+from medgru.settings import Settings
+from worker.embedded import start_worker
+handle = start_worker(Settings(home=sys.argv[1], model=[]), queue=sys.argv[2])
+print(handle.pid, flush=True)
+time.sleep(3)
+os._exit(0)  # the parent dies without stopping its worker
+"""
+
+
+def test_worker_does_not_outlive_its_parent(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PARENT_SCRIPT, str(tmp_path / "home"), f"q-{uuid.uuid4().hex[:6]}"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(pid), f"worker {pid} outlived its parent"
