@@ -1,0 +1,179 @@
+"""``medgru evaluate`` end to end on a tiny model trained in the test, plus its row/fold helpers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inference.api import FrameSequence, ModelCard, Scope, get_detector_class, sha256_file
+from medgru.cli import build_parser
+from training.evaluate import command_line, evaluation_rows, limit_rows, make_folds, pick_gallery
+from training.manifest import ManifestRow, load_sequences, read_manifest
+
+REQUIRED_KEYS = ("auroc", "auprc", "sens_at_95_spec", "fpr_at_95_sens", "threshold", "n_normal", "n_anomaly",
+                 "per_class_auroc", "accuracy", "f1", "precision", "recall", "specificity",
+                 "inference_seconds_per_image", "model_name", "model_version", "dataset", "command", "date")
+REPORT_FILES = ("metrics.json", "report.md", "scores.csv", "roc.png", "pr.png", "score_hist.png", "confusion.png",
+                "gradcam_gallery.png")
+
+
+def _train_tiny_model(model_dir: Path, normals, validation) -> None:
+    cls = get_detector_class("knn-effnet")
+    det = cls(**cls.SMALL_PARAMS)
+    det.fit(normals, validation=validation, seed=0)
+    files = det.save(model_dir)
+    ModelCard(name="tiny-knn", version="0.1", detector="knn-effnet", scope=Scope(modalities=("CR",)),
+              files={f: sha256_file(model_dir / f) for f in files}, params=det.get_params(),
+              training_data="tiny in-test slice").write(model_dir)
+
+
+def _evaluate(argv: list[str], settings) -> int:
+    args = build_parser().parse_args(["evaluate", *argv])
+    return args.func(args, settings)
+
+
+@pytest.fixture(scope="module")
+def kermany_slice(data_root, tmp_path_factory):
+    """A manifest of a small real slice: 16 train normals (2 groups per fold at least), 8+8 test images."""
+    rows = read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+    train_norm = [r for r in rows if r.split == "train" and r.label == "normal"][:16]
+    test_norm = [r for r in rows if r.split == "test" and r.label == "normal"][:8]
+    test_pneu = [r for r in rows if r.split == "test" and r.label == "pneumonia"][:8]
+    train_pneu = [r for r in rows if r.split == "train" and r.label == "pneumonia"][:2]
+    tmp = tmp_path_factory.mktemp("kslice")
+    csv_path = tmp / "manifest.csv"
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "split", "label", "group"])
+        for r in train_norm + train_pneu + test_norm + test_pneu:
+            w.writerow([str(r.path), r.split, r.label, r.group or ""])
+    model_dir = tmp / "model"
+    model_dir.mkdir()
+    seqs = load_sequences(train_norm)
+    _train_tiny_model(model_dir, seqs[:12], seqs[12:])
+    return csv_path, model_dir
+
+
+def test_evaluate_manifest_writes_report_with_cv(kermany_slice, make_settings, tmp_path):
+    csv_path, model_dir = kermany_slice
+    out = tmp_path / "report"
+    rc = _evaluate(["--manifest", str(csv_path), "--model", str(model_dir), "--out", str(out), "--cv", "2",
+                    "--bootstrap", "50", "--gallery", "2"], make_settings())
+    assert rc == 0
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    for key in REQUIRED_KEYS:
+        assert key in m, key
+    # only the test split is evaluated; train rows (including the 2 train anomalies) are not
+    assert m["n_normal"] == 8 and m["n_anomaly"] == 8
+    assert set(m["per_class_auroc"]) == {"pneumonia"}
+    assert 0.0 <= m["auroc"] <= 1.0
+    assert m["model_name"] == "tiny-knn" and m["model"]["detector"] == "knn-effnet"
+    assert m["inference_seconds_per_image"] > 0
+    assert len(m["cv"]["folds"]) == 2
+    assert sum(f["n_calibration"] for f in m["cv"]["folds"]) == 16
+    assert m["cv"]["settings"]["grouped_by"] == "group"
+    assert "auroc" in m["cv"]["summary"] and m["cv"]["summary"]["auroc"]["n"] == 2
+    md = (out / "report.md").read_text()
+    assert "medgru evaluate --manifest" in md and "2-fold cross-validation" in md
+    with open(out / "scores.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 16
+
+
+def _write_png(path: Path, frame: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), (frame * 255).round().astype(np.uint8))
+
+
+def test_evaluate_folder_without_split_uses_all_rows_and_reports_classes(make_settings, tmp_path):
+    from tests.inference.test_detector_contract import texture, with_blob
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    q = lambda f: np.round(f * 255) / 255  # noqa: E731  (what a PNG round trip keeps)
+    _train_tiny_model(model_dir, [FrameSequence(q(texture(i)).astype(np.float32)) for i in range(12)],
+                      [FrameSequence(q(texture(50 + i)).astype(np.float32)) for i in range(6)])
+    folder = tmp_path / "images"
+    for i in range(6):
+        _write_png(folder / "normal" / f"n{i}.png", texture(500 + i)[0])
+        _write_png(folder / "blob" / f"b{i}.png", with_blob(texture(600 + i), seed=i)[0])
+        _write_png(folder / "bigblob" / f"c{i}.png", with_blob(with_blob(texture(700 + i), seed=i), seed=i + 9)[0])
+    out = tmp_path / "report"
+    rc = _evaluate(["--folder", str(folder), "--model", str(model_dir), "--out", str(out), "--bootstrap", "20"],
+                   make_settings())
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_normal"] == 6 and m["n_anomaly"] == 12
+    assert set(m["per_class_auroc"]) == {"blob", "bigblob"}
+    assert m["auroc"] > 0.5  # the planted blobs rank above the normals
+    assert (out / "gradcam_gallery.png").is_file()
+
+
+def test_evaluate_refuses_a_single_class(make_settings, tmp_path, kermany_slice):
+    _, model_dir = kermany_slice
+    folder = tmp_path / "only_normals"
+    from tests.inference.test_detector_contract import texture
+
+    for i in range(3):
+        _write_png(folder / "normal" / f"n{i}.png", texture(i)[0])
+    rc = _evaluate(["--folder", str(folder), "--model", str(model_dir), "--out", str(tmp_path / "r")],
+                   make_settings())
+    assert rc == 2
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+# -------------------------------------------------------------------------------------- helpers
+def _row(label, split=None, group=None, name="x"):
+    return ManifestRow(path=Path("/d") / f"{name}.png", label=label, split=split, group=group)
+
+
+def test_evaluation_rows_prefers_test_split():
+    rows = [_row("normal", "train"), _row("pneumonia", "test"), _row("normal", "test")]
+    assert [r.split for r in evaluation_rows(rows)] == ["test", "test"]
+    nosplit = [_row("normal"), _row("x")]
+    assert evaluation_rows(nosplit) == nosplit
+    with pytest.raises(ValueError, match="no 'test' split"):
+        evaluation_rows([_row("normal", "train"), _row("x", "val")])
+
+
+def test_limit_rows_is_stratified_and_reproducible():
+    rows = [_row("normal", name=f"n{i}") for i in range(60)] + [_row("glioma", name=f"g{i}") for i in range(40)]
+    sub = limit_rows(rows, 10, seed=3)
+    assert sum(r.label == "normal" for r in sub) == 6 and sum(r.label == "glioma" for r in sub) == 4
+    assert sub == limit_rows(rows, 10, seed=3)
+    assert limit_rows(rows, 0) == rows
+
+
+def test_make_folds_never_splits_a_group():
+    rows = [_row("normal", "train", group=f"p{i // 3}", name=str(i)) for i in range(30)]
+    folds = make_folds(rows, 5, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(30))
+    for f in folds:
+        groups = {rows[i].group for i in f}
+        others = {rows[i].group for g in folds if g is not f for i in g}
+        assert not groups & others
+    ungrouped = make_folds([_row("normal", name=str(i)) for i in range(10)], 5, seed=0)
+    assert [len(f) for f in ungrouped] == [2] * 5
+
+
+def test_pick_gallery_kinds():
+    scores = np.array([0.9, 0.8, 0.1, 0.7, 0.2, 0.05])
+    normal = np.array([False, False, False, True, True, True])
+    picks = pick_gallery(scores, normal, 0.5, 2)
+    assert picks == [("true_positive", 0), ("true_positive", 1), ("false_positive", 3), ("false_negative", 2)]
+
+
+def test_command_line_has_no_machine_paths(make_settings, tmp_path):
+    settings = make_settings()
+    args = build_parser().parse_args(["evaluate", "--manifest", str(settings.data_root / "kermany_cxr" / "manifest.csv"),
+                                      "--out", str(tmp_path / "r"), "--cv", "5"])
+    cmd = command_line(args, settings)
+    assert cmd.startswith("medgru evaluate --manifest $MEDGRU_DATA_ROOT/kermany_cxr/manifest.csv")
+    assert "--cv 5" in cmd
+    assert str(settings.data_root) not in cmd
