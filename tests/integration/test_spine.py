@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import re
 import time
@@ -43,6 +44,7 @@ DIRECT_SERIES = Path("dwv/data/gdcm-CR-MONO1-10-chest.dcm")  # CR, BodyPartExami
 RESULT_TIMEOUT_S = 300.0  # bounded but generous: a shared 2-core CPU machine
 NOT_PROCESSED_TIMEOUT_S = 120.0
 POLL_S = 0.25
+ABORT_CHECK_S = 10.0
 MANUFACTURER = "MedGRU"
 LATENCY_FILE = REPO_ROOT / "benchmarks" / "results" / "spine_latency.json"
 
@@ -83,15 +85,44 @@ def _concept(item: dict[str, Any]) -> str:
     return seq[0].get("CodeMeaning", "")
 
 
-def _wait_for(what: str, predicate: Callable[[], Any], timeout_s: float, on_timeout: Callable[[], str]) -> Any:
+def _wait_for(
+    what: str,
+    predicate: Callable[[], Any],
+    timeout_s: float,
+    on_timeout: Callable[[], str],
+    abort: Callable[[], str | None] | None = None,
+) -> Any:
+    """Poll ``predicate`` until truthy; fail after ``timeout_s``, or as soon as ``abort`` (checked every
+    ``ABORT_CHECK_S``) returns a reason the wait is hopeless."""
     deadline = time.monotonic() + timeout_s
+    next_abort_check = time.monotonic() + ABORT_CHECK_S
     while True:
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if abort is not None and now >= next_abort_check:
+            next_abort_check = now + ABORT_CHECK_S
+            reason = abort()
+            if reason and not predicate():
+                pytest.fail(f"gave up waiting for {what}: {reason}\n{on_timeout()}")
+        if now > deadline:
             pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}\n{on_timeout()}")
         time.sleep(POLL_S)
+
+
+def _job_gave_up(service: MedgruService, series_uid: str) -> str | None:
+    """A reason when the series' latest job ended without results (not_processed, failed, cancelled)."""
+    listed = service.medgru("jobs", "list", "--limit", "1000")
+    if listed.returncode != 0:
+        return None
+    for cols in (line.split() for line in listed.stdout.splitlines()[2:]):
+        if cols and cols[-1] == series_uid:  # newest first: the first row is the latest job
+            if cols[1] in ("not_processed", "failed", "cancelled"):
+                shown = service.medgru("jobs", "show", cols[0])
+                return f"its job {cols[0]} is {cols[1]}:\n{shown.stdout}"
+            return None
+    return None
 
 
 class ResultFinder:
@@ -130,7 +161,7 @@ class ResultFinder:
         return found
 
 
-def _record_latency(key: str, entry: dict[str, Any]) -> None:
+def _record_latency(key: str, service: MedgruService, entry: dict[str, Any]) -> None:
     LATENCY_FILE.parent.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {}
     if LATENCY_FILE.is_file():
@@ -142,8 +173,9 @@ def _record_latency(key: str, entry: dict[str, Any]) -> None:
         **entry,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quiet_period_s": QUIET_PERIOD_S,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "device": "cpu",
+        "models": service.models.kind if service.models else "?",
     }
     LATENCY_FILE.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -274,7 +306,13 @@ def test_orthanc_routes_series_and_gets_sr_and_overlay_back(
         def sr_present(c=c):
             return finder.results(c["study_uid"], c["series_uid"])["SR"]
 
-        _wait_for(f"the SR for the {label} series {c['series_uid']}", sr_present, RESULT_TIMEOUT_S, diagnostics)
+        _wait_for(
+            f"the SR for the {label} series {c['series_uid']}",
+            sr_present,
+            RESULT_TIMEOUT_S,
+            diagnostics,
+            abort=lambda c=c: _job_gave_up(medgru_service, c["series_uid"]),
+        )
         latencies[label] = time.monotonic() - sent_at[label]
 
         def both_present(c=c):
@@ -314,6 +352,7 @@ def test_orthanc_routes_series_and_gets_sr_and_overlay_back(
     print(f"\nvia Orthanc: {json.dumps(summary, indent=2)}")
     _record_latency(
         "via_orthanc_store",
+        medgru_service,
         {
             "what": "seconds from Orthanc's synchronous /modalities/medgru/store returning to the SR being "
             "visible in Orthanc (includes the quiet period)",
@@ -344,6 +383,7 @@ def test_storescu_direct_to_listener_sr_reaches_orthanc(
         sr_present,
         RESULT_TIMEOUT_S,
         lambda: _jobs_report(medgru_service),
+        abort=lambda: _job_gave_up(medgru_service, head.SeriesInstanceUID),
     )
     latency = time.monotonic() - last_sent
     sr = _check_sr(orthanc, hits[0], head.SeriesInstanceUID, tmp_path)
@@ -351,6 +391,7 @@ def test_storescu_direct_to_listener_sr_reaches_orthanc(
           f"({len(files)} instance(s), quiet period {QUIET_PERIOD_S} s, model {sr['model']})")
     _record_latency(
         "direct_storescu",
+        medgru_service,
         {
             "what": "seconds from DCMTK storescu finishing (last instance sent, association released) to the SR "
             "being visible in Orthanc (includes the quiet period)",
