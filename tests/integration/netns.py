@@ -18,11 +18,16 @@ How we talk into the namespace:
   opens its connections inside ``fn`` works unchanged.
 
 Reaching the host's 127.0.0.1 services (PostgreSQL 5432, Redis 6379) from inside the namespace: the
-namespace's loopback is a different interface, so TCP to 127.0.0.1 does NOT reach them. The embedded
-defaults (SQLite + filesystem broker under ``MEDGRU_HOME``) need no network and are what the spine test
-uses. Should a test need the real servers from inside, use their Unix sockets (path-bound Unix sockets are
-not network-namespaced), e.g. ``postgresql+psycopg://postgres@/test?host=/var/run/postgresql``; for TCP
-one would add a veth pair and a route, which we do not need today.
+namespace's loopback is a different interface, so TCP to 127.0.0.1 does NOT reach them (checked:
+ECONNREFUSED). The embedded defaults (SQLite + filesystem broker under ``MEDGRU_HOME``) need no network and
+are what the spine test uses. Path-bound Unix sockets are not network-namespaced, so PostgreSQL works from
+inside through its socket (checked: ``postgresql+psycopg://postgres@/test?host=/var/run/postgresql``).
+Redis here has no Unix socket configured; it would need a relay (e.g. ``socat`` from a Unix socket on the
+host side to TCP 6379, and inside ``socat TCP-LISTEN:6379,bind=127.0.0.1,fork UNIX-CONNECT:...``) or a veth
+pair with a route, which we do not need today.
+
+A session killed with SIGKILL leaves its ``medgru-*`` namespace behind: ``ip netns list``, then
+``ip netns pids NAME`` and ``ip netns delete NAME``.
 """
 
 from __future__ import annotations
