@@ -1,0 +1,225 @@
+"""Inference speed: score, and score + heat map (Grad-CAM), of one T=8 224x224 sequence.
+
+For every bundled model (``inference/bundled/*``) and the ``knn-effnet`` baseline, side by side, on the
+CPU with 2 torch threads (and on the GPU when CUDA is available). Each figure is the median of
+``--repeats`` runs after ``--warmup`` unmeasured runs. Goals (issue): <= 0.10 s to score, <= 0.20 s
+with Grad-CAM, per T=8 sequence on 2 CPU threads.
+
+    python benchmarks/bench_inference.py [--knn-model DIR] [--repeats 15]
+
+Without ``--knn-model`` the baseline is fitted here on 64 train normals of the Kermany manifest (under
+``$MEDGRU_DATA_ROOT``; its patch memory has its full default size, so its timing is representative,
+only its pooled memory is smaller), or on synthetic textures when the data are absent.
+Prints a table and writes ``benchmarks/results/inference_speed.json``. A benchmark, not a test: the
+figures depend on the machine and on its load (the load average is recorded with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GOAL_SCORE_S = 0.10
+GOAL_EXPLAIN_S = 0.20
+
+
+def synthetic_sequence(t: int = 8, size: int = 224, seed: int = 0):
+    import cv2
+
+    from inference.api import FrameSequence
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(t):
+        n = cv2.GaussianBlur(rng.normal(size=(size, size)).astype(np.float32), (0, 0), 6.0)
+        n = (n - n.min()) / (n.max() - n.min() + 1e-6)
+        frames.append(0.15 + 0.7 * n)
+    return FrameSequence(frames=np.stack(frames).astype(np.float32), modality="CR", body_part="CHEST",
+                         bits_stored=8)
+
+
+def real_sequence(data_root: Path, t: int = 8):
+    """T consecutive Kermany test images stacked as one sequence (content only matters for realism)."""
+    from inference.api import FrameSequence
+    from training.manifest import load_frames, read_manifest
+
+    rows = [r for r in read_manifest(data_root / "kermany_cxr" / "manifest.csv") if r.split == "test"][:t]
+    frames = np.concatenate([load_frames(r).frames for r in rows])
+    return FrameSequence(frames=frames, modality="CR", body_part="CHEST", bits_stored=8)
+
+
+def fit_knn(data_root: Path | None, out_dir: Path) -> Path:
+    from inference.api import ModelCard, Scope, get_detector_class, sha256_file
+
+    cls = get_detector_class("knn-effnet")
+    det = cls(name="knn-effnet-bench")
+    if data_root is not None and (data_root / "kermany_cxr" / "manifest.csv").is_file():
+        from training.manifest import load_sequences, read_manifest
+
+        rows = [r for r in read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+                if r.split == "train" and r.label == "normal"][:64]
+        seqs = load_sequences(rows)
+        source = "64 Kermany train normals"
+    else:
+        seqs = [synthetic_sequence(1, seed=100 + i) for i in range(64)]
+        source = "64 synthetic textures"
+    det.fit(seqs[:48], validation=seqs[48:], seed=0)
+    files = det.save(out_dir)
+    ModelCard(name="knn-effnet-bench", version="1.0.0", detector="knn-effnet", scope=Scope(("CR",)),
+              files={f: sha256_file(out_dir / f) for f in files}, params=det.get_params(),
+              training_data=source).write(out_dir)
+    return out_dir
+
+
+def time_it(fn, repeats: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": repeats}
+
+
+def bench_model(model_dir: Path, seq, device: str, repeats: int, warmup: int) -> dict:
+    import torch
+
+    from inference.api import load_model
+
+    det = load_model(model_dir)
+    if device != "cpu":
+        det.to(device)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def score():
+        det.score_batch([seq])
+        sync()
+
+    def explain():
+        det.detect(seq, explain=True)
+        sync()
+
+    out = {"model": det.card.name, "version": det.card.version, "detector": det.card.detector,
+           "device": device}
+    out["score"] = time_it(score, repeats, warmup)
+    out["score_and_heatmap"] = time_it(explain, repeats, warmup)
+    if device == "cpu":
+        out["meets_score_goal"] = out["score"]["median_s"] <= GOAL_SCORE_S
+        out["meets_heatmap_goal"] = out["score_and_heatmap"]["median_s"] <= GOAL_EXPLAIN_S
+    if device != "cpu":
+        det.to("cpu")
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--knn-model", type=Path, help="a trained knn-effnet model folder (else fitted here)")
+    p.add_argument("--model", type=Path, action="append", default=[],
+                   help="model folders to time (default: every bundled model)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "inference_speed.json")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from inference.api import discover_model_dirs
+    from medgru.settings import BUNDLED_MODELS_DIR
+
+    torch.set_num_threads(args.threads)
+    data_root = Path(os.environ["MEDGRU_DATA_ROOT"]) if os.environ.get("MEDGRU_DATA_ROOT") else \
+        (REPO.parent / "shared" / "data")
+    if not (data_root / "README.md").is_file():
+        data_root = None
+    seq = real_sequence(data_root, args.frames) if data_root is not None else synthetic_sequence(args.frames)
+    models = discover_model_dirs(args.model or [BUNDLED_MODELS_DIR])
+    tmp = None
+    if args.knn_model:
+        models.append(args.knn_model)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="knn-bench-")
+        models.append(fit_knn(data_root, Path(tmp.name)))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        for m in models:
+            r = bench_model(m, seq, device, args.repeats, args.warmup)
+            rows.append(r)
+            print(f"{r['model']:<22} {device:<5} score {1e3 * r['score']['median_s']:7.1f} ms   "
+                  f"score+heatmap {1e3 * r['score_and_heatmap']['median_s']:7.1f} ms", flush=True)
+    # ratios against the baseline, per device
+    for device in devices:
+        base = [r for r in rows if r["device"] == device and r["detector"] == "knn-effnet"]
+        if not base:
+            continue
+        b = base[-1]
+        for r in rows:
+            if r["device"] == device:
+                r["ratio_to_knn_baseline"] = {
+                    "score": r["score"]["median_s"] / b["score"]["median_s"],
+                    "score_and_heatmap": r["score_and_heatmap"]["median_s"] / b["score_and_heatmap"]["median_s"],
+                }
+    result = {
+        "what": f"one T={args.frames} sequence of {seq.frames.shape[1]}x{seq.frames.shape[2]} frames: "
+                "score = score_batch([seq]); score_and_heatmap = detect(seq, explain=True)",
+        "goals_s": {"score": GOAL_SCORE_S, "score_and_heatmap": GOAL_EXPLAIN_S, "cpu_threads": 2},
+        "input": "Kermany test images" if data_root is not None else "synthetic textures",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": list(os.getloadavg()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python benchmarks/bench_inference.py" + (" --knn-model DIR" if args.knn_model else "")
+                   + (f" --repeats {args.repeats}" if args.repeats != 15 else ""),
+        "results": rows,
+    }
+    print()
+    print(f"{'model':<22} {'device':<6} {'score ms':>9} {'+heatmap ms':>12} {'x knn (score)':>14} {'goal':>6}")
+    for r in rows:
+        ratio = r.get("ratio_to_knn_baseline", {}).get("score")
+        goal = "" if r["device"] != "cpu" else ("met" if r["meets_score_goal"] and r["meets_heatmap_goal"] else "MISSED")
+        print(f"{r['model']:<22} {r['device']:<6} {1e3 * r['score']['median_s']:9.1f} "
+              f"{1e3 * r['score_and_heatmap']['median_s']:12.1f} {ratio if ratio is None else f'{ratio:.2f}':>14} {goal:>6}")
+    print(f"load average during the run: {result['load_average_1_5_15']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {args.out}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
