@@ -14,6 +14,8 @@ Kinds:
 * ``cutpaste``: a rectangle copied from elsewhere in the frame (or from a donor frame), rescaled and
   rotated, with a small intensity jitter (Li et al., CutPaste, 2021).
 * ``noise``: band-limited texture noise added inside a soft ellipse.
+* ``diffuse``: a large soft region (40-80 % of the frame) hazed: blurred and raised in intensity, with
+  lower local contrast (a diffuse opacity / oedema-like change rather than a focal one).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-KINDS = ("opacity", "lucency", "smooth", "cutpaste", "noise")
+KINDS = ("opacity", "lucency", "smooth", "cutpaste", "noise", "diffuse")
+#: bump when the generator changes (feature caches key on it)
+SYNTHETIC_VERSION = 2
 
 
 def _soft_ellipse(h: int, w: int, rng: np.random.Generator, min_frac: float, max_frac: float,
@@ -47,9 +51,18 @@ def synthesize(frame: np.ndarray, rng: np.random.Generator, kind: str | None = N
     f = np.asarray(frame, dtype=np.float32)
     h, w = f.shape
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
-    if kind in ("opacity", "lucency", "smooth", "noise"):
-        m = _soft_ellipse(h, w, rng, min_frac, max_frac)
-        if kind == "opacity":
+    if kind in ("opacity", "lucency", "smooth", "noise", "diffuse"):
+        if kind == "diffuse":
+            m = _soft_ellipse(h, w, rng, 0.4, 0.8, margin=0.3)
+        else:
+            m = _soft_ellipse(h, w, rng, min_frac, max_frac)
+        if kind == "diffuse":
+            sigma = rng.uniform(2.0, 6.0) * h / 224
+            blurred = cv2.GaussianBlur(f, (0, 0), sigma)
+            target = np.clip(blurred + rng.uniform(0.08, 0.25), 0, 1)
+            a = rng.uniform(0.4, 0.8)
+            out = f * (1 - a * m) + target * (a * m)
+        elif kind == "opacity":
             sigma = rng.uniform(1.5, 5.0) * h / 224
             target = np.clip(cv2.GaussianBlur(f, (0, 0), sigma) + rng.uniform(0.12, 0.35), 0, 1)
             a = rng.uniform(0.5, 0.9)

@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic-per-normal", type=int, default=1)
     parser.add_argument("--synthetic-max", type=int, default=0,
                         help="make training synthetic anomalies from at most this many fit normals (0 = all)")
+    parser.add_argument("--loss", choices=("deep-sad", "hsc"), default="deep-sad",
+                        help="encoder objective: Deep SAD or hypersphere classifier (both with outlier exposure)")
+    parser.add_argument("--reducer-init", choices=("random", "pca"), default="random",
+                        help="start the 1x1 reducer as whitened PCA of the normals' features")
     parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden-channels", type=int, default=64)
@@ -80,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-split", default="", help="after training, score this split once (AUROC)")
     parser.add_argument("--cache", type=Path, default=None, help="feature cache folder")
     parser.add_argument("--workers", type=int, default=2, help="image loading threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1 is fastest on a shared, busy CPU)")
     parser.add_argument("--supervised", action="store_true",
                         help="NOT IMPLEMENTED: this trainer is unsupervised only (normals)")
 
@@ -140,6 +146,15 @@ class FeatureCache:
         d = self.det
         return {"size": d.input_size, "clip": d.clip_limit, "tile": d.tile_grid, "bb": backbone_info(), "v": 2}
 
+    def _syn_key(self, synthetic_seed: int | None) -> Any:
+        if synthetic_seed is None:
+            return None
+        from inference.synthetic import KINDS, SYNTHETIC_VERSION
+
+        if SYNTHETIC_VERSION == 1:
+            return synthetic_seed
+        return [synthetic_seed, SYNTHETIC_VERSION, list(KINDS)]
+
     def features(self, rows: Sequence, *, synthetic_seed: int | None = None, desc: str = "features"):
         """``(N, 1, C, h, w)`` float16 torch tensor for the rows (synthetic anomalies if a seed is given)."""
         import torch
@@ -149,7 +164,7 @@ class FeatureCache:
         from training.manifest import load_sequences
 
         key = _hash({"rows": [_file_key(r.path) for r in rows], "prep": self._prep_key(),
-                     "syn": synthetic_seed})
+                     "syn": self._syn_key(synthetic_seed)})
         path = self.folder / f"{desc.replace(' ', '_')}-{key}.npy"
         if path.is_file():
             arr = np.load(path, mmap_mode="r")
@@ -212,7 +227,8 @@ def detector_from_args(args: argparse.Namespace):
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         momentum=args.momentum, optimizer=args.optimizer, oe_weight=args.oe_weight,
         synthetic_per_normal=args.synthetic_per_normal, hpo_trials=args.hpo_trials,
-        hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, device="cpu",
+        hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, loss=args.loss,
+        reducer_init=args.reducer_init, device="cpu",
     )
 
 
@@ -298,6 +314,10 @@ def run(args: argparse.Namespace, settings) -> int:
         log.error("--supervised is not implemented: medgru train is unsupervised (normals only)")
         return 2
     _seed_everything(args.seed)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     try:
         prep = prepare(args, settings)

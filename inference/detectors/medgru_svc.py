@@ -72,7 +72,7 @@ class MedGRUSVC(Detector):
                  oe_weight: float = 1.0, synthetic_per_normal: int = 1, gamma: float = 1.0, nu: float = 0.1,
                  hpo_trials: int = 25, hpo_fraction: float = 0.2, target_fpr: float = 0.05,
                  cluster_gamma: float = 1.0, cluster_nu: float = 0.1, cluster_k: int = 10,
-                 device: str = "cpu"):
+                 loss: str = "deep-sad", reducer_init: str = "random", device: str = "cpu"):
         self.input_size = int(input_size)
         self.clip_limit = float(clip_limit)
         self.tile_grid = int(tile_grid)
@@ -96,6 +96,8 @@ class MedGRUSVC(Detector):
         self.cluster_gamma = float(cluster_gamma)
         self.cluster_nu = float(cluster_nu)
         self.cluster_k = int(cluster_k)
+        self.loss = str(loss)
+        self.reducer_init = str(reducer_init)
         self.device = str(device)
 
         self.encoder: ConvRecurrentEncoder | None = None
@@ -111,7 +113,7 @@ class MedGRUSVC(Detector):
         keys = ("input_size", "clip_limit", "tile_grid", "cell", "layers", "hidden_channels",
                 "reduce_channels", "epochs", "lr", "batch_size", "weight_decay", "momentum", "optimizer",
                 "oe_weight", "synthetic_per_normal", "gamma", "nu", "hpo_trials", "hpo_fraction",
-                "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "device")
+                "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "loss", "reducer_init", "device")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -247,6 +249,10 @@ class MedGRUSVC(Detector):
                                    weight_decay=self.weight_decay)
         else:
             raise ValueError(f"unknown optimizer {self.optimizer!r} (adam or sgd)")
+        if self.reducer_init == "pca":
+            self._pca_init_reducer(train)
+        elif self.reducer_init != "random":
+            raise ValueError(f"unknown reducer_init {self.reducer_init!r} (random or pca)")
         start_epoch = 0
         with torch.no_grad():  # Deep SVDD centre: mean initial embedding of the normals
             c = torch.from_numpy(self.embed_features(train)).float().mean(0).to(self.device)
@@ -276,12 +282,20 @@ class MedGRUSVC(Detector):
                 idx = perm[i:i + bs]
                 xb = train[idx].to(self.device).float()
                 dn = ((global_average_pool(enc(xb)) - c) ** 2).sum(1)
+                hsc = self.loss == "hsc"
+                if hsc:  # hypersphere classifier (Ruff et al. 2021): pseudo-Huber distance, BCE
+                    dn = torch.sqrt(dn + 1.0) - 1.0
                 loss = dn.mean()
                 if m and self.oe_weight > 0:
                     sidx = perm_s[np.arange(i, i + len(idx)) % m]
                     xs = train_syn[sidx].to(self.device).float()
                     da = ((global_average_pool(enc(xs)) - c) ** 2).sum(1)
-                    loss = loss + self.oe_weight * (1.0 / (da + 1e-6)).mean()
+                    if hsc:
+                        da = torch.sqrt(da + 1.0) - 1.0
+                        la = -torch.log(-torch.expm1(-da.clamp_min(1e-6)))
+                    else:
+                        la = 1.0 / (da + 1e-6)
+                    loss = loss + self.oe_weight * la.mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -297,6 +311,29 @@ class MedGRUSVC(Detector):
                             "np_rng": rng.bit_generator.state}, checkpoint)
         enc.eval()
         report["loss_history"] = [round(v, 6) for v in history]
+
+    @torch.no_grad()
+    def _pca_init_reducer(self, train: torch.Tensor, max_vectors: int = 50000) -> None:
+        """Start the 1x1 reducer as whitened PCA of the normals' feature vectors, both signs
+        (``[P; -P]`` before the ReLU keeps the information of ``reduce_channels / 2`` components)."""
+        enc = self.encoder
+        conv = enc.reducer[0] if isinstance(enc.reducer, nn.Sequential) else None
+        if conv is None:
+            return
+        x = train[:, -1].float().permute(0, 2, 3, 1).reshape(-1, train.shape[2])
+        if x.shape[0] > max_vectors:
+            g = torch.Generator().manual_seed(0)
+            x = x[torch.randperm(x.shape[0], generator=g)[:max_vectors]]
+        mean = x.mean(0)
+        xc = x - mean
+        k = conv.out_channels // 2
+        _, s, v = torch.linalg.svd(xc, full_matrices=False)
+        comps = v[:k] / (s[:k, None] / math.sqrt(max(x.shape[0] - 1, 1)) + 1e-6)
+        w = torch.cat([comps, -comps], 0)
+        if w.shape[0] < conv.out_channels:
+            w = torch.cat([w, torch.zeros(conv.out_channels - w.shape[0], w.shape[1])], 0)
+        conv.weight.copy_(w[:, :, None, None].to(conv.weight))
+        conv.bias.copy_((-(w @ mean)).to(conv.bias))
 
     def _tune_boundary(self, e_train: np.ndarray, e_hn: np.ndarray, e_hs: np.ndarray, *, seed: int,
                        report: dict[str, Any]) -> None:
