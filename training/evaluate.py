@@ -298,6 +298,7 @@ def run(args, settings) -> int:
     # warm-up (first call builds the backbone, allocates buffers): not counted in the timing
     det.score_batch(sequences[:1])
     scores, per_image = score_all(det, sequences, args.batch)
+    load_after_scoring = os.getloadavg()[0]
     log.info("scored %d images in %.1f s (%.1f ms/image)", len(scores), per_image * len(scores), 1e3 * per_image)
 
     detect_times = []
@@ -339,6 +340,8 @@ def run(args, settings) -> int:
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "batch": args.batch,
+        "cpu_count": os.cpu_count(),
+        "load_average_after_scoring": round(load_after_scoring, 2),
     }
     dataset = args.dataset_name or display_path(src, settings)
     notes = [f"Evaluation rows: {'the test split' if any(r.split for r in rows) else 'all rows'} of "

@@ -142,7 +142,7 @@ def plot_roc(scores, labels, threshold, metrics: Mapping[str, Any], path: Path, 
     ax.set_ylabel("Sensitivity (true-positive rate)")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -162,7 +162,7 @@ def plot_pr(scores, labels, metrics: Mapping[str, Any], path: Path, title: str) 
     ax.set_ylabel("Precision (PPV)")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(0.0, 1.02)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -184,7 +184,7 @@ def plot_histograms(scores, classes, threshold, path: Path, title: str) -> None:
     ax.axvline(threshold, c="crimson", ls="--", lw=1.5, label=f"threshold {threshold:.4g}")
     ax.set_xlabel("Anomaly score (clipped to the 0.5-99.5 percentile range)")
     ax.set_ylabel("Density")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -332,9 +332,15 @@ def render_markdown(m: Mapping[str, Any], result: EvaluationResult, plots: Mappi
                        ("explain_seconds_median", "`detect(explain=True)` (score + heat map), one image, median")):
         if key in t:
             L.append(f"| {label} | {_ms(t[key])} |")
-    for key in ("device", "torch_threads", "cpu"):
+    for key in ("device", "torch_threads", "cpu", "cpu_count", "load_average_after_scoring"):
         if key in t:
             L.append(f"| {key.replace('_', ' ')} | {t[key]} |")
+    L.append("")
+    if "load_average_after_scoring" in t:
+        L.append("")
+        L.append("Timings are wall-clock on the machine named above; a load average above the CPU count means "
+                 "the run shared the CPUs with other work and the times are inflated accordingly "
+                 "(see `benchmarks/results/inference_speed.json` for the dedicated speed benchmark).")
     L.append("")
     L.append("## Plots")
     L.append("")
@@ -403,13 +409,14 @@ def write_report(out_dir: Path, result: EvaluationResult, *, n_boot: int = 1000)
     labels = M.binary_labels(result.classes)
     m = compute_metrics(result, n_boot=n_boot)
     title = f"{m['model_name']} on {result.dataset}"
+    short = f"{m['model_name']}\n{result.dataset}"
 
     plots: dict[str, str] = {}
-    plot_roc(scores, labels, result.threshold, m, out_dir / "roc.png", f"ROC: {title}")
+    plot_roc(scores, labels, result.threshold, m, out_dir / "roc.png", f"ROC: {short}")
     plots["roc"] = "roc.png"
-    plot_pr(scores, labels, m, out_dir / "pr.png", f"Precision-recall: {title}")
+    plot_pr(scores, labels, m, out_dir / "pr.png", f"Precision-recall: {short}")
     plots["pr"] = "pr.png"
-    plot_histograms(scores, result.classes, result.threshold, out_dir / "score_hist.png", f"Scores: {title}")
+    plot_histograms(scores, result.classes, result.threshold, out_dir / "score_hist.png", f"Scores: {short}")
     plots["hist"] = "score_hist.png"
     plot_confusion(m, out_dir / "confusion.png", f"Confusion at threshold {result.threshold:.4g}")
     plots["confusion"] = "confusion.png"
