@@ -5,7 +5,7 @@ It starts a small stand-in PACS (a pynetdicom Storage SCP that keeps what it rec
 in-process worker) with that PACS as destination, sends sample series to the listener over DICOM,
 waits until every job has ended and its result objects have arrived at the stand-in PACS, and prints
 the findings. The default samples come from the benchmark data's DICOM corpus: an ordered brain MR
-series, a chest radiograph, and a knee MR series that no model covers (it must come back unprocessed).
+series, a human chest CR (MONOCHROME1), and a knee MR series that no model covers (it must come back unprocessed).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES = (
     "dicom/orthanc-tests/Brainix/Flair",
-    "dicom/highdicom/dx_image.dcm",
+    "dicom/dwv/data/gdcm-CR-MONO1-10-chest.dcm",
     "dicom/orthanc-tests/Knee/T1",
 )
 DEMO_PACS_AET = "DEMOPACS"
