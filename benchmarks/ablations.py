@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _train_args(ns.dataset, data_root, ns.cache, extra)
     T._seed_everything(args.seed)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     prep = T.prepare(args, settings)
     f = prep.features
     test_rows = [r for r in prep.rows if (r.split or "").lower() == "test"]
