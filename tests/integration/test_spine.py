@@ -37,9 +37,9 @@ from tests.integration.orthanc import OrthancServer
 pytestmark = pytest.mark.integration
 
 BRAIN_SERIES = Path("orthanc-tests/Brainix/Flair")  # 22 MR slices; BRAIN only from the study description
-CHEST_SERIES = Path("highdicom/dx_image.dcm")  # DX, BodyPartExamined THORAX
+CHEST_SERIES = Path("dwv/data/gdcm-CR-MONO1-10-chest.dcm")  # human chest CR, BodyPartExamined CHEST, MONOCHROME1
 KNEE_SERIES = Path("orthanc-tests/Knee/T1")  # MR KNEE: no model covers it
-DIRECT_SERIES = Path("dwv/data/gdcm-CR-MONO1-10-chest.dcm")  # CR, BodyPartExamined CHEST
+DIRECT_SERIES = Path("pydicom-data/RG1_UNCR.dcm")  # human chest CR, 1955x1841 16-bit, 7 MB
 
 RESULT_TIMEOUT_S = 300.0  # bounded but generous: a shared 2-core CPU machine
 NOT_PROCESSED_TIMEOUT_S = 120.0
