@@ -46,8 +46,9 @@ class ConvGRUCell(nn.Module):
         return x.new_zeros(b, self.hidden_channels, h, w)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        if h is None:
-            h = self.init_state(x)
+        if h is None:  # h_0 = 0: U * 0 = 0, so eqs. 2-5 reduce to h_1 = z . tanh(W * X + b)
+            z = torch.sigmoid(self.W_z(x))
+            return z * torch.tanh(self.W(x))
         z = torch.sigmoid(self.W_z(x) + self.U_z(h))
         r = torch.sigmoid(self.W_r(x) + self.U_r(h))
         h_tilde = torch.tanh(self.W(x) + self.U(r * h))
