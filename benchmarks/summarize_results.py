@@ -1,0 +1,71 @@
+"""Write ``benchmarks/results/SUMMARY.md``: the bundled models and the k-NN baseline side by side.
+
+Reads ``benchmarks/results/<name>/metrics.json`` (written by ``medgru evaluate``) and
+``benchmarks/results/inference_speed.json`` (written by ``benchmarks/bench_inference.py``).
+
+    python benchmarks/summarize_results.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = (("kermany", "Kermany CXR"), ("kermany-knn", "Kermany CXR"), ("brain_mri", "Brain MRI"),
+        ("brain_mri-knn", "Brain MRI"))
+
+
+def f(x, nd=3):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def main() -> int:
+    lines = ["# Evaluation summary", "",
+             "Test splits only; every model trained on train-split normals only, threshold from the model "
+             "folder (calibrated on held-out normals at 5% FPR). Details, plots and the exact commands are in "
+             "each folder's `report.md`.", "",
+             "| data set | model | AUROC (95% CI) | AUPRC | sens @ 95% spec | FPR @ 95% sens | sensitivity @ thr | "
+             "specificity @ thr | F1 @ thr | report |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, ds in RUNS:
+        p = RESULTS / name / "metrics.json"
+        if not p.is_file():
+            continue
+        m = json.loads(p.read_text())
+        lo, hi = m["auroc_ci95"]
+        lines.append(f"| {ds} | `{m['model_name']}` {m['model_version']} | {f(m['auroc'])} ({f(lo)}-{f(hi)}) | "
+                     f"{f(m['auprc'])} | {f(m['sens_at_95_spec'])} | {f(m['fpr_at_95_sens'])} | "
+                     f"{f(m['sensitivity'])} | {f(m['specificity'])} | {f(m['f1'])} | [{name}]({name}/report.md) |")
+    lines.append("")
+    lines.append("Per-class AUROC (each anomaly class vs normals):")
+    lines.append("")
+    for name, ds in RUNS:
+        p = RESULTS / name / "metrics.json"
+        if p.is_file():
+            m = json.loads(p.read_text())
+            pcs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m["per_class_auroc"].items()))
+            lines.append(f"- {ds}, `{m['model_name']}`: {pcs}")
+    speed = RESULTS / "inference_speed.json"
+    if speed.is_file():
+        s = json.loads(speed.read_text())
+        lines += ["", "## Speed (one T=8 224x224 sequence)", "",
+                  f"{s['cpu']}, {s['torch_threads']} torch threads; load average during the run "
+                  f"{', '.join(f'{x:.1f}' for x in s['load_average_1_5_15'])} on {s['cpu_count']} CPUs "
+                  "(a shared machine: times above the goals may be load, see the JSON). Goals: score <= "
+                  f"{s['goals_s']['score']} s, score + heat map <= {s['goals_s']['score_and_heatmap']} s.", "",
+                  "| model | device | score (median) | score + heat map (median) | x k-NN (score) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in s["results"]:
+            ratio = r.get("ratio_to_knn_baseline", {}).get("score")
+            lines.append(f"| `{r['model']}` | {r['device']} | {r['score']['median_s']:.3f} s | "
+                         f"{r['score_and_heatmap']['median_s']:.3f} s | {f(ratio, 2)} |")
+    lines.append("")
+    (RESULTS / "SUMMARY.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
