@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--note", default="", help="a remark stored with the figures (e.g. machine conditions)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "inference_speed.json")
     args = p.parse_args(argv)
 
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                    + (f" --repeats {args.repeats}" if args.repeats != 15 else ""),
         "results": rows,
     }
+    if args.note:
+        result["note"] = args.note
     print()
     print(f"{'model':<22} {'device':<6} {'score ms':>9} {'+heatmap ms':>12} {'x knn (score)':>14} {'goal':>6}")
     for r in rows:

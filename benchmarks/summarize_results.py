@@ -55,6 +55,7 @@ def main() -> int:
                   f"{', '.join(f'{x:.1f}' for x in s['load_average_1_5_15'])} on {s['cpu_count']} CPUs "
                   "(a shared machine: times above the goals may be load, see the JSON). Goals: score <= "
                   f"{s['goals_s']['score']} s, score + heat map <= {s['goals_s']['score_and_heatmap']} s.", "",
+                  *([f"Note: {s['note']}", ""] if s.get("note") else []),
                   "| model | device | score (median) | score + heat map (median) | x k-NN (score) |",
                   "| --- | --- | --- | --- | --- |"]
         for r in s["results"]:
