@@ -1,8 +1,10 @@
 """End to end: a real Orthanc sends series to ``medgru serve``; the SR and the Grad-CAM SC come back to it.
 
 Both run in the session's private network namespace (see ``conftest.py``). The latency from the last
-instance sent to the SR being visible in Orthanc is printed and written to
-``benchmarks/results/spine_latency.json``.
+instance sent to the SR being visible in Orthanc is printed, and written to the JSON file named by
+``MEDGRU_SPINE_LATENCY_OUT`` (``benchmarks/bench_spine.py`` sets it to
+``benchmarks/results/spine_latency.json``); a plain test run writes it under the system temp folder, so
+the suite never modifies tracked files.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import platform
 import re
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +49,8 @@ NOT_PROCESSED_TIMEOUT_S = 120.0
 POLL_S = 0.25
 ABORT_CHECK_S = 10.0
 MANUFACTURER = "MedGRU"
-LATENCY_FILE = REPO_ROOT / "benchmarks" / "results" / "spine_latency.json"
+LATENCY_FILE = Path(os.environ.get("MEDGRU_SPINE_LATENCY_OUT")
+                    or Path(tempfile.gettempdir()) / "medgru-spine-latency.json")
 
 
 # helpers -------------------------------------------------------------------------------------------------
