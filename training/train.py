@@ -69,8 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic-per-normal", type=int, default=1)
     parser.add_argument("--synthetic-max", type=int, default=0,
                         help="make training synthetic anomalies from at most this many fit normals (0 = all)")
-    parser.add_argument("--loss", choices=("deep-sad", "hsc"), default="deep-sad",
-                        help="encoder objective: Deep SAD or hypersphere classifier (both with outlier exposure)")
+    parser.add_argument("--loss", choices=("deep-sad", "hsc", "reconstruct"), default="deep-sad",
+                        help="encoder objective: Deep SAD or hypersphere classifier (both with outlier exposure), "
+                             "or reconstruct (self-supervised on normals only: rebuild the backbone map from h_T)")
+    parser.add_argument("--hpo-objective", choices=("synthetic-auroc", "tax-duin"), default="synthetic-auroc",
+                        help="optuna objective for gamma, nu: AUROC held-out normals vs synthetic, or the "
+                             "label-free Tax & Duin error (held-out normals rejected + Gaussian envelope accepted)")
+    parser.add_argument("--nu-max", type=float, default=0.5, help="upper end of the optuna range of nu")
     parser.add_argument("--reducer-init", choices=("random", "pca"), default="random",
                         help="start the 1x1 reducer as whitened PCA of the normals' features")
     parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
@@ -228,7 +233,8 @@ def detector_from_args(args: argparse.Namespace):
         momentum=args.momentum, optimizer=args.optimizer, oe_weight=args.oe_weight,
         synthetic_per_normal=args.synthetic_per_normal, hpo_trials=args.hpo_trials,
         hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, loss=args.loss,
-        reducer_init=args.reducer_init, device="cpu",
+        reducer_init=args.reducer_init, hpo_objective=getattr(args, "hpo_objective", "synthetic-auroc"),
+        nu_max=getattr(args, "nu_max", 0.5), device="cpu",
     )
 
 
@@ -261,9 +267,12 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     if args.synthetic_max and len(fit_rows) > args.synthetic_max:
         pick = np.random.default_rng(args.seed + 1).choice(len(fit_rows), args.synthetic_max, replace=False)
         syn_rows = [fit_rows[i] for i in sorted(pick)]
-    feats["fit_syn"] = torch.cat([
-        cache.features(syn_rows, synthetic_seed=args.seed * 1000 + k, desc="fit synthetic")
-        for k in range(max(1, args.synthetic_per_normal))])
+    if args.loss == "reconstruct" or args.oe_weight <= 0:  # no outlier exposure: no synthetic training set
+        feats["fit_syn"] = feats["fit"][:0]
+    else:
+        feats["fit_syn"] = torch.cat([
+            cache.features(syn_rows, synthetic_seed=args.seed * 1000 + k, desc="fit synthetic")
+            for k in range(max(1, args.synthetic_per_normal))])
     feats["hpo"] = cache.features(hpo_rows, desc="hpo normals")
     feats["hpo_syn"] = cache.features(hpo_rows, synthetic_seed=args.seed * 1000 + 999, desc="hpo synthetic")
     feats["cal"] = cache.features(cal_rows, desc="calibration normals")
