@@ -4,8 +4,8 @@ Unsupervised (the default and the only mode used for the bundled models): only n
 training split are used to fit. They are split, by patient group when the manifest has one, into
 
 * a fit share (ConvGRU training and the SVDD),
-* an HPO share (held-out normals + synthetic anomalies made from them: the optuna objective for the
-  SVDD's gamma and nu),
+* an HPO share (held-out normals, with ``--hpo-objective tax-duin`` alone: the label-free Tax & Duin
+  error; by default with synthetic anomalies made from them: their AUROC) for the SVDD's gamma and nu,
 * a calibration share (held-out normals: the split-conformal threshold at ``--target-fpr``).
 
 No real anomaly label and no test image is used for any of that. ``--report-split test`` scores that
@@ -343,6 +343,8 @@ def run(args: argparse.Namespace, settings) -> int:
 
     metrics: dict[str, Any] = {
         "validation_auroc_normals_vs_synthetic": report.get("hpo_auroc_normal_vs_synthetic"),
+        "validation_heldout_normal_rejection": report.get("heldout_normal_rejection"),
+        "hpo": report.get("hpo"),
         "threshold": det.threshold, "target_fpr": args.target_fpr,
         "calibration_normals": len(cal_rows),
     }

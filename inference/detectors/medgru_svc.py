@@ -4,11 +4,29 @@ anomaly type; Grad-CAM of the score on the ConvGRU hidden states explains it.
 
 Training (normals only, see :meth:`MedGRUSVC.fit_features`):
 
-1. The ConvGRU (and its 1x1 reducer) is trained with the Deep SAD objective (Ruff et al. 2020): normal
-   embeddings are pulled towards a fixed centre ``c`` (compactness, Deep SVDD) and synthetic anomalies
-   made from normals (:mod:`inference.synthetic`, outlier exposure) are pushed away (``1 / ||e - c||^2``).
-2. The SVDD's ``gamma`` and ``nu`` are chosen by Bayesian optimisation (optuna TPE) to maximise the AUROC
-   of held-out normals vs synthetic anomalies made from them (never a real anomaly, never test data).
+1. The ConvGRU (and its 1x1 reducer) is trained with one of
+
+   * ``loss="reconstruct"`` (self-supervised, normals only, no synthetic data): a 1x1 decoder must rebuild
+     the per-channel standardised backbone map of the last frame from ``h_T``, so ``h_T`` keeps the
+     frozen features' information (an information-preserving bottleneck; with ``reducer_init="pca"``
+     it starts from whitened PCA of the features). The decoder is discarded after training.
+   * ``loss="deep-sad"`` / ``"hsc"``: the Deep SAD objective (Ruff et al. 2020) or the hypersphere
+     classifier: normal embeddings are pulled towards a fixed centre ``c`` and synthetic anomalies made
+     from normals (:mod:`inference.synthetic`, outlier exposure) are pushed away. Measured on Kermany and
+     brain MRI, this outlier exposure made the embedding worse for real anomalies than the frozen
+     features (``benchmarks/results/ablations-*.md``).
+2. The SVDD's ``gamma`` and ``nu`` are chosen by Bayesian optimisation (optuna TPE) on held-out normals,
+   never a real anomaly, never test data, with one of
+
+   * ``hpo_objective="tax-duin"`` (label-free, Tax & Duin 2004): minimise the share of held-out normals
+     rejected plus the share of a reference volume accepted; the reference is a Gaussian with the
+     training embeddings' mean and (shrunk) covariance (a uniform box is empty in tens of dimensions);
+     ``nu`` is searched in ``[0.01, nu_max]``;
+   * ``hpo_objective="synthetic-auroc"``: the AUROC of held-out normals vs synthetic anomalies made from
+     them (this chose ``nu`` near 0.47 and did not predict real-anomaly AUROC).
+
+   The score is the log-kernel distance outside the boundary (:class:`inference.svdd.SVDDBoundary`),
+   finite and non-saturating far from the data, so Grad-CAM has a gradient there too.
 3. The threshold is the split-conformal quantile of held-out calibration normals at ``target_fpr``.
 4. Support-vector clustering (k-NN labelling) of a pool of anomalous embeddings gives ``cluster-N`` names.
 """
