@@ -55,16 +55,21 @@ class SVDDBoundary:
     """RBF SVDD / one-class SVM on standardised embeddings; ``score`` > 0 outside the boundary."""
 
     def __init__(self, gamma: float = 1.0, nu: float = 0.1, gamma_is_relative: bool = True,
-                 score_form: str = "log"):
+                 score_form: str = "log", whiten: bool = False):
         """``gamma_is_relative``: the kernel width is ``gamma / d`` for ``d``-dimensional standardised
         embeddings (so ``gamma = 1`` is sklearn's ``"scale"`` choice); otherwise ``gamma`` is absolute.
-        ``score_form``: ``"log"`` (non-saturating, default) or ``"ratio"`` (legacy ``(rho - f) / rho``)."""
+        ``score_form``: ``"log"`` (non-saturating, default) or ``"ratio"`` (legacy ``(rho - f) / rho``).
+        ``whiten``: map embeddings through ``Sigma^{-1/2}`` of the training embeddings (Ledoit-Wolf shrunk
+        covariance) instead of per-dimension standardisation, so the isotropic RBF kernel measures
+        Mahalanobis distance: correlated embedding dimensions are not counted twice."""
         if score_form not in SCORE_FORMS:
             raise ValueError(f"unknown score_form {score_form!r}; choose one of {SCORE_FORMS}")
         self.gamma = float(gamma)
         self.nu = float(nu)
         self.gamma_is_relative = bool(gamma_is_relative)
         self.score_form = score_form
+        self.whiten = bool(whiten)
+        self.whitener_: np.ndarray | None = None
         self.mean_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
         self.support_vectors_: np.ndarray | None = None
@@ -74,6 +79,8 @@ class SVDDBoundary:
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         assert self.mean_ is not None and self.scale_ is not None
+        if self.whitener_ is not None:
+            return (np.asarray(x, dtype=np.float64) - self.mean_) @ self.whitener_
         return (np.asarray(x, dtype=np.float64) - self.mean_) / self.scale_
 
     def fit(self, x: np.ndarray) -> "SVDDBoundary":
@@ -82,6 +89,12 @@ class SVDDBoundary:
             raise ValueError(f"SVDD needs at least two embeddings (N, d), got {x.shape}")
         self.mean_ = x.mean(axis=0)
         self.scale_ = x.std(axis=0) + 1e-6
+        self.whitener_ = None
+        if self.whiten:
+            from sklearn.covariance import LedoitWolf
+
+            evals, evecs = np.linalg.eigh(LedoitWolf().fit(x).covariance_)
+            self.whitener_ = (evecs / np.sqrt(np.maximum(evals, 1e-12))) @ evecs.T  # symmetric Sigma^{-1/2}
         xs = self._standardise(x)
         self.kernel_gamma_ = self.gamma / xs.shape[1] if self.gamma_is_relative else self.gamma
         svm = OneClassSVM(kernel="rbf", gamma=self.kernel_gamma_, nu=self.nu)
@@ -147,6 +160,7 @@ class SVDDBoundary:
             "kernel_gamma": np.array([self.kernel_gamma_]),
             "hyper": np.array([self.gamma, self.nu, float(self.gamma_is_relative)]),
             "score_form": np.array([SCORE_FORMS.index(self.score_form)]),
+            **({"whitener": self.whitener_} if self.whitener_ is not None else {}),
         }
 
     @classmethod
@@ -154,7 +168,9 @@ class SVDDBoundary:
         g, nu, rel = (float(v) for v in st["hyper"])
         # boundaries saved before the log form existed carry no "score_form": they keep the ratio form
         form = SCORE_FORMS[int(np.asarray(st["score_form"]).ravel()[0])] if "score_form" in st else "ratio"
-        b = cls(gamma=g, nu=nu, gamma_is_relative=bool(rel), score_form=form)
+        b = cls(gamma=g, nu=nu, gamma_is_relative=bool(rel), score_form=form, whiten="whitener" in st)
+        if "whitener" in st:
+            b.whitener_ = np.asarray(st["whitener"], np.float64)
         b.mean_, b.scale_ = np.asarray(st["mean"], np.float64), np.asarray(st["scale"], np.float64)
         b.support_vectors_ = np.asarray(st["support_vectors"], np.float64)
         b.dual_coef_ = np.asarray(st["dual_coef"], np.float64)
@@ -174,6 +190,9 @@ class TorchRBFBoundary(torch.nn.Module):
         f32 = torch.float32
         self.register_buffer("mean", torch.tensor(boundary.mean_, dtype=f32))
         self.register_buffer("scale", torch.tensor(boundary.scale_, dtype=f32))
+        self.whitened = boundary.whitener_ is not None
+        if self.whitened:
+            self.register_buffer("whitener", torch.tensor(boundary.whitener_, dtype=f32))
         self.register_buffer("sv", torch.tensor(boundary.support_vectors_, dtype=f32))
         self.register_buffer("alpha", torch.tensor(boundary.dual_coef_, dtype=f32))
         self.register_buffer("log_alpha", torch.log(torch.tensor(
@@ -183,7 +202,7 @@ class TorchRBFBoundary(torch.nn.Module):
         self.score_form = boundary.score_form
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        xs = (e - self.mean) / self.scale
+        xs = (e - self.mean) @ self.whitener if self.whitened else (e - self.mean) / self.scale
         d2 = (xs.pow(2).sum(1, keepdim=True) + self.sv.pow(2).sum(1)[None] - 2.0 * xs @ self.sv.T).clamp_min(0)
         if self.score_form == "ratio":
             f = torch.exp(-self.gamma * d2) @ self.alpha

@@ -72,10 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=("deep-sad", "hsc", "reconstruct"), default="deep-sad",
                         help="encoder objective: Deep SAD or hypersphere classifier (both with outlier exposure), "
                              "or reconstruct (self-supervised on normals only: rebuild the backbone map from h_T)")
-    parser.add_argument("--hpo-objective", choices=("synthetic-auroc", "tax-duin"), default="synthetic-auroc",
+    parser.add_argument("--hpo-objective", choices=("synthetic-auroc", "tax-duin", "consistent-volume"),
+                        default="synthetic-auroc",
                         help="optuna objective for gamma, nu: AUROC held-out normals vs synthetic, or the "
-                             "label-free Tax & Duin error (held-out normals rejected + Gaussian envelope accepted)")
+                             "label-free Tax & Duin error (held-out normals rejected + Gaussian envelope accepted), or the "
+                             "smallest envelope share accepted among boundaries whose held-out rejection is "
+                             "consistent with nu (Tax & Muller)")
     parser.add_argument("--nu-max", type=float, default=0.5, help="upper end of the optuna range of nu")
+    parser.add_argument("--whiten", action="store_true",
+                        help="SVDD kernel on whitened embeddings (Ledoit-Wolf Sigma^-1/2: Mahalanobis RBF) "
+                             "instead of per-dimension standardisation")
     parser.add_argument("--reducer-init", choices=("random", "pca"), default="random",
                         help="start the 1x1 reducer as whitened PCA of the normals' features")
     parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
@@ -234,7 +240,7 @@ def detector_from_args(args: argparse.Namespace):
         synthetic_per_normal=args.synthetic_per_normal, hpo_trials=args.hpo_trials,
         hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, loss=args.loss,
         reducer_init=args.reducer_init, hpo_objective=getattr(args, "hpo_objective", "synthetic-auroc"),
-        nu_max=getattr(args, "nu_max", 0.5), device="cpu",
+        nu_max=getattr(args, "nu_max", 0.5), whiten=getattr(args, "whiten", False), device="cpu",
     )
 
 

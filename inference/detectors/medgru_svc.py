@@ -61,7 +61,9 @@ META_FILE = "meta.json"
 LOSSES = ("deep-sad", "hsc", "reconstruct")
 #: optuna objectives for the SVDD's gamma, nu: AUROC held-out normals vs synthetic anomalies, or the
 #: label-free Tax & Duin error (held-out normals rejected + share of a Gaussian envelope accepted)
-HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin")
+#: "consistent-volume" (label-free, Tax & Muller 2004): the smallest envelope share accepted among the
+#: boundaries whose held-out rejection is consistent with nu (<= nu + 2 sqrt(nu (1 - nu) / n))
+HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin", "consistent-volume")
 
 
 def conformal_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:
@@ -98,7 +100,8 @@ class MedGRUSVC(Detector):
                  hpo_trials: int = 25, hpo_fraction: float = 0.2, target_fpr: float = 0.05,
                  cluster_gamma: float = 1.0, cluster_nu: float = 0.1, cluster_k: int = 10,
                  loss: str = "deep-sad", reducer_init: str = "random", hpo_objective: str = "synthetic-auroc",
-                 nu_max: float = 0.5, envelope_samples: int = 4000, device: str = "cpu"):
+                 nu_max: float = 0.5, envelope_samples: int = 4000, whiten: bool = False,
+                 device: str = "cpu"):
         self.input_size = int(input_size)
         self.clip_limit = float(clip_limit)
         self.tile_grid = int(tile_grid)
@@ -131,6 +134,7 @@ class MedGRUSVC(Detector):
         self.hpo_objective = str(hpo_objective)
         self.nu_max = float(nu_max)
         self.envelope_samples = int(envelope_samples)
+        self.whiten = bool(whiten)
         self.device = str(device)
 
         self.encoder: ConvRecurrentEncoder | None = None
@@ -147,7 +151,7 @@ class MedGRUSVC(Detector):
                 "reduce_channels", "epochs", "lr", "batch_size", "weight_decay", "momentum", "optimizer",
                 "oe_weight", "synthetic_per_normal", "gamma", "nu", "hpo_trials", "hpo_fraction",
                 "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "loss", "reducer_init", "hpo_objective",
-                "nu_max", "envelope_samples", "device")
+                "nu_max", "envelope_samples", "whiten", "device")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -259,7 +263,7 @@ class MedGRUSVC(Detector):
         e_train = self.embed_features(train)
         e_hn, e_hs = self.embed_features(hpo_normal), self.embed_features(hpo_syn)
         self._tune_boundary(e_train, e_hn, e_hs, seed=seed, report=report)
-        self.boundary = SVDDBoundary(gamma=self.gamma, nu=self.nu).fit(e_train)
+        self.boundary = SVDDBoundary(gamma=self.gamma, nu=self.nu, whiten=self.whiten).fit(e_train)
         self._torch_boundary = TorchRBFBoundary(self.boundary).to(self.device)
         if len(e_hs):  # a sanity check when the objective is label-free
             report["hpo_auroc_normal_vs_synthetic"] = _auroc(self.boundary.score(e_hn), self.boundary.score(e_hs))
@@ -414,7 +418,8 @@ class MedGRUSVC(Detector):
                        report: dict[str, Any]) -> None:
         if self.hpo_trials <= 0 or len(e_hn) < 2:
             return
-        label_free = self.hpo_objective == "tax-duin"
+        label_free = self.hpo_objective in ("tax-duin", "consistent-volume")
+        consistent = self.hpo_objective == "consistent-volume"
         if not label_free and len(e_hs) < 2:
             return
         import optuna
@@ -427,7 +432,7 @@ class MedGRUSVC(Detector):
             g = trial.suggest_float("gamma", 1e-2, 1e1, log=True)
             nu = trial.suggest_float("nu", 0.01, self.nu_max, log=True)
             try:
-                b = SVDDBoundary(gamma=g, nu=nu).fit(e_train)
+                b = SVDDBoundary(gamma=g, nu=nu, whiten=self.whiten).fit(e_train)
             except ValueError:
                 return 2.0 if label_free else 0.0
             if label_free:
@@ -435,6 +440,10 @@ class MedGRUSVC(Detector):
                 fpr = float((b.score(e_hn) > 0).mean())
                 vol = float((b.score(envelope) <= 0).mean())
                 parts[trial.number] = {"heldout_normal_rejection": fpr, "envelope_acceptance": vol}
+                if consistent:  # Tax & Muller (2004): reject boundaries that over-fit the training normals
+                    bound = nu + 2.0 * math.sqrt(nu * (1.0 - nu) / len(e_hn))
+                    parts[trial.number]["consistency_bound"] = bound
+                    return vol if fpr <= bound else 1.0 + (fpr - bound)
                 return fpr + vol
             return _auroc(b.score(e_hn), b.score(e_hs))
 
@@ -445,11 +454,13 @@ class MedGRUSVC(Detector):
         self.gamma = float(study.best_params["gamma"])
         self.nu = float(study.best_params["nu"])
         if label_free:
+            what = ("Tax & Muller consistency: smallest Gaussian-envelope share accepted with held-out normal "
+                    "rejection <= nu + 2 sd (label-free)") if consistent else (
+                "Tax & Duin: held-out normals rejected + Gaussian-envelope share accepted (label-free)")
             report["hpo"] = {"trials": self.hpo_trials, "best_error": float(study.best_value),
                              **parts.get(study.best_trial.number, {}), "gamma": self.gamma, "nu": self.nu,
                              "nu_range": [0.01, self.nu_max], "envelope_samples": self.envelope_samples,
-                             "objective": "Tax & Duin: held-out normals rejected + Gaussian-envelope share "
-                                          "accepted (label-free)"}
+                             "objective": what}
         else:
             report["hpo"] = {"trials": self.hpo_trials, "best_auroc_normal_vs_synthetic": float(study.best_value),
                              "gamma": self.gamma, "nu": self.nu,

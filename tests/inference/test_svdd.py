@@ -89,3 +89,19 @@ def test_log_score_is_a_monotone_transform_of_the_ratio_score(fitted):
     r, s = ratio.score(x), b.score(x)
     np.testing.assert_allclose(s, -np.log1p(-r), rtol=1e-9, atol=1e-9)
     assert np.array_equal(np.sign(s), np.sign(r))  # same boundary
+
+
+def test_whitened_kernel_uses_the_mahalanobis_metric_and_round_trips():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(400, 2))
+    x = np.c_[z[:, 0], z[:, 0] + 0.05 * z[:, 1]]  # two almost identical (correlated) dimensions
+    w = SVDDBoundary(gamma=0.5, nu=0.1, whiten=True).fit(x)
+    d = SVDDBoundary(gamma=0.5, nu=0.1).fit(x)
+    off = np.array([[0.3, -0.3]])  # off the correlation axis: unusual, though each coordinate is ordinary
+    on = np.array([[2.2, 2.2]])  # along the axis, at the edge of the data
+    assert w.score(off)[0] > w.score(on)[0]
+    assert d.score(off)[0] < d.score(on)[0]  # per-dimension standardisation misses it
+    again = SVDDBoundary.from_state(w.state())
+    assert again.whiten and np.allclose(again.score(x[:20]), w.score(x[:20]))
+    t = TorchRBFBoundary(w)(torch.tensor(x[:20], dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(t, w.score(x[:20]), rtol=1e-3, atol=1e-3)
