@@ -25,7 +25,8 @@ Training (normals only, see :meth:`MedGRUSVC.fit_features`):
    * ``hpo_objective="synthetic-auroc"``: the AUROC of held-out normals vs synthetic anomalies made from
      them (this chose ``nu`` near 0.47 and did not predict real-anomaly AUROC).
 
-   The score is the log-kernel distance outside the boundary (:class:`inference.svdd.SVDDBoundary`),
+   With ``whiten=True`` the RBF kernel acts on Ledoit-Wolf whitened embeddings (Mahalanobis distance)
+   instead of per-dimension standardised ones. The score is the log-kernel distance outside the boundary (:class:`inference.svdd.SVDDBoundary`),
    finite and non-saturating far from the data, so Grad-CAM has a gradient there too.
 3. The threshold is the split-conformal quantile of held-out calibration normals at ``target_fpr``.
 4. Support-vector clustering (k-NN labelling) of a pool of anomalous embeddings gives ``cluster-N`` names.
