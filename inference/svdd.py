@@ -10,6 +10,16 @@ score is the (scaled) distance from the boundary, positive outside:
     score(x) = (rho - f(x)) / rho
 
 so 0 is the boundary, negative values are inside, and the score grows monotonically with ``R^2(x)``.
+That "ratio" form saturates at 1 far from the data (``f(x)`` underflows to 0: every out-of-domain input
+scores exactly 1 and its gradient vanishes). New boundaries therefore use the **log-kernel** form
+(``score_form="log"``, the default)
+
+    score(x) = log rho - log f(x) = log rho - logsumexp_i( log alpha_i - gamma ||x - sv_i||^2 )
+
+a strictly increasing function of the ratio form (``-log(1 - ratio)``), so the same boundary (0),
+the same ordering and AUROC where ``f`` does not underflow; but it is unbounded, finite everywhere
+(logsumexp never underflows) and grows like ``gamma * min_i ||x - sv_i||^2`` far away, so its
+gradient never vanishes. Boundaries saved before keep the ratio form (``from_state``).
 Embeddings are standardised (per-dimension mean / std of the training embeddings) before the kernel.
 
 :class:`TorchRBFBoundary` evaluates the same function in torch from the fitted support vectors and dual
@@ -26,6 +36,7 @@ clustered point. Clusters are named ``cluster-1``, ``cluster-2``, ... by decreas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,15 +48,28 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.svm import OneClassSVM
 
 
+SCORE_FORMS = ("log", "ratio")
+
+
 class SVDDBoundary:
     """RBF SVDD / one-class SVM on standardised embeddings; ``score`` > 0 outside the boundary."""
 
-    def __init__(self, gamma: float = 1.0, nu: float = 0.1, gamma_is_relative: bool = True):
+    def __init__(self, gamma: float = 1.0, nu: float = 0.1, gamma_is_relative: bool = True,
+                 score_form: str = "log", whiten: bool = False):
         """``gamma_is_relative``: the kernel width is ``gamma / d`` for ``d``-dimensional standardised
-        embeddings (so ``gamma = 1`` is sklearn's ``"scale"`` choice); otherwise ``gamma`` is absolute."""
+        embeddings (so ``gamma = 1`` is sklearn's ``"scale"`` choice); otherwise ``gamma`` is absolute.
+        ``score_form``: ``"log"`` (non-saturating, default) or ``"ratio"`` (legacy ``(rho - f) / rho``).
+        ``whiten``: map embeddings through ``Sigma^{-1/2}`` of the training embeddings (Ledoit-Wolf shrunk
+        covariance) instead of per-dimension standardisation, so the isotropic RBF kernel measures
+        Mahalanobis distance: correlated embedding dimensions are not counted twice."""
+        if score_form not in SCORE_FORMS:
+            raise ValueError(f"unknown score_form {score_form!r}; choose one of {SCORE_FORMS}")
         self.gamma = float(gamma)
         self.nu = float(nu)
         self.gamma_is_relative = bool(gamma_is_relative)
+        self.score_form = score_form
+        self.whiten = bool(whiten)
+        self.whitener_: np.ndarray | None = None
         self.mean_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
         self.support_vectors_: np.ndarray | None = None
@@ -55,6 +79,8 @@ class SVDDBoundary:
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         assert self.mean_ is not None and self.scale_ is not None
+        if self.whitener_ is not None:
+            return (np.asarray(x, dtype=np.float64) - self.mean_) @ self.whitener_
         return (np.asarray(x, dtype=np.float64) - self.mean_) / self.scale_
 
     def fit(self, x: np.ndarray) -> "SVDDBoundary":
@@ -63,6 +89,12 @@ class SVDDBoundary:
             raise ValueError(f"SVDD needs at least two embeddings (N, d), got {x.shape}")
         self.mean_ = x.mean(axis=0)
         self.scale_ = x.std(axis=0) + 1e-6
+        self.whitener_ = None
+        if self.whiten:
+            from sklearn.covariance import LedoitWolf
+
+            evals, evecs = np.linalg.eigh(LedoitWolf().fit(x).covariance_)
+            self.whitener_ = (evecs / np.sqrt(np.maximum(evals, 1e-12))) @ evecs.T  # symmetric Sigma^{-1/2}
         xs = self._standardise(x)
         self.kernel_gamma_ = self.gamma / xs.shape[1] if self.gamma_is_relative else self.gamma
         svm = OneClassSVM(kernel="rbf", gamma=self.kernel_gamma_, nu=self.nu)
@@ -74,23 +106,41 @@ class SVDDBoundary:
             raise ValueError(f"degenerate SVDD fit (rho = {self.rho_}); try another gamma / nu")
         return self
 
-    def decision(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """``f(x) = sum_i alpha_i K(sv_i, x)`` for embeddings ``x`` (N, d)."""
+    def _log_terms(self, x: np.ndarray, batch: int = 4096):
+        """Yield ``(slice, log alpha_i - gamma ||x - sv_i||^2)`` per batch of standardised ``x``."""
         if self.support_vectors_ is None:
             raise RuntimeError("SVDDBoundary is not fitted")
         xs = self._standardise(np.atleast_2d(x))
         sv = self.support_vectors_
         sv2 = (sv ** 2).sum(1)
-        out = np.empty(xs.shape[0])
+        log_a = np.log(np.maximum(self.dual_coef_, np.finfo(np.float64).tiny))
         for i in range(0, xs.shape[0], batch):
             xb = xs[i:i + batch]
             d2 = np.maximum((xb ** 2).sum(1)[:, None] + sv2[None, :] - 2.0 * xb @ sv.T, 0.0)
-            out[i:i + batch] = np.exp(-self.kernel_gamma_ * d2) @ self.dual_coef_
+            yield slice(i, i + xb.shape[0]), log_a[None, :] - self.kernel_gamma_ * d2
+
+    def decision(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """``f(x) = sum_i alpha_i K(sv_i, x)`` for embeddings ``x`` (N, d)."""
+        out = np.empty(np.atleast_2d(x).shape[0])
+        for sl, t in self._log_terms(x, batch):
+            out[sl] = np.exp(t).sum(1)
+        return out
+
+    def log_decision(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """``log f(x)`` by logsumexp (finite even where ``f(x)`` underflows to 0)."""
+        from scipy.special import logsumexp
+
+        out = np.empty(np.atleast_2d(x).shape[0])
+        for sl, t in self._log_terms(x, batch):
+            out[sl] = logsumexp(t, axis=1)
         return out
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        """Signed, scaled distance from the boundary: ``(rho - f(x)) / rho``; positive outside."""
-        return (self.rho_ - self.decision(x)) / self.rho_
+        """Signed distance from the boundary, positive outside: ``log rho - log f(x)`` (``"log"`` form)
+        or the legacy ``(rho - f(x)) / rho`` (``"ratio"`` form)."""
+        if self.score_form == "ratio":
+            return (self.rho_ - self.decision(x)) / self.rho_
+        return math.log(self.rho_) - self.log_decision(x)
 
     def squared_radius(self, x: np.ndarray) -> np.ndarray:
         """``R^2(x) = 1 - 2 sum_i b_i K(sv_i, x) + sum_ij b_i b_j K(sv_i, sv_j)`` with ``b = alpha / sum(alpha)``:
@@ -109,12 +159,18 @@ class SVDDBoundary:
             "dual_coef": self.dual_coef_, "rho": np.array([self.rho_]),
             "kernel_gamma": np.array([self.kernel_gamma_]),
             "hyper": np.array([self.gamma, self.nu, float(self.gamma_is_relative)]),
+            "score_form": np.array([SCORE_FORMS.index(self.score_form)]),
+            **({"whitener": self.whitener_} if self.whitener_ is not None else {}),
         }
 
     @classmethod
     def from_state(cls, st: dict[str, np.ndarray]) -> "SVDDBoundary":
         g, nu, rel = (float(v) for v in st["hyper"])
-        b = cls(gamma=g, nu=nu, gamma_is_relative=bool(rel))
+        # boundaries saved before the log form existed carry no "score_form": they keep the ratio form
+        form = SCORE_FORMS[int(np.asarray(st["score_form"]).ravel()[0])] if "score_form" in st else "ratio"
+        b = cls(gamma=g, nu=nu, gamma_is_relative=bool(rel), score_form=form, whiten="whitener" in st)
+        if "whitener" in st:
+            b.whitener_ = np.asarray(st["whitener"], np.float64)
         b.mean_, b.scale_ = np.asarray(st["mean"], np.float64), np.asarray(st["scale"], np.float64)
         b.support_vectors_ = np.asarray(st["support_vectors"], np.float64)
         b.dual_coef_ = np.asarray(st["dual_coef"], np.float64)
@@ -124,7 +180,8 @@ class SVDDBoundary:
 
 
 class TorchRBFBoundary(torch.nn.Module):
-    """Differentiable ``score(e) = (rho - sum_i alpha_i exp(-g ||s(e) - sv_i||^2)) / rho`` in torch."""
+    """The boundary's score in torch (differentiable): ``log rho - logsumexp_i(log alpha_i - g d_i^2)``
+    (log form) or ``(rho - sum_i alpha_i exp(-g d_i^2)) / rho`` (ratio form)."""
 
     def __init__(self, boundary: SVDDBoundary):
         super().__init__()
@@ -133,16 +190,24 @@ class TorchRBFBoundary(torch.nn.Module):
         f32 = torch.float32
         self.register_buffer("mean", torch.tensor(boundary.mean_, dtype=f32))
         self.register_buffer("scale", torch.tensor(boundary.scale_, dtype=f32))
+        self.whitened = boundary.whitener_ is not None
+        if self.whitened:
+            self.register_buffer("whitener", torch.tensor(boundary.whitener_, dtype=f32))
         self.register_buffer("sv", torch.tensor(boundary.support_vectors_, dtype=f32))
         self.register_buffer("alpha", torch.tensor(boundary.dual_coef_, dtype=f32))
+        self.register_buffer("log_alpha", torch.log(torch.tensor(
+            np.maximum(boundary.dual_coef_, np.finfo(np.float64).tiny), dtype=torch.float64)).to(f32))
         self.rho = float(boundary.rho_)
         self.gamma = float(boundary.kernel_gamma_)
+        self.score_form = boundary.score_form
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        xs = (e - self.mean) / self.scale
+        xs = (e - self.mean) @ self.whitener if self.whitened else (e - self.mean) / self.scale
         d2 = (xs.pow(2).sum(1, keepdim=True) + self.sv.pow(2).sum(1)[None] - 2.0 * xs @ self.sv.T).clamp_min(0)
-        f = torch.exp(-self.gamma * d2) @ self.alpha
-        return (self.rho - f) / self.rho
+        if self.score_form == "ratio":
+            f = torch.exp(-self.gamma * d2) @ self.alpha
+            return (self.rho - f) / self.rho
+        return math.log(self.rho) - torch.logsumexp(self.log_alpha[None] - self.gamma * d2, dim=1)
 
 
 # ------------------------------------------------------------------------------ clustering

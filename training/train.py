@@ -4,8 +4,8 @@ Unsupervised (the default and the only mode used for the bundled models): only n
 training split are used to fit. They are split, by patient group when the manifest has one, into
 
 * a fit share (ConvGRU training and the SVDD),
-* an HPO share (held-out normals + synthetic anomalies made from them: the optuna objective for the
-  SVDD's gamma and nu),
+* an HPO share (held-out normals, with ``--hpo-objective tax-duin`` alone: the label-free Tax & Duin
+  error; by default with synthetic anomalies made from them: their AUROC) for the SVDD's gamma and nu,
 * a calibration share (held-out normals: the split-conformal threshold at ``--target-fpr``).
 
 No real anomaly label and no test image is used for any of that. ``--report-split test`` scores that
@@ -69,8 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic-per-normal", type=int, default=1)
     parser.add_argument("--synthetic-max", type=int, default=0,
                         help="make training synthetic anomalies from at most this many fit normals (0 = all)")
-    parser.add_argument("--loss", choices=("deep-sad", "hsc"), default="deep-sad",
-                        help="encoder objective: Deep SAD or hypersphere classifier (both with outlier exposure)")
+    parser.add_argument("--loss", choices=("deep-sad", "hsc", "reconstruct"), default="deep-sad",
+                        help="encoder objective: Deep SAD or hypersphere classifier (both with outlier exposure), "
+                             "or reconstruct (self-supervised on normals only: rebuild the backbone map from h_T)")
+    parser.add_argument("--hpo-objective", choices=("synthetic-auroc", "tax-duin", "consistent-volume"),
+                        default="synthetic-auroc",
+                        help="optuna objective for gamma, nu: AUROC held-out normals vs synthetic, or the "
+                             "label-free Tax & Duin error (held-out normals rejected + Gaussian envelope accepted), or the "
+                             "smallest envelope share accepted among boundaries whose held-out rejection is "
+                             "consistent with nu (Tax & Muller)")
+    parser.add_argument("--nu-max", type=float, default=0.5, help="upper end of the optuna range of nu")
+    parser.add_argument("--whiten", action="store_true",
+                        help="SVDD kernel on whitened embeddings (Ledoit-Wolf Sigma^-1/2: Mahalanobis RBF) "
+                             "instead of per-dimension standardisation")
     parser.add_argument("--reducer-init", choices=("random", "pca"), default="random",
                         help="start the 1x1 reducer as whitened PCA of the normals' features")
     parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
@@ -228,7 +239,8 @@ def detector_from_args(args: argparse.Namespace):
         momentum=args.momentum, optimizer=args.optimizer, oe_weight=args.oe_weight,
         synthetic_per_normal=args.synthetic_per_normal, hpo_trials=args.hpo_trials,
         hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, loss=args.loss,
-        reducer_init=args.reducer_init, device="cpu",
+        reducer_init=args.reducer_init, hpo_objective=getattr(args, "hpo_objective", "synthetic-auroc"),
+        nu_max=getattr(args, "nu_max", 0.5), whiten=getattr(args, "whiten", False), device="cpu",
     )
 
 
@@ -261,9 +273,12 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     if args.synthetic_max and len(fit_rows) > args.synthetic_max:
         pick = np.random.default_rng(args.seed + 1).choice(len(fit_rows), args.synthetic_max, replace=False)
         syn_rows = [fit_rows[i] for i in sorted(pick)]
-    feats["fit_syn"] = torch.cat([
-        cache.features(syn_rows, synthetic_seed=args.seed * 1000 + k, desc="fit synthetic")
-        for k in range(max(1, args.synthetic_per_normal))])
+    if args.loss == "reconstruct" or args.oe_weight <= 0:  # no outlier exposure: no synthetic training set
+        feats["fit_syn"] = feats["fit"][:0]
+    else:
+        feats["fit_syn"] = torch.cat([
+            cache.features(syn_rows, synthetic_seed=args.seed * 1000 + k, desc="fit synthetic")
+            for k in range(max(1, args.synthetic_per_normal))])
     feats["hpo"] = cache.features(hpo_rows, desc="hpo normals")
     feats["hpo_syn"] = cache.features(hpo_rows, synthetic_seed=args.seed * 1000 + 999, desc="hpo synthetic")
     feats["cal"] = cache.features(cal_rows, desc="calibration normals")
@@ -334,6 +349,8 @@ def run(args: argparse.Namespace, settings) -> int:
 
     metrics: dict[str, Any] = {
         "validation_auroc_normals_vs_synthetic": report.get("hpo_auroc_normal_vs_synthetic"),
+        "validation_heldout_normal_rejection": report.get("heldout_normal_rejection"),
+        "hpo": report.get("hpo"),
         "threshold": det.threshold, "target_fpr": args.target_fpr,
         "calibration_normals": len(cal_rows),
     }

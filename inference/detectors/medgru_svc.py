@@ -4,11 +4,30 @@ anomaly type; Grad-CAM of the score on the ConvGRU hidden states explains it.
 
 Training (normals only, see :meth:`MedGRUSVC.fit_features`):
 
-1. The ConvGRU (and its 1x1 reducer) is trained with the Deep SAD objective (Ruff et al. 2020): normal
-   embeddings are pulled towards a fixed centre ``c`` (compactness, Deep SVDD) and synthetic anomalies
-   made from normals (:mod:`inference.synthetic`, outlier exposure) are pushed away (``1 / ||e - c||^2``).
-2. The SVDD's ``gamma`` and ``nu`` are chosen by Bayesian optimisation (optuna TPE) to maximise the AUROC
-   of held-out normals vs synthetic anomalies made from them (never a real anomaly, never test data).
+1. The ConvGRU (and its 1x1 reducer) is trained with one of
+
+   * ``loss="reconstruct"`` (self-supervised, normals only, no synthetic data): a 1x1 decoder must rebuild
+     the per-channel standardised backbone map of the last frame from ``h_T``, so ``h_T`` keeps the
+     frozen features' information (an information-preserving bottleneck; with ``reducer_init="pca"``
+     it starts from whitened PCA of the features). The decoder is discarded after training.
+   * ``loss="deep-sad"`` / ``"hsc"``: the Deep SAD objective (Ruff et al. 2020) or the hypersphere
+     classifier: normal embeddings are pulled towards a fixed centre ``c`` and synthetic anomalies made
+     from normals (:mod:`inference.synthetic`, outlier exposure) are pushed away. Measured on Kermany and
+     brain MRI, this outlier exposure made the embedding worse for real anomalies than the frozen
+     features (``benchmarks/results/ablations-*.md``).
+2. The SVDD's ``gamma`` and ``nu`` are chosen by Bayesian optimisation (optuna TPE) on held-out normals,
+   never a real anomaly, never test data, with one of
+
+   * ``hpo_objective="tax-duin"`` (label-free, Tax & Duin 2004): minimise the share of held-out normals
+     rejected plus the share of a reference volume accepted; the reference is a Gaussian with the
+     training embeddings' mean and (shrunk) covariance (a uniform box is empty in tens of dimensions);
+     ``nu`` is searched in ``[0.01, nu_max]``;
+   * ``hpo_objective="synthetic-auroc"``: the AUROC of held-out normals vs synthetic anomalies made from
+     them (this chose ``nu`` near 0.47 and did not predict real-anomaly AUROC).
+
+   With ``whiten=True`` the RBF kernel acts on Ledoit-Wolf whitened embeddings (Mahalanobis distance)
+   instead of per-dimension standardised ones. The score is the log-kernel distance outside the boundary (:class:`inference.svdd.SVDDBoundary`),
+   finite and non-saturating far from the data, so Grad-CAM has a gradient there too.
 3. The threshold is the split-conformal quantile of held-out calibration normals at ``target_fpr``.
 4. Support-vector clustering (k-NN labelling) of a pool of anomalous embeddings gives ``cluster-N`` names.
 """
@@ -37,6 +56,15 @@ log = logging.getLogger(__name__)
 ENCODER_FILE = "encoder.pt"
 HEAD_FILE = "svdd.npz"
 META_FILE = "meta.json"
+#: encoder objectives: Deep SAD / hypersphere classifier with synthetic outlier exposure, or
+#: "reconstruct" (self-supervised, normals only: a 1x1 decoder must rebuild the frozen feature map of
+#: the last frame from h_T, so the embedding keeps the backbone's information)
+LOSSES = ("deep-sad", "hsc", "reconstruct")
+#: optuna objectives for the SVDD's gamma, nu: AUROC held-out normals vs synthetic anomalies, or the
+#: label-free Tax & Duin error (held-out normals rejected + share of a Gaussian envelope accepted)
+#: "consistent-volume" (label-free, Tax & Muller 2004): the smallest envelope share accepted among the
+#: boundaries whose held-out rejection is consistent with nu (<= nu + 2 sqrt(nu (1 - nu) / n))
+HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin", "consistent-volume")
 
 
 def conformal_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:
@@ -72,7 +100,9 @@ class MedGRUSVC(Detector):
                  oe_weight: float = 1.0, synthetic_per_normal: int = 1, gamma: float = 1.0, nu: float = 0.1,
                  hpo_trials: int = 25, hpo_fraction: float = 0.2, target_fpr: float = 0.05,
                  cluster_gamma: float = 1.0, cluster_nu: float = 0.1, cluster_k: int = 10,
-                 loss: str = "deep-sad", reducer_init: str = "random", device: str = "cpu"):
+                 loss: str = "deep-sad", reducer_init: str = "random", hpo_objective: str = "synthetic-auroc",
+                 nu_max: float = 0.5, envelope_samples: int = 4000, whiten: bool = False,
+                 device: str = "cpu"):
         self.input_size = int(input_size)
         self.clip_limit = float(clip_limit)
         self.tile_grid = int(tile_grid)
@@ -98,6 +128,14 @@ class MedGRUSVC(Detector):
         self.cluster_k = int(cluster_k)
         self.loss = str(loss)
         self.reducer_init = str(reducer_init)
+        if hpo_objective not in HPO_OBJECTIVES:
+            raise ValueError(f"unknown hpo_objective {hpo_objective!r}; choose one of {HPO_OBJECTIVES}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+        self.hpo_objective = str(hpo_objective)
+        self.nu_max = float(nu_max)
+        self.envelope_samples = int(envelope_samples)
+        self.whiten = bool(whiten)
         self.device = str(device)
 
         self.encoder: ConvRecurrentEncoder | None = None
@@ -113,7 +151,8 @@ class MedGRUSVC(Detector):
         keys = ("input_size", "clip_limit", "tile_grid", "cell", "layers", "hidden_channels",
                 "reduce_channels", "epochs", "lr", "batch_size", "weight_decay", "momentum", "optimizer",
                 "oe_weight", "synthetic_per_normal", "gamma", "nu", "hpo_trials", "hpo_fraction",
-                "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "loss", "reducer_init", "device")
+                "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "loss", "reducer_init", "hpo_objective",
+                "nu_max", "envelope_samples", "whiten", "device")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -174,7 +213,10 @@ class MedGRUSVC(Detector):
         if len(train) < 2:
             train = hpo
         feats = self._stack([self.sequence_features(s) for s in train])
-        syn = self._stack([self.sequence_features(s) for s in self.synthetic_sequences(train, rng)])
+        if self.loss == "reconstruct" or self.oe_weight <= 0:  # no outlier exposure: no synthetic training set
+            syn = torch.zeros((0,) + tuple(feats.shape[1:]))
+        else:
+            syn = self._stack([self.sequence_features(s) for s in self.synthetic_sequences(train, rng)])
         hpo_n = self._stack([self.sequence_features(s) for s in hpo])
         hpo_s = self._stack([self.sequence_features(s) for s in self.synthetic_sequences(hpo, rng)])
         cal = self._stack([self.sequence_features(s) for s in calibration])
@@ -222,9 +264,11 @@ class MedGRUSVC(Detector):
         e_train = self.embed_features(train)
         e_hn, e_hs = self.embed_features(hpo_normal), self.embed_features(hpo_syn)
         self._tune_boundary(e_train, e_hn, e_hs, seed=seed, report=report)
-        self.boundary = SVDDBoundary(gamma=self.gamma, nu=self.nu).fit(e_train)
+        self.boundary = SVDDBoundary(gamma=self.gamma, nu=self.nu, whiten=self.whiten).fit(e_train)
         self._torch_boundary = TorchRBFBoundary(self.boundary).to(self.device)
-        report["hpo_auroc_normal_vs_synthetic"] = _auroc(self.boundary.score(e_hn), self.boundary.score(e_hs))
+        if len(e_hs):  # a sanity check when the objective is label-free
+            report["hpo_auroc_normal_vs_synthetic"] = _auroc(self.boundary.score(e_hn), self.boundary.score(e_hs))
+        report["heldout_normal_rejection"] = float((self.boundary.score(e_hn) > 0).mean())
 
         cal = self.boundary.score(self.embed_features(calibration))
         self._threshold = conformal_threshold(cal, self.target_fpr)
@@ -240,7 +284,18 @@ class MedGRUSVC(Detector):
                        progress, checkpoint: Path | None, report: dict[str, Any]) -> None:
         enc = self.encoder
         assert enc is not None
+        recon = self.loss == "reconstruct"
+        decoder: nn.Module | None = None
+        if recon:
+            decoder = nn.Conv2d(self.hidden_channels, train.shape[2], kernel_size=1).to(self.device)
+            with torch.no_grad():  # per-channel standardisation of the target (fit normals' last frames)
+                x = train[:, -1].float()
+                t_mean = x.mean(dim=(0, 2, 3)).to(self.device)[None, :, None, None]
+                t_std = (x.std(dim=(0, 2, 3)) + 1e-3).to(self.device)[None, :, None, None]
+                del x
         params = [p for p in enc.parameters() if p.requires_grad]
+        if decoder is not None:
+            params += list(decoder.parameters())
         if self.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
                                                          weight_decay=self.weight_decay)
@@ -261,6 +316,8 @@ class MedGRUSVC(Detector):
         if checkpoint is not None and Path(checkpoint).is_file():
             st = torch.load(checkpoint, map_location=self.device, weights_only=False)
             enc.load_state_dict(st["encoder"])
+            if decoder is not None and "decoder" in st:
+                decoder.load_state_dict(st["decoder"])
             opt.load_state_dict(st["optimizer"])
             c = st["center"].to(self.device)
             start_epoch = int(st["epoch"])
@@ -281,6 +338,16 @@ class MedGRUSVC(Detector):
             for i in range(0, n, bs):
                 idx = perm[i:i + bs]
                 xb = train[idx].to(self.device).float()
+                if recon:
+                    assert decoder is not None
+                    target = (xb[:, -1] - t_mean) / t_std
+                    loss = ((decoder(enc(xb)) - target) ** 2).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    tot += float(loss.detach())
+                    steps += 1
+                    continue
                 dn = ((global_average_pool(enc(xb)) - c) ** 2).sum(1)
                 hsc = self.loss == "hsc"
                 if hsc:  # hypersphere classifier (Ruff et al. 2021): pseudo-Huber distance, BCE
@@ -307,10 +374,14 @@ class MedGRUSVC(Detector):
             if checkpoint is not None:
                 Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"encoder": enc.state_dict(), "optimizer": opt.state_dict(), "center": c.cpu(),
+                            **({"decoder": decoder.state_dict()} if decoder is not None else {}),
                             "epoch": epoch + 1, "torch_rng": torch.get_rng_state(),
                             "np_rng": rng.bit_generator.state}, checkpoint)
         enc.eval()
         report["loss_history"] = [round(v, 6) for v in history]
+        if recon:
+            report["encoder_objective"] = ("reconstruct the standardised backbone map of the last frame from "
+                                           "h_T through a 1x1 decoder (MSE), normals only")
 
     @torch.no_grad()
     def _pca_init_reducer(self, train: torch.Tensor, max_vectors: int = 50000) -> None:
@@ -335,30 +406,66 @@ class MedGRUSVC(Detector):
         conv.weight.copy_(w[:, :, None, None].to(conv.weight))
         conv.bias.copy_((-(w @ mean)).to(conv.bias))
 
+    def gaussian_envelope(self, e_train: np.ndarray, n: int, seed: int) -> np.ndarray:
+        """``n`` samples of the Gaussian with the training embeddings' mean and (Ledoit-Wolf shrunk)
+        covariance: the maximum-entropy distribution with the data's first two moments, used as the
+        reference volume of Tax & Duin's error (a uniform box is hopeless in tens of dimensions)."""
+        from sklearn.covariance import LedoitWolf
+
+        lw = LedoitWolf().fit(e_train)
+        return np.random.default_rng(seed).multivariate_normal(e_train.mean(0), lw.covariance_, size=n)
+
     def _tune_boundary(self, e_train: np.ndarray, e_hn: np.ndarray, e_hs: np.ndarray, *, seed: int,
                        report: dict[str, Any]) -> None:
-        if self.hpo_trials <= 0 or len(e_hn) < 2 or len(e_hs) < 2:
+        if self.hpo_trials <= 0 or len(e_hn) < 2:
+            return
+        label_free = self.hpo_objective in ("tax-duin", "consistent-volume")
+        consistent = self.hpo_objective == "consistent-volume"
+        if not label_free and len(e_hs) < 2:
             return
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        envelope = self.gaussian_envelope(e_train, self.envelope_samples, seed) if label_free else None
+        parts: dict[int, dict[str, float]] = {}
 
         def objective(trial: "optuna.Trial") -> float:
             g = trial.suggest_float("gamma", 1e-2, 1e1, log=True)
-            nu = trial.suggest_float("nu", 0.01, 0.5, log=True)
+            nu = trial.suggest_float("nu", 0.01, self.nu_max, log=True)
             try:
-                b = SVDDBoundary(gamma=g, nu=nu).fit(e_train)
+                b = SVDDBoundary(gamma=g, nu=nu, whiten=self.whiten).fit(e_train)
             except ValueError:
-                return 0.0
+                return 2.0 if label_free else 0.0
+            if label_free:
+                # Tax & Duin (2004): error = held-out normals rejected + volume (envelope share accepted)
+                fpr = float((b.score(e_hn) > 0).mean())
+                vol = float((b.score(envelope) <= 0).mean())
+                parts[trial.number] = {"heldout_normal_rejection": fpr, "envelope_acceptance": vol}
+                if consistent:  # Tax & Muller (2004): reject boundaries that over-fit the training normals
+                    bound = nu + 2.0 * math.sqrt(nu * (1.0 - nu) / len(e_hn))
+                    parts[trial.number]["consistency_bound"] = bound
+                    return vol if fpr <= bound else 1.0 + (fpr - bound)
+                return fpr + vol
             return _auroc(b.score(e_hn), b.score(e_hs))
 
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-        study.enqueue_trial({"gamma": self.gamma, "nu": self.nu})
+        study = optuna.create_study(direction="minimize" if label_free else "maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=seed))
+        study.enqueue_trial({"gamma": self.gamma, "nu": min(self.nu, self.nu_max)})
         study.optimize(objective, n_trials=self.hpo_trials)
         self.gamma = float(study.best_params["gamma"])
         self.nu = float(study.best_params["nu"])
-        report["hpo"] = {"trials": self.hpo_trials, "best_auroc_normal_vs_synthetic": float(study.best_value),
-                         "gamma": self.gamma, "nu": self.nu, "objective": "AUROC held-out normals vs synthetic"}
+        if label_free:
+            what = ("Tax & Muller consistency: smallest Gaussian-envelope share accepted with held-out normal "
+                    "rejection <= nu + 2 sd (label-free)") if consistent else (
+                "Tax & Duin: held-out normals rejected + Gaussian-envelope share accepted (label-free)")
+            report["hpo"] = {"trials": self.hpo_trials, "best_error": float(study.best_value),
+                             **parts.get(study.best_trial.number, {}), "gamma": self.gamma, "nu": self.nu,
+                             "nu_range": [0.01, self.nu_max], "envelope_samples": self.envelope_samples,
+                             "objective": what}
+        else:
+            report["hpo"] = {"trials": self.hpo_trials, "best_auroc_normal_vs_synthetic": float(study.best_value),
+                             "gamma": self.gamma, "nu": self.nu,
+                             "objective": "AUROC held-out normals vs synthetic"}
 
     def _fit_clusters(self, pool: np.ndarray, report: dict[str, Any]) -> None:
         assert self.boundary is not None

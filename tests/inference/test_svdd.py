@@ -28,7 +28,8 @@ def test_score_grows_monotonically_away_from_the_data(fitted):
     # the score is an increasing function of the squared feature-space distance from the centre
     r2 = b.squared_radius(ts[:, None] * direction[None])
     assert np.all(np.diff(r2) > -1e-9)
-    assert np.corrcoef(s, r2)[0, 1] > 0.999
+    # log form: f(x) = rho exp(-score), and R^2(x) is affine in f(x) (decreasing)
+    assert np.corrcoef(np.exp(-s), r2)[0, 1] < -0.999
 
 
 def test_torch_boundary_matches_and_is_differentiable(fitted):
@@ -64,3 +65,43 @@ def test_clustering_separates_two_blobs_and_names_them():
 def test_one_blob_is_one_cluster():
     x = np.random.default_rng(2).normal(size=(100, 4))
     assert support_vector_clustering(x, gamma=0.5, k=10).names == ["cluster-1"]
+
+
+def test_log_score_does_not_saturate_far_from_the_data(fitted):
+    x, b = fitted
+    far = np.array([[50.0] * 6, [100.0] * 6, [1e3] * 6])
+    s = b.score(far)
+    assert np.isfinite(s).all() and np.all(np.diff(s) > 0)  # still ordered where f(x) underflows to 0
+    assert b.decision(far)[0] == 0.0  # the ratio form would be exactly 1 for all three
+    legacy = SVDDBoundary.from_state({k: v for k, v in b.state().items() if k != "score_form"})
+    assert legacy.score_form == "ratio" and np.all(legacy.score(far) == 1.0)
+    e = torch.tensor(far, dtype=torch.float32, requires_grad=True)
+    ts = TorchRBFBoundary(b)(e)
+    assert torch.isfinite(ts).all()
+    ts.sum().backward()
+    assert torch.isfinite(e.grad).all() and (e.grad.abs().sum(1) > 0).all()
+
+
+def test_log_score_is_a_monotone_transform_of_the_ratio_score(fitted):
+    x, b = fitted
+    ratio = SVDDBoundary.from_state({**b.state(), "score_form": np.array([1])})
+    assert ratio.score_form == "ratio"
+    r, s = ratio.score(x), b.score(x)
+    np.testing.assert_allclose(s, -np.log1p(-r), rtol=1e-9, atol=1e-9)
+    assert np.array_equal(np.sign(s), np.sign(r))  # same boundary
+
+
+def test_whitened_kernel_uses_the_mahalanobis_metric_and_round_trips():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(400, 2))
+    x = np.c_[z[:, 0], z[:, 0] + 0.05 * z[:, 1]]  # two almost identical (correlated) dimensions
+    w = SVDDBoundary(gamma=0.5, nu=0.1, whiten=True).fit(x)
+    d = SVDDBoundary(gamma=0.5, nu=0.1).fit(x)
+    off = np.array([[0.3, -0.3]])  # off the correlation axis: unusual, though each coordinate is ordinary
+    on = np.array([[2.2, 2.2]])  # along the axis, at the edge of the data
+    assert w.score(off)[0] > w.score(on)[0]
+    assert d.score(off)[0] < d.score(on)[0]  # per-dimension standardisation misses it
+    again = SVDDBoundary.from_state(w.state())
+    assert again.whiten and np.allclose(again.score(x[:20]), w.score(x[:20]))
+    t = TorchRBFBoundary(w)(torch.tensor(x[:20], dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(t, w.score(x[:20]), rtol=1e-3, atol=1e-3)

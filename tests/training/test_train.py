@@ -100,3 +100,25 @@ def test_group_split_keeps_groups_together():
     groups = [{r.group for r in p} for p in parts]
     assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
     assert all(len(p) > 0 for p in parts)
+
+
+@pytest.mark.slow
+def test_self_supervised_label_free_recipe(trained, tmp_path):
+    """``--loss reconstruct --hpo-objective consistent-volume --whiten``: no synthetic training set, a
+    label-free HPO whose choice is consistent on the held-out normals, a whitened log-score boundary."""
+    _, test, args, settings = trained
+    args.out, args.cache = tmp_path / "ssl", tmp_path / "cache"  # a fresh cache: see what this run makes
+    args.loss, args.hpo_objective, args.whiten, args.nu_max = "reconstruct", "consistent-volume", True, 0.2
+    assert run(args, settings) == 0
+    card = ModelCard.read(args.out)
+    assert card.params["loss"] == "reconstruct" and card.params["whiten"] is True
+    hpo = card.metrics["hpo"]
+    assert hpo["objective"].startswith("Tax & Muller") and 0.01 <= hpo["nu"] <= 0.2
+    report = json.loads((args.out / "meta.json").read_text())["fit_report"]
+    assert "reconstruct" in report["encoder_objective"]
+    assert not list((args.cache).glob("fit_synthetic-*"))  # no outlier exposure set was made
+    with np.load(args.out / "svdd.npz") as z:
+        assert "svdd_whitener" in z.files and int(z["svdd_score_form"][0]) == 0  # log form
+    det = load_model(args.out)
+    d = det.detect(load_frames(test[-1]))
+    assert np.isfinite(d.score) and d.heatmaps.max() > 0

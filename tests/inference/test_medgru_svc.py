@@ -1,0 +1,74 @@
+"""MedGRU-SVC training options on small random backbone maps (no images): the self-supervised
+reconstruction objective, the label-free Tax & Duin HPO, and the non-saturating score far away."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inference.api import FrameSequence
+from inference.backbone import FEATURE_CHANNELS
+from inference.detectors.medgru_svc import MedGRUSVC
+
+
+def maps(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    """``(n, 1, C, 4, 4)`` non-negative maps with low-rank structure (like backbone activations)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(6, FEATURE_CHANNELS, generator=torch.Generator().manual_seed(99))
+    coef = torch.randn(n, 6, 4, 4, generator=g)
+    x = torch.einsum("nkhw,kc->nchw", coef, basis) + 0.1 * torch.randn(n, FEATURE_CHANNELS, 4, 4, generator=g)
+    return (x.relu() + shift)[:, None]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.manual_seed(0)
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=6, batch_size=8,
+                    loss="reconstruct", reducer_init="pca", hpo_objective="tax-duin", nu_max=0.2,
+                    hpo_trials=8, envelope_samples=500)
+    empty = maps(0, 0)
+    report = det.fit_features(maps(80, 1), empty, maps(24, 2), empty, maps(24, 3), seed=0)
+    return det, report
+
+
+def test_reconstruction_objective_trains_without_synthetic_anomalies(fitted):
+    det, report = fitted
+    hist = report["loss_history"]
+    assert len(hist) == 6 and hist[-1] < hist[0]
+    assert "reconstruct" in report["encoder_objective"]
+    assert "hpo_auroc_normal_vs_synthetic" not in report  # nothing synthetic was given
+
+
+def test_tax_duin_hpo_is_label_free_and_keeps_nu_in_range(fitted):
+    det, report = fitted
+    hpo = report["hpo"]
+    assert hpo["objective"].startswith("Tax & Duin")
+    assert 0.01 <= det.nu <= 0.2 and 1e-2 <= det.gamma <= 1e1
+    assert hpo["best_error"] == pytest.approx(hpo["heldout_normal_rejection"] + hpo["envelope_acceptance"])
+    assert 0.0 <= report["heldout_normal_rejection"] <= 1.0
+
+
+def test_shifted_maps_score_higher_and_far_inputs_do_not_saturate(fitted):
+    det, _ = fitted
+    normal = det.score_features(maps(20, 4))
+    shifted = det.score_features(maps(20, 5, shift=3.0))
+    far = det.score_features(maps(20, 6, shift=30.0))
+    assert np.isfinite(far).all()
+    assert np.median(shifted) > np.median(normal) and np.median(far) > np.median(shifted)
+
+
+def test_detect_gives_a_finite_score_and_a_heat_map_for_an_out_of_domain_frame(fitted):
+    det, _ = fitted
+    frames = np.zeros((2, 64, 64), np.float32)
+    frames[:, ::4] = 1.0  # stripes: nothing like the training maps
+    d = det.detect(FrameSequence(frames=frames, modality="CR", body_part="CHEST", bits_stored=8))
+    assert np.isfinite(d.score) and d.score > d.threshold
+    assert d.heatmaps.shape == (2, 64, 64) and d.heatmaps.max() > 0
+
+
+def test_unknown_objectives_are_rejected():
+    with pytest.raises(ValueError, match="hpo_objective"):
+        MedGRUSVC(hpo_objective="test-auroc")
+    with pytest.raises(ValueError, match="loss"):
+        MedGRUSVC(loss="supervised")
