@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = (("kermany", "Kermany CXR"), ("kermany-knn", "Kermany CXR"), ("brain_mri", "Brain MRI"),
-        ("brain_mri-knn", "Brain MRI"))
+RUNS = (("kermany-knn", "Kermany CXR"), ("kermany-medgru-v3", "Kermany CXR"),
+        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-knn", "Brain MRI"),
+        ("brain_mri-medgru-v3", "Brain MRI"), ("brain_mri-medgru-v2", "Brain MRI"))
 
 
 def f(x, nd=3):

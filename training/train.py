@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--manifest", type=Path, help="manifest CSV (path, label[, split, group])")
     src.add_argument("--folder", type=Path, help="folder of <label>/*.png|jpg or <split>/<label>/*")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
+    parser.add_argument("--detector", choices=("medgru-svc", "knn-effnet"), default="medgru-svc",
+                        help="what to train: MedGRU-SVC, or the k-NN baseline on pooled backbone features")
     parser.add_argument("--train-split", default="train",
                         help="split whose normals are used (ignored when the rows have no split)")
     parser.add_argument("--name", default=MODEL_NAME_DEFAULT, help="model name in the card")
@@ -57,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hpo-fraction", type=float, default=0.15, help="share of normals for the HPO")
     parser.add_argument("--calibration-fraction", type=float, default=0.15,
                         help="share of normals for the conformal threshold")
+    parser.add_argument("--knn-calibration-fraction", type=float, default=0.2,
+                        help="knn-effnet: grouped share of normals held out for the threshold")
     parser.add_argument("--hpo-trials", type=int, default=30, help="optuna trials for gamma, nu")
     parser.add_argument("--max-normals", type=int, default=0, help="use at most this many normals (0 = all)")
     parser.add_argument("--epochs", type=int, default=30, help="ConvGRU epochs (seed: <= 50)")
@@ -333,6 +337,8 @@ def run(args: argparse.Namespace, settings) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.detector == "knn-effnet":
+        return _run_knn(args)
     t0 = time.time()
     try:
         prep = prepare(args, settings)
@@ -407,4 +413,28 @@ def run(args: argparse.Namespace, settings) -> int:
             (out / "training.json").write_text(json.dumps(extra, indent=2, sort_keys=True, default=str) + "\n")
             card = replace(card, metrics=metrics, files={f: sha256_file(out / f) for f in files})
             card.write(out)
+    return 0
+
+
+def _run_knn(args: argparse.Namespace) -> int:
+    from training.baseline import train_knn
+    from training.manifest import read_manifest, rows_from_folder
+
+    rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
+    has_split = any(r.split for r in rows)
+    normals = [r for r in rows if r.is_normal and (not has_split or (r.split or "").lower() == args.train_split.lower())]
+    if args.max_normals and len(normals) > args.max_normals:
+        normals = normals[: args.max_normals]
+    try:
+        card = train_knn(
+            normals, Path(args.out), name=args.name, version=args.version or "1.0.0",
+            modalities=[m.strip().upper() for m in args.modalities.split(",") if m.strip()],
+            body_parts=[b.strip().upper() for b in args.body_parts.split(",") if b.strip()],
+            source=str(args.manifest or args.folder), calibration_fraction=args.knn_calibration_fraction,
+            seed=args.seed, workers=args.workers,
+        )
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"{card.name} {card.version}: {card.training_data} -> {args.out}")
     return 0
