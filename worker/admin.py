@@ -12,16 +12,22 @@ RETRYABLE = frozenset({JobState.FAILED, JobState.NOT_PROCESSED, JobState.CANCELL
 CANCELLABLE = frozenset({JobState.QUEUED, JobState.RETRYING})
 
 
+def _job_for(session, job_id: int, allowed: frozenset[JobState], action: str) -> Job:
+    """The job, if it exists and its state allows ``action``; else ``KeyError`` / ``ValueError``."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise KeyError(f"no job {job_id}")
+    if job.state not in allowed:
+        raise ValueError(f"job {job_id} is {job.state.value}; only {sorted(s.value for s in allowed)} can be {action}")
+    return job
+
+
 def retry_job(session_factory, celery_app, job_id: int) -> Job:
     """Put a failed, unprocessed or cancelled job back on the queue. ``KeyError``/``ValueError`` if not allowed."""
     from worker.tasks import enqueue_job
 
     with session_factory() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise KeyError(f"no job {job_id}")
-        if job.state not in RETRYABLE:
-            raise ValueError(f"job {job_id} is {job.state.value}; only {sorted(s.value for s in RETRYABLE)} can be retried")
+        job = _job_for(session, job_id, RETRYABLE, "retried")
         job.state = JobState.QUEUED
         job.attempts = 0
         job.last_error = ""
@@ -36,11 +42,7 @@ def retry_job(session_factory, celery_app, job_id: int) -> Job:
 def cancel_job(session_factory, job_id: int) -> Job:
     """Cancel a job that has not started; a worker that later picks it up finds it cancelled and skips it."""
     with session_factory() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise KeyError(f"no job {job_id}")
-        if job.state not in CANCELLABLE:
-            raise ValueError(f"job {job_id} is {job.state.value}; only queued or retrying jobs can be cancelled")
+        job = _job_for(session, job_id, CANCELLABLE, "cancelled")
         job.state = JobState.CANCELLED
         job.reason = "cancelled by an admin"
         session.commit()
