@@ -11,6 +11,8 @@ networking, the queue or the database.
   score (:class:`Scope`).
 * :class:`Detector` — the abstract base every detector implements; :func:`register_detector` adds a class
   to the registry, :func:`load_model` builds one from a model folder.
+* :func:`conformal_threshold` — the split-conformal threshold every detector calibrates with (at
+  training, and again on a site's own normals by ``medgru calibrate``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
@@ -143,6 +146,9 @@ class ModelCard:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     files: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256
     params: Mapping[str, Any] = field(default_factory=dict)  # detector-specific
+    #: set by ``medgru calibrate``: the threshold re-set on a site's normals (n, target FPR, old and new
+    #: threshold, source, date, ...); empty for a model as trained. Written to card.json only when set.
+    calibration: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelCard":
@@ -166,11 +172,14 @@ class ModelCard:
             metrics=dict(d.get("metrics", {})),
             files=dict(d.get("files", {})),
             params=dict(d.get("params", {})),
+            calibration=dict(d.get("calibration", {})),
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scope"] = asdict(self.scope)
+        if not d["calibration"]:  # cards of uncalibrated models stay as they were
+            del d["calibration"]
         return d
 
     @classmethod
@@ -203,6 +212,41 @@ def verify_model_files(model_dir: Path, card: ModelCard) -> None:
             raise ValueError(f"model {card.name}: checksum of {name} is {actual}, card says {digest}")
 
 
+# -------------------------------------------------------------------------------------- calibration
+def conformal_rank(n: int, alpha: float) -> int:
+    """The 1-based rank ``ceil((n + 1)(1 - alpha))`` of the split-conformal threshold among ``n`` sorted
+    calibration scores (it may exceed ``n``: then there are too few scores for the guarantee)."""
+    return int(math.ceil((int(n) + 1) * (1.0 - float(alpha))))
+
+
+def conformal_threshold(calibration_scores: Sequence[float] | np.ndarray, alpha: float) -> float:
+    """Split-conformal threshold: the ``ceil((n + 1)(1 - alpha))``-th smallest calibration score, so that a
+    new exchangeable normal exceeds it with probability at most ``alpha`` (the target false-positive
+    rate). With too few scores for that rank the largest score is used (and the guarantee is weaker:
+    see :func:`conformal_min_normals`)."""
+    s = np.sort(np.asarray(calibration_scores, dtype=np.float64))
+    n = s.size
+    if n == 0:
+        raise ValueError("conformal calibration needs at least one normal score")
+    k = conformal_rank(n, alpha)
+    return float(s[min(max(k, 1), n) - 1])
+
+
+def conformal_min_normals(alpha: float) -> int:
+    """The fewest calibration normals for which the conformal rank is a real score (rank <= n), i.e.
+    ``ceil(1 / alpha) - 1``: 19 at ``alpha = 0.05``. Computed with :func:`conformal_rank` itself, so the
+    two always agree."""
+    a = float(alpha)
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"alpha (target false-positive rate) must lie in (0, 1), got {alpha}")
+    n = max(1, math.ceil(1.0 / a) - 1)
+    while conformal_rank(n, a) > n:  # guard against floating-point rounding of 1 / alpha
+        n += 1
+    while n > 1 and conformal_rank(n - 1, a) <= n - 1:
+        n -= 1
+    return n
+
+
 # ------------------------------------------------------------------------------------------ detectors
 class Detector(abc.ABC):
     """Base class of every detector. Subclasses register with :func:`register_detector`.
@@ -218,6 +262,9 @@ class Detector(abc.ABC):
     SMALL_PARAMS: ClassVar[dict[str, Any]] = {}
 
     card: ModelCard | None = None
+    #: the decision threshold on the score (``None`` until fitted or loaded); every detector keeps it here
+    #: and persists it in ``save``, so :meth:`set_threshold` works for all of them
+    _threshold: float | None = None
 
     def get_params(self) -> dict[str, Any]:
         """Constructor keyword arguments (JSON-serialisable): ``type(self)(**self.get_params())`` builds
@@ -241,6 +288,14 @@ class Detector(abc.ABC):
     @abc.abstractmethod
     def threshold(self) -> float:
         """The calibrated decision threshold on the score."""
+
+    def set_threshold(self, value: float) -> None:
+        """Replace the decision threshold (e.g. re-calibrated on a site's own normals by ``medgru
+        calibrate``); ``save`` persists it. Nothing else of the model changes."""
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"threshold must be finite, got {value}")
+        self._threshold = v
 
     @abc.abstractmethod
     def save(self, model_dir: Path) -> list[str]:

@@ -18,7 +18,7 @@ from medgru.settings import Settings, load_settings
 
 _COMMAND_MODULES = (
     "medgru.commands",  # serve, demo, config
-    "training.cli",  # train, evaluate
+    "training.cli",  # train, evaluate, calibrate
     "worker.cli",  # jobs: list, show, retry, cancel
 )
 

@@ -1,7 +1,7 @@
-"""``medgru train`` and ``medgru evaluate``.
+"""``medgru train``, ``medgru evaluate`` and ``medgru calibrate``.
 
-``training.train`` and ``training.evaluate`` each provide ``add_arguments(parser)`` and
-``run(args, settings) -> int``.
+``training.train``, ``training.evaluate`` and ``training.calibrate`` each provide
+``add_arguments(parser)`` and ``run(args, settings) -> int``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _lazy(module: str):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from training import evaluate, train
+    from training import calibrate, evaluate, train
 
     p = sub.add_parser("train", help="train a detector on the normals of a manifest or folder")
     train.add_arguments(p)
@@ -27,3 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a model on a manifest and write a report")
     evaluate.add_arguments(p)
     p.set_defaults(func=_lazy("training.evaluate"))
+
+    p = sub.add_parser("calibrate", help="re-set a model's threshold on a site's normals (writes a new model folder)")
+    calibrate.add_arguments(p)
+    p.set_defaults(func=_lazy("training.calibrate"))

@@ -23,19 +23,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inference.api import Detection, Detector, FrameSequence, ModelCard, register_detector
+from inference.api import (Detection, Detector, FrameSequence, ModelCard, conformal_threshold,
+                           register_detector)
 
 WEIGHTS_FILE = "knn_effnet.npz"
-
-
-def conformal_threshold(calibration_scores: Sequence[float], alpha: float) -> float:
-    """Split-conformal threshold: the ``ceil((n+1)(1-alpha))``-th smallest score (the largest if that
-    rank exceeds ``n``). A new exchangeable normal scores above it with probability <= ``alpha``."""
-    s = np.sort(np.asarray(calibration_scores, dtype=np.float64))
-    if s.size == 0:
-        raise ValueError("conformal calibration needs at least one held-out normal")
-    rank = math.ceil((s.size + 1) * (1.0 - alpha))
-    return float(s[min(rank, s.size) - 1])
 
 
 @register_detector("knn-effnet")

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.api import Detection, Detector, FrameSequence, ModelCard, register_detector
+from inference.api import (Detection, Detector, FrameSequence, ModelCard, conformal_threshold,
+                           register_detector)
 from inference.backbone import FEATURE_CHANNELS, extract_feature_maps, load_backbone
 from inference.convgru import ConvRecurrentEncoder, global_average_pool
 from inference.gradcam import grad_cam
@@ -65,18 +66,6 @@ LOSSES = ("deep-sad", "hsc", "reconstruct")
 #: "consistent-volume" (label-free, Tax & Muller 2004): the smallest envelope share accepted among the
 #: boundaries whose held-out rejection is consistent with nu (<= nu + 2 sqrt(nu (1 - nu) / n))
 HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin", "consistent-volume")
-
-
-def conformal_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:
-    """Split-conformal threshold: the ``ceil((n + 1)(1 - a))``-th smallest calibration score, so that a
-    new exchangeable normal exceeds it with probability at most ``a``. With too few scores for that rank
-    the largest score is used (and the guarantee is weaker)."""
-    s = np.sort(np.asarray(calibration_scores, dtype=np.float64))
-    n = s.size
-    if n == 0:
-        raise ValueError("conformal calibration needs at least one normal score")
-    k = int(math.ceil((n + 1) * (1.0 - float(target_fpr))))
-    return float(s[min(max(k, 1), n) - 1])
 
 
 def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:

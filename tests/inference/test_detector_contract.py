@@ -5,12 +5,14 @@ moment its module lands in ``inference/detectors/``. Each detector is built with
 fitted once per module on smooth synthetic textures (normals), and then checked for: finite scores that
 rank a planted bright blob above held-out normals, valid detections with frame-shaped heat maps for
 T = 1 and T = 3, a save -> card -> ``load_model`` round trip with the same scores, the checksum check,
-and ``get_params`` rebuilding an untrained twin.
+``set_threshold`` surviving save and load (what ``medgru calibrate`` relies on), and ``get_params``
+rebuilding an untrained twin.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import cv2
 import numpy as np
@@ -20,6 +22,8 @@ from inference.api import (
     Detection,
     ModelCard,
     Scope,
+    conformal_min_normals,
+    conformal_threshold,
     load_model,
     registered_detectors,
     sha256_file,
@@ -139,6 +143,43 @@ def test_save_load_round_trip_and_checksum(trained, tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         load_model(model_dir)
+
+
+def test_set_threshold_survives_save_and_load(trained, tmp_path):
+    cls, det = trained
+    first = tmp_path / "first"
+    first.mkdir()
+    _save_with_card(cls, det, first)
+    twin = load_model(first)  # an independent copy: the module's fitted detector keeps its threshold
+    new = det.threshold + 0.125 * (abs(det.threshold) + 1.0)
+    twin.set_threshold(new)
+    assert twin.threshold == new and det.threshold != new
+    second = tmp_path / "second"
+    second.mkdir()
+    _save_with_card(cls, twin, second)
+    loaded = load_model(second, verify=True)
+    assert type(loaded) is cls and loaded.threshold == new
+    probe = [seq(texture(6000 + i)) for i in range(2)] + [seq(with_blob(texture(6100), seed=3))]
+    # only the threshold changed: the scores are the original model's
+    np.testing.assert_allclose(loaded.score_batch(probe), det.score_batch(probe), rtol=1e-6, atol=1e-9)
+    d = loaded.detect(probe[-1], explain=False)
+    assert d.threshold == new and d.is_anomaly == (d.score > new)
+    with pytest.raises(ValueError, match="finite"):
+        loaded.set_threshold(float("nan"))
+    assert loaded.threshold == new
+
+
+def test_detectors_calibrate_with_the_one_conformal_threshold():
+    for cls in registered_detectors().values():
+        module = sys.modules[cls.__module__]
+        assert getattr(module, "conformal_threshold", conformal_threshold) is conformal_threshold, cls
+    scores = np.arange(40, 0, -1, dtype=np.float64)  # 1..40, unsorted
+    assert conformal_threshold(scores, 0.05) == 39.0  # rank ceil(41 * 0.95) = 39
+    assert conformal_threshold(scores[:20], 0.05) == 40.0  # 21..40: rank ceil(21 * 0.95) = 20, the largest
+    assert conformal_threshold([3.0, 1.0], 0.05) == 3.0  # too few for the rank: the largest
+    assert (conformal_min_normals(0.05), conformal_min_normals(0.1), conformal_min_normals(0.01)) == (19, 9, 99)
+    with pytest.raises(ValueError):
+        conformal_threshold([], 0.05)
 
 
 def test_get_params_rebuilds_an_untrained_twin(trained):

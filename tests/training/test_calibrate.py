@@ -1,0 +1,202 @@
+"""``medgru calibrate`` on a tiny k-NN model and synthetic normals written as PNG files.
+
+The expected threshold is recomputed here from the source model's scores with the conformal rank written
+out (not with :func:`inference.api.conformal_threshold`), so a wrong rank or wrong rows is caught.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inference.api import FrameSequence, ModelCard, Scope, get_detector_class, load_model, sha256_file
+from medgru.cli import build_parser
+from training.calibrate import calibrated_version
+from training.manifest import load_sequences, read_manifest, rows_from_folder
+
+SIZE = 64
+
+
+def texture(seed: int, *, sigma: float = 3.0, lo: float = 0.2, span: float = 0.5) -> np.ndarray:
+    """A smooth random texture ``(SIZE, SIZE)`` in ``[lo, lo + span]``: synthetic 'normal anatomy'."""
+    rng = np.random.default_rng(seed)
+    n = cv2.GaussianBlur(rng.normal(size=(SIZE, SIZE)).astype(np.float32), (0, 0), sigma)
+    n = (n - n.min()) / (n.max() - n.min() + 1e-6)
+    return (lo + span * n).astype(np.float32)
+
+
+def with_blob(frame: np.ndarray) -> np.ndarray:
+    out = frame.copy()
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    out[((yy - SIZE // 2) ** 2 + (xx - SIZE // 3) ** 2) <= (SIZE // 5) ** 2] = 1.0
+    return out
+
+
+def write_png(path: Path, frame: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.round(frame * 255.0).astype(np.uint8))
+    return path
+
+
+def site_normal(seed: int) -> np.ndarray:
+    """A 'local site' normal: finer texture, brighter and wider range than the training normals."""
+    return texture(seed, sigma=2.0, lo=0.3, span=0.6)
+
+
+def expected_threshold(scores: np.ndarray, alpha: float) -> float:
+    s = np.sort(scores)
+    return float(s[math.ceil((len(s) + 1) * (1.0 - alpha)) - 1])
+
+
+def tree_digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def source_model(tmp_path_factory) -> Path:
+    """A tiny fitted knn-effnet model folder, with an extra card-listed file its ``save`` does not write."""
+    model_dir = tmp_path_factory.mktemp("calib") / "model"
+    cls = get_detector_class("knn-effnet")
+    det = cls(**cls.SMALL_PARAMS)
+    det.fit([FrameSequence(frames=texture(i)[None]) for i in range(16)],
+            validation=[FrameSequence(frames=texture(100 + i)[None]) for i in range(8)], seed=0)
+    files = det.save(model_dir)
+    (model_dir / "training.json").write_text(json.dumps({"note": "written by the trainer"}) + "\n")
+    files.append("training.json")
+    ModelCard(name="tiny-knn", version="0.1", detector="knn-effnet", scope=Scope(modalities=("CR",)),
+              files={f: sha256_file(model_dir / f) for f in files}, params=det.get_params()).write(model_dir)
+    return model_dir
+
+
+def calibrate(argv: list[str], settings) -> int:
+    args = build_parser().parse_args(["calibrate", *argv])
+    return args.func(args, settings)
+
+
+def source_scores(model_dir: Path, rows) -> np.ndarray:
+    return np.asarray(load_model(model_dir).score_batch(load_sequences(rows)), dtype=np.float64)
+
+
+def test_calibrate_folder_writes_a_new_verified_model(source_model, make_settings, tmp_path, capsys):
+    site = tmp_path / "site-normals"
+    for i in range(40):
+        write_png(site / "normal" / f"n{i:02d}.png", site_normal(500 + i))
+    before = tree_digests(source_model)
+    old = load_model(source_model)
+    out = tmp_path / "calibrated"
+
+    assert calibrate(["--model", str(source_model), "--folder", str(site), "--out", str(out)], make_settings()) == 0
+
+    assert tree_digests(source_model) == before  # the source folder is untouched
+    scores = source_scores(source_model, rows_from_folder(site))
+    want = expected_threshold(scores, 0.05)  # n = 40: the 39th smallest score
+    assert want != pytest.approx(old.threshold)
+
+    new = load_model(out, verify=True)
+    assert new.threshold == pytest.approx(want, rel=1e-9)
+    probe = load_sequences(rows_from_folder(site)[:4])
+    np.testing.assert_allclose(new.score_batch(probe), old.score_batch(probe), rtol=1e-6)  # same model otherwise
+    d = new.detect(probe[0], explain=False)
+    assert d.threshold == pytest.approx(want, rel=1e-9) and d.model_version == new.card.version
+
+    card = ModelCard.read(out)
+    assert re.fullmatch(r"0\.1\+cal\.\d{12}", card.version), card.version
+    assert (card.name, card.detector, dict(card.params)) == (old.card.name, old.card.detector, dict(old.card.params))
+    assert set(card.files) == {"knn_effnet.npz", "training.json"}
+    assert (out / "training.json").read_text() == (source_model / "training.json").read_text()
+    assert card.files["knn_effnet.npz"] != old.card.files["knn_effnet.npz"]  # the threshold is in it
+    cal = card.calibration
+    assert cal["n_normals"] == 40 and cal["target_fpr"] == 0.05
+    assert cal["old_threshold"] == pytest.approx(old.threshold, rel=1e-12)
+    assert cal["new_threshold"] == pytest.approx(want, rel=1e-9)
+    assert cal["old_threshold_fpr_on_these_normals"] == pytest.approx(float((scores > old.threshold).mean()))
+    assert cal["source"] == "site-normals"
+    assert cal["calibrated_from_version"] == "0.1"
+    date = datetime.strptime(cal["date"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert abs((datetime.now(timezone.utc) - date).total_seconds()) < 3600
+    assert str(tmp_path) not in (out / "card.json").read_text()  # no machine paths in the card
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+    printed = capsys.readouterr().out
+    assert "40 normals" in printed and f"{old.threshold:.6g}" in printed and f"{want:.6g}" in printed
+
+
+def test_too_few_normals_exit_2_and_no_output(source_model, make_settings, tmp_path, capsys):
+    few = tmp_path / "few"
+    for i in range(18):  # one short of the 19 a 5 % conformal threshold needs
+        write_png(few / "normal" / f"n{i:02d}.png", site_normal(700 + i))
+    write_png(few / "pneumonia" / "a0.png", with_blob(site_normal(799)))  # anomalies do not count
+    before = tree_digests(source_model)
+    out = tmp_path / "calibrated"
+
+    assert calibrate(["--model", str(source_model), "--folder", str(few), "--out", str(out)], make_settings()) == 2
+
+    err = capsys.readouterr().err
+    assert "18 normal" in err and "at least 19" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".calibrated")]
+    assert tree_digests(source_model) == before
+
+
+def test_refuses_to_write_into_the_source_or_an_existing_folder(source_model, make_settings, tmp_path, capsys):
+    site = tmp_path / "site"
+    for i in range(20):
+        write_png(site / "normal" / f"n{i:02d}.png", site_normal(900 + i))
+    before = tree_digests(source_model)
+    for out in (source_model, source_model / "inner"):
+        assert calibrate(["--model", str(source_model), "--folder", str(site), "--out", str(out)],
+                         make_settings()) == 2
+    assert tree_digests(source_model) == before
+    assert "never overwrites" in capsys.readouterr().err
+
+
+def test_manifest_uses_only_the_normal_rows_of_the_split(source_model, make_settings, tmp_path):
+    data = tmp_path / "data"
+    lines: list[tuple[str, str, str]] = []
+    for i in range(20):  # the site's normals, labelled both ways
+        name = write_png(data / f"t{i:02d}.png", site_normal(1000 + i)).name
+        lines.append((name, "normal" if i % 2 else "0", "test"))
+    for i in range(5):  # anomalies of the same split: never used
+        name = write_png(data / f"a{i}.png", with_blob(site_normal(1100 + i))).name
+        lines.append((name, "pneumonia" if i % 2 else "1", "test"))
+    for i in range(10):  # normals of another split: not used with --split test
+        name = write_png(data / f"o{i}.png", texture(1200 + i, sigma=1.0, lo=0.0, span=1.0)).name
+        lines.append((name, "normal", "train"))
+    manifest = data / "site.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        w.writerows(lines)
+    out = tmp_path / "calibrated"
+
+    rc = calibrate(["--model", str(source_model), "--manifest", str(manifest), "--split", "test", "--out", str(out),
+                    "--version", "0.1-site"], make_settings())
+
+    assert rc == 0
+    rows = read_manifest(manifest)
+    normals = [r for r in rows if r.split == "test" and r.label in ("normal", "0")]
+    assert len(normals) == 20
+    want = expected_threshold(source_scores(source_model, normals), 0.05)
+    card = ModelCard.read(out)
+    assert card.version == "0.1-site"
+    assert card.calibration["n_normals"] == 20 and card.calibration["split"] == "test"
+    assert card.calibration["source"] == "site.csv"
+    assert card.calibration["new_threshold"] == pytest.approx(want, rel=1e-9)
+    assert load_model(out, verify=True).threshold == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("0.1", "0.1+cal.202501021304"),
+    ("1.0.0+cal.202401010000", "1.0.0+cal.202501021304"),
+    ("1.0.0+build.7", "1.0.0+build.7.cal.202501021304"),
+    ("1.0.0+build.7.cal.202401010000", "1.0.0+build.7.cal.202501021304"),
+])
+def test_calibrated_version(old, new):
+    assert calibrated_version(old, datetime(2025, 1, 2, 13, 4, 59, tzinfo=timezone.utc)) == new
