@@ -31,14 +31,19 @@ same cluster when the segment between them stays inside the sphere. The all-pair
 O(n^2); here the test is applied only to the edges of the k-nearest-neighbour graph (O(n k)), and the
 clusters are the connected components of the kept edges (the "k-NN labelling" of SVC). Bounded support
 vectors and points in components smaller than ``min_cluster_size`` are attached to the nearest
-clustered point. Clusters are named ``cluster-1``, ``cluster-2``, ... by decreasing size.
+clustered point. Clusters are named ``cluster-1``, ``cluster-2``, ... by decreasing size. A point is
+inside the sphere when ``f(x)`` is at least the smallest ``f`` over the unbounded support vectors (they lie
+on the sphere; testing against ``rho`` put about half of them outside through the solver's tolerance).
+:func:`choose_cluster_gamma` picks the kernel width without labels: the number of clusters that persists
+over the longest run of a geometric grid of gammas ("cluster lifetime").
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +54,7 @@ from sklearn.svm import OneClassSVM
 
 
 SCORE_FORMS = ("log", "ratio")
+log = logging.getLogger(__name__)
 
 
 class SVDDBoundary:
@@ -245,59 +251,210 @@ class ClusterModel:
                    gamma=float(np.asarray(st["gamma"]).ravel()[0]))
 
 
+#: default kernel widths searched by :func:`choose_cluster_gamma` (relative to ``1/d``): 0.25 ... 64
+DEFAULT_CLUSTER_GAMMAS: tuple[float, ...] = tuple(float(g) for g in np.geomspace(0.25, 64.0, 12))
+
+
+def default_min_cluster_size(n: int) -> int:
+    """Smallest component that counts as a cluster in a pool of ``n`` points: ``max(5, ceil(2 % of n))``."""
+    return max(5, int(math.ceil(0.02 * n)))
+
+
+@dataclass
+class _KNNGraph:
+    """The k-nearest-neighbour edges of a pool (independent of the kernel width)."""
+
+    x: np.ndarray  # raw embeddings (N, d)
+    xs: np.ndarray  # standardised embeddings
+    mean: np.ndarray
+    scale: np.ndarray
+    src: np.ndarray  # edge sources, N * k
+    dst: np.ndarray  # edge targets
+
+
+def _knn_graph(x: np.ndarray, k: int) -> _KNNGraph:
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mean) / scale
+    kk = max(1, min(k, n - 1))
+    idx = NearestNeighbors(n_neighbors=kk + 1).fit(xs).kneighbors(xs, return_distance=False)
+    # drop each point itself (duplicates may put it anywhere in its row, not necessarily first)
+    nbr = np.array([[j for j in row if j != i][:kk] for i, row in enumerate(idx)], dtype=np.int64)
+    return _KNNGraph(x=x, xs=xs, mean=mean, scale=scale, src=np.repeat(np.arange(n), kk), dst=nbr.ravel())
+
+
+@dataclass
+class _SVCComponents:
+    comp: np.ndarray  # connected-component id per point (points outside the sphere are singletons)
+    inside: np.ndarray  # bool per point: inside the sphere (not a bounded support vector / outlier)
+    kernel_gamma: float
+
+
+def _svc_components(g: _KNNGraph, *, gamma: float, nu: float, segment_points: int,
+                    gamma_is_relative: bool) -> _SVCComponents:
+    """Fit the sphere at one kernel width and keep the k-NN edges whose segment stays inside it.
+
+    "Inside" is ``f(x) >= level`` with ``level`` the smallest ``f`` over the unbounded support vectors,
+    which lie *on* the sphere by definition (Ben-Hur et al.: ``R = R(x_sv)`` for any unbounded SV).
+    Comparing with ``rho`` itself instead puts about half of them outside through the solver's
+    tolerance (libsvm stops at a 1e-3 gradient violation); at large ``gamma`` nearly every point is an
+    unbounded SV, so that test dropped about half the points from the graph and shattered it.
+    """
+    n, d = g.xs.shape
+    kg = gamma / d if gamma_is_relative else gamma
+    sphere = SVDDBoundary(gamma=gamma, nu=nu, gamma_is_relative=gamma_is_relative)
+    sphere.mean_, sphere.scale_ = g.mean, g.scale
+    sphere.kernel_gamma_ = kg
+    svm = OneClassSVM(kernel="rbf", gamma=kg, nu=nu).fit(g.xs)
+    sphere.support_vectors_ = np.asarray(svm.support_vectors_, np.float64)
+    sphere.dual_coef_ = np.asarray(svm.dual_coef_, np.float64).ravel()
+    sphere.rho_ = float(-svm.intercept_[0])
+    # libsvm's one-class dual: 0 <= alpha_i <= 1 (sum = nu n); alpha_i = 1: bounded SV (outside)
+    free = sphere.dual_coef_ < 1.0 - 1e-8
+    level = sphere.rho_
+    if free.any():
+        level = min(level, float(sphere.decision(sphere.support_vectors_[free] * g.scale + g.mean).min()))
+    level -= 1e-9 * abs(level)
+    inside = sphere.decision(g.x) >= level
+    ok = inside[g.src] & inside[g.dst]
+    cand = np.flatnonzero(ok)
+    # interior sample points of each edge, the middle first (the most likely to leave the sphere)
+    ts = np.linspace(0.0, 1.0, segment_points + 2)[1:-1]
+    for t in ts[np.argsort(np.abs(ts - 0.5), kind="stable")]:
+        if cand.size == 0:
+            break
+        seg = (1 - t) * g.x[g.src[cand]] + t * g.x[g.dst[cand]]
+        keep = sphere.decision(seg) >= level
+        ok[cand[~keep]] = False
+        cand = cand[keep]
+    graph = coo_matrix((np.ones(int(ok.sum())), (g.src[ok], g.dst[ok])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    return _SVCComponents(comp=comp, inside=inside, kernel_gamma=kg)
+
+
+def _big_components(comp: np.ndarray, min_cluster_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of the components with at least ``min_cluster_size`` points, by decreasing size, and all sizes."""
+    sizes = np.bincount(comp)
+    big = np.flatnonzero(sizes >= max(1, min_cluster_size))
+    return big[np.argsort(-sizes[big], kind="stable")], sizes
+
+
 def support_vector_clustering(x: np.ndarray, *, gamma: float = 1.0, nu: float = 0.1, k: int = 10,
-                              segment_points: int = 8, min_cluster_size: int = 5,
+                              segment_points: int = 8, min_cluster_size: int | None = None,
                               gamma_is_relative: bool = True) -> ClusterModel:
     """Cluster embeddings ``x`` (N, d) by SVC with k-NN-graph labelling (O(N k) segment tests).
 
     ``gamma`` sets the kernel width (relative to ``1/d`` of the standardised data by default): larger
-    values give more, tighter clusters. ``nu`` bounds the fraction of bounded support vectors (outliers).
+    values give more, tighter clusters (:func:`choose_cluster_gamma` picks one without labels). ``nu``
+    bounds the fraction of bounded support vectors (outliers). Components smaller than
+    ``min_cluster_size`` (default :func:`default_min_cluster_size`) and points outside the sphere join
+    the cluster of their nearest clustered point; clusters are then named by decreasing size. If no
+    component is that large (the sphere's pre-image has shattered: ``gamma`` too large) the largest one
+    is the only cluster.
     """
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
-    mean, scale = x.mean(0), x.std(0) + 1e-6
     if n < 2:
+        mean, scale = x.mean(0) if n else np.zeros(x.shape[1:]), np.ones(x.shape[1:])
         return ClusterModel(points=(x - mean) / scale, labels=np.zeros(n, np.int64), mean=mean,
-                            scale=scale, gamma=gamma)
-    sphere = SVDDBoundary(gamma=gamma, nu=nu, gamma_is_relative=gamma_is_relative)
-    sphere.mean_, sphere.scale_ = mean, scale
-    xs = (x - mean) / scale
-    sphere.kernel_gamma_ = gamma / xs.shape[1] if gamma_is_relative else gamma
-    svm = OneClassSVM(kernel="rbf", gamma=sphere.kernel_gamma_, nu=nu).fit(xs)
-    sphere.support_vectors_ = np.asarray(svm.support_vectors_, np.float64)
-    sphere.dual_coef_ = np.asarray(svm.dual_coef_, np.float64).ravel()
-    sphere.rho_ = float(-svm.intercept_[0])
-
-    inside_pt = sphere.decision(x) >= sphere.rho_ * (1 - 1e-9)
-    kk = min(k, n - 1)
-    nbrs = NearestNeighbors(n_neighbors=kk + 1).fit(xs)
-    idx = nbrs.kneighbors(xs, return_distance=False)[:, 1:]
-    src = np.repeat(np.arange(n), kk)
-    dst = idx.ravel()
-    # segment test on interior sample points of each k-NN edge (standardised space -> raw space)
-    ts = np.linspace(0.0, 1.0, segment_points + 2)[1:-1]
-    ok = inside_pt[src] & inside_pt[dst]
-    cand = np.flatnonzero(ok)
-    for t in ts:
-        if cand.size == 0:
-            break
-        seg = (1 - t) * x[src[cand]] + t * x[dst[cand]]
-        inside = sphere.decision(seg) >= sphere.rho_ * (1 - 1e-9)
-        ok[cand[~inside]] = False
-        cand = cand[inside]
-    graph = coo_matrix((np.ones(int(ok.sum())), (src[ok], dst[ok])), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    sizes = np.bincount(comp)
-    big = np.flatnonzero(sizes >= max(1, min_cluster_size))
-    if big.size == 0:
-        big = np.array([int(np.argmax(sizes))])
-    order = big[np.argsort(-sizes[big], kind="stable")]
-    remap = {int(c): i for i, c in enumerate(order)}
-    labels = np.array([remap.get(int(c), -1) for c in comp], dtype=np.int64)
+                            scale=scale, gamma=float(gamma))
+    g = _knn_graph(x, k)
+    parts = _svc_components(g, gamma=gamma, nu=nu, segment_points=segment_points,
+                            gamma_is_relative=gamma_is_relative)
+    m = default_min_cluster_size(n) if min_cluster_size is None else int(min_cluster_size)
+    order, sizes = _big_components(parts.comp, m)
+    if order.size == 0:
+        log.warning("SVC at gamma=%g: no component of >= %d points (largest %d): one cluster", gamma, m,
+                    int(sizes.max()))
+        order = np.array([int(np.argmax(sizes))])
+    remap = np.full(sizes.size, -1, np.int64)
+    remap[order] = np.arange(order.size)
+    labels = remap[parts.comp]
     labelled = np.flatnonzero(labels >= 0)
     orphans = np.flatnonzero(labels < 0)
     if orphans.size:
-        nn1 = NearestNeighbors(n_neighbors=1).fit(xs[labelled])
-        j = nn1.kneighbors(xs[orphans], return_distance=False)[:, 0]
+        nn1 = NearestNeighbors(n_neighbors=1).fit(g.xs[labelled])
+        j = nn1.kneighbors(g.xs[orphans], return_distance=False)[:, 0]
         labels[orphans] = labels[labelled[j]]
-    return ClusterModel(points=xs, labels=labels, mean=mean, scale=scale, gamma=gamma)
+    rank = np.empty(order.size, np.int64)  # name by decreasing size after the orphans joined
+    rank[np.argsort(-np.bincount(labels, minlength=order.size), kind="stable")] = np.arange(order.size)
+    return ClusterModel(points=g.xs, labels=rank[labels], mean=g.mean, scale=g.scale, gamma=float(gamma))
+
+
+def choose_cluster_gamma(x: np.ndarray, *, gammas: Sequence[float] | None = None, nu: float = 0.1,
+                         k: int = 10, segment_points: int = 8, min_cluster_size: int | None = None,
+                         max_clusters: int = 8, min_lifetime: int = 2, min_coverage: float = 0.5,
+                         gamma_is_relative: bool = True) -> tuple[float, dict[str, Any]]:
+    """Label-free choice of the SVC kernel width by cluster lifetime.
+
+    For each ``gamma`` of an increasing grid (default :data:`DEFAULT_CLUSTER_GAMMAS`) count the clusters:
+    components of the SVC k-NN labelling with at least ``min_cluster_size`` points (default
+    :func:`default_min_cluster_size`). Where those components hold less than ``min_coverage`` of the
+    points inside the sphere, the sphere's pre-image has shattered (most points would be labelled by
+    their nearest neighbour, not by SVC): that gamma counts as 0 clusters, "fragmented". (The bounded
+    support vectors, a share of about ``nu``, are outliers by design and do not count against the
+    coverage.) The number of clusters ``K`` with
+    ``2 <= K <= max_clusters`` that persists over the longest run of consecutive gammas, at least
+    ``min_lifetime`` of them, is taken (ties: the run at the smaller gammas), and the smallest gamma of
+    that run is returned. A ``K`` seen at a single gamma has no measured lifetime (on the brain MRI
+    tumours it was the giant component breaking up, ``benchmarks/results/clustering-brain_mri.md``), so
+    the default asks for two. If no such ``K`` appears, the smallest gamma giving one cluster is
+    returned (or the smallest gamma if none does), and the trace says so.
+
+    Returns ``(gamma, trace)``; ``trace`` is JSON-serialisable: the grid, per gamma the cluster count,
+    the sizes of the components of at least ``min_cluster_size``, their coverage and the share of points
+    outside the sphere, the chosen ``K``, its lifetime and a sentence on how the choice was made.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    grid = sorted(float(v) for v in (DEFAULT_CLUSTER_GAMMAS if gammas is None else gammas))
+    if not grid:
+        raise ValueError("choose_cluster_gamma needs at least one gamma")
+    n = x.shape[0]
+    m = default_min_cluster_size(n) if min_cluster_size is None else int(min_cluster_size)
+    trace: dict[str, Any] = {"gammas": grid, "nu": float(nu), "k": int(k), "min_cluster_size": m,
+                             "max_clusters": int(max_clusters), "min_lifetime": int(min_lifetime),
+                             "min_coverage": float(min_coverage), "n": int(n), "per_gamma": []}
+    if n < 2 * m:  # two clusters cannot both be large enough
+        trace.update(gamma=grid[0], clusters=1, lifetime=0,
+                     reason=f"pool of {n} points < 2 x min_cluster_size ({m}): one cluster, smallest gamma")
+        return grid[0], trace
+    g = _knn_graph(x, k)
+    counts = []
+    for gamma in grid:
+        parts = _svc_components(g, gamma=gamma, nu=nu, segment_points=segment_points,
+                                gamma_is_relative=gamma_is_relative)
+        order, sizes = _big_components(parts.comp, m)
+        coverage = float(sizes[order].sum()) / max(1, int(parts.inside.sum()))
+        fragmented = order.size > 0 and coverage < min_coverage
+        counts.append(0 if fragmented else int(order.size))
+        trace["per_gamma"].append({"gamma": gamma, "clusters": counts[-1], "components": int(order.size),
+                                   "sizes": [int(sizes[c]) for c in order], "coverage": round(coverage, 4),
+                                   "fragmented": bool(fragmented or order.size == 0),
+                                   "outside_fraction": round(float(1.0 - parts.inside.mean()), 4)})
+    trace["counts"] = counts
+    best: tuple[int, int, int] | None = None  # (lifetime, start index, K)
+    i = 0
+    while i < len(counts):
+        j = i
+        while j + 1 < len(counts) and counts[j + 1] == counts[i]:
+            j += 1
+        life = j - i + 1
+        if 2 <= counts[i] <= max_clusters and life >= min_lifetime and (best is None or life > best[0]):
+            best = (life, i, counts[i])
+        i = j + 1
+    if best is not None:
+        life, start, kk = best
+        chosen = grid[start]
+        trace.update(gamma=chosen, clusters=kk, lifetime=life,
+                     reason=f"K={kk} clusters persist over {life} consecutive gammas "
+                            f"({grid[start]:.3g}..{grid[start + life - 1]:.3g}); smallest gamma of that run")
+        return chosen, trace
+    ones = [gm for gm, c in zip(grid, counts) if c == 1]
+    chosen = ones[0] if ones else grid[0]
+    runs_of_one = "".join("1" if c == 1 else "." for c in counts).split(".")
+    trace.update(gamma=chosen, clusters=1, lifetime=max(len(r) for r in runs_of_one),
+                 reason=(f"no K in 2..{max_clusters} clusters of >= {m} points persisted over >= {min_lifetime} "
+                         "consecutive gammas: one cluster, "
+                         + ("smallest gamma giving one" if ones else "no gamma gave one either; smallest gamma")))
+    return chosen, trace

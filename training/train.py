@@ -39,6 +39,19 @@ log = logging.getLogger(__name__)
 MODEL_NAME_DEFAULT = "medgru-svc"
 
 
+def _cluster_gamma(text: str) -> float | str:
+    """``--cluster-gamma``: ``auto`` or a positive number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", type=Path, help="manifest CSV (path, label[, split, group])")
@@ -96,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-limit", type=float, default=2.0, help="CLAHE clip limit (0 = no CLAHE)")
     parser.add_argument("--tile-grid", type=int, default=8, help="CLAHE tile grid")
     parser.add_argument("--cluster-pool", choices=("synthetic", "unlabelled"), default="synthetic")
+    parser.add_argument("--cluster-gamma", type=_cluster_gamma, default="auto",
+                        help="support-vector clustering kernel width (relative to 1/d), or 'auto': the "
+                             "number of clusters that persists longest over a grid of widths (label-free)")
     parser.add_argument("--report-split", default="", help="after training, score this split once (AUROC)")
     parser.add_argument("--cache", type=Path, default=None, help="feature cache folder")
     parser.add_argument("--workers", type=int, default=2, help="image loading threads")
@@ -244,7 +260,8 @@ def detector_from_args(args: argparse.Namespace):
         synthetic_per_normal=args.synthetic_per_normal, hpo_trials=args.hpo_trials,
         hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, loss=args.loss,
         reducer_init=args.reducer_init, hpo_objective=getattr(args, "hpo_objective", "synthetic-auroc"),
-        nu_max=getattr(args, "nu_max", 0.5), whiten=getattr(args, "whiten", False), device="cpu",
+        nu_max=getattr(args, "nu_max", 0.5), whiten=getattr(args, "whiten", False),
+        cluster_gamma=getattr(args, "cluster_gamma", "auto"), device="cpu",
     )
 
 
@@ -290,7 +307,7 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     if args.cluster_pool == "unlabelled":
         feats["pool"] = cache.features(train_rows, desc="unlabelled train")  # labels ignored
     skip = ("out", "report_split", "name", "version", "description", "func", "training_data", "modalities",
-            "body_parts", "workers")
+            "body_parts", "workers", "cluster_gamma")  # cluster_gamma: after the encoder, keeps old run keys
     run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals)})
     ckpt = cache_dir.parent / "checkpoints" / f"medgru-{run_key}.pt"
     return Prepared(rows, source, train_rows, normals, fit_rows, hpo_rows, cal_rows, det, cache, feats, ckpt)

@@ -50,7 +50,8 @@ from inference.backbone import FEATURE_CHANNELS, extract_feature_maps, load_back
 from inference.convgru import ConvRecurrentEncoder, global_average_pool
 from inference.gradcam import grad_cam
 from inference.preprocess import preprocess_frames
-from inference.svdd import ClusterModel, SVDDBoundary, TorchRBFBoundary, support_vector_clustering
+from inference.svdd import (ClusterModel, SVDDBoundary, TorchRBFBoundary, choose_cluster_gamma,
+                            support_vector_clustering)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,16 @@ LOSSES = ("deep-sad", "hsc", "reconstruct")
 #: "consistent-volume" (label-free, Tax & Muller 2004): the smallest envelope share accepted among the
 #: boundaries whose held-out rejection is consistent with nu (<= nu + 2 sqrt(nu (1 - nu) / n))
 HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin", "consistent-volume")
+
+
+def _cluster_gamma_param(value: float | str) -> float | str:
+    """``cluster_gamma``: ``"auto"`` or a positive number (relative kernel width)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    g = float(value)
+    if not (math.isfinite(g) and g > 0):
+        raise ValueError(f"cluster_gamma must be 'auto' or a positive number, got {value!r}")
+    return g
 
 
 def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -88,7 +99,7 @@ class MedGRUSVC(Detector):
                  weight_decay: float = 1e-4, momentum: float = 0.9, optimizer: str = "adam",
                  oe_weight: float = 1.0, synthetic_per_normal: int = 1, gamma: float = 1.0, nu: float = 0.1,
                  hpo_trials: int = 25, hpo_fraction: float = 0.2, target_fpr: float = 0.05,
-                 cluster_gamma: float = 1.0, cluster_nu: float = 0.1, cluster_k: int = 10,
+                 cluster_gamma: float | str = "auto", cluster_nu: float = 0.1, cluster_k: int = 10,
                  loss: str = "deep-sad", reducer_init: str = "random", hpo_objective: str = "synthetic-auroc",
                  nu_max: float = 0.5, envelope_samples: int = 4000, whiten: bool = False,
                  device: str = "cpu"):
@@ -112,7 +123,9 @@ class MedGRUSVC(Detector):
         self.hpo_trials = int(hpo_trials)
         self.hpo_fraction = float(hpo_fraction)
         self.target_fpr = float(target_fpr)
-        self.cluster_gamma = float(cluster_gamma)
+        #: SVC kernel width: a float (relative to 1/d), or "auto" (:func:`choose_cluster_gamma` at fit time;
+        #: the chosen float is saved in the cluster model's state)
+        self.cluster_gamma: float | str = _cluster_gamma_param(cluster_gamma)
         self.cluster_nu = float(cluster_nu)
         self.cluster_k = int(cluster_k)
         self.loss = str(loss)
@@ -462,10 +475,17 @@ class MedGRUSVC(Detector):
         if len(outside) < 2:
             outside = pool
         if len(outside) >= 2:
-            self.clusters = support_vector_clustering(outside, gamma=self.cluster_gamma, nu=self.cluster_nu,
-                                                      k=self.cluster_k)
-            report["clusters"] = {n: int((self.clusters.labels == i).sum())
-                                  for i, n in enumerate(self.clusters.names)}
+            info: dict[str, Any] = {"pool": int(len(outside))}
+            if self.cluster_gamma == "auto":
+                gamma, trace = choose_cluster_gamma(outside, nu=self.cluster_nu, k=self.cluster_k)
+                info.update(gamma_choice="auto", trace=trace)
+            else:
+                gamma = float(self.cluster_gamma)
+                info["gamma_choice"] = "fixed"
+            self.clusters = support_vector_clustering(outside, gamma=gamma, nu=self.cluster_nu, k=self.cluster_k)
+            info["gamma"] = float(gamma)
+            info["sizes"] = {n: int((self.clusters.labels == i).sum()) for i, n in enumerate(self.clusters.names)}
+            report["clusters"] = info
         else:
             self.clusters = None
 
@@ -498,9 +518,15 @@ class MedGRUSVC(Detector):
         if explain:
             enc, head = self.encoder, self._torch_boundary
             enc.eval()
-            score, heat = grad_cam(enc.cells[-1], lambda: head(global_average_pool(enc(feats[None]))),
-                                   (h, w))
-            emb = self.embed_features(feats[None])
+            kept: list[torch.Tensor] = []
+
+            def forward_score() -> torch.Tensor:
+                e = global_average_pool(enc(feats[None].float()))
+                kept.append(e)
+                return head(e)
+
+            score, heat = grad_cam(enc.cells[-1], forward_score, (h, w))
+            emb = kept[0].detach().cpu().double().numpy()  # the embedding Grad-CAM explained
         else:
             emb = self.embed_features(feats[None])
             score = float(self.boundary.score(emb)[0])

@@ -72,3 +72,52 @@ def test_unknown_objectives_are_rejected():
         MedGRUSVC(hpo_objective="test-auroc")
     with pytest.raises(ValueError, match="loss"):
         MedGRUSVC(loss="supervised")
+
+
+def test_auto_cluster_gamma_is_chosen_at_fit_and_saved_as_a_float(tmp_path):
+    from inference.api import ModelCard, Scope, load_model, sha256_file
+
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=1, batch_size=8,
+                    loss="reconstruct", hpo_trials=0)
+    assert det.cluster_gamma == "auto" and det.get_params()["cluster_gamma"] == "auto"
+    empty = maps(0, 0)
+    pool = torch.cat([maps(30, 7, shift=3.0), maps(30, 8, shift=30.0)])  # two kinds of "anomaly"
+    report = det.fit_features(maps(40, 1), empty, maps(12, 2), empty, maps(12, 3), seed=0, cluster_pool=pool)
+    info = report["clusters"]
+    assert info["gamma_choice"] == "auto" and isinstance(info["gamma"], float)
+    trace = info["trace"]
+    assert info["gamma"] == trace["gamma"] and info["gamma"] in trace["gammas"]
+    assert len(trace["counts"]) == len(trace["gammas"]) == len(trace["per_gamma"])
+    assert sum(info["sizes"].values()) == info["pool"] <= 60
+    assert list(info["sizes"]) == det.clusters.names
+    assert isinstance(det.clusters.gamma, float) and det.clusters.gamma == info["gamma"]
+
+    files = det.save(tmp_path)
+    ModelCard(name="auto-svc", version="0.0.1", detector="medgru-svc", scope=Scope(modalities=("CR",)),
+              files={f: sha256_file(tmp_path / f) for f in files}, params=det.get_params()).write(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.cluster_gamma == "auto"
+    assert isinstance(loaded.clusters.gamma, float) and loaded.clusters.gamma == info["gamma"]
+    assert loaded.fit_report["clusters"]["trace"]["counts"] == trace["counts"]
+    probe = det.embed_features(pool[:5])
+    assert loaded.clusters.predict(probe) == det.clusters.predict(probe)
+
+
+def test_fixed_cluster_gamma_is_still_accepted_and_validated():
+    det = MedGRUSVC(cluster_gamma=2.0)
+    assert det.cluster_gamma == 2.0 and det.get_params()["cluster_gamma"] == 2.0
+    assert MedGRUSVC(cluster_gamma="AUTO").cluster_gamma == "auto"
+    for bad in (0.0, -1.0, "wide", float("nan")):
+        with pytest.raises(ValueError):
+            MedGRUSVC(cluster_gamma=bad)
+
+
+def test_a_committed_model_folder_with_a_fixed_cluster_gamma_loads_unchanged():
+    from pathlib import Path
+
+    from inference.api import load_model
+
+    folder = Path(__file__).resolve().parents[2] / "inference" / "models" / "medgru-svc-brain-mr"
+    det = load_model(folder)
+    assert det.cluster_gamma == 1.0  # saved before "auto" existed: its params carry the float
+    assert det.clusters is not None and isinstance(det.clusters.gamma, float) and det.clusters.gamma == 1.0

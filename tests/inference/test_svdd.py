@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference.svdd import ClusterModel, SVDDBoundary, TorchRBFBoundary, support_vector_clustering
+from inference.svdd import (DEFAULT_CLUSTER_GAMMAS, ClusterModel, SVDDBoundary, TorchRBFBoundary,
+                            choose_cluster_gamma, default_min_cluster_size, support_vector_clustering)
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,96 @@ def test_whitened_kernel_uses_the_mahalanobis_metric_and_round_trips():
     assert again.whiten and np.allclose(again.score(x[:20]), w.score(x[:20]))
     t = TorchRBFBoundary(w)(torch.tensor(x[:20], dtype=torch.float32)).numpy()
     np.testing.assert_allclose(t, w.score(x[:20]), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------ label-free choice of the SVC kernel width
+def three_blobs(seed: int, sep: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+    """3 x 60 points in 16-d: unit Gaussians around centres at distance ``sep`` from the origin in random
+    directions (pairwise about ``sep * sqrt(2)`` apart, nearest neighbours about 4 apart)."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(3, 16))
+    c = sep * c / np.linalg.norm(c, axis=1, keepdims=True)
+    return np.concatenate([rng.normal(size=(60, 16)) + ci for ci in c]), np.repeat(np.arange(3), 60)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_gamma_recovers_three_separated_blobs(seed):
+    from sklearn.metrics import adjusted_rand_score
+
+    x, y = three_blobs(seed)
+    gamma, trace = choose_cluster_gamma(x)
+    assert gamma in DEFAULT_CLUSTER_GAMMAS and trace["gamma"] == gamma
+    assert trace["clusters"] == 3 and trace["lifetime"] >= 2
+    assert len(trace["per_gamma"]) == len(DEFAULT_CLUSTER_GAMMAS) == len(trace["counts"])
+    model = support_vector_clustering(x, gamma=gamma)
+    assert model.names == ["cluster-1", "cluster-2", "cluster-3"]
+    assert adjusted_rand_score(y, model.labels) >= 0.9
+    assert model.gamma == gamma
+
+
+def test_auto_gamma_does_not_invent_clusters_in_one_blob():
+    x = np.random.default_rng(4).normal(size=(180, 16))
+    gamma, trace = choose_cluster_gamma(x)
+    model = support_vector_clustering(x, gamma=gamma)
+    assert len(model.names) <= 2 and trace["clusters"] <= 2
+    assert trace["clusters"] == 1 and "one cluster" in trace["reason"]
+
+
+def test_auto_gamma_is_reproducible_and_json_serialisable():
+    import json
+
+    x, _ = three_blobs(5, sep=9.0)
+    g1, t1 = choose_cluster_gamma(x)
+    g2, t2 = choose_cluster_gamma(x.copy())
+    assert g1 == g2 and t1 == t2
+    assert json.loads(json.dumps(t1)) == t1
+    a, b = support_vector_clustering(x, gamma=g1), support_vector_clustering(x, gamma=g2)
+    assert np.array_equal(a.labels, b.labels)
+
+
+def test_a_shattered_sphere_counts_as_no_cluster_not_one():
+    x, _ = three_blobs(0)
+    # at these widths the pre-image of the sphere is a speck around each point: no component of >= 5
+    gamma, trace = choose_cluster_gamma(x, gammas=[500.0, 1000.0])
+    assert trace["counts"] == [0, 0] and all(p["fragmented"] for p in trace["per_gamma"])
+    assert gamma == 500.0 and trace["clusters"] == 1 and "no gamma gave one either" in trace["reason"]
+
+
+def test_many_bounded_support_vectors_do_not_read_as_a_shattered_sphere():
+    # nu = 0.5: about half the points are outliers by design; coverage counts the points inside the sphere
+    x, y = three_blobs(0)
+    gamma, trace = choose_cluster_gamma(x, nu=0.5)
+    assert trace["per_gamma"][0]["outside_fraction"] > 0.4
+    assert trace["per_gamma"][0]["coverage"] > 0.9 and not trace["per_gamma"][0]["fragmented"]
+    assert trace["clusters"] == 3 and len(support_vector_clustering(x, gamma=gamma, nu=0.5).names) == 3
+
+
+def test_unbounded_support_vectors_count_as_inside_the_sphere():
+    # at a large width every point is an unbounded SV (alpha = nu < 1) and lies on the sphere: the old test
+    # f(x) >= rho put about half of them outside through the solver's tolerance and shattered the graph
+    x, _ = three_blobs(0)
+    _, trace = choose_cluster_gamma(x, gammas=[8.0, 16.0])
+    assert [p["outside_fraction"] for p in trace["per_gamma"]] == [0.0, 0.0]
+
+
+def test_min_cluster_size_scales_with_the_pool():
+    assert default_min_cluster_size(50) == 5 and default_min_cluster_size(250) == 5
+    assert default_min_cluster_size(1000) == 20 and default_min_cluster_size(1216) == 25
+    x, _ = three_blobs(0)
+    _, trace = choose_cluster_gamma(x)
+    assert trace["min_cluster_size"] == default_min_cluster_size(180)
+    _, small = choose_cluster_gamma(x[:8])  # too few points for two clusters of >= 5
+    assert small["clusters"] == 1 and small["per_gamma"] == []
+
+
+def test_auto_clustering_state_round_trips():
+    x, _ = three_blobs(1)
+    gamma, _ = choose_cluster_gamma(x)
+    model = support_vector_clustering(x, gamma=gamma)
+    st = {k: np.asarray(v) for k, v in model.state().items()}
+    assert st["gamma"].dtype == np.float64 and st["gamma"].shape == (1,)
+    again = ClusterModel.from_state(st)
+    assert isinstance(again.gamma, float) and again.gamma == gamma
+    assert np.array_equal(again.labels, model.labels) and again.names == model.names
+    probe = x[::7] + 0.1
+    assert again.predict(probe) == model.predict(probe)

@@ -36,6 +36,19 @@ def trained(tmp_path_factory, data_root):
     return out, test, args, settings
 
 
+def test_cluster_gamma_option_defaults_to_auto_and_reaches_the_detector():
+    from training.train import detector_from_args
+
+    base = ["train", "--manifest", "m.csv", "--out", "o"]
+    args = build_parser().parse_args(base)
+    assert args.cluster_gamma == "auto" and detector_from_args(args).cluster_gamma == "auto"
+    args = build_parser().parse_args(base + ["--cluster-gamma", "2.5"])
+    assert args.cluster_gamma == 2.5 and detector_from_args(args).get_params()["cluster_gamma"] == 2.5
+    for bad in ("0", "-1", "wide"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(base + ["--cluster-gamma", bad])
+
+
 @pytest.mark.slow
 def test_model_folder_is_complete_and_loadable(trained):
     out, test, _, _ = trained
