@@ -96,10 +96,13 @@ def time_it(fn, repeats: int, warmup: int) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": repeats}
 
 
-def bench_model(model_dir: Path, seq, device: str, repeats: int, warmup: int) -> dict:
+def bench_model(model_dir: Path, seq, device: str, repeats: int, warmup: int, optimised: bool = True) -> dict:
     import torch
 
+    from inference import backbone
     from inference.api import load_model
+
+    backbone.set_optimised(optimised)
 
     det = load_model(model_dir)
     if device != "cpu":
@@ -118,7 +121,8 @@ def bench_model(model_dir: Path, seq, device: str, repeats: int, warmup: int) ->
         sync()
 
     out = {"model": det.card.name, "version": det.card.version, "detector": det.card.detector,
-           "device": device}
+           "device": device, "backbone": "frozen channels-last TorchScript" if optimised and device == "cpu"
+           else "eager PyTorch"}
     out["score"] = time_it(score, repeats, warmup)
     out["score_and_heatmap"] = time_it(explain, repeats, warmup)
     if device == "cpu":
@@ -126,6 +130,7 @@ def bench_model(model_dir: Path, seq, device: str, repeats: int, warmup: int) ->
         out["meets_heatmap_goal"] = out["score_and_heatmap"]["median_s"] <= GOAL_EXPLAIN_S
     if device != "cpu":
         det.to("cpu")
+    backbone.set_optimised(True)
     return out
 
 
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--no-eager", action="store_true",
+                   help="skip the side-by-side run with the eager (unoptimised) backbone on the CPU")
     p.add_argument("--note", default="", help="a remark stored with the figures (e.g. machine conditions)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "inference_speed.json")
     args = p.parse_args(argv)
@@ -173,18 +180,28 @@ def main(argv: list[str] | None = None) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
+        modes = [True] + ([False] if device == "cpu" and not args.no_eager else [])
         for m in models:
-            r = bench_model(m, seq, device, args.repeats, args.warmup)
-            rows.append(r)
-            print(f"{r['model']:<22} {device:<5} score {1e3 * r['score']['median_s']:7.1f} ms   "
-                  f"score+heatmap {1e3 * r['score_and_heatmap']['median_s']:7.1f} ms", flush=True)
+            for optimised in modes:  # interleaved per model: load drifts hit both alike
+                r = bench_model(m, seq, device, args.repeats, args.warmup, optimised)
+                rows.append(r)
+                print(f"{r['model']:<22} {device:<5} {r['backbone'][:6]:<6} score {1e3 * r['score']['median_s']:7.1f} ms   "
+                      f"score+heatmap {1e3 * r['score_and_heatmap']['median_s']:7.1f} ms", flush=True)
     # ratios against the baseline, per device
     for device in devices:
-        base = [r for r in rows if r["device"] == device and r["detector"] == "knn-effnet"]
+        base = [r for r in rows if r["device"] == device and r["detector"] == "knn-effnet"
+                and r["backbone"] != "eager PyTorch"]
         if not base:
             continue
         b = base[-1]
         for r in rows:
+            eager = [e for e in rows if e["device"] == device and e["model"] == r["model"]
+                     and e["backbone"] == "eager PyTorch"]
+            if eager and r is not eager[-1]:
+                r["speedup_over_eager_backbone"] = {
+                    "score": eager[-1]["score"]["median_s"] / r["score"]["median_s"],
+                    "score_and_heatmap": eager[-1]["score_and_heatmap"]["median_s"] / r["score_and_heatmap"]["median_s"],
+                }
             if r["device"] == device:
                 r["ratio_to_knn_baseline"] = {
                     "score": r["score"]["median_s"] / b["score"]["median_s"],
@@ -209,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         result["note"] = args.note
     print()
-    print(f"{'model':<22} {'device':<6} {'score ms':>9} {'+heatmap ms':>12} {'x knn (score)':>14} {'goal':>6}")
+    print(f"{'model':<22} {'device':<6} {'trunk':<6} {'score ms':>9} {'+heatmap ms':>12} {'x knn (score)':>14} {'goal':>6}")
     for r in rows:
         ratio = r.get("ratio_to_knn_baseline", {}).get("score")
         goal = "" if r["device"] != "cpu" else ("met" if r["meets_score_goal"] and r["meets_heatmap_goal"] else "MISSED")
-        print(f"{r['model']:<22} {r['device']:<6} {1e3 * r['score']['median_s']:9.1f} "
+        print(f"{r['model']:<22} {r['device']:<6} {r['backbone'][:6]:<6} {1e3 * r['score']['median_s']:9.1f} "
               f"{1e3 * r['score_and_heatmap']['median_s']:12.1f} {ratio if ratio is None else f'{ratio:.2f}':>14} {goal:>6}")
     print(f"load average during the run: {result['load_average_1_5_15']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
