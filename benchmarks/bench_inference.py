@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average_1_5_15": list(os.getloadavg()),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python benchmarks/bench_inference.py" + (" --knn-model DIR" if args.knn_model else "")
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         goal = "" if r["device"] != "cpu" else ("met" if r["meets_score_goal"] and r["meets_heatmap_goal"] else "MISSED")
         print(f"{r['model']:<22} {r['device']:<6} {r['backbone'][:6]:<6} {1e3 * r['score']['median_s']:9.1f} "
               f"{1e3 * r['score_and_heatmap']['median_s']:12.1f} {ratio if ratio is None else f'{ratio:.2f}':>14} {goal:>6}")
-    print(f"load average during the run: {result['load_average_1_5_15']}")
+    print(f"load average during the run: {result['load_average_1_5_15']}; "
+          f"GLIBC_TUNABLES={result['glibc_tunables']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {args.out}")

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = (("kermany-knn", "Kermany CXR"), ("kermany-medgru-v3", "Kermany CXR"),
-        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-knn", "Brain MRI"),
+RUNS = (("kermany-knn", "Kermany CXR"), ("kermany-medgru-v4", "Kermany CXR"), ("kermany-medgru-v3", "Kermany CXR"),
+        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v4", "Brain MRI"), ("brain_mri-knn", "Brain MRI"),
         ("brain_mri-medgru-v3", "Brain MRI"), ("brain_mri-medgru-v2", "Brain MRI"))
 
 
@@ -47,7 +47,7 @@ def main() -> int:
         if p.is_file():
             m = json.loads(p.read_text())
             pcs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m["per_class_auroc"].items()))
-            lines.append(f"- {ds}, `{m['model_name']}`: {pcs}")
+            lines.append(f"- {ds}, `{m['model_name']}` {m['model_version']}: {pcs}")
     speed = RESULTS / "inference_speed.json"
     if speed.is_file():
         s = json.loads(speed.read_text())
@@ -57,12 +57,29 @@ def main() -> int:
                   "(a shared machine: times above the goals may be load, see the JSON). Goals: score <= "
                   f"{s['goals_s']['score']} s, score + heat map <= {s['goals_s']['score_and_heatmap']} s.", "",
                   *([f"Note: {s['note']}", ""] if s.get("note") else []),
-                  "| model | device | score (median) | score + heat map (median) | x k-NN (score) |",
-                  "| --- | --- | --- | --- | --- |"]
+                  f"Allocator: `GLIBC_TUNABLES={s.get('glibc_tunables')}`.", "",
+                  "| model | device | backbone | score (median) | score + heat map (median) | x k-NN (score) "
+                  "| x faster than eager (score / + heat map) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in s["results"]:
             ratio = r.get("ratio_to_knn_baseline", {}).get("score")
-            lines.append(f"| `{r['model']}` | {r['device']} | {r['score']['median_s']:.3f} s | "
-                         f"{r['score_and_heatmap']['median_s']:.3f} s | {f(ratio, 2)} |")
+            up = r.get("speedup_over_eager_backbone")
+            ups = f"{up['score']:.2f} / {up['score_and_heatmap']:.2f}" if up else ""
+            lines.append(f"| `{r['model']}` {r['version']} | {r['device']} | {r.get('backbone', 'eager PyTorch')} | "
+                         f"{r['score']['median_s']:.3f} s | {r['score_and_heatmap']['median_s']:.3f} s | "
+                         f"{f(ratio, 2)} | {ups} |")
+        other = RESULTS / "inference_speed-default-malloc.json"
+        if other.is_file():
+            o = json.loads(other.read_text())
+            lines += ["", "Same models, same machine, run right after with glibc's default allocator "
+                      f"(`GLIBC_TUNABLES` unset; `{other.name}`):", ""]
+            for r in o["results"]:
+                lines.append(f"- `{r['model']}` ({r.get('backbone', 'eager PyTorch')}): score "
+                             f"{r['score']['median_s']:.3f} s, + heat map {r['score_and_heatmap']['median_s']:.3f} s")
+    shift = RESULTS / "domain_shift.md"
+    if shift.is_file():
+        body = shift.read_text().splitlines()
+        lines += ["", "## Train/test shift of the benchmarks", ""] + body[2:]
     lines.append("")
     (RESULTS / "SUMMARY.md").write_text("\n".join(lines))
     print("\n".join(lines))

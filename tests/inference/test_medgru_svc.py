@@ -112,12 +112,30 @@ def test_fixed_cluster_gamma_is_still_accepted_and_validated():
             MedGRUSVC(cluster_gamma=bad)
 
 
-def test_a_committed_model_folder_with_a_fixed_cluster_gamma_loads_unchanged():
+def test_a_model_folder_with_a_fixed_cluster_gamma_loads_unchanged(tmp_path):
+    """Folders saved before "auto" existed carry a float cluster_gamma in their params."""
+    from inference.api import ModelCard, Scope, load_model, sha256_file
+
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=1, batch_size=8,
+                    loss="reconstruct", hpo_trials=0, cluster_gamma=1.0)
+    empty = maps(0, 0)
+    det.fit_features(maps(40, 1), empty, maps(12, 2), empty, maps(12, 3), seed=0,
+                     cluster_pool=maps(30, 7, shift=3.0))
+    files = det.save(tmp_path)
+    ModelCard(name="fixed-svc", version="3.0.0", detector="medgru-svc", scope=Scope(modalities=("MR",)),
+              files={f: sha256_file(tmp_path / f) for f in files}, params=det.get_params()).write(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.cluster_gamma == 1.0
+    assert loaded.clusters is not None and isinstance(loaded.clusters.gamma, float) and loaded.clusters.gamma == 1.0
+
+
+def test_the_bundled_brain_model_has_an_auto_chosen_float_cluster_width():
     from pathlib import Path
 
     from inference.api import load_model
 
-    folder = Path(__file__).resolve().parents[2] / "inference" / "models" / "medgru-svc-brain-mr"
+    folder = Path(__file__).resolve().parents[2] / "inference" / "bundled" / "brain-mr"
     det = load_model(folder)
-    assert det.cluster_gamma == 1.0  # saved before "auto" existed: its params carry the float
-    assert det.clusters is not None and isinstance(det.clusters.gamma, float) and det.clusters.gamma == 1.0
+    assert det.card.detector == "medgru-svc" and det.cluster_gamma == "auto"
+    assert det.clusters is not None and isinstance(det.clusters.gamma, float)
+    assert det.fit_report["clusters"]["gamma"] == det.clusters.gamma

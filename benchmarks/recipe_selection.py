@@ -1,0 +1,121 @@
+"""MedGRU-SVC 4.0.0 recipe selection on a VALIDATION split cut from the training split (test untouched).
+
+How the 4.0.0 encoder size and training length were chosen (see ``results/medgru-v4.md``):
+
+* backbone maps (the detector's own preprocessing: CLAHE, frozen EfficientNet-Lite0 multi-scale map) of
+  all TRAIN-split normals and of 500 random TRAIN-split anomalies (seed 0);
+* the normals are split by patient group (path where there is none): 75 % fit, 25 % held out (seed 0);
+* for each configuration ``h=HIDDEN,r=REDUCE,e=EPOCHS`` the ConvGRU (reducer PCA-initialised, trained to
+  reconstruct the standardised backbone map, normals only, as ``medgru train --loss reconstruct``) is fit
+  on the fit normals; then heads on GAP(h_T) of the fit normals score held-out normals vs the train
+  anomalies: a Gaussian (Ledoit-Wolf Mahalanobis), mean 5-NN distance, and the whitened RBF SVDD over a
+  small (gamma, nu) grid. ``gap`` instead of a configuration uses GAP of the frozen maps (no ConvGRU).
+
+The anomaly labels of the train split are used here to compare configurations: a model-selection use of
+labels, reported as such. No test image is read.
+
+    python benchmarks/recipe_selection.py --dataset brain_mri h=64,r=128,e=12 h=128,r=256,e=30 gap
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def backbone_maps(rows, det, batch: int = 32) -> np.ndarray:
+    from training.manifest import load_sequences
+
+    out = []
+    for i in range(0, len(rows), batch):
+        seqs = load_sequences(rows[i:i + batch])
+        out.append(det.frame_features(np.stack([det.preprocess(s)[-1] for s in seqs])).half().numpy())
+    return np.concatenate(out)
+
+
+def auroc(neg, pos) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos]))
+
+
+def heads(ef: np.ndarray, en: np.ndarray, ea: np.ndarray) -> dict[str, float]:
+    from sklearn.covariance import LedoitWolf
+    from sklearn.neighbors import NearestNeighbors
+
+    from inference.svdd import SVDDBoundary
+
+    res: dict[str, float] = {}
+    mu, prec = ef.mean(0), LedoitWolf().fit(ef).precision_
+    res["gauss"] = auroc(*(np.einsum("ij,jk,ik->i", e - mu, prec, e - mu) for e in (en, ea)))
+    sd = ef.std(0) + 1e-6
+    nn = NearestNeighbors(n_neighbors=5).fit((ef - mu) / sd)
+    res["knn5"] = auroc(*(nn.kneighbors((e - mu) / sd)[0].mean(1) for e in (en, ea)))
+    for g in (0.05, 0.3, 1, 3):
+        for nu in (0.05, 0.2):
+            try:
+                b = SVDDBoundary(gamma=g, nu=nu, whiten=True).fit(ef)
+            except ValueError:
+                continue
+            res[f"svdd g{g} nu{nu}"] = auroc(b.score(en), b.score(ea))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", required=True, choices=("kermany_cxr", "brain_mri"))
+    ap.add_argument("--data-root", type=Path, default=Path(os.environ.get("MEDGRU_DATA_ROOT", "../shared/data")))
+    ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
+    args = ap.parse_args(argv)
+    import torch
+
+    from inference.detectors.medgru_svc import MedGRUSVC
+    from training.manifest import read_manifest
+
+    torch.set_num_threads(2)
+    rows = read_manifest(args.data_root / args.dataset / "manifest.csv")
+    rng = np.random.default_rng(0)
+    normals = [r for r in rows if r.split == "train" and r.is_normal]
+    anomalies = [r for r in rows if r.split == "train" and not r.is_normal]
+    anomalies = [anomalies[i] for i in sorted(rng.choice(len(anomalies), 500, replace=False))]
+    groups = [r.group or str(r.path) for r in normals]
+    uniq = sorted(set(groups))
+    held_groups = set(np.random.default_rng(0).choice(uniq, len(uniq) // 4, replace=False).tolist())
+    held = np.array([g in held_groups for g in groups])
+    det0 = MedGRUSVC()
+    maps_n, maps_a = backbone_maps(normals, det0), backbone_maps(anomalies, det0)
+    fit, vn, va = (torch.from_numpy(m)[:, None] for m in (maps_n[~held], maps_n[held], maps_a))
+    print(f"{args.dataset}: {int((~held).sum())} fit normals, {int(held.sum())} held-out normals, "
+          f"{len(anomalies)} train anomalies (validation)")
+    for cfg in args.configs:
+        t0 = time.perf_counter()
+        if cfg == "gap":
+            emb = [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in (fit, vn, va)]
+        else:
+            kv = dict(x.split("=") for x in cfg.split(","))
+            det = MedGRUSVC(hidden_channels=int(kv.get("h", 64)), reduce_channels=int(kv.get("r", 128)),
+                            epochs=int(kv.get("e", 12)), lr=float(kv.get("lr", 1e-3)), loss="reconstruct",
+                            reducer_init="pca")
+            torch.manual_seed(0)
+            det.encoder = det._new_encoder()
+            det._train_encoder(fit, fit[:0], np.random.default_rng(0), progress=None, checkpoint=None, report={})
+            emb = [det.embed_features(m) for m in (fit, vn, va)]
+        res = heads(*emb)
+        svdd = [v for k, v in res.items() if k.startswith("svdd")]
+        print(f"{cfg:<22} {time.perf_counter() - t0:6.0f} s  gauss {res['gauss']:.3f}  knn5 {res['knn5']:.3f}  "
+              f"SVDD {min(svdd):.3f}-{max(svdd):.3f}  " + " ".join(f"{k[5:]}={v:.3f}" for k, v in res.items()
+                                                                if k.startswith("svdd")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
