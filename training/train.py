@@ -1,7 +1,9 @@
 """``medgru train``: train a MedGRU-SVC model on the normals of a manifest or an image folder.
 
 Unsupervised (the default and the only mode used for the bundled models): only normal images of the
-training split are used to fit. They are split, by patient group when the manifest has one, into
+training split are used to fit. ``--supervised`` (with ``--loss deep-sad`` or ``hsc``) is the labelled mode
+beside it: the training split's labelled anomalies become the encoder's outlier-exposure set (Deep SAD,
+Ruff et al. 2020, with real labels instead of synthetic anomalies); the card says so. They are split, by patient group when the manifest has one, into
 
 * a fit share (ConvGRU training and the SVDD),
 * an HPO share (held-out normals, with ``--hpo-objective tax-duin`` alone: the label-free Tax & Duin
@@ -27,7 +29,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -118,7 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is fastest on a shared, busy CPU)")
     parser.add_argument("--supervised", action="store_true",
-                        help="NOT IMPLEMENTED: this trainer is unsupervised only (normals)")
+                        help="SUPERVISED mode: the labelled anomalies of the training split replace the synthetic "
+                             "ones as the outlier-exposure set of --loss deep-sad / hsc (Deep SAD with real "
+                             "labels); at most --synthetic-max of them. Marked as supervised in the card.")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -247,6 +251,8 @@ class Prepared:
     cache: FeatureCache
     features: dict[str, Any]
     checkpoint: Path
+    #: labelled anomalies of the training split used for outlier exposure (``--supervised`` only)
+    anomaly_rows: list = field(default_factory=list)
 
 
 def detector_from_args(args: argparse.Namespace):
@@ -271,6 +277,9 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
 
     from training.manifest import read_manifest, rows_from_folder
 
+    if args.supervised and (args.loss not in ("deep-sad", "hsc") or args.oe_weight <= 0):
+        raise ValueError("--supervised needs --loss deep-sad or hsc (and --oe-weight > 0): the labelled "
+                         "anomalies are the outlier-exposure set")
     rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
     source = str(args.manifest or args.folder)
     has_split = any(r.split for r in rows)
@@ -294,7 +303,16 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     if args.synthetic_max and len(fit_rows) > args.synthetic_max:
         pick = np.random.default_rng(args.seed + 1).choice(len(fit_rows), args.synthetic_max, replace=False)
         syn_rows = [fit_rows[i] for i in sorted(pick)]
-    if args.loss == "reconstruct" or args.oe_weight <= 0:  # no outlier exposure: no synthetic training set
+    anomaly_rows: list = []
+    if args.supervised:  # Deep SAD with REAL labelled anomalies of the training split (not the default)
+        anomaly_rows = [r for r in train_rows if not r.is_normal]
+        if not anomaly_rows:
+            raise ValueError(f"--supervised: no labelled anomalies in {source} (split {args.train_split!r})")
+        if args.synthetic_max and len(anomaly_rows) > args.synthetic_max:
+            pick = np.random.default_rng(args.seed + 2).choice(len(anomaly_rows), args.synthetic_max, replace=False)
+            anomaly_rows = [anomaly_rows[i] for i in sorted(pick)]
+        feats["fit_syn"] = cache.features(anomaly_rows, desc="labelled anomalies")
+    elif args.loss == "reconstruct" or args.oe_weight <= 0:  # no outlier exposure: no synthetic training set
         feats["fit_syn"] = feats["fit"][:0]
     else:
         feats["fit_syn"] = torch.cat([
@@ -310,7 +328,8 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
             "body_parts", "workers", "cluster_gamma")  # cluster_gamma: after the encoder, keeps old run keys
     run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals)})
     ckpt = cache_dir.parent / "checkpoints" / f"medgru-{run_key}.pt"
-    return Prepared(rows, source, train_rows, normals, fit_rows, hpo_rows, cal_rows, det, cache, feats, ckpt)
+    return Prepared(rows, source, train_rows, normals, fit_rows, hpo_rows, cal_rows, det, cache, feats, ckpt,
+                    anomaly_rows)
 
 
 def split_metrics(det, cache: FeatureCache, rows: list, split: str) -> dict[str, Any]:
@@ -346,9 +365,6 @@ def run(args: argparse.Namespace, settings) -> int:
     from inference.backbone import backbone_info
 
     logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO))
-    if args.supervised:
-        log.error("--supervised is not implemented: medgru train is unsupervised (normals only)")
-        return 2
     _seed_everything(args.seed)
     if args.threads > 0:
         import torch
@@ -377,6 +393,13 @@ def run(args: argparse.Namespace, settings) -> int:
         "threshold": det.threshold, "target_fpr": args.target_fpr,
         "calibration_normals": len(cal_rows),
     }
+    labelled = prep.anomaly_rows
+    counts: dict[str, int] = {}
+    if labelled:
+        for r in labelled:
+            counts[r.label] = counts.get(r.label, 0) + 1
+        metrics["supervised"] = {"labelled_anomalies": len(labelled), "by_label": counts,
+                                 "use": "outlier-exposure set of the encoder objective (Deep SAD with real labels)"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = det.save(out)
@@ -397,6 +420,8 @@ def run(args: argparse.Namespace, settings) -> int:
         scope=Scope(modalities=mods, body_parts=parts,
                     description=f"{'/'.join(mods)} {'/'.join(parts) or 'any body part'}"),
         description=args.description or (
+            ("SUPERVISED MODE: the encoder saw " f"{len(labelled)} labelled anomalies of the training split. "
+             if labelled else "") +
             "MedGRU-SVC: CLAHE, frozen ImageNet EfficientNet-Lite0 multi-scale feature maps, 1x1 reducer, "
             f"{args.cell} over the frames, global average pooling of the last hidden state, RBF SVDD "
             "boundary (score = scaled distance outside), support-vector clustering of anomalies, "
@@ -411,10 +436,14 @@ def run(args: argparse.Namespace, settings) -> int:
             "Anomaly types are unsupervised cluster ids (cluster-N), not diagnoses.",
             "The threshold is calibrated on held-out training normals at the stated false-positive rate; "
             "it does not transfer to other populations without recalibration.",
+            *((f"Supervised: trained with {len(labelled)} labelled anomalies ({', '.join(sorted(counts))}) of the "
+               "training split; it learnt those kinds of anomaly, and its figures are not comparable with the "
+               "unsupervised (normals-only) models'.",) if labelled else ()),
         ),
         training_data=args.training_data or (
             f"{len(normals)} normal images from {Path(source).parent.name}/{Path(source).name} split {args.train_split!r} "
-            f"({len(fit_rows)} fit / {len(hpo_rows)} HPO / {len(cal_rows)} calibration)"),
+            f"({len(fit_rows)} fit / {len(hpo_rows)} HPO / {len(cal_rows)} calibration)"
+            + (f"; plus {len(labelled)} labelled anomalies of that split (supervised mode)" if labelled else "")),
         metrics=metrics,
         files={f: sha256_file(out / f) for f in files},
         params=params,

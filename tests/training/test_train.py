@@ -136,3 +136,55 @@ def test_self_supervised_label_free_recipe(trained, tmp_path):
     det = load_model(args.out)
     d = det.detect(load_frames(test[-1]))
     assert np.isfinite(d.score) and d.heatmaps.max() > 0
+
+
+def _slice_with_anomalies(tmp, data_root, n_anomalies: int = 8) -> Path:
+    rows = read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+    normals = [r for r in rows if r.split == "train" and r.is_normal][:16]
+    anomalies = [r for r in rows if r.split == "train" and not r.is_normal][:n_anomalies]
+    test = [r for r in rows if r.split == "test" and r.is_normal][:3] + \
+           [r for r in rows if r.split == "test" and not r.is_normal][:3]
+    lines = ["path,label,split,group"] + [f"{r.path},{r.label},{r.split},{r.group or ''}"
+                                          for r in normals + anomalies + test]
+    (tmp / "slice.csv").write_text("\n".join(lines) + "\n")
+    return tmp / "slice.csv"
+
+
+def _tiny_args(manifest: Path, out: Path, cache: Path, *extra: str):
+    return build_parser().parse_args([
+        "train", "--manifest", str(manifest), "--out", str(out), "--name", "tiny-sup", "--version", "0.0.1",
+        "--input-size", "64", "--epochs", "1", "--hpo-trials", "2", "--hidden-channels", "8",
+        "--reduce-channels", "16", "--batch-size", "4", "--cache", str(cache), *extra])
+
+
+@pytest.mark.slow
+def test_supervised_mode_uses_the_labelled_train_anomalies_and_says_so(tmp_path, data_root):
+    from medgru.settings import Settings
+
+    manifest = _slice_with_anomalies(tmp_path, data_root, n_anomalies=8)
+    settings = Settings(home=tmp_path / "home", data_root=data_root)
+    out = tmp_path / "sup"
+    args = _tiny_args(manifest, out, tmp_path / "cache", "--supervised", "--loss", "hsc")
+    assert run(args, settings) == 0
+    card = ModelCard.read(out)
+    assert card.metrics["supervised"]["labelled_anomalies"] == 8
+    assert card.metrics["supervised"]["by_label"] == {"pneumonia": 8}
+    assert card.description.startswith("SUPERVISED MODE")
+    assert any(lim.startswith("Supervised: trained with 8 labelled anomalies") for lim in card.limitations)
+    assert "8 labelled anomalies" in card.training_data
+    assert load_model(out).threshold is not None
+
+    unsup = tmp_path / "unsup"  # the same slice without --supervised: labels unused, nothing claimed
+    assert run(_tiny_args(manifest, unsup, tmp_path / "cache", "--loss", "reconstruct"), settings) == 0
+    card_u = ModelCard.read(unsup)
+    assert "supervised" not in card_u.metrics and not card_u.description.startswith("SUPERVISED")
+
+
+def test_supervised_mode_refuses_a_normals_only_objective(tmp_path, data_root):
+    from medgru.settings import Settings
+
+    manifest = _slice_with_anomalies(tmp_path, data_root, n_anomalies=4)
+    settings = Settings(home=tmp_path / "home", data_root=data_root)
+    out = tmp_path / "sup"
+    assert run(_tiny_args(manifest, out, tmp_path / "cache", "--supervised", "--loss", "reconstruct"), settings) == 2
+    assert not out.exists()
