@@ -48,6 +48,20 @@ def main() -> int:
             m = json.loads(p.read_text())
             pcs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m["per_class_auroc"].items()))
             lines.append(f"- {ds}, `{m['model_name']}` {m['model_version']}: {pcs}")
+    cv_rows = []
+    for mp in sorted(RESULTS.glob("*/metrics.json")):
+        m = json.loads(mp.read_text())
+        cv = m.get("cv") or {}
+        summ = (cv.get("summary") or {}).get("auroc")
+        if summ:
+            cv_rows.append(f"| `{m['model_name']}` {m['model_version']} | {m.get('dataset', '')} | {summ['n']} | "
+                           f"{summ['mean']:.3f} ± {summ['std']:.3f} | [{mp.parent.name}]({mp.parent.name}/report.md) |")
+    if cv_rows:
+        lines += ["", "## Cross-validation over the training normals (test AUROC of each fold's twin)", "",
+                  "Per fold an untrained twin of the model is fitted on the other folds' normals, calibrated on "
+                  "the held-out fold's normals and scored on the whole test split.", "",
+                  "| model | data set | folds | test AUROC mean ± std | report |", "| --- | --- | --- | --- | --- |",
+                  *cv_rows]
     speed = RESULTS / "inference_speed.json"
     if speed.is_file():
         s = json.loads(speed.read_text())
