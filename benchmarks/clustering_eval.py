@@ -207,6 +207,8 @@ def add_references(pool: dict[str, Any], e: np.ndarray, truth: list[str], nu: fl
                    started: float) -> None:
     """The label-scored references of one pool: the literal rule, k-means with the true k, k-NN class
     agreement, the per-gamma sweep, and the clustering time since ``started``."""
+    from inference.svdd import DEFAULT_CLUSTER_GAMMAS
+
     pool[LITERAL] = literal_rule(e, truth, nu, k)
     pool["kmeans (k = number of classes, reference)"] = kmeans_reference(e, truth)
     pool["knn_agreement"] = knn_agreement(e, truth, k=10)
