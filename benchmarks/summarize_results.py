@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = (("kermany-knn", "Kermany CXR"), ("kermany-medgru-v4", "Kermany CXR"), ("kermany-medgru-v3", "Kermany CXR"),
+RUNS = (("kermany-knn", "Kermany CXR"), ("kermany-medgru-v4", "Kermany CXR"),
+        ("kermany-medgru-v4-supervised", "Kermany CXR (SUPERVISED: trained with the train split's pneumonia labels)"), ("kermany-medgru-v3", "Kermany CXR"),
         ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v4", "Brain MRI"), ("brain_mri-knn", "Brain MRI"),
         ("brain_mri-medgru-v3", "Brain MRI"), ("brain_mri-medgru-v2", "Brain MRI"))
 
