@@ -344,27 +344,8 @@ class MedGRUSVC(Detector):
                     assert decoder is not None
                     target = (xb[:, -1] - t_mean) / t_std
                     loss = ((decoder(enc(xb)) - target) ** 2).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    tot += float(loss.detach())
-                    steps += 1
-                    continue
-                dn = ((global_average_pool(enc(xb)) - c) ** 2).sum(1)
-                hsc = self.loss == "hsc"
-                if hsc:  # hypersphere classifier (Ruff et al. 2021): pseudo-Huber distance, BCE
-                    dn = torch.sqrt(dn + 1.0) - 1.0
-                loss = dn.mean()
-                if m and self.oe_weight > 0:
-                    sidx = perm_s[np.arange(i, i + len(idx)) % m]
-                    xs = train_syn[sidx].to(self.device).float()
-                    da = ((global_average_pool(enc(xs)) - c) ** 2).sum(1)
-                    if hsc:
-                        da = torch.sqrt(da + 1.0) - 1.0
-                        la = -torch.log(-torch.expm1(-da.clamp_min(1e-6)))
-                    else:
-                        la = 1.0 / (da + 1e-6)
-                    loss = loss + self.oe_weight * la.mean()
+                else:
+                    loss = self._compactness_loss(enc, xb, train_syn, perm_s, i, c)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -384,6 +365,28 @@ class MedGRUSVC(Detector):
         if recon:
             report["encoder_objective"] = ("reconstruct the standardised backbone map of the last frame from "
                                            "h_T through a 1x1 decoder (MSE), normals only")
+
+    def _compactness_loss(self, enc: nn.Module, xb: torch.Tensor, train_syn: torch.Tensor,
+                          perm_s: np.ndarray, i: int, c: torch.Tensor) -> torch.Tensor:
+        """Deep SAD / hypersphere-classifier loss of one batch: normals pulled towards ``c``, the
+        matching outlier-exposure batch (``train_syn`` in the epoch's order ``perm_s``) pushed away."""
+        hsc = self.loss == "hsc"
+        dn = ((global_average_pool(enc(xb)) - c) ** 2).sum(1)
+        if hsc:  # hypersphere classifier (Ruff et al. 2021): pseudo-Huber distance, BCE
+            dn = torch.sqrt(dn + 1.0) - 1.0
+        loss = dn.mean()
+        m = train_syn.shape[0]
+        if m and self.oe_weight > 0:
+            sidx = perm_s[np.arange(i, i + xb.shape[0]) % m]
+            xs = train_syn[sidx].to(self.device).float()
+            da = ((global_average_pool(enc(xs)) - c) ** 2).sum(1)
+            if hsc:
+                da = torch.sqrt(da + 1.0) - 1.0
+                la = -torch.log(-torch.expm1(-da.clamp_min(1e-6)))
+            else:
+                la = 1.0 / (da + 1e-6)
+            loss = loss + self.oe_weight * la.mean()
+        return loss
 
     @torch.no_grad()
     def _pca_init_reducer(self, train: torch.Tensor, max_vectors: int = 50000) -> None:
