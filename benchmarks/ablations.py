@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
 
 from medgru.settings import load_settings  # noqa: E402
 from training import train as T  # noqa: E402
+from training.manifest import split_rows  # noqa: E402
 
 DATASET_SCOPE = {"kermany_cxr": ("CR,DX", "CHEST"), "brain_mri": ("MR", "BRAIN,HEAD")}
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     prep = T.prepare(args, settings)
     f = prep.features
-    test_rows = [r for r in prep.rows if (r.split or "").lower() == "test"]
+    test_rows = split_rows(prep.rows, "test")
     f_test = prep.cache.features(test_rows, desc="test report")
     y = np.array([0 if r.is_normal else 1 for r in test_rows])
 

@@ -72,9 +72,9 @@ def calibrated_version(old: str, now: datetime) -> str:
 
 def select_normals(rows: list, split: str) -> list:
     """The normal rows, of ``split`` when one is given and the rows have splits."""
-    if split and any(r.split for r in rows):
-        rows = [r for r in rows if (r.split or "").lower() == split.lower()]
-    return [r for r in rows if r.is_normal]
+    from training.manifest import rows_of_split
+
+    return [r for r in (rows_of_split(rows, split) if split else rows) if r.is_normal]
 
 
 def _error(message: str) -> int:

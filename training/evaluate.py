@@ -117,9 +117,11 @@ def command_line(args, settings=None) -> str:
 
 def evaluation_rows(rows):
     """Rows of the ``test`` split, or every row when no row has a split."""
+    from training.manifest import split_rows
+
     if not any(r.split for r in rows):
         return list(rows)
-    test = [r for r in rows if (r.split or "").lower() == "test"]
+    test = split_rows(rows, "test")
     if not test:
         splits = sorted({r.split for r in rows if r.split})
         raise ValueError(f"the manifest has splits {splits} but no 'test' split to evaluate")
@@ -264,7 +266,7 @@ def run(args, settings) -> int:
 
     from inference.api import load_model
     from medgru.settings import BUNDLED_MODELS_DIR
-    from training.manifest import load_sequences, read_manifest, rows_from_folder
+    from training.manifest import load_sequences, read_manifest, rows_from_folder, split_rows
     from training.report import EvaluationResult, GalleryItem, write_report
 
     if args.threads:
@@ -320,7 +322,7 @@ def run(args, settings) -> int:
     cv_folds: list[dict[str, Any]] = []
     cv_settings: dict[str, Any] = {}
     if args.cv:
-        train_rows = [r for r in rows if (r.split or "").lower() == "train"]
+        train_rows = split_rows(rows, "train")
         if args.limit:  # quick look: cap the train normals the folds are made of, too
             tn = [r for r in train_rows if _is_normal(r)]
             keep = np.random.default_rng(args.seed).permutation(len(tn))[: args.limit]

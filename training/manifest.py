@@ -137,3 +137,8 @@ def split_rows(rows: Sequence[ManifestRow], split: str) -> list[ManifestRow]:
     """Rows of one split (case-insensitive)."""
     s = split.lower()
     return [r for r in rows if (r.split or "").lower() == s]
+
+
+def rows_of_split(rows: Sequence[ManifestRow], split: str) -> list[ManifestRow]:
+    """Rows of ``split`` when the rows carry splits; all rows otherwise."""
+    return split_rows(rows, split) if any(r.split for r in rows) else list(rows)

@@ -275,15 +275,14 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     """Read the rows, split the normals, build the detector and compute (or load) the backbone maps."""
     import torch
 
-    from training.manifest import read_manifest, rows_from_folder
+    from training.manifest import read_manifest, rows_from_folder, rows_of_split
 
     if args.supervised and (args.loss not in ("deep-sad", "hsc") or args.oe_weight <= 0):
         raise ValueError("--supervised needs --loss deep-sad or hsc (and --oe-weight > 0): the labelled "
                          "anomalies are the outlier-exposure set")
     rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
     source = str(args.manifest or args.folder)
-    has_split = any(r.split for r in rows)
-    train_rows = [r for r in rows if not has_split or (r.split or "").lower() == args.train_split.lower()]
+    train_rows = rows_of_split(rows, args.train_split)
     normals = [r for r in train_rows if r.is_normal]
     if args.max_normals and len(normals) > args.max_normals:
         rng = np.random.default_rng(args.seed)
@@ -334,7 +333,9 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
 
 def split_metrics(det, cache: FeatureCache, rows: list, split: str) -> dict[str, Any]:
     """AUROC (overall and per anomaly label) and the verdict rates at the threshold on one split."""
-    test_rows = [r for r in rows if (r.split or "").lower() == split.lower()]
+    from training.manifest import split_rows
+
+    test_rows = split_rows(rows, split)
     if not test_rows:
         return {}
     s = det.score_features(cache.features(test_rows, desc=f"{split} report"))
@@ -464,11 +465,10 @@ def run(args: argparse.Namespace, settings) -> int:
 
 def _run_knn(args: argparse.Namespace) -> int:
     from training.baseline import train_knn
-    from training.manifest import read_manifest, rows_from_folder
+    from training.manifest import read_manifest, rows_from_folder, rows_of_split
 
     rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
-    has_split = any(r.split for r in rows)
-    normals = [r for r in rows if r.is_normal and (not has_split or (r.split or "").lower() == args.train_split.lower())]
+    normals = [r for r in rows_of_split(rows, args.train_split) if r.is_normal]
     if args.max_normals and len(normals) > args.max_normals:
         normals = normals[: args.max_normals]
     try:
