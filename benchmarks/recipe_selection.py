@@ -32,16 +32,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def backbone_maps(rows, det, batch: int = 32) -> np.ndarray:
-    from training.manifest import load_sequences
-
-    out = []
-    for i in range(0, len(rows), batch):
-        seqs = load_sequences(rows[i:i + batch])
-        out.append(det.frame_features(np.stack([det.preprocess(s)[-1] for s in seqs])).half().numpy())
-    return np.concatenate(out)
-
-
 def auroc(neg, pos) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -74,12 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", required=True, choices=("kermany_cxr", "brain_mri"))
     ap.add_argument("--data-root", type=Path, default=Path(os.environ.get("MEDGRU_DATA_ROOT", "../shared/data")))
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="backbone-map cache folder (default: a temporary folder, removed afterwards)")
     ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
     args = ap.parse_args(argv)
     import torch
 
+    import tempfile
+
     from inference.detectors.medgru_svc import MedGRUSVC
     from training.manifest import read_manifest
+    from training.train import FeatureCache
 
     torch.set_num_threads(2)
     rows = read_manifest(args.data_root / args.dataset / "manifest.csv")
@@ -91,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     uniq = sorted(set(groups))
     held_groups = set(np.random.default_rng(0).choice(uniq, len(uniq) // 4, replace=False).tolist())
     held = np.array([g in held_groups for g in groups])
-    det0 = MedGRUSVC()
-    maps_n, maps_a = backbone_maps(normals, det0), backbone_maps(anomalies, det0)
-    fit, vn, va = (torch.from_numpy(m)[:, None] for m in (maps_n[~held], maps_n[held], maps_a))
+    tmp = tempfile.TemporaryDirectory(prefix="recipe-maps-") if args.cache is None else None
+    cache = FeatureCache(args.cache or Path(tmp.name), MedGRUSVC())  # the training code's own backbone maps
+    maps_n, maps_a = cache.features(normals, desc="train normals"), cache.features(anomalies, desc="train anomalies")
+    if tmp is not None:
+        tmp.cleanup()
+    mask = torch.from_numpy(held)
+    fit, vn, va = maps_n[~mask], maps_n[mask], maps_a
     print(f"{args.dataset}: {int((~held).sum())} fit normals, {int(held.sum())} held-out normals, "
           f"{len(anomalies)} train anomalies (validation)")
     for cfg in args.configs:
