@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", type=Path, default=Path(os.environ.get("MEDGRU_DATA_ROOT", "../shared/data")))
     ap.add_argument("--cache", type=Path, default=None,
                     help="backbone-map cache folder (default: a temporary folder, removed afterwards)")
+    ap.add_argument("--grids", default="1",
+                    help="comma-separated embedding grids to compare on each trained ConvGRU: 1 = GAP of h_T "
+                         "(the seed's default), g > 1 = h_T average-pooled to g x g and flattened")
     ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
     args = ap.parse_args(argv)
     import torch
@@ -95,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     fit, vn, va = maps_n[~mask], maps_n[mask], maps_a
     print(f"{args.dataset}: {int((~held).sum())} fit normals, {int(held.sum())} held-out normals, "
           f"{len(anomalies)} train anomalies (validation)")
+    grids = [int(g) for g in args.grids.split(",")]
     for cfg in args.configs:
         t0 = time.perf_counter()
         if cfg == "gap":
-            emb = [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in (fit, vn, va)]
+            rows_out = [("gap", [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in (fit, vn, va)])]
         else:
             kv = dict(x.split("=") for x in cfg.split(","))
             det = MedGRUSVC(hidden_channels=int(kv.get("h", 64)), reduce_channels=int(kv.get("r", 128)),
@@ -107,12 +111,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             det.encoder = det._new_encoder()
             det._train_encoder(fit, fit[:0], np.random.default_rng(0), progress=None, checkpoint=None, report={})
-            emb = [det.embed_features(m) for m in (fit, vn, va)]
-        res = heads(*emb)
-        svdd = [v for k, v in res.items() if k.startswith("svdd")]
-        print(f"{cfg:<22} {time.perf_counter() - t0:6.0f} s  gauss {res['gauss']:.3f}  knn5 {res['knn5']:.3f}  "
-              f"SVDD {min(svdd):.3f}-{max(svdd):.3f}  " + " ".join(f"{k[5:]}={v:.3f}" for k, v in res.items()
-                                                                if k.startswith("svdd")), flush=True)
+            rows_out = []
+            for g in grids:
+                det.embedding, det.flatten_grid = ("gap", 4) if g == 1 else ("flatten", g)
+                rows_out.append((cfg if g == 1 else f"{cfg},grid={g}", [det.embed_features(m) for m in (fit, vn, va)]))
+        fit_s = time.perf_counter() - t0
+        for name, emb in rows_out:
+            res = heads(*emb)
+            svdd = [v for k, v in res.items() if k.startswith("svdd")]
+            print(f"{name:<22} {fit_s:6.0f} s  gauss {res['gauss']:.3f}  knn5 {res['knn5']:.3f}  "
+                  f"SVDD {min(svdd):.3f}-{max(svdd):.3f}  " + " ".join(f"{k[5:]}={v:.3f}" for k, v in res.items()
+                                                                    if k.startswith("svdd")), flush=True)
     return 0
 
 

@@ -18,7 +18,9 @@ states averaged) exist for the ablation.
 :class:`ConvRecurrentEncoder` stacks ``layers`` cells (``hidden_channels`` each) after an optional
 1 x 1 reducer, runs them over ``T`` and returns the last hidden state of the top layer ``h_T``
 ``(B, C, H, W)``; :func:`global_average_pool` turns it into the embedding ``e`` (the seed's eq. 6 with
-GAP, as described in its section 3.1).
+GAP, as described in its section 3.1). :func:`embed_hidden` is the general form: GAP, or the seed's other
+option, flattening ``h_T`` (at full resolution, or after average pooling to a ``g x g`` grid, which keeps
+where in the image a feature sits at a size an RBF boundary can handle).
 """
 
 from __future__ import annotations
@@ -150,3 +152,16 @@ class ConvRecurrentEncoder(nn.Module):
 def global_average_pool(h: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` -> embedding ``(B, C)``."""
     return h.mean(dim=(-2, -1))
+
+
+def embed_hidden(h: torch.Tensor, grid: int = 1) -> torch.Tensor:
+    """``(B, C, H, W)`` -> embedding. ``grid=1``: GAP, ``(B, C)``; ``grid=g > 1``: ``h`` average-pooled
+    to ``g x g`` (adaptive bins) and flattened, ``(B, C g^2)``; ``grid=0``: ``h`` flattened as it is,
+    ``(B, C H W)``. Differentiable in every form (Grad-CAM goes through it)."""
+    if grid < 0:
+        raise ValueError(f"grid must be >= 0, got {grid}")
+    if grid == 1:
+        return global_average_pool(h)
+    if grid > 1:
+        h = nn.functional.adaptive_avg_pool2d(h, grid)
+    return h.flatten(1)

@@ -103,6 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of per-dimension standardisation")
     parser.add_argument("--reducer-init", choices=("random", "pca"), default="random",
                         help="start the 1x1 reducer as whitened PCA of the normals' features")
+    parser.add_argument("--embedding", choices=("gap", "flatten"), default="gap",
+                        help="h_T -> embedding: global average pooling (the seed's default) or flattened "
+                             "(after average pooling to --flatten-grid x --flatten-grid)")
+    parser.add_argument("--flatten-grid", type=int, default=4,
+                        help="grid of --embedding flatten (0 = h_T's full resolution)")
     parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden-channels", type=int, default=64)
@@ -267,7 +272,8 @@ def detector_from_args(args: argparse.Namespace):
         hpo_fraction=args.hpo_fraction, target_fpr=args.target_fpr, loss=args.loss,
         reducer_init=args.reducer_init, hpo_objective=getattr(args, "hpo_objective", "synthetic-auroc"),
         nu_max=getattr(args, "nu_max", 0.5), whiten=getattr(args, "whiten", False),
-        cluster_gamma=getattr(args, "cluster_gamma", "auto"), device="cpu",
+        cluster_gamma=getattr(args, "cluster_gamma", "auto"), embedding=getattr(args, "embedding", "gap"),
+        flatten_grid=getattr(args, "flatten_grid", 4), device="cpu",
     )
 
 

@@ -47,7 +47,7 @@ from torch import nn
 from inference.api import (Detection, Detector, FrameSequence, ModelCard, conformal_threshold,
                            register_detector)
 from inference.backbone import FEATURE_CHANNELS, extract_feature_maps, load_backbone
-from inference.convgru import ConvRecurrentEncoder, global_average_pool
+from inference.convgru import ConvRecurrentEncoder, embed_hidden
 from inference.gradcam import grad_cam
 from inference.preprocess import preprocess_frames
 from inference.svdd import (ClusterModel, SVDDBoundary, TorchRBFBoundary, choose_cluster_gamma,
@@ -67,6 +67,8 @@ LOSSES = ("deep-sad", "hsc", "reconstruct")
 #: "consistent-volume" (label-free, Tax & Muller 2004): the smallest envelope share accepted among the
 #: boundaries whose held-out rejection is consistent with nu (<= nu + 2 sqrt(nu (1 - nu) / n))
 HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin", "consistent-volume")
+#: how h_T becomes the embedding (see :func:`inference.convgru.embed_hidden`)
+EMBEDDINGS = ("gap", "flatten")
 
 
 def _cluster_gamma_param(value: float | str) -> float | str:
@@ -102,7 +104,7 @@ class MedGRUSVC(Detector):
                  cluster_gamma: float | str = "auto", cluster_nu: float = 0.1, cluster_k: int = 10,
                  loss: str = "deep-sad", reducer_init: str = "random", hpo_objective: str = "synthetic-auroc",
                  nu_max: float = 0.5, envelope_samples: int = 4000, whiten: bool = False,
-                 device: str = "cpu"):
+                 embedding: str = "gap", flatten_grid: int = 4, device: str = "cpu"):
         self.input_size = int(input_size)
         self.clip_limit = float(clip_limit)
         self.tile_grid = int(tile_grid)
@@ -138,6 +140,14 @@ class MedGRUSVC(Detector):
         self.nu_max = float(nu_max)
         self.envelope_samples = int(envelope_samples)
         self.whiten = bool(whiten)
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding {embedding!r}; choose one of {EMBEDDINGS}")
+        if int(flatten_grid) < 0:
+            raise ValueError(f"flatten_grid must be >= 0 (0 = full resolution), got {flatten_grid}")
+        #: "gap": global average pooling of h_T (the seed's default); "flatten": h_T flattened after
+        #: average pooling to flatten_grid x flatten_grid (0: at full resolution)
+        self.embedding = str(embedding)
+        self.flatten_grid = int(flatten_grid)
         self.device = str(device)
 
         self.encoder: ConvRecurrentEncoder | None = None
@@ -154,7 +164,7 @@ class MedGRUSVC(Detector):
                 "reduce_channels", "epochs", "lr", "batch_size", "weight_decay", "momentum", "optimizer",
                 "oe_weight", "synthetic_per_normal", "gamma", "nu", "hpo_trials", "hpo_fraction",
                 "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "loss", "reducer_init", "hpo_objective",
-                "nu_max", "envelope_samples", "whiten", "device")
+                "nu_max", "envelope_samples", "whiten", "embedding", "flatten_grid", "device")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -171,6 +181,15 @@ class MedGRUSVC(Detector):
         if self._torch_boundary is not None:
             self._torch_boundary.to(self.device)
         return self
+
+    @property
+    def embedding_grid(self) -> int:
+        """The grid of :func:`inference.convgru.embed_hidden`: 1 for GAP, else ``flatten_grid``."""
+        return 1 if self.embedding == "gap" else self.flatten_grid
+
+    def embed(self, h: torch.Tensor) -> torch.Tensor:
+        """``h_T`` ``(B, C, H, W)`` -> embeddings (differentiable)."""
+        return embed_hidden(h, self.embedding_grid)
 
     def _new_encoder(self) -> ConvRecurrentEncoder:
         return ConvRecurrentEncoder(FEATURE_CHANNELS, hidden_channels=self.hidden_channels, layers=self.layers,
@@ -371,7 +390,7 @@ class MedGRUSVC(Detector):
         """Deep SAD / hypersphere-classifier loss of one batch: normals pulled towards ``c``, the
         matching outlier-exposure batch (``train_syn`` in the epoch's order ``perm_s``) pushed away."""
         hsc = self.loss == "hsc"
-        dn = ((global_average_pool(enc(xb)) - c) ** 2).sum(1)
+        dn = ((self.embed(enc(xb)) - c) ** 2).sum(1)
         if hsc:  # hypersphere classifier (Ruff et al. 2021): pseudo-Huber distance, BCE
             dn = torch.sqrt(dn + 1.0) - 1.0
         loss = dn.mean()
@@ -379,7 +398,7 @@ class MedGRUSVC(Detector):
         if m and self.oe_weight > 0:
             sidx = perm_s[np.arange(i, i + xb.shape[0]) % m]
             xs = train_syn[sidx].to(self.device).float()
-            da = ((global_average_pool(enc(xs)) - c) ** 2).sum(1)
+            da = ((self.embed(enc(xs)) - c) ** 2).sum(1)
             if hsc:
                 da = torch.sqrt(da + 1.0) - 1.0
                 la = -torch.log(-torch.expm1(-da.clamp_min(1e-6)))
@@ -495,13 +514,14 @@ class MedGRUSVC(Detector):
     # ------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def embed_features(self, feats: torch.Tensor, batch: int = 64) -> np.ndarray:
-        """Backbone maps ``(N, T, C, h, w)`` -> embeddings ``(N, hidden)`` (GAP of ``h_T``)."""
+        """Backbone maps ``(N, T, C, h, w)`` -> embeddings ``(N, d)`` (:meth:`embed` of ``h_T``)."""
         if self.encoder is None:
             raise RuntimeError("MedGRU-SVC is not fitted")
         self.encoder.eval()
-        out = [global_average_pool(self.encoder(feats[i:i + batch].to(self.device).float())).cpu()
+        out = [self.embed(self.encoder(feats[i:i + batch].to(self.device).float())).cpu()
                for i in range(0, feats.shape[0], batch)]
-        return torch.cat(out).double().numpy() if out else np.zeros((0, self.hidden_channels))
+        return torch.cat(out).double().numpy() if out else np.zeros(
+            (0, self.hidden_channels * max(self.embedding_grid, 1) ** 2))
 
     def score_features(self, feats: torch.Tensor) -> np.ndarray:
         assert self.boundary is not None
@@ -524,7 +544,7 @@ class MedGRUSVC(Detector):
             kept: list[torch.Tensor] = []
 
             def forward_score() -> torch.Tensor:
-                e = global_average_pool(enc(feats[None].float()))
+                e = self.embed(enc(feats[None].float()))
                 kept.append(e)
                 return head(e)
 

@@ -72,3 +72,21 @@ def test_the_order_of_frames_matters_for_convgru_but_not_without_recurrence():
 def test_unknown_cell_is_rejected():
     with pytest.raises(ValueError):
         ConvRecurrentEncoder(3, cell="transformer")
+
+
+def test_embed_hidden_is_gap_at_grid_1_and_a_flattened_pooled_map_otherwise():
+    from inference.convgru import embed_hidden
+
+    h = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    assert torch.equal(embed_hidden(h, 1), global_average_pool(h))
+    g2 = embed_hidden(h, 2)
+    assert g2.shape == (2, 3 * 4)
+    # channel 0 of sample 0, top-left 2x2 block: 0, 1, 4, 5
+    assert float(g2[0, 0]) == pytest.approx(2.5)
+    assert torch.equal(embed_hidden(h, 0), h.flatten(1))
+    # position matters once flattened: a map and its mirror image share the GAP, not the flat embedding
+    m = torch.flip(h, dims=(-1,))
+    assert torch.allclose(embed_hidden(m, 1), embed_hidden(h, 1))
+    assert not torch.allclose(embed_hidden(m, 2), embed_hidden(h, 2))
+    with pytest.raises(ValueError):
+        embed_hidden(h, -1)

@@ -139,3 +139,53 @@ def test_the_bundled_brain_model_has_an_auto_chosen_float_cluster_width():
     assert det.card.detector == "medgru-svc" and det.cluster_gamma == "auto"
     assert det.clusters is not None and isinstance(det.clusters.gamma, float)
     assert det.fit_report["clusters"]["gamma"] == det.clusters.gamma
+
+
+def placed(m: torch.Tensor, col: int) -> torch.Tensor:
+    """``(n, 1, C, 4, 4)`` maps placed at columns ``col .. col+3`` of a zero ``(n, 1, C, 4, 12)`` map."""
+    out = torch.zeros(*m.shape[:-1], 12)
+    out[..., col:col + 4] = m
+    return out
+
+
+def test_flatten_embedding_keeps_position_trains_explains_and_round_trips(tmp_path):
+    """``embedding="flatten"``: h_T pooled to a grid and flattened. The same content moved sideways
+    (two empty columns from every edge, so the 3x3 ConvGRU sees the same windows) keeps its GAP
+    embedding, so a GAP model cannot see the move; the flattened one scores it as anomalous."""
+    from inference.api import ModelCard, Scope, load_model, sha256_file
+
+    with pytest.raises(ValueError):
+        MedGRUSVC(embedding="max")
+    with pytest.raises(ValueError):
+        MedGRUSVC(embedding="flatten", flatten_grid=-1)
+    empty = maps(0, 0)
+    train, moved = placed(maps(60, 1), 2), placed(maps(20, 4), 6)
+    held = placed(maps(20, 4), 2)  # the moved maps where the normals have them
+    fitted = {}
+    for emb in ("gap", "flatten"):
+        torch.manual_seed(0)
+        det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=2, batch_size=8,
+                        loss="reconstruct", reducer_init="pca", hpo_trials=0, embedding=emb, flatten_grid=2,
+                        whiten=True)
+        det.fit_features(train, empty, train[:12], empty, train[12:24], seed=0)
+        fitted[emb] = det
+    gap, flat = fitted["gap"], fitted["flatten"]
+    assert gap.embed_features(train[:3]).shape == (3, 8) and flat.embed_features(train[:3]).shape == (3, 2 * 2 * 8)
+    assert np.allclose(gap.embed_features(moved), gap.embed_features(held), atol=1e-5)
+    assert np.allclose(gap.score_features(moved), gap.score_features(held), atol=1e-4)
+    assert not np.allclose(flat.embed_features(moved), flat.embed_features(held), atol=1e-3)
+    assert np.median(flat.score_features(moved)) > np.quantile(flat.score_features(held), 0.95)
+
+    frames = np.zeros((1, 64, 64), np.float32)
+    frames[:, ::4] = 1.0
+    seq = FrameSequence(frames=frames, modality="CR", body_part="CHEST", bits_stored=8)
+    d = flat.detect(seq)
+    assert np.isfinite(d.score) and d.heatmaps.shape == (1, 64, 64)
+    assert d.score == pytest.approx(float(flat.score_features(flat.sequence_features(seq)[None])[0]), abs=1e-4)
+
+    files = flat.save(tmp_path)
+    ModelCard(name="flat", version="0.0.1", detector="medgru-svc", scope=Scope(modalities=("CR",)),
+              files={f: sha256_file(tmp_path / f) for f in files}, params=flat.get_params()).write(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.embedding == "flatten" and loaded.flatten_grid == 2
+    assert np.allclose(loaded.score_features(moved), flat.score_features(moved))
