@@ -119,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-gamma", type=_cluster_gamma, default="auto",
                         help="support-vector clustering kernel width (relative to 1/d), or 'auto': the "
                              "number of clusters that persists longest over a grid of widths (label-free)")
+    parser.add_argument("--cluster-max-pool", type=int, default=1000,
+                        help="cluster at most this many pool images (a seeded random subset; 0 = all): the model "
+                             "keeps their embeddings to name new anomalies")
     parser.add_argument("--report-split", default="", help="after training, score this split once (AUROC)")
     parser.add_argument("--cache", type=Path, default=None, help="feature cache folder")
     parser.add_argument("--workers", type=int, default=2, help="image loading threads")
@@ -273,7 +276,8 @@ def detector_from_args(args: argparse.Namespace):
         reducer_init=args.reducer_init, hpo_objective=getattr(args, "hpo_objective", "synthetic-auroc"),
         nu_max=getattr(args, "nu_max", 0.5), whiten=getattr(args, "whiten", False),
         cluster_gamma=getattr(args, "cluster_gamma", "auto"), embedding=getattr(args, "embedding", "gap"),
-        flatten_grid=getattr(args, "flatten_grid", 4), device="cpu",
+        flatten_grid=getattr(args, "flatten_grid", 4),
+        cluster_max_pool=getattr(args, "cluster_max_pool", 1000), device="cpu",
     )
 
 

@@ -102,6 +102,7 @@ class MedGRUSVC(Detector):
                  oe_weight: float = 1.0, synthetic_per_normal: int = 1, gamma: float = 1.0, nu: float = 0.1,
                  hpo_trials: int = 25, hpo_fraction: float = 0.2, target_fpr: float = 0.05,
                  cluster_gamma: float | str = "auto", cluster_nu: float = 0.1, cluster_k: int = 10,
+                 cluster_max_pool: int = 1000,
                  loss: str = "deep-sad", reducer_init: str = "random", hpo_objective: str = "synthetic-auroc",
                  nu_max: float = 0.5, envelope_samples: int = 4000, whiten: bool = False,
                  embedding: str = "gap", flatten_grid: int = 4, device: str = "cpu"):
@@ -130,6 +131,9 @@ class MedGRUSVC(Detector):
         self.cluster_gamma: float | str = _cluster_gamma_param(cluster_gamma)
         self.cluster_nu = float(cluster_nu)
         self.cluster_k = int(cluster_k)
+        #: at most this many pool embeddings are clustered (a seeded random subset; 0 = all). The model
+        #: keeps them to name new anomalies, so this bounds its size for wide (flattened) embeddings.
+        self.cluster_max_pool = int(cluster_max_pool)
         self.loss = str(loss)
         self.reducer_init = str(reducer_init)
         if hpo_objective not in HPO_OBJECTIVES:
@@ -163,7 +167,7 @@ class MedGRUSVC(Detector):
         keys = ("input_size", "clip_limit", "tile_grid", "cell", "layers", "hidden_channels",
                 "reduce_channels", "epochs", "lr", "batch_size", "weight_decay", "momentum", "optimizer",
                 "oe_weight", "synthetic_per_normal", "gamma", "nu", "hpo_trials", "hpo_fraction",
-                "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "loss", "reducer_init", "hpo_objective",
+                "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "cluster_max_pool", "loss", "reducer_init", "hpo_objective",
                 "nu_max", "envelope_samples", "whiten", "embedding", "flatten_grid", "device")
         return {k: getattr(self, k) for k in keys}
 
@@ -297,7 +301,7 @@ class MedGRUSVC(Detector):
         report["threshold"] = self._threshold
 
         pool = e_hs if cluster_pool is None else self.embed_features(cluster_pool)
-        self._fit_clusters(pool, report)
+        self._fit_clusters(pool, report, seed=seed)
         self.fit_report = report
         return report
 
@@ -491,13 +495,17 @@ class MedGRUSVC(Detector):
                              "gamma": self.gamma, "nu": self.nu,
                              "objective": "AUROC held-out normals vs synthetic"}
 
-    def _fit_clusters(self, pool: np.ndarray, report: dict[str, Any]) -> None:
+    def _fit_clusters(self, pool: np.ndarray, report: dict[str, Any], *, seed: int = 0) -> None:
         assert self.boundary is not None
         outside = pool[self.boundary.score(pool) > self.threshold] if len(pool) else pool
         if len(outside) < 2:
             outside = pool
         if len(outside) >= 2:
             info: dict[str, Any] = {"pool": int(len(outside))}
+            if 0 < self.cluster_max_pool < len(outside):
+                keep = np.sort(np.random.default_rng(seed).choice(len(outside), self.cluster_max_pool, replace=False))
+                outside = outside[keep]
+                info["subsampled_to"] = int(len(outside))
             if self.cluster_gamma == "auto":
                 gamma, trace = choose_cluster_gamma(outside, nu=self.cluster_nu, k=self.cluster_k)
                 info.update(gamma_choice="auto", trace=trace)
@@ -507,6 +515,7 @@ class MedGRUSVC(Detector):
             self.clusters = support_vector_clustering(outside, gamma=gamma, nu=self.cluster_nu, k=self.cluster_k)
             info["gamma"] = float(gamma)
             info["sizes"] = {n: int((self.clusters.labels == i).sum()) for i, n in enumerate(self.clusters.names)}
+            # (sizes count the clustered points: the subset where the pool was subsampled)
             report["clusters"] = info
         else:
             self.clusters = None

@@ -189,3 +189,17 @@ def test_flatten_embedding_keeps_position_trains_explains_and_round_trips(tmp_pa
     loaded = load_model(tmp_path)
     assert loaded.embedding == "flatten" and loaded.flatten_grid == 2
     assert np.allclose(loaded.score_features(moved), flat.score_features(moved))
+
+
+def test_the_cluster_pool_is_capped_by_a_seeded_subset_and_saved_compactly(tmp_path):
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=1, batch_size=8,
+                    loss="reconstruct", hpo_trials=0, cluster_gamma=1.0, cluster_max_pool=25, whiten=True)
+    empty = maps(0, 0)
+    pool = torch.cat([maps(30, 7, shift=3.0), maps(30, 8, shift=30.0)])
+    report = det.fit_features(maps(40, 1), empty, maps(12, 2), empty, maps(12, 3), seed=0, cluster_pool=pool)
+    info = report["clusters"]
+    assert info["pool"] > 25 and info["subsampled_to"] == 25
+    assert sum(info["sizes"].values()) == 25 == len(det.clusters.points)
+    det.save(tmp_path)
+    with np.load(tmp_path / "svdd.npz") as z:
+        assert z["svc_points"].dtype == np.float32 and z["svdd_whitener"].dtype == np.float32

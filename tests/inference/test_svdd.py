@@ -199,3 +199,16 @@ def test_auto_clustering_state_round_trips():
     assert np.array_equal(again.labels, model.labels) and again.names == model.names
     probe = x[::7] + 0.1
     assert again.predict(probe) == model.predict(probe)
+
+
+def test_whitener_is_float32_on_disk_for_new_fits_and_kept_float64_for_older_models():
+    from inference.svdd import SVDDBoundary
+
+    x = np.random.default_rng(0).normal(size=(60, 5))
+    b = SVDDBoundary(gamma=1.0, nu=0.1, whiten=True).fit(x)
+    st = b.state()
+    assert st["whitener"].dtype == np.float32
+    loaded = SVDDBoundary.from_state(st)
+    assert np.array_equal(loaded.score(x), b.score(x))  # nothing lost: the fit was rounded the same way
+    b.whitener_ = b.whitener_ + 1e-12  # a float64 whitener as saved by older versions
+    assert b.state()["whitener"].dtype == np.float64
