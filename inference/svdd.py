@@ -40,6 +40,7 @@ over the longest run of a geometric grid of gammas ("cluster lifetime").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -55,6 +56,30 @@ from sklearn.svm import OneClassSVM
 
 SCORE_FORMS = ("log", "ratio")
 log = logging.getLogger(__name__)
+
+
+#: at most this many rows are scored with one BLAS thread (see :func:`_blas_for`)
+SMALL_BATCH_ROWS = 256
+_blas_controller = None
+
+
+def _blas_for(rows: int):
+    """A context for numpy linear algebra on ``rows`` embeddings: one BLAS thread for small batches.
+
+    Scoring one sequence multiplies a handful of rows by a d x d whitener (d = 1152 for a flattened
+    embedding). OpenBLAS runs that on all its threads, which then spin-wait after the call and take the
+    cores from torch's own threads: measured on 2 cores, the backbone of the next call took 1.7x as long
+    (``benchmarks/results/medgru-v5.md``). One thread loses nothing on a matrix-vector product. Large
+    batches (training) keep the library's default.
+    """
+    global _blas_controller
+    if rows > SMALL_BATCH_ROWS:
+        return contextlib.nullcontext()
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -143,8 +168,9 @@ class SVDDBoundary:
     def decision(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
         """``f(x) = sum_i alpha_i K(sv_i, x)`` for embeddings ``x`` (N, d)."""
         out = np.empty(np.atleast_2d(x).shape[0])
-        for sl, t in self._log_terms(x, batch):
-            out[sl] = np.exp(t).sum(1)
+        with _blas_for(out.size):
+            for sl, t in self._log_terms(x, batch):
+                out[sl] = np.exp(t).sum(1)
         return out
 
     def log_decision(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -152,8 +178,9 @@ class SVDDBoundary:
         from scipy.special import logsumexp
 
         out = np.empty(np.atleast_2d(x).shape[0])
-        for sl, t in self._log_terms(x, batch):
-            out[sl] = logsumexp(t, axis=1)
+        with _blas_for(out.size):
+            for sl, t in self._log_terms(x, batch):
+                out[sl] = logsumexp(t, axis=1)
         return out
 
     def score(self, x: np.ndarray) -> np.ndarray:
@@ -251,8 +278,9 @@ class ClusterModel:
         if self.labels.size == 0:
             return [None] * len(np.atleast_2d(x))  # type: ignore[list-item]
         xs = (np.atleast_2d(np.asarray(x, np.float64)) - self.mean) / self.scale
-        nn_ = NearestNeighbors(n_neighbors=1).fit(self.points)
-        idx = nn_.kneighbors(xs, return_distance=False)[:, 0]
+        with _blas_for(xs.shape[0]):  # brute force: no tree to build per call
+            d2 = (xs ** 2).sum(1)[:, None] + (self.points ** 2).sum(1)[None, :] - 2.0 * xs @ self.points.T
+        idx = np.argmin(d2, axis=1)
         return [f"cluster-{int(self.labels[i]) + 1}" for i in idx]
 
     def state(self) -> dict[str, np.ndarray]:

@@ -212,3 +212,26 @@ def test_whitener_is_float32_on_disk_for_new_fits_and_kept_float64_for_older_mod
     assert np.array_equal(loaded.score(x), b.score(x))  # nothing lost: the fit was rounded the same way
     b.whitener_ = b.whitener_ + 1e-12  # a float64 whitener as saved by older versions
     assert b.state()["whitener"].dtype == np.float64
+
+
+def test_small_batches_are_scored_with_one_blas_thread_and_large_ones_with_the_default():
+    from threadpoolctl import threadpool_info
+
+    from inference.svdd import SMALL_BATCH_ROWS, _blas_for
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    default = blas_threads()
+    assert default, "numpy links a BLAS"
+    with _blas_for(8):
+        assert set(blas_threads()) == {1}
+    with _blas_for(SMALL_BATCH_ROWS + 1):
+        assert blas_threads() == default
+    assert blas_threads() == default  # restored
+
+
+def test_cluster_names_come_from_the_nearest_clustered_point():
+    pts = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    cm = ClusterModel(points=pts, labels=np.array([0, 1, 1]), mean=np.zeros(2), scale=np.ones(2), gamma=1.0)
+    assert cm.predict(np.array([[1.0, 1.0], [9.0, 1.0], [1.0, 8.0]])) == ["cluster-1", "cluster-2", "cluster-2"]
