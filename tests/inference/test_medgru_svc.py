@@ -203,3 +203,51 @@ def test_the_cluster_pool_is_capped_by_a_seeded_subset_and_saved_compactly(tmp_p
     det.save(tmp_path)
     with np.load(tmp_path / "svdd.npz") as z:
         assert z["svc_points"].dtype == np.float32 and z["svdd_whitener"].dtype == np.float32
+
+
+def test_denormal_weights_are_flushed_on_load_without_changing_scores(tmp_path):
+    from inference.api import ModelCard, Scope, load_model, sha256_file
+    from inference.detectors.medgru_svc import flush_denormal_weights_
+
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1e-40, 0.5, 0.0], [-3e-39, 2.0, 1e-30]]))
+    assert flush_denormal_weights_(lin) == 2
+    assert lin.weight.tolist()[0][0] == 0.0 and lin.weight.tolist()[1][0] == 0.0
+    assert lin.weight.tolist()[1][2] == pytest.approx(1e-30)  # small but normal: kept
+
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=1, batch_size=8,
+                    loss="reconstruct", hpo_trials=0)
+    empty = maps(0, 0)
+    det.fit_features(maps(40, 1), empty, maps(12, 2), empty, maps(12, 3), seed=0)
+    with torch.no_grad():
+        w = det.encoder.cells[0].W_z.weight
+        w.view(-1)[:50] = 1e-41  # what weight decay leaves behind
+    probe = maps(10, 5)
+    before = det.score_features(probe)
+    files = det.save(tmp_path)
+    ModelCard(name="dn", version="0.0.1", detector="medgru-svc", scope=Scope(modalities=("CR",)),
+              files={f: sha256_file(tmp_path / f) for f in files}, params=det.get_params()).write(tmp_path)
+    loaded = load_model(tmp_path)
+    lw = loaded.encoder.cells[0].W_z.weight
+    assert int(((lw != 0) & (lw.abs() < torch.finfo(torch.float32).tiny)).sum()) == 0
+    assert np.allclose(loaded.score_features(probe), before, rtol=0, atol=1e-9)
+    assert torch.load(tmp_path / "encoder.pt", weights_only=True)["cells.0.W_z.weight"].view(-1)[0] != 0  # file as saved
+
+
+def test_grad_cam_leaves_the_weights_alone_and_matches_a_pass_with_weight_gradients(fitted):
+    from inference.gradcam import grad_cam
+
+    det, _ = fitted
+    frames = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    seq = FrameSequence(frames=frames, modality="CR", body_part="CHEST", bits_stored=8)
+    params = list(det.encoder.parameters())
+    grads = [None if p.grad is None else p.grad.clone() for p in params]  # whatever training left there
+    d = det.detect(seq)
+    assert all(p.requires_grad for p in params)
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, params))
+    feats = det.sequence_features(seq)
+    score, heat = grad_cam(det.encoder.cells[-1], lambda: det._torch_boundary(det.embed(det.encoder(feats[None].float()))),
+                           (64, 64))  # the plain way: weight gradients computed too
+    assert d.score == pytest.approx(score, abs=1e-6)
+    assert np.allclose(d.heatmaps, heat, atol=1e-5)
