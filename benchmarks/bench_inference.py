@@ -144,6 +144,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def add_ratios(rows: list[dict], devices: list[str]) -> None:
+    """Per device: each row's time over the k-NN baseline's (optimised trunk), and for each optimised row
+    the eager row of the same model *and version* over it."""
+    for device in devices:
+        base = [r for r in rows if r["device"] == device and r["detector"] == "knn-effnet"
+                and r["backbone"] != "eager PyTorch"]
+        if not base:
+            continue
+        b = base[-1]
+        for r in rows:
+            if r["device"] != device:
+                continue
+            r.pop("speedup_over_eager_backbone", None)
+            eager = [e for e in rows if e["device"] == device and e["model"] == r["model"]
+                     and e["version"] == r["version"] and e["backbone"] == "eager PyTorch"]
+            if eager and r["backbone"] != "eager PyTorch":
+                r["speedup_over_eager_backbone"] = {
+                    "score": eager[-1]["score"]["median_s"] / r["score"]["median_s"],
+                    "score_and_heatmap": eager[-1]["score_and_heatmap"]["median_s"] / r["score_and_heatmap"]["median_s"],
+                }
+            r["ratio_to_knn_baseline"] = {
+                "score": r["score"]["median_s"] / b["score"]["median_s"],
+                "score_and_heatmap": r["score_and_heatmap"]["median_s"] / b["score_and_heatmap"]["median_s"],
+            }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--knn-model", type=Path, help="a trained knn-effnet model folder (else fitted here)")
@@ -187,26 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(f"{r['model']:<22} {device:<5} {r['backbone'][:6]:<6} score {1e3 * r['score']['median_s']:7.1f} ms   "
                       f"score+heatmap {1e3 * r['score_and_heatmap']['median_s']:7.1f} ms", flush=True)
-    # ratios against the baseline, per device
-    for device in devices:
-        base = [r for r in rows if r["device"] == device and r["detector"] == "knn-effnet"
-                and r["backbone"] != "eager PyTorch"]
-        if not base:
-            continue
-        b = base[-1]
-        for r in rows:
-            eager = [e for e in rows if e["device"] == device and e["model"] == r["model"]
-                     and e["backbone"] == "eager PyTorch"]
-            if eager and r is not eager[-1]:
-                r["speedup_over_eager_backbone"] = {
-                    "score": eager[-1]["score"]["median_s"] / r["score"]["median_s"],
-                    "score_and_heatmap": eager[-1]["score_and_heatmap"]["median_s"] / r["score_and_heatmap"]["median_s"],
-                }
-            if r["device"] == device:
-                r["ratio_to_knn_baseline"] = {
-                    "score": r["score"]["median_s"] / b["score"]["median_s"],
-                    "score_and_heatmap": r["score_and_heatmap"]["median_s"] / b["score_and_heatmap"]["median_s"],
-                }
+    add_ratios(rows, devices)
     result = {
         "what": f"one T={args.frames} sequence of {seq.frames.shape[1]}x{seq.frames.shape[2]} frames: "
                 "score = score_batch([seq]); score_and_heatmap = detect(seq, explain=True)",

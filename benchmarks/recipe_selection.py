@@ -1,6 +1,7 @@
-"""MedGRU-SVC 4.0.0 recipe selection on a VALIDATION split cut from the training split (test untouched).
+"""MedGRU-SVC recipe selection on a VALIDATION split cut from the training split (test untouched).
 
-How the 4.0.0 encoder size and training length were chosen (see ``results/medgru-v4.md``):
+How the 4.0.0 encoder size and training length (``results/medgru-v4.md``) and the 5.0.0 embedding
+(``--grids``, ``results/medgru-v5.md``) were chosen:
 
 * backbone maps (the detector's own preprocessing: CLAHE, frozen EfficientNet-Lite0 multi-scale map) of
   all TRAIN-split normals and of 500 random TRAIN-split anomalies (seed 0);
@@ -15,6 +16,7 @@ The anomaly labels of the train split are used here to compare configurations: a
 labels, reported as such. No test image is read.
 
     python benchmarks/recipe_selection.py --dataset brain_mri h=64,r=128,e=12 h=128,r=256,e=30 gap
+    python benchmarks/recipe_selection.py --dataset brain_mri --grids 1,2,3,4 h=128,r=256,e=30 gap
 """
 
 from __future__ import annotations
@@ -60,6 +62,51 @@ def heads(ef: np.ndarray, en: np.ndarray, ea: np.ndarray) -> dict[str, float]:
     return res
 
 
+def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None):
+    """Backbone maps ``(fit normals, held-out normals, train anomalies)`` of the validation split above."""
+    import tempfile
+
+    import torch
+
+    from inference.detectors.medgru_svc import MedGRUSVC
+    from training.manifest import read_manifest
+    from training.train import FeatureCache
+
+    rows = read_manifest(data_root / dataset / "manifest.csv")
+    rng = np.random.default_rng(0)
+    normals = [r for r in rows if r.split == "train" and r.is_normal]
+    anomalies = [r for r in rows if r.split == "train" and not r.is_normal]
+    anomalies = [anomalies[i] for i in sorted(rng.choice(len(anomalies), 500, replace=False))]
+    groups = [r.group or str(r.path) for r in normals]
+    uniq = sorted(set(groups))
+    held_groups = set(np.random.default_rng(0).choice(uniq, len(uniq) // 4, replace=False).tolist())
+    held = np.array([g in held_groups for g in groups])
+    tmp = tempfile.TemporaryDirectory(prefix="recipe-maps-") if cache_dir is None else None
+    cache = FeatureCache(cache_dir or Path(tmp.name), MedGRUSVC())  # the training code's own backbone maps
+    maps_n, maps_a = cache.features(normals, desc="train normals"), cache.features(anomalies, desc="train anomalies")
+    if tmp is not None:
+        tmp.cleanup()
+    mask = torch.from_numpy(held)
+    return maps_n[~mask], maps_n[mask], maps_a
+
+
+def trained_convgru(cfg: str, fit):
+    """A MedGRU-SVC whose ConvGRU (``h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR]``) is trained on ``fit`` as
+    ``medgru train --loss reconstruct --reducer-init pca`` does (seed 0); no boundary."""
+    import torch
+
+    from inference.detectors.medgru_svc import MedGRUSVC
+
+    kv = dict(x.split("=") for x in cfg.split(","))
+    det = MedGRUSVC(hidden_channels=int(kv.get("h", 64)), reduce_channels=int(kv.get("r", 128)),
+                    epochs=int(kv.get("e", 12)), lr=float(kv.get("lr", 1e-3)), loss="reconstruct",
+                    reducer_init="pca")
+    torch.manual_seed(0)
+    det.encoder = det._new_encoder()
+    det._train_encoder(fit, fit[:0], np.random.default_rng(0), progress=None, checkpoint=None, report={})
+    return det
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", required=True, choices=("kermany_cxr", "brain_mri"))
@@ -73,44 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    import tempfile
-
-    from inference.detectors.medgru_svc import MedGRUSVC
-    from training.manifest import read_manifest
-    from training.train import FeatureCache
-
     torch.set_num_threads(2)
-    rows = read_manifest(args.data_root / args.dataset / "manifest.csv")
-    rng = np.random.default_rng(0)
-    normals = [r for r in rows if r.split == "train" and r.is_normal]
-    anomalies = [r for r in rows if r.split == "train" and not r.is_normal]
-    anomalies = [anomalies[i] for i in sorted(rng.choice(len(anomalies), 500, replace=False))]
-    groups = [r.group or str(r.path) for r in normals]
-    uniq = sorted(set(groups))
-    held_groups = set(np.random.default_rng(0).choice(uniq, len(uniq) // 4, replace=False).tolist())
-    held = np.array([g in held_groups for g in groups])
-    tmp = tempfile.TemporaryDirectory(prefix="recipe-maps-") if args.cache is None else None
-    cache = FeatureCache(args.cache or Path(tmp.name), MedGRUSVC())  # the training code's own backbone maps
-    maps_n, maps_a = cache.features(normals, desc="train normals"), cache.features(anomalies, desc="train anomalies")
-    if tmp is not None:
-        tmp.cleanup()
-    mask = torch.from_numpy(held)
-    fit, vn, va = maps_n[~mask], maps_n[mask], maps_a
-    print(f"{args.dataset}: {int((~held).sum())} fit normals, {int(held.sum())} held-out normals, "
-          f"{len(anomalies)} train anomalies (validation)")
+    fit, vn, va = validation_maps(args.dataset, args.data_root, args.cache)
+    print(f"{args.dataset}: {len(fit)} fit normals, {len(vn)} held-out normals, "
+          f"{len(va)} train anomalies (validation)")
     grids = [int(g) for g in args.grids.split(",")]
     for cfg in args.configs:
         t0 = time.perf_counter()
         if cfg == "gap":
             rows_out = [("gap", [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in (fit, vn, va)])]
         else:
-            kv = dict(x.split("=") for x in cfg.split(","))
-            det = MedGRUSVC(hidden_channels=int(kv.get("h", 64)), reduce_channels=int(kv.get("r", 128)),
-                            epochs=int(kv.get("e", 12)), lr=float(kv.get("lr", 1e-3)), loss="reconstruct",
-                            reducer_init="pca")
-            torch.manual_seed(0)
-            det.encoder = det._new_encoder()
-            det._train_encoder(fit, fit[:0], np.random.default_rng(0), progress=None, checkpoint=None, report={})
+            det = trained_convgru(cfg, fit)
             rows_out = []
             for g in grids:
                 det.embedding, det.flatten_grid = ("gap", 4) if g == 1 else ("flatten", g)

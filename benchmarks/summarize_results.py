@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = (("kermany-knn", "Kermany CXR"), ("kermany-medgru-v4", "Kermany CXR"),
+RUNS = (("kermany-medgru-v5", "Kermany CXR"), ("kermany-knn", "Kermany CXR"), ("kermany-medgru-v4", "Kermany CXR"),
         ("kermany-medgru-v4-supervised", "Kermany CXR (SUPERVISED: trained with the train split's pneumonia labels)"), ("kermany-medgru-v3", "Kermany CXR"),
-        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v4", "Brain MRI"), ("brain_mri-knn", "Brain MRI"),
+        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v5", "Brain MRI"), ("brain_mri-medgru-v4", "Brain MRI"), ("brain_mri-knn", "Brain MRI"),
         ("brain_mri-medgru-v3", "Brain MRI"), ("brain_mri-medgru-v2", "Brain MRI"))
 
 
@@ -89,7 +89,7 @@ def main() -> int:
             lines += ["", "Same models, same machine, run right after with glibc's default allocator "
                       f"(`GLIBC_TUNABLES` unset; `{other.name}`):", ""]
             for r in o["results"]:
-                lines.append(f"- `{r['model']}` ({r.get('backbone', 'eager PyTorch')}): score "
+                lines.append(f"- `{r['model']}` {r.get('version', '')} ({r.get('backbone', 'eager PyTorch')}): score "
                              f"{r['score']['median_s']:.3f} s, + heat map {r['score_and_heatmap']['median_s']:.3f} s")
     shift = RESULTS / "domain_shift.md"
     if shift.is_file():
