@@ -406,6 +406,11 @@ def support_vector_clustering(x: np.ndarray, *, gamma: float = 1.0, nu: float = 
     parts = _svc_components(g, gamma=gamma, nu=nu, segment_points=segment_points,
                             gamma_is_relative=gamma_is_relative)
     m = default_min_cluster_size(n) if min_cluster_size is None else int(min_cluster_size)
+    return _cluster_model(g, parts, m, gamma)
+
+
+def _cluster_model(g: _KNNGraph, parts: _SVCComponents, m: int, gamma: float) -> ClusterModel:
+    """Name the components of at least ``m`` points by decreasing size; the rest join their nearest."""
     order, sizes = _big_components(parts.comp, m)
     if order.size == 0:
         log.warning("SVC at gamma=%g: no component of >= %d points (largest %d): one cluster", gamma, m,
@@ -430,6 +435,34 @@ def choose_cluster_gamma(x: np.ndarray, *, gammas: Sequence[float] | None = None
                          k: int = 10, segment_points: int = 8, min_cluster_size: int | None = None,
                          max_clusters: int = 8, min_lifetime: int = 2, min_coverage: float = 0.5,
                          gamma_is_relative: bool = True) -> tuple[float, dict[str, Any]]:
+    """Label-free choice of the SVC kernel width (see :func:`_choose_cluster_gamma`): ``(gamma, trace)``."""
+    gamma, trace, _, _ = _choose_cluster_gamma(
+        x, gammas=gammas, nu=nu, k=k, segment_points=segment_points, min_cluster_size=min_cluster_size,
+        max_clusters=max_clusters, min_lifetime=min_lifetime, min_coverage=min_coverage,
+        gamma_is_relative=gamma_is_relative)
+    return gamma, trace
+
+
+def auto_support_vector_clustering(x: np.ndarray, *, nu: float = 0.1, k: int = 10, segment_points: int = 8,
+                                   **choice: Any) -> tuple[ClusterModel, float, dict[str, Any]]:
+    """:func:`choose_cluster_gamma`, then :func:`support_vector_clustering` at the chosen width, reusing
+    the k-NN graph and that width's sphere from the choice instead of building them again.
+    Returns ``(model, gamma, trace)``; the model equals ``support_vector_clustering(x, gamma=gamma, ...)``."""
+    gamma, trace, g, parts = _choose_cluster_gamma(x, nu=nu, k=k, segment_points=segment_points, **choice)
+    m = trace["min_cluster_size"]
+    if g is None:  # the pool was too small to search: nothing to reuse
+        model = support_vector_clustering(x, gamma=gamma, nu=nu, k=k, segment_points=segment_points,
+                                          min_cluster_size=m,
+                                          gamma_is_relative=choice.get("gamma_is_relative", True))
+        return model, gamma, trace
+    return _cluster_model(g, parts[gamma], m, gamma), gamma, trace
+
+
+def _choose_cluster_gamma(x: np.ndarray, *, gammas: Sequence[float] | None = None, nu: float = 0.1,
+                          k: int = 10, segment_points: int = 8, min_cluster_size: int | None = None,
+                          max_clusters: int = 8, min_lifetime: int = 2, min_coverage: float = 0.5,
+                          gamma_is_relative: bool = True
+                          ) -> tuple[float, dict[str, Any], _KNNGraph | None, dict[float, _SVCComponents]]:
     """Label-free choice of the SVC kernel width by cluster lifetime.
 
     For each ``gamma`` of an increasing grid (default :data:`DEFAULT_CLUSTER_GAMMAS`) count the clusters:
@@ -446,7 +479,8 @@ def choose_cluster_gamma(x: np.ndarray, *, gammas: Sequence[float] | None = None
     the default asks for two. If no such ``K`` appears, the smallest gamma giving one cluster is
     returned (or the smallest gamma if none does), and the trace says so.
 
-    Returns ``(gamma, trace)``; ``trace`` is JSON-serialisable: the grid, per gamma the cluster count,
+    Returns ``(gamma, trace, graph, components per gamma)`` (graph ``None`` when the pool was too small to
+    search); ``trace`` is JSON-serialisable: the grid, per gamma the cluster count,
     the sizes of the components of at least ``min_cluster_size``, their coverage and the share of points
     outside the sphere, the chosen ``K``, its lifetime and a sentence on how the choice was made.
     """
@@ -462,12 +496,13 @@ def choose_cluster_gamma(x: np.ndarray, *, gammas: Sequence[float] | None = None
     if n < 2 * m:  # two clusters cannot both be large enough
         trace.update(gamma=grid[0], clusters=1, lifetime=0,
                      reason=f"pool of {n} points < 2 x min_cluster_size ({m}): one cluster, smallest gamma")
-        return grid[0], trace
+        return grid[0], trace, None, {}
     g = _knn_graph(x, k)
     counts = []
+    by_gamma: dict[float, _SVCComponents] = {}
     for gamma in grid:
-        parts = _svc_components(g, gamma=gamma, nu=nu, segment_points=segment_points,
-                                gamma_is_relative=gamma_is_relative)
+        parts = by_gamma[gamma] = _svc_components(g, gamma=gamma, nu=nu, segment_points=segment_points,
+                                                  gamma_is_relative=gamma_is_relative)
         order, sizes = _big_components(parts.comp, m)
         coverage = float(sizes[order].sum()) / max(1, int(parts.inside.sum()))
         fragmented = order.size > 0 and coverage < min_coverage
@@ -493,7 +528,7 @@ def choose_cluster_gamma(x: np.ndarray, *, gammas: Sequence[float] | None = None
         trace.update(gamma=chosen, clusters=kk, lifetime=life,
                      reason=f"K={kk} clusters persist over {life} consecutive gammas "
                             f"({grid[start]:.3g}..{grid[start + life - 1]:.3g}); smallest gamma of that run")
-        return chosen, trace
+        return chosen, trace, g, by_gamma
     ones = [gm for gm, c in zip(grid, counts) if c == 1]
     chosen = ones[0] if ones else grid[0]
     runs_of_one = "".join("1" if c == 1 else "." for c in counts).split(".")
@@ -501,4 +536,4 @@ def choose_cluster_gamma(x: np.ndarray, *, gammas: Sequence[float] | None = None
                  reason=(f"no K in 2..{max_clusters} clusters of >= {m} points persisted over >= {min_lifetime} "
                          "consecutive gammas: one cluster, "
                          + ("smallest gamma giving one" if ones else "no gamma gave one either; smallest gamma")))
-    return chosen, trace
+    return chosen, trace, g, by_gamma

@@ -51,7 +51,7 @@ from inference.backbone import FEATURE_CHANNELS, extract_feature_maps, load_back
 from inference.convgru import ConvRecurrentEncoder, embed_hidden
 from inference.gradcam import grad_cam
 from inference.preprocess import preprocess_frames
-from inference.svdd import (ClusterModel, SVDDBoundary, TorchRBFBoundary, choose_cluster_gamma,
+from inference.svdd import (ClusterModel, SVDDBoundary, TorchRBFBoundary, auto_support_vector_clustering,
                             support_vector_clustering)
 
 log = logging.getLogger(__name__)
@@ -543,13 +543,14 @@ class MedGRUSVC(Detector):
                 keep = np.sort(np.random.default_rng(seed).choice(len(outside), self.cluster_max_pool, replace=False))
                 outside = outside[keep]
                 info["subsampled_to"] = int(len(outside))
-            if self.cluster_gamma == "auto":
-                gamma, trace = choose_cluster_gamma(outside, nu=self.cluster_nu, k=self.cluster_k)
+            if self.cluster_gamma == "auto":  # the choice's graph and sphere are reused, not rebuilt
+                self.clusters, gamma, trace = auto_support_vector_clustering(
+                    outside, nu=self.cluster_nu, k=self.cluster_k)
                 info.update(gamma_choice="auto", trace=trace)
             else:
                 gamma = float(self.cluster_gamma)
                 info["gamma_choice"] = "fixed"
-            self.clusters = support_vector_clustering(outside, gamma=gamma, nu=self.cluster_nu, k=self.cluster_k)
+                self.clusters = support_vector_clustering(outside, gamma=gamma, nu=self.cluster_nu, k=self.cluster_k)
             info["gamma"] = float(gamma)
             info["sizes"] = {n: int((self.clusters.labels == i).sum()) for i, n in enumerate(self.clusters.names)}
             # (sizes count the clustered points: the subset where the pool was subsampled)

@@ -235,3 +235,19 @@ def test_cluster_names_come_from_the_nearest_clustered_point():
     pts = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     cm = ClusterModel(points=pts, labels=np.array([0, 1, 1]), mean=np.zeros(2), scale=np.ones(2), gamma=1.0)
     assert cm.predict(np.array([[1.0, 1.0], [9.0, 1.0], [1.0, 8.0]])) == ["cluster-1", "cluster-2", "cluster-2"]
+
+
+@pytest.mark.parametrize("n_per_blob", [40, 8])  # a searchable pool, and one too small to search
+def test_auto_clustering_reuses_the_choice_and_equals_clustering_at_the_chosen_width(n_per_blob):
+    from inference.svdd import auto_support_vector_clustering, choose_cluster_gamma, support_vector_clustering
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(c, 0.3, size=(n_per_blob, 4)) for c in (-4.0, 0.0, 4.0)])
+    model, gamma, trace = auto_support_vector_clustering(x, nu=0.1, k=6)
+    g2, t2 = choose_cluster_gamma(x, nu=0.1, k=6)
+    assert gamma == g2 and trace == t2
+    ref = support_vector_clustering(x, gamma=gamma, nu=0.1, k=6)
+    assert np.array_equal(model.labels, ref.labels) and np.array_equal(model.points, ref.points)
+    assert model.gamma == ref.gamma and np.array_equal(model.mean, ref.mean)
+    if n_per_blob == 40:
+        assert len(model.names) == 3  # three separated blobs
