@@ -12,7 +12,8 @@ Same splits, seeds, cached backbone maps and training recipe as ``medgru train``
 * CLAHE on vs off (``--clahe-off`` recomputes the backbone maps without CLAHE: slow on CPU).
 
 The ablation heads' own settings are fixed a priori (no tuning); nothing is tuned on test data.
-Writes ``ablations-<dataset>.json`` and ``.md`` (the 4.0.0-recipe runs are kept as ``ablations-v4-*``).
+Writes ``ablations-<dataset>.json`` and ``.md`` (the 4.0.0- and 5.0.0-recipe runs are kept as ``ablations-v4-*``
+ and ``ablations-v5-*``).
 """
 
 from __future__ import annotations
