@@ -604,7 +604,10 @@ class MedGRUSVC(Detector):
             emb = self.embed_features(feats[None])
             score = float(self.boundary.score(emb)[0])
             heat = np.zeros((t, h, w), dtype=np.float32)
-        frame_scores = tuple(float(s) for s in self.boundary.score(self.embed_features(feats[:, None])))
+        # one score per frame (each frame alone as a sequence) only where there is more than one frame:
+        # for T = 1 it would repeat the sequence's own forward pass and be dropped
+        frame_scores = tuple(float(s) for s in self.boundary.score(self.embed_features(feats[:, None]))) \
+            if t > 1 else ()
         thr = self.threshold
         anomalous = bool(score > thr)
         label = None
@@ -615,7 +618,7 @@ class MedGRUSVC(Detector):
             score=float(score), threshold=thr, is_anomaly=anomalous, heatmaps=heat,
             model_name=card.name if card else "medgru-svc (unsaved)",
             model_version=card.version if card else "0",
-            cluster_label=label, frame_scores=frame_scores if t > 1 else (),
+            cluster_label=label, frame_scores=frame_scores,
             extras={"svdd_decision": float(self.boundary.decision(emb)[0])},
         )
 
