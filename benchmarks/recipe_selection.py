@@ -107,6 +107,31 @@ def trained_convgru(cfg: str, fit):
     return det
 
 
+def skip_block(det, kind: str, maps) -> np.ndarray:
+    """GAP of the last frame's frozen backbone maps (``maps``) or of its 1x1-reducer output (``reduced``)."""
+    import torch
+
+    last = maps[:, -1].float()
+    if kind == "maps":
+        return last.mean(dim=(2, 3)).double().numpy()
+    if kind != "reduced":
+        raise ValueError(f"unknown skip block {kind!r}")
+    det.encoder.eval()
+    with torch.no_grad():
+        return torch.cat([det.encoder.reducer(last[i:i + 64]).mean(dim=(2, 3))
+                          for i in range(0, len(last), 64)]).double().numpy()
+
+
+def concat_z(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    """Concatenate two embeddings of (fit, held-out, anomalies) and z-score the columns on the fit rows,
+    as ``MedGRUSVC(skip=...)`` does (a constant column's scale floored at 1e-3 of the median column's)."""
+    cat = [np.concatenate([x, y], axis=1) for x, y in zip(a, b)]
+    mu, sd = cat[0].mean(0), cat[0].std(0)
+    sd = np.maximum(sd, max(1e-3 * float(np.median(sd)), 1e-6))
+    print(f"  z-score: {int((cat[0].std(0) < 1e-6).sum())} of {sd.size} columns constant on the fit normals")
+    return [(x - mu) / sd for x in cat]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", required=True, choices=("kermany_cxr", "brain_mri"))
@@ -116,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grids", default="1",
                     help="comma-separated embedding grids to compare on each trained ConvGRU: 1 = GAP of h_T "
                          "(the seed's default), g > 1 = h_T average-pooled to g x g and flattened")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated: also score each ConvGRU embedding with a skip block appended, "
+                         "'maps' = GAP of the frozen backbone maps of the last frame, 'reduced' = GAP of the "
+                         "1x1 reducer's output of the last frame (each block z-scored on the fit normals)")
     ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
     args = ap.parse_args(argv)
     import torch
@@ -134,7 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             rows_out = []
             for g in grids:
                 det.embedding, det.flatten_grid = ("gap", 4) if g == 1 else ("flatten", g)
-                rows_out.append((cfg if g == 1 else f"{cfg},grid={g}", [det.embed_features(m) for m in (fit, vn, va)]))
+                name = cfg if g == 1 else f"{cfg},grid={g}"
+                emb = [det.embed_features(m) for m in (fit, vn, va)]
+                rows_out.append((name, emb))
+                for kind in filter(None, args.skip.split(",")):
+                    block = [skip_block(det, kind, m) for m in (fit, vn, va)]
+                    rows_out.append((f"{name}+{kind}", concat_z(emb, block)))
+                    if g == grids[0] and kind == "reduced":  # the block alone: what the ConvGRU adds to it
+                        rows_out.append((f"{cfg}:reduced only", block))
         fit_s = time.perf_counter() - t0
         for name, emb in rows_out:
             res = heads(*emb)

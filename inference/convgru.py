@@ -122,31 +122,37 @@ class ConvRecurrentEncoder(nn.Module):
         else:
             self.reducer = nn.Identity()
             c = in_channels
+        #: channels of the reduced frames (the recurrence's input)
+        self.reduced_channels = c
         self.cells = nn.ModuleList()
         for _ in range(layers):
             self.cells.append(make_cell(cell, c, hidden_channels, kernel_size))
             c = hidden_channels
         self.out_channels = hidden_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, with_inputs: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``h_T``; with ``with_inputs`` also the recurrence's inputs, the reduced frames ``(B, T, C_r, H, W)``."""
         if x.ndim == 4:  # (B, C, H, W): a single frame
             x = x[:, None]
         b, t = x.shape[:2]
         flat = self.reducer(x.flatten(0, 1))
-        seq = flat.view(b, t, *flat.shape[1:])
+        reduced = seq = flat.view(b, t, *flat.shape[1:])
         if self.cell_type == "none":
             for cell in self.cells:
                 outs = [cell(seq[:, i]) for i in range(t)]
                 seq = torch.stack(outs, dim=1)
-            return seq.mean(dim=1)
-        for cell in self.cells:
-            state = None
-            outs = []
-            for i in range(t):
-                state = cell(seq[:, i], state)
-                outs.append(state[0] if isinstance(state, tuple) else state)
-            seq = torch.stack(outs, dim=1)
-        return seq[:, -1]
+            h = seq.mean(dim=1)
+        else:
+            for cell in self.cells:
+                state = None
+                outs = []
+                for i in range(t):
+                    state = cell(seq[:, i], state)
+                    outs.append(state[0] if isinstance(state, tuple) else state)
+                seq = torch.stack(outs, dim=1)
+            h = seq[:, -1]
+        return (h, reduced) if with_inputs else h
 
 
 def global_average_pool(h: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,11 @@ SVDD anomaly score, frame ``t`` gets
 
     L_t = ReLU( sum_k alpha_k^t A_t^k ),   alpha_k^t = mean over (i, j) of d score / d A_t^k(i, j)
 
-computed through the recurrence (so an early frame is credited for what it carried into ``h_T``). The maps
+computed through the recurrence (so an early frame is credited for what it carried into ``h_T``). Where
+the embedding also takes a skip block around the recurrence (``skip="reduced"``), ``extra`` gives per frame
+that block's activations ``R_t`` and the score's gradient through the skip alone, and their linear term
+``sum_j beta_j^t R_t^j`` is added inside the ReLU: the map is then the first-order contribution of each
+position through both paths. The maps
 are bilinearly upsampled to the input frame size and divided by the largest value over the whole
 sequence, so they lie in ``[0, 1]`` and frames stay comparable; an all-zero map stays zero.
 """
@@ -44,13 +48,25 @@ class HiddenStateRecorder:
         self.remove()
 
 
-def cam_from_states(states: list[torch.Tensor], out_size: tuple[int, int]) -> np.ndarray:
-    """Grad-CAM maps ``(T, H, W)`` in [0, 1] from recorded states (batch of one) with gradients."""
+def _linear_term(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``sum_k alpha_k A^k`` with ``alpha_k`` the spatial mean of the gradient: ``(1, C, h, w)`` -> ``(1, 1, h, w)``."""
+    return (g.mean(dim=(-2, -1), keepdim=True) * a).sum(dim=1, keepdim=True)
+
+
+def cam_from_states(states: list[torch.Tensor], out_size: tuple[int, int],
+                    extra: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> np.ndarray:
+    """Grad-CAM maps ``(T, H, W)`` in [0, 1] from recorded states (batch of one) with gradients;
+    ``extra``: per frame ``(activation, gradient)`` of a skip path, added before the ReLU."""
+    if extra is not None and len(extra) != len(states):
+        raise ValueError(f"{len(extra)} skip terms for {len(states)} recorded states")
     maps = []
-    for h in states:
+    for t, h in enumerate(states):
         g = h.grad if h.grad is not None else torch.zeros_like(h)
-        alpha = g.mean(dim=(-2, -1), keepdim=True)  # (1, C, 1, 1)
-        maps.append(F.relu((alpha * h).sum(dim=1, keepdim=True)))  # (1, 1, h, w)
+        lin = _linear_term(h, g)
+        if extra is not None:
+            a, ga = extra[t]
+            lin = lin + _linear_term(a, ga)
+        maps.append(F.relu(lin))  # (1, 1, h, w)
     cam = torch.cat(maps, dim=0).detach()
     cam = F.interpolate(cam, size=out_size, mode="bilinear", align_corners=False)[:, 0]
     cam = cam.clamp_min(0)
@@ -61,13 +77,15 @@ def cam_from_states(states: list[torch.Tensor], out_size: tuple[int, int]) -> np
     return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
 
 
-def grad_cam(cell: nn.Module, forward_score: Callable[[], torch.Tensor], out_size: tuple[int, int]
+def grad_cam(cell: nn.Module, forward_score: Callable[[], torch.Tensor], out_size: tuple[int, int],
+             extra: Callable[[], list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None
              ) -> tuple[float, np.ndarray]:
     """Run ``forward_score()`` (which must call ``cell`` once per frame, batch of one, and return the
     scalar anomaly score), back-propagate it and return ``(score, heatmaps (T, H, W))``.
 
     If the cell is called more than once per frame (stacked layers share no cell, so this does not
-    happen with :class:`~inference.convgru.ConvRecurrentEncoder`), every call yields a map.
+    happen with :class:`~inference.convgru.ConvRecurrentEncoder`), every call yields a map. ``extra``,
+    called after the backward pass, returns the skip path's per-frame ``(activation, gradient)`` or None.
     """
     with HiddenStateRecorder(cell) as rec, torch.enable_grad():
         score = forward_score()
@@ -76,5 +94,5 @@ def grad_cam(cell: nn.Module, forward_score: Callable[[], torch.Tensor], out_siz
         score = score.reshape(())
         if score.requires_grad:
             score.backward()
-        heat = cam_from_states(rec.states, out_size)
+        heat = cam_from_states(rec.states, out_size, extra() if extra is not None else None)
     return float(score.detach()), heat

@@ -108,6 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(after average pooling to --flatten-grid x --flatten-grid)")
     parser.add_argument("--flatten-grid", type=int, default=4,
                         help="grid of --embedding flatten (0 = h_T's full resolution)")
+    parser.add_argument("--skip", choices=("none", "reduced"), default="none",
+                        help="append to the h_T embedding the GAP of the ConvGRU's input (the 1x1-reduced "
+                             "backbone maps, over frames and positions): a skip connection around the "
+                             "recurrence; the whole embedding is then z-scored on the training normals")
     parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden-channels", type=int, default=64)
@@ -272,6 +276,9 @@ def medgru_description(det, bb: dict[str, Any]) -> str:
         emb = ("the last hidden state flattened" if g == 0 else
                f"the last hidden state average-pooled to {g}x{g} and flattened "
                f"({det.hidden_channels * g * g}-d)")
+    if getattr(det, "skip", "none") == "reduced":
+        emb += (f" concatenated with the GAP of the reduced frames the {det.cell} reads (a skip connection, "
+                f"{det.embedding_dim}-d, z-scored)")
     kernel = "whitened (Ledoit-Wolf) " if det.whiten else ""
     return ("MedGRU-SVC: CLAHE, frozen ImageNet EfficientNet-Lite0 multi-scale feature maps, 1x1 reducer, "
             f"{det.cell} over the frames, {emb}, RBF SVDD boundary on the {kernel}embedding (score = scaled "
@@ -293,7 +300,7 @@ def detector_from_args(args: argparse.Namespace):
         reducer_init=args.reducer_init, hpo_objective=getattr(args, "hpo_objective", "synthetic-auroc"),
         nu_max=getattr(args, "nu_max", 0.5), whiten=getattr(args, "whiten", False),
         cluster_gamma=getattr(args, "cluster_gamma", "auto"), embedding=getattr(args, "embedding", "gap"),
-        flatten_grid=getattr(args, "flatten_grid", 4),
+        flatten_grid=getattr(args, "flatten_grid", 4), skip=getattr(args, "skip", "none"),
         cluster_max_pool=getattr(args, "cluster_max_pool", 1000), device="cpu",
     )
 

@@ -70,6 +70,10 @@ LOSSES = ("deep-sad", "hsc", "reconstruct")
 HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin", "consistent-volume")
 #: how h_T becomes the embedding (see :func:`inference.convgru.embed_hidden`)
 EMBEDDINGS = ("gap", "flatten")
+#: what is appended to the h_T embedding: nothing (the seed), or "reduced": GAP over frames and positions
+#: of the ConvGRU's input (the 1x1-reduced backbone maps), a skip connection around the recurrence; with
+#: a skip block the whole embedding is z-scored on the training normals (shift and scale kept in the model)
+SKIPS = ("none", "reduced")
 
 
 @torch.no_grad()
@@ -142,7 +146,7 @@ class MedGRUSVC(Detector):
                  cluster_max_pool: int = 1000,
                  loss: str = "deep-sad", reducer_init: str = "random", hpo_objective: str = "synthetic-auroc",
                  nu_max: float = 0.5, envelope_samples: int = 4000, whiten: bool = False,
-                 embedding: str = "gap", flatten_grid: int = 4, device: str = "cpu"):
+                 embedding: str = "gap", flatten_grid: int = 4, skip: str = "none", device: str = "cpu"):
         self.input_size = int(input_size)
         self.clip_limit = float(clip_limit)
         self.tile_grid = int(tile_grid)
@@ -189,7 +193,13 @@ class MedGRUSVC(Detector):
         #: average pooling to flatten_grid x flatten_grid (0: at full resolution)
         self.embedding = str(embedding)
         self.flatten_grid = int(flatten_grid)
+        if skip not in SKIPS:
+            raise ValueError(f"unknown skip {skip!r}; choose one of {SKIPS}")
+        self.skip = str(skip)
         self.device = str(device)
+        #: z-score (shift, scale) of the embedding, fitted on the training normals where skip != "none"
+        self._embed_shift: torch.Tensor | None = None
+        self._embed_scale: torch.Tensor | None = None
 
         self.encoder: ConvRecurrentEncoder | None = None
         self.boundary: SVDDBoundary | None = None
@@ -205,7 +215,7 @@ class MedGRUSVC(Detector):
                 "reduce_channels", "epochs", "lr", "batch_size", "weight_decay", "momentum", "optimizer",
                 "oe_weight", "synthetic_per_normal", "gamma", "nu", "hpo_trials", "hpo_fraction",
                 "target_fpr", "cluster_gamma", "cluster_nu", "cluster_k", "cluster_max_pool", "loss", "reducer_init", "hpo_objective",
-                "nu_max", "envelope_samples", "whiten", "embedding", "flatten_grid", "device")
+                "nu_max", "envelope_samples", "whiten", "embedding", "flatten_grid", "skip", "device")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -221,6 +231,9 @@ class MedGRUSVC(Detector):
             self.encoder.to(self.device)
         if self._torch_boundary is not None:
             self._torch_boundary.to(self.device)
+        if self._embed_shift is not None and self._embed_scale is not None:
+            self._embed_shift = self._embed_shift.to(self.device)
+            self._embed_scale = self._embed_scale.to(self.device)
         return self
 
     @property
@@ -229,8 +242,34 @@ class MedGRUSVC(Detector):
         return 1 if self.embedding == "gap" else self.flatten_grid
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
-        """``h_T`` ``(B, C, H, W)`` -> embeddings (differentiable)."""
+        """``h_T`` ``(B, C, H, W)`` -> its part of the embedding (differentiable)."""
         return embed_hidden(h, self.embedding_grid)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the embedding (for ``flatten_grid=0``, the h_T part counts one position per channel:
+        the real width depends on the map size)."""
+        d = self.hidden_channels * max(self.embedding_grid, 1) ** 2
+        if self.skip == "reduced":
+            d += self.reduce_channels or FEATURE_CHANNELS
+        return d
+
+    def embed_sequence(self, enc: nn.Module, x: torch.Tensor, *, skip_leaf: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Backbone maps ``(B, T, C, h, w)`` -> (embeddings ``(B, d)``, the skip block's source).
+
+        The embedding is :meth:`embed` of ``h_T``, followed for ``skip="reduced"`` by the GAP over frames
+        and positions of the reduced frames, then z-scored (once fitted). ``skip_leaf`` makes the skip
+        block's source ``(B, T, C_r, h, w)`` a separate leaf so that Grad-CAM can read the score's gradient
+        through the skip alone (the recurrence still sees the reduced frames with their graph)."""
+        if self.skip == "none":
+            return self.embed(enc(x)), None
+        h, reduced = enc(x, with_inputs=True)
+        src = reduced.detach().requires_grad_(True) if skip_leaf else reduced
+        e = torch.cat([self.embed(h), src.mean(dim=(1, 3, 4))], dim=1)
+        if self._embed_shift is not None and self._embed_scale is not None:
+            e = (e - self._embed_shift) / self._embed_scale
+        return e, src
 
     def _new_encoder(self) -> ConvRecurrentEncoder:
         return ConvRecurrentEncoder(FEATURE_CHANNELS, hidden_channels=self.hidden_channels, layers=self.layers,
@@ -323,6 +362,16 @@ class MedGRUSVC(Detector):
         self.encoder = self._new_encoder().to(self.device)
         self._train_encoder(train, train_syn, rng, progress=progress, checkpoint=checkpoint, report=report)
 
+        self._embed_shift = self._embed_scale = None
+        if self.skip != "none":  # z-score the concatenated blocks on the training normals
+            raw = self.embed_features(train)
+            self._embed_shift = torch.from_numpy(raw.mean(0)).float().to(self.device)
+            sd = raw.std(0)
+            # a column constant on the normals (a ReLU channel that never fires) is not divided by ~0:
+            # its scale is floored at 1e-3 of the median column's, so a new activation there counts but
+            # cannot blow the score up by orders of magnitude
+            floor = max(1e-3 * float(np.median(sd)), 1e-6)
+            self._embed_scale = torch.from_numpy(np.maximum(sd, floor)).float().to(self.device)
         e_train = self.embed_features(train)
         e_hn, e_hs = self.embed_features(hpo_normal), self.embed_features(hpo_syn)
         self._tune_boundary(e_train, e_hn, e_hs, seed=seed, report=report)
@@ -371,8 +420,8 @@ class MedGRUSVC(Detector):
         elif self.reducer_init != "random":
             raise ValueError(f"unknown reducer_init {self.reducer_init!r} (random or pca)")
         start_epoch = 0
-        with torch.no_grad():  # Deep SVDD centre: mean initial embedding of the normals
-            c = torch.from_numpy(self.embed_features(train)).float().mean(0).to(self.device)
+        with torch.no_grad():  # Deep SVDD centre: mean initial h_T embedding of the normals
+            c = torch.from_numpy(self.embed_features(train, hidden_only=True)).float().mean(0).to(self.device)
             c[(c.abs() < 0.01) & (c < 0)] = -0.01
             c[(c.abs() < 0.01) & (c >= 0)] = 0.01
         if checkpoint is not None and Path(checkpoint).is_file():
@@ -560,15 +609,21 @@ class MedGRUSVC(Detector):
 
     # ------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def embed_features(self, feats: torch.Tensor, batch: int = 64) -> np.ndarray:
-        """Backbone maps ``(N, T, C, h, w)`` -> embeddings ``(N, d)`` (:meth:`embed` of ``h_T``)."""
+    def embed_features(self, feats: torch.Tensor, batch: int = 64, *, hidden_only: bool = False) -> np.ndarray:
+        """Backbone maps ``(N, T, C, h, w)`` -> embeddings ``(N, d)`` (:meth:`embed_sequence`;
+        ``hidden_only``: :meth:`embed` of ``h_T`` alone, the part the encoder's training objective sees)."""
         if self.encoder is None:
             raise RuntimeError("MedGRU-SVC is not fitted")
-        self.encoder.eval()
-        out = [self.embed(self.encoder(feats[i:i + batch].to(self.device).float())).cpu()
-               for i in range(0, feats.shape[0], batch)]
-        return torch.cat(out).double().numpy() if out else np.zeros(
-            (0, self.hidden_channels * max(self.embedding_grid, 1) ** 2))
+        enc = self.encoder
+        enc.eval()
+        out = []
+        for i in range(0, feats.shape[0], batch):
+            x = feats[i:i + batch].to(self.device).float()
+            out.append((self.embed(enc(x)) if hidden_only else self.embed_sequence(enc, x)[0]).cpu())
+        if out:
+            return torch.cat(out).double().numpy()
+        return np.zeros((0, self.hidden_channels * max(self.embedding_grid, 1) ** 2 if hidden_only
+                         else self.embedding_dim))
 
     def score_features(self, feats: torch.Tensor) -> np.ndarray:
         assert self.boundary is not None
@@ -588,18 +643,24 @@ class MedGRUSVC(Detector):
         if explain:
             enc, head = self.encoder, self._torch_boundary
             enc.eval()
-            kept: list[torch.Tensor] = []
+            kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
             def forward_score() -> torch.Tensor:
                 # gradients are needed for the hidden states only: the input carries the graph, the
                 # weights don't (their gradients were half the backward pass, never used)
-                e = self.embed(enc(feats[None].float().requires_grad_(True)))
-                kept.append(e)
+                e, src = self.embed_sequence(enc, feats[None].float().requires_grad_(True), skip_leaf=True)
+                kept.append((e, src))
                 return head(e)
 
+            def skip_terms() -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+                src = kept[0][1]  # the skip block's own leaf: the score's gradient through the skip alone
+                if src is None or src.grad is None:
+                    return None
+                return [(src[:, i].detach(), src.grad[:, i]) for i in range(src.shape[1])]
+
             with _weights_frozen(enc):
-                score, heat = grad_cam(enc.cells[-1], forward_score, (h, w))
-            emb = kept[0].detach().cpu().double().numpy()  # the embedding Grad-CAM explained
+                score, heat = grad_cam(enc.cells[-1], forward_score, (h, w), extra=skip_terms)
+            emb = kept[0][0].detach().cpu().double().numpy()  # the embedding Grad-CAM explained
         else:
             emb = self.embed_features(feats[None])
             score = float(self.boundary.score(emb)[0])
@@ -634,6 +695,9 @@ class MedGRUSVC(Detector):
         if self.clusters is not None:
             arrays.update({f"svc_{k}": np.asarray(v) for k, v in self.clusters.state().items()})
         arrays["center"] = np.asarray(self.center if self.center is not None else [])
+        if self._embed_shift is not None and self._embed_scale is not None:
+            arrays["embed_shift"] = self._embed_shift.cpu().numpy()
+            arrays["embed_scale"] = self._embed_scale.cpu().numpy()
         arrays["threshold"] = np.array([self.threshold])
         np.savez_compressed(model_dir / HEAD_FILE, **arrays)
         meta = {"params": self.get_params(), "fit_report": self.fit_report}
@@ -659,6 +723,9 @@ class MedGRUSVC(Detector):
         svc = {k[4:]: v for k, v in arrays.items() if k.startswith("svc_")}
         det.clusters = ClusterModel.from_state(svc) if svc else None
         det.center = arrays["center"]
+        if "embed_shift" in arrays:
+            det._embed_shift = torch.from_numpy(arrays["embed_shift"]).float().to(det.device)
+            det._embed_scale = torch.from_numpy(arrays["embed_scale"]).float().to(det.device)
         det._threshold = float(arrays["threshold"][0])
         if (model_dir / META_FILE).is_file():
             det.fit_report = json.loads((model_dir / META_FILE).read_text()).get("fit_report", {})

@@ -60,3 +60,25 @@ def test_normal_sequence_gives_a_valid_map():
     score, heat = grad_cam(enc.cells[0], lambda: head(global_average_pool(enc(x))), (16, 16))
     assert np.isfinite(score)
     assert heat.shape == (1, 16, 16) and 0.0 <= heat.min() and heat.max() <= 1.0
+
+
+def test_a_skip_path_term_is_added_inside_the_relu():
+    """``extra`` adds the skip path's first-order term to each frame's map before the ReLU."""
+    import pytest
+
+    from inference.gradcam import cam_from_states
+
+    h = torch.zeros(1, 2, 3, 3)
+    h.grad = torch.zeros_like(h)  # the recurrence contributes nothing here
+    a = torch.zeros(1, 4, 3, 3)
+    a[0, 1, 0, 2] = 2.0
+    a[0, 2, 2, 0] = 5.0
+    g = torch.zeros_like(a)
+    g[0, 1] = 1.0   # this channel raises the score
+    g[0, 2] = -1.0  # this one lowers it: its position stays at zero after the ReLU
+    cam = cam_from_states([h], (3, 3), extra=[(a, g)])
+    assert cam.shape == (1, 3, 3)
+    assert cam[0, 0, 2] > 0.9 and cam[0, 2, 0] == 0.0
+    assert float(cam_from_states([h], (3, 3)).max()) == 0.0  # without the term: an all-zero map
+    with pytest.raises(ValueError):
+        cam_from_states([h, h], (3, 3), extra=[(a, g)])

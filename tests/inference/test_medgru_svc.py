@@ -251,3 +251,49 @@ def test_grad_cam_leaves_the_weights_alone_and_matches_a_pass_with_weight_gradie
                            (64, 64))  # the plain way: weight gradients computed too
     assert d.score == pytest.approx(score, abs=1e-6)
     assert np.allclose(d.heatmaps, heat, atol=1e-5)
+
+
+def test_reduced_skip_block_is_the_gap_of_the_convgru_input_z_scored_explained_and_saved(tmp_path):
+    """``skip="reduced"``: the embedding is [GAP(h_T), GAP over frames and positions of the reduced frames],
+    z-scored on the training normals; detect() scores (and explains) the same embedding; the model
+    folder keeps the z-score."""
+    from inference.api import ModelCard, Scope, load_model, sha256_file
+
+    with pytest.raises(ValueError):
+        MedGRUSVC(skip="maps")
+    torch.manual_seed(0)
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=2, batch_size=8,
+                    loss="reconstruct", reducer_init="pca", hpo_trials=0, whiten=True, skip="reduced")
+    empty = maps(0, 0)
+    train = torch.cat([maps(40, 1), maps(40, 5)], dim=1)  # T = 2
+    det.fit_features(train, empty, train[:12], empty, train[12:24], seed=0)
+    e = det.embed_features(train)
+    assert e.shape == (40, 8 + 16) == (40, det.embedding_dim)
+    sd = e.std(0)
+    live = sd > 1e-3  # columns that vary on the normals (a never-firing ReLU channel stays constant)
+    assert live.sum() >= 8 and np.allclose(e.mean(0), 0, atol=1e-4) and np.allclose(sd[live], 1, atol=1e-3)
+    scale = det._embed_scale.numpy()
+    assert scale.min() >= 1e-3 * np.median(scale) * 0.999  # no division by ~0 for a constant column
+
+    x = maps(5, 9, shift=0.5)
+    e_raw = det.embed_features(x) * det._embed_scale.numpy() + det._embed_shift.numpy()
+    with torch.no_grad():
+        red = det.encoder.reducer(x[:, 0].float()).mean(dim=(2, 3)).numpy()
+        hid = det.embed(det.encoder(x.float())).numpy()
+    assert np.allclose(e_raw[:, 8:], red, atol=1e-4) and np.allclose(e_raw[:, :8], hid, atol=1e-4)
+    assert det.embed_features(x, hidden_only=True).shape == (5, 8)
+
+    frames = np.zeros((2, 64, 64), np.float32)
+    frames[:, 20:40, 10:30] = 1.0
+    seq = FrameSequence(frames=frames, modality="MR", body_part="BRAIN", bits_stored=8)
+    d = det.detect(seq)
+    assert d.score == pytest.approx(float(det.score_features(det.sequence_features(seq)[None])[0]), rel=1e-5)
+    assert d.heatmaps.shape == (2, 64, 64) and float(d.heatmaps.max()) == pytest.approx(1.0)
+
+    files = det.save(tmp_path)
+    ModelCard(name="skip", version="0.0.1", detector="medgru-svc", scope=Scope(modalities=("MR",)),
+              files={f: sha256_file(tmp_path / f) for f in files}, params=det.get_params()).write(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.skip == "reduced"
+    assert np.allclose(loaded.score_features(x), det.score_features(x))
+    assert loaded.detect(seq).score == pytest.approx(d.score, rel=1e-6)
