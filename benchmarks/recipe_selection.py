@@ -1,7 +1,8 @@
 """MedGRU-SVC recipe selection on a VALIDATION split cut from the training split (test untouched).
 
-How the 4.0.0 encoder size and training length (``results/medgru-v4.md``) and the 5.0.0 embedding
-(``--grids``, ``results/medgru-v5.md``) were chosen:
+How the 4.0.0 encoder size and training length (``results/medgru-v4.md``), the 5.0.0 embedding
+(``--grids``, ``results/medgru-v5.md``) and the 6.0.0 brain model's skip block (``--skip``,
+``results/medgru-v6.md``) were chosen:
 
 * backbone maps (the detector's own preprocessing: CLAHE, frozen EfficientNet-Lite0 multi-scale map) of
   all TRAIN-split normals and of 500 random TRAIN-split anomalies (seed 0);
@@ -17,6 +18,10 @@ labels, reported as such. No test image is read.
 
     python benchmarks/recipe_selection.py --dataset brain_mri h=64,r=128,e=12 h=128,r=256,e=30 gap
     python benchmarks/recipe_selection.py --dataset brain_mri --grids 1,2,3,4 h=128,r=256,e=30 gap
+    python benchmarks/recipe_selection.py --dataset brain_mri --grids 1,3 --skip maps,reduced h=128,r=256,e=30 gap
+
+``--skip`` also scores each ConvGRU embedding with a block appended (z-scored as ``MedGRUSVC(skip=...)``
+does), and the ``reduced`` block alone, to show what the ConvGRU adds to it.
 """
 
 from __future__ import annotations

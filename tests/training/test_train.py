@@ -200,3 +200,6 @@ def test_the_card_description_names_the_embedding_and_the_kernel():
     flat = medgru_description(MedGRUSVC(embedding="flatten", flatten_grid=3, hidden_channels=128, whiten=True), bb)
     assert "average-pooled to 3x3 and flattened (1152-d)" in flat and "whitened (Ledoit-Wolf)" in flat
     assert "global average pooling" not in flat
+    assert "skip" not in flat
+    skip = medgru_description(MedGRUSVC(hidden_channels=128, reduce_channels=256, skip="reduced"), bb)
+    assert "GAP of the reduced frames" in skip and "384-d" in skip and "skip path's first-order term" in skip
