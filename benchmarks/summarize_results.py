@@ -15,12 +15,23 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = (("kermany-medgru-v5", "Kermany CXR"), ("kermany-knn", "Kermany CXR"), ("kermany-medgru-v4", "Kermany CXR"),
         ("kermany-medgru-v4-supervised", "Kermany CXR (SUPERVISED: trained with the train split's pneumonia labels)"), ("kermany-medgru-v3", "Kermany CXR"),
-        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v5", "Brain MRI"), ("brain_mri-medgru-v4", "Brain MRI"), ("brain_mri-knn", "Brain MRI"),
+        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v6", "Brain MRI"), ("brain_mri-medgru-v5", "Brain MRI"), ("brain_mri-medgru-v4", "Brain MRI"), ("brain_mri-knn", "Brain MRI"),
         ("brain_mri-medgru-v3", "Brain MRI"), ("brain_mri-medgru-v2", "Brain MRI"))
 
 
 def f(x, nd=3):
     return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _same_session(a: dict, b: dict, within_s: float = 3600.0) -> bool:
+    """Two speed runs on the same CPU model within ``within_s`` of each other."""
+    from datetime import datetime
+
+    try:
+        da, db = (datetime.fromisoformat(x["date"].replace("Z", "+00:00")) for x in (a, b))
+    except (KeyError, ValueError):
+        return False
+    return a.get("cpu") == b.get("cpu") and abs((da - db).total_seconds()) <= within_s
 
 
 def main() -> int:
@@ -86,7 +97,12 @@ def main() -> int:
         other = RESULTS / "inference_speed-default-malloc.json"
         if other.is_file():
             o = json.loads(other.read_text())
-            lines += ["", "Same models, same machine, run right after with glibc's default allocator "
+            if _same_session(s, o):
+                lead = "Same models, same machine, run right after"
+            else:  # measured on another machine or day: say so, do not compare
+                lead = (f"An earlier run ({o.get('date', '?')}, {o.get('cpu', '?')}; another machine or session, "
+                        "so not comparable with the table above)")
+            lines += ["", f"{lead} with glibc's default allocator "
                       f"(`GLIBC_TUNABLES` unset; `{other.name}`):", ""]
             for r in o["results"]:
                 lines.append(f"- `{r['model']}` {r.get('version', '')} ({r.get('backbone', 'eager PyTorch')}): score "
