@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                               "outside_by_label": {lab: int(sum(1 for t in truth_b if t == lab))
                                                    for lab in sorted(set(r.label for r in train_all))}}
     t1 = time.time()
+    # every image outside is clustered here (the model keeps a seeded subset of at most cluster_max_pool)
+    pool_b["model_cluster_max_pool"] = det.cluster_max_pool
+    det.cluster_max_pool = 0
     for name, setting in (("fixed gamma=1.0", 1.0), ("auto", "auto")):
         det.cluster_gamma = setting
         rep: dict[str, Any] = {}
