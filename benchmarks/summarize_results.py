@@ -98,7 +98,7 @@ def main() -> int:
         if other.is_file():
             o = json.loads(other.read_text())
             if _same_session(s, o):
-                lead = "Same models, same machine, run right after"
+                lead = "Same models, same machine, measured within the hour"
             else:  # measured on another machine or day: say so, do not compare
                 lead = (f"An earlier run ({o.get('date', '?')}, {o.get('cpu', '?')}; another machine or session, "
                         "so not comparable with the table above)")
