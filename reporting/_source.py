@@ -47,6 +47,27 @@ _CHARSETS_OK = frozenset({"ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", 
                           "ISO_IR 192", "GB18030", "GBK"})
 
 
+#: SOP classes whose IODs hold a single frame: a Referenced Frame Number to them is an error (dciodvfy),
+#: even where a non-conformant instance of one carries Number of Frames > 1
+SINGLE_FRAME_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1",  # CR Image Storage
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.128",  # PET Image Storage
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image Storage
+})
+
+
+def referable_frames(ds: Dataset) -> int:
+    """How many frames of ``ds`` a reference may name by Referenced Frame Number: its Number of Frames,
+    or 0 where it has one frame or its SOP class is a single-frame one (then the instance is referenced
+    as a whole)."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    return n if n > 1 and str(ds.get("SOPClassUID", "")) not in SINGLE_FRAME_SOP_CLASSES else 0
+
+
 def require_dataset(value: Any, name: str) -> Dataset:
     if not isinstance(value, Dataset):
         raise TypeError(f"{name} must be a pydicom Dataset, not {type(value).__name__}")

@@ -183,8 +183,8 @@ def build_overlay_sc(
     ref = Dataset()
     ref.ReferencedSOPClassUID = info.sop_class_uid
     ref.ReferencedSOPInstanceUID = info.sop_instance_uid
-    frames_in_source = int(source_dataset.get("NumberOfFrames", 1) or 1)
-    if frames_in_source > 1:
+    frames_in_source = _source.referable_frames(source_dataset)
+    if frames_in_source:
         number = source_frame_number if source_frame_number is not None else frame_index + 1
         if not 1 <= number <= frames_in_source:
             raise ValueError(f"source_frame_number {number} is outside 1..{frames_in_source} of source "

@@ -21,6 +21,14 @@ Content tree (codes chosen, see the module constants)::
           CODE (121073, DCM, "Impression") = (263654008, SCT, "Abnormal") | (17621005, SCT, "Normal")
           CODE (CLUSTER, 99MEDGRU, "Anomaly cluster") = (<label>, 99MEDGRU, <label>)   only with a label
           IMAGE (260753009, SCT, "Source") -> each source instance
+        CONTAINS CONTAINER (125007, DCM, "Measurement Group")          TID 1501, one per frame, only for T > 1
+          Tracking Identifier "Frame k of T (scored alone) - NOT FOR DIAGNOSTIC USE" + Tracking UID
+          NUM (246262008, SCT, "Score") = <that frame's score>  (+ TID 4019)
+          IMAGE (260753009, SCT, "Source") -> that frame's instance (and frame number, if multi-frame)
+
+The per-frame groups carry ``Detection.frame_scores`` (each frame scored alone as a sequence of one), so a
+reader can see which frames drive a series' verdict; the series' own score, threshold and impression stay
+in the first group. They are written only where each frame can be mapped to its instance.
 
 Why these codes: "Normal"/"Abnormal" are the SNOMED CT qualifier values of CID 222 (Normality Codes), the
 standard answer set for a normal/abnormal judgement; "Impression" (DCM 121073) is the DICOM concept for an
@@ -137,6 +145,47 @@ def _evidence_header(ds: Dataset, info: _source.SourceInfo, current: _source.Sou
     return header
 
 
+def _frame_groups(detection: Detection, headers: Sequence[Dataset], datasets: Sequence[Dataset],
+                  frame_refs: Sequence[tuple[str, int]], algorithm, series_uid: str, card: ModelCard
+                  ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per frame with that frame's score, referencing its instance (and frame)."""
+    scores = tuple(detection.frame_scores)
+    t = len(scores)
+    if t < 2:
+        return []
+    if frame_refs:
+        if len(frame_refs) != t:
+            raise ValueError(f"frame_refs has {len(frame_refs)} entries for {t} frame scores")
+        refs = [(str(uid), int(n)) for uid, n in frame_refs]
+    elif len(datasets) == t:
+        refs = [(str(ds.SOPInstanceUID), 1) for ds in datasets]
+    else:
+        log.warning("SR for series %s: %d frame scores but %d source instances and no frame references; "
+                     "per-frame groups left out", series_uid, t, len(datasets))
+        return []
+    by_uid = {str(h.SOPInstanceUID): h for h in headers}
+    groups = []
+    for i, ((uid, number), score) in enumerate(zip(refs, scores)):
+        header = by_uid.get(uid)
+        if header is None:
+            raise ValueError(f"frame_refs[{i}] names instance {uid}, which is not among the source datasets")
+        multi = _source.referable_frames(header) > 0
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derive_uid(series_uid, card.name, card.version, f"sr-frame-{i + 1}"),
+                identifier=f"Frame {i + 1} of {t} (scored alone) - {NOT_FOR_DIAGNOSTIC_USE}",
+            ),
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(name=SCORE_CONCEPT, value=float(score), unit=NO_UNITS,
+                                            algorithm_id=algorithm)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=header.SOPClassUID, referenced_sop_instance_uid=uid,
+                referenced_frame_numbers=[number] if multi else None,
+            )],
+        ))
+    return groups
+
+
 def build_sr(
     source_datasets: Sequence[Dataset],
     detection: Detection,
@@ -147,13 +196,17 @@ def build_sr(
     institutional_department_name: str | None = None,
     manufacturer: str = MANUFACTURER,
     software_version: str | None = None,
+    frame_refs: Sequence[tuple[str, int]] = (),
 ) -> MedgruComprehensive3DSR:
     """Build the TID 1500 Measurement Report for ``detection`` on ``source_datasets``.
 
     ``source_datasets`` are the instances whose frames were scored (headers suffice; pixel data is not
     read). The report lands in the study of the LAST source dataset (a prior study's frames, when added,
-    lead the sequence) and takes its UIDs from that dataset's series. Raises ``TypeError`` or
-    ``ValueError`` naming the argument or attribute that is wrong.
+    lead the sequence) and takes its UIDs from that dataset's series. ``frame_refs`` (SOP Instance UID,
+    1-based frame number) per frame, as :class:`~inference.api.FrameSequence` has them, place the
+    per-frame scores; without them a frame maps to the source dataset of the same index when there is
+    one dataset per frame. Raises ``TypeError`` or ``ValueError`` naming the argument or attribute that
+    is wrong.
     """
     datasets = _check_inputs(source_datasets, detection, card)
     infos = [_source.source_info(ds, f"source_datasets[{i}]", patient_study=False)
@@ -203,10 +256,11 @@ def build_sr(
         qualitative_evaluations=evaluations,
         source_images=source_images,
     )
+    frame_groups = _frame_groups(detection, headers, datasets, frame_refs, algorithm, series_uid, card)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=IMAGING_PROCEDURE,
-        imaging_measurements=[group],
+        imaging_measurements=[group, *frame_groups],
         title=codes.DCM.ImagingMeasurementReport,
     )
     coding_schemes = [CodingSchemeIdentificationItem(

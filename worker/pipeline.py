@@ -139,7 +139,7 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
     from reporting.sc import build_overlay_sc, pick_frame
     from reporting.sr import build_sr
 
-    sr = build_sr(list(sources), detection, card, ae_title=settings.ae_title)
+    sr = build_sr(list(sources), detection, card, ae_title=settings.ae_title, frame_refs=sequence.frame_refs)
     k = pick_frame(detection.heatmaps)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if sequence.frame_refs:

@@ -248,7 +248,8 @@ def _check_sr(orthanc: OrthancServer, hit: dict[str, Any], source_series_uid: st
     for needle in ("Score", "Threshold Value", "Impression", verdict, model_name, model_version):
         assert needle in dump, f"dsrdump of the SR lacks {needle!r}:\n{dump}"
     assert re.search(r"Score.*=\s*\"?[-+0-9.eE]+", dump), f"no numeric score in dsrdump:\n{dump}"
-    return {"score": score, "threshold": threshold, "verdict": verdict, "model": f"{model_name} {model_version}"}
+    return {"score": score, "threshold": threshold, "verdict": verdict, "model": f"{model_name} {model_version}",
+            "scores": len(by_concept["Score"])}
 
 
 def _check_sc_colour(orthanc: OrthancServer, hit: dict[str, Any]) -> float:
@@ -335,6 +336,8 @@ def test_orthanc_routes_series_and_gets_sr_and_overlay_back(
         assert found["SR"][0]["tags"]["StudyInstanceUID"] == c["study_uid"]
         assert found["SC"][0]["tags"]["StudyInstanceUID"] == c["study_uid"]
         sr = _check_sr(orthanc, found["SR"][0], c["series_uid"], tmp_path)
+        # the series' score, and for a multi-slice series one more per slice (each scored alone)
+        assert sr.pop("scores") == (1 if c["files"] == 1 else 1 + c["files"]), f"{label}: Score items"
         colour = _check_sc_colour(orthanc, found["SC"][0])
         summary[label] = {**sr, "coloured_fraction": round(colour, 4), "sr_latency_s": round(latencies[label], 3)}
 
@@ -391,6 +394,7 @@ def test_storescu_direct_to_listener_sr_reaches_orthanc(
     )
     latency = time.monotonic() - last_sent
     sr = _check_sr(orthanc, hits[0], head.SeriesInstanceUID, tmp_path)
+    sr.pop("scores")
     print(f"\nstorescu -> MEDGRU -> ORTHANC: SR visible {latency:.2f} s after the last instance was sent "
           f"({len(files)} instance(s), quiet period {QUIET_PERIOD_S} s, model {sr['model']})")
     _record_latency(

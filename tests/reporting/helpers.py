@@ -47,10 +47,12 @@ def blob(shape: tuple[int, int], cy: float = 0.4, cx: float = 0.6, sigma: float 
 
 
 def detection(heatmaps: np.ndarray, *, score: float = 0.8731, threshold: float = 0.5123,
-              cluster: str | None = "consolidation", c: ModelCard | None = None) -> Detection:
+              cluster: str | None = "consolidation", c: ModelCard | None = None,
+              frame_scores: tuple[float, ...] = ()) -> Detection:
     c = c or card()
     return Detection(score=score, threshold=threshold, is_anomaly=score > threshold, heatmaps=heatmaps,
-                     model_name=c.name, model_version=c.version, cluster_label=cluster)
+                     model_name=c.name, model_version=c.version, cluster_label=cluster,
+                     frame_scores=frame_scores)
 
 
 def windowed(ds: pydicom.Dataset) -> np.ndarray:

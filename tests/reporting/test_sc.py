@@ -160,3 +160,20 @@ def test_bad_input_is_named(dicom_corpus: Path) -> None:
         build_overlay_sc(broken, frame, heat, det, h.card())
     with pytest.raises(ValueError, match="shape"):
         render_overlay(frame[None], heat[None], [])
+
+
+def test_frame_number_only_for_multi_frame_sop_classes(dicom_corpus: Path, tmp_path: Path) -> None:
+    """A single-frame SOP class (MR Image Storage) that carries Number of Frames > 1 anyway is referenced as a
+    whole instance: a Referenced Frame Number to it would be a dciodvfy error."""
+    ds = pydicom.dcmread(dicom_corpus / "dwv/data/multiframe-test1.dcm")
+    assert ds.SOPClassUID == pydicom.uid.MRImageStorage and int(ds.NumberOfFrames) > 1
+    frame = h.windowed(ds)[3]
+    heat = h.blob(frame.shape)
+    sc = build_overlay_sc(ds, frame, heat, h.detection(heat[None]), h.card(), frame_index=3, n_frames=16,
+                          source_frame_number=4)
+    assert "ReferencedFrameNumber" not in sc.SourceImageSequence[0]
+    path = tmp_path / "odd.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    errors, _ = h.dciodvfy(path)
+    # this corpus file's own UIDs use the illegal root 999.999: the SC must reference them as they are
+    assert [e for e in errors if not ("Illegal root for UID" in e and '"999.999.' in e)] == []

@@ -177,3 +177,76 @@ def test_legacy_date_time_forms(vr: str, raw: str, clean: str) -> None:
     from reporting._source import _modernise
 
     assert _modernise(vr, raw) == clean
+
+
+def test_per_frame_scores_become_one_measurement_group_per_frame(mr_series, tmp_path: Path) -> None:
+    """A T > 1 detection with frame scores: the series group first, then one group per frame with that
+    frame's score and a reference to its own instance; still dciodvfy-clean."""
+    t = len(mr_series)
+    scores = tuple(round(0.01 * (i + 1), 4) for i in range(t))
+    det = h.detection(_heat(t), frame_scores=scores)
+    refs = [(str(ds.SOPInstanceUID), 1) for ds in mr_series]
+    sr = build_sr(mr_series, det, h.card(), frame_refs=refs)
+    path = tmp_path / "frames.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, warnings = h.dciodvfy(path)
+    assert errors == [] and warnings == [], "\n".join(errors + warnings)
+    dump = h.dsrdump(path)
+    assert dump.count('"Measurement Group"') == t + 1
+    assert '"Tracking Identifier")="Frame 1 of' in dump  # (dsrdump shortens long texts)
+    assert '"Score")="0.8731"' in dump  # the series' score, in the first group
+    back = h.strict_read(path)
+    groups = [item for item in back.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
+    frames = groups.ContentSequence[1:]
+    assert len(frames) == t
+    for i, g in enumerate(frames):
+        num = [c for c in g.ContentSequence if c.ValueType == "NUM"][0]
+        assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(scores[i])
+        text = [c.TextValue for c in g.ContentSequence if c.ValueType == "TEXT"
+                and c.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"]
+        assert text == [f"Frame {i + 1} of {t} (scored alone) - NOT FOR DIAGNOSTIC USE"]
+        img = [c for c in g.ContentSequence if c.ValueType == "IMAGE"]
+        assert [c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for c in img] == [refs[i][0]]
+
+    # without frame references, one instance per frame maps by index; a mismatch is refused
+    by_index = build_sr(mr_series, det, h.card())
+    assert len(by_index.ContentSequence[-1].ContentSequence) == t + 1
+    with pytest.raises(ValueError, match="frame_refs"):
+        build_sr(mr_series, det, h.card(), frame_refs=refs[:-1])
+    with pytest.raises(ValueError, match="not among the source datasets"):
+        build_sr(mr_series, det, h.card(), frame_refs=[("1.2.3.4", 1)] * t)
+    # a single image (T = 1) gets no per-frame group
+    assert len(build_sr(mr_series[:1], h.detection(_heat(1)), h.card()).ContentSequence[-1].ContentSequence) == 1
+
+
+def test_per_frame_groups_of_a_multi_frame_instance_name_the_frame(dicom_corpus: Path, tmp_path: Path) -> None:
+    """An enhanced (multi-frame) CT: each frame's group names its frame number. A single-frame SOP class
+    that carries Number of Frames > 1 anyway (a non-conformant MR) is referenced as a whole instance."""
+    ds = pydicom.dcmread(dicom_corpus / "pydicom-data/eCT_Supplemental.dcm", stop_before_pixels=True)
+    n = int(ds.NumberOfFrames)
+    assert n > 1
+    det = h.detection(_heat(n), frame_scores=tuple(0.1 + 0.01 * i for i in range(n)))
+    sr = build_sr([ds], det, h.card(), frame_refs=[(str(ds.SOPInstanceUID), i + 1) for i in range(n)])
+    path = tmp_path / "mf.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, _ = h.dciodvfy(path)
+    assert errors == [], "\n".join(errors)
+    frames = h.strict_read(path).ContentSequence[-1].ContentSequence[1:]
+    numbers = [[c for c in g.ContentSequence if c.ValueType == "IMAGE"][0].ReferencedSOPSequence[0].ReferencedFrameNumber
+               for g in frames]
+    assert [int(x) for x in numbers] == list(range(1, n + 1))
+    # without references a multi-frame instance cannot be split by index: no per-frame groups
+    assert len(build_sr([ds], det, h.card()).ContentSequence[-1].ContentSequence) == 1
+
+    odd = pydicom.dcmread(dicom_corpus / "dwv/data/multiframe-test1.dcm", stop_before_pixels=True)
+    assert odd.SOPClassUID == pydicom.uid.MRImageStorage and int(odd.NumberOfFrames) > 1
+    m = int(odd.NumberOfFrames)
+    det = h.detection(_heat(m), frame_scores=tuple(0.1 for _ in range(m)))
+    sr = build_sr([odd], det, h.card(), frame_refs=[(str(odd.SOPInstanceUID), i + 1) for i in range(m)])
+    sr.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    errors, _ = h.dciodvfy(tmp_path / "odd.dcm")
+    # this corpus file's own UIDs use the illegal root 999.999: the SR must reference them as they are
+    assert [e for e in errors if not ("Illegal root for UID" in e and '"999.999.' in e)] == []
+    for g in h.strict_read(tmp_path / "odd.dcm").ContentSequence[-1].ContentSequence[1:]:
+        img = [c for c in g.ContentSequence if c.ValueType == "IMAGE"][0]
+        assert "ReferencedFrameNumber" not in img.ReferencedSOPSequence[0]
