@@ -130,9 +130,10 @@ def skip_block(det, kind: str, maps) -> np.ndarray:
 def concat_z(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
     """Concatenate two embeddings of (fit, held-out, anomalies) and z-score the columns on the fit rows,
     as ``MedGRUSVC(skip=...)`` does (a constant column's scale floored at 1e-3 of the median column's)."""
+    from inference.detectors.medgru_svc import embedding_zscore
+
     cat = [np.concatenate([x, y], axis=1) for x, y in zip(a, b)]
-    mu, sd = cat[0].mean(0), cat[0].std(0)
-    sd = np.maximum(sd, max(1e-3 * float(np.median(sd)), 1e-6))
+    mu, sd = embedding_zscore(cat[0])
     print(f"  z-score: {int((cat[0].std(0) < 1e-6).sum())} of {sd.size} columns constant on the fit normals")
     return [(x - mu) / sd for x in cat]
 

@@ -122,8 +122,6 @@ class ConvRecurrentEncoder(nn.Module):
         else:
             self.reducer = nn.Identity()
             c = in_channels
-        #: channels of the reduced frames (the recurrence's input)
-        self.reduced_channels = c
         self.cells = nn.ModuleList()
         for _ in range(layers):
             self.cells.append(make_cell(cell, c, hidden_channels, kernel_size))

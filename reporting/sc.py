@@ -119,7 +119,8 @@ def build_overlay_sc(
     ``frame``: the windowed grey image, float (H, W) in [0, 1] (a FrameSequence frame); ``heatmap``: the
     detection's heat map of that frame, same shape. ``frame_index`` (0-based) is the frame's place in
     the sequence and ``n_frames`` its length (default ``detection.heatmaps.shape[0]``), both shown in the
-    caption. ``source_frame_number`` (1-based) is referenced when ``source_dataset`` is multi-frame.
+    caption. ``source_frame_number`` (1-based) is referenced when ``source_dataset`` has frames to name
+    (:func:`reporting._source.referable_frames`); otherwise it is ignored.
     ``series_uid`` is the source series the UIDs derive from; default the source dataset's series, which
     is right unless the sequence mixes series (then pass the one the SR used).
     """

@@ -147,10 +147,9 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
         source = by_uid[str(uid)]
     else:
         source, number = sources[min(k, len(sources) - 1)], k + 1
-    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
-    sc = build_overlay_sc(
+    sc = build_overlay_sc(  # it names the frame number only where the source's SOP class has frames
         source, sequence.frames[k], detection.heatmaps[k], detection, card,
-        frame_index=k, n_frames=sequence.length, source_frame_number=int(number) if multi_frame else None,
+        frame_index=k, n_frames=sequence.length, source_frame_number=int(number),
         series_uid=str(sources[-1].SeriesInstanceUID),
     )
     return [("sr", sr), ("sc", sc)]

@@ -76,6 +76,16 @@ EMBEDDINGS = ("gap", "flatten")
 SKIPS = ("none", "reduced")
 
 
+def embedding_zscore(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) that z-score the columns of ``raw`` (training embeddings, one row each).
+
+    A column constant on the normals (a ReLU channel that never fires) is not divided by ~0: its scale is
+    floored at 1e-3 of the median column's, so a new activation there counts but cannot blow the score up
+    by orders of magnitude."""
+    sd = raw.std(0)
+    return raw.mean(0), np.maximum(sd, max(1e-3 * float(np.median(sd)), 1e-6))
+
+
 @torch.no_grad()
 def flush_denormal_weights_(module: nn.Module) -> int:
     """Set the module's denormal float weights (0 < |w| < 1.2e-38 in float32) to zero; return how many.
@@ -266,10 +276,13 @@ class MedGRUSVC(Detector):
             return self.embed(enc(x)), None
         h, reduced = enc(x, with_inputs=True)
         src = reduced.detach().requires_grad_(True) if skip_leaf else reduced
-        e = torch.cat([self.embed(h), src.mean(dim=(1, 3, 4))], dim=1)
-        if self._embed_shift is not None and self._embed_scale is not None:
-            e = (e - self._embed_shift) / self._embed_scale
-        return e, src
+        return self._zscored(torch.cat([self.embed(h), src.mean(dim=(1, 3, 4))], dim=1)), src
+
+    def _zscored(self, e: torch.Tensor) -> torch.Tensor:
+        """``e`` z-scored with the fitted shift and scale (unchanged before they are fitted)."""
+        if self._embed_shift is None or self._embed_scale is None:
+            return e
+        return (e - self._embed_shift) / self._embed_scale
 
     def _new_encoder(self) -> ConvRecurrentEncoder:
         return ConvRecurrentEncoder(FEATURE_CHANNELS, hidden_channels=self.hidden_channels, layers=self.layers,
@@ -363,16 +376,13 @@ class MedGRUSVC(Detector):
         self._train_encoder(train, train_syn, rng, progress=progress, checkpoint=checkpoint, report=report)
 
         self._embed_shift = self._embed_scale = None
-        if self.skip != "none":  # z-score the concatenated blocks on the training normals
-            raw = self.embed_features(train)
-            self._embed_shift = torch.from_numpy(raw.mean(0)).float().to(self.device)
-            sd = raw.std(0)
-            # a column constant on the normals (a ReLU channel that never fires) is not divided by ~0:
-            # its scale is floored at 1e-3 of the median column's, so a new activation there counts but
-            # cannot blow the score up by orders of magnitude
-            floor = max(1e-3 * float(np.median(sd)), 1e-6)
-            self._embed_scale = torch.from_numpy(np.maximum(sd, floor)).float().to(self.device)
         e_train = self.embed_features(train)
+        if self.skip != "none":  # z-score the concatenated blocks on the training normals
+            shift, scale = embedding_zscore(e_train)
+            self._embed_shift = torch.from_numpy(shift).float().to(self.device)
+            self._embed_scale = torch.from_numpy(scale).float().to(self.device)
+            # the same float32 arithmetic as embed_sequence, without a second pass of the encoder
+            e_train = self._zscored(torch.from_numpy(e_train).float().to(self.device)).cpu().double().numpy()
         e_hn, e_hs = self.embed_features(hpo_normal), self.embed_features(hpo_syn)
         self._tune_boundary(e_train, e_hn, e_hs, seed=seed, report=report)
         self.boundary = SVDDBoundary(gamma=self.gamma, nu=self.nu, whiten=self.whiten).fit(e_train)
