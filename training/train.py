@@ -17,8 +17,13 @@ images of the training split with their labels ignored (those the fitted boundar
 the default ``synthetic`` clusters the held-out synthetic anomalies instead.
 
 Backbone feature maps are cached under ``--cache`` (default ``<settings.home>/cache/features``) keyed by
-the image files and the preprocessing, so repeated runs skip the backbone. The ConvGRU checkpoint is
-saved after every epoch in the same cache; an interrupted run with the same arguments resumes there.
+the image files and the preprocessing, so repeated runs skip the backbone. The ConvGRU checkpoint
+(weights, optimizer, both random generators, the loss history) is written after every epoch beside that
+cache (``<cache>/../checkpoints``), by a rename, so an interruption never leaves half a file. A run
+interrupted (Ctrl-C, a killed job) and started again with the same arguments and the same images
+resumes after the last finished epoch and ends with the weights an uninterrupted run would have; a
+checkpoint of other images, another seed or other training parameters, or an unreadable one, is not
+resumed (a warning says why) and training starts afresh.
 """
 
 from __future__ import annotations
@@ -360,7 +365,10 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
         feats["pool"] = cache.features(train_rows, desc="unlabelled train")  # labels ignored
     skip = ("out", "report_split", "name", "version", "description", "func", "training_data", "modalities",
             "body_parts", "workers", "cluster_gamma")  # cluster_gamma: after the encoder, keeps old run keys
-    run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals)})
+    # the images themselves (path, size, mtime) are part of the key: a manifest edited to other images of
+    # the same count gets a checkpoint of its own (the detector also refuses one whose data differ)
+    run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals),
+                     "files": _hash([_file_key(r.path) for r in [*fit_rows, *syn_rows, *anomaly_rows]])})
     ckpt = cache_dir.parent / "checkpoints" / f"medgru-{run_key}.pt"
     return Prepared(rows, source, train_rows, normals, fit_rows, hpo_rows, cal_rows, det, cache, feats, ckpt,
                     anomaly_rows)

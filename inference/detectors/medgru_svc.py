@@ -35,9 +35,11 @@ Training (normals only, see :meth:`MedGRUSVC.fit_features`):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -74,6 +76,16 @@ EMBEDDINGS = ("gap", "flatten")
 #: of the ConvGRU's input (the 1x1-reduced backbone maps), a skip connection around the recurrence; with
 #: a skip block the whole embedding is z-scored on the training normals (shift and scale kept in the model)
 SKIPS = ("none", "reduced")
+
+
+#: the parameters that change how the encoder is trained (with the seed and the data they make up an
+#: encoder checkpoint's fingerprint); gamma, nu, the threshold and the clustering come after the encoder
+ENCODER_TRAINING_PARAMS: frozenset[str] = frozenset((
+    "input_size", "clip_limit", "tile_grid", "cell", "layers", "hidden_channels", "reduce_channels", "epochs",
+    "lr", "batch_size", "weight_decay", "momentum", "optimizer", "oe_weight", "synthetic_per_normal", "loss",
+    "reducer_init", "embedding", "flatten_grid", "skip"))
+#: bumped when the checkpoint's contents or the training loop change meaning
+CHECKPOINT_FORMAT = 2
 
 
 def embedding_zscore(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -373,7 +385,9 @@ class MedGRUSVC(Detector):
         rng = np.random.default_rng(seed)
         report: dict[str, Any] = {}
         self.encoder = self._new_encoder().to(self.device)
-        self._train_encoder(train, train_syn, rng, progress=progress, checkpoint=checkpoint, report=report)
+        fingerprint = self.training_fingerprint(train, train_syn, seed) if checkpoint is not None else ""
+        self._train_encoder(train, train_syn, rng, progress=progress, checkpoint=checkpoint, report=report,
+                            fingerprint=fingerprint)
 
         self._embed_shift = self._embed_scale = None
         e_train = self.embed_features(train)
@@ -401,8 +415,61 @@ class MedGRUSVC(Detector):
         self.fit_report = report
         return report
 
+    def training_fingerprint(self, train: torch.Tensor, train_syn: torch.Tensor, seed: int) -> str:
+        """What an encoder checkpoint must match to be resumed: the parameters that shape the encoder's
+        training, the seed, and the bytes of the training maps (a stale checkpoint of other data or
+        another configuration is never resumed, even where the shapes agree)."""
+        h = hashlib.sha256()
+        params = {k: v for k, v in self.get_params().items() if k in ENCODER_TRAINING_PARAMS}
+        h.update(json.dumps({"format": CHECKPOINT_FORMAT, "params": params, "seed": int(seed),
+                             "shapes": [list(train.shape), list(train_syn.shape)],
+                             "dtypes": [str(train.dtype), str(train_syn.dtype)]},
+                            sort_keys=True, default=str).encode())
+        for t in (train, train_syn):
+            for i in range(0, t.shape[0], 256):  # in slices: no copy of the whole set
+                h.update(np.ascontiguousarray(t[i:i + 256].detach().cpu().numpy()).data)
+        return h.hexdigest()
+
+    def _resumable_state(self, checkpoint: Path, fingerprint: str) -> dict[str, Any] | None:
+        """The checkpoint's state if it belongs to this training run, else ``None`` (logged: the run then
+        starts afresh and overwrites it)."""
+        try:
+            st = torch.load(checkpoint, map_location=self.device, weights_only=True)
+        except Exception as exc:  # truncated, corrupt, or not a checkpoint at all: it is only a cache
+            log.warning("encoder checkpoint %s is unreadable (%s: %s); training starts afresh",
+                        checkpoint.name, type(exc).__name__, exc)
+            return None
+        if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
+            log.warning("encoder checkpoint %s belongs to another training run (other data, seed or "
+                        "parameters); training starts afresh", checkpoint.name)
+            return None
+        if not 0 <= int(st["epoch"]) <= self.epochs:
+            log.warning("encoder checkpoint %s is at epoch %s of %d; training starts afresh",
+                        checkpoint.name, st["epoch"], self.epochs)
+            return None
+        return st
+
+    @staticmethod
+    def _save_checkpoint(state: dict[str, Any], checkpoint: Path) -> None:
+        """Write ``state`` next to ``checkpoint`` and rename it into place: an interruption while
+        writing leaves the previous epoch's checkpoint whole."""
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.partial")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, checkpoint)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def _train_encoder(self, train: torch.Tensor, train_syn: torch.Tensor, rng: np.random.Generator, *,
-                       progress, checkpoint: Path | None, report: dict[str, Any]) -> None:
+                       progress, checkpoint: Path | None, report: dict[str, Any],
+                       fingerprint: str = "") -> None:
+        """Train the encoder (and the reconstruction objective's decoder) for ``self.epochs`` epochs.
+
+        With a ``checkpoint`` path the whole training state (weights, optimizer, centre, both random
+        generators, the epoch) is saved there after every epoch; a later call with the same
+        ``fingerprint`` (:meth:`training_fingerprint`) continues from it and ends with the weights an
+        uninterrupted run would have had."""
         enc = self.encoder
         assert enc is not None
         recon = self.loss == "reconstruct"
@@ -434,21 +501,24 @@ class MedGRUSVC(Detector):
             c = torch.from_numpy(self.embed_features(train, hidden_only=True)).float().mean(0).to(self.device)
             c[(c.abs() < 0.01) & (c < 0)] = -0.01
             c[(c.abs() < 0.01) & (c >= 0)] = 0.01
+        st = None
+        history: list[float] = []  # mean loss per epoch, the resumed run's earlier epochs included
         if checkpoint is not None and Path(checkpoint).is_file():
-            st = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            st = self._resumable_state(Path(checkpoint), fingerprint)
+        if st is not None:
             enc.load_state_dict(st["encoder"])
             if decoder is not None and "decoder" in st:
                 decoder.load_state_dict(st["decoder"])
             opt.load_state_dict(st["optimizer"])
             c = st["center"].to(self.device)
             start_epoch = int(st["epoch"])
+            history = [float(v) for v in st.get("history", [])]
             torch.set_rng_state(st["torch_rng"])
             rng.bit_generator.state = st["np_rng"]
             report["resumed_from_epoch"] = start_epoch
         self.center = c.cpu().numpy()
         n, m = train.shape[0], train_syn.shape[0]
         bs = max(1, self.batch_size)
-        history = []
         epochs = range(start_epoch, self.epochs)
         bar = progress(epochs) if progress else epochs
         for epoch in bar:
@@ -474,11 +544,12 @@ class MedGRUSVC(Detector):
             if progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
             if checkpoint is not None:
-                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"encoder": enc.state_dict(), "optimizer": opt.state_dict(), "center": c.cpu(),
-                            **({"decoder": decoder.state_dict()} if decoder is not None else {}),
-                            "epoch": epoch + 1, "torch_rng": torch.get_rng_state(),
-                            "np_rng": rng.bit_generator.state}, checkpoint)
+                self._save_checkpoint({
+                    "fingerprint": fingerprint, "encoder": enc.state_dict(), "optimizer": opt.state_dict(),
+                    "center": c.cpu(), **({"decoder": decoder.state_dict()} if decoder is not None else {}),
+                    "epoch": epoch + 1, "torch_rng": torch.get_rng_state(), "np_rng": rng.bit_generator.state,
+                    "history": list(history),
+                }, Path(checkpoint))
         enc.eval()
         report["loss_history"] = [round(v, 6) for v in history]
         if recon:

@@ -3,6 +3,8 @@ reconstruction objective, the label-free Tax & Duin HPO, and the non-saturating 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -297,3 +299,99 @@ def test_reduced_skip_block_is_the_gap_of_the_convgru_input_z_scored_explained_a
     assert loaded.skip == "reduced"
     assert np.allclose(loaded.score_features(x), det.score_features(x))
     assert loaded.detect(seq).score == pytest.approx(d.score, rel=1e-6)
+
+
+# ------------------------------------------------------------------------ resumable training checkpoints
+def _small(epochs: int = 4) -> MedGRUSVC:
+    return MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=epochs, batch_size=8,
+                     loss="reconstruct", reducer_init="pca", hpo_objective="tax-duin", nu_max=0.2,
+                     hpo_trials=3, envelope_samples=200)
+
+
+def _fit_args(train_seed: int = 1):
+    empty = maps(0, 0)
+    return maps(40, train_seed), empty, maps(12, 2), empty, maps(12, 3)
+
+
+def _interrupt_after(epochs_done: int):
+    """A progress wrapper that stops the run as Ctrl-C would, once ``epochs_done`` epochs are complete."""
+    def progress(it):
+        for i, epoch in enumerate(it):
+            if i == epochs_done:
+                raise KeyboardInterrupt
+            yield epoch
+    return progress
+
+
+def _same_encoder(a: MedGRUSVC, b: MedGRUSVC) -> bool:
+    sa, sb = a.encoder.state_dict(), b.encoder.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_an_interrupted_training_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path):
+    ref = _small()
+    ref_report = ref.fit_features(*_fit_args(), seed=0, checkpoint=tmp_path / "ref.pt")
+    ck = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _small().fit_features(*_fit_args(), seed=0, checkpoint=ck, progress=_interrupt_after(2))
+    assert torch.load(ck, weights_only=True)["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+    det = _small()
+    report = det.fit_features(*_fit_args(), seed=0, checkpoint=ck)
+    assert report["resumed_from_epoch"] == 2
+    assert report["loss_history"] == ref_report["loss_history"] and len(report["loss_history"]) == 4
+    assert _same_encoder(det, ref)
+    assert det.threshold == ref.threshold
+    np.testing.assert_array_equal(det.score_features(maps(8, 4)), ref.score_features(maps(8, 4)))
+
+
+def test_a_checkpoint_of_other_data_or_an_unreadable_one_is_not_resumed(tmp_path, caplog):
+    ref = _small(epochs=2)
+    ref.fit_features(*_fit_args(), seed=0)  # no checkpoint at all
+    ck = tmp_path / "run.pt"
+    _small(epochs=2).fit_features(*_fit_args(train_seed=7), seed=0, checkpoint=ck)  # same shapes, other maps
+    det = _small(epochs=2)
+    with caplog.at_level("WARNING", logger="inference.detectors.medgru_svc"):
+        report = det.fit_features(*_fit_args(), seed=0, checkpoint=ck)
+    assert "resumed_from_epoch" not in report and "another training run" in caplog.text
+    assert _same_encoder(det, ref)
+
+    for junk in (b"", b"not a checkpoint", ck.read_bytes()[:100]):  # empty, foreign, truncated
+        ck.write_bytes(junk)
+        caplog.clear()
+        det = _small(epochs=2)
+        with caplog.at_level("WARNING", logger="inference.detectors.medgru_svc"):
+            report = det.fit_features(*_fit_args(), seed=0, checkpoint=ck)
+        assert "resumed_from_epoch" not in report and "unreadable" in caplog.text
+        assert _same_encoder(det, ref)
+        assert torch.load(ck, weights_only=True)["epoch"] == 2  # rewritten whole
+
+
+def test_the_fingerprint_follows_data_seed_and_training_parameters_only():
+    args = _fit_args()
+    base = _small().training_fingerprint(args[0], args[1], 0)
+    assert base == _small().training_fingerprint(args[0].clone(), args[1], 0)
+    assert base != _small().training_fingerprint(_fit_args(train_seed=7)[0], args[1], 0)
+    assert base != _small().training_fingerprint(args[0], args[1], 1)
+    assert base != _small(epochs=5).training_fingerprint(args[0], args[1], 0)
+    other = _small()
+    other.gamma, other.nu, other.target_fpr = 3.0, 0.3, 0.01  # chosen after the encoder is trained
+    assert base == other.training_fingerprint(args[0], args[1], 0)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    ck = tmp_path / "run.pt"
+    MedGRUSVC._save_checkpoint({"epoch": 1, "w": torch.ones(3)}, ck)
+
+    def dies_while_writing(state, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_while_writing)
+    with pytest.raises(OSError, match="disk full"):
+        MedGRUSVC._save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, ck)
+    monkeypatch.undo()
+    st = torch.load(ck, weights_only=True)
+    assert st["epoch"] == 1 and torch.equal(st["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]

@@ -100,9 +100,31 @@ def test_rerun_uses_the_feature_cache_and_is_deterministic(trained, tmp_path):
     out, _, args, settings = trained
     args.out = tmp_path / "again"
     assert run(args, settings) == 0
-    a = json.loads((out / "meta.json").read_text())["fit_report"]["threshold"]
-    b = json.loads((args.out / "meta.json").read_text())["fit_report"]["threshold"]
-    assert a == pytest.approx(b)
+    a = json.loads((out / "meta.json").read_text())["fit_report"]
+    b = json.loads((args.out / "meta.json").read_text())["fit_report"]
+    assert b["threshold"] == pytest.approx(a["threshold"])
+    # the same arguments and images find the first run's finished encoder checkpoint and resume there
+    assert "resumed_from_epoch" not in a and b["resumed_from_epoch"] == 2
+    assert b["loss_history"] == a["loss_history"]
+
+
+@pytest.mark.slow
+def test_other_images_of_the_same_count_get_a_checkpoint_of_their_own(tmp_path, data_root):
+    from medgru.settings import Settings
+    from training.train import prepare
+
+    rows = read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+    normals = [r for r in rows if r.split == "train" and r.is_normal]
+    settings = Settings(home=tmp_path / "home", data_root=data_root)
+    csv = tmp_path / "normals.csv"  # one manifest, edited between the runs
+    args = build_parser().parse_args([
+        "train", "--manifest", str(csv), "--out", str(tmp_path / "m"), "--input-size", "64",
+        "--cache", str(tmp_path / "cache"), "--loss", "reconstruct"])
+    keys = []
+    for chosen in (normals[:10], normals[:9] + normals[10:11], normals[:10]):
+        csv.write_text("path,label\n" + "".join(f"{r.path},{r.label}\n" for r in chosen))
+        keys.append(prepare(args, settings).checkpoint)
+    assert keys[0] != keys[1] and keys[2] == keys[0]
 
 
 def test_group_split_keeps_groups_together():
