@@ -22,6 +22,13 @@ labels, reported as such. No test image is read.
 
 ``--skip`` also scores each ConvGRU embedding with a block appended (z-scored as ``MedGRUSVC(skip=...)``
 does), and the ``reduced`` block alone, to show what the ConvGRU adds to it.
+
+``--hflip`` also trains each configuration on the fit normals plus their left-right mirror images (the
+mirrored preprocessed image through the backbone; the heads are fit on both too) and scores it on the
+same held-out normals and anomalies: mirror augmentation, a candidate for the brain (roughly symmetric),
+not for the chest (the heart is on the left). Measured for 6.0.0 in ``results/medgru-v6.md``:
+
+    python benchmarks/recipe_selection.py --dataset brain_mri --skip reduced --hflip h=128,r=256,e=30
 """
 
 from __future__ import annotations
@@ -92,7 +99,26 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None):
     if tmp is not None:
         tmp.cleanup()
     mask = torch.from_numpy(held)
-    return maps_n[~mask], maps_n[mask], maps_a
+    fit_rows = [r for r, h in zip(normals, held) if not h]
+    return maps_n[~mask], maps_n[mask], maps_a, fit_rows
+
+
+def mirrored_maps(rows) -> "torch.Tensor":
+    """``(N, 1, C, h, w)`` backbone maps of the rows' images mirrored left-right after the detector's own
+    preprocessing (CLAHE's tiles divide the image evenly, so it commutes with the mirror)."""
+    import torch
+
+    from inference.detectors.medgru_svc import MedGRUSVC
+    from training.manifest import load_sequences
+
+    det = MedGRUSVC()
+    out = []
+    for i in range(0, len(rows), 32):
+        seqs = load_sequences(rows[i:i + 32])
+        pre = np.stack([det.preprocess(type(s)(frames=s.frames[-1:], bits_stored=s.bits_stored))[0]
+                        for s in seqs])
+        out.append(det.frame_features(np.ascontiguousarray(pre[..., ::-1])).half())
+    return torch.cat(out)[:, None]
 
 
 def trained_convgru(cfg: str, fit):
@@ -151,16 +177,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: also score each ConvGRU embedding with a skip block appended, "
                          "'maps' = GAP of the frozen backbone maps of the last frame, 'reduced' = GAP of the "
                          "1x1 reducer's output of the last frame (each block z-scored on the fit normals)")
+    ap.add_argument("--hflip", action="store_true",
+                    help="also train each ConvGRU configuration on the fit normals plus their mirror images")
     ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
-    fit, vn, va = validation_maps(args.dataset, args.data_root, args.cache)
-    print(f"{args.dataset}: {len(fit)} fit normals, {len(vn)} held-out normals, "
+    fit_plain, vn, va, fit_rows = validation_maps(args.dataset, args.data_root, args.cache)
+    print(f"{args.dataset}: {len(fit_plain)} fit normals, {len(vn)} held-out normals, "
           f"{len(va)} train anomalies (validation)")
     grids = [int(g) for g in args.grids.split(",")]
-    for cfg in args.configs:
+    runs = [(cfg, "", fit_plain) for cfg in args.configs]
+    if args.hflip:
+        both = torch.cat([fit_plain, mirrored_maps(fit_rows)])
+        runs += [(cfg, "[hflip-trained]", both) for cfg in args.configs if cfg != "gap"]
+    for cfg, tag, fit in runs:
         t0 = time.perf_counter()
         if cfg == "gap":
             rows_out = [("gap", [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in (fit, vn, va)])]
@@ -169,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             rows_out = []
             for g in grids:
                 det.embedding, det.flatten_grid = ("gap", 4) if g == 1 else ("flatten", g)
-                name = cfg if g == 1 else f"{cfg},grid={g}"
+                name = (cfg if g == 1 else f"{cfg},grid={g}") + tag
                 emb = [det.embed_features(m) for m in (fit, vn, va)]
                 rows_out.append((name, emb))
                 for kind in filter(None, args.skip.split(",")):
                     block = [skip_block(det, kind, m) for m in (fit, vn, va)]
                     rows_out.append((f"{name}+{kind}", concat_z(emb, block)))
                     if g == grids[0] and kind == "reduced":  # the block alone: what the ConvGRU adds to it
-                        rows_out.append((f"{cfg}:reduced only", block))
+                        rows_out.append((f"{cfg}{tag}:reduced only", block))
         fit_s = time.perf_counter() - t0
         for name, emb in rows_out:
             res = heads(*emb)

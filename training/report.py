@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from training import metrics as M
+from training.environment import software_environment
 
 GALLERY_KINDS = (
     ("true_positive", "True positives (highest-scoring anomalies)"),
@@ -341,6 +342,10 @@ def render_markdown(m: Mapping[str, Any], result: EvaluationResult, plots: Mappi
         L.append("Timings are wall-clock on the machine named above; a load average above the CPU count means "
                  "the run shared the CPUs with other work and the times are inflated accordingly "
                  "(see `benchmarks/results/inference_speed.json` for the dedicated speed benchmark).")
+    env = m.get("environment")
+    if env:
+        L.append("Software: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".")
+        L.append("")
     L.append("")
     L.append("## Plots")
     L.append("")
@@ -423,6 +428,7 @@ def write_report(out_dir: Path, result: EvaluationResult, *, n_boot: int = 1000)
     if plot_gallery(result.gallery, out_dir / "gradcam_gallery.png", f"Heat maps: {title}"):
         plots["gallery"] = "gradcam_gallery.png"
     m["plots"] = plots
+    m["environment"] = software_environment()
 
     with open(out_dir / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)

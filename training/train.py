@@ -407,6 +407,7 @@ def run(args: argparse.Namespace, settings) -> int:
 
     from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, sha256_file
     from inference.backbone import backbone_info
+    from training.environment import software_environment
 
     logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO))
     _seed_everything(args.seed)
@@ -449,7 +450,7 @@ def run(args: argparse.Namespace, settings) -> int:
     files = det.save(out)
     bb = backbone_info()
     extra = {"backbone": bb, "train_seconds": round(time.time() - t0, 1), "fit_report": report,
-             "metrics": metrics,
+             "metrics": metrics, "environment": software_environment(),
              # paths reduced to their names: model folders must not carry machine paths
              "command_args": {k: (Path(v).name if isinstance(v, Path) else v)
                               for k, v in vars(args).items() if k != "func"}}

@@ -57,6 +57,13 @@ def test_write_report_writes_every_file(tmp_path):
     assert data["per_class_auroc"]["glioma"] > data["per_class_auroc"]["pituitary"]
     assert data["inference_seconds_per_image"] == pytest.approx(0.0123)
     assert data["model_name"] == "toy" and data["model_version"] == "9.9"
+    import torch  # the software the numbers came from, as installed (not a fixed string)
+    from importlib import metadata
+
+    assert data["environment"]["torch"] == metadata.version("torch") and torch.__version__.startswith(
+        data["environment"]["torch"].split("+")[0])
+    assert data["environment"]["numpy"] == np.__version__
+    assert f"numpy {np.__version__}" in (tmp_path / "report.md").read_text()
     # cross-validation: NaN became null, mean/std over the folds
     assert data["cv"]["folds"][0]["f1"] is None
     assert data["cv"]["summary"]["auroc"]["mean"] == pytest.approx(0.81)

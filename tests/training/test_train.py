@@ -61,6 +61,8 @@ def test_model_folder_is_complete_and_loadable(trained):
     assert "auroc" in card.metrics["test_metrics"]
     machine_root = str(Path(__file__).resolve().parents[3]) + "/"  # the folder above the checkout
     assert machine_root not in (out / "training.json").read_text()
+    env = json.loads((out / "training.json").read_text())["environment"]
+    assert env["numpy"] == np.__version__ and env["scikit-learn"] != "absent" and env["optuna"] != "absent"
     det = load_model(out)
     seq = load_frames(test[-1])
     d = det.detect(seq)
