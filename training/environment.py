@@ -1,7 +1,7 @@
 """The software a model was trained or evaluated with, recorded beside its results.
 
 Training is bit-reproducible only with the same package versions (``benchmarks/results/medgru-v6.md``,
-"Reproducibility"): recording them in ``training.json`` and ``metrics.json`` makes a difference traceable.
+"Later checks"): recording them in ``training.json`` and ``metrics.json`` makes a difference traceable.
 """
 
 from __future__ import annotations
