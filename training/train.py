@@ -374,6 +374,19 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
                     anomaly_rows)
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """Finished ConvGRU epochs in an encoder checkpoint (0 if there is none or it cannot be read)."""
+    import torch
+
+    if not Path(path).is_file():
+        return 0
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception as exc:  # only a message depends on it
+        log.warning("cannot read %s: %s", Path(path).name, exc)
+        return 0
+
+
 def split_metrics(det, cache: FeatureCache, rows: list, split: str) -> dict[str, Any]:
     """AUROC (overall and per anomaly label) and the verdict rates at the threshold on one split."""
     from training.manifest import split_rows
@@ -426,10 +439,17 @@ def run(args: argparse.Namespace, settings) -> int:
     det, f = prep.det, prep.features
     rows, source, normals = prep.rows, prep.source, prep.normals
     fit_rows, hpo_rows, cal_rows = prep.fit_rows, prep.hpo_rows, prep.cal_rows
-    report = det.fit_features(f["fit"], f["fit_syn"], f["hpo"], f["hpo_syn"], f["cal"], seed=args.seed,
-                              cluster_pool=f["pool"],
-                              progress=lambda it: tqdm(it, desc="ConvGRU epochs", unit="epoch"),
-                              checkpoint=prep.checkpoint)
+    try:
+        report = det.fit_features(f["fit"], f["fit_syn"], f["hpo"], f["hpo_syn"], f["cal"], seed=args.seed,
+                                  cluster_pool=f["pool"],
+                                  progress=lambda it: tqdm(it, desc="ConvGRU epochs", unit="epoch"),
+                                  checkpoint=prep.checkpoint)
+    except KeyboardInterrupt:
+        done = checkpoint_epoch(prep.checkpoint)
+        log.error("training interrupted%s; nothing was written to %s. The same command resumes there.",
+                  f" after {done} of {args.epochs} ConvGRU epochs (checkpoint kept)" if done else
+                  " before the first ConvGRU epoch finished", Path(args.out).name)
+        return 130
 
     metrics: dict[str, Any] = {
         "validation_auroc_normals_vs_synthetic": report.get("hpo_auroc_normal_vs_synthetic"),

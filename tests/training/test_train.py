@@ -111,6 +111,39 @@ def test_rerun_uses_the_feature_cache_and_is_deterministic(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_training_says_where_it_stopped_and_the_same_command_resumes(trained, tmp_path,
+                                                                                  monkeypatch, caplog):
+    import tqdm
+
+    import argparse
+
+    _, _, shared_args, settings = trained
+    args = argparse.Namespace(**vars(shared_args))  # the fixture's own arguments stay as they are
+    args.cache = tmp_path / "cache"  # a run of its own: no finished checkpoint to find
+    args.out = tmp_path / "model"
+    real = tqdm.tqdm
+
+    def ctrl_c_in_epoch_2(it=None, *a, desc="", **kw):
+        if desc != "ConvGRU epochs":
+            return real(it, *a, desc=desc, **kw)
+
+        def epochs():
+            for i, e in enumerate(it):
+                if i == 1:
+                    raise KeyboardInterrupt
+                yield e
+        return epochs()
+
+    monkeypatch.setattr(tqdm, "tqdm", ctrl_c_in_epoch_2)
+    with caplog.at_level("ERROR", logger="training.train"):
+        assert run(args, settings) == 130
+    assert "after 1 of 2 ConvGRU epochs (checkpoint kept)" in caplog.text and not args.out.exists()
+    monkeypatch.undo()
+    assert run(args, settings) == 0
+    assert json.loads((args.out / "meta.json").read_text())["fit_report"]["resumed_from_epoch"] == 1
+
+
+@pytest.mark.slow
 def test_other_images_of_the_same_count_get_a_checkpoint_of_their_own(tmp_path, data_root):
     from medgru.settings import Settings
     from training.train import prepare
