@@ -16,6 +16,10 @@ split once after training and writes the AUROC into the card (a report, not a tu
 images of the training split with their labels ignored (those the fitted boundary puts outside);
 the default ``synthetic`` clusters the held-out synthetic anomalies instead.
 
+``--out`` may be new or an existing model folder: the model is written into a hidden folder beside it,
+which replaces it by renames once complete; a folder holding anything but a model is refused before
+any work.
+
 Backbone feature maps are cached under ``--cache`` (default ``<settings.home>/cache/features``) keyed by
 the image files and the preprocessing, so repeated runs skip the backbone. The ConvGRU checkpoint
 (weights, optimizer, both random generators, the loss history) is written after every epoch beside that
@@ -29,11 +33,15 @@ resumed (a warning says why) and training starts afresh.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -374,6 +382,46 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
                     anomaly_rows)
 
 
+def out_folder_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot be (re)written, or ``None``: it may be new, empty, or a model folder (it has a
+    ``card.json``); anything else is refused before any work, never replaced."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"--out {out.name} exists and is not a folder"
+    if any(out.iterdir()) and not (out / "card.json").is_file():
+        return f"--out {out.name} is a folder with files but no card.json (not a model folder); choose another"
+    return None
+
+
+@contextlib.contextmanager
+def staged_model_folder(out: Path):
+    """A fresh hidden folder beside ``out`` to write a model into; when the block ends without an error it
+    takes ``out``'s place by renames (a model folder already there is replaced whole), and on any error
+    (Ctrl-C included) it is removed and ``out`` is left as it was. A worker reading ``out`` meanwhile sees
+    the old model or the new one, never a mixture with stale checksums."""
+    out = Path(out)
+    problem = out_folder_problem(out)
+    if problem:
+        raise ValueError(problem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    stage.mkdir()
+    try:
+        yield stage
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
+            os.rename(out, old)
+        os.rename(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def checkpoint_epoch(path: Path) -> int:
     """Finished ConvGRU epochs in an encoder checkpoint (0 if there is none or it cannot be read)."""
     import torch
@@ -418,16 +466,16 @@ def scores_metrics(s: np.ndarray, test_rows: list, threshold: float | None) -> d
 def run(args: argparse.Namespace, settings) -> int:
     from tqdm import tqdm
 
-    from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, sha256_file
-    from inference.backbone import backbone_info
-    from training.environment import software_environment
-
     logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO))
     _seed_everything(args.seed)
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
+    problem = out_folder_problem(Path(args.out))  # before hours of training, not after
+    if problem:
+        log.error("%s", problem)
+        return 2
     if args.detector == "knn-effnet":
         return _run_knn(args)
     t0 = time.time()
@@ -437,8 +485,6 @@ def run(args: argparse.Namespace, settings) -> int:
         log.error("%s", exc)
         return 2
     det, f = prep.det, prep.features
-    rows, source, normals = prep.rows, prep.source, prep.normals
-    fit_rows, hpo_rows, cal_rows = prep.fit_rows, prep.hpo_rows, prep.cal_rows
     try:
         report = det.fit_features(f["fit"], f["fit_syn"], f["hpo"], f["hpo_syn"], f["cal"], seed=args.seed,
                                   cluster_pool=f["pool"],
@@ -456,8 +502,26 @@ def run(args: argparse.Namespace, settings) -> int:
         "validation_heldout_normal_rejection": report.get("heldout_normal_rejection"),
         "hpo": report.get("hpo"),
         "threshold": det.threshold, "target_fpr": args.target_fpr,
-        "calibration_normals": len(cal_rows),
+        "calibration_normals": len(prep.cal_rows),
     }
+    final = Path(args.out)
+    try:
+        with staged_model_folder(final) as out:  # a worker reading --out sees the old model or the new one
+            _write_model_folder(out, args, det, prep, report, metrics, t0)
+    except ValueError as exc:  # --out turned into something else while training ran
+        log.error("%s", exc)
+        return 2
+    log.info("wrote %s in %.0f s", final, time.time() - t0)
+    return 0
+
+
+def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared, report: dict[str, Any],
+                        metrics: dict[str, Any], t0: float) -> None:
+    """The model files, ``training.json`` and the card, into ``out`` (a staged folder)."""
+    from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, sha256_file
+    from inference.backbone import backbone_info
+    from training.environment import software_environment
+
     labelled = prep.anomaly_rows
     counts: dict[str, int] = {}
     if labelled:
@@ -465,8 +529,8 @@ def run(args: argparse.Namespace, settings) -> int:
             counts[r.label] = counts.get(r.label, 0) + 1
         metrics["supervised"] = {"labelled_anomalies": len(labelled), "by_label": counts,
                                  "use": "outlier-exposure set of the encoder objective (Deep SAD with real labels)"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    rows, source, normals = prep.rows, prep.source, prep.normals
+    fit_rows, hpo_rows, cal_rows = prep.fit_rows, prep.hpo_rows, prep.cal_rows
     files = det.save(out)
     bb = backbone_info()
     extra = {"backbone": bb, "train_seconds": round(time.time() - t0, 1), "fit_report": report,
@@ -510,7 +574,7 @@ def run(args: argparse.Namespace, settings) -> int:
         params=params,
     )
     card.write(out)
-    log.info("wrote %s (%s) in %.0f s", out, ", ".join(files), time.time() - t0)
+    log.info("model files: %s", ", ".join(files))
     if args.report_split:  # scored once, after the model is saved; the card is then rewritten
         m = split_metrics(det, prep.cache, rows, args.report_split)
         if m:
@@ -520,7 +584,6 @@ def run(args: argparse.Namespace, settings) -> int:
             (out / "training.json").write_text(json.dumps(extra, indent=2, sort_keys=True, default=str) + "\n")
             card = replace(card, metrics=metrics, files={f: sha256_file(out / f) for f in files})
             card.write(out)
-    return 0
 
 
 def _run_knn(args: argparse.Namespace) -> int:
@@ -532,13 +595,14 @@ def _run_knn(args: argparse.Namespace) -> int:
     if args.max_normals and len(normals) > args.max_normals:
         normals = normals[: args.max_normals]
     try:
-        card = train_knn(
-            normals, Path(args.out), name=args.name, version=args.version or "1.0.0",
-            modalities=[m.strip().upper() for m in args.modalities.split(",") if m.strip()],
-            body_parts=[b.strip().upper() for b in args.body_parts.split(",") if b.strip()],
-            source=str(args.manifest or args.folder), calibration_fraction=args.knn_calibration_fraction,
-            seed=args.seed, workers=args.workers,
-        )
+        with staged_model_folder(Path(args.out)) as out:
+            card = train_knn(
+                normals, out, name=args.name, version=args.version or "1.0.0",
+                modalities=[m.strip().upper() for m in args.modalities.split(",") if m.strip()],
+                body_parts=[b.strip().upper() for b in args.body_parts.split(",") if b.strip()],
+                source=str(args.manifest or args.folder), calibration_fraction=args.knn_calibration_fraction,
+                seed=args.seed, workers=args.workers,
+            )
     except ValueError as exc:
         log.error("%s", exc)
         return 2

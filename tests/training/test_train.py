@@ -260,3 +260,71 @@ def test_the_card_description_names_the_embedding_and_the_kernel():
     assert "skip" not in flat
     skip = medgru_description(MedGRUSVC(hidden_channels=128, reduce_channels=256, skip="reduced"), bb)
     assert "GAP of the reduced frames" in skip and "384-d" in skip and "skip path's first-order term" in skip
+
+
+# --------------------------------------------------------------------- the model folder is replaced whole
+def _args_with(trained, **changes):
+    import argparse
+
+    _, _, shared_args, settings = trained
+    args = argparse.Namespace(**vars(shared_args))  # the fixture's own arguments stay as they are
+    for k, v in changes.items():
+        setattr(args, k, v)
+    return args, settings
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.slow
+def test_training_into_an_existing_model_folder_replaces_it_whole(trained, tmp_path):
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(trained[0], out)
+    (out / "stale-from-an-older-model.npz").write_bytes(b"old")
+    args, settings = _args_with(trained, out=out, version="0.0.2")
+    assert run(args, settings) == 0
+    assert not (out / "stale-from-an-older-model.npz").exists()
+    assert load_model(out, verify=True).card.version == "0.0.2"
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_failure_while_writing_leaves_the_previous_model_folder_as_it_was(trained, tmp_path, monkeypatch):
+    import shutil
+
+    from inference.detectors.medgru_svc import MedGRUSVC
+
+    out = tmp_path / "model"
+    shutil.copytree(trained[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(self, model_dir):
+        (Path(model_dir) / "encoder.pt").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MedGRUSVC, "save", disk_full)
+    args, settings = _args_with(trained, out=out, version="0.0.3")
+    with pytest.raises(OSError, match="disk full"):
+        run(args, settings)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_out_folder_that_is_not_a_model_folder_is_refused_before_any_work(tmp_path, data_root, caplog):
+    from medgru.settings import Settings
+
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    for detector in ("medgru-svc", "knn-effnet"):
+        args = build_parser().parse_args([
+            "train", "--manifest", str(data_root / "kermany_cxr" / "manifest.csv"), "--out", str(precious),
+            "--detector", detector, "--cache", str(tmp_path / "cache")])
+        with caplog.at_level("ERROR", logger="training.train"):
+            assert run(args, Settings(home=tmp_path / "home", data_root=data_root)) == 2
+        assert "not a model folder" in caplog.text
+    assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
+    assert not (tmp_path / "cache").exists()  # no backbone pass, no training
