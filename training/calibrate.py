@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import shutil
 import sys
-import uuid
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from training.model_folder import staged_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,7 @@ def run(args: argparse.Namespace, settings) -> int:
         record["previous"] = dict(card.calibration)
     version = args.version or calibrated_version(card.version, now)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
+    with staged_model_folder(out, replace=False) as tmp:  # a new folder, never an existing one
         _copy_contents(model_dir, tmp)  # the files save() does not write (e.g. training.json) come along
         written = det.save(tmp)
         names = list(dict.fromkeys([*card.files, *written]))
@@ -185,10 +182,6 @@ def run(args: argparse.Namespace, settings) -> int:
         check = load_model(tmp, verify=True)  # what a worker will load: checksums and the threshold
         if check.threshold != new_threshold:
             raise RuntimeError(f"the saved threshold {check.threshold} is not the new one {new_threshold}")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     log.info("wrote %s (%s %s)", out.name, card.name, version)
     print(f"{card.name}: {len(normals)} normals of {where}; old threshold {old_threshold:.6g} "

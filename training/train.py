@@ -33,21 +33,19 @@ resumed (a warning says why) and training starts afresh.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from training.model_folder import out_folder_problem, staged_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -380,46 +378,6 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     ckpt = cache_dir.parent / "checkpoints" / f"medgru-{run_key}.pt"
     return Prepared(rows, source, train_rows, normals, fit_rows, hpo_rows, cal_rows, det, cache, feats, ckpt,
                     anomaly_rows)
-
-
-def out_folder_problem(out: Path) -> str | None:
-    """Why ``--out`` cannot be (re)written, or ``None``: it may be new, empty, or a model folder (it has a
-    ``card.json``); anything else is refused before any work, never replaced."""
-    out = Path(out)
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        return f"--out {out.name} exists and is not a folder"
-    if any(out.iterdir()) and not (out / "card.json").is_file():
-        return f"--out {out.name} is a folder with files but no card.json (not a model folder); choose another"
-    return None
-
-
-@contextlib.contextmanager
-def staged_model_folder(out: Path):
-    """A fresh hidden folder beside ``out`` to write a model into; when the block ends without an error it
-    takes ``out``'s place by renames (a model folder already there is replaced whole), and on any error
-    (Ctrl-C included) it is removed and ``out`` is left as it was. A worker reading ``out`` meanwhile sees
-    the old model or the new one, never a mixture with stale checksums."""
-    out = Path(out)
-    problem = out_folder_problem(out)
-    if problem:
-        raise ValueError(problem)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-    stage.mkdir()
-    try:
-        yield stage
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
-            os.rename(out, old)
-        os.rename(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_epoch(path: Path) -> int:
