@@ -61,6 +61,7 @@ def job_rows(session, limit: int = 100, state: str | None = None) -> list[dict[s
             "note": job.reason or job.last_error or "",
             "created_at": job.created_at.isoformat() if job.created_at else None,
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "retry_at": job.retry_at.isoformat() if job.retry_at and job.state is JobState.RETRYING else None,
         })
     return rows
 

@@ -199,6 +199,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: a RETRYING job is not claimed before this time (the failed attempt's back-off), whichever message
+    #: delivers it; None = no back-off pending
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     sequence: Mapped[SequenceRecord] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job")
 

@@ -33,6 +33,7 @@ def retry_job(session_factory, celery_app, job_id: int) -> Job:
         job.last_error = ""
         job.reason = ""
         job.finished_at = None
+        job.retry_at = None
         session.commit()
     enqueue_job(celery_app, job_id)
     log.info("job %d re-queued by an admin", job_id)

@@ -107,7 +107,9 @@ def _show(args, settings) -> int:
         fields = [
             ("job", job.id), ("state", job.state.value), ("attempts", job.attempts),
             ("created", _when(job.created_at)), ("started", _when(job.started_at)),
-            ("finished", _when(job.finished_at)), ("model", f"{job.model_name} {job.model_version}".strip()),
+            ("finished", _when(job.finished_at)),
+            *([("next attempt", _when(job.retry_at))] if job.state is JobState.RETRYING and job.retry_at else []),
+            ("model", f"{job.model_name} {job.model_version}".strip()),
             ("reason", job.reason), ("last error", job.last_error), ("celery task", job.celery_task_id),
             ("sequence", f"{seq.id} ({seq.n_frames} frames, ordered by {seq.order_key or 'none'})"),
             ("series UID", series.series_uid), ("study UID", series.study.study_uid),

@@ -11,6 +11,9 @@ State machine of a job (every transition stamped in the database)::
 * **claim**: a conditional UPDATE (QUEUED or RETRYING → RUNNING, ``attempts + 1``, ``started_at``), so
   two deliveries of one job never both run it. A job that is RUNNING is claimed again only by the very
   task (same Celery task id) that claimed it: that is the broker re-delivering after a worker died.
+* **back-off**: a failed attempt stores ``retry_at`` (now + :func:`retry_delay`); a RETRYING job is not
+  claimed before then, whichever message delivers it (the task's own scheduled retry, a duplicate, or
+  the start-up re-enqueue of unfinished jobs), so a failing job cannot be hammered by extra messages.
 * **terminal states** (SUCCEEDED, NOT_PROCESSED, CANCELLED, FAILED) make a delivery a no-op.
 * **idempotent outputs**: the SR and SC UIDs are derived from the series and the model version, so a
   re-run writes the same files (replaced atomically) and replaces the job's earlier Result and the
@@ -32,6 +35,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -46,7 +50,8 @@ from worker.models import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-CLAIMABLE = (JobState.QUEUED, JobState.RETRYING)
+#: ceiling of one retry's back-off, however many attempts
+MAX_RETRY_DELAY_S = 3600.0
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.NOT_PROCESSED, JobState.CANCELLED, JobState.FAILED})
 NO_DESTINATION = ("no destination configured (settings.destination / MEDGRU_DESTINATION); the object "
                   "waits in the outbox until one is set")
@@ -63,13 +68,27 @@ class OutputObject:
     kind: str  # "sr" | "sc"
 
 
+def retry_delay(settings, attempts: int) -> float:
+    """Seconds to wait before attempt ``attempts + 1``: exponential from ``job_retry_backoff_s``."""
+    return float(min(MAX_RETRY_DELAY_S, settings.job_retry_backoff_s * (2 ** max(0, attempts - 1))))
+
+
+def seconds_until_retry(job: Job, now=None) -> float:
+    """Seconds until a RETRYING ``job``'s back-off ends (0 when it is over or none is pending)."""
+    if job.retry_at is None:
+        return 0.0
+    return max(0.0, (job.retry_at - (now or utcnow())).total_seconds())
+
+
 # ------------------------------------------------------------------------------------------ claim
 def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: str = ""
               ) -> tuple[bool, JobState | None]:
     """Make job ``job_id`` RUNNING if it may run now. Returns ``(claimed, state)``: ``(True, RUNNING)``,
-    or ``(False, its current state)`` (``None`` if there is no such job)."""
+    or ``(False, its current state)`` (``None`` if there is no such job). A RETRYING job whose back-off
+    (``retry_at``) has not ended may not run yet: ``(False, RETRYING)``."""
     now = utcnow()
-    may_run = Job.state.in_(CLAIMABLE)
+    may_run = or_(Job.state == JobState.QUEUED,
+                  and_(Job.state == JobState.RETRYING, or_(Job.retry_at.is_(None), Job.retry_at <= now)))
     if task_id:
         may_run = or_(may_run, and_(Job.state == JobState.RUNNING, Job.celery_task_id == task_id))
     with session_factory() as session:
@@ -77,7 +96,7 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: s
             update(Job)
             .where(Job.id == job_id, may_run)
             .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=now, finished_at=None,
-                    celery_task_id=task_id[:64], reason="")
+                    retry_at=None, celery_task_id=task_id[:64], reason="")
             .execution_options(synchronize_session=False)
         )
         session.commit()
@@ -102,7 +121,8 @@ def _finish(session: Session, job_id: int, state: JobState, **values) -> JobStat
 
 
 def record_failure(settings, session_factory: sessionmaker[Session], job_id: int, exc: BaseException) -> JobState:
-    """Record a failed attempt: RETRYING while retries are left, else FAILED. Returns the new state."""
+    """Record a failed attempt: RETRYING (with ``retry_at``, the end of its back-off) while retries are
+    left, else FAILED. Returns the new state."""
     message = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
     with session_factory() as session:
         job = session.get(Job, job_id, with_for_update=True)
@@ -114,15 +134,20 @@ def record_failure(settings, session_factory: sessionmaker[Session], job_id: int
         final = job.attempts > settings.job_max_retries
         job.state = JobState.FAILED if final else JobState.RETRYING
         job.last_error = message
+        delay = 0.0
         if final:
             job.finished_at = utcnow()
+            job.retry_at = None
+        else:
+            delay = retry_delay(settings, job.attempts)
+            job.retry_at = utcnow() + timedelta(seconds=delay)
         attempts = job.attempts
         session.commit()
     if final:
         log.error("job %d FAILED after %d attempts: %s", job_id, attempts, message)
         return JobState.FAILED
-    log.warning("job %d attempt %d failed, will retry (%d of %d retries used): %s",
-                job_id, attempts, attempts, settings.job_max_retries, message)
+    log.warning("job %d attempt %d failed, will retry in %.1f s (%d of %d retries used): %s",
+                job_id, attempts, delay, attempts, settings.job_max_retries, message)
     return JobState.RETRYING
 
 
@@ -198,7 +223,10 @@ def process_job(settings, session_factory: sessionmaker[Session], job_id: int, r
     if state is None:
         raise LookupError(f"no job {job_id}")
     if not claimed:
-        log.info("job %d is %s: nothing to do here", job_id, state.value)
+        if state is JobState.RETRYING:
+            log.info("job %d is in its retry back-off: not run before it ends", job_id)
+        else:
+            log.info("job %d is %s: nothing to do here", job_id, state.value)
         return state
     try:
         return _run(settings, session_factory, job_id, registry)

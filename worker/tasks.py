@@ -2,8 +2,10 @@
 
 Messages carry IDs only. The task is idempotent: a job already SUCCEEDED, NOT_PROCESSED, CANCELLED or
 FAILED is left alone, and a duplicate message for a job another worker is running is dropped (the
-claim is a conditional UPDATE). A failed attempt leaves the job RETRYING and the task re-schedules
-itself after ``job_retry_backoff_s * 2**(attempt-1)`` seconds; after ``job_max_retries`` retries the job
+claim is a conditional UPDATE). A failed attempt leaves the job RETRYING with ``retry_at`` =
+now + ``job_retry_backoff_s * 2**(attempt-1)`` seconds, and the task re-schedules itself for then; a
+message that delivers a RETRYING job before its ``retry_at`` (a duplicate, the start-up re-enqueue) does
+not run it but re-schedules itself for the rest of the back-off. After ``job_max_retries`` retries the job
 is FAILED with its ``last_error`` (never dropped; ``medgru jobs retry`` puts it back).
 """
 
@@ -21,18 +23,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import make_engine, make_session_factory
 from storage.models import Job, JobState
 from worker.models import ModelRegistry
-from worker.pipeline import process_job
+from worker.pipeline import process_job, retry_delay, seconds_until_retry
 
 log = logging.getLogger(__name__)
 
 RUN_JOB = "medgru.run_job"
-#: ceiling of one retry's countdown, however many attempts
-MAX_RETRY_DELAY_S = 3600.0
-
-
-def retry_delay(settings, attempts: int) -> float:
-    """Seconds to wait before attempt ``attempts + 1``: exponential from ``job_retry_backoff_s``."""
-    return float(min(MAX_RETRY_DELAY_S, settings.job_retry_backoff_s * (2 ** max(0, attempts - 1))))
 
 
 @dataclass
@@ -81,12 +76,15 @@ def run_job(self, *, job_id: int) -> str:
         log.error("job %d: could not record its outcome (%s: %s); task retried in %.1f s",
                   job_id, type(exc).__name__, exc, delay)
         raise self.retry(exc=exc, countdown=delay)
-    if state is JobState.RETRYING:
+    if state is JobState.RETRYING:  # failed just now, or delivered again before its back-off ended
         with ctx.session_factory() as session:
             job = session.get(Job, job_id)
-            attempts = job.attempts if job is not None else 1
-        delay = retry_delay(settings, attempts)
-        log.info("job %d: attempt %d failed; retry in %.1f s", job_id, attempts, delay)
+            if job is None:
+                log.error("job %d vanished while RETRYING; message dropped", job_id)
+                return "missing"
+            attempts = job.attempts
+            delay = seconds_until_retry(job) if job.retry_at is not None else retry_delay(settings, attempts)
+        log.info("job %d: attempt %d failed; next attempt in %.1f s", job_id, attempts, delay)
         raise self.retry(countdown=delay)
     return state.value
 

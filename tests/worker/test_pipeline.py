@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pydicom
 import pytest
 from sqlalchemy import select
 
-from storage.models import Job, JobState, OutboxItem, OutboxState, Result
+from storage.models import Job, JobState, OutboxItem, OutboxState, Result, utcnow
 from tests.worker.conftest import BRAINIX, KNEE, MODEL_NAME, MODEL_VERSION, add_series
 from worker.models import ModelRegistry
-from worker.pipeline import NO_DESTINATION, process_job
+from worker.pipeline import NO_DESTINATION, process_job, seconds_until_retry
 
 pytestmark = pytest.mark.integration  # PostgreSQL is a real peer
 
@@ -76,7 +78,7 @@ def test_uncovered_sequence_is_not_processed_without_outputs(worker_settings, se
 
 
 def test_failing_job_is_retried_then_failed_with_last_error(worker_settings, session_factory, dicom_corpus):
-    settings = worker_settings(job_max_retries=2)
+    settings = worker_settings(job_max_retries=2, job_retry_backoff_s=0.0)  # back-off: the test below
     job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
     victim = sorted((settings.spool_dir).rglob("*.dcm"))[1]
     victim_uid = victim.stem
@@ -143,3 +145,51 @@ def test_without_destination_items_wait_in_outbox(worker_settings, session_facto
     assert all(i.destination == "" and i.state is OutboxState.PENDING and i.last_error == NO_DESTINATION
                for i in items)
     assert all((settings.outbox_dir / i.path).is_file() for i in items)
+
+
+def test_retrying_job_is_not_run_before_its_back_off_ends(worker_settings, session_factory, dicom_corpus):
+    """A message that delivers a RETRYING job early (a duplicate, the start-up re-enqueue) does not run it."""
+    settings = worker_settings(job_max_retries=3, job_retry_backoff_s=30.0)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
+    victim = sorted((settings.spool_dir).rglob("*.dcm"))[1]
+    good = victim.read_bytes()
+    victim.write_bytes(good[:400])
+    registry = ModelRegistry.from_settings(settings)
+
+    before = utcnow()
+    assert process_job(settings, session_factory, job_id, registry) is JobState.RETRYING
+    job = _job(session_factory, job_id)
+    assert job.attempts == 1
+    assert before + timedelta(seconds=30) <= job.retry_at <= utcnow() + timedelta(seconds=30)
+    assert seconds_until_retry(job) > 25
+
+    # an early delivery: not claimed, attempts and back-off unchanged
+    assert process_job(settings, session_factory, job_id, registry) is JobState.RETRYING
+    early = _job(session_factory, job_id)
+    assert early.attempts == 1 and early.retry_at == job.retry_at and early.state is JobState.RETRYING
+
+    # once the back-off has passed, the next delivery runs it (the file was repaired meanwhile)
+    victim.write_bytes(good)
+    with session_factory() as s:
+        s.get(Job, job_id).retry_at = utcnow() - timedelta(seconds=1)
+        s.commit()
+    assert process_job(settings, session_factory, job_id, registry) is JobState.SUCCEEDED
+    done = _job(session_factory, job_id)
+    assert done.attempts == 2 and done.retry_at is None
+
+
+def test_second_failure_doubles_the_back_off(worker_settings, session_factory, dicom_corpus):
+    settings = worker_settings(job_max_retries=3, job_retry_backoff_s=10.0)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=2)
+    victim = sorted((settings.spool_dir).rglob("*.dcm"))[0]
+    victim.write_bytes(victim.read_bytes()[:400])
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, job_id, registry) is JobState.RETRYING
+    with session_factory() as s:
+        s.get(Job, job_id).retry_at = utcnow() - timedelta(seconds=1)
+        s.commit()
+    t0 = utcnow()
+    assert process_job(settings, session_factory, job_id, registry) is JobState.RETRYING
+    job = _job(session_factory, job_id)
+    assert job.attempts == 2
+    assert t0 + timedelta(seconds=20) <= job.retry_at <= utcnow() + timedelta(seconds=20)

@@ -147,3 +147,41 @@ def test_recover_orphans_requeues_unfinished_jobs(worker_settings, session_facto
 
     sent = sorted(json.loads(base64.b64decode(m["body"]))[1]["job_id"] for m in _queued_messages(settings))
     assert sent == sorted(ids[:3])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_early_delivery_of_a_retrying_job_is_rescheduled_for_the_rest_of_its_back_off(
+        worker_settings, session_factory, dicom_corpus, monkeypatch):
+    """The task does not run a RETRYING job before ``retry_at``: it re-schedules itself for what is left."""
+    from datetime import timedelta
+
+    from storage.models import utcnow
+
+    settings = worker_settings(job_max_retries=3, job_retry_backoff_s=30.0)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    with session_factory() as s:
+        job = s.get(Job, job_id)
+        job.state, job.attempts, job.retry_at = JobState.RETRYING, 1, utcnow() + timedelta(seconds=20)
+        s.commit()
+    app = make_celery(settings, queue="medgru.early")
+    task = app.tasks[RUN_JOB]
+    countdowns: list[float] = []
+
+    class Rescheduled(Exception):
+        pass
+
+    def fake_retry(*, countdown, **_kw):
+        countdowns.append(countdown)
+        return Rescheduled()
+
+    monkeypatch.setattr(task, "retry", fake_retry)
+    task.push_request(id="duplicate-message", retries=0)
+    try:
+        with pytest.raises(Rescheduled):
+            task.run(job_id=job_id)
+    finally:
+        task.pop_request()
+    assert len(countdowns) == 1 and 15.0 < countdowns[0] <= 20.0
+    with session_factory() as s:
+        job = s.get(Job, job_id)
+        assert job.state is JobState.RETRYING and job.attempts == 1  # not run
