@@ -123,6 +123,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="append to the h_T embedding the GAP of the ConvGRU's input (the 1x1-reduced "
                              "backbone maps, over frames and positions): a skip connection around the "
                              "recurrence; the whole embedding is then z-scored on the training normals")
+    parser.add_argument("--reframe-copies", type=int, default=0,
+                        help="add this many randomly re-framed copies (zoom, shift, small rotation; "
+                             "inference.augment) of every fit normal to the ConvGRU's and the boundary's "
+                             "training set, so that framing alone is not taken for an anomaly (0 = none)")
+    parser.add_argument("--reframe-scale", type=float, default=0.15, help="re-framing zoom range: 1 +/- this")
+    parser.add_argument("--reframe-shift", type=float, default=0.06,
+                        help="re-framing shift range, a fraction of the image size")
+    parser.add_argument("--reframe-rotate", type=float, default=5.0, help="re-framing rotation range, degrees")
     parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden-channels", type=int, default=64)
@@ -213,26 +221,36 @@ class FeatureCache:
             return synthetic_seed
         return [synthetic_seed, SYNTHETIC_VERSION, list(KINDS)]
 
-    def features(self, rows: Sequence, *, synthetic_seed: int | None = None, desc: str = "features"):
-        """``(N, 1, C, h, w)`` float16 torch tensor for the rows (synthetic anomalies if a seed is given)."""
+    def features(self, rows: Sequence, *, synthetic_seed: int | None = None, desc: str = "features",
+                 reframe_seed: int | None = None, reframe_params=None):
+        """``(N, 1, C, h, w)`` float16 torch tensor for the rows (synthetic anomalies if a seed is given;
+        each image randomly re-framed first, :func:`inference.augment.reframe`, if ``reframe_seed`` is)."""
         import torch
         from tqdm import tqdm
 
+        from inference.augment import ReframeParams, reframe
         from inference.synthetic import synthesize
         from training.manifest import load_sequences
 
-        key = _hash({"rows": [_file_key(r.path) for r in rows], "prep": self._prep_key(),
-                     "syn": self._syn_key(synthetic_seed)})
+        if reframe_seed is not None and reframe_params is None:
+            reframe_params = ReframeParams()
+        key_parts: dict[str, Any] = {"rows": [_file_key(r.path) for r in rows], "prep": self._prep_key(),
+                                     "syn": self._syn_key(synthetic_seed)}
+        if reframe_seed is not None:  # only then, so that older cache entries keep their keys
+            key_parts["reframe"] = [reframe_seed, reframe_params.key()]
+        key = _hash(key_parts)
         path = self.folder / f"{desc.replace(' ', '_')}-{key}.npy"
         if path.is_file():
             arr = np.load(path, mmap_mode="r")
             log.info("feature cache hit %s (%d images)", path.name, len(arr))
             return torch.from_numpy(np.array(arr))[:, None]
-        if synthetic_seed is None and self.lookup is not None and all(str(r.path) in self.lookup for r in rows):
+        if (synthetic_seed is None and reframe_seed is None and self.lookup is not None
+                and all(str(r.path) in self.lookup for r in rows)):
             arr = np.stack([self.lookup[str(r.path)] for r in rows]).astype(np.float16)
             np.save(path, arr)
             return torch.from_numpy(arr)[:, None]
         rng = np.random.default_rng(synthetic_seed) if synthetic_seed is not None else None
+        frame_rng = np.random.default_rng(reframe_seed) if reframe_seed is not None else None
         chunks = []
         bs = 32
         for i in tqdm(range(0, len(rows), bs), desc=desc, unit="batch"):
@@ -240,6 +258,8 @@ class FeatureCache:
             frames = []
             for s in seqs:
                 f = s.frames[-1]
+                if frame_rng is not None:
+                    f = reframe(f, frame_rng, reframe_params)
                 if rng is not None:
                     f, _, _ = synthesize(f, rng)
                 pre = self.det.preprocess(type(s)(frames=f[None], bits_stored=s.bits_stored))
@@ -344,6 +364,16 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     cache_dir = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "features"
     cache = FeatureCache(cache_dir, det, workers=args.workers)
     feats: dict[str, Any] = {"fit": cache.features(fit_rows, desc="fit normals")}
+    if args.reframe_copies < 0:
+        raise ValueError(f"--reframe-copies must be >= 0, got {args.reframe_copies}")
+    if args.reframe_copies:  # augmentation of the fit normals only: HPO and calibration stay as acquired
+        from inference.augment import ReframeParams
+
+        params = ReframeParams(scale=args.reframe_scale, shift=args.reframe_shift, rotate=args.reframe_rotate)
+        feats["fit"] = torch.cat([feats["fit"], *(
+            cache.features(fit_rows, reframe_seed=args.seed * 1000 + 500 + k, reframe_params=params,
+                           desc="fit reframed") for k in range(args.reframe_copies))])
+        log.info("fit set: %d normals + %d re-framed copies", len(fit_rows), len(feats["fit"]) - len(fit_rows))
     syn_rows = fit_rows
     if args.synthetic_max and len(fit_rows) > args.synthetic_max:
         pick = np.random.default_rng(args.seed + 1).choice(len(fit_rows), args.synthetic_max, replace=False)
@@ -371,6 +401,8 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
         feats["pool"] = cache.features(train_rows, desc="unlabelled train")  # labels ignored
     skip = ("out", "report_split", "name", "version", "description", "func", "training_data", "modalities",
             "body_parts", "workers", "cluster_gamma")  # cluster_gamma: after the encoder, keeps old run keys
+    if not args.reframe_copies:  # runs without re-framing keep the keys they had before it existed
+        skip += ("reframe_copies", "reframe_scale", "reframe_shift", "reframe_rotate")
     # the images themselves (path, size, mtime) are part of the key: a manifest edited to other images of
     # the same count gets a checkpoint of its own (the detector also refuses one whose data differ)
     run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals),
@@ -526,7 +558,10 @@ def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared
         training_data=args.training_data or (
             f"{len(normals)} normal images from {Path(source).parent.name}/{Path(source).name} split {args.train_split!r} "
             f"({len(fit_rows)} fit / {len(hpo_rows)} HPO / {len(cal_rows)} calibration)"
-            + (f"; plus {len(labelled)} labelled anomalies of that split (supervised mode)" if labelled else "")),
+            + (f"; plus {len(labelled)} labelled anomalies of that split (supervised mode)" if labelled else "")
+            + (f"; the fit normals augmented with {args.reframe_copies} randomly re-framed copies each (zoom "
+               f"1 +/- {args.reframe_scale:g}, shift +/- {args.reframe_shift:g}, rotation +/- "
+               f"{args.reframe_rotate:g} degrees)" if args.reframe_copies else "")),
         metrics=metrics,
         files={f: sha256_file(out / f) for f in files},
         params=params,

@@ -328,3 +328,46 @@ def test_an_out_folder_that_is_not_a_model_folder_is_refused_before_any_work(tmp
         assert "not a model folder" in caplog.text
     assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
     assert not (tmp_path / "cache").exists()  # no backbone pass, no training
+
+
+def test_reframe_copies_augment_the_fit_normals_only(tmp_path, data_root):
+    import torch
+
+    from medgru.settings import Settings
+    from training.train import prepare
+
+    manifest = _slice_with_anomalies(tmp_path, data_root, n_anomalies=0)
+    settings = Settings(home=tmp_path / "home", data_root=data_root)
+    plain = prepare(_tiny_args(manifest, tmp_path / "p", tmp_path / "cache"), settings)
+    aug = prepare(_tiny_args(manifest, tmp_path / "a", tmp_path / "cache", "--reframe-copies", "2"), settings)
+    n = len(plain.fit_rows)
+    assert len(plain.features["fit"]) == n and len(aug.features["fit"]) == 3 * n
+    assert torch.equal(aug.features["fit"][:n], plain.features["fit"])  # the acquired images come first
+    copy1, copy2 = aug.features["fit"][n:2 * n].float(), aug.features["fit"][2 * n:].float()
+    base = plain.features["fit"].float()
+    assert not torch.allclose(copy1, base, atol=1e-2) and not torch.allclose(copy1, copy2, atol=1e-2)
+    for key in ("hpo", "cal"):  # held-out normals stay as acquired
+        assert torch.equal(aug.features[key], plain.features[key])
+    assert aug.checkpoint != plain.checkpoint
+    assert len(list((tmp_path / "cache").glob("fit_reframed-*.npy"))) == 2
+    # the same command again: the same copies, from the cache
+    again = prepare(_tiny_args(manifest, tmp_path / "a", tmp_path / "cache", "--reframe-copies", "2"), settings)
+    assert torch.equal(again.features["fit"], aug.features["fit"]) and again.checkpoint == aug.checkpoint
+    with pytest.raises(ValueError, match="reframe-copies"):
+        prepare(_tiny_args(manifest, tmp_path / "n", tmp_path / "cache", "--reframe-copies", "-1"), settings)
+
+
+@pytest.mark.slow
+def test_a_model_trained_with_reframe_copies_says_so_in_its_card(tmp_path, data_root):
+    from medgru.settings import Settings
+
+    manifest = _slice_with_anomalies(tmp_path, data_root, n_anomalies=0)
+    settings = Settings(home=tmp_path / "home", data_root=data_root)
+    out = tmp_path / "m"
+    assert run(_tiny_args(manifest, out, tmp_path / "cache", "--loss", "reconstruct", "--reframe-copies", "1"),
+               settings) == 0
+    card = ModelCard.read(out)
+    assert "augmented with 1 randomly re-framed copies each (zoom 1 +/- 0.15" in card.training_data
+    training = json.loads((out / "training.json").read_text())
+    assert training["command_args"]["reframe_copies"] == 1
+    assert load_model(out).threshold is not None

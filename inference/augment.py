@@ -1,0 +1,69 @@
+"""Re-framing: a normal image as another acquisition would have framed it (training augmentation only).
+
+Radiographs of the same anatomy differ in field of view, centring and tilt from one technician, room or
+site to the next. A one-class model trained on normals framed one way learns that framing as part of
+"normal" and flags normals framed otherwise, whatever their anatomy. On the Kermany benchmark the train
+split's normals are framed more uniformly than its pneumonia images or than the test split's normals,
+so a template-correlation score that sees nothing but framing separates the train split's classes
+(``benchmarks/results/medgru-v7.md``).
+
+:func:`reframe` applies one random similarity transform (zoom, shift, small rotation) to a windowed frame
+before CLAHE, filling what comes into view with black, as a collimated edge looks. ``medgru train
+--reframe-copies K`` adds K such copies of every fit normal to the ConvGRU's and the boundary's training
+set; the HPO and calibration normals stay as acquired. Nothing here runs at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+#: bump when :func:`reframe` changes (feature caches key on it)
+REFRAME_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReframeParams:
+    """Ranges of the random similarity transform (uniform; the zoom uniform in log scale)."""
+
+    #: zoom factor drawn from [1 - scale, 1 + scale] (log-uniform)
+    scale: float = 0.15
+    #: shift along each axis, as a fraction of that axis' length
+    shift: float = 0.06
+    #: rotation in degrees, either way
+    rotate: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.scale < 1:
+            raise ValueError(f"reframe scale must be in [0, 1), got {self.scale}")
+        if not 0 <= self.shift < 0.5:
+            raise ValueError(f"reframe shift must be in [0, 0.5), got {self.shift}")
+        if not 0 <= self.rotate <= 45:
+            raise ValueError(f"reframe rotation must be in [0, 45] degrees, got {self.rotate}")
+
+    def key(self) -> dict:
+        return {"v": REFRAME_VERSION, **asdict(self)}
+
+
+def reframe_matrix(shape: tuple[int, int], rng: np.random.Generator, params: ReframeParams = ReframeParams()
+                   ) -> np.ndarray:
+    """The 2x3 affine matrix of one random re-framing of a ``shape`` = ``(H, W)`` frame."""
+    h, w = shape
+    zoom = float(np.exp(rng.uniform(np.log(1 - params.scale), np.log(1 + params.scale)))) if params.scale else 1.0
+    angle = float(rng.uniform(-params.rotate, params.rotate))
+    tx, ty = rng.uniform(-params.shift, params.shift, 2) * (w, h)
+    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, zoom)
+    m[:, 2] += (tx, ty)
+    return m
+
+
+def reframe(frame: np.ndarray, rng: np.random.Generator, params: ReframeParams = ReframeParams()) -> np.ndarray:
+    """One random re-framing of a 2-D windowed frame (float in [0, 1]); same shape and dtype float32."""
+    f = np.asarray(frame, dtype=np.float32)
+    if f.ndim != 2:
+        raise ValueError(f"reframe expects one 2-D frame, got shape {f.shape}")
+    m = reframe_matrix(f.shape, rng, params)
+    return cv2.warpAffine(f, m, (f.shape[1], f.shape[0]), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)

@@ -1,0 +1,67 @@
+"""Re-framing augmentation (training only): a random zoom / shift / small rotation of a windowed frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.augment import ReframeParams, reframe, reframe_matrix
+
+
+def _frame() -> np.ndarray:
+    yy, xx = np.mgrid[0:96, 0:80].astype(np.float32)
+    return (0.2 + 0.6 * np.exp(-((yy - 48) ** 2 + (xx - 40) ** 2) / 400.0)).astype(np.float32)
+
+
+def test_zero_ranges_leave_the_frame_as_it_is():
+    f = _frame()
+    out = reframe(f, np.random.default_rng(0), ReframeParams(scale=0.0, shift=0.0, rotate=0.0))
+    assert out.dtype == np.float32 and out.shape == f.shape
+    np.testing.assert_allclose(out, f, atol=1e-5)
+
+
+def test_seeded_and_varied():
+    f = _frame()
+    a = reframe(f, np.random.default_rng(3))
+    b = reframe(f, np.random.default_rng(3))
+    c = reframe(f, np.random.default_rng(4))
+    assert np.array_equal(a, b) and not np.allclose(a, c, atol=1e-3)
+    assert a.shape == f.shape and 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_zooming_out_brings_black_edges_into_view_and_keeps_the_centre():
+    f = np.full((100, 100), 0.5, np.float32)
+    p = ReframeParams(scale=0.3, shift=0.0, rotate=0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # draw until a zoom-out comes up
+        state = rng.bit_generator.state
+        zoom = reframe_matrix(f.shape, rng, p)[0, 0]
+        if zoom < 0.9:
+            rng.bit_generator.state = state
+            out = reframe(f, rng, p)
+            break
+    else:
+        pytest.fail("no zoom-out in 20 draws")
+    assert out[0, 0] == 0.0 and out[-1, -1] == 0.0  # the corners came from outside the image
+    assert out[50, 50] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_ranges_are_drawn_within_bounds():
+    p = ReframeParams(scale=0.15, shift=0.06, rotate=5.0)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        m = reframe_matrix((224, 224), rng, p)
+        zoom = float(np.hypot(m[0, 0], m[0, 1]))
+        angle = float(np.degrees(np.arctan2(m[0, 1], m[0, 0])))
+        assert 0.85 - 1e-9 <= zoom <= 1.15 + 1e-9 and abs(angle) <= 5.0 + 1e-9
+
+
+@pytest.mark.parametrize("bad", [dict(scale=1.0), dict(scale=-0.1), dict(shift=0.5), dict(rotate=90.0)])
+def test_out_of_range_parameters_are_refused(bad):
+    with pytest.raises(ValueError):
+        ReframeParams(**bad)
+
+
+def test_only_2d_frames():
+    with pytest.raises(ValueError, match="2-D"):
+        reframe(np.zeros((2, 8, 8), np.float32), np.random.default_rng(0))
