@@ -395,3 +395,26 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path
     st = torch.load(ck, weights_only=True)
     assert st["epoch"] == 1 and torch.equal(st["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+def test_training_flushes_denormals_and_restores_the_mode_after():
+    from inference.detectors.medgru_svc import denormals_flushed
+
+    tiny = torch.tensor([1e-38], dtype=torch.float32)
+    assert float(tiny * 1e-2) != 0.0  # a denormal result, kept outside the block
+    with denormals_flushed():
+        assert float(tiny * 1e-2) == 0.0
+    assert float(tiny * 1e-2) != 0.0
+    with pytest.raises(RuntimeError):
+        with denormals_flushed():
+            raise RuntimeError("training failed")
+    assert float(tiny * 1e-2) != 0.0  # restored after a failure too
+
+    seen: list[float] = []  # the training loop runs inside it
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=1, batch_size=8,
+                    loss="reconstruct", hpo_trials=0)
+    det.encoder = det._new_encoder()
+    empty = maps(0, 0)
+    det._train_encoder(maps(16, 1), empty, np.random.default_rng(0), report={}, checkpoint=None,
+                       progress=lambda it: (seen.append(float(tiny * 1e-2)) or e for e in it))
+    assert seen == [0.0]
