@@ -29,6 +29,16 @@ same held-out normals and anomalies: mirror augmentation, a candidate for the br
 not for the chest (the heart is on the left). Measured for 6.0.0 in ``results/medgru-v6.md``:
 
     python benchmarks/recipe_selection.py --dataset brain_mri --skip reduced --hflip h=128,r=256,e=30
+
+``--reframe K`` (``results/medgru-v7.md``) asks whether a score detects the anomalies or the way the images
+are framed. It adds a second validation set, the same held-out normals and train anomalies each randomly
+re-framed once (:func:`inference.augment.reframe`: zoom, shift, small rotation), so that framing carries
+no label there, and scores every row on both (``plain`` / ``reframed``). It also trains each
+configuration on the fit normals plus K re-framed copies of each (``medgru train --reframe-copies K``),
+and prints a template-correlation score (1 - correlation of a 56x56 thumbnail with the fit normals' mean
+thumbnail), which sees framing and nothing else, on both validation sets:
+
+    python benchmarks/recipe_selection.py --dataset kermany_cxr --grids 3 --reframe 2 h=128,r=256,e=30 gap
 """
 
 from __future__ import annotations
@@ -74,7 +84,7 @@ def heads(ef: np.ndarray, en: np.ndarray, ea: np.ndarray) -> dict[str, float]:
     return res
 
 
-def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None):
+def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, reframe_copies: int | None = None):
     """Backbone maps ``(fit normals, held-out normals, train anomalies)`` of the validation split above."""
     import tempfile
 
@@ -96,11 +106,47 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None):
     tmp = tempfile.TemporaryDirectory(prefix="recipe-maps-") if cache_dir is None else None
     cache = FeatureCache(cache_dir or Path(tmp.name), MedGRUSVC())  # the training code's own backbone maps
     maps_n, maps_a = cache.features(normals, desc="train normals"), cache.features(anomalies, desc="train anomalies")
-    if tmp is not None:
-        tmp.cleanup()
     mask = torch.from_numpy(held)
     fit_rows = [r for r, h in zip(normals, held) if not h]
+    held_rows = [r for r, h in zip(normals, held) if h]
+    extra = {}
+    if reframe_copies is not None:  # re-framed validation (one copy each) and K re-framed copies of the fit
+        extra["vn_r"] = cache.features(held_rows, reframe_seed=101, desc="held-out reframed")
+        extra["va_r"] = cache.features(anomalies, reframe_seed=102, desc="anomalies reframed")
+        extra["fit_r"] = [cache.features(fit_rows, reframe_seed=500 + k, desc="fit reframed")
+                          for k in range(reframe_copies)]
+        extra["framing"] = framing_scores(fit_rows, held_rows, anomalies)
+    if tmp is not None:
+        tmp.cleanup()
+    if reframe_copies is not None:
+        return maps_n[~mask], maps_n[mask], maps_a, fit_rows, extra
     return maps_n[~mask], maps_n[mask], maps_a, fit_rows
+
+
+def framing_scores(fit_rows, held_rows, anomalies) -> dict[str, float]:
+    """Validation AUROC of a score that sees framing only: 1 - correlation of each image's 56x56 thumbnail
+    with the fit normals' mean thumbnail; on the images as acquired and re-framed as the validation's."""
+    import cv2
+
+    from inference.augment import reframe
+    from training.manifest import load_sequences
+
+    def thumbs(rows, seed=None):
+        rng = np.random.default_rng(seed) if seed is not None else None
+        out = []
+        for s in load_sequences(rows):
+            f = np.asarray(s.frames[-1], np.float32)
+            out.append(cv2.resize(reframe(f, rng) if rng is not None else f, (56, 56), interpolation=cv2.INTER_AREA))
+        x = np.stack(out).reshape(len(out), -1)
+        x = x - x.mean(1, keepdims=True)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    template = thumbs(fit_rows).mean(0)
+    template /= np.linalg.norm(template)
+    plain = auroc(1 - thumbs(held_rows) @ template, 1 - thumbs(anomalies) @ template)
+    # the seeds of the re-framed validation maps: the same transforms as the detector sees there
+    refr = auroc(1 - thumbs(held_rows, 101) @ template, 1 - thumbs(anomalies, 102) @ template)
+    return {"plain": plain, "reframed": refr}
 
 
 def mirrored_maps(rows) -> "torch.Tensor":
@@ -179,12 +225,24 @@ def main(argv: list[str] | None = None) -> int:
                          "1x1 reducer's output of the last frame (each block z-scored on the fit normals)")
     ap.add_argument("--hflip", action="store_true",
                     help="also train each ConvGRU configuration on the fit normals plus their mirror images")
+    ap.add_argument("--reframe", type=int, default=None, metavar="K",
+                    help="also score every row on a re-framed validation set (framing carries no label there) "
+                         "and train each configuration on the fit normals plus K re-framed copies of each")
     ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
-    fit_plain, vn, va, fit_rows = validation_maps(args.dataset, args.data_root, args.cache)
+    if args.reframe is None:
+        fit_plain, vn, va, fit_rows = validation_maps(args.dataset, args.data_root, args.cache)
+        held_sets = [(vn, va)]
+    else:
+        fit_plain, vn, va, fit_rows, extra = validation_maps(args.dataset, args.data_root, args.cache,
+                                                             reframe_copies=args.reframe)
+        held_sets = [(vn, va), (extra["vn_r"], extra["va_r"])]
+        print("template-correlation (framing only) score: validation AUROC plain {plain:.3f}, "
+              "reframed {reframed:.3f}".format(**extra["framing"]))
+    set_names = ["plain", "reframed"][:len(held_sets)]
     print(f"{args.dataset}: {len(fit_plain)} fit normals, {len(vn)} held-out normals, "
           f"{len(va)} train anomalies (validation)")
     grids = [int(g) for g in args.grids.split(",")]
@@ -192,30 +250,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.hflip:
         both = torch.cat([fit_plain, mirrored_maps(fit_rows)])
         runs += [(cfg, "[hflip-trained]", both) for cfg in args.configs if cfg != "gap"]
+    if args.reframe:
+        augmented = torch.cat([fit_plain, *extra["fit_r"]])
+        runs += [(cfg, f"[+{args.reframe} reframed]", augmented) for cfg in args.configs]
     for cfg, tag, fit in runs:
         t0 = time.perf_counter()
+        maps = [fit, *(m for pair in held_sets for m in pair)]
         if cfg == "gap":
-            rows_out = [("gap", [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in (fit, vn, va)])]
+            rows_out = [("gap" + tag, [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in maps])]
         else:
             det = trained_convgru(cfg, fit)
             rows_out = []
             for g in grids:
                 det.embedding, det.flatten_grid = ("gap", 4) if g == 1 else ("flatten", g)
                 name = (cfg if g == 1 else f"{cfg},grid={g}") + tag
-                emb = [det.embed_features(m) for m in (fit, vn, va)]
+                emb = [det.embed_features(m) for m in maps]
                 rows_out.append((name, emb))
                 for kind in filter(None, args.skip.split(",")):
-                    block = [skip_block(det, kind, m) for m in (fit, vn, va)]
+                    block = [skip_block(det, kind, m) for m in maps]
                     rows_out.append((f"{name}+{kind}", concat_z(emb, block)))
                     if g == grids[0] and kind == "reduced":  # the block alone: what the ConvGRU adds to it
                         rows_out.append((f"{cfg}{tag}:reduced only", block))
         fit_s = time.perf_counter() - t0
         for name, emb in rows_out:
-            res = heads(*emb)
-            svdd = [v for k, v in res.items() if k.startswith("svdd")]
-            print(f"{name:<22} {fit_s:6.0f} s  gauss {res['gauss']:.3f}  knn5 {res['knn5']:.3f}  "
-                  f"SVDD {min(svdd):.3f}-{max(svdd):.3f}  " + " ".join(f"{k[5:]}={v:.3f}" for k, v in res.items()
-                                                                    if k.startswith("svdd")), flush=True)
+            for i, set_name in enumerate(set_names):
+                res = heads(emb[0], emb[1 + 2 * i], emb[2 + 2 * i])
+                svdd = [v for k, v in res.items() if k.startswith("svdd")]
+                label = name if len(set_names) == 1 else f"{name} | {set_name}"
+                print(f"{label:<22} {fit_s:6.0f} s  gauss {res['gauss']:.3f}  knn5 {res['knn5']:.3f}  "
+                      f"SVDD {min(svdd):.3f}-{max(svdd):.3f}  " + " ".join(
+                          f"{k[5:]}={v:.3f}" for k, v in res.items() if k.startswith("svdd")), flush=True)
     return 0
 
 
