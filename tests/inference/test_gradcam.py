@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from inference.convgru import ConvRecurrentEncoder, global_average_pool
@@ -82,3 +83,21 @@ def test_a_skip_path_term_is_added_inside_the_relu():
     assert float(cam_from_states([h], (3, 3)).max()) == 0.0  # without the term: an all-zero map
     with pytest.raises(ValueError):
         cam_from_states([h, h], (3, 3), extra=[(a, g)])
+
+
+def test_tiny_gradients_give_the_same_map_as_ordinary_ones():
+    """The score is back-propagated with GRADIENT_SCALE: a score whose gradients would be denormal
+    (slow on a CPU, and coarse) gives the map of the same score at an ordinary scale."""
+    from inference.gradcam import GRADIENT_SCALE
+
+    assert GRADIENT_SCALE > 1 and np.log2(GRADIENT_SCALE) == int(np.log2(GRADIENT_SCALE))  # exact scaling
+    torch.manual_seed(0)
+    enc = ConvRecurrentEncoder(3, hidden_channels=4, reduce_channels=0)
+    x = torch.rand(1, 2, 3, 8, 8)
+    weights = torch.rand(4) + 0.5
+    maps = {}
+    for scale in (1.0, 1e-42):
+        _, maps[scale] = grad_cam(enc.cells[0], lambda: scale * (global_average_pool(enc(x))[0] * weights).sum(),
+                                  (8, 8))
+    assert maps[1.0].max() == pytest.approx(1.0)
+    np.testing.assert_allclose(maps[1e-42], maps[1.0], atol=1e-5)
