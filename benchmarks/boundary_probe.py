@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from inference.svdd import SVDDBoundary
 
     torch.set_num_threads(2)
-    fit, vn, va, _ = validation_maps(args.dataset, args.data_root, args.cache)
+    fit, vn, va, _, _ = validation_maps(args.dataset, args.data_root, args.cache)
     det = trained_convgru("h=128,r=256,e=30", fit)
     rows = []
     for grid in (1, 3):

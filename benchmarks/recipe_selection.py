@@ -85,7 +85,9 @@ def heads(ef: np.ndarray, en: np.ndarray, ea: np.ndarray) -> dict[str, float]:
 
 
 def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, reframe_copies: int | None = None):
-    """Backbone maps ``(fit normals, held-out normals, train anomalies)`` of the validation split above."""
+    """Backbone maps ``(fit normals, held-out normals, train anomalies)`` of the validation split above,
+    then the fit rows and ``extra``: empty, or with ``reframe_copies`` given, the re-framed validation maps
+    (``vn_r``, ``va_r``), the fit normals' K re-framed copies (``fit_r``) and the framing-only scores."""
     import tempfile
 
     import torch
@@ -118,9 +120,7 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, refra
         extra["framing"] = framing_scores(fit_rows, held_rows, anomalies)
     if tmp is not None:
         tmp.cleanup()
-    if reframe_copies is not None:
-        return maps_n[~mask], maps_n[mask], maps_a, fit_rows, extra
-    return maps_n[~mask], maps_n[mask], maps_a, fit_rows
+    return maps_n[~mask], maps_n[mask], maps_a, fit_rows, extra
 
 
 def framing_scores(fit_rows, held_rows, anomalies) -> dict[str, float]:
@@ -233,13 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    if args.reframe is None:
-        fit_plain, vn, va, fit_rows = validation_maps(args.dataset, args.data_root, args.cache)
-        held_sets = [(vn, va)]
-    else:
-        fit_plain, vn, va, fit_rows, extra = validation_maps(args.dataset, args.data_root, args.cache,
-                                                             reframe_copies=args.reframe)
-        held_sets = [(vn, va), (extra["vn_r"], extra["va_r"])]
+    fit_plain, vn, va, fit_rows, extra = validation_maps(args.dataset, args.data_root, args.cache,
+                                                         reframe_copies=args.reframe)
+    held_sets = [(vn, va)]
+    if extra:
+        held_sets.append((extra["vn_r"], extra["va_r"]))
         print("template-correlation (framing only) score: validation AUROC plain {plain:.3f}, "
               "reframed {reframed:.3f}".format(**extra["framing"]))
     set_names = ["plain", "reframed"][:len(held_sets)]
