@@ -397,18 +397,29 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
 
 
-def test_training_flushes_denormals_and_restores_the_mode_after():
-    from inference.detectors.medgru_svc import denormals_flushed
+def test_training_flushes_denormals_on_every_worker_thread_and_leaves_the_callers_mode():
+    from inference.detectors.medgru_svc import run_denormals_flushed
 
     tiny = torch.tensor([1e-38], dtype=torch.float32)
-    assert float(tiny * 1e-2) != 0.0  # a denormal result, kept outside the block
-    with denormals_flushed():
-        assert float(tiny * 1e-2) == 0.0
-    assert float(tiny * 1e-2) != 0.0
-    with pytest.raises(RuntimeError):
-        with denormals_flushed():
-            raise RuntimeError("training failed")
-    assert float(tiny * 1e-2) != 0.0  # restored after a failure too
+    big = torch.full((1 << 20,), 1e-38, dtype=torch.float32)  # large enough to be split over the threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert float(tiny * 1e-2) != 0.0  # a denormal result, kept outside
+        (big * 1e-2).sum()  # the caller's worker pool exists before the flush is asked for
+
+        def body(cancel):
+            assert not cancel.is_set()
+            return float(tiny * 1e-2), int(((big * 1e-2) != 0).sum()), torch.get_num_threads()
+
+        assert run_denormals_flushed(body) == (0.0, 0, 2)  # every element flushed, whichever thread had it
+        assert float(tiny * 1e-2) != 0.0  # the caller's mode is as it was
+        with pytest.raises(RuntimeError, match="training failed"):
+            run_denormals_flushed(lambda cancel: (_ for _ in ()).throw(RuntimeError("training failed")))
+        with torch.no_grad():
+            assert run_denormals_flushed(lambda cancel: torch.is_grad_enabled()) is False
+    finally:
+        torch.set_num_threads(threads)
 
     seen: list[float] = []  # the training loop runs inside it
     det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=1, batch_size=8,
@@ -418,3 +429,20 @@ def test_training_flushes_denormals_and_restores_the_mode_after():
     det._train_encoder(maps(16, 1), empty, np.random.default_rng(0), report={}, checkpoint=None,
                        progress=lambda it: (seen.append(float(tiny * 1e-2)) or e for e in it))
     assert seen == [0.0]
+
+
+def test_an_interruption_while_training_cancels_the_training_thread_and_is_raised():
+    import signal
+    import threading
+
+    from inference.detectors.medgru_svc import run_denormals_flushed
+
+    seen: list[bool] = []
+
+    def body(cancel):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C while the caller waits
+        seen.append(cancel.wait(30))
+
+    with pytest.raises(KeyboardInterrupt):
+        run_denormals_flushed(body)
+    assert seen == [True]
