@@ -15,10 +15,12 @@ set; the HPO and calibration normals stay as acquired. Nothing here runs at infe
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
+
+from inference.api import FrameSequence
 
 #: bump when :func:`reframe` changes (feature caches key on it)
 REFRAME_VERSION = 1
@@ -67,3 +69,16 @@ def reframe(frame: np.ndarray, rng: np.random.Generator, params: ReframeParams =
     m = reframe_matrix(f.shape, rng, params)
     return cv2.warpAffine(f, m, (f.shape[1], f.shape[0]), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+
+
+def reframe_sequence(seq: FrameSequence, rng: np.random.Generator, params: ReframeParams = ReframeParams()
+                     ) -> FrameSequence:
+    """``seq`` re-framed: one random transform for all its frames (a series shares its framing).
+
+    For a single frame it draws the same numbers as :func:`reframe`, so the same generator gives the same
+    image either way. The copy keeps the modality, body part and bit depth; it drops the source's UIDs."""
+    m = reframe_matrix(seq.frames.shape[1:], rng, params)
+    h, w = seq.frames.shape[1:]
+    frames = np.stack([cv2.warpAffine(f, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                      borderValue=0.0) for f in seq.frames]).astype(np.float32)
+    return replace(seq, frames=np.clip(frames, 0.0, 1.0), series_uid="", frame_refs=())

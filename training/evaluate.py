@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -214,8 +215,45 @@ def make_folds(rows, k: int, seed: int) -> list[np.ndarray]:
     return [np.where(fold == f)[0] for f in range(k)]
 
 
+def reframe_augment(training_args: dict[str, Any], seed: int):
+    """The ``augment`` of ``fit`` that repeats the model's ``--reframe-copies`` (None without them).
+
+    ``training_args`` are the ``command_args`` of the model folder's ``training.json``. Copy k of the fit
+    normals draws from the generator seeded ``seed * 1000 + 500 + k``, as ``medgru train`` does."""
+    from inference.augment import ReframeParams, reframe_sequence
+
+    k = int(training_args.get("reframe_copies") or 0)
+    if k <= 0:
+        return None
+    params = ReframeParams(scale=float(training_args["reframe_scale"]), shift=float(training_args["reframe_shift"]),
+                           rotate=float(training_args["reframe_rotate"]))
+
+    def augment(seqs):
+        out = []
+        for c in range(k):
+            rng = np.random.default_rng(seed * 1000 + 500 + c)
+            out += [reframe_sequence(s, rng, params) for s in seqs]
+        return out
+
+    augment.description = (f"{k} randomly re-framed copies of each fit normal (zoom 1 +/- {params.scale:g}, "
+                           f"shift +/- {params.shift:g}, rotation +/- {params.rotate:g} degrees)")
+    return augment
+
+
+def model_training_args(model_dir: Path) -> dict[str, Any]:
+    """``command_args`` of the model folder's ``training.json`` ({} where there is none)."""
+    path = Path(model_dir) / "training.json"
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("command_args") or {})
+
+
 def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int, batch: int, workers: int,
-           n_boot: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+           n_boot: int, training_args: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """K-fold CV over the train normals (see the module docstring). ``training_args`` (the model's
+    ``training.json`` command arguments) carry what ``fit`` cannot read off the card: re-framed copies."""
+    import inspect
+
     from inference.api import get_detector_class
     from training import metrics as M
     from training.manifest import load_sequences
@@ -227,12 +265,18 @@ def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int,
     labels = M.binary_labels(test_classes)
     cls = get_detector_class(card.detector)
     out: list[dict[str, Any]] = []
+    augmented = reframe_augment(training_args or {}, 0) is not None
+    if augmented and "augment" not in inspect.signature(cls.fit).parameters:
+        raise ValueError(f"--cv: the model was trained with re-framed copies, which {card.detector}'s fit "
+                         "cannot repeat")
     for f, held in enumerate(folds):
         held_set = set(held.tolist())
         fit_idx = [i for i in range(len(normals)) if i not in held_set]
         twin = cls(**dict(card.params))
         t0 = time.perf_counter()
-        twin.fit([sequences[i] for i in fit_idx], validation=[sequences[i] for i in held], seed=seed + f)
+        fit_kw = {"augment": reframe_augment(training_args or {}, seed + f)} if augmented else {}
+        twin.fit([sequences[i] for i in fit_idx], validation=[sequences[i] for i in held], seed=seed + f,
+                 **fit_kw)
         fit_s = time.perf_counter() - t0
         scores, _ = score_all(twin, test_sequences, batch)
         summ = M.summarize(scores, labels, twin.threshold, classes=test_classes, n_boot=0)
@@ -255,7 +299,9 @@ def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int,
             + (" (grouped by patient/group ID, so a group never sits on both sides)" if grouped else "")
             + ". Per fold: an untrained twin of the model (same detector and hyper-parameters) is fitted on "
             "the other folds' normals, its threshold calibrated on the held-out fold's normals, and it is "
-            "evaluated on the full test split. No anomaly is used for fitting or calibration."),
+            "evaluated on the full test split. No anomaly is used for fitting or calibration."
+            + (f" As in the model's training, the fit normals are joined by "
+               f"{reframe_augment(training_args or {}, 0).description}." if augmented else "")),
     }
     return out, settings
 
@@ -331,7 +377,8 @@ def run(args, settings) -> int:
             print(f"error: --cv needs a 'train' split in {src}", file=sys.stderr)
             return 2
         cv_folds, cv_settings = run_cv(card, train_rows, sequences, classes, k=args.cv, seed=args.seed,
-                                       batch=args.batch, workers=args.workers, n_boot=0)
+                                       batch=args.batch, workers=args.workers, n_boot=0,
+                                       training_args=model_training_args(model_dir))
 
     timing = {
         "score_batch_seconds_per_image": per_image,

@@ -364,12 +364,15 @@ class MedGRUSVC(Detector):
 
     # -------------------------------------------------------------------------------- training
     def fit(self, normals: Sequence[FrameSequence], *, validation: Sequence[FrameSequence] = (),
-            seed: int = 0, cluster_pool: Sequence[FrameSequence] = ()) -> None:
+            seed: int = 0, cluster_pool: Sequence[FrameSequence] = (),
+            augment: Callable[[Sequence[FrameSequence]], Sequence[FrameSequence]] | None = None) -> None:
         """Train on ``normals``; ``validation`` normals calibrate the threshold (if empty, a share of the
         normals is held out for it). A share ``hpo_fraction`` of the normals is held out for the optuna
         objective; synthetic anomalies (:mod:`inference.synthetic`) are made from the normals.
         ``cluster_pool`` (optional, unlabelled) is what support-vector clustering names; by default the
-        held-out synthetic anomalies."""
+        held-out synthetic anomalies. ``augment`` (optional) makes extra sequences from the training share
+        once the HPO and calibration shares are set aside (``medgru train --reframe-copies``: re-framed
+        copies); they join the ConvGRU's and the SVDD's training set only."""
         rng = np.random.default_rng(seed)
         normals = list(normals)
         n = len(normals)
@@ -386,7 +389,8 @@ class MedGRUSVC(Detector):
         train = [normals[i] for i in order[n_hpo:]]
         if len(train) < 2:
             train = hpo
-        feats = self._stack([self.sequence_features(s) for s in train])
+        extra = list(augment(train)) if augment is not None else []
+        feats = self._stack([self.sequence_features(s) for s in train + extra])
         if self.loss == "reconstruct" or self.oe_weight <= 0:  # no outlier exposure: no synthetic training set
             syn = torch.zeros((0,) + tuple(feats.shape[1:]))
         else:

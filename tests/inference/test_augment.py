@@ -65,3 +65,22 @@ def test_out_of_range_parameters_are_refused(bad):
 def test_only_2d_frames():
     with pytest.raises(ValueError, match="2-D"):
         reframe(np.zeros((2, 8, 8), np.float32), np.random.default_rng(0))
+
+
+def test_a_sequence_is_reframed_with_one_transform_for_all_its_frames():
+    from inference.api import FrameSequence
+    from inference.augment import reframe_sequence
+
+    f = _frame()
+    seq = FrameSequence(frames=np.stack([f, f * 0.5, f]), modality="MR", body_part="BRAIN", bits_stored=12,
+                        series_uid="1.2.3", frame_refs=(("1.2.3.1", 1), ("1.2.3.2", 1), ("1.2.3.3", 1)))
+    out = reframe_sequence(seq, np.random.default_rng(7))
+    assert out.frames.shape == seq.frames.shape and out.frames.dtype == np.float32
+    assert np.array_equal(out.frames[0], out.frames[2])  # same frame in, same transform: same frame out
+    np.testing.assert_allclose(out.frames[1], out.frames[0] * 0.5, atol=1e-6)
+    assert not np.allclose(out.frames[0], f, atol=1e-3)
+    assert (out.modality, out.body_part, out.bits_stored) == ("MR", "BRAIN", 12)
+    assert out.series_uid == "" and out.frame_refs == ()  # a copy is not the acquired series
+    # a single frame draws what reframe() draws: the training cache and the CV twin make the same copy
+    one = reframe_sequence(FrameSequence(frames=f[None]), np.random.default_rng(11))
+    np.testing.assert_array_equal(one.frames[0], reframe(f, np.random.default_rng(11)))

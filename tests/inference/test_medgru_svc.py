@@ -446,3 +446,32 @@ def test_an_interruption_while_training_cancels_the_training_thread_and_is_raise
     with pytest.raises(KeyboardInterrupt):
         run_denormals_flushed(body)
     assert seen == [True]
+
+
+def test_fit_augments_the_training_share_only(monkeypatch):
+    from inference.api import FrameSequence
+
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=1, loss="reconstruct",
+                    hpo_trials=0)
+    normals = [FrameSequence(frames=np.full((1, 32, 32), (i + 1) / 100, np.float32)) for i in range(20)]
+    calibration = [FrameSequence(frames=np.full((1, 32, 32), 0.9, np.float32)) for _ in range(4)]
+    monkeypatch.setattr(det, "sequence_features",
+                        lambda s: torch.full((1, 2, 1, 1), round(float(s.frames.mean()), 4), dtype=torch.float64))
+    got: dict = {}
+    monkeypatch.setattr(det, "fit_features",
+                        lambda train, syn, hpo_n, hpo_s, cal, **kw: got.update(train=train, hpo=hpo_n, cal=cal))
+    given: list = []
+
+    def augment(train):
+        given.append(list(train))
+        return [FrameSequence(frames=np.full((1, 32, 32), 0.5, np.float32)) for _ in train]
+
+    det.fit(normals, validation=calibration, seed=0, augment=augment)
+    assert len(given) == 1
+    n_train = len(given[0])
+    assert got["train"].shape[0] == 2 * n_train and n_train + got["hpo"].shape[0] == 20
+    train_vals = {round(float(s.frames.mean()), 4) for s in given[0]}
+    hpo_vals = set(got["hpo"][:, 0, 0, 0, 0].tolist())
+    assert train_vals.isdisjoint(hpo_vals)  # augment saw the training share, not the HPO normals
+    assert 0.5 in set(got["train"][:, 0, 0, 0, 0].tolist())  # the copies train the model
+    assert 0.5 not in hpo_vals and set(got["cal"][:, 0, 0, 0, 0].tolist()) == {0.9}

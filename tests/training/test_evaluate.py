@@ -12,7 +12,8 @@ import pytest
 
 from inference.api import FrameSequence, ModelCard, Scope, get_detector_class, sha256_file
 from medgru.cli import build_parser
-from training.evaluate import command_line, evaluation_rows, limit_rows, make_folds, pick_gallery
+from training.evaluate import (command_line, evaluation_rows, limit_rows, make_folds, model_training_args,
+                               pick_gallery)
 from training.manifest import ManifestRow, load_sequences, read_manifest
 
 REQUIRED_KEYS = ("auroc", "auprc", "sens_at_95_spec", "fpr_at_95_sens", "threshold", "n_normal", "n_anomaly",
@@ -177,3 +178,56 @@ def test_command_line_has_no_machine_paths(make_settings, tmp_path):
     assert cmd.startswith("medgru evaluate --manifest $MEDGRU_DATA_ROOT/kermany_cxr/manifest.csv")
     assert "--cv 5" in cmd
     assert str(settings.data_root) not in cmd
+
+
+def test_cv_twins_repeat_the_models_reframed_copies():
+    from inference.augment import ReframeParams, reframe
+    from training.evaluate import reframe_augment
+
+    assert reframe_augment({}, 0) is None and reframe_augment({"reframe_copies": 0}, 0) is None
+    args = {"reframe_copies": 2, "reframe_scale": 0.1, "reframe_shift": 0.05, "reframe_rotate": 3.0}
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    frames = [(0.1 + 0.8 * np.exp(-((yy - c) ** 2 + (xx - 32) ** 2) / 300.0)).astype(np.float32) for c in (20, 40)]
+    seqs = [FrameSequence(frames=f[None]) for f in frames]
+    aug = reframe_augment(args, 3)
+    out = aug(seqs)
+    assert len(out) == 4 and "2 randomly re-framed copies" in aug.description
+    params = ReframeParams(scale=0.1, shift=0.05, rotate=3.0)
+    for k in range(2):  # copy k of the fold with seed 3 uses medgru train's generator seed 3*1000+500+k
+        rng = np.random.default_rng(3 * 1000 + 500 + k)
+        for i, f in enumerate(frames):
+            np.testing.assert_array_equal(out[2 * k + i].frames[0], reframe(f, rng, params))
+
+
+def test_cv_of_a_model_trained_with_reframed_copies_trains_its_twins_with_them(tmp_path, monkeypatch):
+    from training import evaluate as E
+
+    seen: list[int] = []
+
+    class Twin:
+        def __init__(self, **params):
+            pass
+
+        def fit(self, normals, *, validation=(), seed=0, cluster_pool=(), augment=None):
+            seen.append(len(augment(normals)) if augment is not None else 0)
+            self.threshold = 0.5
+
+    monkeypatch.setattr("inference.api.get_detector_class", lambda name: Twin)
+    monkeypatch.setattr(E, "score_all", lambda det, seqs, batch: (np.linspace(0, 1, len(seqs)), 0.0))
+    monkeypatch.setattr("training.manifest.load_sequences",
+                        lambda rows, workers=2: [FrameSequence(frames=np.full((1, 8, 8), 0.5, np.float32))
+                                                 for _ in rows])
+    rows = [ManifestRow(path=Path(f"n{i}.png"), label="normal", split="train", group=f"g{i}") for i in range(6)]
+    card = ModelCard(name="m", version="1", detector="twin", scope=Scope(modalities=("CR",)))
+    test_seqs = [FrameSequence(frames=np.full((1, 8, 8), 0.5, np.float32))] * 4
+    classes = ["normal", "normal", "pneumonia", "pneumonia"]
+    (tmp_path / "training.json").write_text(json.dumps({"command_args": {
+        "reframe_copies": 2, "reframe_scale": 0.15, "reframe_shift": 0.06, "reframe_rotate": 5.0}}))
+    folds, settings = E.run_cv(card, rows, test_seqs, classes, k=3, seed=0, batch=4, workers=1, n_boot=0,
+                               training_args=model_training_args(tmp_path))
+    assert seen == [8, 8, 8]  # 4 fit normals a fold, 2 copies each
+    assert "2 randomly re-framed copies" in settings["description"]
+    seen.clear()
+    E.run_cv(card, rows, test_seqs, classes, k=3, seed=0, batch=4, workers=1, n_boot=0,
+             training_args=model_training_args(tmp_path / "absent"))
+    assert seen == [0, 0, 0]
