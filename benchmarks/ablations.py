@@ -12,8 +12,8 @@ Same splits, seeds, cached backbone maps and training recipe as ``medgru train``
 * CLAHE on vs off (``--clahe-off`` recomputes the backbone maps without CLAHE: slow on CPU).
 
 The ablation heads' own settings are fixed a priori (no tuning); nothing is tuned on test data.
-Writes ``ablations-<dataset>.json`` and ``.md`` (the 4.0.0- and 5.0.0-recipe runs are kept as ``ablations-v4-*``
- and ``ablations-v5-*``).
+Writes ``ablations-<dataset>.json`` and ``.md``, or ``ablations-<tag>-<dataset>.*`` with ``--tag`` (the
+runs of each bundled recipe: ``ablations-v4-*``, ``-v5-*``, ``-v6-*``, ``-v7-*``).
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", default="convgru,convlstm,none")
     ap.add_argument("--only-clahe", action="store_true",
                     help="run only the CLAHE-off variant (writes ablations-<dataset>-clahe.*)")
+    ap.add_argument("--tag", default="",
+                    help="recipe tag in the output names: ablations-<tag>-<dataset>.* (e.g. v7)")
     ap.add_argument("train_args", nargs=argparse.REMAINDER,
                     help="extra medgru train options after --, e.g. -- --epochs 20 --synthetic-max 300")
     ns = ap.parse_args(argv)
@@ -168,10 +170,13 @@ def _write(ns, results, args, t0, extra) -> None:
     results["seconds"] = round(time.time() - t0, 1)
     cmd = "python benchmarks/ablations.py " + " ".join(
         [f"--dataset {ns.dataset}"] + (["--only-clahe"] if ns.only_clahe else ["--clahe-off"] if ns.clahe_off else [])
-        + ([f"--cells {ns.cells}"] if ns.cells != "convgru,convlstm,none" else []) + (["--"] + extra if extra else []))
+        + ([f"--cells {ns.cells}"] if ns.cells != "convgru,convlstm,none" else [])
+        + ([f"--tag {ns.tag}"] if ns.tag else []) + (["--"] + extra if extra else []))
     results["command"] = cmd
     ns.out.mkdir(parents=True, exist_ok=True)
     tag = f"{ns.dataset}-clahe" if ns.only_clahe else ns.dataset
+    if ns.tag:
+        tag = f"{ns.tag}-{tag}"
     (ns.out / f"ablations-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# MedGRU-SVC ablations on {ns.dataset}", "",
              "Protocol: fit on the train split's normals only (grouped fit / HPO / calibration shares, seed "
