@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = (("kermany-medgru-v7", "Kermany CXR"), ("kermany-medgru-v5", "Kermany CXR"),
+RUNS = (("kermany-medgru-v7", "Kermany CXR"),
+        ("kermany-medgru-v7-threads2", "Kermany CXR (the 7.0.0 command re-run with --threads 2; not bundled)"),
+        ("kermany-medgru-v5", "Kermany CXR"),
         ("kermany-medgru-v5-retrained", "Kermany CXR (the 5.0.0 command re-run under newer packages; not bundled)"), ("kermany-knn", "Kermany CXR"), ("kermany-medgru-v4", "Kermany CXR"),
         ("kermany-medgru-v4-supervised", "Kermany CXR (SUPERVISED: trained with the train split's pneumonia labels)"), ("kermany-medgru-v3", "Kermany CXR"),
         ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v6", "Brain MRI"),
