@@ -157,7 +157,8 @@ def run_denormals_flushed(fn: Callable[[threading.Event], T]) -> T:
     worker = threading.Thread(target=body, name="medgru-train", daemon=True)
     try:
         worker.start()
-        worker.join()
+        while worker.is_alive():  # a timed wait: a signal taken by another thread still reaches this one
+            worker.join(0.2)
     except BaseException:
         cancel.set()
         if worker.is_alive():
