@@ -178,15 +178,30 @@ def _write(ns, results, args, t0, extra) -> None:
     if ns.tag:
         tag = f"{ns.tag}-{tag}"
     (ns.out / f"ablations-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"# MedGRU-SVC ablations on {ns.dataset}", "",
-             "Protocol: fit on the train split's normals only (grouped fit / HPO / calibration shares, seed "
-             f"{args.seed}); synthetic anomalies for outlier exposure and the SVDD HPO; test AUROC measured "
-             "once per variant (no variant was tuned on test). CPU run, "
-             f"{results['seconds']:.0f} s.", "", f"Command (data root from `MEDGRU_DATA_ROOT`):", "",
-             f"    {cmd}", "", "| group | variant | test AUROC | note |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['group']} | {r['variant']} | {r['test_auroc']:.4f} | {r['note']} |" for r in results["rows"]]
-    (ns.out / f"ablations-{tag}.md").write_text("\n".join(lines) + "\n")
+    write_md(results, args, ns.out / f"ablations-{tag}.md")
 
+
+def protocol(args: argparse.Namespace) -> str:
+    """The protocol sentence of the report, from the ``medgru train`` options the run used."""
+    fit = "the train split's normals only"
+    if getattr(args, "reframe_copies", 0):
+        fit += f", plus {args.reframe_copies} randomly re-framed copies of each fit normal"
+    enc = ("the ConvGRU trained to rebuild its input's backbone map (normals only)" if args.loss == "reconstruct"
+           else "synthetic anomalies for the encoder's outlier exposure")
+    hpo = ("SVDD gamma and nu by optuna on held-out normals vs synthetic anomalies"
+           if args.hpo_objective == "synthetic-auroc"
+           else f"SVDD gamma and nu by optuna, label-free ({args.hpo_objective})")
+    return (f"Protocol: fit on {fit} (grouped fit / HPO / calibration shares, seed {args.seed}); {enc}; {hpo}; "
+            "test AUROC measured once per variant (no variant was tuned on test).")
+
+
+def write_md(results: dict, args: argparse.Namespace, path: Path) -> None:
+    lines = [f"# MedGRU-SVC ablations on {results['dataset']}", "",
+             f"{protocol(args)} CPU run, {results['seconds']:.0f} s.", "",
+             "Command (data root from `MEDGRU_DATA_ROOT`):", "",
+             f"    {results['command']}", "", "| group | variant | test AUROC | note |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['group']} | {r['variant']} | {r['test_auroc']:.4f} | {r['note']} |" for r in results["rows"]]
+    path.write_text("\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     sys.exit(main())
