@@ -203,5 +203,6 @@ def write_md(results: dict, args: argparse.Namespace, path: Path) -> None:
     lines += [f"| {r['group']} | {r['variant']} | {r['test_auroc']:.4f} | {r['note']} |" for r in results["rows"]]
     path.write_text("\n".join(lines) + "\n")
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,6 +92,7 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, refra
 
     import torch
 
+    from inference.augment import reframe_copy_seed
     from inference.detectors.medgru_svc import MedGRUSVC
     from training.manifest import read_manifest
     from training.train import FeatureCache
@@ -115,7 +116,7 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, refra
     if reframe_copies is not None:  # re-framed validation (one copy each) and K re-framed copies of the fit
         extra["vn_r"] = cache.features(held_rows, reframe_seed=101, desc="held-out reframed")
         extra["va_r"] = cache.features(anomalies, reframe_seed=102, desc="anomalies reframed")
-        extra["fit_r"] = [cache.features(fit_rows, reframe_seed=500 + k, desc="fit reframed")
+        extra["fit_r"] = [cache.features(fit_rows, reframe_seed=reframe_copy_seed(0, k), desc="fit reframed")
                           for k in range(reframe_copies)]
         extra["framing"] = framing_scores(fit_rows, held_rows, anomalies)
     if tmp is not None:
@@ -154,6 +155,7 @@ def mirrored_maps(rows) -> "torch.Tensor":
     preprocessing (CLAHE's tiles divide the image evenly, so it commutes with the mirror)."""
     import torch
 
+    from inference.augment import reframe_copy_seed
     from inference.detectors.medgru_svc import MedGRUSVC
     from training.manifest import load_sequences
 
@@ -172,6 +174,7 @@ def trained_convgru(cfg: str, fit):
     ``medgru train --loss reconstruct --reducer-init pca`` does (seed 0); no boundary."""
     import torch
 
+    from inference.augment import reframe_copy_seed
     from inference.detectors.medgru_svc import MedGRUSVC
 
     kv = dict(x.split("=") for x in cfg.split(","))

@@ -66,9 +66,19 @@ def reframe(frame: np.ndarray, rng: np.random.Generator, params: ReframeParams =
     f = np.asarray(frame, dtype=np.float32)
     if f.ndim != 2:
         raise ValueError(f"reframe expects one 2-D frame, got shape {f.shape}")
-    m = reframe_matrix(f.shape, rng, params)
-    return cv2.warpAffine(f, m, (f.shape[1], f.shape[0]), flags=cv2.INTER_LINEAR,
+    return _warp(f, reframe_matrix(f.shape, rng, params))
+
+
+def _warp(frame: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``frame`` through the 2x3 affine ``m``, same size, black where the frame comes into view."""
+    return cv2.warpAffine(frame, m, (frame.shape[1], frame.shape[0]), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+
+
+def reframe_copy_seed(seed: int, k: int) -> int:
+    """The generator seed of re-framed copy ``k`` of the fit normals of a run seeded ``seed`` (``medgru train
+    --reframe-copies``, the CV twins of ``medgru evaluate --cv``, ``recipe_selection.py --reframe``)."""
+    return seed * 1000 + 500 + k
 
 
 def reframe_sequence(seq: FrameSequence, rng: np.random.Generator, params: ReframeParams = ReframeParams()
@@ -78,7 +88,5 @@ def reframe_sequence(seq: FrameSequence, rng: np.random.Generator, params: Refra
     For a single frame it draws the same numbers as :func:`reframe`, so the same generator gives the same
     image either way. The copy keeps the modality, body part and bit depth; it drops the source's UIDs."""
     m = reframe_matrix(seq.frames.shape[1:], rng, params)
-    h, w = seq.frames.shape[1:]
-    frames = np.stack([cv2.warpAffine(f, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                                      borderValue=0.0) for f in seq.frames]).astype(np.float32)
+    frames = np.stack([_warp(f, m) for f in seq.frames]).astype(np.float32)
     return replace(seq, frames=np.clip(frames, 0.0, 1.0), series_uid="", frame_refs=())

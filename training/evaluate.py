@@ -219,8 +219,8 @@ def reframe_augment(training_args: dict[str, Any], seed: int):
     """The ``augment`` of ``fit`` that repeats the model's ``--reframe-copies`` (None without them).
 
     ``training_args`` are the ``command_args`` of the model folder's ``training.json``. Copy k of the fit
-    normals draws from the generator seeded ``seed * 1000 + 500 + k``, as ``medgru train`` does."""
-    from inference.augment import ReframeParams, reframe_sequence
+    normals draws from the generator :func:`inference.augment.reframe_copy_seed` gives, as in ``medgru train``."""
+    from inference.augment import ReframeParams, reframe_copy_seed, reframe_sequence
 
     k = int(training_args.get("reframe_copies") or 0)
     if k <= 0:
@@ -231,7 +231,7 @@ def reframe_augment(training_args: dict[str, Any], seed: int):
     def augment(seqs):
         out = []
         for c in range(k):
-            rng = np.random.default_rng(seed * 1000 + 500 + c)
+            rng = np.random.default_rng(reframe_copy_seed(seed, c))
             out += [reframe_sequence(s, rng, params) for s in seqs]
         return out
 
@@ -265,7 +265,8 @@ def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int,
     labels = M.binary_labels(test_classes)
     cls = get_detector_class(card.detector)
     out: list[dict[str, Any]] = []
-    augmented = reframe_augment(training_args or {}, 0) is not None
+    augment = reframe_augment(training_args or {}, seed)  # fold f's copies use seed + f (below)
+    augmented = augment is not None
     if augmented and "augment" not in inspect.signature(cls.fit).parameters:
         raise ValueError(f"--cv: the model was trained with re-framed copies, which {card.detector}'s fit "
                          "cannot repeat")
@@ -300,8 +301,8 @@ def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int,
             + ". Per fold: an untrained twin of the model (same detector and hyper-parameters) is fitted on "
             "the other folds' normals, its threshold calibrated on the held-out fold's normals, and it is "
             "evaluated on the full test split. No anomaly is used for fitting or calibration."
-            + (f" As in the model's training, the fit normals are joined by "
-               f"{reframe_augment(training_args or {}, 0).description}." if augmented else "")),
+            + (f" As in the model's training, the fit normals are joined by {augment.description}."
+               if augment is not None else "")),
     }
     return out, settings
 

@@ -369,11 +369,11 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     if args.reframe_copies < 0:
         raise ValueError(f"--reframe-copies must be >= 0, got {args.reframe_copies}")
     if args.reframe_copies:  # augmentation of the fit normals only: HPO and calibration stay as acquired
-        from inference.augment import ReframeParams
+        from inference.augment import ReframeParams, reframe_copy_seed
 
         params = ReframeParams(scale=args.reframe_scale, shift=args.reframe_shift, rotate=args.reframe_rotate)
         feats["fit"] = torch.cat([feats["fit"], *(
-            cache.features(fit_rows, reframe_seed=args.seed * 1000 + 500 + k, reframe_params=params,
+            cache.features(fit_rows, reframe_seed=reframe_copy_seed(args.seed, k), reframe_params=params,
                            desc="fit reframed") for k in range(args.reframe_copies))])
         log.info("fit set: %d normals + %d re-framed copies", len(fit_rows), len(feats["fit"]) - len(fit_rows))
     syn_rows = fit_rows
