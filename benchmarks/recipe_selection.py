@@ -30,6 +30,9 @@ not for the chest (the heart is on the left). Measured for 6.0.0 in ``results/me
 
     python benchmarks/recipe_selection.py --dataset brain_mri --skip reduced --hflip h=128,r=256,e=30
 
+``--input-size S`` runs everything at another frame size (maps of S / 16 on a side; the default is the
+detector's 224).
+
 ``--reframe K`` (``results/medgru-v7.md``) asks whether a score detects the anomalies or the way the images
 are framed. It adds a second validation set, the same held-out normals and train anomalies each randomly
 re-framed once (:func:`inference.augment.reframe`: zoom, shift, small rotation), so that framing carries
@@ -84,6 +87,10 @@ def heads(ef: np.ndarray, en: np.ndarray, ea: np.ndarray) -> dict[str, float]:
     return res
 
 
+#: the detector's input size (``--input-size``; ``medgru train --input-size``), set once by ``main``
+INPUT_SIZE = 224
+
+
 def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, reframe_copies: int | None = None):
     """Backbone maps ``(fit normals, held-out normals, train anomalies)`` of the validation split above,
     then the fit rows and ``extra``: empty, or with ``reframe_copies`` given, the re-framed validation maps
@@ -107,7 +114,7 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, refra
     held_groups = set(np.random.default_rng(0).choice(uniq, len(uniq) // 4, replace=False).tolist())
     held = np.array([g in held_groups for g in groups])
     tmp = tempfile.TemporaryDirectory(prefix="recipe-maps-") if cache_dir is None else None
-    cache = FeatureCache(cache_dir or Path(tmp.name), MedGRUSVC())  # the training code's own backbone maps
+    cache = FeatureCache(cache_dir or Path(tmp.name), MedGRUSVC(input_size=INPUT_SIZE))  # training's own maps
     maps_n, maps_a = cache.features(normals, desc="train normals"), cache.features(anomalies, desc="train anomalies")
     mask = torch.from_numpy(held)
     fit_rows = [r for r, h in zip(normals, held) if not h]
@@ -159,7 +166,7 @@ def mirrored_maps(rows) -> "torch.Tensor":
     from inference.detectors.medgru_svc import MedGRUSVC
     from training.manifest import load_sequences
 
-    det = MedGRUSVC()
+    det = MedGRUSVC(input_size=INPUT_SIZE)
     out = []
     for i in range(0, len(rows), 32):
         seqs = load_sequences(rows[i:i + 32])
@@ -178,7 +185,7 @@ def trained_convgru(cfg: str, fit):
     from inference.detectors.medgru_svc import MedGRUSVC
 
     kv = dict(x.split("=") for x in cfg.split(","))
-    det = MedGRUSVC(hidden_channels=int(kv.get("h", 64)), reduce_channels=int(kv.get("r", 128)),
+    det = MedGRUSVC(input_size=INPUT_SIZE, hidden_channels=int(kv.get("h", 64)), reduce_channels=int(kv.get("r", 128)),
                     epochs=int(kv.get("e", 12)), lr=float(kv.get("lr", 1e-3)), loss="reconstruct",
                     reducer_init="pca")
     torch.manual_seed(0)
@@ -231,9 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reframe", type=int, default=None, metavar="K",
                     help="also score every row on a re-framed validation set (framing carries no label there) "
                          "and train each configuration on the fit normals plus K re-framed copies of each")
+    ap.add_argument("--input-size", type=int, default=224,
+                    help="frame size after preprocessing (medgru train --input-size): the backbone maps are "
+                         "size / 16 on a side")
+    ap.add_argument("--augmented-only", action="store_true",
+                    help="with --hflip or --reframe: train only the augmented variant of each configuration")
     ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
     args = ap.parse_args(argv)
     import torch
+
+    global INPUT_SIZE
+    INPUT_SIZE = args.input_size
 
     torch.set_num_threads(2)
     fit_plain, vn, va, fit_rows, extra = validation_maps(args.dataset, args.data_root, args.cache,
@@ -244,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         print("template-correlation (framing only) score: validation AUROC plain {plain:.3f}, "
               "reframed {reframed:.3f}".format(**extra["framing"]))
     set_names = ["plain", "reframed"][:len(held_sets)]
-    print(f"{args.dataset}: {len(fit_plain)} fit normals, {len(vn)} held-out normals, "
+    print(f"{args.dataset} at {INPUT_SIZE}x{INPUT_SIZE}: {len(fit_plain)} fit normals, {len(vn)} held-out normals, "
           f"{len(va)} train anomalies (validation)")
     grids = [int(g) for g in args.grids.split(",")]
-    runs = [(cfg, "", fit_plain) for cfg in args.configs]
+    runs = [] if args.augmented_only else [(cfg, "", fit_plain) for cfg in args.configs]
     if args.hflip:
         both = torch.cat([fit_plain, mirrored_maps(fit_rows)])
         runs += [(cfg, "[hflip-trained]", both) for cfg in args.configs if cfg != "gap"]
