@@ -87,11 +87,8 @@ def heads(ef: np.ndarray, en: np.ndarray, ea: np.ndarray) -> dict[str, float]:
     return res
 
 
-#: the detector's input size (``--input-size``; ``medgru train --input-size``), set once by ``main``
-INPUT_SIZE = 224
-
-
-def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, reframe_copies: int | None = None):
+def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, reframe_copies: int | None = None,
+                    input_size: int = 224):
     """Backbone maps ``(fit normals, held-out normals, train anomalies)`` of the validation split above,
     then the fit rows and ``extra``: empty, or with ``reframe_copies`` given, the re-framed validation maps
     (``vn_r``, ``va_r``), the fit normals' K re-framed copies (``fit_r``) and the framing-only scores."""
@@ -114,7 +111,7 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, refra
     held_groups = set(np.random.default_rng(0).choice(uniq, len(uniq) // 4, replace=False).tolist())
     held = np.array([g in held_groups for g in groups])
     tmp = tempfile.TemporaryDirectory(prefix="recipe-maps-") if cache_dir is None else None
-    cache = FeatureCache(cache_dir or Path(tmp.name), MedGRUSVC(input_size=INPUT_SIZE))  # training's own maps
+    cache = FeatureCache(cache_dir or Path(tmp.name), MedGRUSVC(input_size=input_size))  # training's own maps
     maps_n, maps_a = cache.features(normals, desc="train normals"), cache.features(anomalies, desc="train anomalies")
     mask = torch.from_numpy(held)
     fit_rows = [r for r, h in zip(normals, held) if not h]
@@ -157,7 +154,7 @@ def framing_scores(fit_rows, held_rows, anomalies) -> dict[str, float]:
     return {"plain": plain, "reframed": refr}
 
 
-def mirrored_maps(rows) -> "torch.Tensor":
+def mirrored_maps(rows, input_size: int = 224) -> "torch.Tensor":
     """``(N, 1, C, h, w)`` backbone maps of the rows' images mirrored left-right after the detector's own
     preprocessing (CLAHE's tiles divide the image evenly, so it commutes with the mirror)."""
     import torch
@@ -166,7 +163,7 @@ def mirrored_maps(rows) -> "torch.Tensor":
     from inference.detectors.medgru_svc import MedGRUSVC
     from training.manifest import load_sequences
 
-    det = MedGRUSVC(input_size=INPUT_SIZE)
+    det = MedGRUSVC(input_size=input_size)
     out = []
     for i in range(0, len(rows), 32):
         seqs = load_sequences(rows[i:i + 32])
@@ -176,7 +173,7 @@ def mirrored_maps(rows) -> "torch.Tensor":
     return torch.cat(out)[:, None]
 
 
-def trained_convgru(cfg: str, fit):
+def trained_convgru(cfg: str, fit, input_size: int = 224):
     """A MedGRU-SVC whose ConvGRU (``h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR]``) is trained on ``fit`` as
     ``medgru train --loss reconstruct --reducer-init pca`` does (seed 0); no boundary."""
     import torch
@@ -185,9 +182,9 @@ def trained_convgru(cfg: str, fit):
     from inference.detectors.medgru_svc import MedGRUSVC
 
     kv = dict(x.split("=") for x in cfg.split(","))
-    det = MedGRUSVC(input_size=INPUT_SIZE, hidden_channels=int(kv.get("h", 64)), reduce_channels=int(kv.get("r", 128)),
-                    epochs=int(kv.get("e", 12)), lr=float(kv.get("lr", 1e-3)), loss="reconstruct",
-                    reducer_init="pca")
+    det = MedGRUSVC(input_size=input_size, hidden_channels=int(kv.get("h", 64)),
+                    reduce_channels=int(kv.get("r", 128)), epochs=int(kv.get("e", 12)),
+                    lr=float(kv.get("lr", 1e-3)), loss="reconstruct", reducer_init="pca")
     torch.manual_seed(0)
     det.encoder = det._new_encoder()
     det._train_encoder(fit, fit[:0], np.random.default_rng(0), progress=None, checkpoint=None, report={})
@@ -247,24 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    global INPUT_SIZE
-    INPUT_SIZE = args.input_size
-
     torch.set_num_threads(2)
     fit_plain, vn, va, fit_rows, extra = validation_maps(args.dataset, args.data_root, args.cache,
-                                                         reframe_copies=args.reframe)
+                                                         reframe_copies=args.reframe, input_size=args.input_size)
     held_sets = [(vn, va)]
     if extra:
         held_sets.append((extra["vn_r"], extra["va_r"]))
         print("template-correlation (framing only) score: validation AUROC plain {plain:.3f}, "
               "reframed {reframed:.3f}".format(**extra["framing"]))
     set_names = ["plain", "reframed"][:len(held_sets)]
-    print(f"{args.dataset} at {INPUT_SIZE}x{INPUT_SIZE}: {len(fit_plain)} fit normals, {len(vn)} held-out normals, "
+    print(f"{args.dataset} at {args.input_size}x{args.input_size}: {len(fit_plain)} fit normals, "
+          f"{len(vn)} held-out normals, "
           f"{len(va)} train anomalies (validation)")
     grids = [int(g) for g in args.grids.split(",")]
     runs = [] if args.augmented_only else [(cfg, "", fit_plain) for cfg in args.configs]
     if args.hflip:
-        both = torch.cat([fit_plain, mirrored_maps(fit_rows)])
+        both = torch.cat([fit_plain, mirrored_maps(fit_rows, args.input_size)])
         runs += [(cfg, "[hflip-trained]", both) for cfg in args.configs if cfg != "gap"]
     if args.reframe:
         augmented = torch.cat([fit_plain, *extra["fit_r"]])
@@ -275,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg == "gap":
             rows_out = [("gap" + tag, [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in maps])]
         else:
-            det = trained_convgru(cfg, fit)
+            det = trained_convgru(cfg, fit, args.input_size)
             rows_out = []
             for g in grids:
                 det.embedding, det.flatten_grid = ("gap", 4) if g == 1 else ("flatten", g)
