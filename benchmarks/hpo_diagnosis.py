@@ -85,21 +85,6 @@ def half_fit(e: dict[str, np.ndarray], nu: float, seed: int = 1) -> list[dict[st
     return out
 
 
-def gamma_sweep(e: dict[str, np.ndarray], nu: float) -> list[dict[str, float]]:
-    """The boundary on its training set (``boundary_train``: the fit normals, with the model's re-framed
-    copies where it had them) with the model's nu, for gamma over the search range."""
-    from inference.svdd import SVDDBoundary
-
-    out = []
-    for g in GAMMAS:
-        bd = SVDDBoundary(gamma=g, nu=nu, whiten=True).fit(e["boundary_train"])
-        out.append({"gamma": g, "fit": rejected(bd, e["fit"]), "hpo": rejected(bd, e["hpo"]),
-                    "cal": rejected(bd, e["cal"]), "support_vectors": int(len(bd.support_vectors_)),
-                    "auroc_cal_vs_anomalies": auroc(bd.score(e["cal"]), bd.score(e["anom"])),
-                    **test_auroc(bd, e)})
-    return out
-
-
 def test_auroc(boundary: Any, e: dict[str, np.ndarray]) -> dict[str, float]:
     """``{"auroc_test": ...}`` where the test split was embedded (``--test-sensitivity``), else ``{}``."""
     if "test_normal" not in e:
@@ -107,14 +92,16 @@ def test_auroc(boundary: Any, e: dict[str, np.ndarray]) -> dict[str, float]:
     return {"auroc_test": auroc(boundary.score(e["test_normal"]), boundary.score(e["test_anomaly"]))}
 
 
-def nu_sweep(e: dict[str, np.ndarray], gamma: float) -> list[dict[str, float]]:
-    """The boundary on its training set (``boundary_train``) with the model's gamma, for nu over the range."""
+def sweep(e: dict[str, np.ndarray], gamma: float, nu: float, key: str) -> list[dict[str, float]]:
+    """The boundary on its training set (``boundary_train``: the fit normals, with the model's re-framed
+    copies where it had them), ``key`` ("gamma" or "nu") over its search range, the other the model's."""
     from inference.svdd import SVDDBoundary
 
     out = []
-    for nu in NUS:
-        bd = SVDDBoundary(gamma=gamma, nu=nu, whiten=True).fit(e["boundary_train"])
-        out.append({"nu": nu, "fit": rejected(bd, e["fit"]), "hpo": rejected(bd, e["hpo"]),
+    for v in {"gamma": GAMMAS, "nu": NUS}[key]:
+        g, n = (v, nu) if key == "gamma" else (gamma, v)
+        bd = SVDDBoundary(gamma=g, nu=n, whiten=True).fit(e["boundary_train"])
+        out.append({key: v, "fit": rejected(bd, e["fit"]), "hpo": rejected(bd, e["hpo"]),
                     "cal": rejected(bd, e["cal"]), "support_vectors": int(len(bd.support_vectors_)),
                     "auroc_cal_vs_anomalies": auroc(bd.score(e["cal"]), bd.score(e["anom"])),
                     **test_auroc(bd, e)})
@@ -304,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                              "auroc_cal_vs_anomalies": auroc(b.score(e["cal"]), b.score(e["anom"])),
                              **test_auroc(b, e)},
         "fit_report_hpo": (det.fit_report or {}).get("hpo") if hasattr(det, "fit_report") else None,
-        "half_fit": half_fit(e, nu), "gamma_sweep": gamma_sweep(e, nu), "nu_sweep": nu_sweep(e, gamma),
+        "half_fit": half_fit(e, nu), "gamma_sweep": sweep(e, gamma, nu, "gamma"),
+        "nu_sweep": sweep(e, gamma, nu, "nu"),
         "reframe_copies": int(args.get("reframe_copies") or 0), "spectrum": spectrum(e),
         "learning_curve": learning_curve(e, gamma, nu)}
     res["seconds"] = round(time.time() - t0, 1)
