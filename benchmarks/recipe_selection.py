@@ -31,7 +31,7 @@ not for the chest (the heart is on the left). Measured for 6.0.0 in ``results/me
     python benchmarks/recipe_selection.py --dataset brain_mri --skip reduced --hflip h=128,r=256,e=30
 
 ``--input-size S`` runs everything at another frame size (maps of S / 16 on a side; the default is the
-detector's 224).
+detector's 224); ``--clip-limit`` and ``--tile-grid`` at other CLAHE parameters (default 2.0, 8).
 
 ``--reframe K`` (``results/medgru-v7.md``) asks whether a score detects the anomalies or the way the images
 are framed. It adds a second validation set, the same held-out normals and train anomalies each randomly
@@ -88,7 +88,7 @@ def heads(ef: np.ndarray, en: np.ndarray, ea: np.ndarray) -> dict[str, float]:
 
 
 def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, reframe_copies: int | None = None,
-                    input_size: int = 224):
+                    prep: dict | None = None):
     """Backbone maps ``(fit normals, held-out normals, train anomalies)`` of the validation split above,
     then the fit rows and ``extra``: empty, or with ``reframe_copies`` given, the re-framed validation maps
     (``vn_r``, ``va_r``), the fit normals' K re-framed copies (``fit_r``) and the framing-only scores."""
@@ -111,7 +111,7 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, refra
     held_groups = set(np.random.default_rng(0).choice(uniq, len(uniq) // 4, replace=False).tolist())
     held = np.array([g in held_groups for g in groups])
     tmp = tempfile.TemporaryDirectory(prefix="recipe-maps-") if cache_dir is None else None
-    cache = FeatureCache(cache_dir or Path(tmp.name), MedGRUSVC(input_size=input_size))  # training's own maps
+    cache = FeatureCache(cache_dir or Path(tmp.name), MedGRUSVC(**(prep or {})))  # training's own maps
     maps_n, maps_a = cache.features(normals, desc="train normals"), cache.features(anomalies, desc="train anomalies")
     mask = torch.from_numpy(held)
     fit_rows = [r for r, h in zip(normals, held) if not h]
@@ -154,7 +154,7 @@ def framing_scores(fit_rows, held_rows, anomalies) -> dict[str, float]:
     return {"plain": plain, "reframed": refr}
 
 
-def mirrored_maps(rows, input_size: int = 224) -> "torch.Tensor":
+def mirrored_maps(rows, prep: dict | None = None) -> "torch.Tensor":
     """``(N, 1, C, h, w)`` backbone maps of the rows' images mirrored left-right after the detector's own
     preprocessing (CLAHE's tiles divide the image evenly, so it commutes with the mirror)."""
     import torch
@@ -163,7 +163,7 @@ def mirrored_maps(rows, input_size: int = 224) -> "torch.Tensor":
     from inference.detectors.medgru_svc import MedGRUSVC
     from training.manifest import load_sequences
 
-    det = MedGRUSVC(input_size=input_size)
+    det = MedGRUSVC(**(prep or {}))
     out = []
     for i in range(0, len(rows), 32):
         seqs = load_sequences(rows[i:i + 32])
@@ -173,7 +173,7 @@ def mirrored_maps(rows, input_size: int = 224) -> "torch.Tensor":
     return torch.cat(out)[:, None]
 
 
-def trained_convgru(cfg: str, fit, input_size: int = 224):
+def trained_convgru(cfg: str, fit, prep: dict | None = None):
     """A MedGRU-SVC whose ConvGRU (``h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR]``) is trained on ``fit`` as
     ``medgru train --loss reconstruct --reducer-init pca`` does (seed 0); no boundary."""
     import torch
@@ -182,7 +182,7 @@ def trained_convgru(cfg: str, fit, input_size: int = 224):
     from inference.detectors.medgru_svc import MedGRUSVC
 
     kv = dict(x.split("=") for x in cfg.split(","))
-    det = MedGRUSVC(input_size=input_size, hidden_channels=int(kv.get("h", 64)),
+    det = MedGRUSVC(**(prep or {}), hidden_channels=int(kv.get("h", 64)),
                     reduce_channels=int(kv.get("r", 128)), epochs=int(kv.get("e", 12)),
                     lr=float(kv.get("lr", 1e-3)), loss="reconstruct", reducer_init="pca")
     torch.manual_seed(0)
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, default=224,
                     help="frame size after preprocessing (medgru train --input-size): the backbone maps are "
                          "size / 16 on a side")
+    ap.add_argument("--clip-limit", type=float, default=2.0, help="CLAHE clip limit (medgru train --clip-limit)")
+    ap.add_argument("--tile-grid", type=int, default=8, help="CLAHE tile grid (medgru train --tile-grid)")
     ap.add_argument("--augmented-only", action="store_true",
                     help="with --hflip or --reframe: train only the augmented variant of each configuration")
     ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
@@ -245,21 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
+    # the detector's preprocessing: frame size and CLAHE (each setting has its own cached maps)
+    prep = {"input_size": args.input_size, "clip_limit": args.clip_limit, "tile_grid": args.tile_grid}
     fit_plain, vn, va, fit_rows, extra = validation_maps(args.dataset, args.data_root, args.cache,
-                                                         reframe_copies=args.reframe, input_size=args.input_size)
+                                                         reframe_copies=args.reframe, prep=prep)
     held_sets = [(vn, va)]
     if extra:
         held_sets.append((extra["vn_r"], extra["va_r"]))
         print("template-correlation (framing only) score: validation AUROC plain {plain:.3f}, "
               "reframed {reframed:.3f}".format(**extra["framing"]))
     set_names = ["plain", "reframed"][:len(held_sets)]
-    print(f"{args.dataset} at {args.input_size}x{args.input_size}: {len(fit_plain)} fit normals, "
+    print(f"{args.dataset} at {args.input_size}x{args.input_size}, CLAHE clip {args.clip_limit} tiles "
+          f"{args.tile_grid}: {len(fit_plain)} fit normals, "
           f"{len(vn)} held-out normals, "
           f"{len(va)} train anomalies (validation)")
     grids = [int(g) for g in args.grids.split(",")]
     runs = [] if args.augmented_only else [(cfg, "", fit_plain) for cfg in args.configs]
     if args.hflip:
-        both = torch.cat([fit_plain, mirrored_maps(fit_rows, args.input_size)])
+        both = torch.cat([fit_plain, mirrored_maps(fit_rows, prep)])
         runs += [(cfg, "[hflip-trained]", both) for cfg in args.configs if cfg != "gap"]
     if args.reframe:
         augmented = torch.cat([fit_plain, *extra["fit_r"]])
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg == "gap":
             rows_out = [("gap" + tag, [m[:, 0].float().mean(dim=(2, 3)).double().numpy() for m in maps])]
         else:
-            det = trained_convgru(cfg, fit, args.input_size)
+            det = trained_convgru(cfg, fit, prep)
             rows_out = []
             for g in grids:
                 det.embedding, det.flatten_grid = ("gap", 4) if g == 1 else ("flatten", g)
