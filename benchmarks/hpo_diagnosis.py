@@ -7,8 +7,8 @@ Two runs of one recipe pick very different kernel widths (chest: gamma 0.0115 an
 0.011 and 0.021) and differ on test by about 0.01. This asks what that choice changes. With the model's
 trained encoder held fixed, it rebuilds the model's own split of the TRAIN-split normals (``group_split``
 with the seed and fractions in its ``training.json``: fit / HPO / calibration shares), embeds them as
-acquired, and embeds 500 random TRAIN-split anomalies (seed 0). The test split is not read. The anomaly
-labels score; they choose nothing.
+acquired, and embeds 500 random TRAIN-split anomalies (seed 0). The test split is read only with
+``--test-sensitivity`` (below). The anomaly labels score; they choose nothing.
 
 It reports:
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -49,6 +48,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.recipe_selection import auroc  # noqa: E402
+from inference.detectors.medgru_svc import consistency_bound  # noqa: E402
+
 BUNDLED = {"kermany_cxr": "chest-cxr", "brain_mri": "brain-mr"}
 #: the optuna search range of gamma in ``MedGRUSVC._tune_boundary`` (relative: the kernel is gamma / d)
 GAMMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -56,18 +58,8 @@ GAMMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 NUS = (0.01, 0.03, 0.05, 0.1, 0.15, 0.2)
 
 
-def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos]))
-
-
 def rejected(boundary: Any, e: np.ndarray) -> float:
     return float((boundary.score(e) > 0).mean())
-
-
-def consistency_bound(nu: float, n: int) -> float:
-    return nu + 2.0 * math.sqrt(nu * (1.0 - nu) / n)
 
 
 def half_fit(e: dict[str, np.ndarray], nu: float, seed: int = 1) -> list[dict[str, float]]:
@@ -183,8 +175,7 @@ def embeddings(det: Any, dataset: str, data_root: Path, cache_dir: Path, args: d
     if copies:  # the model's boundary saw the fit normals plus their re-framed copies (medgru train's seeds)
         from inference.augment import ReframeParams, reframe_copy_seed
 
-        params = ReframeParams(scale=float(args["reframe_scale"]), shift=float(args["reframe_shift"]),
-                               rotate=float(args["reframe_rotate"]))
+        params = ReframeParams.from_options(args)
         out["boundary_train"] = np.concatenate([out["fit"], *(det.embed_features(cache.features(
             fit, reframe_seed=reframe_copy_seed(int(args["seed"]), k), reframe_params=params, desc="fit reframed"))
             for k in range(copies))])

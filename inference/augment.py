@@ -15,7 +15,9 @@ set; the HPO and calibration normals stay as acquired. Nothing here runs at infe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -47,6 +49,13 @@ class ReframeParams:
 
     def key(self) -> dict:
         return {"v": REFRAME_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "ReframeParams":
+        """The ranges of ``medgru train``'s ``--reframe-scale``, ``--reframe-shift`` and ``--reframe-rotate``:
+        its parsed options (``vars(args)``) or a model's ``training.json`` ``command_args``."""
+        return cls(scale=float(options["reframe_scale"]), shift=float(options["reframe_shift"]),
+                   rotate=float(options["reframe_rotate"]))
 
 
 def reframe_matrix(shape: tuple[int, int], rng: np.random.Generator, params: ReframeParams = ReframeParams()

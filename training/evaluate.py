@@ -225,8 +225,7 @@ def reframe_augment(training_args: dict[str, Any], seed: int):
     k = int(training_args.get("reframe_copies") or 0)
     if k <= 0:
         return None
-    params = ReframeParams(scale=float(training_args["reframe_scale"]), shift=float(training_args["reframe_shift"]),
-                           rotate=float(training_args["reframe_rotate"]))
+    params = ReframeParams.from_options(training_args)
 
     def augment(seqs):
         out = []

@@ -371,7 +371,7 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     if args.reframe_copies:  # augmentation of the fit normals only: HPO and calibration stay as acquired
         from inference.augment import ReframeParams, reframe_copy_seed
 
-        params = ReframeParams(scale=args.reframe_scale, shift=args.reframe_shift, rotate=args.reframe_rotate)
+        params = ReframeParams.from_options(vars(args))
         feats["fit"] = torch.cat([feats["fit"], *(
             cache.features(fit_rows, reframe_seed=reframe_copy_seed(args.seed, k), reframe_params=params,
                            desc="fit reframed") for k in range(args.reframe_copies))])

@@ -193,6 +193,12 @@ def _cluster_gamma_param(value: float | str) -> float | str:
     return g
 
 
+def consistency_bound(nu: float, n: int) -> float:
+    """Tax & Muller's bound on the held-out rejection of a boundary with parameter ``nu`` on ``n`` held-out
+    normals (``nu`` plus two binomial standard deviations), the ``consistent-volume`` objective's test."""
+    return nu + 2.0 * math.sqrt(nu * (1.0 - nu) / n)
+
+
 def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -698,7 +704,7 @@ class MedGRUSVC(Detector):
                 vol = float((b.score(envelope) <= 0).mean())
                 parts[trial.number] = {"heldout_normal_rejection": fpr, "envelope_acceptance": vol}
                 if consistent:  # Tax & Muller (2004): reject boundaries that over-fit the training normals
-                    bound = nu + 2.0 * math.sqrt(nu * (1.0 - nu) / len(e_hn))
+                    bound = consistency_bound(nu, len(e_hn))
                     parts[trial.number]["consistency_bound"] = bound
                     return vol if fpr <= bound else 1.0 + (fpr - bound)
                 return fpr + vol

@@ -62,6 +62,17 @@ def test_out_of_range_parameters_are_refused(bad):
         ReframeParams(**bad)
 
 
+def test_params_from_train_options_or_a_training_json():
+    """``medgru train``'s parsed options and a model's recorded ``command_args`` (strings or numbers) give the
+    same ranges; the range checks still apply, and a run without the options is refused, not defaulted."""
+    recorded = {"reframe_scale": "0.1", "reframe_shift": 0.05, "reframe_rotate": 3, "seed": 0}
+    assert ReframeParams.from_options(recorded) == ReframeParams(scale=0.1, shift=0.05, rotate=3.0)
+    with pytest.raises(ValueError):
+        ReframeParams.from_options({**recorded, "reframe_scale": 1.0})
+    with pytest.raises(KeyError):
+        ReframeParams.from_options({"reframe_scale": 0.1})
+
+
 def test_only_2d_frames():
     with pytest.raises(ValueError, match="2-D"):
         reframe(np.zeros((2, 8, 8), np.float32), np.random.default_rng(0))
