@@ -186,7 +186,7 @@ def protocol(args: argparse.Namespace) -> str:
     fit = "the train split's normals only"
     if getattr(args, "reframe_copies", 0):
         fit += f", plus {args.reframe_copies} randomly re-framed copies of each fit normal"
-    enc = ("the ConvGRU trained to rebuild its input's backbone map (normals only)" if args.loss == "reconstruct"
+    enc = ("the ConvGRU trained to rebuild its input's backbone map (normals only)" if args.loss.startswith("reconstruct")
            else "synthetic anomalies for the encoder's outlier exposure")
     hpo = ("SVDD gamma and nu by optuna on held-out normals vs synthetic anomalies"
            if args.hpo_objective == "synthetic-auroc"

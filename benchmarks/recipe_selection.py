@@ -174,8 +174,9 @@ def mirrored_maps(rows, prep: dict | None = None) -> "torch.Tensor":
 
 
 def trained_convgru(cfg: str, fit, prep: dict | None = None):
-    """A MedGRU-SVC whose ConvGRU (``h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR]``) is trained on ``fit`` as
-    ``medgru train --loss reconstruct --reducer-init pca`` does (seed 0); no boundary."""
+    """A MedGRU-SVC whose ConvGRU (``h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR][,init=INIT][,loss=LOSS]``) is trained
+    on ``fit`` as ``medgru train --loss reconstruct --reducer-init pca`` does (seed 0), or with that
+    ``--reducer-init`` and ``--loss`` (``init=pca-mix``, ``loss=reconstruct-whitened``); no boundary."""
     import torch
 
     from inference.augment import reframe_copy_seed
@@ -184,7 +185,8 @@ def trained_convgru(cfg: str, fit, prep: dict | None = None):
     kv = dict(x.split("=") for x in cfg.split(","))
     det = MedGRUSVC(**(prep or {}), hidden_channels=int(kv.get("h", 64)),
                     reduce_channels=int(kv.get("r", 128)), epochs=int(kv.get("e", 12)),
-                    lr=float(kv.get("lr", 1e-3)), loss="reconstruct", reducer_init="pca")
+                    lr=float(kv.get("lr", 1e-3)), loss=kv.get("loss", "reconstruct"),
+                    reducer_init=kv.get("init", "pca"))
     torch.manual_seed(0)
     det.encoder = det._new_encoder()
     det._train_encoder(fit, fit[:0], np.random.default_rng(0), progress=None, checkpoint=None, report={})
@@ -242,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tile-grid", type=int, default=8, help="CLAHE tile grid (medgru train --tile-grid)")
     ap.add_argument("--augmented-only", action="store_true",
                     help="with --hflip or --reframe: train only the augmented variant of each configuration")
-    ap.add_argument("configs", nargs="+", help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR] or gap")
+    ap.add_argument("configs", nargs="+",
+                    help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR][,init=pca|pca-mix][,loss=reconstruct|"
+                         "reconstruct-whitened] or gap")
     args = ap.parse_args(argv)
     import torch
 

@@ -183,6 +183,18 @@ class SVDDBoundary:
                 out[sl] = logsumexp(t, axis=1)
         return out
 
+    def log_density(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """The kernel expansion as a probability density in the standardised (or whitened) space:
+        ``log sum_i b_i N(x; sv_i, I / (2 gamma))`` with ``b = alpha / sum(alpha)``, i.e.
+        ``log f(x) - log sum(alpha) + (d / 2) log(gamma / pi)``. It differs from ``-score(x)`` by a
+        constant of the fit, so it ranks alike; unlike the score it can be compared across ``gamma`` and
+        ``nu`` (held-out log-likelihood, :meth:`inference.detectors.medgru_svc.MedGRUSVC._tune_boundary`)."""
+        if self.support_vectors_ is None:
+            raise RuntimeError("SVDDBoundary is not fitted")
+        d = self.support_vectors_.shape[1]
+        return (self.log_decision(x, batch) - math.log(float(self.dual_coef_.sum()))
+                + 0.5 * d * math.log(self.kernel_gamma_ / math.pi))
+
     def score(self, x: np.ndarray) -> np.ndarray:
         """Signed distance from the boundary, positive outside: ``log rho - log f(x)`` (``"log"`` form)
         or the legacy ``(rho - f(x)) / rho`` (``"ratio"`` form)."""

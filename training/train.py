@@ -65,6 +65,14 @@ def _cluster_gamma(text: str) -> float | str:
     return value
 
 
+#: the choices of --loss, --reducer-init, --hpo-objective: MedGRUSVC's LOSSES, REDUCER_INITS and
+#: HPO_OBJECTIVES, spelt out so that
+#: building the parser does not import torch (a test checks that they agree)
+ENCODER_LOSSES = ("deep-sad", "hsc", "reconstruct", "reconstruct-whitened")
+ENCODER_REDUCER_INITS = ("random", "pca", "pca-mix")
+HPO_OBJECTIVE_CHOICES = ("synthetic-auroc", "tax-duin", "consistent-volume", "heldout-likelihood")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", type=Path, help="manifest CSV (path, label[, split, group])")
@@ -99,21 +107,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic-per-normal", type=int, default=1)
     parser.add_argument("--synthetic-max", type=int, default=0,
                         help="make training synthetic anomalies from at most this many fit normals (0 = all)")
-    parser.add_argument("--loss", choices=("deep-sad", "hsc", "reconstruct"), default="deep-sad",
+    parser.add_argument("--loss", choices=ENCODER_LOSSES, default="deep-sad",
                         help="encoder objective: Deep SAD or hypersphere classifier (both with outlier exposure), "
-                             "or reconstruct (self-supervised on normals only: rebuild the backbone map from h_T)")
-    parser.add_argument("--hpo-objective", choices=("synthetic-auroc", "tax-duin", "consistent-volume"),
-                        default="synthetic-auroc",
+                             "or reconstruct (self-supervised on normals only: rebuild the backbone map from h_T, "
+                             "standardised per channel; reconstruct-whitened: in whitened principal coordinates)")
+    parser.add_argument("--hpo-objective", choices=HPO_OBJECTIVE_CHOICES, default="synthetic-auroc",
                         help="optuna objective for gamma, nu: AUROC held-out normals vs synthetic, or the "
                              "label-free Tax & Duin error (held-out normals rejected + Gaussian envelope accepted), or the "
                              "smallest envelope share accepted among boundaries whose held-out rejection is "
-                             "consistent with nu (Tax & Muller)")
+                             "consistent with nu (Tax & Muller), or the largest mean log-likelihood of the held-out "
+                             "normals under the boundary's kernel expansion (heldout-likelihood, label-free)")
     parser.add_argument("--nu-max", type=float, default=0.5, help="upper end of the optuna range of nu")
     parser.add_argument("--whiten", action="store_true",
                         help="SVDD kernel on whitened embeddings (Ledoit-Wolf Sigma^-1/2: Mahalanobis RBF) "
                              "instead of per-dimension standardisation")
-    parser.add_argument("--reducer-init", choices=("random", "pca"), default="random",
-                        help="start the 1x1 reducer as whitened PCA of the normals' features")
+    parser.add_argument("--reducer-init", choices=ENCODER_REDUCER_INITS, default="random",
+                        help="start the 1x1 reducer as whitened PCA of the normals' features: the leading "
+                             "components (pca) or a random rotation of all of them (pca-mix)")
     parser.add_argument("--embedding", choices=("gap", "flatten"), default="gap",
                         help="h_T -> embedding: global average pooling (the seed's default) or flattened "
                              "(after average pooling to --flatten-grid x --flatten-grid)")
@@ -389,7 +399,7 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
             pick = np.random.default_rng(args.seed + 2).choice(len(anomaly_rows), args.synthetic_max, replace=False)
             anomaly_rows = [anomaly_rows[i] for i in sorted(pick)]
         feats["fit_syn"] = cache.features(anomaly_rows, desc="labelled anomalies")
-    elif args.loss == "reconstruct" or args.oe_weight <= 0:  # no outlier exposure: no synthetic training set
+    elif args.loss.startswith("reconstruct") or args.oe_weight <= 0:  # no outlier exposure: no synthetic training set
         feats["fit_syn"] = feats["fit"][:0]
     else:
         feats["fit_syn"] = torch.cat([

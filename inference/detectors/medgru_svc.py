@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inference.api import (Detection, Detector, FrameSequence, ModelCard, conformal_threshold,
@@ -65,13 +66,27 @@ HEAD_FILE = "svdd.npz"
 META_FILE = "meta.json"
 #: encoder objectives: Deep SAD / hypersphere classifier with synthetic outlier exposure, or
 #: "reconstruct" (self-supervised, normals only: a 1x1 decoder must rebuild the frozen feature map of
-#: the last frame from h_T, so the embedding keeps the backbone's information)
-LOSSES = ("deep-sad", "hsc", "reconstruct")
+#: the last frame from h_T, so the embedding keeps the backbone's information; the target is
+#: standardised per channel), or "reconstruct-whitened" (the same with the PCA-whitened map as the
+#: target, so that every principal direction of the features weighs alike in the loss)
+LOSSES = ("deep-sad", "hsc", "reconstruct", "reconstruct-whitened")
+RECONSTRUCT_LOSSES = ("reconstruct", "reconstruct-whitened")
+#: how the 1x1 reducer starts: random, "pca" (the whitened leading principal components of the normals'
+#: feature vectors, both signs) or "pca-mix" (a seeded random rotation of all whitened components, both
+#: signs: no direction of the features is dropped in favour of the high-variance ones)
+REDUCER_INITS = ("random", "pca", "pca-mix")
 #: optuna objectives for the SVDD's gamma, nu: AUROC held-out normals vs synthetic anomalies, or the
 #: label-free Tax & Duin error (held-out normals rejected + share of a Gaussian envelope accepted)
 #: "consistent-volume" (label-free, Tax & Muller 2004): the smallest envelope share accepted among the
 #: boundaries whose held-out rejection is consistent with nu (<= nu + 2 sqrt(nu (1 - nu) / n))
-HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin", "consistent-volume")
+#: "heldout-likelihood" (label-free): the largest mean log-likelihood of the held-out normals under the
+#: boundary's kernel expansion read as a density (:meth:`inference.svdd.SVDDBoundary.log_density`):
+#: likelihood cross-validation of the kernel width, which favours narrow kernels in many dimensions
+HPO_OBJECTIVES = ("synthetic-auroc", "tax-duin", "consistent-volume", "heldout-likelihood")
+#: optuna's range of the relative kernel width gamma (x 1/d), and the wider one of "heldout-likelihood",
+#: whose optimum in hundreds of dimensions lies near the nearest-neighbour distance scale
+GAMMA_RANGE = (1e-2, 1e1)
+LIKELIHOOD_GAMMA_RANGE = (1e-2, 1e3)
 #: how h_T becomes the embedding (see :func:`inference.convgru.embed_hidden`)
 EMBEDDINGS = ("gap", "flatten")
 #: what is appended to the h_T embedding: nothing (the seed), or "reduced": GAP over frames and positions
@@ -206,6 +221,21 @@ def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float(roc_auc_score(y, np.r_[neg, pos]))
 
 
+@torch.no_grad()
+def feature_pca(train: torch.Tensor, max_vectors: int = 50000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA of the feature vectors (one per position) of the last frames of ``train`` ``(N, T, C, H, W)``:
+    ``(mean (C,), components (K, C) by decreasing variance, standard deviations (K,))``, from at most
+    ``max_vectors`` vectors (a fixed-seed random subset). The deviations get 1e-6 added, so dividing by
+    them whitens."""
+    x = train[:, -1].float().permute(0, 2, 3, 1).reshape(-1, train.shape[2])
+    if x.shape[0] > max_vectors:
+        g = torch.Generator().manual_seed(0)
+        x = x[torch.randperm(x.shape[0], generator=g)[:max_vectors]]
+    mean = x.mean(0)
+    _, s, v = torch.linalg.svd(x - mean, full_matrices=False)
+    return mean, v, s / math.sqrt(max(x.shape[0] - 1, 1)) + 1e-6
+
+
 @register_detector("medgru-svc")
 class MedGRUSVC(Detector):
     SMALL_PARAMS = {
@@ -258,6 +288,8 @@ class MedGRUSVC(Detector):
             raise ValueError(f"unknown hpo_objective {hpo_objective!r}; choose one of {HPO_OBJECTIVES}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+        if reducer_init not in REDUCER_INITS:
+            raise ValueError(f"unknown reducer_init {reducer_init!r}; choose one of {REDUCER_INITS}")
         self.hpo_objective = str(hpo_objective)
         self.nu_max = float(nu_max)
         self.envelope_samples = int(envelope_samples)
@@ -398,7 +430,7 @@ class MedGRUSVC(Detector):
             train = hpo
         extra = list(augment(train)) if augment is not None else []
         feats = self._stack([self.sequence_features(s) for s in train + extra])
-        if self.loss == "reconstruct" or self.oe_weight <= 0:  # no outlier exposure: no synthetic training set
+        if self.loss in RECONSTRUCT_LOSSES or self.oe_weight <= 0:  # no outlier exposure: no synthetic training set
             syn = torch.zeros((0,) + tuple(feats.shape[1:]))
         else:
             syn = self._stack([self.sequence_features(s) for s in self.synthetic_sequences(train, rng)])
@@ -531,8 +563,9 @@ class MedGRUSVC(Detector):
         uninterrupted run would have had."""
         enc = self.encoder
         assert enc is not None
-        recon = self.loss == "reconstruct"
+        recon = self.loss in RECONSTRUCT_LOSSES
         decoder: nn.Module | None = None
+        whiten_target: tuple[torch.Tensor, torch.Tensor] | None = None
         if recon:
             decoder = nn.Conv2d(self.hidden_channels, train.shape[2], kernel_size=1).to(self.device)
             with torch.no_grad():  # per-channel standardisation of the target (fit normals' last frames)
@@ -540,6 +573,10 @@ class MedGRUSVC(Detector):
                 t_mean = x.mean(dim=(0, 2, 3)).to(self.device)[None, :, None, None]
                 t_std = (x.std(dim=(0, 2, 3)) + 1e-3).to(self.device)[None, :, None, None]
                 del x
+            if self.loss == "reconstruct-whitened":  # target: the map in whitened principal coordinates
+                mean, comps, sd = feature_pca(train)
+                whiten_target = (mean.to(self.device)[None, :, None, None],
+                                 (comps / sd[:, None]).to(self.device)[:, :, None, None])
         params = [p for p in enc.parameters() if p.requires_grad]
         if decoder is not None:
             params += list(decoder.parameters())
@@ -551,10 +588,10 @@ class MedGRUSVC(Detector):
                                    weight_decay=self.weight_decay)
         else:
             raise ValueError(f"unknown optimizer {self.optimizer!r} (adam or sgd)")
-        if self.reducer_init == "pca":
-            self._pca_init_reducer(train)
+        if self.reducer_init in ("pca", "pca-mix"):
+            self._pca_init_reducer(train, mix=self.reducer_init == "pca-mix")
         elif self.reducer_init != "random":
-            raise ValueError(f"unknown reducer_init {self.reducer_init!r} (random or pca)")
+            raise ValueError(f"unknown reducer_init {self.reducer_init!r}; choose one of {REDUCER_INITS}")
         start_epoch = 0
         with torch.no_grad():  # Deep SVDD centre: mean initial h_T embedding of the normals
             c = torch.from_numpy(self.embed_features(train, hidden_only=True)).float().mean(0).to(self.device)
@@ -596,7 +633,10 @@ class MedGRUSVC(Detector):
                     xb = train[idx].to(self.device).float()
                     if recon:
                         assert decoder is not None
-                        target = (xb[:, -1] - t_mean) / t_std
+                        if whiten_target is None:
+                            target = (xb[:, -1] - t_mean) / t_std
+                        else:
+                            target = F.conv2d(xb[:, -1] - whiten_target[0], whiten_target[1])
                         loss = ((decoder(enc(xb)) - target) ** 2).mean()
                     else:
                         loss = self._compactness_loss(enc, xb, train_syn, perm_s, i, c)
@@ -646,22 +686,26 @@ class MedGRUSVC(Detector):
         return loss
 
     @torch.no_grad()
-    def _pca_init_reducer(self, train: torch.Tensor, max_vectors: int = 50000) -> None:
+    def _pca_init_reducer(self, train: torch.Tensor, *, mix: bool = False) -> None:
         """Start the 1x1 reducer as whitened PCA of the normals' feature vectors, both signs
-        (``[P; -P]`` before the ReLU keeps the information of ``reduce_channels / 2`` components)."""
+        (``[P; -P]`` before the ReLU keeps the information of ``reduce_channels / 2`` directions).
+
+        ``mix=False``: ``P`` holds the leading principal components. ``mix=True``: ``P`` is the first rows of
+        a random rotation (fixed seed) of *all* whitened components, so each direction of the features is
+        kept in equal measure (the leading components alone drop what separates anomalies on brain MRI:
+        ``benchmarks/results/medgru-v8.md``)."""
         enc = self.encoder
         conv = enc.reducer[0] if isinstance(enc.reducer, nn.Sequential) else None
         if conv is None:
             return
-        x = train[:, -1].float().permute(0, 2, 3, 1).reshape(-1, train.shape[2])
-        if x.shape[0] > max_vectors:
-            g = torch.Generator().manual_seed(0)
-            x = x[torch.randperm(x.shape[0], generator=g)[:max_vectors]]
-        mean = x.mean(0)
-        xc = x - mean
+        mean, v, sd = feature_pca(train)
         k = conv.out_channels // 2
-        _, s, v = torch.linalg.svd(xc, full_matrices=False)
-        comps = v[:k] / (s[:k, None] / math.sqrt(max(x.shape[0] - 1, 1)) + 1e-6)
+        if mix:
+            g = torch.Generator().manual_seed(1)
+            q, _ = torch.linalg.qr(torch.randn(v.shape[0], v.shape[0], generator=g, dtype=v.dtype))
+            comps = q[:k] @ (v / sd[:, None])
+        else:
+            comps = v[:k] / sd[:k, None]
         w = torch.cat([comps, -comps], 0)
         if w.shape[0] < conv.out_channels:
             w = torch.cat([w, torch.zeros(conv.out_channels - w.shape[0], w.shape[1])], 0)
@@ -681,23 +725,29 @@ class MedGRUSVC(Detector):
                        report: dict[str, Any]) -> None:
         if self.hpo_trials <= 0 or len(e_hn) < 2:
             return
+        likelihood = self.hpo_objective == "heldout-likelihood"
         label_free = self.hpo_objective in ("tax-duin", "consistent-volume")
         consistent = self.hpo_objective == "consistent-volume"
-        if not label_free and len(e_hs) < 2:
+        if not (label_free or likelihood) and len(e_hs) < 2:
             return
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         envelope = self.gaussian_envelope(e_train, self.envelope_samples, seed) if label_free else None
         parts: dict[int, dict[str, float]] = {}
+        g_range = LIKELIHOOD_GAMMA_RANGE if likelihood else GAMMA_RANGE
 
         def objective(trial: "optuna.Trial") -> float:
-            g = trial.suggest_float("gamma", 1e-2, 1e1, log=True)
+            g = trial.suggest_float("gamma", *g_range, log=True)
             nu = trial.suggest_float("nu", 0.01, self.nu_max, log=True)
             try:
                 b = SVDDBoundary(gamma=g, nu=nu, whiten=self.whiten).fit(e_train)
             except ValueError:
-                return 2.0 if label_free else 0.0
+                return -1e12 if likelihood else (2.0 if label_free else 0.0)
+            if likelihood:  # likelihood cross-validation on the held-out normals (label-free)
+                ll = float(np.mean(b.log_density(e_hn)))
+                parts[trial.number] = {"heldout_normal_rejection": float((b.score(e_hn) > 0).mean())}
+                return ll
             if label_free:
                 # Tax & Duin (2004): error = held-out normals rejected + volume (envelope share accepted)
                 fpr = float((b.score(e_hn) > 0).mean())
@@ -712,11 +762,17 @@ class MedGRUSVC(Detector):
 
         study = optuna.create_study(direction="minimize" if label_free else "maximize",
                                     sampler=optuna.samplers.TPESampler(seed=seed))
-        study.enqueue_trial({"gamma": self.gamma, "nu": min(self.nu, self.nu_max)})
+        study.enqueue_trial({"gamma": min(max(self.gamma, g_range[0]), g_range[1]), "nu": min(self.nu, self.nu_max)})
         study.optimize(objective, n_trials=self.hpo_trials)
         self.gamma = float(study.best_params["gamma"])
         self.nu = float(study.best_params["nu"])
-        if label_free:
+        if likelihood:
+            report["hpo"] = {"trials": self.hpo_trials, "best_mean_heldout_log_likelihood": float(study.best_value),
+                             **parts.get(study.best_trial.number, {}), "gamma": self.gamma, "nu": self.nu,
+                             "gamma_range": list(g_range), "nu_range": [0.01, self.nu_max],
+                             "objective": "largest mean log-likelihood of the held-out normals under the "
+                                          "boundary's kernel expansion read as a density (label-free)"}
+        elif label_free:
             what = ("Tax & Muller consistency: smallest Gaussian-envelope share accepted with held-out normal "
                     "rejection <= nu + 2 sd (label-free)") if consistent else (
                 "Tax & Duin: held-out normals rejected + Gaussian-envelope share accepted (label-free)")

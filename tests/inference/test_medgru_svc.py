@@ -481,3 +481,100 @@ def test_fit_augments_the_training_share_only(monkeypatch):
     assert train_vals.isdisjoint(hpo_vals)  # augment saw the training share, not the HPO normals
     assert 0.5 in set(got["train"][:, 0, 0, 0, 0].tolist())  # the copies train the model
     assert 0.5 not in hpo_vals and set(got["cal"][:, 0, 0, 0, 0].tolist()) == {0.9}
+
+
+# ------------------------------------------------------------------ reducer start and whitened target
+def _reducer_rows(det: MedGRUSVC, train: torch.Tensor) -> torch.Tensor:
+    """The reducer's first half of rows (before the ReLU) on the training feature vectors."""
+    det.encoder = det._new_encoder()
+    det._pca_init_reducer(train, mix=det.reducer_init == "pca-mix")
+    conv = det.encoder.reducer[0]
+    x = train[:, -1].permute(0, 2, 3, 1).reshape(-1, train.shape[2])
+    k = conv.out_channels // 2
+    with torch.no_grad():
+        return x @ conv.weight[:k, :, 0, 0].T + conv.bias[:k]
+
+
+def test_feature_pca_whitens_the_feature_vectors_of_the_last_frame():
+    from inference.detectors.medgru_svc import feature_pca
+
+    train = maps(60, 11)
+    mean, comps, sd = feature_pca(train)
+    x = train[:, -1].permute(0, 2, 3, 1).reshape(-1, train.shape[2])
+    assert torch.allclose(mean, x.mean(0), atol=1e-5)
+    assert (sd[:-1] >= sd[1:]).all()  # by decreasing variance
+    z = (x - mean) @ (comps / sd[:, None]).T
+    cov = torch.cov(z.T.double())
+    assert torch.allclose(torch.diagonal(cov), torch.ones(len(sd), dtype=torch.float64), atol=1e-2)
+
+
+@pytest.mark.parametrize("init", ["pca", "pca-mix"])
+def test_the_pca_reducer_starts_from_whitened_uncorrelated_directions(init):
+    train = maps(60, 12)
+    rows = _reducer_rows(MedGRUSVC(hidden_channels=8, reduce_channels=16, reducer_init=init), train)
+    cov = torch.cov(rows.T.double())
+    assert torch.allclose(cov, torch.eye(8, dtype=torch.float64), atol=2e-2)
+    assert torch.allclose(rows.mean(0).double(), torch.zeros(8, dtype=torch.float64), atol=1e-3)
+
+
+def test_pca_mix_keeps_the_low_variance_directions_that_pca_drops():
+    from inference.detectors.medgru_svc import feature_pca
+
+    train = maps(60, 13)
+    _, comps, _ = feature_pca(train)
+    trailing = comps[8:]  # the directions the leading 8 components leave out
+    share = {}
+    for init in ("pca", "pca-mix"):
+        det = MedGRUSVC(hidden_channels=8, reduce_channels=16, reducer_init=init)
+        _reducer_rows(det, train)
+        w = det.encoder.reducer[0].weight[:8, :, 0, 0].detach()
+        share[init] = float((w @ trailing.T).norm() / w.norm())
+    assert share["pca"] < 1e-3
+    assert share["pca-mix"] > 0.5  # most of the reducer's weight lies on the trailing directions
+
+
+def test_pca_mix_is_deterministic_and_leaves_the_global_random_state_alone():
+    train = maps(40, 14)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = _reducer_rows(MedGRUSVC(hidden_channels=8, reduce_channels=16, reducer_init="pca-mix"), train)
+    torch.set_rng_state(before)
+    b = _reducer_rows(MedGRUSVC(hidden_channels=8, reduce_channels=16, reducer_init="pca-mix"), train)
+    assert torch.equal(a, b)
+
+
+def test_whitened_reconstruction_trains_on_normals_only_and_ranks_shifted_maps_higher():
+    torch.manual_seed(0)
+    det = MedGRUSVC(input_size=64, hidden_channels=8, reduce_channels=16, epochs=6, batch_size=8,
+                    loss="reconstruct-whitened", reducer_init="pca-mix", hpo_objective="tax-duin",
+                    nu_max=0.2, hpo_trials=4, envelope_samples=300)
+    empty = maps(0, 0)
+    report = det.fit_features(maps(80, 1), empty, maps(24, 2), empty, maps(24, 3), seed=0)
+    hist = report["loss_history"]
+    assert len(hist) == 6 and hist[-1] < hist[0]
+    # the whitened target has unit variance per direction: an untrained decoder starts near 1 per entry
+    assert 0.5 < hist[0] < 3.0
+    assert np.median(det.score_features(maps(20, 5, shift=3.0))) > np.median(det.score_features(maps(20, 4)))
+
+
+def test_unknown_reducer_start_is_rejected():
+    with pytest.raises(ValueError, match="reducer_init"):
+        MedGRUSVC(reducer_init="ica")
+
+
+def test_heldout_likelihood_search_is_label_free_and_keeps_its_best_trial():
+    from inference.svdd import SVDDBoundary
+
+    det = MedGRUSVC(hpo_objective="heldout-likelihood", hpo_trials=12, nu_max=0.2)
+    rng = np.random.default_rng(0)
+    e_train, e_hn = rng.normal(size=(150, 8)), rng.normal(size=(40, 8))
+    report: dict = {}
+    det._tune_boundary(e_train, e_hn, e_hn[:0], seed=0, report=report)  # no anomalies of any kind
+    hpo = report["hpo"]
+    assert 1e-2 <= det.gamma <= 1e3 and 0.01 <= det.nu <= 0.2
+    assert hpo["gamma_range"] == [1e-2, 1e3] and "label-free" in hpo["objective"]
+    chosen = SVDDBoundary(gamma=det.gamma, nu=det.nu, whiten=det.whiten).fit(e_train)
+    assert hpo["best_mean_heldout_log_likelihood"] == pytest.approx(float(chosen.log_density(e_hn).mean()))
+    # the untuned start (gamma 1, nu 0.1) was the first trial: the choice is at least as likely
+    start = SVDDBoundary(gamma=1.0, nu=0.1, whiten=det.whiten).fit(e_train)
+    assert hpo["best_mean_heldout_log_likelihood"] >= float(start.log_density(e_hn).mean())

@@ -251,3 +251,18 @@ def test_auto_clustering_reuses_the_choice_and_equals_clustering_at_the_chosen_w
     assert model.gamma == ref.gamma and np.array_equal(model.mean, ref.mean)
     if n_per_blob == 40:
         assert len(model.names) == 3  # three separated blobs
+
+
+@pytest.mark.parametrize("gamma", [0.3, 3.0])
+def test_log_density_is_a_probability_density_that_ranks_as_the_score_does(gamma):
+    x = np.random.default_rng(3).normal(size=(60, 2))
+    b = SVDDBoundary(gamma=gamma, nu=0.2).fit(x)
+    # integrate over the standardised plane (the density lives there): a unit mass
+    g = np.linspace(-12, 12, 401)
+    xx, yy = np.meshgrid(g, g)
+    grid_std = np.c_[xx.ravel(), yy.ravel()]
+    grid = grid_std * b.scale_ + b.mean_
+    mass = np.exp(b.log_density(grid)).sum() * (g[1] - g[0]) ** 2
+    assert mass == pytest.approx(1.0, abs=1e-3)
+    q = np.random.default_rng(4).normal(size=(30, 2)) * 2
+    assert np.allclose(b.log_density(q) + b.score(q), (b.log_density(q) + b.score(q))[0])

@@ -371,3 +371,11 @@ def test_a_model_trained_with_reframe_copies_says_so_in_its_card(tmp_path, data_
     training = json.loads((out / "training.json").read_text())
     assert training["command_args"]["reframe_copies"] == 1
     assert load_model(out).threshold is not None
+
+
+def test_the_train_command_offers_exactly_the_detectors_objectives_reducer_starts_and_searches():
+    from inference.detectors.medgru_svc import HPO_OBJECTIVES, LOSSES, REDUCER_INITS
+    from training.train import ENCODER_LOSSES, ENCODER_REDUCER_INITS, HPO_OBJECTIVE_CHOICES
+
+    assert ENCODER_LOSSES == LOSSES and ENCODER_REDUCER_INITS == REDUCER_INITS
+    assert HPO_OBJECTIVE_CHOICES == HPO_OBJECTIVES
