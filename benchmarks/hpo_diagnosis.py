@@ -150,9 +150,11 @@ def learning_curve(e: dict[str, np.ndarray], gamma: float, nu: float) -> list[di
 
 
 def embeddings(det: Any, dataset: str, data_root: Path, cache_dir: Path, args: dict[str, Any],
-               test: bool = False) -> dict[str, np.ndarray]:
+               test: bool = False, reframed: bool = False) -> dict[str, np.ndarray]:
     """The model's fit / HPO / calibration normals (its own ``group_split``) and 500 train anomalies;
-    with ``test`` also the test split's normals and anomalies."""
+    with ``test`` also the test split's normals and anomalies; with ``reframed`` also the calibration
+    normals and the anomalies each randomly re-framed once (``cal_r``, ``anom_r``: framing carries no
+    label there; the seeds of ``recipe_selection.py --reframe``)."""
     from training.manifest import read_manifest
     from training.train import FeatureCache, group_split
 
@@ -170,6 +172,9 @@ def embeddings(det: Any, dataset: str, data_root: Path, cache_dir: Path, args: d
                  ("test_anomaly", [r for r in rows if r.split == "test" and not r.is_normal])]
     cache = FeatureCache(cache_dir, det)
     out = {k: det.embed_features(cache.features(v, desc=k)) for k, v in sets}
+    if reframed:
+        out["cal_r"] = det.embed_features(cache.features(cal, reframe_seed=101, desc="cal reframed"))
+        out["anom_r"] = det.embed_features(cache.features(anomalies, reframe_seed=102, desc="anomalies reframed"))
     copies = int(args.get("reframe_copies") or 0)
     out["boundary_train"] = out["fit"]
     if copies:  # the model's boundary saw the fit normals plus their re-framed copies (medgru train's seeds)

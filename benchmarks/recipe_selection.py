@@ -42,6 +42,14 @@ and prints a template-correlation score (1 - correlation of a 56x56 thumbnail wi
 thumbnail), which sees framing and nothing else, on both validation sets:
 
     python benchmarks/recipe_selection.py --dataset kermany_cxr --grids 3 --reframe 2 h=128,r=256,e=30 gap
+
+``--map-spectrum`` first prints where the frozen maps' signal lies among the principal directions of
+their feature vectors, and the config keys ``init=pca-mix`` and ``loss=reconstruct-whitened`` train the
+ConvGRU with another reducer start and target (``results/medgru-v8.md``):
+
+    python benchmarks/recipe_selection.py --dataset brain_mri --map-spectrum --skip reduced \
+        h=128,r=256,e=0,init=pca-mix h=128,r=256,e=30 h=128,r=256,e=30,init=pca-mix \
+        h=128,r=256,e=30,loss=reconstruct-whitened h=128,r=256,e=30,init=pca-mix,loss=reconstruct-whitened
 """
 
 from __future__ import annotations
@@ -208,6 +216,29 @@ def skip_block(det, kind: str, maps) -> np.ndarray:
                           for i in range(0, len(last), 64)]).double().numpy()
 
 
+def map_spectrum(fit, vn, va, ks=(32, 64, 128, 192, 256, 384)) -> list[dict[str, float]]:
+    """Where the frozen maps' validation signal lies among the principal directions of their feature
+    vectors (one per position, last frame; the PCA the ``pca`` reducer start takes from the fit normals):
+    the Mahalanobis AUROC of GAP of the maps projected on the top ``k`` components and on the rest, and
+    the variance share of the top ``k``."""
+    import torch
+    from sklearn.covariance import LedoitWolf
+
+    from inference.detectors.medgru_svc import feature_pca
+
+    mean, comps, sd = feature_pca(fit)
+    gap = [m[:, -1].float().mean(dim=(2, 3)) - mean for m in (fit, vn, va)]
+
+    def maha(e: list[torch.Tensor]) -> float:
+        ef, en, ea = (t.double().numpy() for t in e)
+        mu, prec = ef.mean(0), LedoitWolf().fit(ef).precision_
+        return auroc(*(np.einsum("ij,jk,ik->i", q - mu, prec, q - mu) for q in (en, ea)))
+
+    var = sd.double() ** 2
+    return [{"k": k, "top": maha([g @ comps[:k].T for g in gap]), "rest": maha([g @ comps[k:].T for g in gap]),
+             "variance_share_top": float(var[:k].sum() / var.sum())} for k in ks if k < comps.shape[0]]
+
+
 def concat_z(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
     """Concatenate two embeddings of (fit, held-out, anomalies) and z-score the columns on the fit rows,
     as ``MedGRUSVC(skip=...)`` does (a constant column's scale floored at 1e-3 of the median column's)."""
@@ -244,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tile-grid", type=int, default=8, help="CLAHE tile grid (medgru train --tile-grid)")
     ap.add_argument("--augmented-only", action="store_true",
                     help="with --hflip or --reframe: train only the augmented variant of each configuration")
+    ap.add_argument("--map-spectrum", action="store_true",
+                    help="first print where the frozen maps' signal lies among the principal directions of "
+                         "their feature vectors (map_spectrum)")
     ap.add_argument("configs", nargs="+",
                     help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR][,init=pca|pca-mix][,loss=reconstruct|"
                          "reconstruct-whitened] or gap")
@@ -265,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.tile_grid}: {len(fit_plain)} fit normals, "
           f"{len(vn)} held-out normals, "
           f"{len(va)} train anomalies (validation)")
+    if args.map_spectrum:
+        print("frozen maps, principal directions of the feature vectors (fit normals): Mahalanobis AUROC of "
+              "GAP on the top k / on the rest")
+        for r in map_spectrum(fit_plain, vn, va):
+            print(f"  k={r['k']:<4} top {r['top']:.3f}  rest {r['rest']:.3f}  variance share of the top "
+                  f"{r['variance_share_top']:.3f}", flush=True)
     grids = [int(g) for g in args.grids.split(",")]
     runs = [] if args.augmented_only else [(cfg, "", fit_plain) for cfg in args.configs]
     if args.hflip:
