@@ -14,11 +14,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = (("kermany-medgru-v7", "Kermany CXR"),
+        ("kermany-medgru-v8", "Kermany CXR (the 7.0.0 command with --hpo-objective heldout-likelihood; not bundled)"),
         ("kermany-medgru-v7-threads2", "Kermany CXR (the 7.0.0 command re-run with --threads 2; not bundled)"),
         ("kermany-medgru-v5", "Kermany CXR"),
         ("kermany-medgru-v5-retrained", "Kermany CXR (the 5.0.0 command re-run under newer packages; not bundled)"), ("kermany-knn", "Kermany CXR"), ("kermany-medgru-v4", "Kermany CXR"),
         ("kermany-medgru-v4-supervised", "Kermany CXR (SUPERVISED: trained with the train split's pneumonia labels)"), ("kermany-medgru-v3", "Kermany CXR"),
-        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v6", "Brain MRI"),
+        ("kermany-medgru-v2", "Kermany CXR"), ("brain_mri-medgru-v8", "Brain MRI"),
+        ("brain_mri-medgru-v6", "Brain MRI (bundled until 8.0.0)"),
         ("brain_mri-medgru-v6-retrained", "Brain MRI (the 6.0.0 command re-run under newer packages; not bundled)"),
         ("brain_mri-medgru-v6-flushed", "Brain MRI (the 6.0.0 command re-run with denormals flushed on every thread; not bundled)"), ("brain_mri-medgru-v5", "Brain MRI"), ("brain_mri-medgru-v4", "Brain MRI"), ("brain_mri-knn", "Brain MRI"),
         ("brain_mri-medgru-v3", "Brain MRI"), ("brain_mri-medgru-v2", "Brain MRI"))
