@@ -24,10 +24,7 @@ Writes ``boundary_objective-<dataset>.md`` and ``.json`` under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
 import sys
 import tempfile
 import time
@@ -40,7 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.hpo_diagnosis import BUNDLED, embeddings, rejected, test_auroc  # noqa: E402
+from benchmarks.hpo_diagnosis import (embeddings, load_with_training_args, model_parser, rejected,  # noqa: E402
+                                      test_auroc, write_results)
 from benchmarks.recipe_selection import auroc  # noqa: E402
 
 OBJECTIVES = ("consistent-volume", "heldout-likelihood")
@@ -93,31 +91,14 @@ def write_md(res: dict[str, Any], path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from inference.api import load_model
-    from training.evaluate import model_training_args
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, choices=tuple(BUNDLED))
-    ap.add_argument("--data-root", type=Path, default=Path(os.environ.get("MEDGRU_DATA_ROOT", "../shared/data")))
-    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled one)")
-    ap.add_argument("--cache", type=Path, default=None, help="backbone-map cache (default: a temporary folder)")
-    ap.add_argument("--test-sensitivity", action="store_true",
-                    help="also report each boundary's TEST AUROC (once, after a decision on validation)")
+    ap = model_parser(__doc__.splitlines()[0],
+                      "also report each boundary's TEST AUROC (once, after a decision on validation)")
     ap.add_argument("--reframed", action="store_true",
                     help="also score the calibration normals and anomalies each randomly re-framed once (framing "
                          "carries no label there; the chest model was chosen on such a set, medgru-v7.md)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ns = ap.parse_args(argv)
-    torch.set_num_threads(ns.threads)
     t0 = time.time()
-    model = ns.model or REPO / "inference" / "bundled" / BUNDLED[ns.dataset]
-    det = load_model(model)
-    args = model_training_args(model)
-    if not args:
-        raise SystemExit(f"{model} has no training.json: its split cannot be rebuilt")
+    det, args = load_with_training_args(ns)
     with tempfile.TemporaryDirectory(prefix="boundary-objective-") as tmp:
         e = embeddings(det, ns.dataset, ns.data_root, ns.cache or Path(tmp), args, test=ns.test_sensitivity,
                        reframed=ns.reframed)
@@ -131,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
            "nu_max": float(det.nu_max), "model_gamma": float(det.gamma), "model_nu": float(det.nu),
            "model_auroc_cal_vs_anomalies": auroc(b.score(e["cal"]), b.score(e["anom"])), "rows": rows,
            "command": command, "seconds": round(time.time() - t0, 1)}
-    ns.out.mkdir(parents=True, exist_ok=True)
-    (ns.out / f"boundary_objective-{ns.dataset}.json").write_text(json.dumps(res, indent=2) + "\n")
-    print(write_md(res, ns.out / f"boundary_objective-{ns.dataset}.md"))
+    write_results(res, ns.out / f"boundary_objective-{ns.dataset}", write_md)
     return 0
 
 

@@ -248,31 +248,50 @@ def write_md(res: dict[str, Any], path: Path) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    import tempfile
+def write_results(res: dict[str, Any], stem: Path, write_md: Any) -> None:
+    """``res`` as ``<stem>.json``, and as Markdown by ``write_md(res, path)`` into ``<stem>.md`` (printed)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    print(write_md(res, stem.with_suffix(".md")))
 
+
+def model_parser(description: str, test_help: str) -> argparse.ArgumentParser:
+    """The options of the scripts that rebuild a model's own split: dataset, data root, model folder,
+    cache, ``--test-sensitivity`` (``test_help``), threads, output folder."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--dataset", required=True, choices=tuple(BUNDLED))
+    ap.add_argument("--data-root", type=Path, default=Path(os.environ.get("MEDGRU_DATA_ROOT", "../shared/data")))
+    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled one)")
+    ap.add_argument("--cache", type=Path, default=None, help="backbone-map cache (default: a temporary folder)")
+    ap.add_argument("--test-sensitivity", action="store_true", help=test_help)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    return ap
+
+
+def load_with_training_args(ns: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The model of ``ns.model`` (default: the bundled one for ``ns.dataset``) and its ``medgru train``
+    options (``training.json``), with torch set to ``ns.threads`` threads."""
     import torch
 
     from inference.api import load_model
     from training.evaluate import model_training_args
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, choices=tuple(BUNDLED))
-    ap.add_argument("--data-root", type=Path, default=Path(os.environ.get("MEDGRU_DATA_ROOT", "../shared/data")))
-    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled one)")
-    ap.add_argument("--cache", type=Path, default=None, help="backbone-map cache (default: a temporary folder)")
-    ap.add_argument("--test-sensitivity", action="store_true",
-                    help="also report the TEST AUROC along the gamma and nu sweeps (a sensitivity; chooses nothing)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    ns = ap.parse_args(argv)
     torch.set_num_threads(ns.threads)
-    t0 = time.time()
     model = ns.model or REPO / "inference" / "bundled" / BUNDLED[ns.dataset]
-    det = load_model(model)
     args = model_training_args(model)
     if not args:
         raise SystemExit(f"{model} has no training.json: its split cannot be rebuilt")
+    return load_model(model), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    ns = model_parser(__doc__.splitlines()[0], "also report the TEST AUROC along the gamma and nu sweeps (a "
+                      "sensitivity; chooses nothing)").parse_args(argv)
+    t0 = time.time()
+    det, args = load_with_training_args(ns)
     with tempfile.TemporaryDirectory(prefix="hpo-diag-") as tmp:
         e = embeddings(det, ns.dataset, ns.data_root, ns.cache or Path(tmp), args, test=ns.test_sensitivity)
     b = det.boundary
@@ -292,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "reframe_copies": int(args.get("reframe_copies") or 0), "spectrum": spectrum(e),
         "learning_curve": learning_curve(e, gamma, nu)}
     res["seconds"] = round(time.time() - t0, 1)
-    ns.out.mkdir(parents=True, exist_ok=True)
-    (ns.out / f"hpo_diagnosis-{ns.dataset}.json").write_text(json.dumps(res, indent=2) + "\n")
-    print(write_md(res, ns.out / f"hpo_diagnosis-{ns.dataset}.md"))
+    write_results(res, ns.out / f"hpo_diagnosis-{ns.dataset}", write_md)
     return 0
 
 
