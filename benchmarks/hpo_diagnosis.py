@@ -250,9 +250,9 @@ def write_md(res: dict[str, Any], path: Path) -> str:
 
 def write_results(res: dict[str, Any], stem: Path, write_md: Any) -> None:
     """``res`` as ``<stem>.json``, and as Markdown by ``write_md(res, path)`` into ``<stem>.md`` (printed)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    print(write_md(res, stem.with_suffix(".md")))
+    stem.parent.mkdir(parents=True, exist_ok=True)  # (not with_suffix: a stem may end in a version, "-8.0.0")
+    stem.with_name(stem.name + ".json").write_text(json.dumps(res, indent=2) + "\n")
+    print(write_md(res, stem.with_name(stem.name + ".md")))
 
 
 def model_parser(description: str, test_help: str) -> argparse.ArgumentParser:

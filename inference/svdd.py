@@ -183,17 +183,27 @@ class SVDDBoundary:
                 out[sl] = logsumexp(t, axis=1)
         return out
 
-    def log_density(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    def log_density(self, x: np.ndarray, batch: int = 4096, *, embedding_space: bool = False) -> np.ndarray:
         """The kernel expansion as a probability density in the standardised (or whitened) space:
         ``log sum_i b_i N(x; sv_i, I / (2 gamma))`` with ``b = alpha / sum(alpha)``, i.e.
         ``log f(x) - log sum(alpha) + (d / 2) log(gamma / pi)``. It differs from ``-score(x)`` by a
         constant of the fit, so it ranks alike; unlike the score it can be compared across ``gamma`` and
-        ``nu`` (held-out log-likelihood, :meth:`inference.detectors.medgru_svc.MedGRUSVC._tune_boundary`)."""
+        ``nu`` (held-out log-likelihood, :meth:`inference.detectors.medgru_svc.MedGRUSVC._tune_boundary`).
+
+        ``embedding_space``: the density of the embeddings themselves, i.e. plus ``log |det|`` of the
+        standardising map (whitening or per-dimension scaling), so that a whitened and a standardised
+        kernel can be compared too."""
         if self.support_vectors_ is None:
             raise RuntimeError("SVDDBoundary is not fitted")
         d = self.support_vectors_.shape[1]
-        return (self.log_decision(x, batch) - math.log(float(self.dual_coef_.sum()))
-                + 0.5 * d * math.log(self.kernel_gamma_ / math.pi))
+        out = (self.log_decision(x, batch) - math.log(float(self.dual_coef_.sum()))
+               + 0.5 * d * math.log(self.kernel_gamma_ / math.pi))
+        if embedding_space:
+            if self.whitener_ is not None:
+                out = out + float(np.linalg.slogdet(np.asarray(self.whitener_, dtype=np.float64))[1])
+            else:
+                out = out - float(np.log(self.scale_).sum())
+        return out
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """Signed distance from the boundary, positive outside: ``log rho - log f(x)`` (``"log"`` form)

@@ -266,3 +266,16 @@ def test_log_density_is_a_probability_density_that_ranks_as_the_score_does(gamma
     assert mass == pytest.approx(1.0, abs=1e-3)
     q = np.random.default_rng(4).normal(size=(30, 2)) * 2
     assert np.allclose(b.log_density(q) + b.score(q), (b.log_density(q) + b.score(q))[0])
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_log_density_in_embedding_space_integrates_to_one_over_the_embeddings(whiten):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(80, 2)) @ np.array([[3.0, 0.0], [1.5, 0.5]]) + [10.0, -4.0]
+    b = SVDDBoundary(gamma=2.0, nu=0.2, whiten=whiten).fit(x)
+    lo, hi = x.min(0) - 15, x.max(0) + 15
+    gx, gy = np.linspace(lo[0], hi[0], 401), np.linspace(lo[1], hi[1], 401)
+    xx, yy = np.meshgrid(gx, gy)
+    dens = np.exp(b.log_density(np.c_[xx.ravel(), yy.ravel()], embedding_space=True))
+    mass = dens.sum() * (gx[1] - gx[0]) * (gy[1] - gy[0])
+    assert mass == pytest.approx(1.0, abs=2e-3)
