@@ -6,8 +6,9 @@ beside it: the training split's labelled anomalies become the encoder's outlier-
 Ruff et al. 2020, with real labels instead of synthetic anomalies); the card says so. They are split, by patient group when the manifest has one, into
 
 * a fit share (ConvGRU training and the SVDD),
-* an HPO share (held-out normals, with ``--hpo-objective tax-duin`` alone: the label-free Tax & Duin
-  error; by default with synthetic anomalies made from them: their AUROC) for the SVDD's gamma and nu,
+* an HPO share (held-out normals: with ``--hpo-objective tax-duin``, ``consistent-volume`` or
+  ``heldout-likelihood`` alone, label-free; by default with synthetic anomalies made from them: their
+  AUROC) for the SVDD's gamma and nu,
 * a calibration share (held-out normals: the split-conformal threshold at ``--target-fpr``).
 
 No real anomaly label and no test image is used for any of that. ``--report-split test`` scores that

@@ -22,6 +22,14 @@ Training (normals only, see :meth:`MedGRUSVC.fit_features`):
      rejected plus the share of a reference volume accepted; the reference is a Gaussian with the
      training embeddings' mean and (shrunk) covariance (a uniform box is empty in tens of dimensions);
      ``nu`` is searched in ``[0.01, nu_max]``;
+   * ``hpo_objective="consistent-volume"`` (label-free, Tax & Muller 2004): the smallest envelope share
+     accepted among the boundaries whose held-out rejection is consistent with ``nu`` (the least
+     violating one where none is);
+   * ``hpo_objective="heldout-likelihood"`` (label-free): the largest mean log-likelihood of the held-out
+     normals under the boundary's kernel expansion read as a density (likelihood cross-validation of the
+     kernel width; ``gamma`` in ``LIKELIHOOD_GAMMA_RANGE``). In hundreds of dimensions it picks a narrow
+     kernel: every training embedding becomes a support vector and the score ranks like a distance to the
+     nearest training normals (the bundled brain model, ``benchmarks/results/medgru-v8.md``);
    * ``hpo_objective="synthetic-auroc"``: the AUROC of held-out normals vs synthetic anomalies made from
      them (this chose ``nu`` near 0.47 and did not predict real-anomaly AUROC).
 
@@ -762,7 +770,8 @@ class MedGRUSVC(Detector):
 
         study = optuna.create_study(direction="minimize" if label_free else "maximize",
                                     sampler=optuna.samplers.TPESampler(seed=seed))
-        study.enqueue_trial({"gamma": min(max(self.gamma, g_range[0]), g_range[1]), "nu": min(self.nu, self.nu_max)})
+        start_gamma = min(max(self.gamma, g_range[0]), g_range[1])  # the untuned start is the first trial
+        study.enqueue_trial({"gamma": start_gamma, "nu": min(self.nu, self.nu_max)})
         study.optimize(objective, n_trials=self.hpo_trials)
         self.gamma = float(study.best_params["gamma"])
         self.nu = float(study.best_params["nu"])
