@@ -9,8 +9,10 @@ Each frame goes through the DICOM greyscale pipeline up to (but not including) t
 3. greyscale images: the modality LUT (Modality LUT Sequence, else Rescale Slope/Intercept, taken from the
    top level or from the enhanced multi-frame functional groups);
 4. the VOI: the first window (Window Center/Width with its VOI LUT Function: LINEAR, LINEAR_EXACT,
-   SIGMOID), else the first VOI LUT Sequence item, else a robust window from the 0.5th to the 99.5th
-   percentile of that frame;
+   SIGMOID), else the first VOI LUT Sequence item; an image with neither is either a rendering already
+   (at most 8 bits stored, no modality rescale: a secondary capture, an exported screen), shown over its
+   stored range (v / 255, as training reads its image files), or raw scanner or detector values, given a
+   robust window from the 0.5th to the 99.5th percentile of that frame;
 5. MONOCHROME1 inverted so that high values are bright;
 6. frames whose size differs from the first frame's are resized to it (area interpolation when shrinking,
    linear when growing).
@@ -38,7 +40,7 @@ from storage.models import Instance, SequenceRecord, Series
 
 log = logging.getLogger(__name__)
 
-#: robust window used when a greyscale image carries no VOI of its own
+#: robust window used when a greyscale image of more than 8 bits carries no VOI of its own
 ROBUST_PERCENTILES = (0.5, 99.5)
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -73,9 +75,10 @@ def _functional_item(ds: Dataset, index: int, sequence_keyword: str) -> Dataset 
     return None
 
 
-def _modality_lut(arr: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
+def _modality_lut(arr: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, bool]:
+    """The modality LUT's output, and whether it changed the stored values (a LUT or a rescale)."""
     if "ModalityLUTSequence" in ds:
-        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), True
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is None and intercept is None:
         item = _functional_item(ds, index, "PixelValueTransformationSequence")
@@ -85,8 +88,8 @@ def _modality_lut(arr: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
     slope = float(_first(slope)) if slope not in (None, "") else 1.0
     intercept = float(_first(intercept)) if intercept not in (None, "") else 0.0
     if slope != 1.0 or intercept != 0.0:
-        out = out * slope + intercept
-    return out
+        return out * slope + intercept, True
+    return out, False
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -111,7 +114,18 @@ def _robust_window(values: np.ndarray) -> np.ndarray:
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
+def _stored_range(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """An image of at most 8 stored bits: its values over the stored range (``v / 255`` for unsigned
+    8-bit pixels), or None for a deeper image."""
+    bits = int(ds.get("BitsStored", 0) or 0)
+    if not 1 <= bits <= 8:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    lo = -float(2 ** (bits - 1)) if signed else 0.0
+    return np.clip((values - lo) / float(2 ** bits - 1), 0.0, 1.0)
+
+
+def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, index: int, rescaled: bool = False) -> np.ndarray:
     center, width, function = ds.get("WindowCenter"), ds.get("WindowWidth"), ds.get("VOILUTFunction", "")
     if center is None or width is None:
         item = _functional_item(ds, index, "FrameVOILUTSequence")
@@ -134,6 +148,12 @@ def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, index: int) -> np.nda
         if out.max() > top:  # descriptors lie sometimes; fall back to the actual range
             top = float(out.max())
         return np.clip(out / top, 0.0, 1.0)
+    if not rescaled:
+        # no VOI, no rescale, at most 8 bits: a rendering already; stretching it would show the model an
+        # image that its training files never were (benchmarks/serving_consistency.py measures this)
+        rendered = _stored_range(values, ds)
+        if rendered is not None:
+            return rendered
     return _robust_window(values)
 
 
@@ -158,8 +178,8 @@ def frame_to_unit(arr: np.ndarray, ds: Dataset, index: int = 0) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric in _COLOUR or photometric == "PALETTE COLOR" or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
         return _to_grey(arr, ds, photometric)
-    values = _modality_lut(arr, ds, index)
-    out = _voi(values, arr, ds, index)
+    values, rescaled = _modality_lut(arr, ds, index)
+    out = _voi(values, arr, ds, index, rescaled)
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return out

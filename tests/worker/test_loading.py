@@ -75,14 +75,86 @@ def test_multiframe_picks_frames_by_number(dicom_corpus):
 
 
 def test_robust_window_without_voi(dicom_corpus):
-    path = dicom_corpus / MULTIFRAME  # no Window Center/Width, no VOI LUT
-    frames, _ = load_frames([_ref(path, 8)])
+    path = dicom_corpus / "pydicom-data/emri_small.dcm"  # 12-bit MR, no Window Center/Width, no VOI LUT
+    ds = pydicom.dcmread(path)
+    assert int(ds.BitsStored) == 12 and "WindowCenter" not in ds and "VOILUTSequence" not in ds
+    frames, _ = load_frames([_ref(path, 2)])
     f = frames[0]
-    raw = pydicom.dcmread(path).pixel_array[7].astype(np.float64)
+    raw = ds.pixel_array[1].astype(np.float64)
     lo, hi = np.percentile(raw, [0.5, 99.5])
     np.testing.assert_allclose(f, np.clip((raw - lo) / (hi - lo), 0, 1), atol=1e-5)
     # at most ~0.5 % of the pixels clip at the top; the rest spread over [0, 1]
     assert (f >= 1.0).mean() <= 0.006 and f.max() == pytest.approx(1.0) and 0.05 < f.mean() < 0.95
+
+
+def test_eight_bit_corpus_image_without_voi_keeps_its_stored_range(dicom_corpus):
+    path = dicom_corpus / MULTIFRAME  # 8-bit MR, no Window Center/Width, no VOI LUT, no rescale
+    frames, _ = load_frames([_ref(path, 8)])
+    raw = pydicom.dcmread(path).pixel_array[7].astype(np.float64)
+    assert raw.max() < 255  # the robust window would have stretched it to 1.0
+    np.testing.assert_allclose(frames[0], raw / 255.0, atol=1e-6)
+
+
+def _secondary_capture(tmp_path: Path, pixels: np.ndarray, bits: int, **extra) -> Path:
+    """``pixels`` in an uncompressed MONOCHROME2 Secondary Capture written to disk, with no VOI."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.Rows, ds.Columns = "OT", *pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.BitsAllocated = 8 if bits <= 8 else 16
+    ds.BitsStored, ds.HighBit = bits, bits - 1
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(pixels.astype(np.uint8 if bits <= 8 else np.uint16)).tobytes()
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_eight_bit_image_without_voi_keeps_its_stored_range(tmp_path):
+    """An 8-bit image with no VOI is a rendering already: v / 255, as training reads its image files,
+    not stretched by the robust window (which would map this image's 40..200 onto 0..1)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(40, 201, size=(32, 48)).astype(np.uint8)
+    frames, bits = load_frames([_ref(_secondary_capture(tmp_path, pixels, 8))])
+    assert bits == 8
+    np.testing.assert_allclose(frames[0], pixels / 255.0, atol=1e-6)
+    assert frames[0].min() >= 40 / 255 - 1e-6 and frames[0].max() <= 200 / 255 + 1e-6
+    # a rescale makes the values something other than a rendering: the robust window applies again
+    rescaled, _ = load_frames([_ref(_secondary_capture(tmp_path, pixels, 8, RescaleSlope=2, RescaleIntercept=-10))])
+    lo, hi = np.percentile(pixels * 2.0 - 10, [0.5, 99.5])
+    np.testing.assert_allclose(rescaled[0], np.clip((pixels * 2.0 - 10 - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # deeper raw values without a VOI keep the robust window
+    deep = (pixels.astype(np.uint16) * 16)
+    frames12, bits12 = load_frames([_ref(_secondary_capture(tmp_path, deep, 12))])
+    lo, hi = np.percentile(deep.astype(np.float64), [0.5, 99.5])
+    assert bits12 == 12
+    np.testing.assert_allclose(frames12[0], np.clip((deep - lo) / (hi - lo), 0, 1), atol=1e-5)
+
+
+def test_training_image_scores_alike_as_file_and_as_dicom(data_root, tmp_path):
+    """A Kermany image scored by the bundled chest model: read as training reads it (the JPEG file) and as
+    the service reads it (its pixels in an 8-bit Secondary Capture without VOI), the same frame and score."""
+    import cv2
+
+    from inference.api import load_model
+    from training.manifest import load_frames as load_training_image
+
+    repo = Path(__file__).resolve().parents[2]
+    jpeg = sorted((data_root / "kermany_cxr" / "test" / "NORMAL").glob("*.jpeg"))[0]
+    as_file = load_training_image(jpeg)
+    pixels = cv2.imread(str(jpeg), cv2.IMREAD_GRAYSCALE)
+    as_dicom, bits = load_frames([_ref(_secondary_capture(tmp_path, pixels, 8))])
+    np.testing.assert_array_equal(as_dicom[0], as_file.frames[0])
+    det = load_model(repo / "inference" / "bundled" / "chest-cxr")
+    served = FrameSequence(frames=as_dicom, modality="DX", bits_stored=bits)
+    np.testing.assert_allclose(det.score_batch([served]), det.score_batch([as_file]), rtol=1e-6)
 
 
 def test_enhanced_multiframe_uses_functional_groups(dicom_corpus):
