@@ -40,7 +40,8 @@ class FrameSequence:
     (window) already applied, MONOCHROME1 already inverted, but no resampling and no contrast
     enhancement; that is the detector's own preprocessing. ``T >= 1``; a single radiograph is ``T = 1``.
     ``bits_stored`` tells the detector the bit depth the frames came from (8 for JPEG training data,
-    12 to 16 for most DICOM), so that CLAHE can run at the full depth.
+    12 to 16 for most DICOM). A detector must preprocess a frame as it preprocessed its training data:
+    MedGRU-SVC runs CLAHE at no more than the depth it was trained at (``MedGRUSVC.clahe_bits``).
     """
 
     frames: np.ndarray

@@ -4,8 +4,10 @@ Windowing assumptions: frames arrive from the pipeline already windowed to float
 LUT and VOI applied, MONOCHROME1 inverted; see :class:`inference.api.FrameSequence`). Nothing here
 re-windows. ``bits_stored`` says how many grey levels the frames came from: CLAHE's histogram is built
 at that depth (OpenCV CLAHE on ``uint8`` when ``bits_stored <= 8``, on ``uint16`` quantised to
-``2**bits_stored`` levels otherwise), so 12-16-bit DICOM keeps its full contrast resolution instead of
-being crushed to 256 levels first.
+``2**bits_stored`` levels otherwise), so 12-16-bit DICOM can keep its full contrast resolution instead
+of being crushed to 256 levels first. The two enhance differently (OpenCV's clip limit is relative to
+the histogram's bin count), so a detector passes the depth its training data had: MedGRU-SVC caps it at
+``MedGRUSVC.clahe_bits`` (8, the depth of the image files it is trained on).
 
 The order is CLAHE at the native size, then resize to the model's input size (area interpolation when
 shrinking, bilinear when enlarging), so the CLAHE tile grid covers the same anatomy whatever the size.

@@ -396,9 +396,18 @@ class MedGRUSVC(Detector):
                                     reduce_channels=self.reduce_channels, cell=self.cell)
 
     # ------------------------------------------------------------------------------- features
+    #: the grey-level depth CLAHE runs at, at most: the depth of the images the models are trained on
+    #: (``medgru train`` reads 8-bit image files). OpenCV's CLAHE on a 12-16-bit frame (a 65536-bin
+    #: histogram, clip limit relative to it) enhances differently from the 8-bit CLAHE the encoder and the
+    #: boundary were fitted after: the same pixels with ``bits_stored`` 12 instead of 8 changed 26 of 60
+    #: chest verdicts of the bundled model (``benchmarks/results/serving_consistency.md``). So deeper
+    #: frames (already windowed by the loader) are quantised to this depth first, as an 8-bit export of the
+    #: displayed image would be.
+    clahe_bits: int = 8
+
     def preprocess(self, seq: FrameSequence) -> np.ndarray:
-        return preprocess_frames(seq.frames, bits_stored=seq.bits_stored, size=self.input_size,
-                                 clip_limit=self.clip_limit, tile_grid=self.tile_grid)
+        return preprocess_frames(seq.frames, bits_stored=min(int(seq.bits_stored), self.clahe_bits),
+                                 size=self.input_size, clip_limit=self.clip_limit, tile_grid=self.tile_grid)
 
     def frame_features(self, frames: np.ndarray) -> torch.Tensor:
         """Preprocessed frames ``(N, S, S)`` -> backbone maps ``(N, C, h, w)`` (no grad)."""

@@ -578,3 +578,22 @@ def test_heldout_likelihood_search_is_label_free_and_keeps_its_best_trial():
     # the untuned start (gamma 1, nu 0.1) was the first trial: the choice is at least as likely
     start = SVDDBoundary(gamma=1.0, nu=0.1, whiten=det.whiten).fit(e_train)
     assert hpo["best_mean_heldout_log_likelihood"] >= float(start.log_density(e_hn).mean())
+
+
+def test_deeper_frames_are_enhanced_at_the_depth_the_model_was_trained_at(fitted):
+    """The same windowed pixels from a 12-bit image and from an 8-bit one are preprocessed and scored alike:
+    MedGRU-SVC's CLAHE runs at its training depth (8 bits), not at OpenCV's 16-bit histogram, which
+    enhances the same pixels differently."""
+    from inference.preprocess import clahe
+
+    det, _ = fitted
+    y, x = np.mgrid[0:64, 0:64] / 63.0  # a ramp with a faint blob: an image with few grey levels in use
+    one = np.rint((0.3 + 0.3 * x + 0.1 * np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) / 0.02)) * 255) / 255
+    grey = np.stack([one, one[::-1]]).astype(np.float32)
+    as8 = FrameSequence(frames=grey, modality="MR", bits_stored=8)
+    as12 = FrameSequence(frames=grey, modality="MR", bits_stored=12)
+    assert det.clahe_bits == 8
+    np.testing.assert_array_equal(det.preprocess(as12), det.preprocess(as8))
+    np.testing.assert_array_equal(det.score_batch([as12]), det.score_batch([as8]))
+    # what it guards against: CLAHE at 12 bits is another image
+    assert np.abs(clahe(grey[0], bits_stored=12) - clahe(grey[0], bits_stored=8)).max() > 0.05
