@@ -12,11 +12,15 @@ scores it with the bundled model. Encodings (what a PACS may hold for such an im
 * ``8-bit, full-range window``: the same with Window Center 127.5 / Width 255, LINEAR_EXACT (maps v to v / 255);
 * ``12-bit, full-range window``: the grey values scaled onto 0-4095 (BitsStored 12), with Window Center
   2047.5 / Width 4095, LINEAR_EXACT: the same frame as the file (to 1/4095), told it came from 12 bits;
-* ``12-bit, no VOI``: the grey values scaled onto 0-4095, no window.
+* ``12-bit, no VOI``: the grey values scaled onto 0-4095, no window;
+* ``8-bit, enlarged x8``: the image enlarged eight times (bicubic, 1792 px on a side), no VOI, as a
+  stand-in for a radiograph at its native size (the benchmark sets were published at 224 x 224): the
+  model shrinks it back; its frame difference is not reported (the sizes differ).
 
 Rows marked "before 2026-12-04" score the same encodings as the service did until then, side by side in
 the same run: the robust window for an 8-bit image without a VOI (now its stored range), and MedGRU-SVC's
-CLAHE at the image's stored depth (now at most ``MedGRUSVC.clahe_bits``, 8, the training depth).
+CLAHE at the image's stored depth (now at most ``MedGRUSVC.clahe_bits``, 8, the training depth), and
+CLAHE before resizing to the model's input size (now after: ``inference/preprocess.py``).
 
 Reported per encoding, against the file path: the largest frame difference (grey levels of 255), the
 Spearman correlation of the scores, the share of verdicts that differ at the model's threshold, and the
@@ -45,15 +49,28 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DATASETS = {"kermany_cxr": ("Kermany CXR", "chest-cxr", "DX"), "brain_mri": ("Brain MRI", "brain-mr", "MR")}
-ENCODINGS = ("8-bit, no VOI", "8-bit, full-range window", "12-bit, full-range window", "12-bit, no VOI")
+ENCODINGS = ("8-bit, no VOI", "8-bit, full-range window", "12-bit, full-range window", "12-bit, no VOI",
+             "8-bit, enlarged x8")
+ENLARGE = 8
 #: (row name, encoding, the loader's robust window for an 8-bit image without a VOI, CLAHE at stored depth)
 BEFORE = (("before 2026-12-04: 8-bit, no VOI (robust window)", "8-bit, no VOI"),
           ("before 2026-12-04: 12-bit, full-range window (CLAHE at 12 bits)", "12-bit, full-range window"),
-          ("before 2026-12-04: 12-bit, no VOI (CLAHE at 12 bits)", "12-bit, no VOI"))
+          ("before 2026-12-04: 12-bit, no VOI (CLAHE at 12 bits)", "12-bit, no VOI"),
+          ("before 2026-12-04: 8-bit, enlarged x8 (CLAHE before resizing)", "8-bit, enlarged x8"))
+
+
+def clahe_then_resize(frames, *, bits_stored=8, size=224, clip_limit=2.0, tile_grid=8):
+    """MedGRU-SVC's preprocessing as it was until 2026-12-04: CLAHE at the native size, then resize."""
+    from inference.preprocess import clahe, resize
+
+    out = [resize(clahe(f, bits_stored=bits_stored, clip_limit=clip_limit, tile_grid=tile_grid), size)
+           for f in np.asarray(frames)]
+    return np.clip(np.stack(out), 0.0, 1.0).astype(np.float32)
 
 
 def to_dicom(grey8: np.ndarray, encoding: str, modality: str):
     """``grey8`` (H, W) uint8 pixels as a DICOM dataset, round-tripped through bytes."""
+    import cv2
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -71,6 +88,11 @@ def to_dicom(grey8: np.ndarray, encoding: str, modality: str):
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PixelRepresentation = 0
+    if encoding == "8-bit, enlarged x8":
+        h, w = grey8.shape
+        grey8 = np.clip(np.rint(cv2.resize(grey8.astype(np.float32), (w * ENLARGE, h * ENLARGE),
+                                           interpolation=cv2.INTER_CUBIC)), 0, 255).astype(np.uint8)
+        ds.Rows, ds.Columns = grey8.shape
     if encoding.startswith("12-bit"):
         values = np.rint(grey8.astype(np.float64) * 4095.0 / 255.0).astype(np.uint16)
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
@@ -125,19 +147,30 @@ def measure(dataset: str, data_root: Path, limit: int | None, seed: int) -> dict
                 frame = _robust_window(ds.pixel_array.astype(np.float64)).astype(np.float32)
             else:
                 frame = decode_frame(ds, 1, str(ds.SOPInstanceUID)).astype(np.float32)
-            worst = max(worst, float(np.abs(frame - fs.frames[0]).max()) * 255.0)
+            if frame.shape == fs.frames[0].shape:
+                worst = max(worst, float(np.abs(frame - fs.frames[0]).max()) * 255.0)
+            else:
+                worst = float("nan")
             seqs.append(FrameSequence(frames=np.clip(frame, 0, 1)[None], modality=modality,
                                       bits_stored=int(ds.BitsStored)))
         paths[name] = seqs
         max_diff[name] = worst
 
     t0 = time.perf_counter()
+    import inference.detectors.medgru_svc as medgru_module
+
     scores = {}
-    for name, seqs in paths.items():
-        # the CLAHE of the "before" rows: at the stored depth (12 bits here), as MedGRU-SVC ran it until then
-        det.clahe_bits = 16 if "CLAHE at 12 bits" in name else type(det).clahe_bits
-        scores[name] = det.score_batch(seqs)
-    det.clahe_bits = type(det).clahe_bits
+    current_preprocess = medgru_module.preprocess_frames
+    try:
+        for name, seqs in paths.items():
+            # the "before" rows' CLAHE: at the stored depth (12 bits here), or before resizing
+            det.clahe_bits = 16 if "CLAHE at 12 bits" in name else type(det).clahe_bits
+            medgru_module.preprocess_frames = (clahe_then_resize if "CLAHE before resizing" in name
+                                               else current_preprocess)
+            scores[name] = det.score_batch(seqs)
+    finally:
+        det.clahe_bits = type(det).clahe_bits
+        medgru_module.preprocess_frames = current_preprocess
     seconds = time.perf_counter() - t0
     ref = scores["file (training.manifest)"]
     out = {"dataset": title, "model": f"{card['name']} {card['version']}", "threshold": thr,
@@ -147,7 +180,8 @@ def measure(dataset: str, data_root: Path, limit: int | None, seed: int) -> dict
         row = {"auroc": round(auroc(labels, s), 4), "flagged": round(float((s > thr).mean()), 4)}
         if s is not ref:
             row.update({
-                "max_frame_difference_grey_levels": round(max_diff[name], 3),
+                "max_frame_difference_grey_levels": (round(max_diff[name], 3) if np.isfinite(max_diff[name])
+                                                     else None),
                 "spearman_vs_file": round(float(spearmanr(ref, s).statistic), 4),
                 "verdicts_differing": int(((s > thr) != (ref > thr)).sum()),
                 "median_abs_score_change_over_threshold": round(float(np.median(np.abs(s - ref)) / abs(thr)), 4),
@@ -167,7 +201,8 @@ def to_markdown(results: list[dict], command: str) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, p in r["paths"].items():
             if "spearman_vs_file" in p:
-                lines.append(f"| {name} | {p['max_frame_difference_grey_levels']:.2f} | {p['spearman_vs_file']:.4f} "
+                diff = p["max_frame_difference_grey_levels"]
+                lines.append(f"| {name} | {'–' if diff is None else f'{diff:.2f}'} | {p['spearman_vs_file']:.4f} "
                              f"| {p['verdicts_differing']} | {p['median_abs_score_change_over_threshold']:.4f} "
                              f"| {p['flagged']:.3f} | {p['auroc']:.4f} |")
             else:

@@ -43,3 +43,16 @@ def test_preprocess_frames_resizes_each_frame():
     assert out.shape == (2, 32, 32) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
     assert resize(_ramp(10, 10), (20, 30)).shape == (20, 30)
+
+
+def test_frames_are_resized_to_the_input_size_before_clahe():
+    """A large frame is shrunk first and enhanced at the model's size, as the training images (published
+    at 224 x 224) were; enhancing at the native size first gives another image."""
+    y, x = np.mgrid[0:896, 0:896].astype(np.float32) / 896
+    big = (0.35 + 0.25 * x + 0.1 * np.sin(40 * y) * np.exp(-((x - 0.5) ** 2) / 0.05)).astype(np.float32)
+    out = preprocess_frames(big[None], size=224)
+    np.testing.assert_array_equal(out[0], clahe(resize(big, 224)))
+    assert np.abs(out[0] - resize(clahe(big), 224)).mean() > 0.01
+    # a frame already at the input size is only enhanced
+    small = resize(big, 224)
+    np.testing.assert_array_equal(preprocess_frames(small[None], size=224)[0], clahe(small))
