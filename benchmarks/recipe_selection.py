@@ -43,6 +43,11 @@ thumbnail), which sees framing and nothing else, on both validation sets:
 
     python benchmarks/recipe_selection.py --dataset kermany_cxr --grids 3 --reframe 2 h=128,r=256,e=30 gap
 
+``--stretch`` stretches every frame with the service's robust window (0.5-99.5 percentiles,
+``worker.loading``) before the detector's preprocessing: per-image contrast normalisation, a candidate
+recipe step (``results/serving_consistency.md`` showed it on test images first, so this validation
+is not blind; its criterion is in ``results/stretch-validation.md``). Not with ``--cache``.
+
 ``--map-spectrum`` first prints where the frozen maps' signal lies among the principal directions of
 their feature vectors, and the config keys ``init=pca-mix`` and ``loss=reconstruct-whitened`` train the
 ConvGRU with another reducer start and target (``results/medgru-v8.md``):
@@ -93,6 +98,22 @@ def heads(ef: np.ndarray, en: np.ndarray, ea: np.ndarray) -> dict[str, float]:
                 continue
             res[f"svdd g{g} nu{nu}"] = auroc(b.score(en), b.score(ea))
     return res
+
+
+def use_stretched_frames() -> None:
+    """From now on in this process, MedGRU-SVC preprocesses each frame after the service's robust window."""
+    from inference.api import FrameSequence
+    from inference.detectors.medgru_svc import MedGRUSVC
+    from worker.loading import _robust_window
+
+    plain = MedGRUSVC.preprocess
+
+    def preprocess(self, seq):
+        frames = np.stack([_robust_window(f.astype(np.float64)) for f in seq.frames]).astype(np.float32)
+        return plain(self, FrameSequence(frames=frames, modality=seq.modality, body_part=seq.body_part,
+                                         bits_stored=seq.bits_stored))
+
+    MedGRUSVC.preprocess = preprocess
 
 
 def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, reframe_copies: int | None = None,
@@ -278,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--map-spectrum", action="store_true",
                     help="first print where the frozen maps' signal lies among the principal directions of "
                          "their feature vectors (map_spectrum)")
+    ap.add_argument("--stretch", action="store_true",
+                    help="robust-window each frame before the detector's preprocessing (not with --cache)")
     ap.add_argument("configs", nargs="+",
                     help="h=HIDDEN,r=REDUCE,e=EPOCHS[,lr=LR][,init=pca|pca-mix][,loss=reconstruct|"
                          "reconstruct-whitened] or gap")
@@ -285,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
+    if args.stretch:
+        if args.cache is not None:
+            raise SystemExit("--stretch keeps its maps apart: run it without --cache")
+        use_stretched_frames()
     # the detector's preprocessing: frame size and CLAHE (each setting has its own cached maps)
     prep = {"input_size": args.input_size, "clip_limit": args.clip_limit, "tile_grid": args.tile_grid}
     fit_plain, vn, va, fit_rows, extra = validation_maps(args.dataset, args.data_root, args.cache,
