@@ -399,8 +399,9 @@ class MedGRUSVC(Detector):
     #: the grey-level depth CLAHE runs at, at most: the depth of the images the models are trained on
     #: (``medgru train`` reads 8-bit image files). OpenCV's CLAHE on a 12-16-bit frame (a 65536-bin
     #: histogram, clip limit relative to it) enhances differently from the 8-bit CLAHE the encoder and the
-    #: boundary were fitted after: the same pixels with ``bits_stored`` 12 instead of 8 changed 26 of 60
-    #: chest verdicts of the bundled model (``benchmarks/results/serving_consistency.md``). So deeper
+    #: boundary were fitted after: the Kermany test images as 12-bit DICOM with a full-range window (the
+    #: same frames to 0.03 grey levels) changed 259 of the bundled chest model's 624 verdicts that way
+    #: (``benchmarks/results/serving_consistency.md``). So deeper
     #: frames (already windowed by the loader) are quantised to this depth first, as an 8-bit export of the
     #: displayed image would be.
     clahe_bits: int = 8
