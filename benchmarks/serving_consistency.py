@@ -53,11 +53,15 @@ ENCODINGS = ("8-bit, no VOI", "8-bit, full-range window", "12-bit, full-range wi
              "8-bit, enlarged x8")
 ENLARGE = 8
 CHUNK = 64
-#: (row name, encoding, the loader's robust window for an 8-bit image without a VOI, CLAHE at stored depth)
-BEFORE = (("before 2026-12-04: 8-bit, no VOI (robust window)", "8-bit, no VOI"),
-          ("before 2026-12-04: 12-bit, full-range window (CLAHE at 12 bits)", "12-bit, full-range window"),
-          ("before 2026-12-04: 12-bit, no VOI (CLAHE at 12 bits)", "12-bit, no VOI"),
-          ("before 2026-12-04: 8-bit, enlarged x8 (CLAHE before resizing)", "8-bit, enlarged x8"))
+#: what the service did until 2026-12-04, row by row: (row name, encoding, the old step). The old steps:
+#: "robust window" (for an 8-bit image without a VOI), "CLAHE at 12 bits" (at the stored depth) and
+#: "CLAHE before resizing"
+BEFORE = (("before 2026-12-04: 8-bit, no VOI (robust window)", "8-bit, no VOI", "robust window"),
+          ("before 2026-12-04: 12-bit, full-range window (CLAHE at 12 bits)", "12-bit, full-range window",
+           "CLAHE at 12 bits"),
+          ("before 2026-12-04: 12-bit, no VOI (CLAHE at 12 bits)", "12-bit, no VOI", "CLAHE at 12 bits"),
+          ("before 2026-12-04: 8-bit, enlarged x8 (CLAHE before resizing)", "8-bit, enlarged x8",
+           "CLAHE before resizing"))
 
 
 def clahe_then_resize(frames, *, bits_stored=8, size=224, clip_limit=2.0, tile_grid=8):
@@ -138,13 +142,12 @@ def measure(dataset: str, data_root: Path, limit: int | None, seed: int) -> dict
     import inference.detectors.medgru_svc as medgru_module
 
     file_seqs = [load_frames(r) for r in rows]
-    stretched_8bit = BEFORE[0][0]
 
-    def served(fs, name: str, enc: str):
+    def served(fs, enc: str, old_step: str | None):
         """One test image as the service reads it from ``enc`` (the frame and its stored depth)."""
         grey8 = np.rint(fs.frames[0] * 255.0).astype(np.uint8)
         ds = to_dicom(grey8, enc, modality)
-        if name == stretched_8bit:
+        if old_step == "robust window":
             frame = _robust_window(ds.pixel_array.astype(np.float64)).astype(np.float32)
         else:
             frame = decode_frame(ds, 1, str(ds.SOPInstanceUID)).astype(np.float32)
@@ -155,14 +158,13 @@ def measure(dataset: str, data_root: Path, limit: int | None, seed: int) -> dict
     max_diff = {}
     current_preprocess = medgru_module.preprocess_frames
     try:
-        for name, enc in [(e, e) for e in ENCODINGS] + [(b, e) for b, e in BEFORE]:
-            # the "before" rows' CLAHE: at the stored depth (12 bits here), or before resizing
-            det.clahe_bits = 16 if "CLAHE at 12 bits" in name else type(det).clahe_bits
-            medgru_module.preprocess_frames = (clahe_then_resize if "CLAHE before resizing" in name
+        for name, enc, old_step in [(e, e, None) for e in ENCODINGS] + list(BEFORE):
+            det.clahe_bits = 16 if old_step == "CLAHE at 12 bits" else type(det).clahe_bits
+            medgru_module.preprocess_frames = (clahe_then_resize if old_step == "CLAHE before resizing"
                                                else current_preprocess)
             out, worst = [], 0.0
             for i in range(0, len(rows), CHUNK):  # in chunks: an enlarged test split does not fit in memory
-                seqs = [served(fs, name, enc) for fs in file_seqs[i:i + CHUNK]]
+                seqs = [served(fs, enc, old_step) for fs in file_seqs[i:i + CHUNK]]
                 for fs, seq in zip(file_seqs[i:i + CHUNK], seqs):
                     if seq.frames[0].shape == fs.frames[0].shape:
                         worst = max(worst, float(np.abs(seq.frames[0] - fs.frames[0]).max()) * 255.0)

@@ -125,7 +125,7 @@ def _stored_range(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return np.clip((values - lo) / float(2 ** bits - 1), 0.0, 1.0)
 
 
-def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, index: int, rescaled: bool = False) -> np.ndarray:
+def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, index: int, rescaled: bool) -> np.ndarray:
     center, width, function = ds.get("WindowCenter"), ds.get("WindowWidth"), ds.get("VOILUTFunction", "")
     if center is None or width is None:
         item = _functional_item(ds, index, "FrameVOILUTSequence")
