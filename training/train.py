@@ -163,6 +163,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads. 1 is fastest on a shared, busy CPU; on an idle 2-core machine "
                              "2 trains the ConvGRU in half the time (11.8 vs 24 s an epoch, chest 7.0.0). Another "
                              "count sums in another order and gives another model, so it is part of the command")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for the backbone maps and the ConvGRU: cpu (default), cuda or auto (cuda "
+                             "where torch sees a GPU). The bundled models are reproduced bit for bit on the CPU; a GPU "
+                             "sums in other orders and gives another, equivalent model. The model folder loads on any "
+                             "device either way")
     parser.add_argument("--supervised", action="store_true",
                         help="SUPERVISED mode: the labelled anomalies of the training split replace the synthetic "
                              "ones as the outlier-exposure set of --loss deep-sad / hsc (Deep SAD with real "
@@ -333,6 +338,7 @@ def medgru_description(det, bb: dict[str, Any]) -> str:
 
 
 def detector_from_args(args: argparse.Namespace):
+    from inference.device import resolve_device
     from inference.detectors.medgru_svc import MedGRUSVC
 
     return MedGRUSVC(
@@ -346,7 +352,8 @@ def detector_from_args(args: argparse.Namespace):
         nu_max=getattr(args, "nu_max", 0.5), whiten=getattr(args, "whiten", False),
         cluster_gamma=getattr(args, "cluster_gamma", "auto"), embedding=getattr(args, "embedding", "gap"),
         flatten_grid=getattr(args, "flatten_grid", 4), skip=getattr(args, "skip", "none"),
-        cluster_max_pool=getattr(args, "cluster_max_pool", 1000), device="cpu",
+        cluster_max_pool=getattr(args, "cluster_max_pool", 1000),
+        device=resolve_device(getattr(args, "device", "cpu")),
     )
 
 
@@ -413,7 +420,8 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     if args.cluster_pool == "unlabelled":
         feats["pool"] = cache.features(train_rows, desc="unlabelled train")  # labels ignored
     skip = ("out", "report_split", "name", "version", "description", "func", "training_data", "modalities",
-            "body_parts", "workers", "cluster_gamma")  # cluster_gamma: after the encoder, keeps old run keys
+            "body_parts", "workers", "cluster_gamma", "device")
+    # cluster_gamma: after the encoder, keeps old run keys; device: a checkpoint loads on any device
     if not args.reframe_copies:  # runs without re-framing keep the keys they had before it existed
         skip += ("reframe_copies", "reframe_scale", "reframe_shift", "reframe_rotate")
     # the images themselves (path, size, mtime) are part of the key: a manifest edited to other images of
@@ -546,7 +554,7 @@ def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared
     version = args.version or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     mods = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
     parts = tuple(b.strip().upper() for b in args.body_parts.split(",") if b.strip())
-    params = det.get_params()
+    params = det.portable_params()
     card = ModelCard(
         name=args.name, version=version, detector="medgru-svc",
         scope=Scope(modalities=mods, body_parts=parts,

@@ -13,20 +13,12 @@ import threading
 from pathlib import Path
 
 from inference.api import Detector, ModelCard, discover_model_dirs, load_model, select_model
+from inference.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; other values are passed through."""
-    device = (device or "auto").strip().lower()
-    if device != "auto":
-        return device
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+__all__ = ["ModelRegistry", "resolve_device"]
 
 
 class ModelRegistry:

@@ -335,6 +335,11 @@ class MedGRUSVC(Detector):
                 "nu_max", "envelope_samples", "whiten", "embedding", "flatten_grid", "skip", "device")
         return {k: getattr(self, k) for k in keys}
 
+    def portable_params(self) -> dict[str, Any]:
+        """:meth:`get_params` as a model folder stores them: ``device`` is always ``cpu``, since where a
+        model was trained says nothing about where it will run (a folder written on a GPU loads anywhere)."""
+        return {**self.get_params(), "device": "cpu"}
+
     @property
     def threshold(self) -> float:
         if self._threshold is None:
@@ -923,7 +928,7 @@ class MedGRUSVC(Detector):
             arrays["embed_scale"] = self._embed_scale.cpu().numpy()
         arrays["threshold"] = np.array([self.threshold])
         np.savez_compressed(model_dir / HEAD_FILE, **arrays)
-        meta = {"params": self.get_params(), "fit_report": self.fit_report}
+        meta = {"params": self.portable_params(), "fit_report": self.fit_report}
         (model_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n")
         return [ENCODER_FILE, HEAD_FILE, META_FILE]
 
@@ -933,7 +938,7 @@ class MedGRUSVC(Detector):
         params = dict(card.params)
         if not params and (model_dir / META_FILE).is_file():
             params = json.loads((model_dir / META_FILE).read_text())["params"]
-        det = cls(**params)
+        det = cls(**{**params, "device": "cpu"})  # loaded on the CPU; callers move it with .to()
         det.encoder = det._new_encoder()
         sd = torch.load(model_dir / ENCODER_FILE, map_location="cpu", weights_only=True)
         det.encoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})

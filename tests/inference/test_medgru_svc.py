@@ -3,6 +3,7 @@ reconstruction objective, the label-free Tax & Duin HPO, and the non-saturating 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -597,3 +598,24 @@ def test_deeper_frames_are_enhanced_at_the_depth_the_model_was_trained_at(fitted
     np.testing.assert_array_equal(det.score_batch([as12]), det.score_batch([as8]))
     # what it guards against: CLAHE at 12 bits is another image
     assert np.abs(clahe(grey[0], bits_stored=12) - clahe(grey[0], bits_stored=8)).max() > 0.05
+
+
+# ------------------------------------------------------------------------ devices
+def test_a_model_folder_never_pins_the_device_it_was_trained_on(tmp_path):
+    """A folder trained with ``--device cuda`` must load on a machine without a GPU: the stored params say
+    ``cpu``, and a card that names another device anyway is loaded on the CPU."""
+    from inference.api import ModelCard, Scope, load_model, sha256_file
+
+    det = _small(epochs=2)
+    det.fit_features(*_fit_args(), seed=0)
+    det.device = "cuda:1"  # as a GPU run would have it (the tensors stay here: no GPU is needed to check)
+    files = det.save(tmp_path)
+    assert json.loads((tmp_path / "meta.json").read_text())["params"]["device"] == "cpu"
+    params = {**det.portable_params(), "device": "cuda:1"}  # a card written by hand, or by an older writer
+    ModelCard(name="gpu-trained", version="0.0.1", detector="medgru-svc", scope=Scope(modalities=("CR",)),
+              files={f: sha256_file(tmp_path / f) for f in files}, params=params).write(tmp_path)
+    det.device = "cpu"
+    loaded = load_model(tmp_path)
+    assert loaded.device == "cpu"
+    x = maps(6, 11)
+    assert np.allclose(loaded.score_features(x), det.score_features(x))

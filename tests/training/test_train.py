@@ -49,6 +49,19 @@ def test_cluster_gamma_option_defaults_to_auto_and_reaches_the_detector():
             build_parser().parse_args(base + ["--cluster-gamma", bad])
 
 
+def test_device_option_defaults_to_the_cpu_and_refuses_a_gpu_that_is_not_there(monkeypatch):
+    import torch
+
+    from training.train import detector_from_args
+
+    base = ["train", "--manifest", "m.csv", "--out", "o"]
+    assert detector_from_args(build_parser().parse_args(base)).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert detector_from_args(build_parser().parse_args(base + ["--device", "auto"])).device == "cpu"
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        detector_from_args(build_parser().parse_args(base + ["--device", "cuda"]))
+
+
 @pytest.mark.slow
 def test_model_folder_is_complete_and_loadable(trained):
     out, test, _, _ = trained

@@ -98,9 +98,17 @@ def test_model_registry_discovers_selects_caches_and_skips_bad_cards(trained_mod
         ModelRegistry([tampered]).get(tampered)
 
 
-def test_resolve_device():
+def test_resolve_device(monkeypatch):
+    import torch
+
     assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") in ("cpu", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("") == "cpu"
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):  # said at model load, not at the first tensor
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("CUDA:1") == "cuda:1"
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
