@@ -123,8 +123,15 @@ def bench_model(model_dir: Path, seq, device: str, repeats: int, warmup: int, op
     out = {"model": det.card.name, "version": det.card.version, "detector": det.card.detector,
            "device": device, "backbone": "frozen channels-last TorchScript" if optimised and device == "cpu"
            else "eager PyTorch"}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     out["score"] = time_it(score, repeats, warmup)
+    if device.startswith("cuda"):
+        out["score"]["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
     out["score_and_heatmap"] = time_it(explain, repeats, warmup)
+    if device.startswith("cuda"):
+        out["score_and_heatmap"]["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if device == "cpu":
         out["meets_score_goal"] = out["score"]["median_s"] <= GOAL_SCORE_S
         out["meets_heatmap_goal"] = out["score_and_heatmap"]["median_s"] <= GOAL_EXPLAIN_S
@@ -145,11 +152,12 @@ def cpu_model() -> str:
 
 
 def add_ratios(rows: list[dict], devices: list[str]) -> None:
-    """Per device: each row's time over the k-NN baseline's (optimised trunk), and for each optimised row
-    the eager row of the same model *and version* over it."""
+    """Per device: each row's time over the k-NN baseline's (its optimised trunk where there is one: on the
+    CPU; on a GPU every row runs eager), and for each optimised row the eager row of the same model *and
+    version* over it."""
     for device in devices:
-        base = [r for r in rows if r["device"] == device and r["detector"] == "knn-effnet"
-                and r["backbone"] != "eager PyTorch"]
+        knn = [r for r in rows if r["device"] == device and r["detector"] == "knn-effnet"]
+        base = [r for r in knn if r["backbone"] != "eager PyTorch"] or knn
         if not base:
             continue
         b = base[-1]
@@ -228,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python benchmarks/bench_inference.py" + (" --knn-model DIR" if args.knn_model else "")
-                   + (f" --repeats {args.repeats}" if args.repeats != 15 else ""),
+                   + (f" --repeats {args.repeats}" if args.repeats != 15 else "")
+                   + (" --no-eager" if args.no_eager else ""),
         "results": rows,
     }
     if args.note:
@@ -237,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<22} {'device':<6} {'trunk':<6} {'score ms':>9} {'+heatmap ms':>12} {'x knn (score)':>14} {'goal':>6}")
     for r in rows:
         ratio = r.get("ratio_to_knn_baseline", {}).get("score")
+        ratio_s = "-" if ratio is None else f"{ratio:.2f}"
         goal = "" if r["device"] != "cpu" else ("met" if r["meets_score_goal"] and r["meets_heatmap_goal"] else "MISSED")
         print(f"{r['model']:<22} {r['device']:<6} {r['backbone'][:6]:<6} {1e3 * r['score']['median_s']:9.1f} "
-              f"{1e3 * r['score_and_heatmap']['median_s']:12.1f} {ratio if ratio is None else f'{ratio:.2f}':>14} {goal:>6}")
+              f"{1e3 * r['score_and_heatmap']['median_s']:12.1f} {ratio_s:>14} {goal:>6}")
     print(f"load average during the run: {result['load_average_1_5_15']}; "
           f"GLIBC_TUNABLES={result['glibc_tunables']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

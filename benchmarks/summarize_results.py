@@ -1,7 +1,8 @@
 """Write ``benchmarks/results/SUMMARY.md``: the bundled models and the k-NN baseline side by side.
 
 Reads ``benchmarks/results/<name>/metrics.json`` (written by ``medgru evaluate``) and
-``benchmarks/results/inference_speed.json`` (written by ``benchmarks/bench_inference.py``).
+``benchmarks/results/inference_speed.json`` (written by ``benchmarks/bench_inference.py``), and the GPU run's
+``benchmarks/results/gpu-h200/inference_speed-h200.json`` where there is one.
 
     python benchmarks/summarize_results.py
 """
@@ -114,6 +115,20 @@ def main() -> int:
             for r in o["results"]:
                 lines.append(f"- `{r['model']}` {r.get('version', '')} ({r.get('backbone', 'eager PyTorch')}): score "
                              f"{r['score']['median_s']:.3f} s, + heat map {r['score_and_heatmap']['median_s']:.3f} s")
+    gpu = RESULTS / "gpu-h200" / "inference_speed-h200.json"
+    if gpu.is_file():  # another machine and day: its own table, never mixed with the one above
+        g = json.loads(gpu.read_text())
+        lines += ["", f"## Speed on a GPU ({g.get('cuda')}, {g.get('date', '?')[:10]})", "",
+                  f"One run on the GPU machine: its GPU, and {g['torch_threads']} torch threads of its own CPU "
+                  f"({g['cpu_count']} cores) beside it; torch {g['torch']}. Setup, caveats and the other GPU "
+                  "checks: [gpu-h200/README.md](gpu-h200/README.md).", "",
+                  "| model | device | score (median) | score + heat map (median) | peak GPU memory | x k-NN (score) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in g["results"]:
+            mem = max(r["score"].get("peak_gpu_memory_mib", 0), r["score_and_heatmap"].get("peak_gpu_memory_mib", 0))
+            lines.append(f"| `{r['model']}` {r['version']} | {r['device']} | {r['score']['median_s']:.4f} s | "
+                         f"{r['score_and_heatmap']['median_s']:.4f} s | {f'{mem:.0f} MiB' if mem else ''} | "
+                         f"{f(r.get('ratio_to_knn_baseline', {}).get('score'), 2)} |")
     shift = RESULTS / "domain_shift.md"
     if shift.is_file():
         body = shift.read_text().splitlines()
