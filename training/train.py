@@ -212,6 +212,11 @@ def group_split(rows: Sequence, fractions: Sequence[float], seed: int) -> list[l
     return parts
 
 
+def torch_device_type(device: str) -> str:
+    """``cuda:1`` -> ``cuda``: caches and checkpoints are shared by the GPUs of one kind."""
+    return str(device).split(":", 1)[0]
+
+
 class FeatureCache:
     """Backbone maps of (possibly synthetic) images, stored as float16 ``.npy`` files per batch key."""
 
@@ -228,7 +233,10 @@ class FeatureCache:
         from inference.backbone import backbone_info
 
         d = self.det
-        return {"size": d.input_size, "clip": d.clip_limit, "tile": d.tile_grid, "bb": backbone_info(), "v": 2}
+        key = {"size": d.input_size, "clip": d.clip_limit, "tile": d.tile_grid, "bb": backbone_info(), "v": 2}
+        if str(getattr(d, "device", "cpu")) != "cpu":  # a GPU's maps differ in their last bits (TF32): never
+            key["device"] = torch_device_type(d.device)  # mixed into a CPU run, which must reproduce bit for bit
+        return key
 
     def _syn_key(self, synthetic_seed: int | None) -> Any:
         if synthetic_seed is None:
@@ -421,13 +429,19 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
         feats["pool"] = cache.features(train_rows, desc="unlabelled train")  # labels ignored
     skip = ("out", "report_split", "name", "version", "description", "func", "training_data", "modalities",
             "body_parts", "workers", "cluster_gamma", "device")
-    # cluster_gamma: after the encoder, keeps old run keys; device: a checkpoint loads on any device
+    # cluster_gamma: after the encoder, keeps old run keys. device: CPU runs keep the keys they had before
+    # the option; a GPU run keys its checkpoint by device type, so that it is never resumed on the CPU (or
+    # the other way round) into a model that is neither run's
     if not args.reframe_copies:  # runs without re-framing keep the keys they had before it existed
         skip += ("reframe_copies", "reframe_scale", "reframe_shift", "reframe_rotate")
     # the images themselves (path, size, mtime) are part of the key: a manifest edited to other images of
     # the same count gets a checkpoint of its own (the detector also refuses one whose data differ)
-    run_key = _hash({"args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals),
-                     "files": _hash([_file_key(r.path) for r in [*fit_rows, *syn_rows, *anomaly_rows]])})
+    key_parts: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals),
+        "files": _hash([_file_key(r.path) for r in [*fit_rows, *syn_rows, *anomaly_rows]])}
+    if det.device != "cpu":
+        key_parts["device"] = torch_device_type(det.device)
+    run_key = _hash(key_parts)
     ckpt = cache_dir.parent / "checkpoints" / f"medgru-{run_key}.pt"
     return Prepared(rows, source, train_rows, normals, fit_rows, hpo_rows, cal_rows, det, cache, feats, ckpt,
                     anomaly_rows)

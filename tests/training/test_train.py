@@ -62,6 +62,21 @@ def test_device_option_defaults_to_the_cpu_and_refuses_a_gpu_that_is_not_there(m
         detector_from_args(build_parser().parse_args(base + ["--device", "cuda"]))
 
 
+def test_gpu_maps_and_checkpoints_are_kept_apart_from_the_cpus(tmp_path):
+    """A feature cache or checkpoint written on a GPU (TF32 maps) must never feed a CPU run, which has to
+    rebuild the bundled models bit for bit; CPU runs keep the keys they had before --device existed."""
+    from inference.backbone import backbone_info
+    from inference.detectors.medgru_svc import MedGRUSVC
+    from training.train import FeatureCache
+
+    cpu, gpu = MedGRUSVC(), MedGRUSVC()
+    gpu.device = "cuda:1"  # a name only: no GPU is needed to compute keys
+    cpu_key = FeatureCache(tmp_path, cpu)._prep_key()
+    assert cpu_key == {"size": cpu.input_size, "clip": cpu.clip_limit, "tile": cpu.tile_grid,
+                       "bb": backbone_info(), "v": 2}
+    assert FeatureCache(tmp_path, gpu)._prep_key() == {**cpu_key, "device": "cuda"}
+
+
 @pytest.mark.slow
 def test_model_folder_is_complete_and_loadable(trained):
     out, test, _, _ = trained
@@ -173,6 +188,29 @@ def test_other_images_of_the_same_count_get_a_checkpoint_of_their_own(tmp_path, 
         csv.write_text("path,label\n" + "".join(f"{r.path},{r.label}\n" for r in chosen))
         keys.append(prepare(args, settings).checkpoint)
     assert keys[0] != keys[1] and keys[2] == keys[0]
+
+
+def test_a_gpu_run_gets_a_checkpoint_of_its_own_and_cpu_runs_keep_theirs(tmp_path, data_root, monkeypatch):
+    import torch
+
+    import inference.device
+    from medgru.settings import Settings
+    from training.train import FeatureCache, prepare
+
+    normals = [r for r in read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+               if r.split == "train" and r.is_normal][:10]
+    csv = tmp_path / "normals.csv"
+    csv.write_text("path,label\n" + "".join(f"{r.path},{r.label}\n" for r in normals))
+    settings = Settings(home=tmp_path / "home", data_root=data_root)
+    base = ["train", "--manifest", str(csv), "--out", str(tmp_path / "m"), "--input-size", "64",
+            "--cache", str(tmp_path / "cache"), "--loss", "reconstruct"]
+    cpu = prepare(build_parser().parse_args(base), settings).checkpoint
+    assert prepare(build_parser().parse_args(base + ["--device", "cpu"]), settings).checkpoint == cpu
+    # a GPU run, without a GPU: the device is only named, and no maps are computed
+    monkeypatch.setattr(inference.device, "resolve_device", lambda d: "cuda:0")
+    monkeypatch.setattr(FeatureCache, "features", lambda self, rows, **kw: torch.zeros(len(rows), 1, 1, 1, 1))
+    gpu = prepare(build_parser().parse_args(base + ["--device", "cuda"]), settings).checkpoint
+    assert gpu != cpu
 
 
 def test_group_split_keeps_groups_together():
