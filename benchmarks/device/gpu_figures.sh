@@ -14,7 +14,9 @@
 # Reads .devdata/ (benchmarks/device/make_slice.py) and the wheels in .whl/ of the packages that the
 # machine's image lacks; writes everything under /tmp/gpu_r and packs it, after each step, into one file,
 # $OUT/gpu_figures.tgz (the tool brings back at most 8 files).
-# 4. the GPU tests: python -m pytest -m cuda tests/inference/test_cuda.py (deselected everywhere else).
+# 4. the GPU tests: python -m pytest -m cuda tests/inference/test_cuda.py (deselected everywhere else);
+# 5. (train-brain, not in the default) the brain 8.0.0 command on the GPU, less the unlabelled pool too, and
+#    its evaluation on the test images that travelled (make_slice.py --sample 1000 --sample-splits test).
 #
 # STEPS (default "tests speed evaluate train") runs a subset, e.g. STEPS=speed for a rerun of the speed figures.
 set -u
@@ -79,6 +81,24 @@ if [ -f /tmp/chest-gpu/card.json ]; then
     --model /tmp/chest-gpu --out "$R/eval-chest-gpu-trained" --workers 8 --gallery 2 --bootstrap 200 \
     > "$R/eval-chest-gpu-trained.log" 2>&1; echo "rc=$?" >> "$R/eval-chest-gpu-trained.log"
   tail -3 "$R/eval-chest-gpu-trained.log"
+fi
+fi
+if want train-brain; then
+step train-brain-cuda
+timeout 240 python3 -m medgru.cli train --manifest .devdata/brain_mri/manifest.csv \
+  --out /tmp/brain-gpu --name medgru-svc-brain-mr-gpu --version 8.0.0-cuda --modalities MR --body-parts BRAIN,HEAD \
+  --loss reconstruct --reducer-init pca --hidden-channels 128 --reduce-channels 256 --epochs 30 \
+  --hpo-objective heldout-likelihood --whiten --nu-max 0.2 --hpo-trials 30 --skip reduced \
+  --threads 2 --device cuda --workers 12 > "$R/train-brain-cuda.log" 2>&1
+echo "rc=$?" >> "$R/train-brain-cuda.log"
+tail -8 "$R/train-brain-cuda.log"
+mkdir -p "$R/brain-8.0.0-cuda"
+cp /tmp/brain-gpu/card.json /tmp/brain-gpu/training.json /tmp/brain-gpu/meta.json "$R/brain-8.0.0-cuda/" 2>/dev/null
+if [ -f /tmp/brain-gpu/card.json ]; then
+  MEDGRU_DEVICE=cuda timeout 60 python3 -m medgru.cli evaluate --manifest .devdata/brain_mri/manifest.csv \
+    --model /tmp/brain-gpu --out "$R/eval-brain-8.0.0-cuda-trained" --workers 8 --gallery 2 --bootstrap 200 \
+    > "$R/eval-brain-gpu-trained.log" 2>&1; echo "rc=$?" >> "$R/eval-brain-gpu-trained.log"
+  tail -3 "$R/eval-brain-gpu-trained.log"
 fi
 fi
 step done

@@ -8,7 +8,8 @@ rewrites the manifest to the copied rows only.
     python benchmarks/device/make_slice.py --dataset kermany_cxr --splits train,test --normal-only train
     python benchmarks/device/make_slice.py --dataset brain_mri --splits test --sample 300 --seed 0
 
-``--sample N`` keeps a seeded random N of the selected rows (the same N for the same seed and manifest).
+``--sample N`` keeps a seeded random N of the selected rows (the same N for the same seed and manifest), or
+of those of ``--sample-splits`` only, keeping the other splits whole.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", default="train,test", help="comma-separated splits to copy")
     p.add_argument("--normal-only", default="", help="comma-separated splits of which only the normals are copied")
     p.add_argument("--sample", type=int, default=0, help="keep a seeded random N of the rows (0 = all)")
+    p.add_argument("--sample-splits", default="",
+                   help="comma-separated splits that --sample applies to (default: all the copied rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", type=Path, default=None, help="default: $MEDGRU_DATA_ROOT")
     p.add_argument("--out", type=Path, default=REPO / ".devdata")
@@ -48,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     normal_only = {s.strip() for s in args.normal_only.split(",") if s.strip()}
     rows = [r for r in rows if r.get("split", "") in splits
             and (r.get("split", "") not in normal_only or r["label"].strip().lower() in ("normal", "0"))]
-    if args.sample and len(rows) > args.sample:
-        keep = sorted(np.random.default_rng(args.seed).choice(len(rows), args.sample, replace=False))
-        rows = [rows[i] for i in keep]
+    sample_splits = {s.strip() for s in args.sample_splits.split(",") if s.strip()}
+    pool = [r for r in rows if not sample_splits or r.get("split", "") in sample_splits]
+    if args.sample and len(pool) > args.sample:
+        keep = sorted(np.random.default_rng(args.seed).choice(len(pool), args.sample, replace=False))
+        kept = {id(pool[i]) for i in keep}
+        rows = [r for r in rows if id(r) in kept or (sample_splits and r.get("split", "") not in sample_splits)]
     dst = args.out / args.dataset
     dst.mkdir(parents=True, exist_ok=True)
     size = 0
