@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64, help="images per score_batch call")
     parser.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    parser.add_argument("--device", default=None,
+                        help="torch device to score on: cpu, cuda or auto (cuda where torch sees a GPU); default: "
+                             "the settings' device (MEDGRU_DEVICE, auto). The model is saved for the CPU either way")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -132,6 +135,12 @@ def run(args: argparse.Namespace, settings) -> int:
         return _error(f"{len(normals)} normal images in {where}; a split-conformal threshold at a "
                       f"false-positive rate of {alpha:g} needs at least {need} normals")
 
+    from inference.device import resolve_device
+
+    try:
+        device = resolve_device(args.device or settings.device)
+    except ValueError as exc:
+        return _error(str(exc))
     if args.threads:
         import torch
 
@@ -141,8 +150,8 @@ def run(args: argparse.Namespace, settings) -> int:
     assert card is not None  # load_model sets it
     old_threshold = float(det.threshold)
     home_device = getattr(det, "device", None)
-    if hasattr(det, "to") and settings.device not in ("auto", "cpu"):
-        det.to(settings.device)
+    if hasattr(det, "to") and device != "cpu":
+        det.to(device)
     log.info("calibrate: model %s %s (%s) on %d normals of %s", card.name, card.version, card.detector,
              len(normals), where)
     scores, _ = score_all(det, load_sequences(normals, workers=args.workers), args.batch)

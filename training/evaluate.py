@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for --limit, --cv folds and fitting")
     parser.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    parser.add_argument("--device", default=None,
+                        help="torch device to score on: cpu, cuda or auto (cuda where torch sees a GPU); default: "
+                             "the settings' device (MEDGRU_DEVICE, auto). The report records it")
     parser.add_argument("--dataset-name", default="", help="name of the data set in the report")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
 
@@ -311,10 +314,16 @@ def run(args, settings) -> int:
     import torch
 
     from inference.api import load_model
+    from inference.device import resolve_device
     from medgru.settings import BUNDLED_MODELS_DIR
     from training.manifest import load_sequences, read_manifest, rows_from_folder, split_rows
     from training.report import EvaluationResult, GalleryItem, write_report
 
+    try:
+        device = resolve_device(args.device or settings.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model) if args.model else BUNDLED_MODELS_DIR / DEFAULT_MODEL_NAME
@@ -336,8 +345,8 @@ def run(args, settings) -> int:
 
     det = load_model(model_dir)
     card = det.card
-    if hasattr(det, "to") and settings.device not in ("auto", "cpu"):
-        det.to(settings.device)
+    if hasattr(det, "to") and device != "cpu":
+        det.to(device)
     log.info("evaluate: model %s %s (%s) on %d images of %s", card.name, card.version, card.detector,
              len(eval_rows), src)
     t0 = time.perf_counter()

@@ -200,3 +200,19 @@ def test_manifest_uses_only_the_normal_rows_of_the_split(source_model, make_sett
 ])
 def test_calibrated_version(old, new):
     assert calibrated_version(old, datetime(2025, 1, 2, 13, 4, 59, tzinfo=timezone.utc)) == new
+
+
+def test_a_gpu_asked_for_where_there_is_none_exits_2_and_writes_nothing(source_model, make_settings, tmp_path,
+                                                                         capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    normals = tmp_path / "normals"
+    for i in range(20):
+        write_png(normals / "normal" / f"n{i:02d}.png", site_normal(900 + i))
+    out = tmp_path / "calibrated"
+    for how in (["--device", "cuda"], []):  # the flag, and the setting it defaults to
+        settings = make_settings(device="cpu" if how else "cuda")
+        assert calibrate(["--model", str(source_model), "--folder", str(normals), "--out", str(out), *how],
+                         settings) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err and not out.exists()

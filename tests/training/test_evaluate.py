@@ -129,6 +129,17 @@ def test_evaluate_refuses_a_single_class(make_settings, tmp_path, kermany_slice)
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+def test_evaluate_on_a_gpu_that_is_not_there_exits_2(make_settings, tmp_path, kermany_slice, capsys, monkeypatch):
+    import torch
+
+    _, model_dir = kermany_slice
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = _evaluate(["--folder", str(tmp_path), "--model", str(model_dir), "--out", str(tmp_path / "r"),
+                    "--device", "cuda"], make_settings())
+    assert rc == 2 and "sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 # -------------------------------------------------------------------------------------- helpers
 def _row(label, split=None, group=None, name="x"):
     return ManifestRow(path=Path("/d") / f"{name}.png", label=label, split=split, group=group)
