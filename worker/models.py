@@ -70,8 +70,8 @@ class ModelRegistry:
                 if hasattr(det, "to"):  # detectors that run torch accept a device
                     det.to(device)
                 self._detectors[model_dir] = det
-                log.info("loaded model %s %s from %s", det.card.name if det.card else "?",
-                         det.card.version if det.card else "?", model_dir)
+                log.info("loaded model %s %s from %s on %s", det.card.name if det.card else "?",
+                         det.card.version if det.card else "?", model_dir, device)
             return det
 
     def add(self, model_dir: Path, detector: Detector) -> None:

@@ -14,7 +14,8 @@
 # Reads .devdata/ (benchmarks/device/make_slice.py) and the wheels in .whl/ of the packages that the
 # machine's image lacks; writes everything under /tmp/gpu_r and packs it, after each step, into one file,
 # $OUT/gpu_figures.tgz (the tool brings back at most 8 files).
-# 4. the GPU tests: python -m pytest -m cuda tests/inference/test_cuda.py (deselected everywhere else);
+# 4. the GPU tests: python -m pytest -m cuda (tests/inference/test_cuda.py, tests/worker/test_cuda_worker.py;
+#    deselected everywhere else);
 # 5. (train-brain, not in the default) the brain 8.0.0 command on the GPU, less the unlabelled pool too, and
 #    its evaluation on the test images that travelled (make_slice.py --sample 1000 --sample-splits test).
 #
@@ -40,7 +41,8 @@ cat "$R/machine.txt"
 
 if want tests; then
 step tests
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/inference/test_cuda.py > "$R/tests-cuda.log" 2>&1
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/inference/test_cuda.py tests/worker/test_cuda_worker.py \
+  > "$R/tests-cuda.log" 2>&1
 echo "rc=$?" >> "$R/tests-cuda.log"
 tail -8 "$R/tests-cuda.log"
 fi
