@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.valuerep import validate_value
 
 from inference.api import Detection, ModelCard, Scope
@@ -56,15 +55,13 @@ def detection(heatmaps: np.ndarray, *, score: float = 0.8731, threshold: float =
 
 
 def windowed(ds: pydicom.Dataset) -> np.ndarray:
-    """The frame as the pipeline hands it to detectors: modality LUT, VOI, MONOCHROME1 inverted, [0, 1]."""
-    a = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        a = apply_voi_lut(a, ds).astype(np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        a = 1.0 - a
-    return np.clip(a, 0.0, 1.0).astype(np.float32)
+    """The frame(s) as the pipeline hands them to detectors: the worker's own decoder (modality LUT, VOI or
+    its fallbacks, MONOCHROME1 inverted, [0, 1]); ``(H, W)``, or ``(F, H, W)`` for a multi-frame instance."""
+    from worker.loading import decode_frame
+
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = [decode_frame(ds, i + 1, str(ds.SOPInstanceUID)).astype(np.float32) for i in range(n)]
+    return frames[0] if n == 1 else np.stack(frames)
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
