@@ -98,6 +98,18 @@ def test_failing_job_is_retried_then_failed_with_last_error(worker_settings, ses
     assert results == [] and items == []
 
 
+def test_a_gpu_configured_where_there_is_none_fails_the_job_with_the_reason(worker_settings, session_factory,
+                                                                           dicom_corpus, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = worker_settings(device="cuda", job_max_retries=0)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=2)
+    assert process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings)) is JobState.FAILED
+    job = _job(session_factory, job_id)
+    assert "sees no CUDA GPU" in job.last_error and _results(session_factory, job_id) == ([], [])
+
+
 def test_rerun_is_idempotent_and_replaces_results(worker_settings, session_factory, dicom_corpus):
     settings = worker_settings()
     job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=4)
