@@ -1,4 +1,4 @@
-"""Which torch device to run on: one rule for the worker and ``medgru train``.
+"""Which torch device to run on: one rule for the worker and the medgru commands (train, evaluate, calibrate).
 
 Kept apart from :mod:`inference.api` so that the packages which read model cards without running models
 (reporting) need not import torch.
