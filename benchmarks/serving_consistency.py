@@ -115,17 +115,12 @@ def to_dicom(grey8: np.ndarray, encoding: str, modality: str):
     return pydicom.dcmread(buf)
 
 
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores))
-
-
 def measure(dataset: str, data_root: Path, limit: int | None, seed: int) -> dict:
     from scipy.stats import spearmanr
 
     from inference.api import FrameSequence, load_model
     from training.manifest import load_frames, read_manifest, rows_of_split
+    from training.metrics import auroc
     from worker.loading import _robust_window, decode_frame
 
     title, bundle, modality = DATASETS[dataset]
@@ -182,7 +177,7 @@ def measure(dataset: str, data_root: Path, limit: int | None, seed: int) -> dict
            "n_normal": int((labels == 0).sum()), "n_anomaly": int((labels == 1).sum()),
            "seconds_wrapping_decoding_scoring": round(seconds, 1), "paths": {}}
     for name, s in scores.items():
-        row = {"auroc": round(auroc(labels, s), 4), "flagged": round(float((s > thr).mean()), 4)}
+        row = {"auroc": round(auroc(s, labels), 4), "flagged": round(float((s > thr).mean()), 4)}
         if s is not ref:
             row.update({
                 "max_frame_difference_grey_levels": (round(max_diff[name], 3) if np.isfinite(max_diff[name])

@@ -19,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 
 def read_scores(path: Path) -> dict[str, tuple[str, float, int]]:
     with Path(path).open(newline="") as f:
@@ -27,7 +31,8 @@ def read_scores(path: Path) -> dict[str, tuple[str, float, int]]:
 
 def compare(reference: dict, candidate: dict) -> dict:
     from scipy.stats import spearmanr
-    from sklearn.metrics import roc_auc_score
+
+    from training.metrics import auroc, binary_labels
 
     missing = sorted(set(candidate) - set(reference))
     if missing:
@@ -35,7 +40,7 @@ def compare(reference: dict, candidate: dict) -> dict:
     names = sorted(candidate)
     ref = np.array([reference[n][1] for n in names])
     cand = np.array([candidate[n][1] for n in names])
-    y = np.array([0 if reference[n][0].lower() in ("normal", "0") else 1 for n in names])
+    y = binary_labels(reference[n][0] for n in names)
     diff = np.abs(ref - cand)
     out = {
         "n": len(names),
@@ -47,8 +52,8 @@ def compare(reference: dict, candidate: dict) -> dict:
         "verdicts_differing": int(sum(reference[n][2] != candidate[n][2] for n in names)),
     }
     if 0 < y.sum() < len(y):
-        out["auroc_reference"] = float(roc_auc_score(y, ref))
-        out["auroc_candidate"] = float(roc_auc_score(y, cand))
+        out["auroc_reference"] = auroc(ref, y)
+        out["auroc_candidate"] = auroc(cand, y)
     return out
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=None, help="default: $MEDGRU_DATA_ROOT")
     p.add_argument("--out", type=Path, default=REPO / ".devdata")
     args = p.parse_args(argv)
+    from training.metrics import is_normal_label
 
     root = args.data_root or (Path(os.environ["MEDGRU_DATA_ROOT"]) if os.environ.get("MEDGRU_DATA_ROOT") else None)
     if root is None or not (root / args.dataset / "manifest.csv").is_file():
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = {s.strip() for s in args.splits.split(",") if s.strip()}
     normal_only = {s.strip() for s in args.normal_only.split(",") if s.strip()}
     rows = [r for r in rows if r.get("split", "") in splits
-            and (r.get("split", "") not in normal_only or r["label"].strip().lower() in ("normal", "0"))]
+            and (r.get("split", "") not in normal_only or is_normal_label(r["label"]))]
     sample_splits = {s.strip() for s in args.sample_splits.split(",") if s.strip()}
     pool = [r for r in rows if not sample_splits or r.get("split", "") in sample_splits]
     if args.sample and len(pool) > args.sample:

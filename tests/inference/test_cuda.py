@@ -14,6 +14,7 @@ import torch
 
 from inference.api import FrameSequence, ModelCard, Scope, discover_model_dirs, load_model, sha256_file
 from medgru.settings import BUNDLED_MODELS_DIR
+from tests.inference.test_detector_contract import texture
 
 pytestmark = pytest.mark.cuda
 
@@ -24,15 +25,7 @@ def gpu():
 
 
 def textures(t: int = 8, size: int = 224, seed: int = 0) -> FrameSequence:
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    frames = []
-    for _ in range(t):
-        n = cv2.GaussianBlur(rng.normal(size=(size, size)).astype(np.float32), (0, 0), 6.0)
-        frames.append(0.15 + 0.7 * (n - n.min()) / (n.max() - n.min() + 1e-6))
-    return FrameSequence(frames=np.stack(frames).astype(np.float32), modality="MR", body_part="BRAIN",
-                         bits_stored=8)
+    return FrameSequence(frames=texture(seed, t, size), modality="MR", body_part="BRAIN", bits_stored=8)
 
 
 def same_finding(cpu, gpu, rel: float = 1e-3) -> None:
