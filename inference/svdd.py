@@ -126,6 +126,13 @@ class SVDDBoundary:
             return (np.asarray(x, dtype=np.float64) - self.mean_) @ self.whitener_
         return (np.asarray(x, dtype=np.float64) - self.mean_) / self.scale_
 
+    def kernel_space(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings ``(N, d)`` in the space where the kernel is isotropic: whitened or standardised by
+        the training embeddings' statistics, as :meth:`score` sees them."""
+        if self.mean_ is None:
+            raise RuntimeError("SVDDBoundary is not fitted")
+        return self._standardise(np.atleast_2d(x))
+
     def fit(self, x: np.ndarray) -> "SVDDBoundary":
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 2:

@@ -108,6 +108,19 @@ def test_whitened_kernel_uses_the_mahalanobis_metric_and_round_trips():
     np.testing.assert_allclose(t, w.score(x[:20]), rtol=1e-3, atol=1e-3)
 
 
+
+def test_kernel_space_is_where_the_kernel_is_isotropic():
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(2000, 3))
+    x = z @ np.array([[2.0, 0.0, 0.0], [1.5, 0.8, 0.0], [0.0, 0.0, 1.0]]) + 5.0  # correlated, unequal scales
+    with pytest.raises(RuntimeError):
+        SVDDBoundary().kernel_space(x)
+    w = SVDDBoundary(gamma=0.5, nu=0.1, whiten=True).fit(x)
+    np.testing.assert_allclose(np.cov(w.kernel_space(x), rowvar=False), np.eye(3), atol=0.05)
+    d = SVDDBoundary(gamma=0.5, nu=0.1).fit(x)
+    np.testing.assert_allclose(d.kernel_space(x), (x - x.mean(0)) / (x.std(0) + 1e-6))
+    assert np.abs(np.cov(x, rowvar=False) - np.eye(3)).max() > 1.0  # (the raw embeddings are not)
+
 # ------------------------------------------------------------------ label-free choice of the SVC kernel width
 def three_blobs(seed: int, sep: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
     """3 x 60 points in 16-d: unit Gaussians around centres at distance ``sep`` from the origin in random
