@@ -19,7 +19,12 @@
 # 5. (train-brain, not in the default) the brain 8.0.0 command on the GPU, less the unlabelled pool too, and
 #    its evaluation on the test images that travelled (make_slice.py --sample 1000 --sample-splits test).
 #
+# 6. (batch, not in the default) benchmarks/batch_scoring.py for both bundled models on the GPU: grouped
+#    score_batch against one sequence at a time, on the Kermany test split / the brain test images that
+#    travelled and on 32 synthetic T = 8 sequences.
+#
 # STEPS (default "tests speed evaluate train") runs a subset, e.g. STEPS=speed for a rerun of the speed figures.
+# CUDA_TESTS (default: both files) names the GPU test files the tests step runs.
 set -u
 STEPS=${STEPS:-tests speed evaluate train}
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
@@ -41,7 +46,7 @@ cat "$R/machine.txt"
 
 if want tests; then
 step tests
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/inference/test_cuda.py tests/worker/test_cuda_worker.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda ${CUDA_TESTS:-tests/inference/test_cuda.py tests/worker/test_cuda_worker.py} \
   > "$R/tests-cuda.log" 2>&1
 echo "rc=$?" >> "$R/tests-cuda.log"
 tail -8 "$R/tests-cuda.log"
@@ -63,6 +68,16 @@ for m in chest-cxr:kermany_cxr brain-mr:brain_mri; do
     --model "inference/bundled/${m%%:*}" --out "$R/eval-${m%%:*}-cuda" --workers 8 --gallery 2 --bootstrap 200 \
     > "$R/eval-${m%%:*}-cuda.log" 2>&1; echo "rc=$?" >> "$R/eval-${m%%:*}-cuda.log"
   tail -3 "$R/eval-${m%%:*}-cuda.log"
+done
+fi
+
+if want batch; then
+step batch
+for m in chest-cxr:kermany_cxr brain-mr:brain_mri; do
+  timeout 120 python3 benchmarks/batch_scoring.py --model "inference/bundled/${m%%:*}" \
+    --manifest ".devdata/${m#*:}/manifest.csv" --device cuda --out "$R/batch_scoring-${m%%:*}-cuda.json" \
+    > "$R/batch-${m%%:*}.log" 2>&1; echo "rc=$?" >> "$R/batch-${m%%:*}.log"
+  tail -4 "$R/batch-${m%%:*}.log"
 done
 fi
 

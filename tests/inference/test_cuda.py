@@ -51,6 +51,17 @@ def test_a_bundled_model_scores_and_explains_on_the_gpu_as_on_the_cpu_and_comes_
     assert det.detect(seqs[0], explain=False).score == pytest.approx(cpu[0].score, rel=1e-6)
 
 
+@pytest.mark.parametrize("model_dir", discover_model_dirs([BUNDLED_MODELS_DIR]), ids=lambda p: p.name)
+def test_grouped_gpu_scoring_of_mixed_lengths_gives_the_cpus_scores_in_order(model_dir):
+    det = load_model(model_dir)
+    seqs = [textures(t=t, seed=s) for s, t in enumerate((1, 8, 1, 3, 8, 1))]
+    cpu = det.score_batch(seqs)  # one at a time
+    det.to("cuda")
+    gpu = det.score_batch(seqs)  # grouped by length on a GPU
+    assert gpu == pytest.approx(cpu, rel=1e-3, abs=1e-6)
+    assert gpu[::-1] == pytest.approx(det.score_batch(seqs[::-1]), rel=1e-5, abs=1e-7)
+    det.to("cpu")
+
 def test_the_knn_baseline_on_the_gpu_gives_the_cpus_findings(tmp_path):
     from inference.api import get_detector_class
 

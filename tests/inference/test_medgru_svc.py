@@ -619,3 +619,24 @@ def test_a_model_folder_never_pins_the_device_it_was_trained_on(tmp_path):
     assert loaded.device == "cpu"
     x = maps(6, 11)
     assert np.allclose(loaded.score_features(x), det.score_features(x))
+
+
+def mixed_lengths() -> list[FrameSequence]:
+    rng = np.random.default_rng(7)
+    return [FrameSequence(frames=rng.random((t, 40 + 8 * i, 48), dtype=np.float32), bits_stored=8)
+            for i, t in enumerate((1, 3, 1, 2, 3, 3))]
+
+
+def test_grouped_scoring_equals_one_at_a_time_and_keeps_the_order(fitted, monkeypatch):
+    from inference.detectors import medgru_svc
+
+    det, _ = fitted
+    seqs = mixed_lengths()
+    one_at_a_time = det.score_batch(seqs)  # the CPU path: each score is detect's, bit for bit
+    assert one_at_a_time[1] == det.detect(seqs[1], explain=False).score
+    grouped = det.score_grouped(seqs)
+    np.testing.assert_allclose(grouped, one_at_a_time, rtol=1e-4, atol=1e-6)
+    assert len(set(np.round(one_at_a_time, 4))) == len(seqs)  # distinct scores: a shuffled order would show
+    np.testing.assert_allclose(det.score_grouped(seqs[::-1]), one_at_a_time[::-1], rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(medgru_svc, "GROUPED_FRAMES_PER_CALL", 4)  # several calls per length: 1 x T=3, 2 x T=2
+    np.testing.assert_allclose(det.score_grouped(seqs), one_at_a_time, rtol=1e-4, atol=1e-6)
