@@ -133,6 +133,13 @@ def main() -> int:
     if shift.is_file():
         body = shift.read_text().splitlines()
         lines += ["", "## Train/test shift of the benchmarks", ""] + body[2:]
+    faith = RESULTS / "gradcam_faithfulness.md"
+    if faith.is_file():
+        body = faith.read_text().splitlines()
+        lines += ["", "## Do the heat maps point at what raises the score? (deletion test)", "",
+                  "Protocol: `benchmarks/gradcam_faithfulness.py`. Full table and reading: "
+                  "[gradcam_faithfulness.md](gradcam_faithfulness.md).", ""]
+        lines += [ln for ln in body if ln.startswith("- ")]
     sites = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("site_adaptation-*.json"))]
     if sites:
         lines += ["", "## The test split as a site: its own normals, the encoder fixed", "",
