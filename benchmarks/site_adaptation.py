@@ -84,10 +84,11 @@ def measure(det: Any, e: dict[str, np.ndarray], groups: np.ndarray, splits: int)
 
     control = refit(train)
     bundled_n, bundled_a = b.score(normals), b.score(anomalies)
-    control_gap = float(max(np.abs(control.score(normals) - bundled_n).max(),
-                            np.abs(control.score(anomalies) - bundled_a).max()))
+    control_n, control_a = control.score(normals), control.score(anomalies)
+    control_gap = float(max(np.abs(control_n - bundled_n).max(), np.abs(control_a - bundled_a).max()))
     space = b.kernel_space  # the bundled kernel's (whitened) space, for the k-NN references
     t_train, t_n, t_a = space(train), space(normals), space(anomalies)
+    knn_train_n, knn_train_a = knn_score(t_train, t_n), knn_score(t_train, t_a)  # the same for every split
     rows: dict[str, list[float]] = {}
     op: dict[str, list[float]] = {}
     n_site: list[int] = []
@@ -101,14 +102,13 @@ def measure(det: Any, e: dict[str, np.ndarray], groups: np.ndarray, splits: int)
         a, ev = normals[site], ~site
         n_site.append(int(site.sum()))
         add("bundled", bundled_n[ev], bundled_a)
-        ctrl = control.score(normals)
-        add("refit, training set", ctrl[ev], control.score(anomalies))
+        add("refit, training set", control_n[ev], control_a)
         u = refit(np.concatenate([train, a]))
         add("refit, training set + A", u.score(normals)[ev], u.score(anomalies))
         w = refit(np.concatenate([train, np.repeat(a, max(1, round(len(train) / len(a))), axis=0)]))
         add("refit, training set + A weighted", w.score(normals)[ev], w.score(anomalies))
-        for name, ref in (("k-NN, training set", t_train), ("k-NN, A", t_n[site]),
-                          ("k-NN, training set + A", np.concatenate([t_train, t_n[site]]))):
+        add("k-NN, training set", knn_train_n[ev], knn_train_a)
+        for name, ref in (("k-NN, A", t_n[site]), ("k-NN, training set + A", np.concatenate([t_train, t_n[site]]))):
             add(name, knn_score(ref, t_n[ev]), knn_score(ref, t_a))
         site_thr = conformal_threshold(bundled_n[site], det.target_fpr)
         for name, thr in (("bundled threshold", float(det.threshold)), ("threshold calibrated on A", site_thr)):
