@@ -9,7 +9,8 @@ one ``detect`` gives. On a GPU it groups the sequences of one length (``score_gr
 call and batched encoder calls per batch, instead of launches per image. This measures what grouping buys
 on the device asked for, side by side in one process on the same decoded images (each path run twice,
 the faster kept; images decoded beforehand, so decoding is not timed), and how far the two paths' scores
-differ (largest difference as a share of the scores' spread, Spearman, verdicts, AUROC of each).
+differ (``benchmarks/device/compare_scores.py``'s figures, one-at-a-time as the reference: largest
+difference as a share of the scores' spread, Spearman, verdicts, AUROC of each).
 
 A second case, ``--texture-sequences K`` (default 32), does the same for K synthetic T = 8, 224 x 224
 sequences: the worker's series shape. Prints and (``--out``) writes a JSON object.
@@ -32,50 +33,30 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def timed(fn: Callable[[], np.ndarray], sync: Callable[[], None], repeats: int = 2) -> tuple[np.ndarray, float]:
-    """``fn()``'s result and its best wall time of ``repeats`` runs (after one warm-up call)."""
-    out = fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
-
-
-def compare(one: np.ndarray, grouped: np.ndarray, threshold: float, labels: np.ndarray | None) -> dict[str, Any]:
-    from scipy.stats import spearmanr
-
-    from training.metrics import auroc
-
-    diff = np.abs(one - grouped)
-    spread = float(np.ptp(one))
-    out: dict[str, Any] = {
-        "max_abs_difference": float(diff.max()),
-        "max_difference_over_spread": float(diff.max() / spread) if spread > 0 else None,
-        "spearman": float(spearmanr(one, grouped)[0]) if len(one) > 2 else None,
-        "verdicts_differing": int(((one > threshold) != (grouped > threshold)).sum()),
-    }
-    if labels is not None and 0 < labels.sum() < len(labels):
-        out["auroc_one_at_a_time"], out["auroc_grouped"] = auroc(one, labels), auroc(grouped, labels)
-    return out
-
-
 def measure(det: Any, seqs: list, batch: int, sync: Callable[[], None], labels: np.ndarray | None) -> dict[str, Any]:
+    """Scores and best-of-2 wall time of each path (after a warm-up call, whose scores are kept), and how far
+    the grouped scores lie from the one-at-a-time ones (``compare_scores.compare_arrays``)."""
+    from benchmarks.bench_inference import time_it
+    from benchmarks.device.compare_scores import compare_arrays
+
     def one_at_a_time() -> np.ndarray:
-        return np.array([float(det.score_features(det.sequence_features(s)[None])[0]) for s in seqs])
+        out = np.array([float(det.score_features(det.sequence_features(s)[None])[0]) for s in seqs])
+        sync()
+        return out
 
     def grouped() -> np.ndarray:
-        return np.concatenate([det.score_grouped(seqs[i:i + batch]) for i in range(0, len(seqs), batch)])
+        out = np.concatenate([det.score_grouped(seqs[i:i + batch]) for i in range(0, len(seqs), batch)])
+        sync()
+        return out
 
-    s_one, t_one = timed(one_at_a_time, sync)
-    s_grp, t_grp = timed(grouped, sync)
-    return {"n": len(seqs), "frames": int(sum(s.frames.shape[0] for s in seqs)),
+    s_one, s_grp = one_at_a_time(), grouped()  # the warm-up calls
+    t_one = time_it(one_at_a_time, repeats=2, warmup=0)["min_s"]
+    t_grp = time_it(grouped, repeats=2, warmup=0)["min_s"]
+    thr = float(det.threshold)
+    return {"frames": int(sum(s.frames.shape[0] for s in seqs)),
             "ms_per_sequence_one_at_a_time": 1000 * t_one / len(seqs),
             "ms_per_sequence_grouped": 1000 * t_grp / len(seqs), "speedup": t_one / t_grp,
-            **compare(s_one, s_grp, float(det.threshold), labels)}
+            **compare_arrays(s_one, s_grp, s_one > thr, s_grp > thr, labels)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,30 +30,40 @@ def read_scores(path: Path) -> dict[str, tuple[str, float, int]]:
 
 
 def compare(reference: dict, candidate: dict) -> dict:
-    from scipy.stats import spearmanr
-
-    from training.metrics import auroc, binary_labels
+    """:func:`compare_arrays` of two ``read_scores`` results, image by image (the candidate's images)."""
+    from training.metrics import binary_labels
 
     missing = sorted(set(candidate) - set(reference))
     if missing:
         raise ValueError(f"{len(missing)} candidate images are not in the reference, e.g. {missing[0]}")
     names = sorted(candidate)
-    ref = np.array([reference[n][1] for n in names])
-    cand = np.array([candidate[n][1] for n in names])
-    y = binary_labels(reference[n][0] for n in names)
+    return compare_arrays(np.array([reference[n][1] for n in names]), np.array([candidate[n][1] for n in names]),
+                          np.array([reference[n][2] for n in names]), np.array([candidate[n][2] for n in names]),
+                          binary_labels(reference[n][0] for n in names))
+
+
+def compare_arrays(ref: np.ndarray, cand: np.ndarray, ref_called: np.ndarray, cand_called: np.ndarray,
+                   labels: np.ndarray | None = None) -> dict:
+    """Two scorings of the same images: score differences (absolute and as a share of the reference's
+    spread), Spearman, verdicts that differ and, where ``labels`` (1 = anomaly) hold both classes, the
+    AUROC of each."""
+    from scipy.stats import spearmanr
+
+    from training.metrics import auroc
+
     diff = np.abs(ref - cand)
     out = {
-        "n": len(names),
+        "n": len(ref),
         "max_abs_difference": float(diff.max()),
         "median_abs_difference": float(np.median(diff)),
         "reference_spread": float(np.ptp(ref)),
         "max_difference_over_spread": float(diff.max() / np.ptp(ref)) if np.ptp(ref) > 0 else None,
         "spearman": float(spearmanr(ref, cand)[0]),
-        "verdicts_differing": int(sum(reference[n][2] != candidate[n][2] for n in names)),
+        "verdicts_differing": int((np.asarray(ref_called) != np.asarray(cand_called)).sum()),
     }
-    if 0 < y.sum() < len(y):
-        out["auroc_reference"] = auroc(ref, y)
-        out["auroc_candidate"] = auroc(cand, y)
+    if labels is not None and 0 < labels.sum() < len(labels):
+        out["auroc_reference"] = auroc(ref, labels)
+        out["auroc_candidate"] = auroc(cand, labels)
     return out
 
 

@@ -864,10 +864,10 @@ class MedGRUSVC(Detector):
 
     def score_batch(self, sequences: Sequence[FrameSequence]) -> np.ndarray:
         """Scores of ``sequences``. On the CPU one sequence at a time: each score is the one :meth:`detect`
-        gives, and grouping bought nothing there (2 cores: 0.92-1.0 x for single images, 0.6 x for T = 8
-        series; ``benchmarks/results/batch_scoring-*-cpu.json``). On a GPU, where one image leaves the
-        device idle between kernel launches, sequences of one length go through the backbone and the
-        encoder together (:meth:`score_grouped`)."""
+        gives, and grouping was slower there (2 cores: 0.8 x for single images, 0.5-0.7 x for T = 8 series,
+        ``benchmarks/results/batch_scoring-*-cpu.json``; an earlier run 0.92-1.0 x and 0.6 x). On a GPU,
+        where one image leaves the device idle between kernel launches, sequences of one length go through
+        the backbone and the encoder together (:meth:`score_grouped`)."""
         if str(self.device).split(":")[0] != "cpu" and len(sequences) > 1:
             return self.score_grouped(sequences)
         out = np.empty(len(sequences), dtype=np.float64)
