@@ -62,6 +62,17 @@ def real_sequence(data_root: Path, t: int = 8):
     return FrameSequence(frames=frames, modality="CR", body_part="CHEST", bits_stored=8)
 
 
+def bench_sequence(t: int = 8):
+    """The benchmarks' sequence and the data root it came from: ``real_sequence`` of ``MEDGRU_DATA_ROOT`` (else
+    ``../shared/data`` beside the checkout) where that folder holds the data, else ``synthetic_sequence`` and
+    ``None``."""
+    data_root = Path(os.environ["MEDGRU_DATA_ROOT"]) if os.environ.get("MEDGRU_DATA_ROOT") else \
+        (REPO.parent / "shared" / "data")
+    if not (data_root / "README.md").is_file():
+        return synthetic_sequence(t), None
+    return real_sequence(data_root, t), data_root
+
+
 def fit_knn(data_root: Path | None, out_dir: Path) -> Path:
     from inference.api import ModelCard, Scope, get_detector_class, sha256_file
 
@@ -199,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from medgru.settings import BUNDLED_MODELS_DIR
 
     torch.set_num_threads(args.threads)
-    data_root = Path(os.environ["MEDGRU_DATA_ROOT"]) if os.environ.get("MEDGRU_DATA_ROOT") else \
-        (REPO.parent / "shared" / "data")
-    if not (data_root / "README.md").is_file():
-        data_root = None
-    seq = real_sequence(data_root, args.frames) if data_root is not None else synthetic_sequence(args.frames)
+    seq, data_root = bench_sequence(args.frames)
     models = discover_model_dirs(args.model or [BUNDLED_MODELS_DIR])
     tmp = None
     if args.knn_model:

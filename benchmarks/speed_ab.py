@@ -8,8 +8,9 @@ their order alternates by round, so drift hits both alike.
         [--rounds 25] [--threads 2] [--frames 8] [--out benchmarks/results/speed_ab.json]
 
 It prints and writes (JSON) the median time to score and to score with the heat map, and the ratio of the
-second model to the first. Eager models, as ``load_model`` gives them. Data: the Kermany test images under
-``MEDGRU_DATA_ROOT`` when set, else synthetic textures (``bench_inference``'s sequence).
+second model to the first. The models run as ``load_model`` gives them, with the service's default frozen
+channels-last backbone on the CPU. Data: ``bench_inference.bench_sequence`` (Kermany test images where the
+data are, else synthetic textures).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_inference import real_sequence, synthetic_sequence  # noqa: E402
+from benchmarks.bench_inference import bench_sequence, cpu_model  # noqa: E402
 
 
 def interleaved(dets: list, seq, rounds: int, warmup: int = 3) -> list[dict[str, list[float]]]:
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from inference.api import load_model
 
     torch.set_num_threads(ns.threads)
-    root = Path(os.environ["MEDGRU_DATA_ROOT"]) if os.environ.get("MEDGRU_DATA_ROOT") else None
-    seq = real_sequence(root, ns.frames) if root is not None else synthetic_sequence(ns.frames)
+    seq, root = bench_sequence(ns.frames)
     dets = [load_model(m) for m in ns.model]
     times = interleaved(dets, seq, ns.rounds)
     rows = [{"model": f"{d.card.name} {d.card.version}",
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
              "heatmap_ms": round(1e3 * statistics.median(t["heatmap"]), 1)} for d, t in zip(dets, times)]
     ratio = {k: round(rows[1][f"{k}_ms"] / rows[0][f"{k}_ms"], 3) for k in ("score", "heatmap")}
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "cpu": platform.processor() or platform.machine(), "threads": ns.threads, "frames": ns.frames,
+           "cpu": cpu_model(), "threads": ns.threads, "frames": ns.frames,
            "rounds": ns.rounds, "input": "Kermany test images" if root is not None else "synthetic textures",
            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "load_average": list(os.getloadavg()),
            "rows": rows, "ratio_second_to_first": ratio}
