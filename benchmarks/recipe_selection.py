@@ -43,6 +43,13 @@ thumbnail), which sees framing and nothing else, on both validation sets:
 
     python benchmarks/recipe_selection.py --dataset kermany_cxr --grids 3 --reframe 2 h=128,r=256,e=30 gap
 
+``--reframe-blur SIGMA`` (with ``--reframe``; ``results/blur-v10-kermany_cxr.md``) asks the same of image
+sharpness: a third validation set, the re-framed one blurred by a Gaussian of sigma uniform in [0, SIGMA]
+px, a third training variant (K re-framed and blurred copies, ``medgru train --reframe-blur``), and a
+high-pass score that sees sharpness only, on the three sets:
+
+    python benchmarks/recipe_selection.py --dataset kermany_cxr --reframe 2 --reframe-blur 1.5 --augmented-only h=128,r=256,e=30
+
 ``--stretch`` stretches every frame with the service's robust window (0.5-99.5 percentiles,
 ``worker.loading``) before the detector's preprocessing: per-image contrast normalisation, a candidate
 recipe step (``results/serving_consistency.md`` showed it on test images first, so this validation
@@ -117,7 +124,7 @@ def use_stretched_frames() -> None:
 
 
 def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, reframe_copies: int | None = None,
-                    prep: dict | None = None):
+                    prep: dict | None = None, reframe_blur: float = 0.0):
     """Backbone maps ``(fit normals, held-out normals, train anomalies)`` of the validation split above,
     then the fit rows and ``extra``: empty, or with ``reframe_copies`` given, the re-framed validation maps
     (``vn_r``, ``va_r``), the fit normals' K re-framed copies (``fit_r``) and the framing-only scores."""
@@ -152,6 +159,17 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, refra
         extra["fit_r"] = [cache.features(fit_rows, reframe_seed=reframe_copy_seed(0, k), desc="fit reframed")
                           for k in range(reframe_copies)]
         extra["framing"] = framing_scores(fit_rows, held_rows, anomalies)
+    if reframe_copies is not None and reframe_blur:  # the same transforms, then blurred (same seeds)
+        from inference.augment import ReframeParams
+
+        params = ReframeParams(blur=reframe_blur)
+        extra["vn_rb"] = cache.features(held_rows, reframe_seed=101, reframe_params=params,
+                                        desc="held-out reframed+blurred")
+        extra["va_rb"] = cache.features(anomalies, reframe_seed=102, reframe_params=params,
+                                        desc="anomalies reframed+blurred")
+        extra["fit_rb"] = [cache.features(fit_rows, reframe_seed=reframe_copy_seed(0, k), reframe_params=params,
+                                          desc="fit reframed+blurred") for k in range(reframe_copies)]
+        extra["sharpness"] = sharpness_scores(held_rows, anomalies, params, prep or {})
     if tmp is not None:
         tmp.cleanup()
     return maps_n[~mask], maps_n[mask], maps_a, fit_rows, extra
@@ -181,6 +199,33 @@ def framing_scores(fit_rows, held_rows, anomalies) -> dict[str, float]:
     # the seeds of the re-framed validation maps: the same transforms as the detector sees there
     refr = auroc(1 - thumbs(held_rows, 101) @ template, 1 - thumbs(anomalies, 102) @ template)
     return {"plain": plain, "reframed": refr}
+
+
+def sharpness_scores(held_rows, anomalies, params, prep: dict) -> dict[str, float]:
+    """Validation AUROC of a score that sees sharpness only: the mean absolute high-pass residual (the frame
+    minus its Gaussian blur of sigma 1 px) after the detector's CLAHE, normals taken as the sharper (so the
+    score is minus it); on the images as acquired, re-framed, and re-framed and blurred as the validation's."""
+    import cv2
+
+    from inference.augment import ReframeParams, reframe
+    from inference.detectors.medgru_svc import MedGRUSVC
+    from training.manifest import load_sequences
+
+    det = MedGRUSVC(**prep)
+
+    def scores(rows, seed=None, p=ReframeParams()):
+        rng = np.random.default_rng(seed) if seed is not None else None
+        out = []
+        for s in load_sequences(rows):
+            f = np.asarray(s.frames[-1], np.float32)
+            f = reframe(f, rng, p) if rng is not None else f
+            g = det.preprocess(type(s)(frames=f[None], bits_stored=s.bits_stored))[0].astype(np.float32)
+            out.append(-float(np.abs(g - cv2.GaussianBlur(g, (0, 0), 1.0)).mean()))
+        return np.array(out)
+
+    return {"plain": auroc(scores(held_rows), scores(anomalies)),
+            "reframed": auroc(scores(held_rows, 101), scores(anomalies, 102)),
+            "reframed+blurred": auroc(scores(held_rows, 101, params), scores(anomalies, 102, params))}
 
 
 def mirrored_maps(rows, prep: dict | None = None) -> "torch.Tensor":
@@ -289,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reframe", type=int, default=None, metavar="K",
                     help="also score every row on a re-framed validation set (framing carries no label there) "
                          "and train each configuration on the fit normals plus K re-framed copies of each")
+    ap.add_argument("--reframe-blur", type=float, default=0.0, metavar="SIGMA",
+                    help="with --reframe: also score every row on the re-framed validation set blurred (sigma "
+                         "uniform in [0, SIGMA] px at 224; sharpness carries no label there either) and train "
+                         "each configuration on the fit normals plus K re-framed and blurred copies")
     ap.add_argument("--input-size", type=int, default=224,
                     help="frame size after preprocessing (medgru train --input-size): the backbone maps are "
                          "size / 16 on a side")
@@ -315,13 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     # the detector's preprocessing: frame size and CLAHE (each setting has its own cached maps)
     prep = {"input_size": args.input_size, "clip_limit": args.clip_limit, "tile_grid": args.tile_grid}
     fit_plain, vn, va, fit_rows, extra = validation_maps(args.dataset, args.data_root, args.cache,
-                                                         reframe_copies=args.reframe, prep=prep)
+                                                         reframe_copies=args.reframe, prep=prep,
+                                                         reframe_blur=args.reframe_blur)
     held_sets = [(vn, va)]
     if extra:
         held_sets.append((extra["vn_r"], extra["va_r"]))
         print("template-correlation (framing only) score: validation AUROC plain {plain:.3f}, "
               "reframed {reframed:.3f}".format(**extra["framing"]))
-    set_names = ["plain", "reframed"][:len(held_sets)]
+    if "vn_rb" in extra:
+        held_sets.append((extra["vn_rb"], extra["va_rb"]))
+        print("high-pass (sharpness only) score: validation AUROC " + ", ".join(
+            f"{k} {v:.3f}" for k, v in extra["sharpness"].items()))
+    set_names = ["plain", "reframed", "reframed+blurred"][:len(held_sets)]
     print(f"{args.dataset} at {args.input_size}x{args.input_size}, CLAHE clip {args.clip_limit} tiles "
           f"{args.tile_grid}: {len(fit_plain)} fit normals, "
           f"{len(vn)} held-out normals, "
@@ -340,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reframe:
         augmented = torch.cat([fit_plain, *extra["fit_r"]])
         runs += [(cfg, f"[+{args.reframe} reframed]", augmented) for cfg in args.configs]
+    if args.reframe and args.reframe_blur:
+        blurred = torch.cat([fit_plain, *extra["fit_rb"]])
+        runs += [(cfg, f"[+{args.reframe} reframed+blurred]", blurred) for cfg in args.configs]
     for cfg, tag, fit in runs:
         t0 = time.perf_counter()
         maps = [fit, *(m for pair in held_sets for m in pair)]

@@ -8,7 +8,9 @@ so a template-correlation score that sees nothing but framing separates the trai
 (``benchmarks/results/medgru-v7.md``).
 
 :func:`reframe` applies one random similarity transform (zoom, shift, small rotation) to a windowed frame
-before CLAHE, filling what comes into view with black, as a collimated edge looks. ``medgru train
+before CLAHE, filling what comes into view with black, as a collimated edge looks, and, with a blur range
+(``--reframe-blur``), then blurs it by a random Gaussian: on Kermany the train split's normals are also
+sharper than its pneumonia images (``benchmarks/results/blur-v10-kermany_cxr.md``). ``medgru train
 --reframe-copies K`` adds K such copies of every fit normal to the ConvGRU's and the boundary's training
 set; the HPO and calibration normals stay as acquired. Nothing here runs at inference.
 """
@@ -38,6 +40,9 @@ class ReframeParams:
     shift: float = 0.06
     #: rotation in degrees, either way
     rotate: float = 5.0
+    #: largest Gaussian blur sigma, in pixels of a frame whose short side is 224 (scaled with it); drawn
+    #: from [0, blur] after the transform, so that sharpness alone is not taken for normality (0 = none)
+    blur: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.scale < 1:
@@ -46,16 +51,23 @@ class ReframeParams:
             raise ValueError(f"reframe shift must be in [0, 0.5), got {self.shift}")
         if not 0 <= self.rotate <= 45:
             raise ValueError(f"reframe rotation must be in [0, 45] degrees, got {self.rotate}")
+        if not 0 <= self.blur <= 5:
+            raise ValueError(f"reframe blur must be in [0, 5] pixels, got {self.blur}")
 
     def key(self) -> dict:
-        return {"v": REFRAME_VERSION, **asdict(self)}
+        key = {"v": REFRAME_VERSION, **asdict(self)}
+        if not self.blur:  # transforms without blur keep the cache keys they had before the option
+            del key["blur"]
+        return key
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "ReframeParams":
         """The ranges of ``medgru train``'s ``--reframe-scale``, ``--reframe-shift`` and ``--reframe-rotate``:
         its parsed options (``vars(args)``) or a model's ``training.json`` ``command_args``."""
         return cls(scale=float(options["reframe_scale"]), shift=float(options["reframe_shift"]),
-                   rotate=float(options["reframe_rotate"]))
+                   rotate=float(options["reframe_rotate"]),
+                   # models trained before the option have no blur
+                   blur=float(options.get("reframe_blur", 0.0)))
 
 
 def reframe_matrix(shape: tuple[int, int], rng: np.random.Generator, params: ReframeParams = ReframeParams()
@@ -71,11 +83,28 @@ def reframe_matrix(shape: tuple[int, int], rng: np.random.Generator, params: Ref
 
 
 def reframe(frame: np.ndarray, rng: np.random.Generator, params: ReframeParams = ReframeParams()) -> np.ndarray:
-    """One random re-framing of a 2-D windowed frame (float in [0, 1]); same shape and dtype float32."""
+    """One random re-framing of a 2-D windowed frame (float in [0, 1]); same shape and dtype float32.
+    With ``params.blur`` the re-framed frame is then blurred (:func:`blur_sigma`)."""
     f = np.asarray(frame, dtype=np.float32)
     if f.ndim != 2:
         raise ValueError(f"reframe expects one 2-D frame, got shape {f.shape}")
-    return _warp(f, reframe_matrix(f.shape, rng, params))
+    out = _warp(f, reframe_matrix(f.shape, rng, params))
+    return _blur(out, blur_sigma(f.shape, rng, params))
+
+
+def blur_sigma(shape: tuple[int, int], rng: np.random.Generator, params: ReframeParams) -> float:
+    """The Gaussian sigma (pixels of a ``shape`` frame) of one re-framing's blur: uniform in
+    ``[0, params.blur]`` at a short side of 224, scaled to ``shape``. Draws nothing when ``params.blur`` is 0,
+    so that re-framings without blur stay the numbers they were."""
+    if not params.blur:
+        return 0.0
+    return float(rng.uniform(0.0, params.blur)) * min(shape) / 224.0
+
+
+def _blur(frame: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma < 0.05:  # a kernel narrower than this leaves the frame as it is (and OpenCV's would be 1 tap)
+        return frame
+    return cv2.GaussianBlur(frame, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
 def _warp(frame: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -97,5 +126,6 @@ def reframe_sequence(seq: FrameSequence, rng: np.random.Generator, params: Refra
     For a single frame it draws the same numbers as :func:`reframe`, so the same generator gives the same
     image either way. The copy keeps the modality, body part and bit depth; it drops the source's UIDs."""
     m = reframe_matrix(seq.frames.shape[1:], rng, params)
-    frames = np.stack([_warp(f, m) for f in seq.frames]).astype(np.float32)
+    sigma = blur_sigma(seq.frames.shape[1:], rng, params)
+    frames = np.stack([_blur(_warp(f, m), sigma) for f in seq.frames]).astype(np.float32)
     return replace(seq, frames=np.clip(frames, 0.0, 1.0), series_uid="", frame_refs=())

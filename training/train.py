@@ -142,6 +142,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reframe-shift", type=float, default=0.06,
                         help="re-framing shift range, a fraction of the image size")
     parser.add_argument("--reframe-rotate", type=float, default=5.0, help="re-framing rotation range, degrees")
+    parser.add_argument("--reframe-blur", type=float, default=0.0,
+                        help="also blur each re-framed copy by a Gaussian of sigma uniform in [0, this] pixels "
+                             "(at a short side of 224), so that sharpness alone is not taken for normality "
+                             "(0 = no blur)")
     parser.add_argument("--cell", choices=("convgru", "convlstm", "none"), default="convgru")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden-channels", type=int, default=64)
@@ -394,6 +398,8 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     feats: dict[str, Any] = {"fit": cache.features(fit_rows, desc="fit normals")}
     if args.reframe_copies < 0:
         raise ValueError(f"--reframe-copies must be >= 0, got {args.reframe_copies}")
+    if args.reframe_blur and not args.reframe_copies:
+        raise ValueError("--reframe-blur blurs the re-framed copies: give --reframe-copies too")
     if args.reframe_copies:  # augmentation of the fit normals only: HPO and calibration stay as acquired
         from inference.augment import ReframeParams, reframe_copy_seed
 
@@ -434,6 +440,8 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     # the other way round) into a model that is neither run's
     if not args.reframe_copies:  # runs without re-framing keep the keys they had before it existed
         skip += ("reframe_copies", "reframe_scale", "reframe_shift", "reframe_rotate")
+    if not args.reframe_copies or not args.reframe_blur:  # and runs without blur those from before the option
+        skip += ("reframe_blur",)
     # the images themselves (path, size, mtime) are part of the key: a manifest edited to other images of
     # the same count gets a checkpoint of its own (the detector also refuses one whose data differ)
     key_parts: dict[str, Any] = {
@@ -596,7 +604,9 @@ def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared
             + (f"; plus {len(labelled)} labelled anomalies of that split (supervised mode)" if labelled else "")
             + (f"; the fit normals augmented with {args.reframe_copies} randomly re-framed copies each (zoom "
                f"1 +/- {args.reframe_scale:g}, shift +/- {args.reframe_shift:g}, rotation +/- "
-               f"{args.reframe_rotate:g} degrees)" if args.reframe_copies else "")),
+               f"{args.reframe_rotate:g} degrees"
+               + (f", then a Gaussian blur of sigma 0-{args.reframe_blur:g} px at 224" if args.reframe_blur else "")
+               + ")" if args.reframe_copies else "")),
         metrics=metrics,
         files={f: sha256_file(out / f) for f in files},
         params=params,

@@ -95,3 +95,36 @@ def test_a_sequence_is_reframed_with_one_transform_for_all_its_frames():
     # a single frame draws what reframe() draws: the training cache and the CV twin make the same copy
     one = reframe_sequence(FrameSequence(frames=f[None]), np.random.default_rng(11))
     np.testing.assert_array_equal(one.frames[0], reframe(f, np.random.default_rng(11)))
+
+
+def test_blur_softens_the_reframed_frame_and_zero_blur_draws_nothing_more():
+    """``blur`` smooths the re-framed frame (less high-frequency energy); without it the generator gives the
+    numbers it gave before the option existed, so re-framed copies and their cache keys are unchanged."""
+    rng = np.random.default_rng(7)
+    f = np.clip(0.5 + rng.normal(0, 0.05, (224, 224)), 0, 1).astype(np.float32)  # sigma is in px at 224
+    plain = ReframeParams(scale=0.0, shift=0.0, rotate=0.0)
+    a = reframe(f, np.random.default_rng(5), plain)
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    reframe(f, r1, plain)
+    reframe_matrix(f.shape, r2, plain)
+    assert r1.random() == r2.random()  # no draw for the blur when there is none
+    assert "blur" not in plain.key() and ReframeParams(blur=1.5).key()["blur"] == 1.5
+    blurred = [reframe(f, np.random.default_rng(s), ReframeParams(scale=0.0, shift=0.0, rotate=0.0, blur=3.0))
+               for s in range(5)]
+
+    def roughness(x):
+        return float(np.abs(np.diff(x, axis=1)).mean())
+
+    assert all(roughness(b) < roughness(a) for b in blurred if not np.array_equal(b, a))
+    assert sum(not np.array_equal(b, a) for b in blurred) >= 4
+    assert all(b.dtype == np.float32 and b.shape == f.shape for b in blurred)
+
+
+def test_blur_range_is_checked_and_read_from_older_training_options():
+    with pytest.raises(ValueError, match="blur"):
+        ReframeParams(blur=-1.0)
+    with pytest.raises(ValueError, match="blur"):
+        ReframeParams(blur=6.0)
+    recorded = {"reframe_scale": 0.15, "reframe_shift": 0.06, "reframe_rotate": 5}
+    assert ReframeParams.from_options(recorded).blur == 0.0  # models trained before the option
+    assert ReframeParams.from_options({**recorded, "reframe_blur": "1.5"}).blur == 1.5

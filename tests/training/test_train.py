@@ -406,6 +406,15 @@ def test_reframe_copies_augment_the_fit_normals_only(tmp_path, data_root):
     assert torch.equal(again.features["fit"], aug.features["fit"]) and again.checkpoint == aug.checkpoint
     with pytest.raises(ValueError, match="reframe-copies"):
         prepare(_tiny_args(manifest, tmp_path / "n", tmp_path / "cache", "--reframe-copies", "-1"), settings)
+    # blurred copies: the same transforms (same seeds), then blurred; a run of their own, cached apart
+    blur = prepare(_tiny_args(manifest, tmp_path / "b", tmp_path / "cache", "--reframe-copies", "2",
+                              "--reframe-blur", "1.5"), settings)
+    assert torch.equal(blur.features["fit"][:n], plain.features["fit"])
+    assert not torch.allclose(blur.features["fit"][n:].float(), aug.features["fit"][n:].float(), atol=1e-2)
+    assert blur.checkpoint not in (aug.checkpoint, plain.checkpoint)
+    assert len(list((tmp_path / "cache").glob("fit_reframed-*.npy"))) == 4
+    with pytest.raises(ValueError, match="reframe-copies"):  # blur without copies would do nothing
+        prepare(_tiny_args(manifest, tmp_path / "n", tmp_path / "cache", "--reframe-blur", "1"), settings)
 
 
 @pytest.mark.slow
