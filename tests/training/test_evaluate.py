@@ -208,6 +208,12 @@ def test_cv_twins_repeat_the_models_reframed_copies():
         rng = np.random.default_rng(3 * 1000 + 500 + k)
         for i, f in enumerate(frames):
             np.testing.assert_array_equal(out[2 * k + i].frames[0], reframe(f, rng, params))
+    # a model trained with blurred copies: its twins blur theirs the same way, and say so
+    blurred = reframe_augment({**args, "reframe_blur": 1.5}, 3)
+    assert "blur of sigma 0-1.5" in blurred.description and "blur" not in aug.description
+    params = ReframeParams(scale=0.1, shift=0.05, rotate=3.0, blur=1.5)
+    rng = np.random.default_rng(3 * 1000 + 500)
+    np.testing.assert_array_equal(blurred(seqs)[0].frames[0], reframe(frames[0], rng, params))
 
 
 def test_cv_of_a_model_trained_with_reframed_copies_trains_its_twins_with_them(tmp_path, monkeypatch):
