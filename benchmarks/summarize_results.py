@@ -15,6 +15,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = (("kermany-medgru-v7", "Kermany CXR"),
+        ("kermany-medgru-v10", "Kermany CXR (the 7.0.0 command with --reframe-blur 1.5 --threads 2; not bundled)"),
         ("kermany-medgru-v8", "Kermany CXR (the 7.0.0 command with --hpo-objective heldout-likelihood; not bundled)"),
         ("kermany-medgru-v7-threads2", "Kermany CXR (the 7.0.0 command re-run with --threads 2; not bundled)"),
         ("kermany-medgru-v5", "Kermany CXR"),
