@@ -60,6 +60,11 @@ class ReframeParams:
             del key["blur"]
         return key
 
+    def describe(self) -> str:
+        """The ranges in words, as model cards and CV settings give them."""
+        return (f"zoom 1 +/- {self.scale:g}, shift +/- {self.shift:g}, rotation +/- {self.rotate:g} degrees"
+                + (f", then a Gaussian blur of sigma 0-{self.blur:g} px at 224" if self.blur else ""))
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "ReframeParams":
         """The ranges of ``medgru train``'s ``--reframe-scale``, ``--reframe-shift`` and ``--reframe-rotate``:

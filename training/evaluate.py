@@ -237,10 +237,7 @@ def reframe_augment(training_args: dict[str, Any], seed: int):
             out += [reframe_sequence(s, rng, params) for s in seqs]
         return out
 
-    augment.description = (f"{k} randomly re-framed copies of each fit normal (zoom 1 +/- {params.scale:g}, "
-                           f"shift +/- {params.shift:g}, rotation +/- {params.rotate:g} degrees"
-                           + (f", then a Gaussian blur of sigma 0-{params.blur:g} px at 224" if params.blur else "")
-                           + ")")
+    augment.description = f"{k} randomly re-framed copies of each fit normal ({params.describe()})"
     return augment
 
 

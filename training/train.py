@@ -552,6 +552,7 @@ def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared
                         metrics: dict[str, Any], t0: float) -> None:
     """The model files, ``training.json`` and the card, into ``out`` (a staged folder)."""
     from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, sha256_file
+    from inference.augment import ReframeParams
     from inference.backbone import backbone_info
     from training.environment import software_environment
 
@@ -602,11 +603,8 @@ def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared
             f"{len(normals)} normal images from {Path(source).parent.name}/{Path(source).name} split {args.train_split!r} "
             f"({len(fit_rows)} fit / {len(hpo_rows)} HPO / {len(cal_rows)} calibration)"
             + (f"; plus {len(labelled)} labelled anomalies of that split (supervised mode)" if labelled else "")
-            + (f"; the fit normals augmented with {args.reframe_copies} randomly re-framed copies each (zoom "
-               f"1 +/- {args.reframe_scale:g}, shift +/- {args.reframe_shift:g}, rotation +/- "
-               f"{args.reframe_rotate:g} degrees"
-               + (f", then a Gaussian blur of sigma 0-{args.reframe_blur:g} px at 224" if args.reframe_blur else "")
-               + ")" if args.reframe_copies else "")),
+            + (f"; the fit normals augmented with {args.reframe_copies} randomly re-framed copies each "
+               f"({ReframeParams.from_options(vars(args)).describe()})" if args.reframe_copies else "")),
         metrics=metrics,
         files={f: sha256_file(out / f) for f in files},
         params=params,
