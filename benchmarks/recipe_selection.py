@@ -71,8 +71,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -175,28 +179,33 @@ def validation_maps(dataset: str, data_root: Path, cache_dir: Path | None, refra
     return maps_n[~mask], maps_n[mask], maps_a, fit_rows, extra
 
 
+def validation_frames(rows, seed: int | None = None, params=None):
+    """``(last frame, its sequence)`` of each row, re-framed with ``np.random.default_rng(seed)`` (the seeds
+    of the re-framed validation maps, so the same transforms as the detector sees there) unless ``seed``
+    is None; ``params`` are the re-framing ranges (default ``ReframeParams()``)."""
+    from inference.augment import ReframeParams, reframe
+    from training.manifest import load_sequences
+
+    rng = np.random.default_rng(seed) if seed is not None else None
+    for s in load_sequences(rows):
+        f = np.asarray(s.frames[-1], np.float32)
+        yield (reframe(f, rng, params or ReframeParams()) if rng is not None else f), s
+
+
 def framing_scores(fit_rows, held_rows, anomalies) -> dict[str, float]:
     """Validation AUROC of a score that sees framing only: 1 - correlation of each image's 56x56 thumbnail
     with the fit normals' mean thumbnail; on the images as acquired and re-framed as the validation's."""
     import cv2
 
-    from inference.augment import reframe
-    from training.manifest import load_sequences
-
     def thumbs(rows, seed=None):
-        rng = np.random.default_rng(seed) if seed is not None else None
-        out = []
-        for s in load_sequences(rows):
-            f = np.asarray(s.frames[-1], np.float32)
-            out.append(cv2.resize(reframe(f, rng) if rng is not None else f, (56, 56), interpolation=cv2.INTER_AREA))
-        x = np.stack(out).reshape(len(out), -1)
+        x = np.stack([cv2.resize(f, (56, 56), interpolation=cv2.INTER_AREA)
+                      for f, _ in validation_frames(rows, seed)]).reshape(len(rows), -1)
         x = x - x.mean(1, keepdims=True)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     template = thumbs(fit_rows).mean(0)
     template /= np.linalg.norm(template)
     plain = auroc(1 - thumbs(held_rows) @ template, 1 - thumbs(anomalies) @ template)
-    # the seeds of the re-framed validation maps: the same transforms as the detector sees there
     refr = auroc(1 - thumbs(held_rows, 101) @ template, 1 - thumbs(anomalies, 102) @ template)
     return {"plain": plain, "reframed": refr}
 
@@ -207,18 +216,13 @@ def sharpness_scores(held_rows, anomalies, params, prep: dict) -> dict[str, floa
     score is minus it); on the images as acquired, re-framed, and re-framed and blurred as the validation's."""
     import cv2
 
-    from inference.augment import ReframeParams, reframe
     from inference.detectors.medgru_svc import MedGRUSVC
-    from training.manifest import load_sequences
 
     det = MedGRUSVC(**prep)
 
-    def scores(rows, seed=None, p=ReframeParams()):
-        rng = np.random.default_rng(seed) if seed is not None else None
+    def scores(rows, seed=None, p=None):
         out = []
-        for s in load_sequences(rows):
-            f = np.asarray(s.frames[-1], np.float32)
-            f = reframe(f, rng, p) if rng is not None else f
+        for f, s in validation_frames(rows, seed, p):
             g = det.preprocess(type(s)(frames=f[None], bits_stored=s.bits_stored))[0].astype(np.float32)
             out.append(-float(np.abs(g - cv2.GaussianBlur(g, (0, 0), 1.0)).mean()))
         return np.array(out)
@@ -228,12 +232,11 @@ def sharpness_scores(held_rows, anomalies, params, prep: dict) -> dict[str, floa
             "reframed+blurred": auroc(scores(held_rows, 101, params), scores(anomalies, 102, params))}
 
 
-def mirrored_maps(rows, prep: dict | None = None) -> "torch.Tensor":
+def mirrored_maps(rows, prep: dict | None = None) -> torch.Tensor:
     """``(N, 1, C, h, w)`` backbone maps of the rows' images mirrored left-right after the detector's own
     preprocessing (CLAHE's tiles divide the image evenly, so it commutes with the mirror)."""
     import torch
 
-    from inference.augment import reframe_copy_seed
     from inference.detectors.medgru_svc import MedGRUSVC
     from training.manifest import load_sequences
 
@@ -253,7 +256,6 @@ def trained_convgru(cfg: str, fit, prep: dict | None = None):
     ``--reducer-init`` and ``--loss`` (``init=pca-mix``, ``loss=reconstruct-whitened``); no boundary."""
     import torch
 
-    from inference.augment import reframe_copy_seed
     from inference.detectors.medgru_svc import MedGRUSVC
 
     kv = dict(x.split("=") for x in cfg.split(","))

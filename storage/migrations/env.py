@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from alembic import context
-from sqlalchemy import DateTime
 from sqlalchemy.engine import Connection
 
 from storage.db import make_engine
