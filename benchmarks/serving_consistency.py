@@ -3,7 +3,8 @@
 The bundled models were trained and evaluated on 8-bit image files, read by ``training.manifest``
 (grey value / 255). The service reads DICOM through ``worker.loading`` (modality LUT, then the VOI:
 the image's window, else its VOI LUT, else, for an image of at most 8 bits with no rescale, its stored
-range (v / 255), else a robust 0.5-99.5 percentile window). This script takes every
+range (v / 255), else for MR the frame's own minimum to maximum, else a robust 0.5-99.5 percentile
+window). This script takes every
 image of a benchmark's test split, wraps its pixels, unchanged, into a DICOM dataset (written to bytes
 and read back with pydicom, as the spool does), decodes it with the worker's own ``decode_frame`` and
 scores it with the bundled model. Encodings (what a PACS may hold for such an image):
@@ -20,7 +21,9 @@ scores it with the bundled model. Encodings (what a PACS may hold for such an im
 Rows marked "before 2026-12-04" score the same encodings as the service did until then, side by side in
 the same run: the robust window for an 8-bit image without a VOI (now its stored range), and MedGRU-SVC's
 CLAHE at the image's stored depth (now at most ``MedGRUSVC.clahe_bits``, 8, the training depth), and
-CLAHE before resizing to the model's input size (now after: ``inference/preprocess.py``).
+CLAHE before resizing to the model's input size (now after: ``inference/preprocess.py``). The row marked
+"before 2026-12-07" is the percentile window that an MR frame of more than 8 bits without a VOI got until
+then (now its minimum to maximum: ``benchmarks/results/mr_no_voi_window.md``).
 
 Reported per encoding, against the file path: the largest frame difference (grey levels of 255), the
 Spearman correlation of the scores, the share of verdicts that differ at the model's threshold, and the
@@ -53,15 +56,16 @@ ENCODINGS = ("8-bit, no VOI", "8-bit, full-range window", "12-bit, full-range wi
              "8-bit, enlarged x8")
 ENLARGE = 8
 CHUNK = 64
-#: what the service did until 2026-12-04, row by row: (row name, encoding, the old step). The old steps:
-#: "robust window" (for an 8-bit image without a VOI), "CLAHE at 12 bits" (at the stored depth) and
-#: "CLAHE before resizing"
+#: what the service did before the date in each row's name: (row name, encoding, the old step). The old
+#: steps: "robust window" (the 0.5-99.5 percentile window, whatever the depth and modality), "CLAHE at 12
+#: bits" (at the stored depth) and "CLAHE before resizing"
 BEFORE = (("before 2026-12-04: 8-bit, no VOI (robust window)", "8-bit, no VOI", "robust window"),
           ("before 2026-12-04: 12-bit, full-range window (CLAHE at 12 bits)", "12-bit, full-range window",
            "CLAHE at 12 bits"),
           ("before 2026-12-04: 12-bit, no VOI (CLAHE at 12 bits)", "12-bit, no VOI", "CLAHE at 12 bits"),
           ("before 2026-12-04: 8-bit, enlarged x8 (CLAHE before resizing)", "8-bit, enlarged x8",
-           "CLAHE before resizing"))
+           "CLAHE before resizing"),
+          ("before 2026-12-07: 12-bit, no VOI (percentile window)", "12-bit, no VOI", "robust window"))
 
 
 def clahe_then_resize(frames, *, bits_stored=8, size=224, clip_limit=2.0, tile_grid=8):

@@ -11,8 +11,10 @@ Each frame goes through the DICOM greyscale pipeline up to (but not including) t
 4. the VOI: the first window (Window Center/Width with its VOI LUT Function: LINEAR, LINEAR_EXACT,
    SIGMOID), else the first VOI LUT Sequence item; an image with neither is either a rendering already
    (at most 8 bits stored, no modality rescale: a secondary capture, an exported screen), shown over its
-   stored range (v / 255, as training reads its image files), or raw scanner or detector values, given a
-   robust window from the 0.5th to the 99.5th percentile of that frame;
+   stored range (v / 255, as training reads its image files), or raw scanner or detector values: an MR
+   frame is shown from its minimum to its maximum (the brain model's training images are min-max
+   exports; ``benchmarks/results/mr_no_voi_window.md``), any other a robust window from the 0.5th to the
+   99.5th percentile of that frame (raw CR/DX/CT values carry collimation and direct-exposure tails);
 5. MONOCHROME1 inverted so that high values are bright;
 6. frames whose size differs from the first frame's are resized to it (area interpolation when shrinking,
    linear when growing).
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: robust window used when a greyscale image of more than 8 bits carries no VOI of its own
 ROBUST_PERCENTILES = (0.5, 99.5)
+#: modalities whose frames without a VOI are shown over their own range (minimum to maximum) instead
+MIN_MAX_MODALITIES = frozenset({"MR"})
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
@@ -105,8 +109,8 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
-def _robust_window(values: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(values, ROBUST_PERCENTILES)
+def _robust_window(values: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES) -> np.ndarray:
+    lo, hi = np.percentile(values, percentiles)
     if not hi > lo:
         lo, hi = float(values.min()), float(values.max())
     if not hi > lo:
@@ -154,6 +158,8 @@ def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, index: int, rescaled:
         rendered = _stored_range(values, ds)
         if rendered is not None:
             return rendered
+    if str(ds.get("Modality", "")).upper() in MIN_MAX_MODALITIES:
+        return _robust_window(values, (0.0, 100.0))
     return _robust_window(values)
 
 

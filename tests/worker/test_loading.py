@@ -74,17 +74,19 @@ def test_multiframe_picks_frames_by_number(dicom_corpus):
         load_frames([(path, uid, 17)])
 
 
-def test_robust_window_without_voi(dicom_corpus):
+def test_mr_without_voi_is_shown_over_its_own_range(dicom_corpus):
+    """A 12-bit MR frame with no VOI: minimum to maximum, as the brain model's training images were
+    exported (benchmarks/results/mr_no_voi_window.md), not the percentile window of other modalities."""
     path = dicom_corpus / "pydicom-data/emri_small.dcm"  # 12-bit MR, no Window Center/Width, no VOI LUT
     ds = pydicom.dcmread(path)
     assert int(ds.BitsStored) == 12 and "WindowCenter" not in ds and "VOILUTSequence" not in ds
     frames, _ = load_frames([_ref(path, 2)])
     f = frames[0]
     raw = ds.pixel_array[1].astype(np.float64)
-    lo, hi = np.percentile(raw, [0.5, 99.5])
-    np.testing.assert_allclose(f, np.clip((raw - lo) / (hi - lo), 0, 1), atol=1e-5)
-    # at most ~0.5 % of the pixels clip at the top; the rest spread over [0, 1]
-    assert (f >= 1.0).mean() <= 0.006 and f.max() == pytest.approx(1.0) and 0.05 < f.mean() < 0.95
+    np.testing.assert_allclose(f, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)
+    # only the brightest pixel reaches white; the percentile window would have saturated about 0.5 %
+    assert (f >= 1.0 - 1e-6).sum() == (raw == raw.max()).sum()
+    assert np.percentile(raw, 99.5) < raw.max()
 
 
 def test_eight_bit_corpus_image_without_voi_keeps_its_stored_range(dicom_corpus):
@@ -136,6 +138,18 @@ def test_eight_bit_image_without_voi_keeps_its_stored_range(tmp_path):
     lo, hi = np.percentile(deep.astype(np.float64), [0.5, 99.5])
     assert bits12 == 12
     np.testing.assert_allclose(frames12[0], np.clip((deep - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # deep values with a bright tail (3 pixels of 1,536): the percentile window saturates the tail, while an
+    # MR frame is shown over its own range, minimum to maximum
+    tail = deep.copy()
+    tail[0, :3] = 4000
+    ot, _ = load_frames([_ref(_secondary_capture(tmp_path, tail, 12))])
+    mr, _ = load_frames([_ref(_secondary_capture(tmp_path, tail, 12, Modality="MR"))])
+    np.testing.assert_allclose(mr[0], (tail - tail.min()) / float(tail.max() - tail.min()), atol=1e-6)
+    assert (ot[0] >= 1.0 - 1e-6).sum() > 3 and (mr[0] >= 1.0 - 1e-6).sum() == 3
+    # a window of its own still wins over both
+    windowed, _ = load_frames([_ref(_secondary_capture(tmp_path, deep, 12, Modality="MR", WindowCenter=2047.5,
+                                                       WindowWidth=4095, VOILUTFunction="LINEAR_EXACT"))])
+    np.testing.assert_allclose(windowed[0], deep / 4095.0, atol=1e-6)
 
 
 def test_training_image_scores_alike_as_file_and_as_dicom(data_root, tmp_path):
