@@ -1,0 +1,236 @@
+"""Can image style alone tell a benchmark's classes apart, and does the bundled model's score see more?
+
+    MEDGRU_DATA_ROOT=<data> python benchmarks/style_audit.py --dataset brain_mri [--model DIR] [--threads 2]
+
+The data README warns that the brain MRI classes come from different source collections (different
+scanners, contrasts and JPEG histories), "so a detector can latch onto source or style cues instead of
+pathology"; on Kermany two such cues (framing, sharpness) were found before (``medgru-v7.md``,
+``blur-v10-kermany_cxr.md``). This script measures that risk on the TRAIN split only; no test image is read.
+
+Images: the bundled model's own calibration normals (its ``group_split`` rebuilt from ``training.json``: held
+out from its encoder and its boundary) and 500 random train-split anomalies (seed 0), the set of
+``hpo_diagnosis.py``. Each image is read as training reads it (grey value / 255).
+
+Style statistics, none of which looks for a lesion (each a number per image):
+
+* ``mean``, ``std``, ``p99.5``: the grey levels;
+* ``foreground``: share of pixels above 0.05 (how much of the frame the body fills);
+* ``background noise``: standard deviation of the pixels at or below 0.05;
+* ``sharpness``: mean absolute high-pass residual (image minus its Gaussian blur, sigma 1 px);
+* ``blockiness``: mean absolute step across the 8 x 8 JPEG block boundaries over the mean step inside
+  the blocks (a trace of the JPEG history);
+* ``framing``: 1 - correlation of the 56 x 56 thumbnail with the model's fit normals' mean thumbnail.
+
+Reported, with "AUROC" always normals against anomalies:
+
+* each statistic's AUROC (a value below 0.5 means the anomalies have the lower values);
+* **style-only classifier**: a logistic regression on the standardised statistics, out-of-fold predictions
+  of a 5-fold stratified cross-validation over these images. This uses the train split's labels; it is a
+  diagnostic of the data, not a model, and chooses nothing;
+* the model's anomaly-score AUROC on the same images, and per anomaly class both AUROCs;
+* **the model within style strata**: the images cut into five equal bins of the style classifier's
+  out-of-fold probability; the model's AUROC inside each bin that holds at least 10 of each class, and
+  their mean weighted by the bin's pairs. Within a bin, style says little about the class, so what the
+  model still separates there it separates by something else. (Bins where one class dominates drop out;
+  how many pairs are left is reported.)
+* the Spearman correlation of the model's score with the style classifier's logit, in each class.
+
+The reading, fixed before the first run (2026-12-07):
+
+* style-only AUROC >= 0.90: the classes can be told apart by style alone, so a high benchmark figure does
+  not by itself show that a detector finds lesions;
+* the model within the style strata, where at least 20 % of the pairs are left: >= 0.85, the model
+  separates the classes where style does not; < 0.75, its figure is largely style; in between, partly.
+  Under 20 % of the pairs left: undetermined.
+
+Writes ``style_audit-<dataset>.json`` and ``.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.hpo_diagnosis import load_with_training_args, model_parser, write_results  # noqa: E402
+from benchmarks.recipe_selection import auroc  # noqa: E402
+
+STATS = ("mean", "std", "p99.5", "foreground", "background noise", "sharpness", "blockiness", "framing")
+FOREGROUND = 0.05
+THUMB = 56
+
+
+def style_statistics(frame: np.ndarray, template: np.ndarray | None) -> dict[str, float]:
+    """The statistics of :data:`STATS` of one grey frame in [0, 1]; ``framing`` needs a unit-norm, mean-free
+    thumbnail ``template`` (NaN without)."""
+    import cv2
+
+    f = np.asarray(frame, np.float32)
+    fg = f > FOREGROUND
+    hp = np.abs(f - cv2.GaussianBlur(f, (0, 0), 1.0)).mean()
+    dx = np.abs(np.diff(f, axis=1))
+    cols = np.arange(dx.shape[1])
+    at_edge = (cols % 8) == 7  # the step from column 8k+7 to 8k+8 crosses a block boundary
+    inside = dx[:, ~at_edge].mean()
+    block = dx[:, at_edge].mean() / inside if inside > 0 else float("nan")
+    out = {"mean": float(f.mean()), "std": float(f.std()), "p99.5": float(np.percentile(f, 99.5)),
+           "foreground": float(fg.mean()), "background noise": float(f[~fg].std()) if (~fg).any() else 0.0,
+           "sharpness": float(hp), "blockiness": float(block), "framing": float("nan")}
+    if template is not None:
+        t = cv2.resize(f, (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
+        t = t - t.mean()
+        n = np.linalg.norm(t)
+        out["framing"] = float(1.0 - (t / n) @ template) if n > 0 else 1.0
+    return out
+
+
+def thumbnail_template(frames: list[np.ndarray]) -> np.ndarray:
+    """Unit-norm mean of the mean-free, unit-norm 56 x 56 thumbnails of ``frames``."""
+    import cv2
+
+    x = np.stack([cv2.resize(np.asarray(f, np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
+                  for f in frames])
+    x = x - x.mean(1, keepdims=True)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    t = x.mean(0)
+    return t / np.linalg.norm(t)
+
+
+def style_classifier(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Out-of-fold logits of a standardised logistic regression (5-fold stratified CV)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    return cross_val_predict(clf, x, y, cv=cv, method="decision_function")
+
+
+def within_strata(score: np.ndarray, style: np.ndarray, y: np.ndarray, bins: int = 5,
+                  min_each: int = 10) -> dict[str, Any]:
+    """The model's AUROC inside equal-count bins of ``style``; the pair-weighted mean over the bins that
+    hold at least ``min_each`` images of each class."""
+    edges = np.quantile(style, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, style, side="right") - 1, 0, bins - 1)
+    rows, num, pairs_total = [], 0.0, 0
+    for b in range(bins):
+        m = which == b
+        n0, n1 = int((y[m] == 0).sum()), int((y[m] == 1).sum())
+        row = {"bin": b + 1, "normals": n0, "anomalies": n1, "auroc": None}
+        if n0 >= min_each and n1 >= min_each:
+            row["auroc"] = auroc(score[m & (y == 0)], score[m & (y == 1)])
+            num += row["auroc"] * n0 * n1
+            pairs_total += n0 * n1
+        rows.append(row)
+    all_pairs = int((y == 0).sum() * (y == 1).sum())
+    return {"bins": rows, "weighted_auroc": num / pairs_total if pairs_total else None,
+            "pairs_used": pairs_total, "pairs_all": all_pairs}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def audit(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path) -> dict[str, Any]:
+    from training.manifest import load_sequences, read_manifest
+    from training.train import FeatureCache, group_split
+
+    rows = read_manifest(data_root / dataset / "manifest.csv")
+    normals = [r for r in rows if r.split == "train" and r.is_normal]
+    fit, _, cal = group_split(normals, [float(args["hpo_fraction"]), float(args["calibration_fraction"])],
+                              int(args["seed"]))
+    anomalies = [r for r in rows if r.split == "train" and not r.is_normal]
+    anomalies = [anomalies[i] for i in sorted(np.random.default_rng(0).choice(len(anomalies), 500, replace=False))]
+    images = cal + anomalies
+    y = np.array([0] * len(cal) + [1] * len(anomalies))
+    classes = np.array(["normal"] * len(cal) + [str(r.label) for r in anomalies])
+
+    template = thumbnail_template([s.frames[-1] for s in load_sequences(fit)])
+    stats = [style_statistics(s.frames[-1], template) for s in load_sequences(images)]
+    x = np.array([[st[k] for k in STATS] for st in stats], dtype=np.float64)
+    cache = FeatureCache(cache_dir, det)
+    score = det.boundary.score(det.embed_features(cache.features(images, desc="images")))
+    style = style_classifier(x, y)
+
+    per_stat = {k: auroc(x[y == 0, i], x[y == 1, i]) for i, k in enumerate(STATS)}
+    per_class = {}
+    for c in sorted(set(classes) - {"normal"}):
+        m = (classes == "normal") | (classes == c)
+        per_class[c] = {"n": int((classes == c).sum()), "model": auroc(score[m & (y == 0)], score[m & (y == 1)]),
+                        "style_only": auroc(style[m & (y == 0)], style[m & (y == 1)])}
+    return {
+        "model": f"{det.card.name} {det.card.version}", "dataset": dataset,
+        "n": {"calibration_normals": len(cal), "train_anomalies": len(anomalies)},
+        "statistics_auroc": per_stat,
+        "style_only_auroc": auroc(style[y == 0], style[y == 1]),
+        "model_auroc": auroc(score[y == 0], score[y == 1]),
+        "per_class": per_class,
+        "model_within_style_strata": within_strata(score, style, y),
+        "spearman_model_vs_style": {"normals": spearman(score[y == 0], style[y == 0]),
+                                    "anomalies": spearman(score[y == 1], style[y == 1])},
+    }
+
+
+def write_md(res: dict[str, Any], path: Path) -> str:
+    n = res["n"]
+    lines = [f"# Style audit: `{res['model']}` on {res['dataset']} (train split only)", "",
+             f"Generated by `{res['command']}` in {res['seconds']:.0f} s (protocol: the script's docstring). "
+             f"{n['calibration_normals']} calibration normals (held out from the model) against "
+             f"{n['train_anomalies']} train-split anomalies; no test image was read.", "",
+             "| score | AUROC normals vs anomalies |", "| --- | --- |"]
+    lines += [f"| style statistic: {k} | {v:.3f} |" for k, v in res["statistics_auroc"].items()]
+    lines += [f"| **style-only classifier** (logistic regression on the {len(res['statistics_auroc'])} "
+              f"statistics, 5-fold out-of-fold) | **{res['style_only_auroc']:.3f}** |",
+              f"| **the model's anomaly score** | **{res['model_auroc']:.3f}** |", ""]
+    if len(res["per_class"]) > 1:
+        lines += ["| anomaly class | images | model AUROC | style-only AUROC |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c} | {v['n']} | {v['model']:.3f} | {v['style_only']:.3f} |" for c, v in res["per_class"].items()]
+        lines.append("")
+    w = res["model_within_style_strata"]
+    lines += ["The model inside five equal bins of the style classifier's out-of-fold probability:", "",
+              "| bin (low to high style probability of an anomaly) | normals | anomalies | model AUROC |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {b['bin']} | {b['normals']} | {b['anomalies']} | "
+              + ("–" if b["auroc"] is None else f"{b['auroc']:.3f}") + " |" for b in w["bins"]]
+    wa = "–" if w["weighted_auroc"] is None else f"{w['weighted_auroc']:.3f}"
+    sp = res["spearman_model_vs_style"]
+    lines += ["", f"Pair-weighted mean over the bins with at least 10 of each class: **{wa}** "
+              f"({w['pairs_used']} of {w['pairs_all']} normal-anomaly pairs). Spearman of the model's score "
+              f"with the style logit: normals {sp['normals']:.3f}, anomalies {sp['anomalies']:.3f}.", ""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    ap: argparse.ArgumentParser = model_parser(__doc__.splitlines()[0], "(not used: this audit reads no test image)")
+    ns = ap.parse_args(argv)
+    if ns.test_sensitivity:
+        raise SystemExit("the style audit reads the train split only")
+    t0 = time.time()
+    det, args = load_with_training_args(ns)
+    with tempfile.TemporaryDirectory(prefix="style-audit-") as tmp:
+        res = audit(det, args, ns.dataset, ns.data_root, ns.cache or Path(tmp))
+    res["command"] = f"python benchmarks/style_audit.py --dataset {ns.dataset}" + (
+        f" --model {ns.model}" if ns.model else "")
+    res["seconds"] = time.time() - t0
+    write_results(res, ns.out / f"style_audit-{ns.dataset}", write_md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
