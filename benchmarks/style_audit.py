@@ -46,6 +46,13 @@ The reading, fixed before the first run (2026-12-07):
   separates the classes where style does not; < 0.75, its figure is largely style; in between, partly.
   Under 20 % of the pairs left: undetermined.
 
+``--test-split`` (added after the train-split runs, and a declared look at the test images; it chooses
+nothing) also reads the TEST split: each statistic's test AUROC, the train-fitted style classifier applied
+to the test images, a style-only classifier cross-validated inside the test split (how much of the test
+figure style alone could reach), the model's test AUROC inside style bins of equal counts of test normals,
+and how far the test normals' style is from the train normals'. Those results go to
+``style_audit-<dataset>-test.json`` / ``.md``.
+
 Writes ``style_audit-<dataset>.json`` and ``.md`` under ``--out``.
 """
 
@@ -149,7 +156,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def audit(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path) -> dict[str, Any]:
+def audit(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path,
+          test: bool = False) -> dict[str, Any]:
     from training.manifest import load_sequences, read_manifest
     from training.train import FeatureCache, group_split
 
@@ -176,7 +184,7 @@ def audit(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_d
         m = (classes == "normal") | (classes == c)
         per_class[c] = {"n": int((classes == c).sum()), "model": auroc(score[m & (y == 0)], score[m & (y == 1)]),
                         "style_only": auroc(style[m & (y == 0)], style[m & (y == 1)])}
-    return {
+    res = {
         "model": f"{det.card.name} {det.card.version}", "dataset": dataset,
         "n": {"calibration_normals": len(cal), "train_anomalies": len(anomalies)},
         "statistics_auroc": per_stat,
@@ -187,6 +195,42 @@ def audit(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_d
         "model_within_style_strata_normal_bins": within_strata(score, style, y, by="normals"),
         "spearman_model_vs_style": {"normals": spearman(score[y == 0], style[y == 0]),
                                     "anomalies": spearman(score[y == 1], style[y == 1])},
+    }
+    if test:
+        res["test"] = test_audit(det, rows, x, y, template, cache)
+    return res
+
+
+def test_audit(det: Any, rows: list, x_train: np.ndarray, y_train: np.ndarray, template: np.ndarray,
+               cache: Any) -> dict[str, Any]:
+    """The TEST split (``--test-split``): the style classifier fitted on the train images above and applied
+    to the test images; a style-only classifier cross-validated inside the test split; the model's test
+    AUROC, within style bins of the latter and its Spearman with it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from training.manifest import load_sequences
+
+    test_rows = [r for r in rows if r.split == "test"]
+    yt = np.array([0 if r.is_normal else 1 for r in test_rows])
+    xt = np.array([[st[k] for k in STATS] for st in
+                   (style_statistics(s.frames[-1], template) for s in load_sequences(test_rows))], dtype=np.float64)
+    score = det.boundary.score(det.embed_features(cache.features(test_rows, desc="test images")))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
+    transferred = clf.decision_function(xt)
+    inside = style_classifier(xt, yt)
+    return {
+        "n": {"normals": int((yt == 0).sum()), "anomalies": int((yt == 1).sum())},
+        "statistics_auroc": {k: auroc(xt[yt == 0, i], xt[yt == 1, i]) for i, k in enumerate(STATS)},
+        "style_classifier_from_train_auroc": auroc(transferred[yt == 0], transferred[yt == 1]),
+        "style_only_cv_in_test_auroc": auroc(inside[yt == 0], inside[yt == 1]),
+        "model_auroc": auroc(score[yt == 0], score[yt == 1]),
+        "model_within_style_strata_normal_bins": within_strata(score, inside, yt, by="normals"),
+        "spearman_model_vs_style": {"normals": spearman(score[yt == 0], inside[yt == 0]),
+                                    "anomalies": spearman(score[yt == 1], inside[yt == 1])},
+        "train_vs_test_normals_style_auroc": auroc(
+            clf.decision_function(x_train[y_train == 0]), transferred[yt == 0]),
     }
 
 
@@ -220,6 +264,26 @@ def write_md(res: dict[str, Any], path: Path) -> str:
     sp = res["spearman_model_vs_style"]
     lines += [f"Spearman of the model's score with the style logit: normals {sp['normals']:.3f}, anomalies "
               f"{sp['anomalies']:.3f}.", ""]
+    if "test" in res:
+        t = res["test"]
+        w = t["model_within_style_strata_normal_bins"]
+        wa = "–" if w["weighted_auroc"] is None else f"{w['weighted_auroc']:.3f}"
+        lines += ["## The test split (`--test-split`: a declared look at the test images)", "",
+                  f"{t['n']['normals']} normals, {t['n']['anomalies']} anomalies.", "",
+                  "| score | test AUROC normals vs anomalies |", "| --- | --- |"]
+        lines += [f"| style statistic: {k} | {v:.3f} |" for k, v in t["statistics_auroc"].items()]
+        lines += [f"| style classifier fitted on the train images above | {t['style_classifier_from_train_auroc']:.3f} |",
+                  f"| style-only classifier, 5-fold out-of-fold inside the test split | "
+                  f"{t['style_only_cv_in_test_auroc']:.3f} |",
+                  f"| the model's anomaly score | {t['model_auroc']:.3f} |", "",
+                  f"The model inside five style bins of equal counts of test normals: **{wa}** "
+                  f"({w['pairs_used']} of {w['pairs_all']} pairs); bins: " + ", ".join(
+                      f"{b['normals']}/{b['anomalies']}" + ("" if b["auroc"] is None else f" {b['auroc']:.3f}")
+                      for b in w["bins"]) + ". Spearman of the model's test score with the in-test style logit: "
+                  f"normals {t['spearman_model_vs_style']['normals']:.3f}, anomalies "
+                  f"{t['spearman_model_vs_style']['anomalies']:.3f}. The train-fitted style classifier's "
+                  f"logit, train calibration normals against test normals: AUROC "
+                  f"{t['train_vs_test_normals_style_auroc']:.3f} (0.5: the same style).", ""]
     text = "\n".join(lines)
     path.write_text(text)
     return text
@@ -228,18 +292,20 @@ def write_md(res: dict[str, Any], path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    ap: argparse.ArgumentParser = model_parser(__doc__.splitlines()[0], "(not used: this audit reads no test image)")
+    ap: argparse.ArgumentParser = model_parser(__doc__.splitlines()[0], "(not used here; see --test-split)")
+    ap.add_argument("--test-split", action="store_true",
+                    help="also read the TEST split: a declared look at the test images (see the docstring)")
     ns = ap.parse_args(argv)
     if ns.test_sensitivity:
-        raise SystemExit("the style audit reads the train split only")
+        raise SystemExit("use --test-split")
     t0 = time.time()
     det, args = load_with_training_args(ns)
     with tempfile.TemporaryDirectory(prefix="style-audit-") as tmp:
-        res = audit(det, args, ns.dataset, ns.data_root, ns.cache or Path(tmp))
+        res = audit(det, args, ns.dataset, ns.data_root, ns.cache or Path(tmp), test=ns.test_split)
     res["command"] = f"python benchmarks/style_audit.py --dataset {ns.dataset}" + (
-        f" --model {ns.model}" if ns.model else "")
+        f" --model {ns.model}" if ns.model else "") + (" --test-split" if ns.test_split else "")
     res["seconds"] = time.time() - t0
-    write_results(res, ns.out / f"style_audit-{ns.dataset}", write_md)
+    write_results(res, ns.out / (f"style_audit-{ns.dataset}" + ("-test" if ns.test_split else "")), write_md)
     return 0
 
 
