@@ -11,15 +11,9 @@ Images: the bundled model's own calibration normals (its ``group_split`` rebuilt
 out from its encoder and its boundary) and 500 random train-split anomalies (seed 0), the set of
 ``hpo_diagnosis.py``. Each image is read as training reads it (grey value / 255).
 
-Style statistics, none of which looks for a lesion (each a number per image):
-
-* ``mean``, ``std``, ``p99.5``: the grey levels;
-* ``foreground``: share of pixels above 0.05 (how much of the frame the body fills);
-* ``background noise``: standard deviation of the pixels at or below 0.05;
-* ``sharpness``: mean absolute high-pass residual (image minus its Gaussian blur, sigma 1 px);
-* ``blockiness``: mean absolute step across the 8 x 8 JPEG block boundaries over the mean step inside
-  the blocks (a trace of the JPEG history);
-* ``framing``: 1 - correlation of the 56 x 56 thumbnail with the model's fit normals' mean thumbnail.
+Style statistics, none of which looks for a lesion: the eight of ``training/style.py`` (grey-level mean,
+std and 99.5th percentile, foreground share, background noise, sharpness, JPEG blockiness, framing against
+the model's fit normals' mean thumbnail).
 
 Reported, with "AUROC" always normals against anomalies:
 
@@ -72,59 +66,8 @@ if str(REPO) not in sys.path:
 
 from benchmarks.hpo_diagnosis import load_with_training_args, model_parser, write_results  # noqa: E402
 from benchmarks.recipe_selection import auroc  # noqa: E402
-
-STATS = ("mean", "std", "p99.5", "foreground", "background noise", "sharpness", "blockiness", "framing")
-FOREGROUND = 0.05
-THUMB = 56
-
-
-def style_statistics(frame: np.ndarray, template: np.ndarray | None) -> dict[str, float]:
-    """The statistics of :data:`STATS` of one grey frame in [0, 1]; ``framing`` needs a unit-norm, mean-free
-    thumbnail ``template`` (NaN without)."""
-    import cv2
-
-    f = np.asarray(frame, np.float32)
-    fg = f > FOREGROUND
-    hp = np.abs(f - cv2.GaussianBlur(f, (0, 0), 1.0)).mean()
-    dx = np.abs(np.diff(f, axis=1))
-    cols = np.arange(dx.shape[1])
-    at_edge = (cols % 8) == 7  # the step from column 8k+7 to 8k+8 crosses a block boundary
-    inside = dx[:, ~at_edge].mean()
-    block = dx[:, at_edge].mean() / inside if inside > 0 else float("nan")
-    out = {"mean": float(f.mean()), "std": float(f.std()), "p99.5": float(np.percentile(f, 99.5)),
-           "foreground": float(fg.mean()), "background noise": float(f[~fg].std()) if (~fg).any() else 0.0,
-           "sharpness": float(hp), "blockiness": float(block), "framing": float("nan")}
-    if template is not None:
-        t = cv2.resize(f, (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
-        t = t - t.mean()
-        n = np.linalg.norm(t)
-        out["framing"] = float(1.0 - (t / n) @ template) if n > 0 else 1.0
-    return out
-
-
-def thumbnail_template(frames: list[np.ndarray]) -> np.ndarray:
-    """Unit-norm mean of the mean-free, unit-norm 56 x 56 thumbnails of ``frames``."""
-    import cv2
-
-    x = np.stack([cv2.resize(np.asarray(f, np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
-                  for f in frames])
-    x = x - x.mean(1, keepdims=True)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    t = x.mean(0)
-    return t / np.linalg.norm(t)
-
-
-def style_classifier(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Out-of-fold logits of a standardised logistic regression (5-fold stratified CV)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
-    return cross_val_predict(clf, x, y, cv=cv, method="decision_function")
-
+from training.style import (STATS, cross_validated_style, fit_style_classifier,  # noqa: E402
+                            statistics_matrix, thumbnail_template)
 
 def within_strata(score: np.ndarray, style: np.ndarray, y: np.ndarray, bins: int = 5,
                   min_each: int = 10, by: str = "all") -> dict[str, Any]:
@@ -172,11 +115,10 @@ def audit(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_d
     classes = np.array(["normal"] * len(cal) + [str(r.label) for r in anomalies])
 
     template = thumbnail_template([s.frames[-1] for s in load_sequences(fit)])
-    stats = [style_statistics(s.frames[-1], template) for s in load_sequences(images)]
-    x = np.array([[st[k] for k in STATS] for st in stats], dtype=np.float64)
+    x = statistics_matrix([s.frames[-1] for s in load_sequences(images)], template)
     cache = FeatureCache(cache_dir, det)
     score = det.boundary.score(det.embed_features(cache.features(images, desc="images")))
-    style = style_classifier(x, y)
+    style = cross_validated_style(x, y)
 
     per_stat = {k: auroc(x[y == 0, i], x[y == 1, i]) for i, k in enumerate(STATS)}
     per_class = {}
@@ -206,20 +148,15 @@ def test_audit(det: Any, rows: list, x_train: np.ndarray, y_train: np.ndarray, t
     """The TEST split (``--test-split``): the style classifier fitted on the train images above and applied
     to the test images; a style-only classifier cross-validated inside the test split; the model's test
     AUROC, within style bins of the latter and its Spearman with it."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     from training.manifest import load_sequences
 
     test_rows = [r for r in rows if r.split == "test"]
     yt = np.array([0 if r.is_normal else 1 for r in test_rows])
-    xt = np.array([[st[k] for k in STATS] for st in
-                   (style_statistics(s.frames[-1], template) for s in load_sequences(test_rows))], dtype=np.float64)
+    xt = statistics_matrix([s.frames[-1] for s in load_sequences(test_rows)], template)
     score = det.boundary.score(det.embed_features(cache.features(test_rows, desc="test images")))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
+    clf = fit_style_classifier(x_train, y_train)
     transferred = clf.decision_function(xt)
-    inside = style_classifier(xt, yt)
+    inside = cross_validated_style(xt, yt)
     return {
         "n": {"normals": int((yt == 0).sum()), "anomalies": int((yt == 1).sum())},
         "statistics_auroc": {k: auroc(xt[yt == 0, i], xt[yt == 1, i]) for i, k in enumerate(STATS)},

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the settings' device (MEDGRU_DEVICE, auto). The report records it")
     parser.add_argument("--dataset-name", default="", help="name of the data set in the report")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    parser.add_argument("--no-style-baseline", action="store_true",
+                        help="skip the lesion-blind style baseline (training/style.py: fitted on the train "
+                             "split's normals and anomalies, scored on the evaluation rows)")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -309,6 +312,29 @@ def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int,
 
 
 # ------------------------------------------------------------------------------------------- run
+#: train images read at a time for the style baseline
+STYLE_CHUNK = 256
+
+
+def run_style_baseline(rows, eval_sequences, eval_normal: np.ndarray, workers: int) -> dict[str, Any]:
+    """:func:`training.style.style_baseline` fitted on the manifest's train split (last frame of each row)
+    and scored on the evaluation sequences; skipped, with the reason, where there is no train split."""
+    from training.manifest import load_sequences, split_rows
+    from training.style import style_baseline
+
+    train = split_rows(rows, "train") if any(r.split for r in rows) else []
+    if not train:
+        return {"auroc": None, "skipped": "the manifest has no train split"}
+
+    def train_frames():  # in chunks: a whole train split of frames need not fit in memory
+        for i in range(0, len(train), STYLE_CHUNK):
+            for s in load_sequences(train[i:i + STYLE_CHUNK], workers=workers):
+                yield s.frames[-1]
+
+    return style_baseline(train_frames(), [_is_normal(r) for r in train],
+                          (s.frames[-1] for s in eval_sequences), eval_normal)
+
+
 def run(args, settings) -> int:
     import torch
 
@@ -388,6 +414,10 @@ def run(args, settings) -> int:
                                        batch=args.batch, workers=args.workers, n_boot=0,
                                        training_args=model_training_args(model_dir))
 
+    style = None
+    if not args.no_style_baseline:
+        style = run_style_baseline(rows, sequences, normal, args.workers)
+
     timing = {
         "score_batch_seconds_per_image": per_image,
         "detect_seconds_median": float(np.median(detect_times)) if detect_times else None,
@@ -414,7 +444,7 @@ def run(args, settings) -> int:
                "path": display_path(model_dir, settings), "params": dict(card.params)},
         dataset=dataset, command=command_line(args, settings),
         seconds_per_image=per_image, timing=timing, gallery=gallery, cv_folds=cv_folds,
-        cv_settings=cv_settings, notes=notes,
+        cv_settings=cv_settings, notes=notes, style_baseline=style,
     )
     m = write_report(Path(args.out), result, n_boot=args.bootstrap)
     print(f"{card.name} {card.version} on {dataset}: AUROC {m['auroc']:.4f} "
@@ -422,6 +452,8 @@ def run(args, settings) -> int:
           f"sens@95spec {m['sens_at_95_spec']:.4f}, FPR@95sens {m['fpr_at_95_sens']:.4f}, "
           f"sens {m['sensitivity']:.4f} / spec {m['specificity']:.4f} at threshold {m['threshold']:.5g}; "
           f"{1e3 * per_image:.1f} ms/image")
+    if style is not None and style.get("auroc") is not None:
+        print(f"style baseline (lesion-blind, fitted on the train split): AUROC {style['auroc']:.4f}")
     if cv_folds:
         s = m["cv"]["summary"]["auroc"]
         print(f"{args.cv}-fold CV AUROC {s['mean']:.4f} ± {s['std']:.4f}")

@@ -68,6 +68,8 @@ class EvaluationResult:
     cv_settings: Mapping[str, Any] = field(default_factory=dict)
     notes: Sequence[str] = ()
     date: str = ""
+    #: ``training.style.style_baseline`` on the same evaluation rows, or None when not computed
+    style_baseline: Mapping[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -89,6 +91,8 @@ def compute_metrics(result: EvaluationResult, *, n_boot: int = 1000) -> dict[str
     out["dataset"] = result.dataset
     out["command"] = result.command
     out["date"] = result.date or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if result.style_baseline is not None:
+        out["style_baseline"] = dict(result.style_baseline)
     if result.cv_folds:
         out["cv"] = {
             "settings": dict(result.cv_settings),
@@ -386,6 +390,20 @@ def render_markdown(m: Mapping[str, Any], result: EvaluationResult, plots: Mappi
                      + " | ".join(_f(f.get(k), 4 if k == 'threshold' else 3) for k in keys) + " |")
         L.append("| **mean ± std** | | | " + " | ".join(
             f"**{_f(cv['summary'][k]['mean'])} ± {_f(cv['summary'][k]['std'])}**" for k in keys) + " |")
+        L.append("")
+    sb = m.get("style_baseline")
+    if sb is not None:
+        L.append("## Style baseline (lesion-blind reference)")
+        L.append("")
+        if sb.get("auroc") is None:
+            L.append(f"Not computed: {sb.get('skipped', 'no train split')}.")
+        else:
+            L.append(f"A logistic regression on {len(sb['statistics'])} per-image statistics that see no lesion "
+                     f"({', '.join(sb['statistics'])}), fitted on the manifest's train split "
+                     f"({sb['n_train_normal']} normal, {sb['n_train_anomaly']} anomaly images; it uses their "
+                     f"labels), scores AUROC **{_f(sb['auroc'])}** on these evaluation rows, against the model's "
+                     f"{_f(m['auroc'])}. A model at or below it has not shown that it finds more than how the "
+                     "classes' images were made (`training/style.py`).")
         L.append("")
     L.append("## Method and caveats")
     L.append("")

@@ -45,7 +45,7 @@ def kermany_slice(data_root, tmp_path_factory):
     train_norm = [r for r in rows if r.split == "train" and r.label == "normal"][:16]
     test_norm = [r for r in rows if r.split == "test" and r.label == "normal"][:8]
     test_pneu = [r for r in rows if r.split == "test" and r.label == "pneumonia"][:8]
-    train_pneu = [r for r in rows if r.split == "train" and r.label == "pneumonia"][:2]
+    train_pneu = [r for r in rows if r.split == "train" and r.label == "pneumonia"][:6]
     tmp = tmp_path_factory.mktemp("kslice")
     csv_path = tmp / "manifest.csv"
     with open(csv_path, "w", newline="") as fh:
@@ -71,7 +71,7 @@ def test_evaluate_manifest_writes_report_with_cv(kermany_slice, make_settings, t
     m = json.loads((out / "metrics.json").read_text())
     for key in REQUIRED_KEYS:
         assert key in m, key
-    # only the test split is evaluated; train rows (including the 2 train anomalies) are not
+    # only the test split is evaluated; train rows (including the 6 train anomalies) are not
     assert m["n_normal"] == 8 and m["n_anomaly"] == 8
     assert set(m["per_class_auroc"]) == {"pneumonia"}
     assert 0.0 <= m["auroc"] <= 1.0
@@ -83,6 +83,10 @@ def test_evaluate_manifest_writes_report_with_cv(kermany_slice, make_settings, t
     assert "auroc" in m["cv"]["summary"] and m["cv"]["summary"]["auroc"]["n"] == 2
     md = (out / "report.md").read_text()
     assert "medgru evaluate --manifest" in md and "2-fold cross-validation" in md
+    # the lesion-blind style baseline, fitted on the 16 + 6 train rows, scored on the 16 test rows
+    sb = m["style_baseline"]
+    assert sb["n_train_normal"] == 16 and sb["n_train_anomaly"] == 6 and 0.0 <= sb["auroc"] <= 1.0
+    assert "## Style baseline" in md and f"{sb['auroc']:.3f}" in md
     with open(out / "scores.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 16
 
@@ -114,6 +118,9 @@ def test_evaluate_folder_without_split_uses_all_rows_and_reports_classes(make_se
     assert set(m["per_class_auroc"]) == {"blob", "bigblob"}
     assert m["auroc"] > 0.5  # the planted blobs rank above the normals
     assert (out / "gradcam_gallery.png").is_file()
+    # a folder without splits has no train split to fit the style baseline on: said, not invented
+    assert m["style_baseline"] == {"auroc": None, "skipped": "the manifest has no train split"}
+    assert "Not computed: the manifest has no train split." in (out / "report.md").read_text()
 
 
 def test_evaluate_refuses_a_single_class(make_settings, tmp_path, kermany_slice):
