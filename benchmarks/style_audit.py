@@ -5,7 +5,8 @@
 The data README warns that the brain MRI classes come from different source collections (different
 scanners, contrasts and JPEG histories), "so a detector can latch onto source or style cues instead of
 pathology"; on Kermany two such cues (framing, sharpness) were found before (``medgru-v7.md``,
-``blur-v10-kermany_cxr.md``). This script measures that risk on the TRAIN split only; no test image is read.
+``blur-v10-kermany_cxr.md``). This script measures that risk on the TRAIN split; without ``--test-split``
+(below) no test image is read.
 
 Images: the bundled model's own calibration normals (its ``group_split`` rebuilt from ``training.json``: held
 out from its encoder and its boundary) and 500 random train-split anomalies (seed 0), the set of
