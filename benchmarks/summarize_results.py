@@ -52,6 +52,7 @@ def main() -> int:
              "| data set | model | AUROC (95% CI) | AUPRC | sens @ 95% spec | FPR @ 95% sens | sensitivity @ thr | "
              "specificity @ thr | F1 @ thr | report |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    styled: list[str] = []
     for name, ds in RUNS:
         p = RESULTS / name / "metrics.json"
         if not p.is_file():
@@ -61,7 +62,14 @@ def main() -> int:
         lines.append(f"| {ds} | `{m['model_name']}` {m['model_version']} | {f(m['auroc'])} ({f(lo)}-{f(hi)}) | "
                      f"{f(m['auprc'])} | {f(m['sens_at_95_spec'])} | {f(m['fpr_at_95_sens'])} | "
                      f"{f(m['sensitivity'])} | {f(m['specificity'])} | {f(m['f1'])} | [{name}]({name}/report.md) |")
-    lines.append("")
+        if (m.get("style_baseline") or {}).get("auroc") is not None:
+            styled.append(f"{ds} `{m['model_name']}` {m['model_version']}: {f(m['style_baseline']['auroc'])} "
+                          f"against {f(m['auroc'])}")
+    lines += ["", "Style baseline: the test AUROC of a logistic regression on eight lesion-blind image statistics, "
+              "fitted on the train split's labels (`training/style.py`). `medgru evaluate` reports it since "
+              "2026-12-07; the reports above that predate it do not. For the bundled models it is 0.849 "
+              "(Kermany, against 0.862) and 0.944 (brain MRI, against 0.967): `style_audit.md`."
+              + "".join(f" {x}." for x in styled), ""]
     lines.append("Per-class AUROC (each anomaly class vs normals):")
     lines.append("")
     for name, ds in RUNS:
