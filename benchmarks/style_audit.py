@@ -70,6 +70,7 @@ from benchmarks.recipe_selection import auroc  # noqa: E402
 from training.style import (STATS, cross_validated_style, fit_style_classifier,  # noqa: E402
                             statistics_matrix, thumbnail_template)
 
+
 def within_strata(score: np.ndarray, style: np.ndarray, y: np.ndarray, bins: int = 5,
                   min_each: int = 10, by: str = "all") -> dict[str, Any]:
     """The model's AUROC inside bins of ``style`` with equal counts of all images (``by="all"``) or of the

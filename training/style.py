@@ -72,22 +72,29 @@ def style_statistics(frame: np.ndarray, template: np.ndarray | None) -> dict[str
     return out
 
 
-def statistics_matrix(frames: Iterable[np.ndarray], template: np.ndarray | None = None) -> np.ndarray:
-    """``(N, len(STATS))`` statistics of ``frames`` (any iterable: one frame is held at a time). Without a
-    ``template``, the framing column is measured against the frames' own mean thumbnail."""
+def _without_framing(frames: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, len(STATS) - 1)`` statistics but framing, and the ``(N, 56 * 56)`` thumbnails framing is
+    measured on, of ``frames`` (any iterable: one frame is held at a time)."""
     rows, thumbs = [], []
     for frame in frames:
         f = np.asarray(frame, np.float32)
         st = _lesion_blind(f)
-        rows.append([st[k] for k in STATS if k != "framing"])
+        rows.append([st[k] for k in STATS[:-1]])
         thumbs.append(_thumb(f))
     if not rows:
-        return np.zeros((0, len(STATS)))
-    t = np.stack(thumbs)
-    if template is None:
-        template = thumbnail_template_of(t)
-    framing = 1.0 - t @ template
-    return np.column_stack([np.array(rows, dtype=np.float64), framing])
+        return np.zeros((0, len(STATS) - 1)), np.zeros((0, THUMB * THUMB), np.float32)
+    return np.array(rows, dtype=np.float64), np.stack(thumbs)
+
+
+def _with_framing(partial: np.ndarray, thumbs: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """The full ``(N, len(STATS))`` matrix: ``partial`` with the framing column against ``template``."""
+    return np.column_stack([partial, 1.0 - thumbs @ template])
+
+
+def statistics_matrix(frames: Iterable[np.ndarray], template: np.ndarray) -> np.ndarray:
+    """``(N, len(STATS))`` statistics of ``frames`` (any iterable: one frame is held at a time), framing
+    against the unit-norm ``template`` of :func:`thumbnail_template`."""
+    return _with_framing(*_without_framing(frames), template)
 
 
 def thumbnail_template_of(thumbs: np.ndarray) -> np.ndarray:
@@ -134,17 +141,11 @@ def style_baseline(train_frames: Iterable[np.ndarray], train_normal: Sequence[bo
         out["skipped"] = (f"the train split holds {int(tn.sum())} normal and {int((~tn).sum())} anomaly "
                           f"images; the style baseline needs at least {MIN_PER_CLASS} of each")
         return out
-    rows, thumbs = [], []
-    for frame in train_frames:
-        f = np.asarray(frame, np.float32)
-        st = _lesion_blind(f)
-        rows.append([st[k] for k in STATS if k != "framing"])
-        thumbs.append(_thumb(f))
-    t = np.stack(thumbs)
-    if len(t) != len(tn):
-        raise ValueError(f"{len(t)} train frames for {len(tn)} labels")
-    template = thumbnail_template_of(t[tn])
-    x = np.column_stack([np.array(rows, dtype=np.float64), 1.0 - t @ template])
+    partial, thumbs = _without_framing(train_frames)
+    if len(thumbs) != len(tn):
+        raise ValueError(f"{len(thumbs)} train frames for {len(tn)} labels")
+    template = thumbnail_template_of(thumbs[tn])
+    x = _with_framing(partial, thumbs, template)
     clf = fit_style_classifier(x, (~tn).astype(int))
     logit = clf.decision_function(statistics_matrix(eval_frames, template))
     out["auroc"] = float(auroc(logit, (~en).astype(int)))
