@@ -195,16 +195,12 @@ def validation_frames(rows, seed: int | None = None, params=None):
 def framing_scores(fit_rows, held_rows, anomalies) -> dict[str, float]:
     """Validation AUROC of a score that sees framing only: 1 - correlation of each image's 56x56 thumbnail
     with the fit normals' mean thumbnail; on the images as acquired and re-framed as the validation's."""
-    import cv2
+    from training.style import thumbnail, thumbnail_template_of
 
     def thumbs(rows, seed=None):
-        x = np.stack([cv2.resize(f, (56, 56), interpolation=cv2.INTER_AREA)
-                      for f, _ in validation_frames(rows, seed)]).reshape(len(rows), -1)
-        x = x - x.mean(1, keepdims=True)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        return np.stack([thumbnail(f) for f, _ in validation_frames(rows, seed)])
 
-    template = thumbs(fit_rows).mean(0)
-    template /= np.linalg.norm(template)
+    template = thumbnail_template_of(thumbs(fit_rows))
     plain = auroc(1 - thumbs(held_rows) @ template, 1 - thumbs(anomalies) @ template)
     refr = auroc(1 - thumbs(held_rows, 101) @ template, 1 - thumbs(anomalies, 102) @ template)
     return {"plain": plain, "reframed": refr}

@@ -33,7 +33,8 @@ THUMB = 56
 MIN_PER_CLASS = 5
 
 
-def _thumb(frame: np.ndarray) -> np.ndarray:
+def thumbnail(frame: np.ndarray) -> np.ndarray:
+    """The frame's 56 x 56 thumbnail (area interpolation), flattened, mean-free and of unit norm."""
     import cv2
 
     t = cv2.resize(np.asarray(frame, np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
@@ -44,7 +45,7 @@ def _thumb(frame: np.ndarray) -> np.ndarray:
 
 def thumbnail_template(frames: Iterable[np.ndarray]) -> np.ndarray:
     """Unit-norm mean of the mean-free, unit-norm 56 x 56 thumbnails of ``frames``."""
-    return thumbnail_template_of(np.stack([_thumb(f) for f in frames]))
+    return thumbnail_template_of(np.stack([thumbnail(f) for f in frames]))
 
 
 def _lesion_blind(f: np.ndarray) -> dict[str, float]:
@@ -68,7 +69,7 @@ def style_statistics(frame: np.ndarray, template: np.ndarray | None) -> dict[str
     step inside its blocks (a constant frame), as for one without block edges."""
     f = np.asarray(frame, np.float32)
     out = _lesion_blind(f)
-    out["framing"] = float(1.0 - _thumb(f) @ template) if template is not None else float("nan")
+    out["framing"] = float(1.0 - thumbnail(f) @ template) if template is not None else float("nan")
     return out
 
 
@@ -80,7 +81,7 @@ def _without_framing(frames: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarr
         f = np.asarray(frame, np.float32)
         st = _lesion_blind(f)
         rows.append([st[k] for k in STATS[:-1]])
-        thumbs.append(_thumb(f))
+        thumbs.append(thumbnail(f))
     if not rows:
         return np.zeros((0, len(STATS) - 1)), np.zeros((0, THUMB * THUMB), np.float32)
     return np.array(rows, dtype=np.float64), np.stack(thumbs)
