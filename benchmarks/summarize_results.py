@@ -67,9 +67,8 @@ def main() -> int:
                           f"against {f(m['auroc'])}")
     lines += ["", "Style baseline: the test AUROC of a logistic regression on eight lesion-blind image statistics, "
               "fitted on the train split's labels (`training/style.py`). `medgru evaluate` reports it since "
-              "2026-12-07; the reports above that predate it do not. For the bundled models it is 0.849 "
-              "(Kermany, against 0.862) and 0.944 (brain MRI, against 0.967): `style_audit.md`."
-              + "".join(f" {x}." for x in styled), ""]
+              "2026-12-07; of the reports above, those of the bundled models were regenerated with it, the older "
+              "ones were not. Reports that carry it:" + "".join(f" {x}." for x in styled), ""]
     lines.append("Per-class AUROC (each anomaly class vs normals):")
     lines.append("")
     for name, ds in RUNS:
