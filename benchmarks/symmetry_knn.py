@@ -1,0 +1,258 @@
+"""Does a left-right asymmetry score on the frozen backbone see more than style?
+
+    MEDGRU_DATA_ROOT=<data> python benchmarks/symmetry_knn.py --dataset kermany_cxr [--test-split] [--threads 2]
+
+On Kermany every normals-only score here (MedGRU-SVC, the pooled k-NN, the patch scores of
+``patch_knn.py``) compares an image with *other people's* normal images, and the test normals differ from
+the training normals in how they were made (``style_audit.md``, ``domain_shift.md``). An image compared
+with *itself* does not see that: a chest (or a head) is roughly mirror-symmetric, a lobar pneumonia (or a
+tumour) usually is not, and exposure, contrast, sharpness and JPEG history act on both halves alike. The
+score here is how differently the two halves of the image look to the frozen backbone, against how
+differently they look in normal images (a normal heart, for one, is not symmetric).
+
+Images and split: those of ``patch_knn.py`` (the bundled model's own split from its ``training.json``;
+memory = its fit + HPO normals; validation = its calibration normals and 500 train anomalies, seed 0; no
+test image is read without ``--test-split``). Each image is preprocessed as the model does (CLAHE, 224 x
+224), and mapped by the frozen EfficientNet-Lite0 to the 472-channel stride-16 map ``F`` twice: as it is and
+mirrored left-right. ``A = F(x) - F(mirror(x))`` is zero for a perfectly symmetric image; at cell ``p`` it
+compares what the backbone sees at ``p`` with what it sees at the mirrored place, mirrored. ``A`` of the
+mirrored image is ``-A`` mirrored, so only the left half of the columns is used, and only the interior
+(without the outer ring of two cells, as ``patch_knn.py --region interior``): a 10 x 5 grid.
+
+Scores, fitted on the memory normals only (no label fits anything):
+
+* ``asym-knn``: the cell-mean of ``|A|`` (472 values), standardised with the memory's mean and sd, mean
+  distance to the 5 nearest memory normals (as ``knn-effnet`` does with the plain features);
+* ``asym-cell-mean`` / ``asym-cell-max``: ``A`` standardised per channel and cell with the memory's mean
+  and sd; a cell's score is the mean over channels of the squared z; the image's score is the mean / the
+  maximum over the 50 cells;
+* ``pooled-knn + asym-knn``: the sum of the two scores, each first standardised by the mean and sd of the
+  memory normals' own leave-one-out scores;
+* ``pooled-knn``: the reference, as in ``patch_knn.py``.
+
+Reported per score: validation AUROC, and the AUROC within style bins of equal counts of normals, as in
+``patch_knn.py``.
+
+The reading (the one of ``patch_knn.py``), fixed before the first run (2026-12-07):
+
+* a score **beats** the pooled k-NN on a data set where its within-strata AUROC is at least 0.02 above the
+  pooled k-NN's and its plain validation AUROC is not more than 0.005 below it;
+* the **chosen** score is, among the scores that beat the pooled k-NN on Kermany, the one with the highest
+  within-strata AUROC there; where none does, the test split is not read;
+* ``--test-split`` refuses to run unless a chosen score exists in the committed Kermany result; it reads the
+  test split once, scoring the pooled k-NN and the chosen score with the same memory, on the data set asked.
+  Nothing else is tried on test.
+
+Writes ``symmetry_knn-<dataset>.json`` / ``.md`` (``-test`` with ``--test-split``) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.hpo_diagnosis import load_with_training_args, model_parser, write_results  # noqa: E402
+from benchmarks.patch_knn import RING, K_POOLED, split_rows  # noqa: E402
+from benchmarks.recipe_selection import auroc  # noqa: E402
+from benchmarks.style_audit import within_strata  # noqa: E402
+
+
+def mirrored_maps(rows: list, det: Any, cache_dir: Path, desc: str):
+    """``(N, C, h, w)`` float16 maps of the rows' preprocessed frames mirrored left-right (cached)."""
+    import hashlib
+
+    import torch
+    from tqdm import tqdm
+
+    from training.manifest import load_sequences
+
+    key = hashlib.sha256(json.dumps([str(r.path) for r in rows] + [det.input_size, det.clip_limit,
+                                                                    det.tile_grid]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"mirrored-{desc}-{key}.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path))
+    chunks = []
+    for i in tqdm(range(0, len(rows), 32), desc=f"{desc} mirrored", unit="batch"):
+        frames = []
+        for s in load_sequences(rows[i:i + 32]):
+            pre = det.preprocess(type(s)(frames=s.frames[-1][None], bits_stored=s.bits_stored))
+            frames.append(pre[0][:, ::-1])
+        chunks.append(det.frame_features(np.stack(frames)).half().cpu().numpy())
+    arr = np.concatenate(chunks)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    np.save(path, arr)
+    return torch.from_numpy(arr)
+
+
+def asymmetry(maps, mirrored) -> np.ndarray:
+    """``A`` on the interior left half: ``(N, C, h - 2 RING, w // 2 - RING)`` float32 numpy."""
+    a = maps.float() - mirrored.float()
+    h, w = a.shape[-2:]
+    return a[:, :, RING:h - RING, RING:w // 2].numpy().astype(np.float32)
+
+
+def knn_distance(x: np.ndarray, bank: np.ndarray, k: int = K_POOLED, exclude_self: bool = False) -> np.ndarray:
+    import torch
+
+    d = torch.cdist(torch.from_numpy(x), torch.from_numpy(bank))
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    near = torch.topk(d, min(k, d.shape[1] - int(exclude_self)), dim=1, largest=False).values.mean(dim=1)
+    return (near / math.sqrt(x.shape[1])).numpy().astype(np.float64)
+
+
+class SymmetryScorers:
+    def __init__(self, mem_maps, mem_mirrored):
+        pooled = mem_maps.float().mean(dim=(2, 3)).numpy()
+        self.p_mu = pooled.mean(axis=0)
+        sd = pooled.std(axis=0)
+        self.p_sd = sd + 1e-3 * sd.mean() + 1e-6
+        self.p_bank = ((pooled - self.p_mu) / self.p_sd).astype(np.float32)
+        a = asymmetry(mem_maps, mem_mirrored)
+        g = np.abs(a).mean(axis=(2, 3))
+        self.g_mu = g.mean(axis=0)
+        sd = g.std(axis=0)
+        self.g_sd = sd + 1e-3 * sd.mean() + 1e-6
+        self.g_bank = ((g - self.g_mu) / self.g_sd).astype(np.float32)
+        self.c_mu = a.mean(axis=0)
+        sd = a.std(axis=0)
+        self.c_sd = sd + 1e-3 * sd.mean() + 1e-6
+        # the memory's own leave-one-out scores, to put the two k-NN scores on one scale
+        p_loo = knn_distance(self.p_bank, self.p_bank, exclude_self=True)
+        g_loo = knn_distance(self.g_bank, self.g_bank, exclude_self=True)
+        self.loo = {"pooled-knn": (p_loo.mean(), p_loo.std()), "asym-knn": (g_loo.mean(), g_loo.std())}
+
+    def scores(self, maps, mirrored) -> dict[str, np.ndarray]:
+        pooled = maps.float().mean(dim=(2, 3)).numpy()
+        out = {"pooled-knn": knn_distance(((pooled - self.p_mu) / self.p_sd).astype(np.float32), self.p_bank)}
+        a = asymmetry(maps, mirrored)
+        g = ((np.abs(a).mean(axis=(2, 3)) - self.g_mu) / self.g_sd).astype(np.float32)
+        out["asym-knn"] = knn_distance(g, self.g_bank)
+        cell = (((a - self.c_mu) / self.c_sd) ** 2).mean(axis=1).reshape(len(a), -1).astype(np.float64)
+        out["asym-cell-mean"] = cell.mean(axis=1)
+        out["asym-cell-max"] = cell.max(axis=1)
+        z = {n: (out[n] - m) / s for n, (m, s) in self.loo.items()}
+        out["pooled-knn + asym-knn"] = z["pooled-knn"] + z["asym-knn"]
+        return out
+
+
+def validation(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path) -> dict[str, Any]:
+    from training.manifest import load_sequences
+    from training.style import cross_validated_style, statistics_matrix, thumbnail_template
+    from training.train import FeatureCache
+
+    _, fit, hpo, cal, anomalies = split_rows(args, dataset, data_root)
+    memory = fit + hpo
+    images = cal + anomalies
+    y = np.array([0] * len(cal) + [1] * len(anomalies))
+    template = thumbnail_template([s.frames[-1] for s in load_sequences(fit)])
+    style = cross_validated_style(statistics_matrix([s.frames[-1] for s in load_sequences(images)], template), y)
+    cache = FeatureCache(cache_dir, det)
+    sc = SymmetryScorers(cache.features(memory, desc="memory")[:, 0], mirrored_maps(memory, det, cache_dir, "memory"))
+    scores = sc.scores(cache.features(images, desc="validation")[:, 0],
+                       mirrored_maps(images, det, cache_dir, "validation"))
+    table = {}
+    for name, s in scores.items():
+        ws = within_strata(s, style, y, by="normals")
+        table[name] = {"auroc": auroc(s[y == 0], s[y == 1]), "within_strata": ws["weighted_auroc"],
+                       "pairs_used": ws["pairs_used"], "pairs_all": ws["pairs_all"]}
+    ref = table["pooled-knn"]
+    beats = [n for n, r in table.items() if n != "pooled-knn"
+             and r["within_strata"] is not None and ref["within_strata"] is not None
+             and r["within_strata"] >= ref["within_strata"] + 0.02 and r["auroc"] >= ref["auroc"] - 0.005]
+    return {"dataset": dataset, "model": f"{det.card.name} {det.card.version}",
+            "n": {"memory_normals": len(memory), "validation_normals": len(cal), "train_anomalies": len(anomalies)},
+            "scores": table, "beats_pooled_knn": beats}
+
+
+def chosen_score(out: Path) -> str | None:
+    path = out / "symmetry_knn-kermany_cxr.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} missing: run the train-split audit on kermany_cxr first")
+    res = json.loads(path.read_text())
+    if not res["beats_pooled_knn"]:
+        return None
+    return max(res["beats_pooled_knn"], key=lambda n: res["scores"][n]["within_strata"])
+
+
+def test_read(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path,
+              chosen: str) -> dict[str, Any]:
+    from training.train import FeatureCache
+
+    rows, fit, hpo, _, _ = split_rows(args, dataset, data_root)
+    memory = fit + hpo
+    test_rows = [r for r in rows if r.split == "test"]
+    y = np.array([0 if r.is_normal else 1 for r in test_rows])
+    cache = FeatureCache(cache_dir, det)
+    sc = SymmetryScorers(cache.features(memory, desc="memory")[:, 0], mirrored_maps(memory, det, cache_dir, "memory"))
+    scores = sc.scores(cache.features(test_rows, desc="test")[:, 0], mirrored_maps(test_rows, det, cache_dir, "test"))
+    return {"dataset": dataset, "model": f"{det.card.name} {det.card.version}", "chosen": chosen,
+            "n": {"memory_normals": len(memory), "test_normals": int((y == 0).sum()),
+                  "test_anomalies": int((y == 1).sum())},
+            "test_auroc": {n: auroc(scores[n][y == 0], scores[n][y == 1]) for n in ("pooled-knn", chosen)}}
+
+
+def write_md(res: dict[str, Any], path: Path) -> str:
+    lines = [f"# Left-right asymmetry on the frozen backbone: {res['dataset']}", "",
+             f"Command: `{res['command']}` ({res['seconds']:.0f} s). Protocol and reading: the docstring of "
+             "`benchmarks/symmetry_knn.py`.", ""]
+    if "test_auroc" in res:
+        lines += [f"Test split, read once for the chosen score `{res['chosen']}` (memory: "
+                  f"{res['n']['memory_normals']} train normals; {res['n']['test_normals']} test normals, "
+                  f"{res['n']['test_anomalies']} test anomalies):", "", "| score | test AUROC |", "| --- | --- |"]
+        lines += [f"| {n} | {a:.3f} |" for n, a in res["test_auroc"].items()]
+    else:
+        n = res["n"]
+        lines += [f"Validation: {n['validation_normals']} held-out train normals against {n['train_anomalies']} "
+                  f"train anomalies; memory {n['memory_normals']} train normals ({res['model']}'s split).", "",
+                  "| score | validation AUROC | within style strata | pairs used |", "| --- | --- | --- | --- |"]
+        for name, r in res["scores"].items():
+            ws = "n/a" if r["within_strata"] is None else f"{r['within_strata']:.3f}"
+            lines.append(f"| {name} | {r['auroc']:.3f} | {ws} | {r['pairs_used'] / max(r['pairs_all'], 1):.1%} |")
+        lines += ["", "Scores that beat the pooled k-NN by the reading: "
+                  + (", ".join(f"`{b}`" for b in res["beats_pooled_knn"]) or "none") + "."]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = model_parser(__doc__.splitlines()[0], "(not used here; see --test-split)")
+    ap.add_argument("--test-split", action="store_true",
+                    help="read the test split once for the chosen score (refused where none was chosen)")
+    ns = ap.parse_args(argv)
+    if ns.test_sensitivity:
+        raise SystemExit("use --test-split")
+    t0 = time.time()
+    chosen = None
+    if ns.test_split:
+        chosen = chosen_score(ns.out)
+        if chosen is None:
+            raise SystemExit("no score beat the pooled k-NN on Kermany validation: the test split is not read")
+    det, args = load_with_training_args(ns)
+    with tempfile.TemporaryDirectory(prefix="symmetry-knn-") as tmp:
+        cache = ns.cache or Path(tmp)
+        if chosen is None:
+            res = validation(det, args, ns.dataset, ns.data_root, cache)
+        else:
+            res = test_read(det, args, ns.dataset, ns.data_root, cache, chosen)
+    res["command"] = f"python benchmarks/symmetry_knn.py --dataset {ns.dataset}" + (
+        " --test-split" if ns.test_split else "")
+    res["seconds"] = time.time() - t0
+    write_results(res, ns.out / (f"symmetry_knn-{ns.dataset}" + ("-test" if ns.test_split else "")), write_md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
