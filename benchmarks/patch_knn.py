@@ -52,11 +52,8 @@ Writes ``patch_knn-<dataset>.json`` / ``.md`` (``-test`` with ``--test-split``) 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +63,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.hpo_diagnosis import load_with_training_args, model_parser, write_results  # noqa: E402
-from benchmarks.recipe_selection import auroc  # noqa: E402
-from benchmarks.style_audit import within_strata  # noqa: E402
+from benchmarks.score_reading import (judge, run, split_rows, test_result,  # noqa: E402
+                                      validation_images)
 
 TAPS = {"mid": slice(0, 152), "all": slice(0, 472)}
 AGGS = ("max", "top10", "mean")
@@ -152,137 +148,39 @@ class Scorers:
         return out
 
 
-def split_rows(args: dict[str, Any], dataset: str, data_root: Path):
-    from training.manifest import read_manifest
-    from training.train import group_split
-
-    rows = read_manifest(data_root / dataset / "manifest.csv")
-    normals = [r for r in rows if r.split == "train" and r.is_normal]
-    fit, hpo, cal = group_split(normals, [float(args["hpo_fraction"]), float(args["calibration_fraction"])],
-                                int(args["seed"]))
-    anomalies = [r for r in rows if r.split == "train" and not r.is_normal]
-    anomalies = [anomalies[i] for i in sorted(np.random.default_rng(0).choice(len(anomalies), 500, replace=False))]
-    return rows, fit, hpo, cal, anomalies
-
-
-def validation(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path,
-               region: str = "all") -> dict[str, Any]:
-    from training.manifest import load_sequences
-    from training.style import cross_validated_style, statistics_matrix, thumbnail_template
+def validation(det: Any, args: dict[str, Any], ns: Any, cache_dir: Path) -> dict[str, Any]:
     from training.train import FeatureCache
 
-    _, fit, hpo, cal, anomalies = split_rows(args, dataset, data_root)
-    memory = fit + hpo
-    images = cal + anomalies
-    y = np.array([0] * len(cal) + [1] * len(anomalies))
-    # the style logit exactly as style_audit.py builds it (template from the model's fit normals)
-    template = thumbnail_template([s.frames[-1] for s in load_sequences(fit)])
-    style = cross_validated_style(statistics_matrix([s.frames[-1] for s in load_sequences(images)], template), y)
-
+    v = validation_images(args, ns.dataset, ns.data_root)
     cache = FeatureCache(cache_dir, det)
-    mem_maps = cache.features(memory, desc="memory")
-    maps = cache.features(images, desc="validation")
-    scorers = Scorers(mem_maps, region=region)
-    scores = scorers.all_scores(maps)
+    maps = cache.features(v.images, desc="validation")
+    scores = Scorers(cache.features(v.memory, desc="memory"), region=ns.region).all_scores(maps)
     scores["model"] = np.asarray(det.boundary.score(det.embed_features(maps)), dtype=np.float64)
-    table = {}
-    for name, s in scores.items():
-        ws = within_strata(s, style, y, by="normals")
-        table[name] = {"auroc": auroc(s[y == 0], s[y == 1]), "within_strata": ws["weighted_auroc"],
-                       "pairs_used": ws["pairs_used"], "pairs_all": ws["pairs_all"]}
-    ref = table["pooled-knn"]
-    beats = [n for n, r in table.items() if n.startswith("patch-")
-             and r["within_strata"] is not None and ref["within_strata"] is not None
-             and r["within_strata"] >= ref["within_strata"] + 0.02 and r["auroc"] >= ref["auroc"] - 0.005]
-    return {"dataset": dataset, "model": f"{det.card.name} {det.card.version}",
-            "n": {"memory_normals": len(memory), "validation_normals": len(cal), "train_anomalies": len(anomalies)},
-            "region": region, "bank_cells": BANK, "scores": table, "beats_pooled_knn": beats}
+    table, beats = judge(scores, v.style, v.y)
+    return {"n": v.n, "region": ns.region, "bank_cells": BANK, "scores": table, "beats_pooled_knn": beats}
 
 
-def stem(dataset: str, region: str) -> str:
-    return f"patch_knn-{dataset}" + ("" if region == "all" else f"-{region}")
-
-
-def chosen_score(out: Path, region: str = "all") -> str | None:
-    path = out / (stem("kermany_cxr", region) + ".json")
-    if not path.is_file():
-        raise SystemExit(f"{path} missing: run the train-split audit on kermany_cxr first")
-    res = json.loads(path.read_text())
-    beats = res["beats_pooled_knn"]
-    if not beats:
-        return None
-    return max(beats, key=lambda n: res["scores"][n]["within_strata"])
-
-
-def test_read(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path,
-              chosen: str, region: str = "all") -> dict[str, Any]:
+def test_read(det: Any, args: dict[str, Any], ns: Any, cache_dir: Path, chosen: str) -> dict[str, Any]:
     from training.train import FeatureCache
 
-    rows, fit, hpo, _, _ = split_rows(args, dataset, data_root)
-    memory = fit + hpo
+    rows, fit, hpo, _, _ = split_rows(args, ns.dataset, ns.data_root)
     test_rows = [r for r in rows if r.split == "test"]
     y = np.array([0 if r.is_normal else 1 for r in test_rows])
     cache = FeatureCache(cache_dir, det)
-    scorers = Scorers(cache.features(memory, desc="memory"), region=region)
+    scorers = Scorers(cache.features(fit + hpo, desc="memory"), region=ns.region)
     scores = scorers.all_scores(cache.features(test_rows, desc="test"), only={chosen})
-    return {"dataset": dataset, "model": f"{det.card.name} {det.card.version}", "chosen": chosen,
-            "n": {"memory_normals": len(memory), "test_normals": int((y == 0).sum()),
-                  "test_anomalies": int((y == 1).sum())},
-            "test_auroc": {name: auroc(scores[name][y == 0], scores[name][y == 1])
-                           for name in ("pooled-knn", chosen)}}
-
-
-def write_md(res: dict[str, Any], path: Path) -> str:
-    lines = [f"# Patch-level k-NN on the frozen backbone: {res['dataset']}", "",
-             f"Command: `{res['command']}` ({res['seconds']:.0f} s). Protocol and reading: the docstring of "
-             "`benchmarks/patch_knn.py`.", ""]
-    if "test_auroc" in res:
-        lines += [f"Test split, read once for the chosen score `{res['chosen']}` (memory: "
-                  f"{res['n']['memory_normals']} train normals; {res['n']['test_normals']} test normals, "
-                  f"{res['n']['test_anomalies']} test anomalies):", "", "| score | test AUROC |", "| --- | --- |"]
-        lines += [f"| {n} | {a:.3f} |" for n, a in res["test_auroc"].items()]
-    else:
-        n = res["n"]
-        lines += [f"Validation: {n['validation_normals']} held-out train normals against {n['train_anomalies']} "
-                  f"train anomalies; memory {n['memory_normals']} train normals ({res['model']}'s split).", "",
-                  "| score | validation AUROC | within style strata | pairs used |", "| --- | --- | --- | --- |"]
-        for name, r in res["scores"].items():
-            ws = "n/a" if r["within_strata"] is None else f"{r['within_strata']:.3f}"
-            lines.append(f"| {name} | {r['auroc']:.3f} | {ws} | {r['pairs_used'] / max(r['pairs_all'], 1):.1%} |")
-        lines += ["", "Patch scores that beat the pooled k-NN by the reading: "
-                  + (", ".join(f"`{b}`" for b in res["beats_pooled_knn"]) or "none") + "."]
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+    return test_result(scores, y, chosen, len(fit) + len(hpo))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = model_parser(__doc__.splitlines()[0], "(not used here; see --test-split)")
-    ap.add_argument("--test-split", action="store_true",
-                    help="read the test split once for the chosen score (refused where none was chosen)")
-    ap.add_argument("--region", choices=("all", "interior"), default="all",
-                    help="cells the patch scores use (round 2: interior, without the outer ring)")
-    ns = ap.parse_args(argv)
-    if ns.test_sensitivity:
-        raise SystemExit("use --test-split")
-    t0 = time.time()
-    chosen = None
-    if ns.test_split:
-        chosen = chosen_score(ns.out, ns.region)
-        if chosen is None:
-            raise SystemExit("no patch score beat the pooled k-NN on Kermany validation: the test split is not read")
-    det, args = load_with_training_args(ns)
-    with tempfile.TemporaryDirectory(prefix="patch-knn-") as tmp:
-        cache = ns.cache or Path(tmp)
-        if chosen is None:
-            res = validation(det, args, ns.dataset, ns.data_root, cache, ns.region)
-        else:
-            res = test_read(det, args, ns.dataset, ns.data_root, cache, chosen, ns.region)
-    res["command"] = f"python benchmarks/patch_knn.py --dataset {ns.dataset}" + (
-        f" --region {ns.region}" if ns.region != "all" else "") + (" --test-split" if ns.test_split else "")
-    res["seconds"] = time.time() - t0
-    write_results(res, ns.out / (stem(ns.dataset, ns.region) + ("-test" if ns.test_split else "")), write_md)
-    return 0
+    def options(ap: Any) -> None:
+        ap.add_argument("--region", choices=("all", "interior"), default="all",
+                        help="cells the patch scores use (round 2: interior, without the outer ring)")
+
+    return run(argv, doc=__doc__, script="patch_knn.py", title="Patch-level k-NN on the frozen backbone",
+               validation=validation, test_read=test_read, options=options,
+               suffix=lambda ns: "" if ns.region == "all" else f"-{ns.region}",
+               flags=lambda ns: "" if ns.region == "all" else f" --region {ns.region}")
 
 
 if __name__ == "__main__":

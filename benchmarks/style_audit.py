@@ -103,15 +103,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def audit(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path,
           test: bool = False) -> dict[str, Any]:
-    from training.manifest import load_sequences, read_manifest
-    from training.train import FeatureCache, group_split
+    from benchmarks.score_reading import split_rows  # (it imports this module: here, not at the top)
+    from training.manifest import load_sequences
+    from training.train import FeatureCache
 
-    rows = read_manifest(data_root / dataset / "manifest.csv")
-    normals = [r for r in rows if r.split == "train" and r.is_normal]
-    fit, _, cal = group_split(normals, [float(args["hpo_fraction"]), float(args["calibration_fraction"])],
-                              int(args["seed"]))
-    anomalies = [r for r in rows if r.split == "train" and not r.is_normal]
-    anomalies = [anomalies[i] for i in sorted(np.random.default_rng(0).choice(len(anomalies), 500, replace=False))]
+    rows, fit, _, cal, anomalies = split_rows(args, dataset, data_root)
     images = cal + anomalies
     y = np.array([0] * len(cal) + [1] * len(anomalies))
     classes = np.array(["normal"] * len(cal) + [str(r.label) for r in anomalies])

@@ -51,8 +51,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +60,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.hpo_diagnosis import load_with_training_args, model_parser, write_results  # noqa: E402
-from benchmarks.patch_knn import RING, K_POOLED, split_rows  # noqa: E402
-from benchmarks.recipe_selection import auroc  # noqa: E402
-from benchmarks.style_audit import within_strata  # noqa: E402
+from benchmarks.patch_knn import K_POOLED, RING  # noqa: E402
+from benchmarks.score_reading import (judge, run, split_rows, test_result,  # noqa: E402
+                                      validation_images)
 
 
 def mirrored_maps(rows: list, det: Any, cache_dir: Path, desc: str):
@@ -147,111 +144,35 @@ class SymmetryScorers:
         return out
 
 
-def validation(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path) -> dict[str, Any]:
-    from training.manifest import load_sequences
-    from training.style import cross_validated_style, statistics_matrix, thumbnail_template
+def validation(det: Any, args: dict[str, Any], ns: Any, cache_dir: Path) -> dict[str, Any]:
     from training.train import FeatureCache
 
-    _, fit, hpo, cal, anomalies = split_rows(args, dataset, data_root)
-    memory = fit + hpo
-    images = cal + anomalies
-    y = np.array([0] * len(cal) + [1] * len(anomalies))
-    template = thumbnail_template([s.frames[-1] for s in load_sequences(fit)])
-    style = cross_validated_style(statistics_matrix([s.frames[-1] for s in load_sequences(images)], template), y)
+    v = validation_images(args, ns.dataset, ns.data_root)
     cache = FeatureCache(cache_dir, det)
-    sc = SymmetryScorers(cache.features(memory, desc="memory")[:, 0], mirrored_maps(memory, det, cache_dir, "memory"))
-    scores = sc.scores(cache.features(images, desc="validation")[:, 0],
-                       mirrored_maps(images, det, cache_dir, "validation"))
-    table = {}
-    for name, s in scores.items():
-        ws = within_strata(s, style, y, by="normals")
-        table[name] = {"auroc": auroc(s[y == 0], s[y == 1]), "within_strata": ws["weighted_auroc"],
-                       "pairs_used": ws["pairs_used"], "pairs_all": ws["pairs_all"]}
-    ref = table["pooled-knn"]
-    beats = [n for n, r in table.items() if n != "pooled-knn"
-             and r["within_strata"] is not None and ref["within_strata"] is not None
-             and r["within_strata"] >= ref["within_strata"] + 0.02 and r["auroc"] >= ref["auroc"] - 0.005]
-    return {"dataset": dataset, "model": f"{det.card.name} {det.card.version}",
-            "n": {"memory_normals": len(memory), "validation_normals": len(cal), "train_anomalies": len(anomalies)},
-            "scores": table, "beats_pooled_knn": beats}
+    sc = SymmetryScorers(cache.features(v.memory, desc="memory")[:, 0],
+                         mirrored_maps(v.memory, det, cache_dir, "memory"))
+    scores = sc.scores(cache.features(v.images, desc="validation")[:, 0],
+                       mirrored_maps(v.images, det, cache_dir, "validation"))
+    table, beats = judge(scores, v.style, v.y)
+    return {"n": v.n, "scores": table, "beats_pooled_knn": beats}
 
 
-def chosen_score(out: Path) -> str | None:
-    path = out / "symmetry_knn-kermany_cxr.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} missing: run the train-split audit on kermany_cxr first")
-    res = json.loads(path.read_text())
-    if not res["beats_pooled_knn"]:
-        return None
-    return max(res["beats_pooled_knn"], key=lambda n: res["scores"][n]["within_strata"])
-
-
-def test_read(det: Any, args: dict[str, Any], dataset: str, data_root: Path, cache_dir: Path,
-              chosen: str) -> dict[str, Any]:
+def test_read(det: Any, args: dict[str, Any], ns: Any, cache_dir: Path, chosen: str) -> dict[str, Any]:
     from training.train import FeatureCache
 
-    rows, fit, hpo, _, _ = split_rows(args, dataset, data_root)
+    rows, fit, hpo, _, _ = split_rows(args, ns.dataset, ns.data_root)
     memory = fit + hpo
     test_rows = [r for r in rows if r.split == "test"]
     y = np.array([0 if r.is_normal else 1 for r in test_rows])
     cache = FeatureCache(cache_dir, det)
     sc = SymmetryScorers(cache.features(memory, desc="memory")[:, 0], mirrored_maps(memory, det, cache_dir, "memory"))
     scores = sc.scores(cache.features(test_rows, desc="test")[:, 0], mirrored_maps(test_rows, det, cache_dir, "test"))
-    return {"dataset": dataset, "model": f"{det.card.name} {det.card.version}", "chosen": chosen,
-            "n": {"memory_normals": len(memory), "test_normals": int((y == 0).sum()),
-                  "test_anomalies": int((y == 1).sum())},
-            "test_auroc": {n: auroc(scores[n][y == 0], scores[n][y == 1]) for n in ("pooled-knn", chosen)}}
-
-
-def write_md(res: dict[str, Any], path: Path) -> str:
-    lines = [f"# Left-right asymmetry on the frozen backbone: {res['dataset']}", "",
-             f"Command: `{res['command']}` ({res['seconds']:.0f} s). Protocol and reading: the docstring of "
-             "`benchmarks/symmetry_knn.py`.", ""]
-    if "test_auroc" in res:
-        lines += [f"Test split, read once for the chosen score `{res['chosen']}` (memory: "
-                  f"{res['n']['memory_normals']} train normals; {res['n']['test_normals']} test normals, "
-                  f"{res['n']['test_anomalies']} test anomalies):", "", "| score | test AUROC |", "| --- | --- |"]
-        lines += [f"| {n} | {a:.3f} |" for n, a in res["test_auroc"].items()]
-    else:
-        n = res["n"]
-        lines += [f"Validation: {n['validation_normals']} held-out train normals against {n['train_anomalies']} "
-                  f"train anomalies; memory {n['memory_normals']} train normals ({res['model']}'s split).", "",
-                  "| score | validation AUROC | within style strata | pairs used |", "| --- | --- | --- | --- |"]
-        for name, r in res["scores"].items():
-            ws = "n/a" if r["within_strata"] is None else f"{r['within_strata']:.3f}"
-            lines.append(f"| {name} | {r['auroc']:.3f} | {ws} | {r['pairs_used'] / max(r['pairs_all'], 1):.1%} |")
-        lines += ["", "Scores that beat the pooled k-NN by the reading: "
-                  + (", ".join(f"`{b}`" for b in res["beats_pooled_knn"]) or "none") + "."]
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+    return test_result(scores, y, chosen, len(memory))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = model_parser(__doc__.splitlines()[0], "(not used here; see --test-split)")
-    ap.add_argument("--test-split", action="store_true",
-                    help="read the test split once for the chosen score (refused where none was chosen)")
-    ns = ap.parse_args(argv)
-    if ns.test_sensitivity:
-        raise SystemExit("use --test-split")
-    t0 = time.time()
-    chosen = None
-    if ns.test_split:
-        chosen = chosen_score(ns.out)
-        if chosen is None:
-            raise SystemExit("no score beat the pooled k-NN on Kermany validation: the test split is not read")
-    det, args = load_with_training_args(ns)
-    with tempfile.TemporaryDirectory(prefix="symmetry-knn-") as tmp:
-        cache = ns.cache or Path(tmp)
-        if chosen is None:
-            res = validation(det, args, ns.dataset, ns.data_root, cache)
-        else:
-            res = test_read(det, args, ns.dataset, ns.data_root, cache, chosen)
-    res["command"] = f"python benchmarks/symmetry_knn.py --dataset {ns.dataset}" + (
-        " --test-split" if ns.test_split else "")
-    res["seconds"] = time.time() - t0
-    write_results(res, ns.out / (f"symmetry_knn-{ns.dataset}" + ("-test" if ns.test_split else "")), write_md)
-    return 0
+    return run(argv, doc=__doc__, script="symmetry_knn.py", title="Left-right asymmetry on the frozen backbone",
+               validation=validation, test_read=test_read)
 
 
 if __name__ == "__main__":
