@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -133,20 +132,21 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
         return tuple(sources)
 
-    # derived locations -------------------------------------------------------------------------
-    @cached_property
+    # derived locations (plain properties: a cached value would survive model_copy(update={"home": ...}) and
+    # point the copy at the original's folders) -----------------------------------------------------
+    @property
     def spool_dir(self) -> Path:
         return self.home / "spool"
 
-    @cached_property
+    @property
     def quarantine_dir(self) -> Path:
         return self.home / "quarantine"
 
-    @cached_property
+    @property
     def outbox_dir(self) -> Path:
         return self.home / "outbox"
 
-    @cached_property
+    @property
     def broker_dir(self) -> Path:
         return self.home / "broker"
 

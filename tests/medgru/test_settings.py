@@ -57,3 +57,12 @@ def test_settings_are_frozen(tmp_path):
     s = Settings(home=tmp_path)
     with pytest.raises(ValidationError):
         s.ae_title = "OTHER"
+
+
+def test_a_copy_with_another_home_has_its_own_folders(make_settings, tmp_path):
+    s = make_settings()
+    s.ensure_dirs()  # reads every derived folder of the original first
+    other = s.model_copy(update={"home": tmp_path / "other"})
+    for name in ("spool_dir", "quarantine_dir", "outbox_dir", "broker_dir"):
+        assert getattr(other, name).parent == tmp_path / "other", name
+        assert getattr(s, name).parent == s.home, name
