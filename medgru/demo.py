@@ -6,11 +6,18 @@ in-process worker) with that PACS as destination, sends sample series to the lis
 waits until every job has ended and its result objects have arrived at the stand-in PACS, and prints
 the findings. The default samples come from the benchmark data's DICOM corpus: an ordered brain MR
 series, a human chest CR (MONOCHROME1), and a knee MR series that no model covers (it must come back unprocessed).
+
+Every run starts from an empty home (default ``<MEDGRU_HOME>/demo``): the folder is marked as a demo's
+(``.medgru-demo``; one made before the mark existed is known by its ``demo-pacs`` folder) and a later
+run clears it first. (Kept, the earlier run's database would take the
+same instances for duplicates, assemble nothing new and wait for results that never come.) A non-empty
+folder without that mark is refused, never cleared.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -26,6 +33,28 @@ DEFAULT_SAMPLES = (
 )
 DEMO_PACS_AET = "DEMOPACS"
 DEMO_SCU_AET = "DEMOSCU"
+#: a file in the demo's home that marks it as made by ``medgru demo``, so that a later run may clear it
+DEMO_MARKER = ".medgru-demo"
+
+
+def prepare_home(folder: Path) -> None:
+    """Make ``folder`` an empty demo home: cleared if an earlier demo made it, refused if anything else is
+    in it."""
+    if folder.exists():
+        entries = list(folder.iterdir())
+        made_by_demo = (folder / DEMO_MARKER).is_file() or (folder / "demo-pacs").is_dir()  # (or unmarked, older)
+        if entries and not made_by_demo:
+            raise SystemExit(f"medgru demo: {folder} is not empty and was not made by medgru demo; "
+                             "give a new or empty --home")
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        if entries:
+            log.info("demo home %s: the earlier demo run's files removed", folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("made by medgru demo; cleared at the start of every demo run\n")
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -115,6 +144,7 @@ def run_demo(settings: Settings, *, data_root: Path | None, inputs: list[Path] |
 
     listen_port, pacs_port = _free_port(), _free_port()
     demo_home = (home or settings.home / "demo").resolve()
+    prepare_home(demo_home)
     run_settings = settings.model_copy(update={
         "home": demo_home,
         "listen_host": "127.0.0.1",

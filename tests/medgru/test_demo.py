@@ -1,0 +1,56 @@
+"""``medgru demo`` (the README's first command): the whole loop on the embedded default, run twice in
+one home, and the rules for clearing that home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medgru.demo import DEMO_MARKER, prepare_home, run_demo
+
+
+def test_prepare_home_makes_a_new_folder_and_marks_it(tmp_path: Path):
+    home = tmp_path / "new" / "demo"
+    prepare_home(home)
+    assert [p.name for p in home.iterdir()] == [DEMO_MARKER]
+
+
+def test_prepare_home_clears_an_earlier_demo(tmp_path: Path):
+    home = tmp_path / "demo"
+    prepare_home(home)
+    (home / "spool" / "x").mkdir(parents=True)
+    (home / "medgru.sqlite3").write_bytes(b"old")
+    prepare_home(home)
+    assert [p.name for p in home.iterdir()] == [DEMO_MARKER]
+
+
+def test_prepare_home_clears_an_unmarked_demo_of_an_older_version(tmp_path: Path):
+    home = tmp_path / "demo"
+    (home / "demo-pacs").mkdir(parents=True)
+    (home / "medgru.sqlite3").write_bytes(b"old")
+    prepare_home(home)
+    assert [p.name for p in home.iterdir()] == [DEMO_MARKER]
+
+
+def test_prepare_home_refuses_a_folder_it_did_not_make(tmp_path: Path):
+    home = tmp_path / "precious"
+    home.mkdir()
+    (home / "study.dcm").write_bytes(b"keep me")
+    with pytest.raises(SystemExit, match="not made by medgru demo"):
+        prepare_home(home)
+    assert (home / "study.dcm").read_bytes() == b"keep me"
+
+
+def test_demo_runs_end_to_end_twice_in_the_same_home(make_settings, data_root: Path, tmp_path: Path, capsys):
+    settings = make_settings()
+    home = tmp_path / "demo"
+    for run in (1, 2):
+        rc = run_demo(settings, data_root=data_root, inputs=None, timeout=120.0, home=home)
+        out = capsys.readouterr().out
+        assert rc == 0, f"run {run}:\n{out}"
+        assert "sent 47 instances from 3 inputs: 47 stored, 0 refused" in out, out
+        assert "medgru-svc-brain-mr" in out and "medgru-svc-chest-cxr" in out, out
+        assert "not_processed" in out and "no model covers modality MR, body part KNEE" in out, out
+        assert "results received by the stand-in PACS (4 objects" in out, out
+        assert len(list((home / "demo-pacs").rglob("*.dcm"))) == 4
