@@ -156,7 +156,8 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        # kombu's filesystem transport ignores the host, but warns at every connection when there is none
+        return self.broker_url or "filesystem://localhost//"
 
     @property
     def uses_embedded_broker(self) -> bool:

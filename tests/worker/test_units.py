@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -24,11 +25,21 @@ def _queued_messages(settings) -> list[dict]:
     return out
 
 
+def test_embedded_broker_connects_without_a_hostname_warning(make_settings, caplog):
+    app = make_celery(make_settings())
+    with caplog.at_level(logging.WARNING, logger="kombu"):
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            assert conn.connected
+            assert conn.as_uri().startswith("filesystem://")  # what Celery logs the broker as
+    assert not [r for r in caplog.records if "hostname" in r.getMessage()]
+
+
 def test_celery_app_configuration(make_settings):
     s = make_settings()
     app = make_celery(s)
     c = app.conf
-    assert c.broker_url == "filesystem://" and s.uses_embedded_broker
+    assert c.broker_url == "filesystem://localhost//" and s.uses_embedded_broker
     assert c.task_acks_late is True and c.task_reject_on_worker_lost is True
     assert c.worker_prefetch_multiplier == 1
     assert c.task_serializer == "json" and list(c.accept_content) == ["json"]
