@@ -51,7 +51,7 @@ high-pass score that sees sharpness only, on the three sets:
     python benchmarks/recipe_selection.py --dataset kermany_cxr --reframe 2 --reframe-blur 1.5 --augmented-only h=128,r=256,e=30
 
 ``--stretch`` stretches every frame with the service's robust window (0.5-99.5 percentiles,
-``worker.loading``) before the detector's preprocessing: per-image contrast normalisation, a candidate
+``worker.pixels``) before the detector's preprocessing: per-image contrast normalisation, a candidate
 recipe step (``results/serving_consistency.md`` showed it on test images first, so this validation
 is not blind; its criterion is in ``results/stretch-validation.md``). Not with ``--cache``.
 
@@ -115,7 +115,7 @@ def use_stretched_frames() -> None:
     """From now on in this process, MedGRU-SVC preprocesses each frame after the service's robust window."""
     from inference.api import FrameSequence
     from inference.detectors.medgru_svc import MedGRUSVC
-    from worker.loading import _robust_window
+    from worker.pixels import _robust_window
 
     plain = MedGRUSVC.preprocess
 

@@ -1,7 +1,7 @@
 """Does the service score an image as `medgru evaluate` does? The same pixels through both loaders.
 
 The bundled models were trained and evaluated on 8-bit image files, read by ``training.manifest``
-(grey value / 255). The service reads DICOM through ``worker.loading`` (modality LUT, then the VOI:
+(grey value / 255). The service reads DICOM through ``worker.pixels`` (modality LUT, then the VOI:
 the image's window, else its VOI LUT, else, for an image of at most 8 bits with no rescale, its stored
 range (v / 255), else for MR the frame's own minimum to maximum, else a robust 0.5-99.5 percentile
 window). This script takes every
@@ -125,7 +125,7 @@ def measure(dataset: str, data_root: Path, limit: int | None, seed: int) -> dict
     from inference.api import FrameSequence, load_model
     from training.manifest import load_frames, read_manifest, rows_of_split
     from training.metrics import auroc
-    from worker.loading import _robust_window, decode_frame
+    from worker.pixels import _robust_window, decode_frame
 
     title, bundle, modality = DATASETS[dataset]
     rows = rows_of_split(read_manifest(data_root / dataset / "manifest.csv"), "test")
