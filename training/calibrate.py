@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder to recalibrate (not modified)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", type=Path, help="CSV with path,label[,split,group]; paths relative to it")
-    src.add_argument("--folder", type=Path, help="image folder: <label>/* or <split>/<label>/*")
+    src.add_argument("--folder", type=Path, help="folder of <label>/*.png|jpg|jpeg|dcm or <split>/<label>/*")
     parser.add_argument("--out", type=Path, required=True, help="new model folder to write (must not exist)")
     parser.add_argument("--target-fpr", type=float, default=0.05,
                         help="false-positive rate the threshold is set for (default 0.05)")

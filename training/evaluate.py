@@ -41,7 +41,7 @@ DEFAULT_MODEL_NAME = "chest-cxr"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", type=Path, help="CSV with path,label[,split,group]; paths relative to it")
-    src.add_argument("--folder", type=Path, help="image folder: <label>/* or <split>/<label>/*")
+    src.add_argument("--folder", type=Path, help="folder of <label>/*.png|jpg|jpeg|dcm or <split>/<label>/*")
     parser.add_argument("--model", type=Path, default=None,
                         help=f"model folder (default: the bundled {DEFAULT_MODEL_NAME} model)")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")

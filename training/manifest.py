@@ -4,10 +4,13 @@ A manifest is a CSV with at least the columns ``path`` and ``label``; ``split`` 
 optional. Paths are relative to the folder that holds the CSV. A label of ``"normal"`` or ``"0"`` (any
 case) means a normal image; any other label names the anomaly class.
 
-A folder of images is read as ``<folder>/<label>/*.{png,jpg,jpeg}`` or ``<folder>/<split>/<label>/*``.
+A folder of images is read as ``<folder>/<label>/*.{png,jpg,jpeg,dcm}`` or ``<folder>/<split>/<label>/*``.
 
-Training images are 8-bit greyscale (or RGB with R = G = B) JPEG/PNG: they become one frame (``T = 1``),
-float32 in ``[0, 1]``, ``bits_stored = 8``, no modality.
+Image files are 8-bit greyscale (or RGB with R = G = B) JPEG/PNG: they become one frame (``T = 1``),
+float32 in ``[0, 1]``, ``bits_stored = 8``, no modality. A ``.dcm`` file (in a manifest or a folder) is read
+by the service's own pixel pipeline (:mod:`worker.pixels`), with its bits stored, modality and every frame
+of a multi-frame instance, so that a model calibrated or evaluated on a site's DICOM normals sees them as
+the running service will.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import numpy as np
 from inference.api import FrameSequence
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: files read as DICOM, through the service's own pixel pipeline (:mod:`worker.pixels`)
+DICOM_SUFFIXES = (".dcm",)
 NORMAL_LABELS = frozenset({"normal", "0"})
 REQUIRED_COLUMNS = ("path", "label")
 
@@ -76,11 +81,12 @@ def read_manifest(csv_path: Path) -> list[ManifestRow]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
 
 
 def rows_from_folder(folder: Path) -> list[ManifestRow]:
-    """Rows for ``<folder>/<label>/*.{png,jpg,jpeg}``, or ``<folder>/<split>/<label>/*`` when the
+    """Rows for ``<folder>/<label>/*.{png,jpg,jpeg,dcm}``, or ``<folder>/<split>/<label>/*`` when the
     sub-folders themselves hold only folders."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
@@ -95,7 +101,7 @@ def rows_from_folder(folder: Path) -> list[ManifestRow]:
             for lab in subdirs:
                 rows.extend(ManifestRow(path=p, label=lab.name, split=sub.name) for p in _images_in(lab))
     if not rows:
-        raise ValueError(f"no images found under {folder} (expected <label>/*.png|jpg|jpeg)")
+        raise ValueError(f"no images found under {folder} (expected <label>/*.png|jpg|jpeg|dcm)")
     return rows
 
 
@@ -117,9 +123,33 @@ def read_image(path: Path) -> np.ndarray:
     return img.astype(np.float32) / 255.0
 
 
+def load_dicom(path: Path) -> FrameSequence:
+    """A DICOM file as the service reads it (:mod:`worker.pixels`: modality LUT, VOI or the fallback window,
+    MONOCHROME1 inverted, colour to luminance): every frame of a multi-frame instance in order, with its
+    bits stored, modality and body part. A file pydicom cannot read, or whose pixels it cannot decode,
+    raises ``ValueError`` naming the file."""
+    from worker.pixels import FrameLoadError, load_frames as dicom_frames, read_dataset
+
+    path = Path(path)
+    try:
+        ds = read_dataset(path, "(not read yet)")
+        uid = str(ds.get("SOPInstanceUID", "") or path.name)
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        frames, bits = dicom_frames([(path, uid, i) for i in range(1, n + 1)], datasets={path: ds})
+    except FrameLoadError as exc:
+        raise ValueError(f"cannot read DICOM image {path}: {exc}") from exc
+    return FrameSequence(frames=frames, modality=str(ds.get("Modality", "") or ""),
+                         body_part=str(ds.get("BodyPartExamined", "") or ""), bits_stored=bits,
+                         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+                         frame_refs=tuple((uid, i) for i in range(1, n + 1)))
+
+
 def load_frames(row_or_path: ManifestRow | Path | str) -> FrameSequence:
-    """One image as a single-frame :class:`FrameSequence` (``T = 1``, ``bits_stored = 8``)."""
+    """One file as a :class:`FrameSequence`: an image file as one frame (``T = 1``, ``bits_stored = 8``,
+    grey value / 255), a ``.dcm`` file by :func:`load_dicom`."""
     path = row_or_path.path if isinstance(row_or_path, ManifestRow) else Path(row_or_path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return load_dicom(path)
     frame = read_image(path)
     return FrameSequence(frames=frame[None], modality="", bits_stored=8)
 

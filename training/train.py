@@ -77,7 +77,7 @@ HPO_OBJECTIVE_CHOICES = ("synthetic-auroc", "tax-duin", "consistent-volume", "he
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", type=Path, help="manifest CSV (path, label[, split, group])")
-    src.add_argument("--folder", type=Path, help="folder of <label>/*.png|jpg or <split>/<label>/*")
+    src.add_argument("--folder", type=Path, help="folder of <label>/*.png|jpg|jpeg|dcm or <split>/<label>/*")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--detector", choices=("medgru-svc", "knn-effnet"), default="medgru-svc",
                         help="what to train: MedGRU-SVC, or the k-NN baseline on pooled backbone features")

@@ -216,3 +216,55 @@ def test_a_gpu_asked_for_where_there_is_none_exits_2_and_writes_nothing(source_m
         assert calibrate(["--model", str(source_model), "--folder", str(normals), "--out", str(out), *how],
                          settings) == 2
         assert "sees no CUDA GPU" in capsys.readouterr().err and not out.exists()
+
+
+def write_dicom(path: Path, frame: np.ndarray, *, modality: str = "CR") -> Path:
+    """``frame`` as an 8-bit MONOCHROME2 Secondary Capture with no window: the service reads it as v / 255,
+    the grey values of the PNG :func:`write_png` makes of the same frame."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined = modality, "CHEST"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = frame.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.round(frame * 255.0).astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_calibrate_on_dicom_normals_matches_the_same_images_as_png(source_model, make_settings, tmp_path):
+    png, dcm = tmp_path / "png", tmp_path / "dcm"
+    for i in range(25):
+        frame = site_normal(1300 + i)
+        write_png(png / "normal" / f"n{i:02d}.png", frame)
+        write_dicom(dcm / "normal" / f"n{i:02d}.dcm", frame)
+    rows = rows_from_folder(dcm)
+    assert len(rows) == 25 and all(r.path.suffix == ".dcm" for r in rows)
+    seq = load_sequences(rows[:1])[0]
+    assert (seq.modality, seq.body_part, seq.bits_stored, seq.frames.shape) == ("CR", "CHEST", 8, (1, SIZE, SIZE))
+
+    outs = {}
+    for name, folder in (("png", png), ("dcm", dcm)):
+        outs[name] = tmp_path / f"calibrated-{name}"
+        assert calibrate(["--model", str(source_model), "--folder", str(folder), "--out", str(outs[name]),
+                          "--version", f"0.1-{name}"], make_settings()) == 0
+    thr = {k: ModelCard.read(v).calibration["new_threshold"] for k, v in outs.items()}
+    assert thr["dcm"] == pytest.approx(thr["png"], rel=1e-9)
+    assert thr["dcm"] != pytest.approx(load_model(source_model).threshold)
+
+
+def test_a_broken_dicom_file_is_a_named_error(tmp_path):
+    bad = tmp_path / "normal" / "broken.dcm"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"this is not DICOM")
+    with pytest.raises(ValueError, match="broken.dcm"):
+        load_sequences(rows_from_folder(tmp_path))

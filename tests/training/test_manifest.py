@@ -2,6 +2,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
 
 from inference.api import FrameSequence
@@ -87,3 +88,23 @@ def test_real_manifests_read(data_root):
     assert all(r.path.is_file() for r in rows[:5])
     brain = read_manifest(data_root / "brain_mri" / "manifest.csv")
     assert {r.label for r in brain} == {"normal", "glioma", "meningioma", "pituitary"}
+
+
+@pytest.mark.parametrize("rel, frames", [
+    ("dwv/data/gdcm-CR-MONO1-10-chest.dcm", 1),  # 10-bit MONOCHROME1 CR
+    ("orthanc-tests/MultiframeWindowing.dcm", 4),  # a window per frame
+])
+def test_dicom_files_are_read_as_the_service_reads_them(dicom_corpus, tmp_path, rel, frames):
+    from worker.loading import load_frames as service_frames
+
+    src = dicom_corpus / rel
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "normal" / "a.dcm").symlink_to(src)
+    rows = rows_from_folder(tmp_path)
+    assert [(r.path.name, r.label) for r in rows] == [("a.dcm", "normal")]
+    seq = load_sequences(rows)[0]
+    ds = pydicom.dcmread(src)
+    want, bits = service_frames([(src, ds.SOPInstanceUID, i) for i in range(1, frames + 1)])
+    assert seq.frames.shape[0] == frames and seq.bits_stored == bits == int(ds.BitsStored)
+    np.testing.assert_array_equal(seq.frames, want)
+    assert seq.modality == str(ds.get("Modality", "")) and seq.frame_refs[-1] == (ds.SOPInstanceUID, frames)
