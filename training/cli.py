@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 
 def _lazy(module: str):
     def run(args, settings):
-        return importlib.import_module(module).run(args, settings)
+        from training.manifest import InputDataError
+
+        try:
+            return importlib.import_module(module).run(args, settings)
+        except InputDataError as exc:  # a file the user named: the message names it, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
     return run
 

@@ -32,6 +32,11 @@ NORMAL_LABELS = frozenset({"normal", "0"})
 REQUIRED_COLUMNS = ("path", "label")
 
 
+class InputDataError(ValueError):
+    """A manifest, folder or image file that cannot be read; the message names it. The ``medgru``
+    commands report it as an error (exit status 2) instead of a traceback."""
+
+
 @dataclass(frozen=True)
 class ManifestRow:
     """One image of a manifest. ``path`` is absolute."""
@@ -52,6 +57,8 @@ def read_manifest(csv_path: Path) -> list[ManifestRow]:
     Raises ``ValueError`` naming the missing column or the bad row (1-based line number).
     """
     csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputDataError(f"manifest {csv_path} not found")
     base = csv_path.resolve().parent
     rows: list[ManifestRow] = []
     with open(csv_path, newline="", encoding="utf-8") as fh:
@@ -59,13 +66,13 @@ def read_manifest(csv_path: Path) -> list[ManifestRow]:
         fields = [f.strip() for f in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in fields]
         if missing:
-            raise ValueError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; it has {fields}")
+            raise InputDataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; it has {fields}")
         for lineno, raw in enumerate(reader, start=2):
             rec = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
             if not rec.get("path"):
-                raise ValueError(f"manifest {csv_path} line {lineno}: empty path")
+                raise InputDataError(f"manifest {csv_path} line {lineno}: empty path")
             if not rec.get("label"):
-                raise ValueError(f"manifest {csv_path} line {lineno}: empty label for {rec['path']}")
+                raise InputDataError(f"manifest {csv_path} line {lineno}: empty label for {rec['path']}")
             p = Path(rec["path"])
             if not p.is_absolute():
                 p = base / p
@@ -90,7 +97,7 @@ def rows_from_folder(folder: Path) -> list[ManifestRow]:
     sub-folders themselves hold only folders."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
+        raise InputDataError(f"{folder} is not a folder")
     rows: list[ManifestRow] = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         images = _images_in(sub)
@@ -101,7 +108,7 @@ def rows_from_folder(folder: Path) -> list[ManifestRow]:
             for lab in subdirs:
                 rows.extend(ManifestRow(path=p, label=lab.name, split=sub.name) for p in _images_in(lab))
     if not rows:
-        raise ValueError(f"no images found under {folder} (expected <label>/*.png|jpg|jpeg|dcm)")
+        raise InputDataError(f"no images found under {folder} (expected <label>/*.png|jpg|jpeg|dcm)")
     return rows
 
 
@@ -111,7 +118,7 @@ def read_image(path: Path) -> np.ndarray:
 
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise ValueError(f"cannot read image {path}")
+        raise InputDataError(f"cannot read image {path}")
     if img.ndim == 3:
         if img.shape[2] == 4:
             img = img[:, :, :3]
@@ -119,7 +126,7 @@ def read_image(path: Path) -> np.ndarray:
     if img.dtype == np.uint16:
         return (img.astype(np.float32) / 65535.0).clip(0.0, 1.0)
     if img.dtype != np.uint8:
-        raise ValueError(f"image {path} has unsupported dtype {img.dtype}")
+        raise InputDataError(f"image {path} has unsupported dtype {img.dtype}")
     return img.astype(np.float32) / 255.0
 
 
@@ -128,16 +135,22 @@ def load_dicom(path: Path) -> FrameSequence:
     MONOCHROME1 inverted, colour to luminance): every frame of a multi-frame instance in order, with its
     bits stored, modality and body part. A file pydicom cannot read, or whose pixels it cannot decode,
     raises ``ValueError`` naming the file."""
-    from worker.pixels import FrameLoadError, load_frames as dicom_frames, read_dataset
+    import pydicom
+
+    from worker.pixels import FrameLoadError, load_frames as dicom_frames
 
     path = Path(path)
     try:
-        ds = read_dataset(path, "(not read yet)")
-        uid = str(ds.get("SOPInstanceUID", "") or path.name)
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many types for a damaged file
+        raise InputDataError(f"cannot read DICOM image {path}: not readable DICOM ({type(exc).__name__}: {exc})"
+                             ) from exc
+    uid = str(ds.get("SOPInstanceUID", "") or path.name)
+    try:
         n = int(ds.get("NumberOfFrames", 1) or 1)
         frames, bits = dicom_frames([(path, uid, i) for i in range(1, n + 1)], datasets={path: ds})
-    except FrameLoadError as exc:
-        raise ValueError(f"cannot read DICOM image {path}: {exc}") from exc
+    except (FrameLoadError, ValueError, TypeError) as exc:
+        raise InputDataError(f"cannot read DICOM image {path}: {exc}") from exc
     return FrameSequence(frames=frames, modality=str(ds.get("Modality", "") or ""),
                          body_part=str(ds.get("BodyPartExamined", "") or ""), bits_stored=bits,
                          series_uid=str(ds.get("SeriesInstanceUID", "") or ""),

@@ -255,3 +255,23 @@ def test_cv_of_a_model_trained_with_reframed_copies_trains_its_twins_with_them(t
     E.run_cv(card, rows, test_seqs, classes, k=3, seed=0, batch=4, workers=1, n_boot=0,
              training_args=model_training_args(tmp_path / "absent"))
     assert seen == [0, 0, 0]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "calibrate", "train"])
+def test_an_unreadable_input_file_is_an_error_naming_it_not_a_traceback(command, make_settings, tmp_path, capsys,
+                                                                        caplog):
+    folder = tmp_path / "images"
+    for label in ("normal", "pneumonia"):
+        (folder / label).mkdir(parents=True)
+        for i in range(20):
+            cv2.imwrite(str(folder / label / f"{i:02d}.png"), np.full((32, 32), 40 + i, np.uint8))
+    (folder / "normal" / "zz-broken.dcm").write_bytes(b"DICM, but not really")
+    out = tmp_path / "out"
+    extra = {"evaluate": [], "calibrate": ["--model", "inference/bundled/chest-cxr"],
+             "train": ["--detector", "knn-effnet"]}[command]
+    args = build_parser().parse_args([command, "--folder", str(folder), "--out", str(out), *extra])
+    assert args.func(args, make_settings()) == 2
+    err = capsys.readouterr().err + "".join(f"error: {r.getMessage()}" for r in caplog.records
+                                            if r.levelname == "ERROR")  # train logs its errors
+    assert "error: cannot read DICOM image" in err and "zz-broken.dcm" in err and "not readable DICOM" in err
+    assert "Traceback" not in err
