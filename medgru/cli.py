@@ -41,6 +41,9 @@ def configure_logging(settings: Settings) -> None:
     )
     # pynetdicom logs every PDU and DIMSE message at INFO; keep its warnings and errors only
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    from medgru.logsafe import install
+
+    install()  # pydicom's warnings quote values (a birth date, say): redacted
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,7 @@ from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from medgru.logsafe import install as install_log_redaction, instance_context
 from medgru.settings import Settings
 from pacs_listener.ingest import InstanceMeta, extract_meta, find_instance, record_instance
 from pacs_listener.spool import QuarantineReason, clean_temp_files, spool_relpath, write_quarantine, write_spool
@@ -150,6 +151,7 @@ class Listener:
         """Bind and serve in background threads; returns once the socket listens."""
         if self._server is not None:
             raise RuntimeError("listener already started")
+        install_log_redaction()
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         for folder in (self.spool_dir, self.quarantine_dir):
@@ -247,7 +249,12 @@ class Listener:
 
     # the storage path (public so that it can be driven without a network in tests) ------------
     def store(self, data: bytes, request: RequestIds, calling_ae: str = "") -> int:
-        """Validate, spool, record; returns the DIMSE status to answer."""
+        """Validate, spool, record; returns the DIMSE status to answer. pydicom's warnings on the way name
+        the instance and quote no values (:mod:`medgru.logsafe`)."""
+        with instance_context(str(request.sop_instance_uid)):
+            return self._store(data, request, calling_ae)
+
+    def _store(self, data: bytes, request: RequestIds, calling_ae: str) -> int:
         try:
             ds = validate_received(data, request)
         except InvalidDataset as exc:

@@ -61,6 +61,9 @@ def make_celery(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> Celery:
     The app carries the settings (``app.medgru_settings``) so that its tasks build their database
     engine and model registry from them, once per worker process.
     """
+    from medgru.logsafe import install
+
+    install()  # pydicom's warnings on the spool files quote no values
     broker = settings.effective_broker_url
     app = Celery("medgru", broker=broker, set_as_current=False)
     conf: dict[str, Any] = {

@@ -340,3 +340,25 @@ def test_every_storage_class_with_every_transfer_syntax_is_accepted(listener_fac
             assert accepted == set(chunk), set(chunk) - accepted
         finally:
             assoc.release()
+
+
+def test_pydicom_warnings_name_the_instance_and_quote_no_values(listener_factory, sqlite_session_factory, caplog,
+                                                                recwarn):
+    caplog.set_level("WARNING", logger="pydicom")
+    listener = listener_factory()
+    ds = make_mr(PatientBirthDate="19xx0101", PatientAge="12 years", InstitutionName="Quetzal" + "x" * 58)
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    try:
+        assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS  # odd values are kept, not refused
+    finally:
+        assoc.release()
+    assert instance_row(sqlite_session_factory, ds.SOPInstanceUID) is not None
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("pydicom")]
+    # the listener's own parse of the instance: named by its UID
+    about = [m for m in ours if m.startswith(f"SOP Instance {ds.SOPInstanceUID}: ")]
+    assert any("exceeds the maximum length of 64 allowed for VR LO" in m for m in about), ours
+    # (making the data set above, in this process, warned about the date and the age: redacted too)
+    assert any(m == "Invalid value for VR DA: '…'." for m in ours), ours
+    for value in ("19xx0101", "12 years", "Quetzal"):
+        assert not [m for m in ours if value in m], value
+        assert not [w for w in recwarn if value in str(w.message)], value

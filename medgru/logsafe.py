@@ -1,0 +1,60 @@
+"""pydicom's reading warnings without patient data, and with the instance they are about.
+
+pydicom reports a value it finds invalid in its own log *and* as a ``UserWarning``, often quoting the value:
+``Invalid value for VR DA: '19xx0101'`` is a patient's birth date when the element is (0010,0030). Our
+logs name UIDs, never such values. :func:`install` (idempotent; called by ``configure_logging``, the
+listener and the worker) therefore
+
+* adds a filter to the ``pydicom`` logger that replaces every quoted value in its messages by ``'…'`` and,
+  while a thread is inside :func:`instance_context`, prefixes the message with that SOP Instance UID;
+* ignores pydicom's ``UserWarning`` copies of those messages (they would reach stderr with the values).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_state = threading.local()
+_lock = threading.Lock()
+
+
+def redact(message: str) -> str:
+    """``message`` with every quoted value replaced by ``'…'``."""
+    return _QUOTED.sub("'…'", message)
+
+
+class PydicomRecordFilter(logging.Filter):
+    """Redacts quoted values and names the instance being read (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = redact(record.getMessage())
+        uid = getattr(_state, "uid", None)
+        record.msg = f"SOP Instance {uid}: {message}" if uid else message
+        record.args = ()
+        return True
+
+
+def install() -> None:
+    """Filter pydicom's log records and silence its duplicate warnings, once per process."""
+    with _lock:
+        logger = logging.getLogger("pydicom")
+        if not any(isinstance(f, PydicomRecordFilter) for f in logger.filters):
+            logger.addFilter(PydicomRecordFilter())
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+@contextmanager
+def instance_context(sop_instance_uid: str) -> Iterator[None]:
+    """pydicom records of this thread name ``sop_instance_uid`` until the block ends."""
+    previous = getattr(_state, "uid", None)
+    _state.uid = str(sop_instance_uid)
+    try:
+        yield
+    finally:
+        _state.uid = previous
