@@ -16,11 +16,7 @@ from sqlalchemy.orm import Session
 
 from inference.api import FrameSequence
 from storage.models import Instance, SequenceRecord, Series
-from worker.pixels import (MIN_MAX_MODALITIES, ROBUST_PERCENTILES, FrameLoadError,  # noqa: F401 (re-exported)
-                           _robust_window, decode_frame, frame_to_unit, load_frames, read_dataset)
-
-__all__ = ["FrameLoadError", "MIN_MAX_MODALITIES", "ROBUST_PERCENTILES", "decode_frame", "frame_to_unit", "load_frames",
-           "load_sequence", "load_sequence_with_sources", "read_dataset", "sequence_instances"]
+from worker.pixels import FrameLoadError, load_frames
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def detection(heatmaps: np.ndarray, *, score: float = 0.8731, threshold: float =
 def windowed(ds: pydicom.Dataset) -> np.ndarray:
     """The frame(s) as the pipeline hands them to detectors: the worker's own decoder (modality LUT, VOI or
     its fallbacks, MONOCHROME1 inverted, [0, 1]); ``(H, W)``, or ``(F, H, W)`` for a multi-frame instance."""
-    from worker.loading import decode_frame
+    from worker.pixels import decode_frame
 
     n = int(ds.get("NumberOfFrames", 1) or 1)
     frames = [decode_frame(ds, i + 1, str(ds.SOPInstanceUID)).astype(np.float32) for i in range(n)]

@@ -95,7 +95,7 @@ def test_real_manifests_read(data_root):
     ("orthanc-tests/MultiframeWindowing.dcm", 4),  # a window per frame
 ])
 def test_dicom_files_are_read_as_the_service_reads_them(dicom_corpus, tmp_path, rel, frames):
-    from worker.loading import load_frames as service_frames
+    from worker.pixels import load_frames as service_frames
 
     src = dicom_corpus / rel
     (tmp_path / "normal").mkdir()

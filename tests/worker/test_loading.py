@@ -11,7 +11,8 @@ import pytest
 
 from inference.api import FrameSequence
 from tests.worker.conftest import BRAINIX, KNEE, add_series
-from worker.loading import FrameLoadError, load_frames, load_sequence
+from worker.loading import load_sequence
+from worker.pixels import FrameLoadError, load_frames
 
 CR_MONO1 = "dwv/data/gdcm-CR-MONO1-10-chest.dcm"
 MULTIFRAME = "dwv/data/multiframe-test1.dcm"  # 16 frames, no window
