@@ -8,10 +8,10 @@ the findings. The default samples come from the benchmark data's DICOM corpus: a
 series, a human chest CR (MONOCHROME1), and a knee MR series that no model covers (it must come back unprocessed).
 
 Every run starts from an empty home (default ``<MEDGRU_HOME>/demo``): the folder is marked as a demo's
-(``.medgru-demo``; one made before the mark existed is known by its ``demo-pacs`` folder) and a later
-run clears it first. (Kept, the earlier run's database would take the
-same instances for duplicates, assemble nothing new and wait for results that never come.) A non-empty
-folder without that mark is refused, never cleared.
+(``.medgru-demo``; one made before the mark existed is known by its ``demo-pacs`` folder) and a later run
+clears it first. (Kept, the earlier run's database would take the same instances for duplicates, assemble
+nothing new and wait for results that never come.) A non-empty folder without that mark is refused, never
+cleared.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ DEMO_PACS_AET = "DEMOPACS"
 DEMO_SCU_AET = "DEMOSCU"
 #: a file in the demo's home that marks it as made by ``medgru demo``, so that a later run may clear it
 DEMO_MARKER = ".medgru-demo"
+#: the stand-in PACS's folder in the demo's home (also how a home of a demo older than the marker is known)
+DEMO_PACS_DIR = "demo-pacs"
 
 
 def prepare_home(folder: Path) -> None:
@@ -42,7 +44,7 @@ def prepare_home(folder: Path) -> None:
     in it."""
     if folder.exists():
         entries = list(folder.iterdir())
-        made_by_demo = (folder / DEMO_MARKER).is_file() or (folder / "demo-pacs").is_dir()  # (or unmarked, older)
+        made_by_demo = (folder / DEMO_MARKER).is_file() or (folder / DEMO_PACS_DIR).is_dir()
         if entries and not made_by_demo:
             raise SystemExit(f"medgru demo: {folder} is not empty and was not made by medgru demo; "
                              "give a new or empty --home")
@@ -156,7 +158,7 @@ def run_demo(settings: Settings, *, data_root: Path | None, inputs: list[Path] |
         "broker_url": None,
         "dashboard_port": 0,
     })
-    pacs, received = _start_demo_pacs(demo_home / "demo-pacs", pacs_port)
+    pacs, received = _start_demo_pacs(demo_home / DEMO_PACS_DIR, pacs_port)
     service = Service(run_settings).start()
     t0 = time.monotonic()
     try:
@@ -197,7 +199,7 @@ def run_demo(settings: Settings, *, data_root: Path | None, inputs: list[Path] |
                     print(f"{job.id:>4}  {series.modality:8} {series.body_part or '-':10} {seq.n_frames:>6}  "
                           f"{job.state.value:14} {'':>8} {'':>9}  {'':9} {job.reason or job.last_error}")
         print(f"\nresults received by the stand-in PACS ({len(received)} objects, {elapsed:.1f} s after the last "
-              f"instance was sent): {demo_home / 'demo-pacs'}")
+              f"instance was sent): {demo_home / DEMO_PACS_DIR}")
         print("NOT FOR DIAGNOSTIC USE")
         return 0 if all_ok and rows else 1
     finally:

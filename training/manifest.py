@@ -134,7 +134,7 @@ def load_dicom(path: Path) -> FrameSequence:
     """A DICOM file as the service reads it (:mod:`worker.pixels`: modality LUT, VOI or the fallback window,
     MONOCHROME1 inverted, colour to luminance): every frame of a multi-frame instance in order, with its
     bits stored, modality and body part. A file pydicom cannot read, or whose pixels it cannot decode,
-    raises ``ValueError`` naming the file."""
+    raises :class:`InputDataError` naming the file."""
     import pydicom
 
     from worker.pixels import FrameLoadError, load_frames as dicom_frames
