@@ -63,13 +63,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.score_reading import (judge, run, split_rows, test_result,  # noqa: E402
-                                      validation_images)
+from benchmarks.score_reading import (StandardisedKnn, judge, run, split_rows,  # noqa: E402
+                                      test_result, validation_images)
 
 TAPS = {"mid": slice(0, 152), "all": slice(0, 472)}
 AGGS = ("max", "top10", "mean")
 BANK = 50_000
-K_POOLED = 5
 
 
 RING = 2  # cells dropped at each border by --region interior
@@ -98,6 +97,12 @@ def nearest_cell_distance(query, bank, chunk: int = 4096) -> np.ndarray:
     return (torch.cat(out) / math.sqrt(c)).reshape(n, p).numpy().astype(np.float64)
 
 
+def pooled_features(maps) -> np.ndarray:
+    """``(N, 1, C, h, w)`` (or ``(N, C, h, w)``) maps -> ``(N, C)`` cell means, float32 numpy."""
+    x = maps.float()
+    return (x[:, 0] if x.dim() == 5 else x).mean(dim=(2, 3)).numpy()
+
+
 def aggregate(d: np.ndarray, agg: str) -> np.ndarray:
     if agg == "max":
         return d.max(axis=1)
@@ -113,11 +118,7 @@ class Scorers:
         import torch
 
         self.region = region
-        pooled = memory_maps[:, 0].float().mean(dim=(2, 3))
-        self.mu = pooled.mean(dim=0)
-        sd = pooled.std(dim=0, unbiased=False)
-        self.sd = sd + 1e-3 * sd.mean() + 1e-6  # as knn-effnet
-        self.pooled_bank = (pooled - self.mu) / self.sd
+        self.pooled = StandardisedKnn(pooled_features(memory_maps))
         rng = np.random.default_rng(seed)
         self.banks = {}
         for taps in TAPS:
@@ -126,16 +127,8 @@ class Scorers:
             take = np.sort(rng.choice(flat.shape[0], size=min(BANK, flat.shape[0]), replace=False))
             self.banks[taps] = flat[torch.from_numpy(take)].contiguous()
 
-    def pooled(self, maps) -> np.ndarray:
-        import torch
-
-        z = (maps[:, 0].float().mean(dim=(2, 3)) - self.mu) / self.sd
-        d = torch.cdist(z, self.pooled_bank)
-        near = torch.topk(d, min(K_POOLED, d.shape[1]), dim=1, largest=False).values.mean(dim=1)
-        return (near / math.sqrt(z.shape[1])).numpy().astype(np.float64)
-
     def all_scores(self, maps, only: set[str] | None = None) -> dict[str, np.ndarray]:
-        out = {"pooled-knn": self.pooled(maps)}
+        out = {"pooled-knn": self.pooled.score(pooled_features(maps))}
         for taps in TAPS:
             suffix = "" if self.region == "all" else f"-{self.region}"
             names = [f"patch-{agg}-{taps}{suffix}" for agg in AGGS]

@@ -22,6 +22,7 @@ The reading, common to the audits and fixed before their first runs (2026-12-07)
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +39,45 @@ REFERENCE = "pooled-knn"
 MARGIN = 0.02
 SLACK = 0.005
 N_ANOMALIES = 500
+#: neighbours of the k-NN scores (as the knn-effnet baseline)
+K_POOLED = 5
+
+
+def floored(sd: np.ndarray) -> np.ndarray:
+    """A standard deviation with knn-effnet's floor, so that no feature is divided by (nearly) zero."""
+    return sd + 1e-3 * sd.mean() + 1e-6
+
+
+class StandardisedKnn:
+    """The ``knn-effnet`` score on given vectors: each feature standardised with the memory's mean and
+    (floored) sd, then the mean Euclidean distance to the ``k`` nearest memory vectors over sqrt(dim)."""
+
+    def __init__(self, memory: np.ndarray, k: int = K_POOLED):
+        memory = np.asarray(memory, dtype=np.float32)
+        self.k = k
+        self.mu = memory.mean(axis=0)
+        self.sd = floored(memory.std(axis=0))
+        self.bank = self._z(memory)
+
+    def _z(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, dtype=np.float32) - self.mu) / self.sd).astype(np.float32)
+
+    def _distance(self, z: np.ndarray, exclude_self: bool) -> np.ndarray:
+        import torch
+
+        d = torch.cdist(torch.from_numpy(z), torch.from_numpy(self.bank))
+        if exclude_self:
+            d.fill_diagonal_(float("inf"))
+        k = min(self.k, d.shape[1] - int(exclude_self))
+        near = torch.topk(d, k, dim=1, largest=False).values.mean(dim=1)
+        return (near / math.sqrt(z.shape[1])).numpy().astype(np.float64)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return self._distance(self._z(x), exclude_self=False)
+
+    def memory_scores(self) -> np.ndarray:
+        """Each memory vector's score against the others (leave-one-out)."""
+        return self._distance(self.bank, exclude_self=True)
 
 
 def split_rows(args: dict[str, Any], dataset: str, data_root: Path):

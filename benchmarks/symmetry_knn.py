@@ -49,7 +49,6 @@ Writes ``symmetry_knn-<dataset>.json`` / ``.md`` (``-test`` with ``--test-split`
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,9 +59,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.patch_knn import K_POOLED, RING  # noqa: E402
-from benchmarks.score_reading import (judge, run, split_rows, test_result,  # noqa: E402
-                                      validation_images)
+from benchmarks.patch_knn import RING, pooled_features  # noqa: E402
+from benchmarks.score_reading import (StandardisedKnn, floored, judge, run, split_rows,  # noqa: E402
+                                      test_result, validation_images)
 
 
 def mirrored_maps(rows: list, det: Any, cache_dir: Path, desc: str):
@@ -99,43 +98,21 @@ def asymmetry(maps, mirrored) -> np.ndarray:
     return a[:, :, RING:h - RING, RING:w // 2].numpy().astype(np.float32)
 
 
-def knn_distance(x: np.ndarray, bank: np.ndarray, k: int = K_POOLED, exclude_self: bool = False) -> np.ndarray:
-    import torch
-
-    d = torch.cdist(torch.from_numpy(x), torch.from_numpy(bank))
-    if exclude_self:
-        d.fill_diagonal_(float("inf"))
-    near = torch.topk(d, min(k, d.shape[1] - int(exclude_self)), dim=1, largest=False).values.mean(dim=1)
-    return (near / math.sqrt(x.shape[1])).numpy().astype(np.float64)
-
-
 class SymmetryScorers:
     def __init__(self, mem_maps, mem_mirrored):
-        pooled = mem_maps.float().mean(dim=(2, 3)).numpy()
-        self.p_mu = pooled.mean(axis=0)
-        sd = pooled.std(axis=0)
-        self.p_sd = sd + 1e-3 * sd.mean() + 1e-6
-        self.p_bank = ((pooled - self.p_mu) / self.p_sd).astype(np.float32)
+        self.pooled = StandardisedKnn(pooled_features(mem_maps))
         a = asymmetry(mem_maps, mem_mirrored)
-        g = np.abs(a).mean(axis=(2, 3))
-        self.g_mu = g.mean(axis=0)
-        sd = g.std(axis=0)
-        self.g_sd = sd + 1e-3 * sd.mean() + 1e-6
-        self.g_bank = ((g - self.g_mu) / self.g_sd).astype(np.float32)
+        self.asym = StandardisedKnn(np.abs(a).mean(axis=(2, 3)))
         self.c_mu = a.mean(axis=0)
-        sd = a.std(axis=0)
-        self.c_sd = sd + 1e-3 * sd.mean() + 1e-6
+        self.c_sd = floored(a.std(axis=0))
         # the memory's own leave-one-out scores, to put the two k-NN scores on one scale
-        p_loo = knn_distance(self.p_bank, self.p_bank, exclude_self=True)
-        g_loo = knn_distance(self.g_bank, self.g_bank, exclude_self=True)
+        p_loo, g_loo = self.pooled.memory_scores(), self.asym.memory_scores()
         self.loo = {"pooled-knn": (p_loo.mean(), p_loo.std()), "asym-knn": (g_loo.mean(), g_loo.std())}
 
     def scores(self, maps, mirrored) -> dict[str, np.ndarray]:
-        pooled = maps.float().mean(dim=(2, 3)).numpy()
-        out = {"pooled-knn": knn_distance(((pooled - self.p_mu) / self.p_sd).astype(np.float32), self.p_bank)}
+        out = {"pooled-knn": self.pooled.score(pooled_features(maps))}
         a = asymmetry(maps, mirrored)
-        g = ((np.abs(a).mean(axis=(2, 3)) - self.g_mu) / self.g_sd).astype(np.float32)
-        out["asym-knn"] = knn_distance(g, self.g_bank)
+        out["asym-knn"] = self.asym.score(np.abs(a).mean(axis=(2, 3)))
         cell = (((a - self.c_mu) / self.c_sd) ** 2).mean(axis=1).reshape(len(a), -1).astype(np.float64)
         out["asym-cell-mean"] = cell.mean(axis=1)
         out["asym-cell-max"] = cell.max(axis=1)
