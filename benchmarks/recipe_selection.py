@@ -228,15 +228,16 @@ def sharpness_scores(held_rows, anomalies, params, prep: dict) -> dict[str, floa
             "reframed+blurred": auroc(scores(held_rows, 101, params), scores(anomalies, 102, params))}
 
 
-def mirrored_maps(rows, prep: dict | None = None) -> torch.Tensor:
+def mirrored_maps(rows, prep: dict | None = None, det=None) -> torch.Tensor:
     """``(N, 1, C, h, w)`` backbone maps of the rows' images mirrored left-right after the detector's own
-    preprocessing (CLAHE's tiles divide the image evenly, so it commutes with the mirror)."""
+    preprocessing (CLAHE's tiles divide the image evenly, so it commutes with the mirror): ``det``'s, else
+    that of a MedGRU-SVC with ``prep``."""
     import torch
 
     from inference.detectors.medgru_svc import MedGRUSVC
     from training.manifest import load_sequences
 
-    det = MedGRUSVC(**(prep or {}))
+    det = det if det is not None else MedGRUSVC(**(prep or {}))
     out = []
     for i in range(0, len(rows), 32):
         seqs = load_sequences(rows[i:i + 32])

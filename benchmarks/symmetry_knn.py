@@ -65,30 +65,21 @@ from benchmarks.score_reading import (StandardisedKnn, floored, judge, run, spli
 
 
 def mirrored_maps(rows: list, det: Any, cache_dir: Path, desc: str):
-    """``(N, C, h, w)`` float16 maps of the rows' preprocessed frames mirrored left-right (cached)."""
+    """``(N, C, h, w)`` float16 maps of the rows' preprocessed frames mirrored left-right
+    (``recipe_selection.mirrored_maps`` with the model's own preprocessing), cached in ``cache_dir``."""
     import hashlib
 
     import torch
-    from tqdm import tqdm
 
-    from training.manifest import load_sequences
+    from benchmarks.recipe_selection import mirrored_maps as compute
 
     key = hashlib.sha256(json.dumps([str(r.path) for r in rows] + [det.input_size, det.clip_limit,
                                                                     det.tile_grid]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"mirrored-{desc}-{key}.npy"
-    if path.is_file():
-        return torch.from_numpy(np.load(path))
-    chunks = []
-    for i in tqdm(range(0, len(rows), 32), desc=f"{desc} mirrored", unit="batch"):
-        frames = []
-        for s in load_sequences(rows[i:i + 32]):
-            pre = det.preprocess(type(s)(frames=s.frames[-1][None], bits_stored=s.bits_stored))
-            frames.append(pre[0][:, ::-1])
-        chunks.append(det.frame_features(np.stack(frames)).half().cpu().numpy())
-    arr = np.concatenate(chunks)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    np.save(path, arr)
-    return torch.from_numpy(arr)
+    if not path.is_file():
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        np.save(path, compute(rows, det=det)[:, 0].numpy())
+    return torch.from_numpy(np.load(path))
 
 
 def asymmetry(maps, mirrored) -> np.ndarray:
