@@ -6,10 +6,10 @@ Tables show job ids, states, modality, body part, series UIDs and results; never
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
 
 from sqlalchemy import select
 
+from medgru.tables import format_table, open_database, print_fields, when
 from storage.models import Job, JobState, OutboxItem, Result, SequenceRecord, Series
 
 _STATES = [s.value for s in JobState]
@@ -38,37 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------- plumbing
-def _session_factory(settings):
-    import logging
-
-    from storage.db import init_db, make_session_factory
-
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # the table is the output, not migration chatter
-    settings.ensure_dirs()
-    return make_session_factory(init_db(settings.effective_database_url))
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table: columns padded to their widest cell."""
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    return "\n".join(lines)
-
-
-def _when(dt) -> str:
-    return dt.strftime("%Y-%m-%d %H:%M:%S") if dt is not None else ""
-
-
 def _latest_result(session, job_id: int) -> Result | None:
     return session.scalars(select(Result).where(Result.job_fk == job_id).order_by(Result.id.desc())).first()
 
 
 # ------------------------------------------------------------------------------------- handlers
 def _list(args, settings) -> int:
-    sf = _session_factory(settings)
+    sf = open_database(settings)
     q = (select(Job, SequenceRecord, Series)
          .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
          .join(Series, SequenceRecord.series_fk == Series.id)
@@ -84,7 +60,7 @@ def _list(args, settings) -> int:
                 f"{job.model_name} {job.model_version}".strip(),
                 "" if res is None else f"{res.score:.4f}",
                 "" if res is None else ("abnormal" if res.is_anomaly else "normal"),
-                _when(job.finished_at or job.started_at or job.created_at),
+                when(job.finished_at or job.started_at or job.created_at),
                 series.series_uid,
             ])
     headers = ["ID", "STATE", "TRIES", "MODALITY", "BODY PART", "FRAMES", "MODEL", "SCORE", "VERDICT",
@@ -96,7 +72,7 @@ def _list(args, settings) -> int:
 
 
 def _show(args, settings) -> int:
-    sf = _session_factory(settings)
+    sf = open_database(settings)
     with sf() as session:
         job = session.get(Job, args.job_id)
         if job is None:
@@ -106,9 +82,9 @@ def _show(args, settings) -> int:
         series = seq.series
         fields = [
             ("job", job.id), ("state", job.state.value), ("attempts", job.attempts),
-            ("created", _when(job.created_at)), ("started", _when(job.started_at)),
-            ("finished", _when(job.finished_at)),
-            *([("next attempt", _when(job.retry_at))] if job.state is JobState.RETRYING and job.retry_at else []),
+            ("created", when(job.created_at)), ("started", when(job.started_at)),
+            ("finished", when(job.finished_at)),
+            *([("next attempt", when(job.retry_at))] if job.state is JobState.RETRYING and job.retry_at else []),
             ("model", f"{job.model_name} {job.model_version}".strip()),
             ("reason", job.reason), ("last error", job.last_error), ("celery task", job.celery_task_id),
             ("sequence", f"{seq.id} ({seq.n_frames} frames, ordered by {seq.order_key or 'none'})"),
@@ -130,9 +106,7 @@ def _show(args, settings) -> int:
                 fields.append(("outbox", f"{item.sop_instance_uid} {item.state.value} to "
                                          f"{item.destination or '(none)'}, {item.attempts} attempts"
                                          + (f": {item.last_error}" if item.last_error else "")))
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        print(f"{key.ljust(width)}  {'' if value is None else value}")
+    print_fields(fields)
     return 0
 
 
@@ -140,7 +114,7 @@ def _retry(args, settings) -> int:
     from worker.admin import retry_job
     from worker.celery_app import make_celery
 
-    sf = _session_factory(settings)
+    sf = open_database(settings)
     try:
         retry_job(sf, make_celery(settings), args.job_id)
     except (KeyError, ValueError) as exc:
@@ -153,7 +127,7 @@ def _retry(args, settings) -> int:
 def _cancel(args, settings) -> int:
     from worker.admin import cancel_job
 
-    sf = _session_factory(settings)
+    sf = open_database(settings)
     try:
         cancel_job(sf, args.job_id)
     except (KeyError, ValueError) as exc:

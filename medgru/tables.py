@@ -1,0 +1,44 @@
+"""Helpers shared by the admin commands (``medgru jobs``, ``medgru outbox``, ``medgru quarantine``).
+
+They print ids, states, UIDs, calling AE titles and our own reasons; never patient names.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, Sequence
+
+
+def open_database(settings):
+    """A session factory on the service's database, brought to the newest schema (quietly)."""
+    # the table is the output, not migration chatter; set before alembic is imported, whose plugin
+    # registry logs at INFO on import
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("storage.db").setLevel(logging.WARNING)
+    from storage.db import init_db, make_session_factory
+
+    settings.ensure_dirs()
+    return make_session_factory(init_db(settings.effective_database_url))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table: columns padded to their widest cell."""
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def when(dt: datetime | None) -> str:
+    """``YYYY-MM-DD HH:MM:SS`` (UTC, as stored), or empty."""
+    return dt.strftime("%Y-%m-%d %H:%M:%S") if dt is not None else ""
+
+
+def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
+    """``key  value`` lines, keys padded to the longest."""
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key.ljust(width)}  {'' if value is None else value}")
