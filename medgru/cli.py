@@ -20,6 +20,8 @@ _COMMAND_MODULES = (
     "medgru.commands",  # serve, demo, config
     "training.cli",  # train, evaluate, calibrate
     "worker.cli",  # jobs: list, show, retry, cancel
+    "dispatch.cli",  # outbox: list, resend
+    "pacs_listener.cli",  # quarantine: list, show
 )
 
 

@@ -120,6 +120,23 @@ def supported_contexts() -> list[PresentationContext]:
     return contexts
 
 
+def readable_study_series(data: bytes) -> dict[str, str] | None:
+    """The Study and Series Instance UIDs of a refused instance, where its header still reads and they are
+    valid UIDs (so that an admin knows which series lost it); ``None`` otherwise. Never raises."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(BytesIO(data), force=True, stop_before_pixels=True,
+                     specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        uids = {"study_uid": str(ds.get("StudyInstanceUID", "")), "series_uid": str(ds.get("SeriesInstanceUID", ""))}
+    except Exception as exc:  # a header too broken to read: the quarantine record keeps the request's UIDs
+        log.debug("no study / series UID readable from a refused instance: %s", type(exc).__name__)
+        return None
+    return {k: (v if is_valid_uid(v) else "") for k, v in uids.items()}
+
+
 class Listener:
     """The Verification + Storage SCP of the service."""
 
@@ -258,7 +275,8 @@ class Listener:
         try:
             ds = validate_received(data, request)
         except InvalidDataset as exc:
-            return self._quarantine(data, request, calling_ae, exc.reason, exc.status)
+            return self._quarantine(data, request, calling_ae, exc.reason, exc.status,
+                                    ds_uids=readable_study_series(data))
         except Exception as exc:  # a validator bug must not lose the instance or answer Success
             log.exception("validation of %s crashed", request.sop_instance_uid)
             return self._quarantine(data, request, calling_ae, f"validation error: {exc!r}",

@@ -1,0 +1,66 @@
+"""``medgru outbox``: the result objects on their way to the PACS; list them, re-send failed ones.
+
+A PENDING item is sent by the running service's sender (retried with back-off while the PACS is down);
+a FAILED one was refused by the PACS ``max_attempts`` times and waits for an admin. ``resend`` puts
+FAILED items back to PENDING, due at once, attempts reset.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dispatch.admin import failed_item_ids, outbox_rows
+from medgru.tables import format_table, open_database
+from storage.models import OutboxState
+
+_STATES = [s.value for s in OutboxState]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("outbox", help="results on their way to the PACS: list, resend")
+    outbox = p.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+
+    q = outbox.add_parser("list", help="the latest outbox items, newest first")
+    q.add_argument("--state", choices=_STATES, help="only items in this state")
+    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    q.set_defaults(func=_list)
+
+    q = outbox.add_parser("resend", help="put failed items back to pending (the running service sends them)")
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("item_ids", type=int, nargs="*", metavar="ID", default=[], help="outbox item ids")
+    which.add_argument("--all-failed", action="store_true", help="every failed item")
+    q.set_defaults(func=_resend)
+
+
+def _list(args, settings) -> int:
+    sf = open_database(settings)
+    states = (OutboxState(args.state),) if args.state else None
+    with sf() as session:
+        items = outbox_rows(session, states=states, limit=args.limit)
+    rows = [[r["id"], r["state"], r["kind"], r["job"], r["destination"], r["attempts"],
+             "" if r["last_status"] is None else f"0x{r['last_status']:04X}",
+             (r["sent_at"] or r["next_attempt_at"] or "")[:19].replace("T", " "),
+             r["sop_instance_uid"], r["last_error"][:80]] for r in items]
+    print(format_table(["ID", "STATE", "OBJECT", "JOB", "DESTINATION", "TRIES", "STATUS", "SENT / NEXT (UTC)",
+                        "SOP INSTANCE UID", "LAST ERROR"], rows))
+    if not rows:
+        print("(no outbox items)")
+    return 0
+
+
+def _resend(args, settings) -> int:
+    from dispatch.sender import requeue_failed
+
+    sf = open_database(settings)
+    if args.all_failed:
+        n = requeue_failed(sf)
+        print(f"{n} failed item(s) back to pending")
+        return 0
+    with sf() as session:
+        ok, refused = failed_item_ids(session, list(dict.fromkeys(args.item_ids)))
+    for exc in refused.values():
+        print(f"cannot resend: {exc.args[0]}")
+    n = requeue_failed(sf, ok) if ok else 0
+    if ok:
+        print(f"{n} failed item(s) back to pending: {', '.join(map(str, ok))}")
+    return 1 if refused else 0
