@@ -15,8 +15,9 @@ Retry policy (never drops an item):
 * **permanent** refusals (the peer answered another failure status, e.g. 0xA9xx "data set does not
   match SOP class", 0xCxxx "cannot understand", 0x0122 "SOP class not supported") and a missing or
   unreadable outbox file go ``FAILED`` once ``attempts >= max_attempts`` (default
-  :data:`DEFAULT_MAX_ATTEMPTS`). FAILED rows are kept, listed on the dashboard with their error, and an
-  admin puts them back with :func:`requeue_failed`.
+  :data:`DEFAULT_MAX_ATTEMPTS`). FAILED rows are kept, listed on the dashboard and by ``medgru outbox
+  list`` with their error, and an admin puts them back with :func:`requeue_failed` (the dashboard's
+  Resend button, ``medgru outbox resend``).
 
 Several senders (processes) may run at once: an item is claimed by a conditional UPDATE (its
 ``next_attempt_at`` moved past the send), so only one of them sends it; a sender that dies mid-send

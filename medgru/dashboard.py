@@ -3,13 +3,18 @@
 Served by ``medgru serve`` on ``settings.dashboard_host:dashboard_port`` (stdlib HTTP server, no extra
 web framework):
 
-* ``GET /`` — the queue at a glance: counts by state, the outbox, quarantine, and the latest jobs with
-  Retry / Cancel buttons;
-* ``GET /api/jobs`` — the same jobs as JSON;  ``POST /jobs/<id>/retry`` and ``/jobs/<id>/cancel``;
+* ``GET /`` — the queue at a glance: counts by state (each a link to the jobs in that state,
+  ``/?state=failed``), the latest jobs with Retry / Cancel buttons, the outbox items that are not sent
+  (failed ones with a Resend button) and the latest quarantined instances with the status we answered
+  and why;
+* ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
+  JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel`` and ``/outbox/<id>/resend``;
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
   other processes are counted too;  ``GET /healthz``.
 
-Pages show UIDs, modality and body part, never patient names.
+Pages show UIDs, modality and body part, never patient names. The actions are plain form POSTs; one
+whose ``Origin`` (or, without one, ``Sec-Fetch-Site``) says it came from another site is refused with
+403, so that a page elsewhere cannot make an admin's browser retry or re-send (cross-site request forgery).
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
+from dispatch.admin import outbox_rows, resend_item
+from pacs_listener.quarantine import quarantine_rows
 from storage.models import Job, JobState, OutboxItem, OutboxState, QuarantineItem, Result, SequenceRecord, Series
 
 log = logging.getLogger(__name__)
@@ -105,30 +113,80 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MedGRU worker
 <meta http-equiv="refresh" content="5">
 <style>
 body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} h1{{font-size:20px;margin:0 0 4px}}
-.sub{{color:#666;margin-bottom:16px}} .cards{{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:18px}}
-.card{{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:90px}}
+h2{{font-size:16px;margin:22px 0 6px}} .sub{{color:#666;margin-bottom:16px}}
+.cards{{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:18px}}
+.card{{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:90px;color:#222;text-decoration:none}}
+a.card:hover{{border-color:#888}} .card.on{{border-color:#222;background:#f6f6f6}} .card.alert b{{color:#b00020}}
 .card b{{display:block;font-size:22px}} table{{border-collapse:collapse;width:100%;font-size:13px}}
 th,td{{border-bottom:1px solid #eee;padding:5px 8px;text-align:left}} th{{background:#f6f6f6}}
 .state-failed{{color:#b00020;font-weight:600}} .state-succeeded{{color:#1b7a1b}}
-.state-not_processed{{color:#8a6d00}} .abnormal{{color:#b00020;font-weight:600}}
+.state-not_processed{{color:#8a6d00}} .abnormal{{color:#b00020;font-weight:600}} .none{{color:#888}}
 form{{display:inline}} button{{font-size:12px}} code{{font-size:11px}}
 </style></head><body>
 <h1>MedGRU worker — job queue</h1><div class="sub">AE {ae} · listening on port {port} · results to {dest} ·
 NOT FOR DIAGNOSTIC USE</div>
 <div class="cards">{cards}</div>
+<h2>{jobs_title}</h2>
 <table><tr><th>job</th><th>state</th><th>tries</th><th>modality</th><th>body part</th><th>frames</th>
 <th>score</th><th>threshold</th><th>verdict</th><th>model</th><th>series UID</th><th>note</th><th></th></tr>
-{rows}</table></body></html>"""
+{rows}</table>
+<h2 id="outbox">Outbox: results not yet in the PACS</h2>
+{outbox}
+<h2 id="quarantine">Quarantine: the latest instances we refused</h2>
+{quarantine}
+</body></html>"""
+
+#: rows of the outbox and quarantine tables on the page (the CLI and the JSON API list more)
+PAGE_SECTION_ROWS = 20
 
 
-def render_page(settings, session) -> str:
+def _when(iso: str | None) -> str:
+    return (iso or "")[:19].replace("T", " ")
+
+
+def _outbox_table(items: list[dict[str, Any]]) -> str:
+    if not items:
+        return '<p class="none">Every result has been sent.</p>'
+    out = ['<table><tr><th>item</th><th>state</th><th>object</th><th>job</th><th>destination</th><th>tries</th>'
+           '<th>next try (UTC)</th><th>SOP instance UID</th><th>last error</th><th></th></tr>']
+    for r in items:
+        action = (f'<form method="post" action="/outbox/{r["id"]}/resend"><button>Resend</button></form>'
+                  if r["state"] == OutboxState.FAILED.value else "")
+        out.append(
+            f'<tr><td>{r["id"]}</td><td class="state-{r["state"]}">{r["state"]}</td>'
+            f'<td>{html.escape(r["kind"])}</td><td>{"" if r["job"] is None else r["job"]}</td>'
+            f'<td>{html.escape(r["destination"] or "(none set)")}</td><td>{r["attempts"]}</td>'
+            f'<td>{_when(r["next_attempt_at"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
+            f'<td>{html.escape(r["last_error"][:160])}</td><td>{action}</td></tr>')
+    return "".join(out) + "</table>"
+
+
+def _quarantine_table(items: list[dict[str, Any]]) -> str:
+    if not items:
+        return '<p class="none">Nothing refused.</p>'
+    out = ['<table><tr><th>item</th><th>received (UTC)</th><th>calling AE</th><th>answered</th>'
+           '<th>SOP instance UID</th><th>reason</th></tr>']
+    for r in items:
+        out.append(
+            f'<tr><td>{r["id"]}</td><td>{_when(r["received_at"])}</td><td>{html.escape(r["calling_ae"])}</td>'
+            f'<td>{html.escape(r["status"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
+            f'<td>{html.escape(r["reason"][:200])}</td></tr>')
+    return "".join(out) + "</table>"
+
+
+def render_page(settings, session, state: str | None = None) -> str:
     s = summary(session)
-    cards = "".join(f'<div class="card">{html.escape(k)}<b>{v}</b></div>' for k, v in s["jobs"].items())
-    cards += f'<div class="card">outbox pending<b>{s["outbox"]["pending"]}</b></div>'
-    cards += f'<div class="card">outbox failed<b>{s["outbox"]["failed"]}</b></div>'
-    cards += f'<div class="card">quarantined<b>{s["quarantine"]}</b></div>'
+    cards = "".join(
+        f'<a class="card{" on" if k == state else ""}{" alert" if k == "failed" and v else ""}" '
+        f'href="/?state={html.escape(k)}">{html.escape(k)}<b>{v}</b></a>' for k, v in s["jobs"].items())
+    if state:
+        cards += '<a class="card" href="/">all jobs<b>&nbsp;</b></a>'
+    cards += f'<a class="card" href="#outbox">outbox pending<b>{s["outbox"]["pending"]}</b></a>'
+    failed_cls = " alert" if s["outbox"]["failed"] else ""
+    cards += f'<a class="card{failed_cls}" href="#outbox">outbox failed<b>{s["outbox"]["failed"]}</b></a>'
+    cards += f'<a class="card" href="#quarantine">quarantined<b>{s["quarantine"]}</b></a>'
     out = []
-    for r in job_rows(session):
+    for r in job_rows(session, state=state):
         actions = ""
         if r["state"] in ("failed", "not_processed", "cancelled"):
             actions += f'<form method="post" action="/jobs/{r["id"]}/retry"><button>Retry</button></form>'
@@ -142,17 +200,55 @@ def render_page(settings, session) -> str:
             f'<td class="{verdict}">{verdict}</td><td>{html.escape(r["model"] or "")}</td>'
             f'<td><code>{html.escape(r["series_uid"])}</code></td><td>{html.escape(r["note"][:160])}</td><td>{actions}</td></tr>'
         )
+    unsent = outbox_rows(session, states=(OutboxState.FAILED, OutboxState.PENDING), limit=PAGE_SECTION_ROWS)
+    unsent.sort(key=lambda r: r["state"] != OutboxState.FAILED.value)  # failed first, each newest first
+    jobs_title = f"Jobs: {html.escape(state)}" if state else "Jobs: the latest 100"
     return _PAGE.format(ae=html.escape(settings.ae_title), port=settings.listen_port,
-                        dest=html.escape(str(settings.destination or "(none)")), cards=cards, rows="".join(out))
+                        dest=html.escape(str(settings.destination or "(none)")), cards=cards, rows="".join(out),
+                        jobs_title=jobs_title, outbox=_outbox_table(unsent),
+                        quarantine=_quarantine_table(quarantine_rows(session, limit=PAGE_SECTION_ROWS)))
+
+
+def cross_site(headers) -> str | None:
+    """Why a POST with these request headers comes from another site, or ``None`` if it does not.
+
+    A browser sends ``Origin`` with every form POST; it must name the host the request was sent to. Where
+    there is no ``Origin`` (older browsers), ``Sec-Fetch-Site`` must not be ``cross-site``. Clients that
+    send neither (curl, scripts on the admin's machine) are allowed."""
+    origin = headers.get("Origin")
+    if origin is not None:
+        host = headers.get("Host", "")
+        netloc = urlsplit(origin).netloc if origin != "null" else ""
+        if not netloc or netloc.lower() != host.lower():
+            return f"Origin {origin!r} is not this dashboard ({host})"
+        return None
+    if headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+        return "Sec-Fetch-Site is cross-site"
+    return None
+
+
+def _state_param(query: str, allowed: set[str]) -> tuple[str | None, str | None]:
+    """``(state, error)`` from a ``?state=`` query string."""
+    values = parse_qs(query).get("state", [])
+    if not values or not values[0]:
+        return None, None
+    if values[0] not in allowed:
+        return None, f"unknown state {values[0]!r}; one of {sorted(allowed)}"
+    return values[0], None
+
+
+_JOB_STATES = {s.value for s in JobState}
+_OUTBOX_STATES = {s.value for s in OutboxState}
 
 
 class DashboardServer:
-    def __init__(self, settings, session_factory, retry: Callable[[int], Any], cancel: Callable[[int], Any]):
+    def __init__(self, settings, session_factory, retry: Callable[[int], Any], cancel: Callable[[int], Any],
+                 resend: Callable[[int], Any] | None = None):
         self.settings = settings
         self.sf = session_factory
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(session_factory))
-        handler = self._make_handler(retry, cancel)
+        handler = self._make_handler(retry, cancel, resend or (lambda item_id: resend_item(session_factory, item_id)))
         self.httpd = ThreadingHTTPServer((settings.dashboard_host, settings.dashboard_port), handler)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard", daemon=True)
@@ -166,8 +262,9 @@ class DashboardServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _make_handler(self, retry, cancel):
+    def _make_handler(self, retry, cancel, resend):
         server = self
+        actions = {("jobs", "retry"): retry, ("jobs", "cancel"): cancel, ("outbox", "resend"): resend}
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt, *args):  # route through logging, not stderr
@@ -182,31 +279,47 @@ class DashboardServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _json(self, data: Any):
+                return self._send(200, json.dumps(data).encode(), "application/json")
+
             def do_GET(self):
-                path = self.path.split("?", 1)[0]
+                path, _, query = self.path.partition("?")
                 if path == "/healthz":
                     return self._send(200, b"ok\n", "text/plain")
                 if path == "/metrics":
                     return self._send(200, generate_latest(server.registry), CONTENT_TYPE_METRICS)
+                if path not in ("/", "/index.html", "/api/jobs", "/api/outbox", "/api/quarantine"):
+                    return self._send(404, b"not found\n", "text/plain")
+                state, error = _state_param(query, _OUTBOX_STATES if path == "/api/outbox" else _JOB_STATES)
+                if error:
+                    return self._send(400, f"{error}\n".encode(), "text/plain")
                 with server.sf() as session:
                     if path == "/api/jobs":
-                        body = json.dumps({"summary": summary(session), "jobs": job_rows(session)}).encode()
-                        return self._send(200, body, "application/json")
-                    if path in ("/", "/index.html"):
-                        return self._send(200, render_page(server.settings, session).encode(), "text/html; charset=utf-8")
-                return self._send(404, b"not found\n", "text/plain")
+                        return self._json({"summary": summary(session), "jobs": job_rows(session, state=state)})
+                    if path == "/api/outbox":
+                        states = (OutboxState(state),) if state else None
+                        return self._json({"items": outbox_rows(session, states=states, limit=100)})
+                    if path == "/api/quarantine":
+                        return self._json({"items": quarantine_rows(session, limit=100)})
+                    page = render_page(server.settings, session, state=state)
+                return self._send(200, page.encode(), "text/html; charset=utf-8")
 
             def do_POST(self):
-                m = re.fullmatch(r"/jobs/(\d+)/(retry|cancel)", self.path)
-                if not m:
+                m = re.fullmatch(r"/(jobs|outbox)/(\d+)/(retry|cancel|resend)", self.path)
+                action = actions.get((m[1], m[3])) if m else None
+                if action is None:
                     return self._send(404, b"not found\n", "text/plain")
-                job_id, action = int(m[1]), m[2]
+                refused = cross_site(self.headers)
+                if refused:
+                    log.warning("dashboard: refused POST %s: %s", self.path, refused)
+                    return self._send(403, f"refused: {refused}\n".encode(), "text/plain")
+                what, item_id, verb = m[1], int(m[2]), m[3]
                 try:
-                    (retry if action == "retry" else cancel)(job_id)
+                    action(item_id)
                 except (KeyError, ValueError) as exc:
-                    return self._send(409, f"{action} job {job_id}: {exc}\n".encode(), "text/plain")
-                log.info("dashboard: %s job %d", action, job_id)
-                return self._send(303, b"", "text/plain", {"Location": "/"})
+                    return self._send(409, f"{verb} {what} {item_id}: {exc}\n".encode(), "text/plain")
+                log.info("dashboard: %s %s %d", verb, what, item_id)
+                return self._send(303, b"", "text/plain", {"Location": "/#outbox" if what == "outbox" else "/"})
 
         return Handler
 

@@ -13,7 +13,10 @@ from storage.db import init_db, make_session_factory
 from storage.models import (
     Job,
     JobState,
+    OutboxItem,
+    OutboxState,
     Patient,
+    QuarantineItem,
     Result,
     SequenceRecord,
     Series,
@@ -35,8 +38,24 @@ def dash(make_settings):
         ok = Job(sequence=seq, state=JobState.SUCCEEDED, model_name="medgru-svc-brain", model_version="1")
         s.add_all([ok, Job(sequence=seq, state=JobState.FAILED, last_error="decode error in 1.2.3.4.1"),
                    Job(sequence=seq, state=JobState.QUEUED)])
-        s.add(Result(job=ok, score=1.5, threshold=1.0, is_anomaly=True, model_name="medgru-svc-brain",
-                     model_version="1", inference_seconds=0.2))
+        res = Result(job=ok, score=1.5, threshold=1.0, is_anomaly=True, model_name="medgru-svc-brain",
+                     model_version="1", inference_seconds=0.2)
+        s.add(res)
+        s.flush()
+        sr, sc = "1.2.3.4.5.1", "1.2.3.4.5.2"
+        s.add_all([  # outbox items 1-3: sent, failed (refused by the PACS), pending (PACS down)
+            OutboxItem(result_fk=res.id, path="a.dcm", sop_instance_uid="1.2.3.4.5.0", destination="PACS@h:104",
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", state=OutboxState.SENT, attempts=1),
+            OutboxItem(result_fk=res.id, path="b.dcm", sop_instance_uid=sr, destination="PACS@h:104",
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", state=OutboxState.FAILED, attempts=5,
+                       last_status=0xA900, last_error="C-STORE 1.2.3.4.5.1: 0xA900 does not match SOP class"),
+            OutboxItem(result_fk=res.id, path="c.dcm", sop_instance_uid=sc, destination="PACS@h:104",
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.7", state=OutboxState.PENDING, attempts=2,
+                       last_error="association rejected"),
+            QuarantineItem(path="2026-01-01/x.dcm", reason="PixelData has 32 bytes, the pixel module implies 160",
+                           sop_instance_uid="1.2.3.9", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                           calling_ae="BADMOD", status_code=0xA900),
+        ])
         s.commit()
     app = make_celery(settings)
     server = DashboardServer(settings, sf, retry=lambda j: retry_job(sf, app, j),
@@ -50,8 +69,8 @@ def _get(url: str) -> tuple[int, str, str]:
         return r.status, r.headers["Content-Type"], r.read().decode()
 
 
-def _post(url: str) -> int:
-    req = urllib.request.Request(url, method="POST", data=b"")
+def _post(url: str, headers: dict[str, str] | None = None) -> int:
+    req = urllib.request.Request(url, method="POST", data=b"", headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status
@@ -95,3 +114,61 @@ def test_retry_requeues_on_the_broker_and_cancel_stops_a_queued_job(dash):
     assert _post(base + "/jobs/1/retry") == 409
     assert _post(base + "/jobs/3/cancel") == 409
     assert _post(base + "/jobs/99/retry") == 409
+
+
+def test_page_shows_unsent_results_and_quarantine_with_reasons(dash):
+    _, _, base = dash
+    _, _, body = _get(base + "/")
+    outbox = body.split('id="outbox"', 1)[1].split('id="quarantine"', 1)[0]
+    assert "1.2.3.4.5.1" in outbox and "1.2.3.4.5.2" in outbox and "1.2.3.4.5.0" not in outbox  # sent: not listed
+    assert outbox.index("1.2.3.4.5.1") < outbox.index("1.2.3.4.5.2")  # failed before pending
+    assert 'action="/outbox/2/resend"' in outbox and 'action="/outbox/3/resend"' not in outbox
+    assert "Comprehensive 3D SR" in outbox and "0xA900 does not match SOP class" in outbox
+    quarantine = body.split('id="quarantine"', 1)[1]
+    assert "BADMOD" in quarantine and "PixelData has 32 bytes" in quarantine
+    assert "0xA900 Failure: Data Set Does Not Match SOP Class" in quarantine
+    _, _, api = _get(base + "/api/outbox?state=failed")
+    assert [i["sop_instance_uid"] for i in json.loads(api)["items"]] == ["1.2.3.4.5.1"]
+    _, _, api = _get(base + "/api/quarantine")
+    [item] = json.loads(api)["items"]
+    assert item["calling_ae"] == "BADMOD" and item["status_code"] == 0xA900
+
+
+def test_cards_filter_the_jobs_by_state(dash):
+    _, _, base = dash
+    _, _, body = _get(base + "/")
+    assert 'href="/?state=failed"' in body
+    _, _, body = _get(base + "/?state=failed")
+    jobs = body.split("<h2>", 1)[1].split('id="outbox"', 1)[0]
+    assert 'action="/jobs/2/retry"' in jobs and 'action="/jobs/3/cancel"' not in jobs and "succeeded</td>" not in jobs
+    _, _, api = _get(base + "/api/jobs?state=queued")
+    assert [j["id"] for j in json.loads(api)["jobs"]] == [3]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _get(base + "/?state=bogus")
+    assert err.value.code == 400
+
+
+def test_resend_puts_a_failed_result_back_in_the_queue(dash):
+    _, sf, base = dash
+    assert _post(base + "/outbox/2/resend") in (200, 303)
+    with sf() as s:
+        item = s.get(OutboxItem, 2)
+        assert (item.state, item.attempts) == (OutboxState.PENDING, 0)
+    assert _post(base + "/outbox/1/resend") == 409  # sent
+    assert _post(base + "/outbox/3/resend") == 409  # pending already
+    assert _post(base + "/outbox/99/resend") == 409
+    assert _post(base + "/outbox/2/cancel") == 404
+
+
+def test_actions_from_another_site_are_refused(dash):
+    _, sf, base = dash
+    host = base.removeprefix("http://")
+    assert _post(base + "/jobs/2/retry", {"Origin": "http://evil.example"}) == 403
+    assert _post(base + "/outbox/2/resend", {"Origin": "null"}) == 403
+    assert _post(base + "/jobs/3/cancel", {"Sec-Fetch-Site": "cross-site"}) == 403
+    with sf() as s:  # nothing changed
+        assert s.get(Job, 2).state == JobState.FAILED and s.get(Job, 3).state == JobState.QUEUED
+        assert s.get(OutboxItem, 2).state == OutboxState.FAILED
+    # the dashboard's own form (same origin) and a client without browser headers are served
+    assert _post(base + "/jobs/3/cancel", {"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}) in (200, 303)
+    assert _post(base + "/outbox/2/resend") in (200, 303)
