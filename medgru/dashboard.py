@@ -10,7 +10,7 @@ web framework):
 * ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
   JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel`` and ``/outbox/<id>/resend``;
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
-  other processes are counted too;  ``GET /healthz``.
+  other processes are counted too (see :class:`_DbCollector`);  ``GET /healthz``.
 
 Pages show UIDs, modality and body part, never patient names. The actions are plain form POSTs; one
 whose ``Origin`` (or, without one, ``Sec-Fetch-Site``) says it came from another site is refused with
@@ -24,17 +24,29 @@ import json
 import logging
 import re
 import threading
+from datetime import timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select
 
 from dispatch.admin import outbox_rows, resend_item
 from pacs_listener.quarantine import quarantine_rows
-from storage.models import Job, JobState, OutboxItem, OutboxState, QuarantineItem, Result, SequenceRecord, Series
+from storage.models import (
+    Instance,
+    Job,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    QuarantineItem,
+    Result,
+    SequenceRecord,
+    Series,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
@@ -85,16 +97,39 @@ def summary(session) -> dict[str, Any]:
     }
 
 
+#: job states in which a job waits for a worker (the oldest of them is the queue's lag)
+WAITING_STATES = (JobState.QUEUED, JobState.RETRYING)
+
+
+def _age_seconds(oldest, now) -> float:
+    """Seconds since ``oldest`` (a stored UTC time, naive or aware), 0 when there is none."""
+    if oldest is None:
+        return 0.0
+    if oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=timezone.utc)
+    return max(0.0, (now - oldest).total_seconds())
+
+
 class _DbCollector:
-    """Prometheus collector that reads the queue's state from the database at scrape time."""
+    """Prometheus collector that reads the queue's state from the database at scrape time.
+
+    Besides counts by state it exports what an alert needs: how long the oldest waiting job and the oldest
+    unsent result have waited (a stalled worker or an unreachable PACS), and the inference time as a
+    summary (``_count`` and ``_sum``, so that ``rate(sum)/rate(count)`` is the recent mean)."""
 
     def __init__(self, session_factory):
         self._sf = session_factory
 
     def collect(self):
+        now = utcnow()
         with self._sf() as session:
             s = summary(session)
-            mean_inf = session.scalar(select(func.avg(Result.inference_seconds)))
+            n_inf, sum_inf = session.execute(
+                select(func.count(Result.inference_seconds), func.sum(Result.inference_seconds))).one()
+            oldest_job = session.scalar(select(func.min(Job.created_at)).where(Job.state.in_(WAITING_STATES)))
+            oldest_unsent = session.scalar(
+                select(func.min(OutboxItem.created_at)).where(OutboxItem.state == OutboxState.PENDING))
+            instances = session.scalar(select(func.count()).select_from(Instance)) or 0
         g = GaugeMetricFamily("medgru_jobs", "Inference jobs by state", labels=["state"])
         for state, n in s["jobs"].items():
             g.add_metric([state], n)
@@ -104,9 +139,18 @@ class _DbCollector:
             g.add_metric([state], n)
         yield g
         yield GaugeMetricFamily("medgru_quarantined_instances", "Instances kept in quarantine", value=s["quarantine"])
+        yield GaugeMetricFamily("medgru_stored_instances", "Instances received and stored", value=int(instances))
         yield GaugeMetricFamily("medgru_results", "Results produced", value=s["results"])
+        yield GaugeMetricFamily("medgru_oldest_waiting_job_age_seconds",
+                                "Age of the oldest queued or retrying job (0 when none waits)",
+                                value=_age_seconds(oldest_job, now))
+        yield GaugeMetricFamily("medgru_oldest_unsent_result_age_seconds",
+                                "Age of the oldest pending outbox item (0 when all are sent)",
+                                value=_age_seconds(oldest_unsent, now))
+        yield SummaryMetricFamily("medgru_inference_seconds", "Inference time per job",
+                                  count_value=int(n_inf or 0), sum_value=float(sum_inf or 0.0))
         yield GaugeMetricFamily("medgru_inference_seconds_mean", "Mean inference time per job",
-                                value=float(mean_inf or 0.0))
+                                value=float(sum_inf / n_inf) if n_inf else 0.0)
 
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MedGRU worker</title>

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -172,3 +173,34 @@ def test_actions_from_another_site_are_refused(dash):
     # the dashboard's own form (same origin) and a client without browser headers are served
     assert _post(base + "/jobs/3/cancel", {"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}) in (200, 303)
     assert _post(base + "/outbox/2/resend") in (200, 303)
+
+
+def _metric(text: str, name: str) -> float:
+    [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_metrics_tell_a_stalled_queue_and_an_unreachable_pacs(dash):
+    _, sf, base = dash
+    _, _, metrics = _get(base + "/metrics")
+    assert _metric(metrics, "medgru_inference_seconds_count") == 1
+    assert _metric(metrics, "medgru_inference_seconds_sum") == pytest.approx(0.2)
+    assert _metric(metrics, "medgru_stored_instances") == 0
+    assert _metric(metrics, "medgru_quarantined_instances") == 1
+    young_job = _metric(metrics, "medgru_oldest_waiting_job_age_seconds")
+    assert 0 <= young_job < 600  # job 3 was queued by the fixture just now
+    with sf() as s:  # the queued job and the pending result have waited an hour
+        hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+        s.get(Job, 3).created_at = hour_ago
+        s.get(OutboxItem, 3).created_at = hour_ago
+        s.commit()
+    _, _, metrics = _get(base + "/metrics")
+    assert 3600 <= _metric(metrics, "medgru_oldest_waiting_job_age_seconds") < 3600 + 600
+    assert 3600 <= _metric(metrics, "medgru_oldest_unsent_result_age_seconds") < 3600 + 600
+    with sf() as s:  # the job runs out of the queue, the PACS takes the result: nothing waits
+        s.get(Job, 3).state = JobState.CANCELLED
+        s.get(OutboxItem, 3).state = OutboxState.SENT
+        s.commit()
+    _, _, metrics = _get(base + "/metrics")
+    assert _metric(metrics, "medgru_oldest_waiting_job_age_seconds") == 0
+    assert _metric(metrics, "medgru_oldest_unsent_result_age_seconds") == 0

@@ -14,3 +14,22 @@ def test_example_toml_is_valid_settings(monkeypatch):
     assert s.allowed_calling_aes == ["ORTHANC"]
     assert s.effective_database_url.startswith("postgresql")
     assert not s.uses_embedded_broker
+
+
+def test_alert_rules_name_only_exported_metrics(make_settings):
+    """Every metric the example alerting rules use is one the dashboard's collector exports."""
+    import re
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from medgru.dashboard import _DbCollector
+    from storage.db import init_db, make_session_factory
+
+    settings = make_settings()
+    registry = CollectorRegistry()
+    registry.register(_DbCollector(make_session_factory(init_db(settings.effective_database_url))))
+    exported = {line.split("{")[0].split()[0] for line in generate_latest(registry).decode().splitlines()
+                if line and not line.startswith("#")}
+    rules = (DEPLOY / "prometheus-alerts.yml").read_text()
+    used = set(re.findall(r"\bmedgru_[a-z_]+", "\n".join(ln for ln in rules.splitlines() if "expr:" in ln)))
+    assert len(used) >= 4 and used <= exported, used - exported
