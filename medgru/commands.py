@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--home", type=Path, help="data folder for this run (default: <MEDGRU_HOME>/demo)")
     p.set_defaults(func=_demo)
 
+    p = sub.add_parser("prune", help="apply retention now: remove old spool, sent-result and quarantined files")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
+    p.set_defaults(func=_prune)
+
     p = sub.add_parser("config", help="print the effective settings as JSON")
     p.set_defaults(func=_config)
 
@@ -55,3 +59,17 @@ def _demo(args, settings) -> int:
 def _config(args, settings) -> int:
     print(json.dumps(json.loads(settings.model_dump_json()), indent=2))
     return 0
+
+
+def _prune(args, settings) -> int:
+    from medgru.tables import open_database
+    from storage.retention import prune
+
+    if settings.retention_days <= 0 and settings.quarantine_retention_days <= 0:
+        print("retention is off (MEDGRU_RETENTION_DAYS and MEDGRU_QUARANTINE_RETENTION_DAYS are 0): nothing removed")
+        return 0
+    report = prune(settings, open_database(settings), dry_run=args.dry_run)
+    print(report.summary())
+    for error in report.errors:
+        print(f"error: {error}")
+    return 1 if report.errors else 0

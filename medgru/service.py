@@ -56,7 +56,12 @@ class Service:
 
         assembler = Assembler(s, sf, enqueue=lambda job_id: enqueue_job(app, job_id))
         sender = Sender(s, sf)
-        for name, target in (("assembler", assembler.run_forever), ("sender", sender.run_forever)):
+        loops = [("assembler", assembler.run_forever), ("sender", sender.run_forever)]
+        if s.retention_days > 0 or s.quarantine_retention_days > 0:
+            from storage.retention import run_forever as apply_retention
+
+            loops.append(("retention", lambda stop: apply_retention(s, sf, stop)))
+        for name, target in loops:
             t = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             t.start()
             self._threads.append(t)

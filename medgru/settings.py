@@ -95,6 +95,18 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="torch device for inference: auto, cpu or cuda")
 
+    # retention (0 keeps files for ever; rows stay in the database either way)
+    retention_days: float = Field(
+        default=0.0, ge=0.0,
+        description="remove received instances' spool files and sent results' files this many days after the "
+                    "series' last instance (resp. the send), once no waiting, running or failed job needs them; "
+                    "0 keeps them",
+    )
+    quarantine_retention_days: float = Field(
+        default=0.0, ge=0.0, description="remove quarantined files this many days after receipt; 0 keeps them"
+    )
+    prune_interval_s: float = Field(default=3600.0, gt=0.0, description="how often the service applies retention")
+
     # admin surfaces
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8080

@@ -53,7 +53,10 @@ def _show(args, settings) -> int:
                        ("transfer_syntax_uid", "transfer syntax")):
         if d.get(key):
             fields.append((label, d[key]))
-    size = "missing" if d["file_bytes"] is None else f"{d['file_bytes']} bytes"
+    if d["purged_at"]:
+        size = f"removed by retention on {d['purged_at'][:16].replace('T', ' ')} UTC"
+    else:
+        size = "missing" if d["file_bytes"] is None else f"{d['file_bytes']} bytes"
     fields.append(("file", f"{d['file']} ({size})"))
     if "sidecar_error" in d:
         fields.append(("reason file", f"unreadable: {d['sidecar_error']}"))

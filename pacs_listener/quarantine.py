@@ -58,6 +58,7 @@ def quarantine_detail(session, quarantine_dir: Path, item_id: int) -> dict[str, 
         "reason": item.reason,
         "file": str(path),
         "file_bytes": path.stat().st_size if path.is_file() else None,
+        "purged_at": item.purged_at.isoformat() if item.purged_at else None,
     }
     try:
         sidecar = read_quarantine_reason(quarantine_dir, item.path)

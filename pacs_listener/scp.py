@@ -52,6 +52,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt, r
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,7 +62,7 @@ from pacs_listener.ingest import InstanceMeta, extract_meta, find_instance, reco
 from pacs_listener.spool import QuarantineReason, clean_temp_files, spool_relpath, write_quarantine, write_spool
 from pacs_listener.status import StoreStatus, describe
 from pacs_listener.validate import InvalidDataset, RequestIds, is_valid_uid, validate_received
-from storage.models import QuarantineItem
+from storage.models import Instance, QuarantineItem
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +306,9 @@ class Listener:
                 except OSError as exc:
                     return self._quarantine(data, request, calling_ae, f"spool write failed: {exc}",
                                             StoreStatus.OUT_OF_RESOURCES, ds_uids=uids)
-                log.warning("C-STORE %s: recorded but its file %s was missing; restored from this resend",
-                            meta.sop_instance_uid, stored_path)
+                self._unmark_purged(meta.sop_instance_uid)
+                log.warning("C-STORE %s: recorded but its file %s was missing (or removed by retention); "
+                            "restored from this resend", meta.sop_instance_uid, stored_path)
             log.info("C-STORE %s (series %s) from %s: already stored, kept the first copy",
                      meta.sop_instance_uid, meta.series_uid, calling_ae)
             return StoreStatus.SUCCESS
@@ -336,6 +338,16 @@ class Listener:
             except Exception:
                 log.exception("on_stored callback failed for series %s", meta.series_uid)
         return StoreStatus.SUCCESS
+
+    def _unmark_purged(self, sop_instance_uid: str) -> None:
+        """The file of a purged instance is back: it counts for assembly again."""
+        try:
+            with self.session_factory() as session:
+                session.execute(update(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+                                .values(purged_at=None).execution_options(synchronize_session=False))
+                session.commit()
+        except Exception:
+            log.exception("C-STORE %s: file restored but its purged mark could not be cleared", sop_instance_uid)
 
     def _stored_path(self, meta: InstanceMeta) -> str | None:
         """The spool path of this SOP Instance UID if it is already recorded."""

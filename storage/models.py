@@ -154,6 +154,8 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: when retention removed the spool file (the row stays: what was received, and from whom)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
@@ -167,6 +169,8 @@ class QuarantineItem(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     status_code: Mapped[int] = mapped_column(Integer)  # the DIMSE status we answered
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: when retention removed the file and its sidecar (the row keeps the reason)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class SequenceRecord(Base):
@@ -240,3 +244,5 @@ class OutboxItem(Base):
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: when retention removed the sent object's file
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

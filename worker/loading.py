@@ -29,6 +29,11 @@ def sequence_instances(session: Session, sequence: SequenceRecord) -> dict[str, 
     missing = [u for u in uids if u not in found]
     if missing:
         raise FrameLoadError(missing[0], f"is referenced by sequence {sequence.id} but not in the database")
+    purged = [row for row in rows if row.purged_at is not None]
+    if purged:  # a retried old job: retention removed its files (resend the series from the PACS)
+        raise FrameLoadError(purged[0].sop_instance_uid,
+                             f"was removed from the spool by retention on {purged[0].purged_at:%Y-%m-%d %H:%M} UTC; "
+                             f"send the series again, then retry the job")
     return found
 
 

@@ -14,6 +14,7 @@ def test_example_toml_is_valid_settings(monkeypatch):
     assert s.allowed_calling_aes == ["ORTHANC"]
     assert s.effective_database_url.startswith("postgresql")
     assert not s.uses_embedded_broker
+    assert s.retention_days == 14 and s.quarantine_retention_days == 30
 
 
 def test_alert_rules_name_only_exported_metrics(make_settings):

@@ -291,6 +291,32 @@ def test_resend_restores_a_missing_file_and_keeps_the_first_row(listener_factory
     assert dcmread(listener.spool_dir / row.path).SOPInstanceUID == ds.SOPInstanceUID
 
 
+def test_resend_of_an_instance_removed_by_retention_restores_it(listener_factory, sqlite_session_factory):
+    from datetime import timedelta
+
+    from storage.models import SeriesState, utcnow
+    from storage.retention import prune
+
+    listener = listener_factory(retention_days=1)
+    ds = make_mr()
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    try:
+        assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+        with sqlite_session_factory() as s:  # the series was assembled and scored two days ago
+            series = s.scalars(select(Series)).one()
+            series.state, series.last_received_at = SeriesState.ASSEMBLED, utcnow() - timedelta(days=2)
+            s.commit()
+        assert prune(listener.settings, sqlite_session_factory).instances == 1
+        row = instance_row(sqlite_session_factory, ds.SOPInstanceUID)
+        assert row.purged_at is not None and not (listener.spool_dir / row.path).exists()
+        assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS  # the PACS sends it again
+    finally:
+        assoc.release()
+    again = instance_row(sqlite_session_factory, ds.SOPInstanceUID)
+    assert again.id == row.id and again.purged_at is None
+    assert dcmread(listener.spool_dir / row.path).SOPInstanceUID == ds.SOPInstanceUID
+
+
 def test_late_instance_reopens_assembled_series_and_logs_carry_no_names(listener_factory, sqlite_session_factory,
                                                                          caplog):
     from storage.models import SeriesState

@@ -1,0 +1,210 @@
+"""Retention: remove the files the service no longer needs, keep every row.
+
+Nothing else ever deletes a file, so without retention a worker beside a busy PACS fills its disk and the
+listener then refuses instances with 0xA700 (out of resources). The rules (each off at 0 days):
+
+* **spool** (``settings.retention_days``): the file of a received instance once its series' last instance
+  is older than that, the series is no longer receiving (assembled or ignored), and no job that waits,
+  runs, retries or has FAILED (an admin may retry it) reads the instance, prior-study frames included;
+* **outbox** (the same days): the file of a result the PACS took, that long after it was sent; pending
+  and failed results are never touched;
+* **quarantine** (``settings.quarantine_retention_days``): a refused file and its ``.reason.json``.
+
+Rows get ``purged_at`` and stay: what was received, from whom, and what we sent remain answerable, and
+the quarantine row keeps the reason. The row is marked first and the file removed after, so a crash in
+between leaves a file too many, never a job without its file. A purged instance no longer counts for
+assembly or as a prior study; a resend of it restores its file (:mod:`pacs_listener.scp`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import (
+    Instance,
+    Job,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    QuarantineItem,
+    SequenceRecord,
+    Series,
+    SeriesState,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+#: a job in one of these states may still read its frames
+JOB_STATES_NEEDING_FILES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.FAILED)
+_BATCH = 500
+
+
+@dataclass
+class PruneReport:
+    """What one pass removed (or, in a dry run, would remove)."""
+
+    dry_run: bool = False
+    instances: int = 0
+    results: int = 0
+    quarantined: int = 0
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> int:
+        return self.instances + self.results + self.quarantined
+
+    def summary(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        text = (f"retention {verb} {self.instances} instance file(s), {self.results} sent result file(s), "
+                f"{self.quarantined} quarantined file(s): {self.bytes / 1e6:.1f} MB")
+        return text + (f"; {len(self.errors)} error(s)" if self.errors else "")
+
+
+def _protected_uids(session: Session) -> set[str]:
+    """SOP Instance UIDs that a waiting, running, retrying or failed job reads."""
+    refs = session.scalars(select(SequenceRecord.frame_refs).join(Job, Job.sequence_fk == SequenceRecord.id)
+                           .where(Job.state.in_(JOB_STATES_NEEDING_FILES))).all()
+    return {str(uid) for frame_refs in refs for uid, _frame in (frame_refs or [])}
+
+
+def _remove(path: Path, root: Path, report: PruneReport) -> None:
+    """Unlink ``path`` (counting its bytes), then its parent folders up to ``root`` while they are empty."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        report.errors.append(f"{path.name}: {exc}")
+        return
+    if report.dry_run:
+        report.bytes += size
+        return
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        report.errors.append(f"{path.name}: {exc}")
+        log.error("retention: cannot remove %s: %s", path, exc)
+        return
+    report.bytes += size
+    parent = path.parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+        parent = parent.parent
+
+
+def prune(settings, session_factory: sessionmaker[Session], *, now: datetime | None = None,
+          dry_run: bool = False) -> PruneReport:
+    """One retention pass under ``settings`` (see the module docstring); returns what it removed."""
+    now = now or utcnow()
+    report = PruneReport(dry_run=dry_run)
+    if settings.retention_days > 0:
+        cutoff = now - timedelta(days=settings.retention_days)
+        _prune_spool(settings, session_factory, cutoff, now, report)
+        _prune_outbox(settings, session_factory, cutoff, now, report)
+    if settings.quarantine_retention_days > 0:
+        _prune_quarantine(settings, session_factory, now - timedelta(days=settings.quarantine_retention_days),
+                          now, report)
+    if report.files or report.errors:
+        log.info("%s", report.summary())
+    return report
+
+
+def _prune_spool(settings, sf, cutoff: datetime, now: datetime, report: PruneReport) -> None:
+    root = settings.spool_dir
+    # re-checked when marking: a late instance may have re-opened the series meanwhile
+    settled = select(Series.id).where(Series.state != SeriesState.RECEIVING, Series.last_received_at < cutoff)
+    with sf() as session:
+        protected = _protected_uids(session)
+        rows = session.execute(
+            select(Instance.id, Instance.sop_instance_uid, Instance.path)
+            .join(Series, Instance.series_fk == Series.id)
+            .where(Instance.purged_at.is_(None), Series.state != SeriesState.RECEIVING,
+                   Series.last_received_at < cutoff)
+            .order_by(Instance.id)
+        ).all()
+    chosen = [(i, p) for i, uid, p in rows if uid not in protected]
+    for start in range(0, len(chosen), _BATCH):
+        batch = chosen[start:start + _BATCH]
+        if not report.dry_run:
+            with sf() as session:
+                session.execute(update(Instance).where(Instance.id.in_([i for i, _ in batch]),
+                                                       Instance.purged_at.is_(None), Instance.series_fk.in_(
+                                                           settled))
+                                .values(purged_at=now).execution_options(synchronize_session=False))
+                session.commit()
+                marked = set(session.scalars(select(Instance.id).where(Instance.id.in_([i for i, _ in batch]),
+                                                                       Instance.purged_at.is_not(None))))
+            batch = [(i, rel) for i, rel in batch if i in marked]
+        for _, rel in batch:
+            _remove(root / rel, root, report)
+        report.instances += len(batch)
+
+
+def _prune_outbox(settings, sf, cutoff: datetime, now: datetime, report: PruneReport) -> None:
+    root = settings.outbox_dir
+    with sf() as session:
+        rows = session.execute(
+            select(OutboxItem.id, OutboxItem.path)
+            .where(OutboxItem.state == OutboxState.SENT, OutboxItem.purged_at.is_(None),
+                   OutboxItem.sent_at < cutoff)
+            .order_by(OutboxItem.id)
+        ).all()
+    for start in range(0, len(rows), _BATCH):
+        batch = rows[start:start + _BATCH]
+        if not report.dry_run:
+            with sf() as session:
+                session.execute(update(OutboxItem).where(OutboxItem.id.in_([i for i, _ in batch]),
+                                                         OutboxItem.state == OutboxState.SENT)
+                                .values(purged_at=now).execution_options(synchronize_session=False))
+                session.commit()
+        for _, rel in batch:
+            _remove(root / rel, root, report)
+        report.results += len(batch)
+
+
+def _prune_quarantine(settings, sf, cutoff: datetime, now: datetime, report: PruneReport) -> None:
+    root = settings.quarantine_dir
+    with sf() as session:
+        rows = session.execute(
+            select(QuarantineItem.id, QuarantineItem.path)
+            .where(QuarantineItem.purged_at.is_(None), QuarantineItem.received_at < cutoff)
+            .order_by(QuarantineItem.id)
+        ).all()
+    for start in range(0, len(rows), _BATCH):
+        batch = rows[start:start + _BATCH]
+        if not report.dry_run:
+            with sf() as session:
+                session.execute(update(QuarantineItem).where(QuarantineItem.id.in_([i for i, _ in batch]))
+                                .values(purged_at=now).execution_options(synchronize_session=False))
+                session.commit()
+        for _, rel in batch:
+            path = root / rel
+            _remove(path.with_name(path.name.removesuffix(".dcm") + ".reason.json"), root, report)
+            _remove(path, root, report)
+        report.quarantined += len(batch)
+
+
+def run_forever(settings, session_factory: sessionmaker[Session], stop_event) -> None:
+    """Apply retention every ``settings.prune_interval_s`` until ``stop_event`` is set (the service's thread)."""
+    log.info("retention: instance and sent-result files after %g days, quarantined files after %g days "
+             "(0 = kept), checked every %g s", settings.retention_days, settings.quarantine_retention_days,
+             settings.prune_interval_s)
+    while not stop_event.is_set():
+        try:
+            prune(settings, session_factory)
+        except Exception:  # a failed pass (database away) must not end the thread; the next one retries
+            log.exception("retention pass failed; next in %g s", settings.prune_interval_s)
+        stop_event.wait(settings.prune_interval_s)
