@@ -122,39 +122,45 @@ def prune(settings, session_factory: sessionmaker[Session], *, now: datetime | N
     return report
 
 
+def _mark_and_remove(sf, model, rows: list, root: Path, now: datetime, report: PruneReport,
+                     files_of=lambda path: (path,), still: tuple = ()) -> int:
+    """Mark ``rows`` (``(id, path relative to root)``) of ``model`` purged, in batches, where they are still
+    unmarked and match ``still``; then remove the files of those marked (``files_of(path)``). Returns how
+    many rows that was (all of them in a dry run, which marks and removes nothing)."""
+    done = 0
+    for start in range(0, len(rows), _BATCH):
+        batch = rows[start:start + _BATCH]
+        if not report.dry_run:
+            ids = [i for i, _ in batch]
+            with sf() as session:
+                session.execute(update(model).where(model.id.in_(ids), model.purged_at.is_(None), *still)
+                                .values(purged_at=now).execution_options(synchronize_session=False))
+                session.commit()
+                marked = set(session.scalars(select(model.id).where(model.id.in_(ids), model.purged_at.is_not(None))))
+            batch = [(i, rel) for i, rel in batch if i in marked]
+        for _, rel in batch:
+            for path in files_of(root / rel):
+                _remove(path, root, report)
+        done += len(batch)
+    return done
+
+
 def _prune_spool(settings, sf, cutoff: datetime, now: datetime, report: PruneReport) -> None:
-    root = settings.spool_dir
     # re-checked when marking: a late instance may have re-opened the series meanwhile
     settled = select(Series.id).where(Series.state != SeriesState.RECEIVING, Series.last_received_at < cutoff)
     with sf() as session:
         protected = _protected_uids(session)
         rows = session.execute(
             select(Instance.id, Instance.sop_instance_uid, Instance.path)
-            .join(Series, Instance.series_fk == Series.id)
-            .where(Instance.purged_at.is_(None), Series.state != SeriesState.RECEIVING,
-                   Series.last_received_at < cutoff)
+            .where(Instance.purged_at.is_(None), Instance.series_fk.in_(settled))
             .order_by(Instance.id)
         ).all()
-    chosen = [(i, p) for i, uid, p in rows if uid not in protected]
-    for start in range(0, len(chosen), _BATCH):
-        batch = chosen[start:start + _BATCH]
-        if not report.dry_run:
-            with sf() as session:
-                session.execute(update(Instance).where(Instance.id.in_([i for i, _ in batch]),
-                                                       Instance.purged_at.is_(None), Instance.series_fk.in_(
-                                                           settled))
-                                .values(purged_at=now).execution_options(synchronize_session=False))
-                session.commit()
-                marked = set(session.scalars(select(Instance.id).where(Instance.id.in_([i for i, _ in batch]),
-                                                                       Instance.purged_at.is_not(None))))
-            batch = [(i, rel) for i, rel in batch if i in marked]
-        for _, rel in batch:
-            _remove(root / rel, root, report)
-        report.instances += len(batch)
+    chosen = [(i, rel) for i, uid, rel in rows if uid not in protected]
+    report.instances += _mark_and_remove(sf, Instance, chosen, settings.spool_dir, now, report,
+                                         still=(Instance.series_fk.in_(settled),))
 
 
 def _prune_outbox(settings, sf, cutoff: datetime, now: datetime, report: PruneReport) -> None:
-    root = settings.outbox_dir
     with sf() as session:
         rows = session.execute(
             select(OutboxItem.id, OutboxItem.path)
@@ -162,39 +168,24 @@ def _prune_outbox(settings, sf, cutoff: datetime, now: datetime, report: PruneRe
                    OutboxItem.sent_at < cutoff)
             .order_by(OutboxItem.id)
         ).all()
-    for start in range(0, len(rows), _BATCH):
-        batch = rows[start:start + _BATCH]
-        if not report.dry_run:
-            with sf() as session:
-                session.execute(update(OutboxItem).where(OutboxItem.id.in_([i for i, _ in batch]),
-                                                         OutboxItem.state == OutboxState.SENT)
-                                .values(purged_at=now).execution_options(synchronize_session=False))
-                session.commit()
-        for _, rel in batch:
-            _remove(root / rel, root, report)
-        report.results += len(batch)
+    report.results += _mark_and_remove(sf, OutboxItem, [tuple(r) for r in rows], settings.outbox_dir, now, report,
+                                       still=(OutboxItem.state == OutboxState.SENT,))
+
+
+def _quarantine_files(path: Path) -> tuple[Path, Path]:
+    """The refused file, then its reason (never a quarantined file without its reason, as when written)."""
+    return path, path.with_name(path.name.removesuffix(".dcm") + ".reason.json")
 
 
 def _prune_quarantine(settings, sf, cutoff: datetime, now: datetime, report: PruneReport) -> None:
-    root = settings.quarantine_dir
     with sf() as session:
         rows = session.execute(
             select(QuarantineItem.id, QuarantineItem.path)
             .where(QuarantineItem.purged_at.is_(None), QuarantineItem.received_at < cutoff)
             .order_by(QuarantineItem.id)
         ).all()
-    for start in range(0, len(rows), _BATCH):
-        batch = rows[start:start + _BATCH]
-        if not report.dry_run:
-            with sf() as session:
-                session.execute(update(QuarantineItem).where(QuarantineItem.id.in_([i for i, _ in batch]))
-                                .values(purged_at=now).execution_options(synchronize_session=False))
-                session.commit()
-        for _, rel in batch:
-            path = root / rel
-            _remove(path.with_name(path.name.removesuffix(".dcm") + ".reason.json"), root, report)
-            _remove(path, root, report)
-        report.quarantined += len(batch)
+    report.quarantined += _mark_and_remove(sf, QuarantineItem, [tuple(r) for r in rows], settings.quarantine_dir,
+                                           now, report, files_of=_quarantine_files)
 
 
 def run_forever(settings, session_factory: sessionmaker[Session], stop_event) -> None:
