@@ -12,13 +12,18 @@ web framework):
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
   other processes are counted too (see :class:`_DbCollector`);  ``GET /healthz``.
 
-Pages show UIDs, modality and body part, never patient names. The actions are plain form POSTs; one
+Pages show UIDs, modality and body part, never patient names. With ``settings.dashboard_password`` set
+every path but ``/healthz`` asks for HTTP Basic authentication (user ``settings.dashboard_user``); the
+settings refuse a non-loopback ``dashboard_host`` without one. The actions are plain form POSTs; one
 whose ``Origin`` (or, without one, ``Sec-Fetch-Site``) says it came from another site is refused with
 403, so that a page elsewhere cannot make an admin's browser retry or re-send (cross-site request forgery).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import html
 import json
 import logging
@@ -271,6 +276,18 @@ def cross_site(headers) -> str | None:
     return None
 
 
+def check_basic_auth(header: str, user: str, password: str) -> bool:
+    """Whether an ``Authorization: Basic …`` header carries ``user`` and ``password`` (constant-time compare)."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return False
+    try:
+        given = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return hmac.compare_digest(given, f"{user}:{password}".encode())
+
+
 def _state_param(query: str, allowed: set[str]) -> tuple[str | None, str | None]:
     """``(state, error)`` from a ``?state=`` query string."""
     values = parse_qs(query).get("state", [])
@@ -290,6 +307,8 @@ class DashboardServer:
                  resend: Callable[[int], Any] | None = None):
         self.settings = settings
         self.sf = session_factory
+        secret = getattr(settings, "dashboard_password", None)
+        self.password: str | None = secret.get_secret_value() if secret is not None else None
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(session_factory))
         handler = self._make_handler(retry, cancel, resend or (lambda item_id: resend_item(session_factory, item_id)))
@@ -326,10 +345,21 @@ class DashboardServer:
             def _json(self, data: Any):
                 return self._send(200, json.dumps(data).encode(), "application/json")
 
+            def _authorised(self) -> bool:
+                """HTTP Basic against the settings' user and password, when a password is set; else 401."""
+                if server.password is None or check_basic_auth(self.headers.get("Authorization", ""),
+                                                               server.settings.dashboard_user, server.password):
+                    return True
+                self._send(401, b"authentication required\n", "text/plain",
+                           {"WWW-Authenticate": 'Basic realm="MedGRU worker", charset="UTF-8"'})
+                return False
+
             def do_GET(self):
                 path, _, query = self.path.partition("?")
                 if path == "/healthz":
                     return self._send(200, b"ok\n", "text/plain")
+                if not self._authorised():
+                    return None
                 if path == "/metrics":
                     return self._send(200, generate_latest(server.registry), CONTENT_TYPE_METRICS)
                 if path not in ("/", "/index.html", "/api/jobs", "/api/outbox", "/api/quarantine"):
@@ -350,6 +380,8 @@ class DashboardServer:
 
             def do_POST(self):
                 m = re.fullmatch(r"/(jobs|outbox)/(\d+)/(retry|cancel|resend)", self.path)
+                if not self._authorised():
+                    return None
                 action = actions.get((m[1], m[3])) if m else None
                 if action is None:
                     return self._send(404, b"not found\n", "text/plain")

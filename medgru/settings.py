@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -52,6 +52,18 @@ def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only accepts connections from this machine."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -110,6 +122,12 @@ class Settings(BaseSettings):
     # admin surfaces
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8080
+    dashboard_user: str = "admin"
+    dashboard_password: SecretStr | None = Field(
+        default=None,
+        description="HTTP Basic password of the dashboard, /api and /metrics (not /healthz); required when "
+                    "dashboard_host is not a loopback address",
+    )
     log_level: str = "INFO"
 
     @field_validator("destination", mode="before")
@@ -123,6 +141,16 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_list(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @model_validator(mode="after")
+    def _dashboard_reachable_only_with_a_password(self) -> "Settings":
+        if self.dashboard_port and not is_loopback(self.dashboard_host) and not self.dashboard_password:
+            raise ValueError(
+                f"dashboard_host {self.dashboard_host!r} lets other hosts reach the dashboard, whose buttons retry, "
+                "cancel and re-send: set MEDGRU_DASHBOARD_PASSWORD (HTTP Basic, user MEDGRU_DASHBOARD_USER) or "
+                "listen on 127.0.0.1"
+            )
+        return self
 
     @field_validator("home", mode="after")
     @classmethod

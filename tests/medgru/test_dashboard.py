@@ -204,3 +204,47 @@ def test_metrics_tell_a_stalled_queue_and_an_unreachable_pacs(dash):
     _, _, metrics = _get(base + "/metrics")
     assert _metric(metrics, "medgru_oldest_waiting_job_age_seconds") == 0
     assert _metric(metrics, "medgru_oldest_unsent_result_age_seconds") == 0
+
+
+def test_a_password_guards_every_page_but_healthz(make_settings):
+    import base64
+
+    settings = make_settings(dashboard_port=0, dashboard_password="s3cret pass")
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None).start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def status(path: str, auth: str | None = None, method: str = "GET") -> int:
+        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+        req = urllib.request.Request(base + path, method=method, headers=headers,
+                                     data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            if e.code == 401:
+                assert e.headers["WWW-Authenticate"].startswith("Basic ")
+            return e.code
+
+    try:
+        assert status("/healthz") == 200  # for the load balancer / systemd watchdog
+        for path in ("/", "/api/jobs", "/metrics"):
+            assert status(path) == 401
+            assert status(path, "admin:wrong") == 401
+            assert status(path, "root:s3cret pass") == 401
+            assert status(path, "admin:s3cret pass") == 200
+        assert status("/jobs/1/retry", method="POST") == 401
+        assert status("/jobs/1/retry", "admin:s3cret pass", method="POST") in (200, 303)
+    finally:
+        server.stop()
+
+
+def test_settings_refuse_a_dashboard_open_to_other_hosts_without_a_password(make_settings):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="MEDGRU_DASHBOARD_PASSWORD"):
+        make_settings(dashboard_host="0.0.0.0")
+    assert make_settings(dashboard_host="0.0.0.0", dashboard_password="x").dashboard_host == "0.0.0.0"
+    assert make_settings(dashboard_host="::1").dashboard_password is None
+    dumped = make_settings(dashboard_host="0.0.0.0", dashboard_password="pw-Quetzal-77").model_dump_json()
+    assert "pw-Quetzal-77" not in dumped and "dashboard_password" in dumped  # `medgru config` shows ******
