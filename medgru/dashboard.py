@@ -7,6 +7,8 @@ web framework):
   ``/?state=failed``), the latest jobs with Retry / Cancel buttons, the outbox items that are not sent
   (failed ones with a Resend button) and the latest quarantined instances with the status we answered
   and why;
+* ``GET /jobs/<id>`` — one job in detail (as ``medgru jobs show``): times, errors, its UIDs, results and
+  where its SR and SC are;
 * ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
   JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel`` and ``/outbox/<id>/resend``;
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
@@ -243,7 +245,8 @@ def render_page(settings, session, state: str | None = None) -> str:
             actions += f'<form method="post" action="/jobs/{r["id"]}/cancel"><button>Cancel</button></form>'
         verdict = r["verdict"] or ""
         out.append(
-            f'<tr><td>{r["id"]}</td><td class="state-{r["state"]}">{r["state"]}</td><td>{r["attempts"]}</td>'
+            f'<tr><td><a href="/jobs/{r["id"]}">{r["id"]}</a></td><td class="state-{r["state"]}">{r["state"]}</td>'
+            f'<td>{r["attempts"]}</td>'
             f'<td>{html.escape(r["modality"])}</td><td>{html.escape(r["body_part"] or "-")}</td><td>{r["frames"]}</td>'
             f'<td>{"" if r["score"] is None else r["score"]}</td><td>{"" if r["threshold"] is None else r["threshold"]}</td>'
             f'<td class="{verdict}">{verdict}</td><td>{html.escape(r["model"] or "")}</td>'
@@ -256,6 +259,35 @@ def render_page(settings, session, state: str | None = None) -> str:
                         dest=html.escape(str(settings.destination or "(none)")), cards=cards, rows="".join(out),
                         jobs_title=jobs_title, outbox=_outbox_table(unsent),
                         quarantine=_quarantine_table(quarantine_rows(session, limit=PAGE_SECTION_ROWS)))
+
+
+_JOB_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MedGRU worker — job {job_id}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} h1{{font-size:20px;margin:0 0 12px}}
+table{{border-collapse:collapse;font-size:13px}} th,td{{border-bottom:1px solid #eee;padding:5px 10px;text-align:left;
+vertical-align:top}} th{{color:#555;font-weight:600;white-space:nowrap}} code{{font-size:12px}}
+form{{display:inline;margin-right:8px}} .sub{{color:#666;margin-bottom:14px}}
+</style></head><body><h1>Job {job_id}</h1>
+<div class="sub"><a href="/">back to the queue</a> · NOT FOR DIAGNOSTIC USE</div>
+<table>{rows}</table><p>{actions}</p></body></html>"""
+
+
+def render_job_page(session, job_id: int) -> str:
+    """One job in detail (the fields of ``medgru jobs show``), with its Retry / Cancel button;
+    ``KeyError`` if there is no such job."""
+    from worker.admin import CANCELLABLE, RETRYABLE, job_fields
+
+    fields = job_fields(session, job_id)
+    state = session.get(Job, job_id).state
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(v)}</code></td></tr>"
+                   if "UID" in k or k in ("outbox", "celery task") else
+                   f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in fields)
+    actions = ""
+    if state in RETRYABLE:
+        actions += f'<form method="post" action="/jobs/{job_id}/retry"><button>Retry</button></form>'
+    if state in CANCELLABLE:
+        actions += f'<form method="post" action="/jobs/{job_id}/cancel"><button>Cancel</button></form>'
+    return _JOB_PAGE.format(job_id=job_id, rows=rows, actions=actions)
 
 
 def cross_site(headers) -> str | None:
@@ -362,6 +394,14 @@ class DashboardServer:
                     return None
                 if path == "/metrics":
                     return self._send(200, generate_latest(server.registry), CONTENT_TYPE_METRICS)
+                job_page = re.fullmatch(r"/jobs/(\d+)", path)
+                if job_page:
+                    with server.sf() as session:
+                        try:
+                            page = render_job_page(session, int(job_page[1]))
+                        except KeyError as exc:
+                            return self._send(404, f"{exc.args[0]}\n".encode(), "text/plain")
+                    return self._send(200, page.encode(), "text/html; charset=utf-8")
                 if path not in ("/", "/index.html", "/api/jobs", "/api/outbox", "/api/quarantine"):
                     return self._send(404, b"not found\n", "text/plain")
                 state, error = _state_param(query, _OUTBOX_STATES if path == "/api/outbox" else _JOB_STATES)

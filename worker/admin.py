@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from storage.models import Job, JobState
+from sqlalchemy import select
+
+from medgru.tables import when
+from storage.models import Job, JobState, OutboxItem, Result
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +52,41 @@ def cancel_job(session_factory, job_id: int) -> Job:
         session.commit()
     log.info("job %d cancelled by an admin", job_id)
     return job
+
+
+def job_fields(session, job_id: int) -> list[tuple[str, str]]:
+    """One job in detail, as ``(label, value)`` pairs: states, times, errors, its sequence, series and study
+    UIDs, each result and where its SR and SC are (``medgru jobs show`` and the dashboard's job page).
+    ``KeyError`` if there is no such job. UIDs only, never patient data."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise KeyError(f"no job {job_id}")
+    seq = job.sequence
+    series = seq.series
+    fields: list[tuple[str, object]] = [
+        ("job", job.id), ("state", job.state.value), ("attempts", job.attempts),
+        ("created", when(job.created_at)), ("started", when(job.started_at)),
+        ("finished", when(job.finished_at)),
+        *([("next attempt", when(job.retry_at))] if job.state is JobState.RETRYING and job.retry_at else []),
+        ("model", f"{job.model_name} {job.model_version}".strip()),
+        ("reason", job.reason), ("last error", job.last_error), ("celery task", job.celery_task_id),
+        ("sequence", f"{seq.id} ({seq.n_frames} frames, ordered by {seq.order_key or 'none'})"),
+        ("series UID", series.series_uid), ("study UID", series.study.study_uid),
+        ("modality", series.modality), ("body part", series.body_part),
+    ]
+    if seq.prior_study_uid:
+        fields.append(("prior study UID", seq.prior_study_uid))
+    for res in session.scalars(select(Result).where(Result.job_fk == job.id).order_by(Result.id)).all():
+        fields += [
+            ("result", f"score {res.score:.4f}, threshold {res.threshold:.4f}, "
+                       f"{'abnormal' if res.is_anomaly else 'normal'}"
+                       + (f", cluster {res.cluster_label}" if res.cluster_label else "")
+                       + f", {res.model_name} {res.model_version}, {res.inference_seconds:.2f} s"),
+            ("SR UID", res.sr_sop_instance_uid), ("SC UID", res.sc_sop_instance_uid),
+        ]
+        for item in session.scalars(select(OutboxItem).where(OutboxItem.result_fk == res.id)
+                                    .order_by(OutboxItem.id)).all():
+            fields.append(("outbox", f"{item.sop_instance_uid} {item.state.value} to "
+                                     f"{item.destination or '(none)'}, {item.attempts} attempts"
+                                     + (f": {item.last_error}" if item.last_error else "")))
+    return [(k, "" if v is None else str(v)) for k, v in fields]

@@ -10,7 +10,7 @@ import argparse
 from sqlalchemy import select
 
 from medgru.tables import format_table, open_database, print_fields, when
-from storage.models import Job, JobState, OutboxItem, Result, SequenceRecord, Series
+from storage.models import Job, JobState, Result, SequenceRecord, Series
 
 _STATES = [s.value for s in JobState]
 
@@ -72,40 +72,15 @@ def _list(args, settings) -> int:
 
 
 def _show(args, settings) -> int:
+    from worker.admin import job_fields
+
     sf = open_database(settings)
     with sf() as session:
-        job = session.get(Job, args.job_id)
-        if job is None:
-            print(f"no job {args.job_id}")
+        try:
+            fields = job_fields(session, args.job_id)
+        except KeyError as exc:
+            print(exc.args[0])
             return 1
-        seq = job.sequence
-        series = seq.series
-        fields = [
-            ("job", job.id), ("state", job.state.value), ("attempts", job.attempts),
-            ("created", when(job.created_at)), ("started", when(job.started_at)),
-            ("finished", when(job.finished_at)),
-            *([("next attempt", when(job.retry_at))] if job.state is JobState.RETRYING and job.retry_at else []),
-            ("model", f"{job.model_name} {job.model_version}".strip()),
-            ("reason", job.reason), ("last error", job.last_error), ("celery task", job.celery_task_id),
-            ("sequence", f"{seq.id} ({seq.n_frames} frames, ordered by {seq.order_key or 'none'})"),
-            ("series UID", series.series_uid), ("study UID", series.study.study_uid),
-            ("modality", series.modality), ("body part", series.body_part),
-        ]
-        if seq.prior_study_uid:
-            fields.append(("prior study UID", seq.prior_study_uid))
-        for res in session.scalars(select(Result).where(Result.job_fk == job.id).order_by(Result.id)).all():
-            fields += [
-                ("result", f"score {res.score:.4f}, threshold {res.threshold:.4f}, "
-                           f"{'abnormal' if res.is_anomaly else 'normal'}"
-                           + (f", cluster {res.cluster_label}" if res.cluster_label else "")
-                           + f", {res.model_name} {res.model_version}, {res.inference_seconds:.2f} s"),
-                ("SR UID", res.sr_sop_instance_uid), ("SC UID", res.sc_sop_instance_uid),
-            ]
-            for item in session.scalars(select(OutboxItem).where(OutboxItem.result_fk == res.id)
-                                        .order_by(OutboxItem.id)).all():
-                fields.append(("outbox", f"{item.sop_instance_uid} {item.state.value} to "
-                                         f"{item.destination or '(none)'}, {item.attempts} attempts"
-                                         + (f": {item.last_error}" if item.last_error else "")))
     print_fields(fields)
     return 0
 

@@ -248,3 +248,20 @@ def test_settings_refuse_a_dashboard_open_to_other_hosts_without_a_password(make
     assert make_settings(dashboard_host="::1").dashboard_password is None
     dumped = make_settings(dashboard_host="0.0.0.0", dashboard_password="pw-Quetzal-77").model_dump_json()
     assert "pw-Quetzal-77" not in dumped and "dashboard_password" in dumped  # `medgru config` shows ******
+
+
+def test_job_page_shows_the_result_and_where_its_objects_are(dash):
+    _, _, base = dash
+    _, _, body = _get(base + "/")
+    assert '<a href="/jobs/1">1</a>' in body
+    _, ctype, page = _get(base + "/jobs/1")
+    assert ctype.startswith("text/html")
+    assert "score 1.5000, threshold 1.0000, abnormal" in page and "medgru-svc-brain 1" in page
+    assert "1.2.3.4" in page and "1.2.3" in page  # series and study UID
+    assert "1.2.3.4.5.1 failed to PACS@h:104, 5 attempts" in page and "1.2.3.4.5.2 pending" in page
+    assert "Retry" not in page and "Cancel" not in page  # succeeded: nothing to do
+    _, _, failed = _get(base + "/jobs/2")
+    assert "decode error in 1.2.3.4.1" in failed and 'action="/jobs/2/retry"' in failed
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _get(base + "/jobs/99")
+    assert err.value.code == 404
