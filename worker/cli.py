@@ -28,8 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("job_id", type=int, metavar="ID")
     q.set_defaults(func=_show)
 
-    q = jobs.add_parser("retry", help="put a failed, not processed or cancelled job back on the queue")
-    q.add_argument("job_id", type=int, metavar="ID")
+    q = jobs.add_parser("retry", help="put failed, not processed or cancelled jobs back on the queue")
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("job_ids", type=int, nargs="*", metavar="ID", default=[], help="job ids")
+    which.add_argument("--all-failed", action="store_true",
+                       help="every failed job (after an outage: a worker or the GPU was away)")
     q.set_defaults(func=_retry)
 
     q = jobs.add_parser("cancel", help="cancel a queued or retrying job")
@@ -90,13 +93,24 @@ def _retry(args, settings) -> int:
     from worker.celery_app import make_celery
 
     sf = open_database(settings)
-    try:
-        retry_job(sf, make_celery(settings), args.job_id)
-    except (KeyError, ValueError) as exc:
-        print(f"cannot retry: {exc.args[0] if exc.args else exc}")
-        return 1
-    print(f"job {args.job_id} re-queued")
-    return 0
+    job_ids = list(dict.fromkeys(args.job_ids))
+    if args.all_failed:
+        with sf() as session:
+            job_ids = list(session.scalars(select(Job.id).where(Job.state == JobState.FAILED).order_by(Job.id)))
+        if not job_ids:
+            print("no failed jobs")
+            return 0
+    app = make_celery(settings)
+    refused = 0
+    for job_id in job_ids:
+        try:
+            retry_job(sf, app, job_id)
+        except (KeyError, ValueError) as exc:
+            print(f"cannot retry: {exc.args[0] if exc.args else exc}")
+            refused += 1
+        else:
+            print(f"job {job_id} re-queued")
+    return 1 if refused else 0
 
 
 def _cancel(args, settings) -> int:

@@ -91,3 +91,37 @@ def test_jobs_list_show_retry_cancel(cli, session_factory, dicom_corpus, capsys)
 
     assert run("show", "9999") == 1
     assert run("retry", "9999") == 1
+
+
+def test_jobs_retry_all_failed_after_an_outage(cli, session_factory, dicom_corpus, capsys):
+    settings, run = cli
+    jobs = [add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1),
+            add_series(settings, session_factory, dicom_corpus, KNEE, body_part="KNEE", limit=1)]
+    with session_factory() as s:  # a third job on the first sequence
+        third = Job(sequence_fk=s.get(Job, jobs[0]).sequence_fk, state=JobState.QUEUED)
+        s.add(third)
+        s.commit()
+        jobs.append(third.id)
+    with session_factory() as s:  # two failed while the workers were away; one succeeded
+        for job_id, state in zip(jobs, (JobState.FAILED, JobState.FAILED, JobState.SUCCEEDED)):
+            s.get(Job, job_id).state = state
+            s.get(Job, job_id).last_error = "worker lost" if state is JobState.FAILED else ""
+        s.commit()
+    queue_dir = settings.broker_dir / "queue"
+    before = set(queue_dir.iterdir()) if queue_dir.is_dir() else set()
+    capsys.readouterr()
+    assert run("retry", "--all-failed") == 0
+    out = capsys.readouterr().out
+    assert f"job {jobs[0]} re-queued" in out and f"job {jobs[1]} re-queued" in out and str(jobs[2]) not in out
+    assert [_state(session_factory, j).state for j in jobs] == [JobState.QUEUED, JobState.QUEUED,
+                                                                 JobState.SUCCEEDED]
+    assert len(set(queue_dir.iterdir()) - before) == 2  # one broker message each
+    assert run("retry", "--all-failed") == 0
+    assert "no failed jobs" in capsys.readouterr().out
+    # several ids: the retryable ones go, the others are named, exit 1
+    with session_factory() as s:
+        s.get(Job, jobs[0]).state = JobState.FAILED
+        s.commit()
+    assert run("retry", str(jobs[0]), str(jobs[2])) == 1
+    out = capsys.readouterr().out
+    assert f"job {jobs[0]} re-queued" in out and "cannot retry" in out
