@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from medgru.settings import Destination, Settings
+from medgru.tls import client_context
 from storage.models import OutboxItem, OutboxState, utcnow
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,20 @@ def _set_nodelay(event: evt.Event) -> None:
             log.warning("could not set TCP_NODELAY on the association socket: %s", exc)
 
 
+def _tls_failure(destination: Destination, tls: ssl.SSLContext, timeout: float) -> str | None:
+    """Why a TLS handshake with ``destination`` fails (an untrusted certificate, a peer without TLS...),
+    or ``None`` when it succeeds or the peer cannot be reached at all. pynetdicom reports a failed
+    handshake as a failed connection; this second try names the cause for the outbox's error."""
+    try:
+        with socket.create_connection((destination.host, destination.port), timeout=timeout) as raw:
+            with tls.wrap_socket(raw, server_hostname=destination.host):
+                return None
+    except ssl.SSLError as exc:
+        return str(exc.reason or exc)
+    except OSError:
+        return None
+
+
 def _read_header(path: Path) -> tuple[str, str, str]:
     """(SOP Class UID, SOP Instance UID, transfer syntax) of a DICOM file, without its pixel data."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -135,7 +151,7 @@ def _read_header(path: Path) -> tuple[str, str, str]:
 
 
 def store_files(destination: Destination, paths: Sequence[Path | str], *, calling_ae: str,
-                timeout: float = DEFAULT_TIMEOUT_S) -> list[StoreOutcome]:
+                timeout: float = DEFAULT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> list[StoreOutcome]:
     """C-STORE ``paths`` to ``destination`` over one association; an outcome per path, in order.
 
     Raises :class:`AssociationError` when no association could be established (nothing was sent).
@@ -173,9 +189,13 @@ def store_files(destination: Destination, paths: Sequence[Path | str], *, callin
         _set_nodelay(event)
 
     assoc = ae.associate(destination.host, destination.port, contexts=contexts,
-                         ae_title=destination.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+                         ae_title=destination.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+                         tls_args=None if tls is None else (tls, destination.host))
     if not assoc.is_established:
-        if not connected:
+        tls_failure = _tls_failure(destination, tls, timeout) if tls is not None and not connected else None
+        if tls_failure:
+            reason = f"TLS with {destination} failed: {tls_failure}"
+        elif not connected:
             reason = f"{destination} unreachable (no TCP connection within {timeout:g} s)"
         elif assoc.is_rejected:
             reason = f"association rejected by {destination}"
@@ -217,11 +237,12 @@ def store_files(destination: Destination, paths: Sequence[Path | str], *, callin
 
 
 def send_files(destination: Destination, paths: Iterable[Path | str], *, calling_ae: str,
-               timeout: float = DEFAULT_TIMEOUT_S) -> list[int]:
+               timeout: float = DEFAULT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> list[int]:
     """C-STORE ``paths`` over one association and return the DIMSE status of each (see the STATUS_*
     constants; negative values are local: :data:`STATUS_NO_RESPONSE`, :data:`STATUS_NOT_SENT`).
     Raises :class:`AssociationError` if no association could be established."""
-    return [o.status for o in store_files(destination, list(paths), calling_ae=calling_ae, timeout=timeout)]
+    return [o.status for o in store_files(destination, list(paths), calling_ae=calling_ae, timeout=timeout,
+                                          tls=tls)]
 
 
 # ------------------------------------------------------------------------------------ the outbox
@@ -250,6 +271,7 @@ class Sender:
         self.timeout = timeout
         self.batch = batch
         self._send = send
+        self._tls = client_context(settings)
 
     # --- one pass ----------------------------------------------------------------------------
     def run_once(self, now: datetime | None = None) -> int:
@@ -294,7 +316,8 @@ class Sender:
         paths = [self.settings.outbox_dir / path for _id, path, _uid in items]
         try:
             destination = Destination.parse(destination_text)
-            outcomes = self._send(destination, paths, calling_ae=self.settings.ae_title, timeout=self.timeout)
+            outcomes = self._send(destination, paths, calling_ae=self.settings.ae_title, timeout=self.timeout,
+                                  **({"tls": self._tls} if self._tls is not None else {}))
         except (AssociationError, OSError, ValueError) as exc:
             log.warning("sending %d objects to %s failed: %s", len(items), destination_text, exc)
             outcomes = [StoreOutcome(p, STATUS_NO_RESPONSE, str(exc)) for p in paths]

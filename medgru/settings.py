@@ -89,6 +89,15 @@ class Settings(BaseSettings):
         default=False, description="prepend the patient's latest prior study of the same modality as earlier frames"
     )
 
+    # DICOM over TLS (medgru/tls.py)
+    listen_tls: bool = Field(default=False, description="the listener accepts TLS only, peers with a trusted certificate")
+    send_tls: bool = Field(default=False, description="send results to the destination over TLS")
+    tls_certificate: Path | None = Field(default=None, description="our certificate (PEM)")
+    tls_private_key: Path | None = Field(default=None, description="its private key (PEM)")
+    tls_trusted_certificates: Path | None = Field(
+        default=None, description="PEM bundle of the CAs / peer certificates we trust (senders and the PACS)")
+    tls_verify_hostname: bool = Field(default=True, description="the PACS certificate must name its host")
+
     # results destination
     destination: Destination | None = None
     send_retry_base_s: float = 2.0
@@ -150,6 +159,22 @@ class Settings(BaseSettings):
                 "cancel and re-send: set MEDGRU_DASHBOARD_PASSWORD (HTTP Basic, user MEDGRU_DASHBOARD_USER) or "
                 "listen on 127.0.0.1"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_given(self) -> "Settings":
+        needed: list[str] = []
+        if self.listen_tls:
+            needed += ["tls_certificate", "tls_private_key", "tls_trusted_certificates"]
+        if self.send_tls:
+            needed += ["tls_trusted_certificates"]
+        missing = [name for name in dict.fromkeys(needed) if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"TLS is on but {', '.join('MEDGRU_' + m.upper() for m in missing)} is not set")
+        unreadable = [f"{name} {path}" for name in ("tls_certificate", "tls_private_key", "tls_trusted_certificates")
+                      if (path := getattr(self, name)) is not None and not Path(path).is_file()]
+        if unreadable and (self.listen_tls or self.send_tls):
+            raise ValueError(f"TLS file not found: {'; '.join(unreadable)}")
         return self
 
     @field_validator("home", mode="after")

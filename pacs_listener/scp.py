@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medgru.logsafe import install as install_log_redaction, instance_context
 from medgru.settings import Settings
+from medgru.tls import server_context
 from pacs_listener.ingest import InstanceMeta, extract_meta, find_instance, record_instance
 from pacs_listener.spool import QuarantineReason, clean_temp_files, spool_relpath, write_quarantine, write_spool
 from pacs_listener.status import StoreStatus, describe
@@ -138,6 +140,24 @@ def readable_study_series(data: bytes) -> dict[str, str] | None:
     return {k: (v if is_valid_uid(v) else "") for k, v in uids.items()}
 
 
+def _log_refused_handshakes(server, tls: ssl.SSLContext) -> None:
+    """Make the server log a failed TLS handshake with the peer's address and the reason (a plain-TCP peer,
+    an untrusted or missing certificate). pynetdicom's server (``socketserver``) drops such a connection
+    without a word, which leaves an admin nothing to go on when a modality cannot send."""
+
+    def get_request():
+        client, address = server.socket.accept()
+        try:
+            return tls.wrap_socket(client, server_side=True), address
+        except OSError as exc:  # ssl.SSLError, a reset during the handshake, a time-out
+            log.warning("TLS handshake with %s:%s refused: %s", address[0], address[1],
+                        getattr(exc, "reason", None) or exc)
+            client.close()
+            raise
+
+    server.get_request = get_request
+
+
 class Listener:
     """The Verification + Storage SCP of the service."""
 
@@ -183,14 +203,19 @@ class Listener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        tls = server_context(self.settings)
         self._server = self._ae.start_server(
-            (self.settings.listen_host, self.settings.listen_port), block=False, evt_handlers=handlers
+            (self.settings.listen_host, self.settings.listen_port), block=False, evt_handlers=handlers,
+            ssl_context=tls,
         )
+        if tls is not None:
+            _log_refused_handshakes(self._server, tls)
         log.info(
-            "DICOM listener %s listening on %s:%d (allowed calling AEs: %s)",
+            "DICOM listener %s listening on %s:%d%s (allowed calling AEs: %s)",
             self.settings.ae_title,
             self.settings.listen_host,
             self.port,
+            " over TLS, peer certificates required" if tls is not None else "",
             ",".join(self.settings.allowed_calling_aes) or "any",
         )
 

@@ -1,0 +1,55 @@
+"""The listener over TLS against DCMTK's storescu: a peer with a certificate the CA signed stores, a
+plain-TCP peer and a peer with an untrusted certificate store nothing."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom import dcmwrite
+
+from tests.tls_certs import make_pki
+
+from .conftest import STORESCU, make_mr, run_dcmtk
+from .test_scp import instance_row
+
+pytestmark = pytest.mark.integration  # storescu and openssl are real peers
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _storescu(port: int, path, *tls: str):
+    return run_dcmtk([STORESCU, "-v", "-nh", *tls, "-aet", "MODALITY", "-aec", "MEDGRU", "127.0.0.1", str(port),
+                      str(path)])
+
+
+def test_listener_over_tls_stores_only_from_trusted_peers(listener_factory, sqlite_session_factory, pki, tmp_path,
+                                                          caplog):
+    listener = listener_factory(listen_tls=True, tls_certificate=pki.medgru.cert, tls_private_key=pki.medgru.key,
+                                tls_trusted_certificates=pki.ca)
+    sent = {}
+    for name in ("trusted", "plain", "stranger", "anonymous"):
+        ds = make_mr()
+        dcmwrite(tmp_path / f"{name}.dcm", ds, enforce_file_format=True)
+        sent[name] = ds.SOPInstanceUID
+
+    ok = _storescu(listener.port, tmp_path / "trusted.dcm", "+tls", str(pki.peer.key), str(pki.peer.cert),
+                   "+cf", str(pki.ca))
+    assert ok.returncode == 0 and "Received Store Response (Success)" in ok.stderr, ok.stderr
+    assert instance_row(sqlite_session_factory, sent["trusted"]) is not None
+
+    plain = _storescu(listener.port, tmp_path / "plain.dcm")
+    stranger = _storescu(listener.port, tmp_path / "stranger.dcm", "+tls", str(pki.stranger.key),
+                         str(pki.stranger.cert), "+cf", str(pki.ca))
+    anonymous = _storescu(listener.port, tmp_path / "anonymous.dcm", "+tla", "+cf", str(pki.ca))
+    for name, res in (("plain", plain), ("stranger", stranger), ("anonymous", anonymous)):
+        assert "Received Store Response" not in res.stderr, (name, res.stderr)
+        assert instance_row(sqlite_session_factory, sent[name]) is None, name
+    refusals = [r.getMessage() for r in caplog.records if "TLS handshake with 127.0.0.1" in r.getMessage()]
+    assert len(refusals) >= 3, refusals  # each refused peer is named in the log
+
+    # and the listener itself must be trusted: a peer that trusts another CA does not associate
+    distrust = _storescu(listener.port, tmp_path / "stranger.dcm", "+tls", str(pki.peer.key), str(pki.peer.cert),
+                         "+cf", str(pki.stranger.cert))
+    assert "Received Store Response" not in distrust.stderr
