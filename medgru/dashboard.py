@@ -41,6 +41,7 @@ from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select
 
 from dispatch.admin import outbox_rows, resend_item
+from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
 from storage.models import (
     Instance,
@@ -334,6 +335,17 @@ _JOB_STATES = {s.value for s in JobState}
 _OUTBOX_STATES = {s.value for s in OutboxState}
 
 
+class _HttpServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """One log line for a connection that failed (a plain-HTTP client on the HTTPS port, a reset),
+        not socketserver's traceback on stderr."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        log.warning("dashboard: connection from %s failed: %s", client_address[0],
+                    getattr(exc, "reason", None) or exc)
+
+
 class DashboardServer:
     def __init__(self, settings, session_factory, retry: Callable[[int], Any], cancel: Callable[[int], Any],
                  resend: Callable[[int], Any] | None = None):
@@ -344,13 +356,17 @@ class DashboardServer:
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(session_factory))
         handler = self._make_handler(retry, cancel, resend or (lambda item_id: resend_item(session_factory, item_id)))
-        self.httpd = ThreadingHTTPServer((settings.dashboard_host, settings.dashboard_port), handler)
+        self.httpd = _HttpServer((settings.dashboard_host, settings.dashboard_port), handler)
+        tls = dashboard_context(settings) if hasattr(settings, "dashboard_https") else None
+        if tls is not None:  # the handshake happens in the request's thread, not in the accepting one
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self.scheme = "https" if tls is not None else "http"
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard", daemon=True)
 
     def start(self) -> "DashboardServer":
         self._thread.start()
-        log.info("dashboard on http://%s:%s/", self.settings.dashboard_host, self.port)
+        log.info("dashboard on %s://%s:%s/", self.scheme, self.settings.dashboard_host, self.port)
         return self
 
     def stop(self) -> None:

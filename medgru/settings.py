@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     # admin surfaces
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8080
+    dashboard_https: bool = Field(
+        default=False, description="serve the dashboard over HTTPS with tls_certificate / tls_private_key")
     dashboard_user: str = "admin"
     dashboard_password: SecretStr | None = Field(
         default=None,
@@ -168,12 +170,14 @@ class Settings(BaseSettings):
             needed += ["tls_certificate", "tls_private_key", "tls_trusted_certificates"]
         if self.send_tls:
             needed += ["tls_trusted_certificates"]
+        if self.dashboard_https:
+            needed += ["tls_certificate", "tls_private_key"]
         missing = [name for name in dict.fromkeys(needed) if getattr(self, name) is None]
         if missing:
             raise ValueError(f"TLS is on but {', '.join('MEDGRU_' + m.upper() for m in missing)} is not set")
         unreadable = [f"{name} {path}" for name in ("tls_certificate", "tls_private_key", "tls_trusted_certificates")
                       if (path := getattr(self, name)) is not None and not Path(path).is_file()]
-        if unreadable and (self.listen_tls or self.send_tls):
+        if unreadable and (self.listen_tls or self.send_tls or self.dashboard_https):
             raise ValueError(f"TLS file not found: {'; '.join(unreadable)}")
         return self
 

@@ -265,3 +265,31 @@ def test_job_page_shows_the_result_and_where_its_objects_are(dash):
     with pytest.raises(urllib.error.HTTPError) as err:
         _get(base + "/jobs/99")
     assert err.value.code == 404
+
+
+def test_dashboard_over_https(make_settings, tmp_path, caplog):
+    import base64
+    import ssl
+
+    from tests.tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    settings = make_settings(dashboard_port=0, dashboard_https=True, tls_certificate=pki.medgru.cert,
+                             tls_private_key=pki.medgru.key, dashboard_password="pw")
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None).start()
+    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:pw").decode()}
+    try:
+        trusted = ssl.create_default_context(cafile=str(pki.ca))
+        req = urllib.request.Request(f"https://127.0.0.1:{server.port}/api/jobs", headers=auth)
+        with urllib.request.urlopen(req, timeout=10, context=trusted) as r:
+            assert r.status == 200 and json.loads(r.read())["jobs"] == []
+        with pytest.raises(OSError):  # plain HTTP gets no page
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{server.port}/api/jobs", headers=auth),
+                                   timeout=10)
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):  # nor a client that
+            urllib.request.urlopen(f"https://127.0.0.1:{server.port}/healthz", timeout=10,  # trusts another CA
+                                   context=ssl.create_default_context(cafile=str(pki.stranger.cert)))
+    finally:
+        server.stop()
+    assert any("HTTP_REQUEST" in r.getMessage() for r in caplog.records)  # the plain-HTTP try, one line
