@@ -12,7 +12,9 @@ web framework):
 * ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
   JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel`` and ``/outbox/<id>/resend``;
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
-  other processes are counted too (see :class:`_DbCollector`);  ``GET /healthz``.
+  other processes are counted too (see :class:`_DbCollector`);  ``GET /healthz`` — 200 when the database
+  answers and every part of the service is running (listener, assembler, sender, worker), else 503 with
+  what is wrong, one line per part.
 
 Pages show UIDs, modality and body part, never patient names. With ``settings.dashboard_password`` set
 every path but ``/healthz`` asks for HTTP Basic authentication (user ``settings.dashboard_user``); the
@@ -348,9 +350,11 @@ class _HttpServer(ThreadingHTTPServer):
 
 class DashboardServer:
     def __init__(self, settings, session_factory, retry: Callable[[int], Any], cancel: Callable[[int], Any],
-                 resend: Callable[[int], Any] | None = None):
+                 resend: Callable[[int], Any] | None = None,
+                 health: Callable[[], dict[str, str | None]] | None = None):
         self.settings = settings
         self.sf = session_factory
+        self.health = health
         secret = getattr(settings, "dashboard_password", None)
         self.password: str | None = secret.get_secret_value() if secret is not None else None
         self.registry = CollectorRegistry()
@@ -405,7 +409,8 @@ class DashboardServer:
             def do_GET(self):
                 path, _, query = self.path.partition("?")
                 if path == "/healthz":
-                    return self._send(200, b"ok\n", "text/plain")
+                    ok, text = health_report(server.sf, server.health)
+                    return self._send(200 if ok else 503, text.encode(), "text/plain")
                 if not self._authorised():
                     return None
                 if path == "/metrics":
@@ -456,11 +461,28 @@ class DashboardServer:
         return Handler
 
 
-def start_dashboard(settings, session_factory, celery_app) -> DashboardServer:
+def start_dashboard(settings, session_factory, celery_app, health=None) -> DashboardServer:
     from worker.admin import cancel_job, retry_job
 
     return DashboardServer(
         settings, session_factory,
         retry=lambda job_id: retry_job(session_factory, celery_app, job_id),
         cancel=lambda job_id: cancel_job(session_factory, job_id),
+        health=health,
     ).start()
+
+
+def health_report(session_factory, health: Callable[[], dict[str, str | None]] | None) -> tuple[bool, str]:
+    """``(healthy, text)``: the database answers a query, and every part ``health()`` names is fine."""
+    parts: dict[str, str | None] = {}
+    try:
+        with session_factory() as session:
+            session.execute(select(1))
+        parts["database"] = None
+    except Exception as exc:  # any driver error means: not healthy
+        parts["database"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if health is not None:
+        parts.update(health())
+    ok = all(problem is None for problem in parts.values())
+    lines = [f"{name}: {problem or 'ok'}" for name, problem in parts.items()]
+    return ok, ("ok\n" if ok else "unhealthy\n") + "\n".join(lines) + "\n"

@@ -71,8 +71,23 @@ class Service:
         except ImportError:
             start_dashboard = None
         if start_dashboard is not None and s.dashboard_port:
-            self.dashboard = start_dashboard(s, sf, app)
+            self.dashboard = start_dashboard(s, sf, app, health=self.health)
         return self
+
+    def health(self) -> dict[str, str | None]:
+        """Each part of the running service and what is wrong with it (``None``: fine). The dashboard's
+        ``/healthz`` answers 503 when any is wrong, for systemd, a load balancer or a watchdog."""
+        report: dict[str, str | None] = {}
+        report["listener"] = None if self.listener is not None and self.listener._server is not None else "not listening"
+        for t in self._threads:
+            report[t.name] = None if t.is_alive() else "thread stopped"
+        if self.with_worker:
+            if self.worker is None:
+                report["worker"] = "not started"
+            else:
+                code = self.worker.process.poll()
+                report["worker"] = None if code is None else f"process {self.worker.pid} exited with code {code}"
+        return report
 
     def wait(self) -> None:
         while not self._stop.wait(0.5):

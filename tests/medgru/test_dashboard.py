@@ -293,3 +293,38 @@ def test_dashboard_over_https(make_settings, tmp_path, caplog):
     finally:
         server.stop()
     assert any("HTTP_REQUEST" in r.getMessage() for r in caplog.records)  # the plain-HTTP try, one line
+
+
+def test_healthz_reports_each_part(make_settings, tmp_path):
+    from medgru.service import Service
+
+    settings = make_settings(dashboard_port=0, listen_port=0)
+    service = Service(settings, with_worker=False).start()
+    try:
+        assert service.health() == {"listener": None, "assembler": None, "sender": None}
+        server = DashboardServer(settings, service.session_factory, retry=lambda j: None, cancel=lambda j: None,
+                                 health=service.health).start()
+        base = f"http://127.0.0.1:{server.port}"
+        try:
+            status, _, body = _get(base + "/healthz")
+            assert status == 200 and body.splitlines() == ["ok", "database: ok", "listener: ok", "assembler: ok",
+                                                           "sender: ok"]
+            service.listener.stop()  # the DICOM port closes: a watchdog must see it
+            with pytest.raises(urllib.error.HTTPError) as err:
+                _get(base + "/healthz")
+            assert err.value.code == 503
+            assert "listener: not listening" in err.value.read().decode()
+        finally:
+            server.stop()
+    finally:
+        service.stop()
+    # a database that does not answer
+    engine = init_db(f"sqlite:///{tmp_path / 'gone.sqlite3'}")
+    broken = make_session_factory(engine)
+    (tmp_path / "gone.sqlite3").unlink()
+    (tmp_path / "gone.sqlite3").mkdir()  # a folder where the file was: no connection opens
+    engine.dispose()
+    from medgru.dashboard import health_report
+
+    ok, text = health_report(broken, None)
+    assert not ok and text.startswith("unhealthy\ndatabase: OperationalError")
