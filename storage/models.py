@@ -223,6 +223,8 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID, default="")
     sc_sop_instance_uid: Mapped[str] = mapped_column(UID, default="")
     inference_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    #: each frame scored alone, in sequence order (as in the SR's per-frame groups); None: one frame
+    frame_scores: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     job: Mapped[Job] = relationship(back_populates="results")
 

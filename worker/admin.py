@@ -84,9 +84,19 @@ def job_fields(session, job_id: int) -> list[tuple[str, str]]:
                        + f", {res.model_name} {res.model_version}, {res.inference_seconds:.2f} s"),
             ("SR UID", res.sr_sop_instance_uid), ("SC UID", res.sc_sop_instance_uid),
         ]
+        if res.frame_scores:
+            fields.append(("frame scores", format_frame_scores(res.frame_scores, res.threshold)))
         for item in session.scalars(select(OutboxItem).where(OutboxItem.result_fk == res.id)
                                     .order_by(OutboxItem.id)).all():
             fields.append(("outbox", f"{item.sop_instance_uid} {item.state.value} to "
                                      f"{item.destination or '(none)'}, {item.attempts} attempts"
                                      + (f": {item.last_error}" if item.last_error else "")))
     return [(k, "" if v is None else str(v)) for k, v in fields]
+
+
+def format_frame_scores(scores, threshold: float) -> str:
+    """``'1: 826.1*  2: 554.3*  3: 183.0 …'``: each frame's own score in sequence order, ``*`` where it is
+    above the threshold, and how many are."""
+    above = sum(float(v) > threshold for v in scores)
+    cells = "  ".join(f"{i}: {float(v):.4g}{'*' if float(v) > threshold else ''}" for i, v in enumerate(scores, 1))
+    return f"{cells}  ({above} of {len(scores)} frames above the threshold, *)"

@@ -285,6 +285,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
             sr_sop_instance_uid=by_kind["sr"].sop_instance_uid if "sr" in by_kind else "",
             sc_sop_instance_uid=by_kind["sc"].sop_instance_uid if "sc" in by_kind else "",
             inference_seconds=float(seconds),
+            frame_scores=[float(v) for v in detection.frame_scores] if len(detection.frame_scores) > 1 else None,
         )
         session.add(result)
         session.flush()

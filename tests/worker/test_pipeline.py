@@ -59,6 +59,20 @@ def test_covered_sequence_succeeds_with_sr_sc_and_outbox(worker_settings, sessio
     assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID
     assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.SamplesPerPixel == 3
     assert not any(p.name.startswith(".tmp-") for p in settings.outbox_dir.iterdir())
+    # each frame's own score is kept with the result, the same numbers as the SR's per-frame groups
+    assert res.frame_scores is not None and len(res.frame_scores) == N_SLICES
+    sr_numbers = _sr_numbers(sr)
+    assert all(any(abs(v - n) <= 1e-6 * max(1.0, abs(v)) for n in sr_numbers) for v in res.frame_scores)
+
+
+def _sr_numbers(ds) -> list[float]:
+    """Every NUM content item's value in an SR, at any depth."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item and item.MeasuredValueSequence:
+            out.append(float(item.MeasuredValueSequence[0].NumericValue))
+        out += _sr_numbers(item)
+    return out
 
 
 def test_uncovered_sequence_is_not_processed_without_outputs(worker_settings, session_factory, dicom_corpus):
