@@ -43,9 +43,11 @@ class Modality:
     aet: str
     host: str = "127.0.0.1"
     port: int = 104
+    tls: bool = False  # Orthanc talks to it over DICOM TLS (needs DicomTls* in the server's configuration)
 
     def as_config(self) -> dict[str, Any]:
         return {
+            "UseDicomTls": self.tls,
             "AET": self.aet,
             "Host": self.host,
             "Port": self.port,
@@ -75,6 +77,7 @@ class OrthancServer:
     dicom_port: int = 4242
     host: str = "127.0.0.1"
     load_dicomweb: bool = True
+    extra_config: dict[str, Any] = field(default_factory=dict)  # merged last (e.g. DicomTls*)
     process: subprocess.Popen | None = None
 
     # configuration --------------------------------------------------------------------------------
@@ -130,6 +133,7 @@ class OrthancServer:
         }
         if self.dicomweb_loaded:
             cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        cfg.update(self.extra_config)
         return cfg
 
     # lifecycle ------------------------------------------------------------------------------------
