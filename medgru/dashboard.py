@@ -455,7 +455,9 @@ class DashboardServer:
                     action(item_id)
                 except (KeyError, ValueError) as exc:
                     return self._send(409, f"{verb} {what} {item_id}: {exc}\n".encode(), "text/plain")
-                log.info("dashboard: %s %s %d", verb, what, item_id)
+                log.info("dashboard: %s %s %d by %s from %s", verb, what, item_id,
+                         server.settings.dashboard_user if server.password is not None else "(no password set)",
+                         self.client_address[0])
                 return self._send(303, b"", "text/plain", {"Location": "/#outbox" if what == "outbox" else "/"})
 
         return Handler

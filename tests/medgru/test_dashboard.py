@@ -206,9 +206,10 @@ def test_metrics_tell_a_stalled_queue_and_an_unreachable_pacs(dash):
     assert _metric(metrics, "medgru_oldest_unsent_result_age_seconds") == 0
 
 
-def test_a_password_guards_every_page_but_healthz(make_settings):
+def test_a_password_guards_every_page_but_healthz(make_settings, caplog):
     import base64
 
+    caplog.set_level("INFO", logger="medgru.dashboard")
     settings = make_settings(dashboard_port=0, dashboard_password="s3cret pass")
     sf = make_session_factory(init_db(settings.effective_database_url))
     server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None).start()
@@ -237,6 +238,7 @@ def test_a_password_guards_every_page_but_healthz(make_settings):
         assert status("/jobs/1/retry", "admin:s3cret pass", method="POST") in (200, 303)
     finally:
         server.stop()
+    assert any(r.getMessage() == "dashboard: retry jobs 1 by admin from 127.0.0.1" for r in caplog.records)
 
 
 def test_settings_refuse_a_dashboard_open_to_other_hosts_without_a_password(make_settings):
