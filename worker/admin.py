@@ -12,6 +12,8 @@ from storage.models import Job, JobState, OutboxItem, Result
 log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({JobState.FAILED, JobState.NOT_PROCESSED, JobState.CANCELLED})
+#: what an admin may also re-run on purpose (after a model update, say): its SR and SC are replaced
+RERUNNABLE = RETRYABLE | {JobState.SUCCEEDED}
 CANCELLABLE = frozenset({JobState.QUEUED, JobState.RETRYING})
 
 
@@ -25,12 +27,14 @@ def _job_for(session, job_id: int, allowed: frozenset[JobState], action: str) ->
     return job
 
 
-def retry_job(session_factory, celery_app, job_id: int) -> Job:
-    """Put a failed, unprocessed or cancelled job back on the queue. ``KeyError``/``ValueError`` if not allowed."""
+def retry_job(session_factory, celery_app, job_id: int, *, rerun_succeeded: bool = False) -> Job:
+    """Put a failed, unprocessed or cancelled job (with ``rerun_succeeded`` also a succeeded one) back on
+    the queue. ``KeyError``/``ValueError`` if not allowed. A re-run replaces the job's result, SR and SC
+    (the same UIDs for the same model and version)."""
     from worker.tasks import enqueue_job
 
     with session_factory() as session:
-        job = _job_for(session, job_id, RETRYABLE, "retried")
+        job = _job_for(session, job_id, RERUNNABLE if rerun_succeeded else RETRYABLE, "retried")
         job.state = JobState.QUEUED
         job.attempts = 0
         job.last_error = ""

@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("job_ids", type=int, nargs="*", metavar="ID", default=[], help="job ids")
     which.add_argument("--all-failed", action="store_true",
                        help="every failed job (after an outage: a worker or the GPU was away)")
+    q.add_argument("--rerun", action="store_true",
+                   help="also re-run succeeded jobs (e.g. after a model update); their SR and SC are replaced")
     q.set_defaults(func=_retry)
 
     q = jobs.add_parser("cancel", help="cancel a queued or retrying job")
@@ -104,9 +106,10 @@ def _retry(args, settings) -> int:
     refused = 0
     for job_id in job_ids:
         try:
-            retry_job(sf, app, job_id)
+            retry_job(sf, app, job_id, rerun_succeeded=args.rerun)
         except (KeyError, ValueError) as exc:
-            print(f"cannot retry: {exc.args[0] if exc.args else exc}")
+            print(f"cannot retry: {exc.args[0] if exc.args else exc}"
+                  + ("" if args.rerun else " (--rerun re-runs a succeeded job)"))
             refused += 1
         else:
             print(f"job {job_id} re-queued")

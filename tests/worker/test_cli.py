@@ -33,6 +33,16 @@ def cli(worker_settings, tmp_path, monkeypatch):
     return settings, run
 
 
+def _sr_uid(sf, job_id) -> str:
+    from sqlalchemy import select
+
+    from storage.models import Result
+
+    with sf() as s:
+        [uid] = s.scalars(select(Result.sr_sop_instance_uid).where(Result.job_fk == job_id)).all()
+        return uid
+
+
 def _state(sf, job_id) -> Job:
     with sf() as s:
         return s.get(Job, job_id)
@@ -81,9 +91,15 @@ def test_jobs_list_show_retry_cancel(cli, session_factory, dicom_corpus, capsys)
     assert job.state is JobState.QUEUED and job.attempts == 0 and job.reason == ""
     assert len(set(queue_dir.iterdir()) - before) == 1
 
-    # a succeeded job cannot be retried, a queued one can be cancelled, a cancelled one not again
+    # a succeeded job is re-run only on purpose, a queued one can be cancelled, a cancelled one not again
     assert run("retry", str(covered)) == 1
-    assert "cannot retry" in capsys.readouterr().out
+    assert "--rerun re-runs a succeeded job" in capsys.readouterr().out
+    first_sr = _sr_uid(session_factory, covered)
+    assert run("retry", "--rerun", str(covered)) == 0
+    assert _state(session_factory, covered).state is JobState.QUEUED
+    assert process_job(settings, session_factory, covered, registry) is JobState.SUCCEEDED
+    assert _sr_uid(session_factory, covered) == first_sr  # replaced, same model and version: same UID
+    capsys.readouterr()
     assert run("cancel", str(uncovered)) == 0
     assert _state(session_factory, uncovered).state is JobState.CANCELLED
     assert run("cancel", str(uncovered)) == 1
