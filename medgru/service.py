@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from medgru.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: how often the service checks that its embedded worker process still runs
+WORKER_CHECK_S = 2.0
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Service:
     dashboard: Any = None
     session_factory: Any = None
     celery_app: Any = None
+    worker_restarts: int = 0
 
     def start(self) -> "Service":
         from dispatch.sender import Sender
@@ -46,7 +51,7 @@ class Service:
             from worker.embedded import recover_orphans, start_worker
 
             self.worker = start_worker(s)
-            recovered = recover_orphans(sf, app)
+            recovered = recover_orphans(sf, app, max_retries=s.job_max_retries)
             if recovered:
                 log.info("re-enqueued %d unfinished jobs found at start-up", len(recovered) if hasattr(recovered, "__len__") else recovered)
 
@@ -57,6 +62,8 @@ class Service:
         assembler = Assembler(s, sf, enqueue=lambda job_id: enqueue_job(app, job_id))
         sender = Sender(s, sf)
         loops = [("assembler", assembler.run_forever), ("sender", sender.run_forever)]
+        if self.with_worker:
+            loops.append(("worker-supervisor", self._supervise_worker))
         if s.retention_days > 0 or s.quarantine_retention_days > 0:
             from storage.retention import run_forever as apply_retention
 
@@ -73,6 +80,30 @@ class Service:
         if start_dashboard is not None and s.dashboard_port:
             self.dashboard = start_dashboard(s, sf, app, health=self.health)
         return self
+
+    def _supervise_worker(self, stop: threading.Event) -> None:
+        """Restart the embedded worker whenever its process ends while the service runs (killed for memory,
+        a crash), after a back-off that doubles up to a minute while it keeps dying; then re-enqueue the
+        jobs it left (a job that used all its attempts fails instead)."""
+        from worker.embedded import recover_orphans, start_worker
+
+        delay = 1.0
+        started = time.monotonic()
+        while not stop.wait(WORKER_CHECK_S):
+            worker = self.worker
+            if worker.is_alive():
+                if time.monotonic() - started > 60.0:
+                    delay = 1.0
+                continue
+            log.error("embedded worker %d exited with code %s; restarting it in %g s",
+                      worker.pid, worker.process.poll(), delay)
+            if stop.wait(delay):
+                break
+            self.worker = start_worker(self.settings)
+            self.worker_restarts += 1
+            started = time.monotonic()
+            delay = min(2 * delay, 60.0)
+            recover_orphans(self.session_factory, self.celery_app, max_retries=self.settings.job_max_retries)
 
     def health(self) -> dict[str, str | None]:
         """Each part of the running service and what is wrong with it (``None``: fine). The dashboard's

@@ -27,7 +27,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Job, JobState
+from storage.models import Job, JobState, utcnow
 from worker.celery_app import DEFAULT_QUEUE, QUEUE_ENV, SETTINGS_ENV
 from worker.tasks import enqueue_job
 
@@ -127,16 +127,26 @@ def start_worker(settings, *, queue: str = DEFAULT_QUEUE, log_path: Path | None 
     return WorkerHandle(process=proc, queue=queue, log_path=log_path, _log_file=log_file)
 
 
-def recover_orphans(session_factory: sessionmaker[Session], app: Celery) -> list[int]:
+def recover_orphans(session_factory: sessionmaker[Session], app: Celery, *,
+                    max_retries: int | None = None) -> list[int]:
     """Re-enqueue every unfinished job (QUEUED, RETRYING, RUNNING); return their ids.
 
     Call it at start-up, before or just after the worker starts and before any other worker of this
-    database runs (a RUNNING job is assumed to be orphaned).
+    database runs (a RUNNING job is assumed to be orphaned). With ``max_retries``, an orphaned job that has
+    already used all its attempts goes FAILED instead: a job that kills its worker every time (out of
+    memory, say) must not take the worker down for ever.
     """
     with session_factory() as session:
         jobs = session.scalars(select(Job).where(Job.state.in_(UNFINISHED)).order_by(Job.id)).all()
         ids = []
         for job in jobs:
+            if job.state is JobState.RUNNING and max_retries is not None and job.attempts > max_retries:
+                job.state = JobState.FAILED
+                job.finished_at = utcnow()
+                job.last_error = (f"the worker stopped during each of its {job.attempts} attempts"
+                                  + (f"; {job.last_error}" if job.last_error else ""))
+                log.error("job %d FAILED: the worker stopped during each of its %d attempts", job.id, job.attempts)
+                continue
             if job.state is JobState.RUNNING:
                 job.state = JobState.QUEUED
                 job.last_error = INTERRUPTED_NOTE if not job.last_error else f"{job.last_error}; {INTERRUPTED_NOTE}"

@@ -169,6 +169,26 @@ def test_recover_orphans_requeues_unfinished_jobs(worker_settings, session_facto
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_job_that_kills_its_worker_every_time_fails_instead_of_looping(worker_settings, session_factory,
+                                                                          dicom_corpus):
+    settings = worker_settings(job_max_retries=2)
+    first = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    with session_factory() as s:  # two orphans: one with attempts left, one that used them all
+        s.get(Job, first).state, s.get(Job, first).attempts = JobState.RUNNING, 2
+        poison = Job(sequence_fk=s.get(Job, first).sequence_fk, state=JobState.RUNNING, attempts=3)
+        s.add(poison)
+        s.commit()
+        poison_id = poison.id
+    app = make_celery(settings, queue="medgru.poison")
+    assert recover_orphans(session_factory, app, max_retries=settings.job_max_retries) == [first]
+    with session_factory() as s:
+        job = s.get(Job, poison_id)
+        assert job.state is JobState.FAILED and job.finished_at is not None
+        assert job.last_error.startswith("the worker stopped during each of its 3 attempts")
+        assert s.get(Job, first).state is JobState.QUEUED
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_early_delivery_of_a_retrying_job_is_rescheduled_for_the_rest_of_its_back_off(
         worker_settings, session_factory, dicom_corpus, monkeypatch):
     """The task does not run a RETRYING job before ``retry_at``: it re-schedules itself for what is left."""
