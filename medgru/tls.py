@@ -13,14 +13,23 @@ from __future__ import annotations
 import ssl
 
 
+def _context(protocol, certificate=None, private_key=None, trusted=None) -> ssl.SSLContext:
+    """A TLS 1.2+ context presenting ``certificate`` (with its key) and trusting ``trusted``, where given."""
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if certificate is not None and private_key is not None:
+        ctx.load_cert_chain(str(certificate), str(private_key))
+    if trusted is not None:
+        ctx.load_verify_locations(cafile=str(trusted))
+    return ctx
+
+
 def server_context(settings) -> ssl.SSLContext | None:
-    """The listener's TLS context, or ``None`` for plain TCP."""
+    """The listener's TLS context (peers must present a trusted certificate), or ``None`` for plain TCP."""
     if not settings.listen_tls:
         return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(settings.tls_certificate), str(settings.tls_private_key))
-    ctx.load_verify_locations(cafile=str(settings.tls_trusted_certificates))
+    ctx = _context(ssl.PROTOCOL_TLS_SERVER, settings.tls_certificate, settings.tls_private_key,
+                   settings.tls_trusted_certificates)
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -29,12 +38,9 @@ def client_context(settings) -> ssl.SSLContext | None:
     """The sender's TLS context, or ``None`` for plain TCP."""
     if not settings.send_tls:
         return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile=str(settings.tls_trusted_certificates))
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, settings.tls_certificate, settings.tls_private_key,
+                   settings.tls_trusted_certificates)
     ctx.check_hostname = bool(settings.tls_verify_hostname)
-    if settings.tls_certificate and settings.tls_private_key:
-        ctx.load_cert_chain(str(settings.tls_certificate), str(settings.tls_private_key))
     return ctx
 
 
@@ -42,7 +48,4 @@ def dashboard_context(settings) -> ssl.SSLContext | None:
     """The dashboard's HTTPS context (our certificate; browsers need no client certificate), or ``None``."""
     if not settings.dashboard_https:
         return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(settings.tls_certificate), str(settings.tls_private_key))
-    return ctx
+    return _context(ssl.PROTOCOL_TLS_SERVER, settings.tls_certificate, settings.tls_private_key)
