@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import Job, JobState, utcnow
 from worker.celery_app import DEFAULT_QUEUE, QUEUE_ENV, SETTINGS_ENV
+from worker.pipeline import worker_died_error
 from worker.tasks import enqueue_job
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,7 @@ def recover_orphans(session_factory: sessionmaker[Session], app: Celery, *,
             if job.state is JobState.RUNNING and max_retries is not None and job.attempts > max_retries:
                 job.state = JobState.FAILED
                 job.finished_at = utcnow()
-                job.last_error = (f"the worker stopped during each of its {job.attempts} attempts"
-                                  + (f"; {job.last_error}" if job.last_error else ""))
+                job.last_error = worker_died_error(job.attempts, job.last_error)
                 log.error("job %d FAILED: the worker stopped during each of its %d attempts", job.id, job.attempts)
                 continue
             if job.state is JobState.RUNNING:

@@ -81,11 +81,35 @@ def seconds_until_retry(job: Job, now=None) -> float:
 
 
 # ------------------------------------------------------------------------------------------ claim
-def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: str = ""
-              ) -> tuple[bool, JobState | None]:
+def worker_died_error(attempts: int, previous: str = "") -> str:
+    """``last_error`` of a job failed because its worker stopped during every one of its attempts."""
+    return f"the worker stopped during each of its {attempts} attempts" + (f"; {previous}" if previous else "")
+
+
+def _fail_if_it_killed_its_workers(session_factory, job_id: int, task_id: str, max_retries: int) -> bool:
+    """A re-delivered RUNNING job (its worker died) that has used all its attempts goes FAILED instead of
+    running again: a job that kills its worker every time (out of memory, say) must not loop for ever."""
+    with session_factory() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if (job is None or job.state is not JobState.RUNNING or job.celery_task_id != task_id[:64]
+                or job.attempts <= max_retries):
+            return False
+        job.state, job.finished_at = JobState.FAILED, utcnow()
+        job.last_error = worker_died_error(job.attempts, job.last_error)
+        session.commit()
+        log.error("job %d FAILED: the worker stopped during each of its %d attempts", job_id, job.attempts)
+        return True
+
+
+def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: str = "",
+              max_retries: int | None = None) -> tuple[bool, JobState | None]:
     """Make job ``job_id`` RUNNING if it may run now. Returns ``(claimed, state)``: ``(True, RUNNING)``,
     or ``(False, its current state)`` (``None`` if there is no such job). A RETRYING job whose back-off
-    (``retry_at``) has not ended may not run yet: ``(False, RETRYING)``."""
+    (``retry_at``) has not ended may not run yet: ``(False, RETRYING)``. With ``max_retries``, a broker
+    re-delivery of a RUNNING job that has used all its attempts fails it: ``(False, FAILED)``."""
+    if task_id and max_retries is not None and _fail_if_it_killed_its_workers(session_factory, job_id, task_id,
+                                                                              max_retries):
+        return False, JobState.FAILED
     now = utcnow()
     may_run = or_(Job.state == JobState.QUEUED,
                   and_(Job.state == JobState.RETRYING, or_(Job.retry_at.is_(None), Job.retry_at <= now)))
@@ -219,7 +243,7 @@ def process_job(settings, session_factory: sessionmaker[Session], job_id: int, r
     RETRYING or FAILED. A job that may not run now (terminal, or running elsewhere) is left alone and
     its state returned. Database errors propagate (the caller retries the delivery).
     """
-    claimed, state = claim_job(session_factory, job_id, task_id=task_id)
+    claimed, state = claim_job(session_factory, job_id, task_id=task_id, max_retries=settings.job_max_retries)
     if state is None:
         raise LookupError(f"no job {job_id}")
     if not claimed:

@@ -141,6 +141,23 @@ def test_claim_is_exclusive(worker_settings, session_factory, dicom_corpus):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_redelivered_job_that_killed_every_worker_fails(worker_settings, session_factory, dicom_corpus):
+    """Each time its worker dies the broker re-delivers the message (acks_late); once the job has used
+    all its attempts that way it fails with the reason instead of killing the next worker too."""
+    settings = worker_settings(job_max_retries=1)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    assert claim_job(session_factory, job_id, task_id="t1", max_retries=1) == (True, JobState.RUNNING)
+    # the worker dies; the re-delivery may run it once more (attempt 2 of 1 + 1 retry)
+    assert claim_job(session_factory, job_id, task_id="t1", max_retries=1) == (True, JobState.RUNNING)
+    # it dies again: the next re-delivery fails the job instead of running it a third time
+    assert process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings),
+                       task_id="t1") is JobState.FAILED
+    with session_factory() as s:
+        job = s.get(Job, job_id)
+        assert job.attempts == 2 and job.last_error.startswith("the worker stopped during each of its 2 attempts")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_recover_orphans_requeues_unfinished_jobs(worker_settings, session_factory, dicom_corpus):
     settings = worker_settings()
     ids = [add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)]
