@@ -163,6 +163,25 @@ class _DbCollector:
                                 value=float(sum_inf / n_inf) if n_inf else 0.0)
 
 
+class _DiskCollector:
+    """Free space on the spool's disk, and the floor below which the listener refuses instances."""
+
+    def __init__(self, settings):
+        self._settings = settings
+
+    def collect(self):
+        import shutil
+
+        try:
+            free = shutil.disk_usage(self._settings.spool_dir).free
+        except OSError:
+            return
+        yield GaugeMetricFamily("medgru_spool_disk_free_bytes", "Free space on the spool's disk", value=free)
+        yield GaugeMetricFamily("medgru_spool_disk_min_free_bytes",
+                                "Below this the listener answers 0xA700 (min_free_disk_mb)",
+                                value=self._settings.min_free_disk_mb * 1e6)
+
+
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MedGRU worker</title>
 <meta http-equiv="refresh" content="5">
 <style>
@@ -359,6 +378,8 @@ class DashboardServer:
         self.password: str | None = secret.get_secret_value() if secret is not None else None
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(session_factory))
+        if hasattr(settings, "spool_dir"):
+            self.registry.register(_DiskCollector(settings))
         handler = self._make_handler(retry, cancel, resend or (lambda item_id: resend_item(session_factory, item_id)))
         self.httpd = _HttpServer((settings.dashboard_host, settings.dashboard_port), handler)
         tls = dashboard_context(settings) if hasattr(settings, "dashboard_https") else None

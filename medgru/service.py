@@ -108,8 +108,11 @@ class Service:
     def health(self) -> dict[str, str | None]:
         """Each part of the running service and what is wrong with it (``None``: fine). The dashboard's
         ``/healthz`` answers 503 when any is wrong, for systemd, a load balancer or a watchdog."""
+        from pacs_listener.scp import disk_short
+
         report: dict[str, str | None] = {}
         report["listener"] = None if self.listener is not None and self.listener._server is not None else "not listening"
+        report["disk"] = disk_short(self.settings.spool_dir, self.settings.min_free_disk_mb)
         for t in self._threads:
             report[t.name] = None if t.is_alive() else "thread stopped"
         if self.with_worker:

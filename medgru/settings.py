@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         default_factory=list, description="calling AE titles allowed to associate; empty = accept all"
     )
     quiet_period_s: float = Field(default=10.0, ge=0.0, description="a series is complete after this much quiet")
+    min_free_disk_mb: float = Field(
+        default=1000.0, ge=0.0,
+        description="below this much free space on the spool's disk the listener answers 0xA700 (out of "
+                    "resources, retried by the PACS) and writes nothing; 0 turns the check off")
     add_prior_study: bool = Field(
         default=False, description="prepend the patient's latest prior study of the same modality as earlier frames"
     )

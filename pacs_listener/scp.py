@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +125,24 @@ def supported_contexts() -> list[PresentationContext]:
     return contexts
 
 
+#: the listener logs a disk refusal at most this often (a PACS retrying a study sends many instances)
+DISK_WARNING_INTERVAL_S = 60.0
+
+
+def disk_short(folder: Path, min_free_mb: float) -> str | None:
+    """Why ``folder``'s disk has too little room (``None`` when it has at least ``min_free_mb`` free, or the
+    check is off at 0)."""
+    if min_free_mb <= 0:
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        return f"free space of {folder} unknown: {exc}"
+    if free < min_free_mb * 1e6:
+        return f"{free / 1e6:.0f} MB free on the spool's disk, below min_free_disk_mb {min_free_mb:g}"
+    return None
+
+
 def readable_study_series(data: bytes) -> dict[str, str] | None:
     """The Study and Series Instance UIDs of a refused instance, where its header still reads and they are
     valid UIDs (so that an admin knows which series lost it); ``None`` otherwise. Never raises."""
@@ -174,6 +194,7 @@ class Listener:
         self.quarantine_dir = Path(settings.quarantine_dir)
         self._server = None
         self._ae: AE | None = None
+        self._last_disk_warning = -DISK_WARNING_INTERVAL_S
 
     # lifecycle ----------------------------------------------------------------------------------
     def _build_ae(self) -> AE:
@@ -293,7 +314,17 @@ class Listener:
     # the storage path (public so that it can be driven without a network in tests) ------------
     def store(self, data: bytes, request: RequestIds, calling_ae: str = "") -> int:
         """Validate, spool, record; returns the DIMSE status to answer. pydicom's warnings on the way name
-        the instance and quote no values (:mod:`medgru.logsafe`)."""
+        the instance and quote no values (:mod:`medgru.logsafe`). While the spool's disk has less than
+        ``settings.min_free_disk_mb`` free, nothing is written and the answer is 0xA700 (out of resources),
+        which a PACS retries later: the database, logs and results need the rest of the disk."""
+        short = disk_short(self.spool_dir, self.settings.min_free_disk_mb)
+        if short:
+            now = time.monotonic()
+            if now - self._last_disk_warning > DISK_WARNING_INTERVAL_S:
+                self._last_disk_warning = now
+                log.error("C-STORE %s from %s refused (out of resources): %s", request.sop_instance_uid,
+                          calling_ae, short)
+            return StoreStatus.OUT_OF_RESOURCES
         with instance_context(str(request.sop_instance_uid)):
             return self._store(data, request, calling_ae)
 

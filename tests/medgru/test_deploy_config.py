@@ -23,12 +23,13 @@ def test_alert_rules_name_only_exported_metrics(make_settings):
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from medgru.dashboard import _DbCollector
+    from medgru.dashboard import _DbCollector, _DiskCollector
     from storage.db import init_db, make_session_factory
 
     settings = make_settings()
     registry = CollectorRegistry()
     registry.register(_DbCollector(make_session_factory(init_db(settings.effective_database_url))))
+    registry.register(_DiskCollector(settings))
     exported = {line.split("{")[0].split()[0] for line in generate_latest(registry).decode().splitlines()
                 if line and not line.startswith("#")}
     rules = (DEPLOY / "prometheus-alerts.yml").read_text()

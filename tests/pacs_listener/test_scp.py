@@ -388,3 +388,23 @@ def test_pydicom_warnings_name_the_instance_and_quote_no_values(listener_factory
     for value in ("19xx0101", "12 years", "Quetzal"):
         assert not [m for m in ours if value in m], value
         assert not [w for w in recwarn if value in str(w.message)], value
+
+
+def test_a_nearly_full_disk_refuses_with_out_of_resources_and_writes_nothing(listener_factory, sqlite_session_factory,
+                                                                             tmp_path, caplog):
+    import shutil
+
+    free_mb = shutil.disk_usage(tmp_path).free / 1e6
+    listener = listener_factory(min_free_disk_mb=free_mb * 10)  # more than this disk will ever have free
+    ds = make_mr()
+    dcm = tmp_path / "one.dcm"
+    ds.save_as(dcm, enforce_file_format=True)
+    res = storescu(listener.port, [dcm])
+    assert "Refused: OutOfResources" in res.stderr, res.stderr  # a status the PACS retries later
+    assert instance_row(sqlite_session_factory, ds.SOPInstanceUID) is None
+    assert not any(listener.quarantine_dir.rglob("*.dcm")) and not any(listener.spool_dir.rglob("*.dcm"))
+    assert any("below min_free_disk_mb" in r.getMessage() for r in caplog.records)
+    # room again (the check off): the same instance is stored
+    listener.settings = listener.settings.model_copy(update={"min_free_disk_mb": 0.0})
+    assert "Received Store Response (Success)" in storescu(listener.port, [dcm]).stderr
+    assert instance_row(sqlite_session_factory, ds.SOPInstanceUID) is not None
