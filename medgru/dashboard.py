@@ -9,6 +9,7 @@ web framework):
   and why;
 * ``GET /jobs/<id>`` — one job in detail (as ``medgru jobs show``): times, errors, its UIDs, results and
   where its SR and SC are;
+* ``GET /?q=<uid>`` and ``/api/jobs?q=`` — the jobs of a series, study, accession number or SOP instance;
 * ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
   JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel`` and ``/outbox/<id>/resend``;
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
@@ -53,8 +54,6 @@ from storage.models import (
     OutboxState,
     QuarantineItem,
     Result,
-    SequenceRecord,
-    Series,
     utcnow,
 )
 
@@ -62,16 +61,10 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def job_rows(session, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
-    q = (
-        select(Job, SequenceRecord, Series)
-        .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
-        .join(Series, SequenceRecord.series_fk == Series.id)
-        .order_by(Job.id.desc())
-        .limit(limit)
-    )
-    if state:
-        q = q.where(Job.state == JobState(state))
+def job_rows(session, limit: int = 100, state: str | None = None, find: str | None = None) -> list[dict[str, Any]]:
+    from worker.admin import jobs_query
+
+    q = jobs_query(state=state, find=find, limit=limit)
     rows = []
     for job, seq, series in session.execute(q).all():
         res = job.results[-1] if job.results else None
@@ -194,11 +187,13 @@ a.card:hover{{border-color:#888}} .card.on{{border-color:#222;background:#f6f6f6
 th,td{{border-bottom:1px solid #eee;padding:5px 8px;text-align:left}} th{{background:#f6f6f6}}
 .state-failed{{color:#b00020;font-weight:600}} .state-succeeded{{color:#1b7a1b}}
 .state-not_processed{{color:#8a6d00}} .abnormal{{color:#b00020;font-weight:600}} .none{{color:#888}}
-form{{display:inline}} button{{font-size:12px}} code{{font-size:11px}}
+form{{display:inline}} button{{font-size:12px}} code{{font-size:11px}} form.find{{display:block;margin:4px 0 0}}
 </style></head><body>
 <h1>MedGRU worker — job queue</h1><div class="sub">AE {ae} · listening on port {port} · results to {dest} ·
 NOT FOR DIAGNOSTIC USE</div>
 <div class="cards">{cards}</div>
+<form method="get" action="/" class="find"><input name="q" size="60" value="{find}"
+placeholder="series / study UID, accession number or SOP instance UID"> <button>Find</button></form>
 <h2>{jobs_title}</h2>
 <table><tr><th>job</th><th>state</th><th>tries</th><th>modality</th><th>body part</th><th>frames</th>
 <th>score</th><th>threshold</th><th>verdict</th><th>model</th><th>series UID</th><th>note</th><th></th></tr>
@@ -247,7 +242,7 @@ def _quarantine_table(items: list[dict[str, Any]]) -> str:
     return "".join(out) + "</table>"
 
 
-def render_page(settings, session, state: str | None = None) -> str:
+def render_page(settings, session, state: str | None = None, find: str | None = None) -> str:
     s = summary(session)
     cards = "".join(
         f'<a class="card{" on" if k == state else ""}{" alert" if k == "failed" and v else ""}" '
@@ -259,7 +254,7 @@ def render_page(settings, session, state: str | None = None) -> str:
     cards += f'<a class="card{failed_cls}" href="#outbox">outbox failed<b>{s["outbox"]["failed"]}</b></a>'
     cards += f'<a class="card" href="#quarantine">quarantined<b>{s["quarantine"]}</b></a>'
     out = []
-    for r in job_rows(session, state=state):
+    for r in job_rows(session, state=state, find=find):
         actions = ""
         if r["state"] in ("failed", "not_processed", "cancelled"):
             actions += f'<form method="post" action="/jobs/{r["id"]}/retry"><button>Retry</button></form>'
@@ -277,9 +272,14 @@ def render_page(settings, session, state: str | None = None) -> str:
     unsent = outbox_rows(session, states=(OutboxState.FAILED, OutboxState.PENDING), limit=PAGE_SECTION_ROWS)
     unsent.sort(key=lambda r: r["state"] != OutboxState.FAILED.value)  # failed first, each newest first
     jobs_title = f"Jobs: {html.escape(state)}" if state else "Jobs: the latest 100"
+    if find:
+        jobs_title += f" of {html.escape(find)}"
+    if find and not out:
+        out.append('<tr><td colspan="13" class="none">No job for this series, study, accession number or '
+                   'SOP instance.</td></tr>')
     return _PAGE.format(ae=html.escape(settings.ae_title), port=settings.listen_port,
                         dest=html.escape(str(settings.destination or "(none)")), cards=cards, rows="".join(out),
-                        jobs_title=jobs_title, outbox=_outbox_table(unsent),
+                        jobs_title=jobs_title, outbox=_outbox_table(unsent), find=html.escape(find or "", quote=True),
                         quarantine=_quarantine_table(quarantine_rows(session, limit=PAGE_SECTION_ROWS)))
 
 
@@ -449,15 +449,17 @@ class DashboardServer:
                 state, error = _state_param(query, _OUTBOX_STATES if path == "/api/outbox" else _JOB_STATES)
                 if error:
                     return self._send(400, f"{error}\n".encode(), "text/plain")
+                find = (parse_qs(query).get("q") or [""])[0].strip()[:128] or None
                 with server.sf() as session:
                     if path == "/api/jobs":
-                        return self._json({"summary": summary(session), "jobs": job_rows(session, state=state)})
+                        return self._json({"summary": summary(session),
+                                           "jobs": job_rows(session, state=state, find=find)})
                     if path == "/api/outbox":
                         states = (OutboxState(state),) if state else None
                         return self._json({"items": outbox_rows(session, states=states, limit=100)})
                     if path == "/api/quarantine":
                         return self._json({"items": quarantine_rows(session, limit=100)})
-                    page = render_page(server.settings, session, state=state)
+                    page = render_page(server.settings, session, state=state, find=find)
                 return self._send(200, page.encode(), "text/html; charset=utf-8")
 
             def do_POST(self):

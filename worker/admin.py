@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from medgru.tables import when
-from storage.models import Job, JobState, OutboxItem, Result
+from storage.models import Instance, Job, JobState, OutboxItem, Result, SequenceRecord, Series, Study
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +104,22 @@ def format_frame_scores(scores, threshold: float) -> str:
     above = sum(float(v) > threshold for v in scores)
     cells = "  ".join(f"{i}: {float(v):.4g}{'*' if float(v) > threshold else ''}" for i, v in enumerate(scores, 1))
     return f"{cells}  ({above} of {len(scores)} frames above the threshold, *)"
+
+
+def jobs_query(*, state: str | None = None, find: str | None = None, limit: int = 100):
+    """``select(Job, SequenceRecord, Series)``, newest first: the jobs in ``state`` and, with ``find``, those
+    of the series, study, accession number or SOP instance it names (exact match; what a radiologist or
+    the PACS reports when asking "did the AI see this study?")."""
+    q = (select(Job, SequenceRecord, Series)
+         .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
+         .join(Series, SequenceRecord.series_fk == Series.id)
+         .order_by(Job.id.desc()).limit(max(1, limit)))
+    if state:
+        q = q.where(Job.state == JobState(state))
+    if find:
+        value = find.strip()
+        q = q.join(Study, Series.study_fk == Study.id).where(or_(
+            Series.series_uid == value, Study.study_uid == value, Study.accession_number == value,
+            Series.id.in_(select(Instance.series_fk).where(Instance.sop_instance_uid == value)),
+        ))
+    return q

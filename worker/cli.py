@@ -10,7 +10,7 @@ import argparse
 from sqlalchemy import select
 
 from medgru.tables import format_table, open_database, print_fields, when
-from storage.models import Job, JobState, Result, SequenceRecord, Series
+from storage.models import Job, JobState, Result
 
 _STATES = [s.value for s in JobState]
 
@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = jobs.add_parser("list", help="the latest jobs, newest first")
     q.add_argument("--state", choices=_STATES, help="only jobs in this state")
     q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    q.add_argument("--find", metavar="UID", help="only the jobs of this series, study, accession number or "
+                                                 "SOP instance (exact)")
     q.set_defaults(func=_list)
 
     q = jobs.add_parser("show", help="one job in detail: sequence, attempts, errors, results, outbox")
@@ -50,12 +52,9 @@ def _latest_result(session, job_id: int) -> Result | None:
 # ------------------------------------------------------------------------------------- handlers
 def _list(args, settings) -> int:
     sf = open_database(settings)
-    q = (select(Job, SequenceRecord, Series)
-         .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
-         .join(Series, SequenceRecord.series_fk == Series.id)
-         .order_by(Job.id.desc()).limit(max(1, args.limit)))
-    if args.state:
-        q = q.where(Job.state == JobState(args.state))
+    from worker.admin import jobs_query
+
+    q = jobs_query(state=args.state, find=args.find, limit=args.limit)
     rows = []
     with sf() as session:
         for job, seq, series in session.execute(q).all():

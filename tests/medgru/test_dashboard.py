@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
@@ -12,6 +13,7 @@ import pytest
 from medgru.dashboard import DashboardServer
 from storage.db import init_db, make_session_factory
 from storage.models import (
+    Instance,
     Job,
     JobState,
     OutboxItem,
@@ -330,3 +332,24 @@ def test_healthz_reports_each_part(make_settings, tmp_path):
 
     ok, text = health_report(broken, None)
     assert not ok and text.startswith("unhealthy\ndatabase: OperationalError")
+
+
+def test_find_the_jobs_of_a_study_series_accession_or_instance(dash):
+    _, sf, base = dash
+    with sf() as s:  # a second study, with an accession number and a recorded instance
+        st = Study(study_uid="9.8.7", accession_number="ACC42", patient=Patient(patient_id="P2"))
+        se = Series(series_uid="9.8.7.6", study=st, modality="CR", body_part="CHEST")
+        s.add(Instance(sop_instance_uid="9.8.7.6.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", series=se,
+                       path="x.dcm", has_pixels=True))
+        s.add(Job(sequence=SequenceRecord(series=se, frame_refs=[["9.8.7.6.1", 1]], n_frames=1),
+                  state=JobState.SUCCEEDED))
+        s.commit()
+    for value in ("9.8.7", "9.8.7.6", "ACC42", "9.8.7.6.1", " ACC42 "):
+        _, _, api = _get(base + "/api/jobs?q=" + urllib.parse.quote(value))
+        assert [j["id"] for j in json.loads(api)["jobs"]] == [4], value
+    _, _, api = _get(base + "/api/jobs?q=1.2.3")  # the first study: its three jobs
+    assert [j["id"] for j in json.loads(api)["jobs"]] == [3, 2, 1]
+    _, _, page = _get(base + "/?q=ACC42")
+    assert 'href="/jobs/4"' in page and 'href="/jobs/1"' not in page and 'value="ACC42"' in page
+    _, _, page = _get(base + "/?q=" + urllib.parse.quote("<b>nothing</b>"))
+    assert "No job for this series" in page and "<b>nothing</b>" not in page  # escaped, not rendered

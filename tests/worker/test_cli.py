@@ -68,6 +68,13 @@ def test_jobs_list_show_retry_cancel(cli, session_factory, dicom_corpus, capsys)
     assert "not_processed" in row[str(uncovered)] and "KNEE" in row[str(uncovered)]
     assert patient_name not in out and "BRAINIX" not in out.upper()
 
+    brainix = pydicom.dcmread(dicom_corpus / BRAINIX / "IM-0001-0001.dcm", stop_before_pixels=True)
+    for value in (brainix.StudyInstanceUID, brainix.SeriesInstanceUID, brainix.SOPInstanceUID):
+        assert run("list", "--find", value) == 0
+        assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:]] == [str(covered)], value
+    assert run("list", "--find", "1.2.3.999") == 0
+    assert "(no jobs)" in capsys.readouterr().out
+
     assert run("list", "--state", "not_processed") == 0
     out = capsys.readouterr().out
     ids = [ln.split()[0] for ln in out.splitlines()[2:]]
