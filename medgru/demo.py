@@ -162,8 +162,15 @@ def run_demo(settings: Settings, *, data_root: Path | None, inputs: list[Path] |
     service = Service(run_settings).start()
     t0 = time.monotonic()
     try:
+        short = service.health().get("disk")
+        if short:
+            print(f"error: the listener would refuse every instance: {short} (MEDGRU_MIN_FREE_DISK_MB)")
+            return 1
         ok, failed = _send(files, run_settings, service.listener.port)
         print(f"sent {ok + failed} instances from {len(paths)} inputs: {ok} stored, {failed} refused")
+        if ok == 0:  # no job can come: waiting would only run into the time-out
+            print("error: no instance was stored; the listener's reasons are in the log above")
+            return 1
         t_sent = time.monotonic()
         terminal = {JobState.SUCCEEDED, JobState.FAILED, JobState.NOT_PROCESSED, JobState.CANCELLED}
         while True:

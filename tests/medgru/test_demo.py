@@ -54,3 +54,28 @@ def test_demo_runs_end_to_end_twice_in_the_same_home(make_settings, data_root: P
         assert "not_processed" in out and "no model covers modality MR, body part KNEE" in out, out
         assert "results received by the stand-in PACS (4 objects" in out, out
         assert len(list((home / "demo-pacs").rglob("*.dcm"))) == 4
+
+
+def test_demo_stops_at_once_when_nothing_can_be_stored(make_settings, data_root: Path, tmp_path: Path, capsys):
+    """It waited for its 600 s time-out when the listener refused every instance (a full disk, say)."""
+    import shutil
+
+    from pydicom import dcmwrite
+
+    from tests.pacs_listener.conftest import make_mr
+
+    free_mb = shutil.disk_usage(tmp_path).free / 1e6
+    settings = make_settings(min_free_disk_mb=free_mb * 10)
+    rc = run_demo(settings, data_root=data_root, inputs=None, timeout=600.0, home=tmp_path / "demo")
+    out = capsys.readouterr().out
+    assert rc == 1 and "error: the listener would refuse every instance" in out and "MIN_FREE_DISK_MB" in out
+    assert "sent" not in out and "timed out" not in out
+
+    broken = make_mr()
+    broken.NumberOfFrames = 5  # its pixel data holds one frame: refused with 0xA900
+    dcmwrite(tmp_path / "broken.dcm", broken, enforce_file_format=True)
+    rc = run_demo(make_settings(), data_root=data_root, inputs=[tmp_path / "broken.dcm"], timeout=600.0,
+                  home=tmp_path / "demo")
+    out = capsys.readouterr().out
+    assert rc == 1 and "1 stored" not in out and "0 stored, 1 refused" in out, out
+    assert "error: no instance was stored" in out and "timed out" not in out
