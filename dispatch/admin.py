@@ -64,13 +64,21 @@ def failed_item_ids(session, item_ids: list[int]) -> tuple[list[int], dict[int, 
     return ok, refused
 
 
-def resend_item(session_factory, item_id: int) -> int:
-    """Put one FAILED outbox item back to PENDING (due now, attempts reset); ``KeyError`` if there is no
-    such item, ``ValueError`` if it is not failed."""
+def resend_items(session_factory, item_ids: list[int]) -> tuple[list[int], dict[int, LookupError | ValueError]]:
+    """Put the FAILED ones of ``item_ids`` back to PENDING (due now, attempts reset); returns them, and for
+    each of the others why it was not (:func:`failed_item_ids`)."""
     from dispatch.sender import requeue_failed
 
     with session_factory() as session:
-        _, refused = failed_item_ids(session, [item_id])
+        ok, refused = failed_item_ids(session, list(dict.fromkeys(item_ids)))
+    if ok:
+        requeue_failed(session_factory, ok)
+    return ok, refused
+
+
+def resend_item(session_factory, item_id: int) -> None:
+    """:func:`resend_items` for one item; ``KeyError`` if there is no such item, ``ValueError`` if it is not
+    failed."""
+    _, refused = resend_items(session_factory, [item_id])
     if refused:
         raise refused[item_id]
-    return requeue_failed(session_factory, [item_id])

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from dispatch.admin import failed_item_ids, outbox_rows
-from medgru.tables import format_table, open_database
+from dispatch.admin import outbox_rows, resend_items
+from medgru.tables import format_table, open_database, when_iso
 from storage.models import OutboxState
 
 _STATES = [s.value for s in OutboxState]
@@ -39,7 +39,7 @@ def _list(args, settings) -> int:
         items = outbox_rows(session, states=states, limit=args.limit)
     rows = [[r["id"], r["state"], r["kind"], r["job"], r["destination"], r["attempts"],
              "" if r["last_status"] is None else f"0x{r['last_status']:04X}",
-             (r["sent_at"] or r["next_attempt_at"] or "")[:19].replace("T", " "),
+             when_iso(r["sent_at"] or r["next_attempt_at"]),
              r["sop_instance_uid"], r["last_error"][:80]] for r in items]
     print(format_table(["ID", "STATE", "OBJECT", "JOB", "DESTINATION", "TRIES", "STATUS", "SENT / NEXT (UTC)",
                         "SOP INSTANCE UID", "LAST ERROR"], rows))
@@ -56,11 +56,9 @@ def _resend(args, settings) -> int:
         n = requeue_failed(sf)
         print(f"{n} failed item(s) back to pending")
         return 0
-    with sf() as session:
-        ok, refused = failed_item_ids(session, list(dict.fromkeys(args.item_ids)))
+    ok, refused = resend_items(sf, args.item_ids)
     for exc in refused.values():
         print(f"cannot resend: {exc.args[0]}")
-    n = requeue_failed(sf, ok) if ok else 0
     if ok:
-        print(f"{n} failed item(s) back to pending: {', '.join(map(str, ok))}")
+        print(f"{len(ok)} failed item(s) back to pending: {', '.join(map(str, ok))}")
     return 1 if refused else 0

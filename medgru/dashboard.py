@@ -44,6 +44,7 @@ from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select
 
 from dispatch.admin import outbox_rows, resend_item
+from medgru.tables import when_iso
 from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
 from storage.models import (
@@ -208,10 +209,6 @@ placeholder="series / study UID, accession number or SOP instance UID"> <button>
 PAGE_SECTION_ROWS = 20
 
 
-def _when(iso: str | None) -> str:
-    return (iso or "")[:19].replace("T", " ")
-
-
 def _outbox_table(items: list[dict[str, Any]]) -> str:
     if not items:
         return '<p class="none">Every result has been sent.</p>'
@@ -224,7 +221,7 @@ def _outbox_table(items: list[dict[str, Any]]) -> str:
             f'<tr><td>{r["id"]}</td><td class="state-{r["state"]}">{r["state"]}</td>'
             f'<td>{html.escape(r["kind"])}</td><td>{"" if r["job"] is None else r["job"]}</td>'
             f'<td>{html.escape(r["destination"] or "(none set)")}</td><td>{r["attempts"]}</td>'
-            f'<td>{_when(r["next_attempt_at"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
+            f'<td>{when_iso(r["next_attempt_at"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
             f'<td>{html.escape(r["last_error"][:160])}</td><td>{action}</td></tr>')
     return "".join(out) + "</table>"
 
@@ -236,7 +233,7 @@ def _quarantine_table(items: list[dict[str, Any]]) -> str:
            '<th>SOP instance UID</th><th>reason</th></tr>']
     for r in items:
         out.append(
-            f'<tr><td>{r["id"]}</td><td>{_when(r["received_at"])}</td><td>{html.escape(r["calling_ae"])}</td>'
+            f'<tr><td>{r["id"]}</td><td>{when_iso(r["received_at"])}</td><td>{html.escape(r["calling_ae"])}</td>'
             f'<td>{html.escape(r["status"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
             f'<td>{html.escape(r["reason"][:200])}</td></tr>')
     return "".join(out) + "</table>"

@@ -37,6 +37,11 @@ def when(dt: datetime | None) -> str:
     return dt.strftime("%Y-%m-%d %H:%M:%S") if dt is not None else ""
 
 
+def when_iso(iso: str | None, *, minutes: bool = False) -> str:
+    """An ISO 8601 time as the tables show it (``YYYY-MM-DD HH:MM:SS``, or without the seconds), or empty."""
+    return (iso or "")[:16 if minutes else 19].replace("T", " ")
+
+
 def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
     """``key  value`` lines, keys padded to the longest."""
     width = max(len(k) for k, _ in fields)

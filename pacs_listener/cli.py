@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from medgru.tables import format_table, open_database, print_fields
+from medgru.tables import format_table, open_database, print_fields, when_iso
 from pacs_listener.quarantine import quarantine_detail, quarantine_rows
 
 
@@ -30,7 +30,7 @@ def _list(args, settings) -> int:
     sf = open_database(settings)
     with sf() as session:
         items = quarantine_rows(session, limit=args.limit, calling_ae=args.calling_ae)
-    rows = [[r["id"], (r["received_at"] or "")[:19].replace("T", " "), r["calling_ae"], f"0x{r['status_code']:04X}",
+    rows = [[r["id"], when_iso(r["received_at"]), r["calling_ae"], f"0x{r['status_code']:04X}",
              r["sop_instance_uid"], r["reason"][:100]] for r in items]
     print(format_table(["ID", "RECEIVED (UTC)", "CALLING AE", "STATUS", "SOP INSTANCE UID", "REASON"], rows))
     if not rows:
@@ -46,7 +46,7 @@ def _show(args, settings) -> int:
         except KeyError as exc:
             print(exc.args[0])
             return 1
-    fields = [("quarantined", d["id"]), ("received (UTC)", (d["received_at"] or "")[:19].replace("T", " ")),
+    fields = [("quarantined", d["id"]), ("received (UTC)", when_iso(d["received_at"])),
               ("calling AE", d["calling_ae"]), ("answered", d["status"]), ("reason", d["reason"]),
               ("SOP instance UID", d["sop_instance_uid"]), ("SOP class UID", d["sop_class_uid"])]
     for key, label in (("study_uid", "study UID"), ("series_uid", "series UID"),
@@ -54,7 +54,7 @@ def _show(args, settings) -> int:
         if d.get(key):
             fields.append((label, d[key]))
     if d["purged_at"]:
-        size = f"removed by retention on {d['purged_at'][:16].replace('T', ' ')} UTC"
+        size = f"removed by retention on {when_iso(d['purged_at'], minutes=True)} UTC"
     else:
         size = "missing" if d["file_bytes"] is None else f"{d['file_bytes']} bytes"
     fields.append(("file", f"{d['file']} ({size})"))

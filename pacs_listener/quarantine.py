@@ -23,12 +23,8 @@ def status_text(code: int) -> str:
     return f"0x{code:04X} {describe(code)}"
 
 
-def quarantine_rows(session, *, limit: int = 50, calling_ae: str | None = None) -> list[dict[str, Any]]:
-    """The latest quarantined instances (from ``calling_ae`` only, if given), newest first."""
-    q = select(QuarantineItem).order_by(QuarantineItem.id.desc()).limit(max(1, limit))
-    if calling_ae:
-        q = q.where(QuarantineItem.calling_ae == calling_ae)
-    return [{
+def _row(item: QuarantineItem) -> dict[str, Any]:
+    return {
         "id": item.id,
         "received_at": item.received_at.isoformat() if item.received_at else None,
         "calling_ae": item.calling_ae,
@@ -38,7 +34,16 @@ def quarantine_rows(session, *, limit: int = 50, calling_ae: str | None = None) 
         "status": status_text(item.status_code),
         "reason": item.reason,
         "path": item.path,
-    } for item in session.scalars(q).all()]
+        "purged_at": item.purged_at.isoformat() if item.purged_at else None,
+    }
+
+
+def quarantine_rows(session, *, limit: int = 50, calling_ae: str | None = None) -> list[dict[str, Any]]:
+    """The latest quarantined instances (from ``calling_ae`` only, if given), newest first."""
+    q = select(QuarantineItem).order_by(QuarantineItem.id.desc()).limit(max(1, limit))
+    if calling_ae:
+        q = q.where(QuarantineItem.calling_ae == calling_ae)
+    return [_row(item) for item in session.scalars(q).all()]
 
 
 def quarantine_detail(session, quarantine_dir: Path, item_id: int) -> dict[str, Any]:
@@ -48,18 +53,7 @@ def quarantine_detail(session, quarantine_dir: Path, item_id: int) -> dict[str, 
     if item is None:
         raise KeyError(f"no quarantined instance {item_id}")
     path = quarantine_dir / item.path
-    detail: dict[str, Any] = {
-        "id": item.id,
-        "received_at": item.received_at.isoformat() if item.received_at else None,
-        "calling_ae": item.calling_ae,
-        "sop_instance_uid": item.sop_instance_uid,
-        "sop_class_uid": item.sop_class_uid,
-        "status": status_text(item.status_code),
-        "reason": item.reason,
-        "file": str(path),
-        "file_bytes": path.stat().st_size if path.is_file() else None,
-        "purged_at": item.purged_at.isoformat() if item.purged_at else None,
-    }
+    detail = _row(item) | {"file": str(path), "file_bytes": path.stat().st_size if path.is_file() else None}
     try:
         sidecar = read_quarantine_reason(quarantine_dir, item.path)
     except (OSError, ValueError) as exc:
