@@ -47,6 +47,7 @@ from dispatch.admin import outbox_rows, resend_item
 from medgru.tables import when_iso
 from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
+from worker.admin import job_rows
 from storage.models import (
     Instance,
     Job,
@@ -60,34 +61,6 @@ from storage.models import (
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def job_rows(session, limit: int = 100, state: str | None = None, find: str | None = None) -> list[dict[str, Any]]:
-    from worker.admin import jobs_query
-
-    q = jobs_query(state=state, find=find, limit=limit)
-    rows = []
-    for job, seq, series in session.execute(q).all():
-        res = job.results[-1] if job.results else None
-        rows.append({
-            "id": job.id,
-            "state": job.state.value,
-            "attempts": job.attempts,
-            "series_uid": series.series_uid,
-            "modality": series.modality,
-            "body_part": series.body_part,
-            "frames": seq.n_frames,
-            "score": None if res is None else round(res.score, 4),
-            "threshold": None if res is None else round(res.threshold, 4),
-            "verdict": None if res is None else ("abnormal" if res.is_anomaly else "normal"),
-            "cluster": None if res is None else (res.cluster_label or None),
-            "model": f"{job.model_name} {job.model_version}".strip() or None,
-            "note": job.reason or job.last_error or "",
-            "created_at": job.created_at.isoformat() if job.created_at else None,
-            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-            "retry_at": job.retry_at.isoformat() if job.retry_at and job.state is JobState.RETRYING else None,
-        })
-    return rows
 
 
 def summary(session) -> dict[str, Any]:

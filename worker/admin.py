@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import or_, select
 
@@ -123,3 +124,31 @@ def jobs_query(*, state: str | None = None, find: str | None = None, limit: int 
             Series.id.in_(select(Instance.series_fk).where(Instance.sop_instance_uid == value)),
         ))
     return q
+
+
+def job_rows(session, limit: int = 100, state: str | None = None, find: str | None = None) -> list[dict[str, Any]]:
+    """The jobs of :func:`jobs_query`, each with its latest result, as dicts (``medgru jobs list``, the
+    dashboard and its JSON API)."""
+    rows = []
+    for job, seq, series in session.execute(jobs_query(state=state, find=find, limit=limit)).all():
+        res = max(job.results, key=lambda r: r.id) if job.results else None
+        rows.append({
+            "id": job.id,
+            "state": job.state.value,
+            "attempts": job.attempts,
+            "series_uid": series.series_uid,
+            "modality": series.modality,
+            "body_part": series.body_part,
+            "frames": seq.n_frames,
+            "score": None if res is None else round(res.score, 4),
+            "threshold": None if res is None else round(res.threshold, 4),
+            "verdict": None if res is None else ("abnormal" if res.is_anomaly else "normal"),
+            "cluster": None if res is None else (res.cluster_label or None),
+            "model": f"{job.model_name} {job.model_version}".strip() or None,
+            "note": job.reason or job.last_error or "",
+            "created_at": job.created_at.isoformat() if job.created_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "updated_at": when(job.finished_at or job.started_at or job.created_at),
+            "retry_at": job.retry_at.isoformat() if job.retry_at and job.state is JobState.RETRYING else None,
+        })
+    return rows

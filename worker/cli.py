@@ -9,8 +9,8 @@ import argparse
 
 from sqlalchemy import select
 
-from medgru.tables import format_table, open_database, print_fields, when
-from storage.models import Job, JobState, Result
+from medgru.tables import format_table, open_database, print_fields
+from storage.models import Job, JobState
 
 _STATES = [s.value for s in JobState]
 
@@ -45,28 +45,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------- plumbing
-def _latest_result(session, job_id: int) -> Result | None:
-    return session.scalars(select(Result).where(Result.job_fk == job_id).order_by(Result.id.desc())).first()
-
-
 # ------------------------------------------------------------------------------------- handlers
 def _list(args, settings) -> int:
-    sf = open_database(settings)
-    from worker.admin import jobs_query
+    from worker.admin import job_rows
 
-    q = jobs_query(state=args.state, find=args.find, limit=args.limit)
-    rows = []
+    sf = open_database(settings)
     with sf() as session:
-        for job, seq, series in session.execute(q).all():
-            res = _latest_result(session, job.id)
-            rows.append([
-                job.id, job.state.value, job.attempts, series.modality, series.body_part, seq.n_frames,
-                f"{job.model_name} {job.model_version}".strip(),
-                "" if res is None else f"{res.score:.4f}",
-                "" if res is None else ("abnormal" if res.is_anomaly else "normal"),
-                when(job.finished_at or job.started_at or job.created_at),
-                series.series_uid,
-            ])
+        jobs = job_rows(session, limit=args.limit, state=args.state, find=args.find)
+    rows = [[j["id"], j["state"], j["attempts"], j["modality"], j["body_part"], j["frames"], j["model"] or "",
+             "" if j["score"] is None else f"{j['score']:.4f}", j["verdict"] or "", j["updated_at"], j["series_uid"]]
+            for j in jobs]
     headers = ["ID", "STATE", "TRIES", "MODALITY", "BODY PART", "FRAMES", "MODEL", "SCORE", "VERDICT",
                "UPDATED (UTC)", "SERIES UID"]
     print(format_table(headers, rows))
