@@ -317,7 +317,7 @@ class Sender:
         try:
             destination = Destination.parse(destination_text)
             outcomes = self._send(destination, paths, calling_ae=self.settings.ae_title, timeout=self.timeout,
-                                  **({"tls": self._tls} if self._tls is not None else {}))
+                                  tls=self._tls)
         except (AssociationError, OSError, ValueError) as exc:
             log.warning("sending %d objects to %s failed: %s", len(items), destination_text, exc)
             outcomes = [StoreOutcome(p, STATUS_NO_RESPONSE, str(exc)) for p in paths]

@@ -212,6 +212,17 @@ def _quarantine_table(items: list[dict[str, Any]]) -> str:
     return "".join(out) + "</table>"
 
 
+def _job_buttons(job_id: int, state: JobState) -> str:
+    """The Retry / Cancel forms that the job's state allows (:data:`worker.admin.RETRYABLE`, ``CANCELLABLE``)."""
+    from worker.admin import CANCELLABLE, RETRYABLE
+
+    if state in RETRYABLE:
+        return f'<form method="post" action="/jobs/{job_id}/retry"><button>Retry</button></form>'
+    if state in CANCELLABLE:
+        return f'<form method="post" action="/jobs/{job_id}/cancel"><button>Cancel</button></form>'
+    return ""
+
+
 def render_page(settings, session, state: str | None = None, find: str | None = None) -> str:
     s = summary(session)
     cards = "".join(
@@ -225,11 +236,7 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
     cards += f'<a class="card" href="#quarantine">quarantined<b>{s["quarantine"]}</b></a>'
     out = []
     for r in job_rows(session, state=state, find=find):
-        actions = ""
-        if r["state"] in ("failed", "not_processed", "cancelled"):
-            actions += f'<form method="post" action="/jobs/{r["id"]}/retry"><button>Retry</button></form>'
-        if r["state"] in ("queued", "retrying"):
-            actions += f'<form method="post" action="/jobs/{r["id"]}/cancel"><button>Cancel</button></form>'
+        actions = _job_buttons(r["id"], JobState(r["state"]))
         verdict = r["verdict"] or ""
         out.append(
             f'<tr><td><a href="/jobs/{r["id"]}">{r["id"]}</a></td><td class="state-{r["state"]}">{r["state"]}</td>'
@@ -267,18 +274,13 @@ form{{display:inline;margin-right:8px}} .sub{{color:#666;margin-bottom:14px}}
 def render_job_page(session, job_id: int) -> str:
     """One job in detail (the fields of ``medgru jobs show``), with its Retry / Cancel button;
     ``KeyError`` if there is no such job."""
-    from worker.admin import CANCELLABLE, RETRYABLE, job_fields
+    from worker.admin import job_fields
 
     fields = job_fields(session, job_id)
-    state = session.get(Job, job_id).state
+    actions = _job_buttons(job_id, session.get(Job, job_id).state)
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(v)}</code></td></tr>"
                    if "UID" in k or k in ("outbox", "celery task") else
                    f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in fields)
-    actions = ""
-    if state in RETRYABLE:
-        actions += f'<form method="post" action="/jobs/{job_id}/retry"><button>Retry</button></form>'
-    if state in CANCELLABLE:
-        actions += f'<form method="post" action="/jobs/{job_id}/cancel"><button>Cancel</button></form>'
     return _JOB_PAGE.format(job_id=job_id, rows=rows, actions=actions)
 
 
@@ -344,15 +346,14 @@ class DashboardServer:
         self.settings = settings
         self.sf = session_factory
         self.health = health
-        secret = getattr(settings, "dashboard_password", None)
+        secret = settings.dashboard_password
         self.password: str | None = secret.get_secret_value() if secret is not None else None
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(session_factory))
-        if hasattr(settings, "spool_dir"):
-            self.registry.register(_DiskCollector(settings))
+        self.registry.register(_DiskCollector(settings))
         handler = self._make_handler(retry, cancel, resend or (lambda item_id: resend_item(session_factory, item_id)))
         self.httpd = _HttpServer((settings.dashboard_host, settings.dashboard_port), handler)
-        tls = dashboard_context(settings) if hasattr(settings, "dashboard_https") else None
+        tls = dashboard_context(settings)
         if tls is not None:  # the handshake happens in the request's thread, not in the accepting one
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
         self.scheme = "https" if tls is not None else "http"

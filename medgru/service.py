@@ -111,7 +111,7 @@ class Service:
         from pacs_listener.scp import disk_short
 
         report: dict[str, str | None] = {}
-        report["listener"] = None if self.listener is not None and self.listener._server is not None else "not listening"
+        report["listener"] = None if self.listener is not None and self.listener.listening else "not listening"
         report["disk"] = disk_short(self.settings.spool_dir, self.settings.min_free_disk_mb)
         for t in self._threads:
             report[t.name] = None if t.is_alive() else "thread stopped"

@@ -401,7 +401,7 @@ def is_image_instance(inst: Instance) -> bool:
     """An instance with pixels to score whose file is still in the spool (retention removes old files:
     :mod:`storage.retention`)."""
     return (bool(inst.has_pixels) and inst.sop_class_uid not in NON_IMAGE_SOP_CLASSES
-            and getattr(inst, "purged_at", None) is None)
+            and inst.purged_at is None)
 
 
 def ignore_reason(series: Series, instances: Sequence[Instance]) -> str | None:

@@ -250,6 +250,10 @@ class Listener:
         log.info("DICOM listener %s stopped", self.settings.ae_title)
 
     @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("listener not started")

@@ -27,9 +27,9 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Job, JobState, utcnow
+from storage.models import Job, JobState
 from worker.celery_app import DEFAULT_QUEUE, QUEUE_ENV, SETTINGS_ENV
-from worker.pipeline import worker_died_error
+from worker.pipeline import fail_if_it_killed_its_workers
 from worker.tasks import enqueue_job
 
 log = logging.getLogger(__name__)
@@ -141,11 +141,7 @@ def recover_orphans(session_factory: sessionmaker[Session], app: Celery, *,
         jobs = session.scalars(select(Job).where(Job.state.in_(UNFINISHED)).order_by(Job.id)).all()
         ids = []
         for job in jobs:
-            if job.state is JobState.RUNNING and max_retries is not None and job.attempts > max_retries:
-                job.state = JobState.FAILED
-                job.finished_at = utcnow()
-                job.last_error = worker_died_error(job.attempts, job.last_error)
-                log.error("job %d FAILED: the worker stopped during each of its %d attempts", job.id, job.attempts)
+            if max_retries is not None and fail_if_it_killed_its_workers(job, max_retries):
                 continue
             if job.state is JobState.RUNNING:
                 job.state = JobState.QUEUED

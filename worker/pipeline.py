@@ -81,23 +81,27 @@ def seconds_until_retry(job: Job, now=None) -> float:
 
 
 # ------------------------------------------------------------------------------------------ claim
-def worker_died_error(attempts: int, previous: str = "") -> str:
-    """``last_error`` of a job failed because its worker stopped during every one of its attempts."""
-    return f"the worker stopped during each of its {attempts} attempts" + (f"; {previous}" if previous else "")
+def fail_if_it_killed_its_workers(job: Job, max_retries: int) -> bool:
+    """Fail an orphaned RUNNING ``job`` (its worker died during it) that has used all its attempts, in its
+    session (not committed); whether it did. A job that kills its worker every time (out of memory, say)
+    must not be run again and again. Used by the broker re-delivery's claim and the embedded worker's
+    orphan recovery."""
+    if job.state is not JobState.RUNNING or job.attempts <= max_retries:
+        return False
+    job.state, job.finished_at = JobState.FAILED, utcnow()
+    job.last_error = (f"the worker stopped during each of its {job.attempts} attempts"
+                      + (f"; {job.last_error}" if job.last_error else ""))
+    log.error("job %d FAILED: the worker stopped during each of its %d attempts", job.id, job.attempts)
+    return True
 
 
-def _fail_if_it_killed_its_workers(session_factory, job_id: int, task_id: str, max_retries: int) -> bool:
-    """A re-delivered RUNNING job (its worker died) that has used all its attempts goes FAILED instead of
-    running again: a job that kills its worker every time (out of memory, say) must not loop for ever."""
+def _fail_redelivered_killer(session_factory, job_id: int, task_id: str, max_retries: int) -> bool:
+    """:func:`fail_if_it_killed_its_workers` for a broker re-delivery (the same task id) of a RUNNING job."""
     with session_factory() as session:
         job = session.get(Job, job_id, with_for_update=True)
-        if (job is None or job.state is not JobState.RUNNING or job.celery_task_id != task_id[:64]
-                or job.attempts <= max_retries):
+        if job is None or job.celery_task_id != task_id[:64] or not fail_if_it_killed_its_workers(job, max_retries):
             return False
-        job.state, job.finished_at = JobState.FAILED, utcnow()
-        job.last_error = worker_died_error(job.attempts, job.last_error)
         session.commit()
-        log.error("job %d FAILED: the worker stopped during each of its %d attempts", job_id, job.attempts)
         return True
 
 
@@ -107,8 +111,8 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: s
     or ``(False, its current state)`` (``None`` if there is no such job). A RETRYING job whose back-off
     (``retry_at``) has not ended may not run yet: ``(False, RETRYING)``. With ``max_retries``, a broker
     re-delivery of a RUNNING job that has used all its attempts fails it: ``(False, FAILED)``."""
-    if task_id and max_retries is not None and _fail_if_it_killed_its_workers(session_factory, job_id, task_id,
-                                                                              max_retries):
+    if task_id and max_retries is not None and _fail_redelivered_killer(session_factory, job_id, task_id,
+                                                                        max_retries):
         return False, JobState.FAILED
     now = utcnow()
     may_run = or_(Job.state == JobState.QUEUED,
