@@ -38,6 +38,16 @@ def dicom_corpus(data_root: Path) -> Path:
 
 
 @pytest.fixture
+def cli_env(monkeypatch):
+    """An environment without the developer's MEDGRU_* settings (the data root stays) for tests that run
+    the ``medgru`` command line; set what the test needs on the returned ``monkeypatch``."""
+    for key in list(os.environ):
+        if key.startswith("MEDGRU_") and key != "MEDGRU_DATA_ROOT":
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+@pytest.fixture
 def make_settings(tmp_path: Path):
     """Build a Settings with its home under tmp_path; keyword arguments override fields."""
 

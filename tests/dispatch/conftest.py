@@ -132,3 +132,21 @@ def write_objects(objects, folder: Path) -> list[Path]:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def enqueue_objects(settings, session_factory, objects, *, destination: str | None = None) -> list[int]:
+    """Write ``objects`` to the outbox folder and record a PENDING outbox item for each (to
+    ``settings.destination`` unless ``destination`` is given); returns their ids."""
+    from storage.models import OutboxItem
+
+    paths = write_objects(objects, settings.outbox_dir)
+    ids = []
+    with session_factory() as s:
+        for ds, p in zip(objects, paths):
+            item = OutboxItem(path=p.name, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                              destination=str(settings.destination) if destination is None else destination)
+            s.add(item)
+            s.flush()
+            ids.append(item.id)
+        s.commit()
+    return ids

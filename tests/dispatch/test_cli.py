@@ -3,7 +3,6 @@ accepts, and the service's own sender."""
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta, timezone
 
 import pydicom
@@ -13,7 +12,7 @@ from dispatch.sender import STATUS_ERROR_DATASET_MISMATCH, STATUS_SUCCESS, Sende
 from medgru.cli import main
 from storage.db import init_db, make_session_factory
 from storage.models import OutboxItem, OutboxState
-from tests.dispatch.conftest import PACS_AET, write_objects
+from tests.dispatch.conftest import PACS_AET, enqueue_objects
 
 T0 = datetime(2031, 1, 1, 12, 0, tzinfo=timezone.utc)  # a logical clock, later than any row's default
 
@@ -23,21 +22,13 @@ def _states(sf) -> dict[int, tuple[OutboxState, int]]:
         return {i.id: (i.state, i.attempts) for i in s.scalars(select(OutboxItem))}
 
 
-def test_outbox_list_and_resend(make_settings, failing_scp, result_objects, monkeypatch, capsys):
+def test_outbox_list_and_resend(make_settings, failing_scp, result_objects, cli_env, capsys):
     port, status = failing_scp
     settings = make_settings(destination=f"{PACS_AET}@127.0.0.1:{port}")
-    for key in list(os.environ):
-        if key.startswith("MEDGRU_") and key != "MEDGRU_DATA_ROOT":
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("MEDGRU_HOME", str(settings.home))
+    cli_env.setenv("MEDGRU_HOME", str(settings.home))
     sf = make_session_factory(init_db(settings.effective_database_url))
-    paths = write_objects(result_objects, settings.outbox_dir)
-    with sf() as s:
-        items = [OutboxItem(path=p.name, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                            destination=str(settings.destination)) for ds, p in zip(result_objects, paths)]
-        s.add_all(items)
-        s.commit()
-        sr_id, sc_id = (i.id for i in items)
+    sr_id, sc_id = enqueue_objects(settings, sf, result_objects)
+    paths = [settings.outbox_dir / f"{ds.SOPInstanceUID}.dcm" for ds in result_objects]
     sender = Sender(settings, sf, max_attempts=1, timeout=10)
     assert sender.run_once(now=T0) == 0  # the PACS refuses both: FAILED, kept for an admin
     assert _states(sf) == {sr_id: (OutboxState.FAILED, 1), sc_id: (OutboxState.FAILED, 1)}

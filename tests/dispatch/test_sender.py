@@ -27,7 +27,7 @@ from dispatch.sender import (
 )
 from medgru.settings import Destination
 from storage.models import OutboxItem, OutboxState
-from tests.dispatch.conftest import PACS_AET, free_port, write_objects
+from tests.dispatch.conftest import PACS_AET, enqueue_objects, free_port, write_objects
 
 T0 = datetime(2031, 1, 1, 12, 0, tzinfo=timezone.utc)  # a logical clock, later than any row's default
 
@@ -35,20 +35,6 @@ T0 = datetime(2031, 1, 1, 12, 0, tzinfo=timezone.utc)  # a logical clock, later 
 def _settings(make_settings, port: int | None, **kw):
     dest = f"{PACS_AET}@127.0.0.1:{port}" if port else None
     return make_settings(destination=dest, send_retry_base_s=2.0, send_retry_max_s=30.0, **kw)
-
-
-def _enqueue(settings, session_factory, objects, *, destination: str | None = None) -> list[int]:
-    paths = write_objects(objects, settings.outbox_dir)
-    ids = []
-    with session_factory() as s:
-        for ds, p in zip(objects, paths):
-            item = OutboxItem(path=p.name, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                              destination=str(settings.destination) if destination is None else destination)
-            s.add(item)
-            s.flush()
-            ids.append(item.id)
-        s.commit()
-    return ids
 
 
 def _items(session_factory) -> list[OutboxItem]:
@@ -124,7 +110,7 @@ def test_sender_sends_due_items_in_one_association(make_settings, session_factor
                                                    ) -> None:
     settings = _settings(make_settings, storescp.port)
     storescp.start()
-    _enqueue(settings, session_factory, result_objects)
+    enqueue_objects(settings, session_factory, result_objects)
     sender = Sender(settings, session_factory, timeout=20)
     assert sender.run_once(now=T0) == 2
     items = _items(session_factory)
@@ -140,7 +126,7 @@ def test_sender_sends_due_items_in_one_association(make_settings, session_factor
 def test_sender_backs_off_while_peer_down_then_sends(make_settings, session_factory, storescp, result_objects
                                                      ) -> None:
     settings = _settings(make_settings, storescp.port)
-    _enqueue(settings, session_factory, result_objects[:1])
+    enqueue_objects(settings, session_factory, result_objects[:1])
     sender = Sender(settings, session_factory, timeout=5)
 
     assert sender.run_once(now=T0) == 0
@@ -168,7 +154,7 @@ def test_sender_backs_off_while_peer_down_then_sends(make_settings, session_fact
 @pytest.mark.integration
 def test_transient_failures_never_give_up(make_settings, session_factory, result_objects) -> None:
     settings = _settings(make_settings, free_port())  # nobody listens there
-    _enqueue(settings, session_factory, result_objects[:1])
+    enqueue_objects(settings, session_factory, result_objects[:1])
     sender = Sender(settings, session_factory, max_attempts=3, timeout=5)
     now, delays = T0, []
     for _ in range(7):
@@ -185,7 +171,7 @@ def test_failure_status_recorded_then_failed_then_requeued(make_settings, sessio
                                                            result_objects) -> None:
     port, status = failing_scp
     settings = _settings(make_settings, port)
-    _enqueue(settings, session_factory, result_objects[:1])
+    enqueue_objects(settings, session_factory, result_objects[:1])
     sender = Sender(settings, session_factory, max_attempts=2, timeout=10)
 
     assert sender.run_once(now=T0) == 0
@@ -209,7 +195,7 @@ def test_out_of_resources_stays_pending(make_settings, session_factory, failing_
     port, status = failing_scp
     status[0] = STATUS_REFUSED_OUT_OF_RESOURCES
     settings = _settings(make_settings, port)
-    _enqueue(settings, session_factory, result_objects[:1])
+    enqueue_objects(settings, session_factory, result_objects[:1])
     sender = Sender(settings, session_factory, max_attempts=2, timeout=10)
     now = T0
     for _ in range(4):
@@ -224,7 +210,7 @@ def test_missing_outbox_file_fails_after_max_attempts(make_settings, session_fac
                                                       result_objects) -> None:
     settings = _settings(make_settings, storescp.port)
     storescp.start()
-    _enqueue(settings, session_factory, result_objects)
+    enqueue_objects(settings, session_factory, result_objects)
     (settings.outbox_dir / f"{result_objects[0].SOPInstanceUID}.dcm").unlink()
     sender = Sender(settings, session_factory, max_attempts=1, timeout=20)
     assert sender.run_once(now=T0) == 1
@@ -237,7 +223,7 @@ def test_missing_outbox_file_fails_after_max_attempts(make_settings, session_fac
 def test_items_without_destination_wait_for_one(make_settings, session_factory, storescp, result_objects) -> None:
     storescp.start()
     no_dest = _settings(make_settings, None)
-    _enqueue(no_dest, session_factory, result_objects[:1], destination="")
+    enqueue_objects(no_dest, session_factory, result_objects[:1], destination="")
     assert Sender(no_dest, session_factory).run_once(now=T0) == 0
     [item] = _items(session_factory)
     assert (item.state, item.attempts, item.destination) == (OutboxState.PENDING, 0, "")
@@ -251,7 +237,7 @@ def test_items_without_destination_wait_for_one(make_settings, session_factory, 
 def test_run_forever_sends_and_stops(make_settings, session_factory, storescp, result_objects) -> None:
     settings = _settings(make_settings, storescp.port)
     storescp.start()
-    _enqueue(settings, session_factory, result_objects)
+    enqueue_objects(settings, session_factory, result_objects)
     stop = threading.Event()
     t = threading.Thread(target=Sender(settings, session_factory, timeout=20).run_forever, args=(stop, 0.05))
     t.start()

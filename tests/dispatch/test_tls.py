@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from dispatch.sender import Sender
 from storage.models import OutboxItem, OutboxState
-from tests.dispatch.conftest import PACS_AET, write_objects
+from tests.dispatch.conftest import PACS_AET, enqueue_objects
 from tests.tls_certs import make_pki
 
 pytestmark = pytest.mark.integration  # storescp and openssl are real peers
@@ -24,15 +24,6 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _enqueue(settings, sf, objects) -> None:
-    paths = write_objects(objects, settings.outbox_dir)
-    with sf() as s:
-        for ds, p in zip(objects, paths):
-            s.add(OutboxItem(path=p.name, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                             destination=str(settings.destination)))
-        s.commit()
-
-
 @pytest.mark.parametrize("pacs_cert", ["peer", "stranger"])
 def test_sender_over_tls(make_settings, session_factory, storescp, result_objects, pki, pacs_cert):
     pair = getattr(pki, pacs_cert)
@@ -40,7 +31,7 @@ def test_sender_over_tls(make_settings, session_factory, storescp, result_object
     settings = make_settings(destination=f"{PACS_AET}@127.0.0.1:{storescp.port}", send_tls=True,
                              tls_certificate=pki.medgru.cert, tls_private_key=pki.medgru.key,
                              tls_trusted_certificates=pki.ca)
-    _enqueue(settings, session_factory, result_objects)
+    enqueue_objects(settings, session_factory, result_objects)
     sent = Sender(settings, session_factory, timeout=10).run_once(now=T0)
     with session_factory() as s:
         items = list(s.scalars(select(OutboxItem).order_by(OutboxItem.id)))

@@ -3,8 +3,6 @@ one good and one broken instance."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from pydicom import dcmread, dcmwrite
 
@@ -18,12 +16,9 @@ from .conftest import PATIENT_NAME, STORESCU, make_mr, run_dcmtk
 pytestmark = pytest.mark.integration  # storescu is a real peer
 
 
-def test_quarantine_list_and_show(make_settings, tmp_path, monkeypatch, capsys):
+def test_quarantine_list_and_show(make_settings, tmp_path, cli_env, capsys):
     settings = make_settings(listen_host="127.0.0.1", listen_port=0)
-    for key in list(os.environ):
-        if key.startswith("MEDGRU_") and key != "MEDGRU_DATA_ROOT":
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("MEDGRU_HOME", str(settings.home))
+    cli_env.setenv("MEDGRU_HOME", str(settings.home))
     good, bad = make_mr(), make_mr()
     bad.NumberOfFrames = 5  # its pixel data holds one frame
     files = []

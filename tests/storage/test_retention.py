@@ -165,21 +165,16 @@ def test_the_service_loop_applies_retention(world):
     assert not files["2.0.dcm"].exists() and not t.is_alive()
 
 
-def test_medgru_prune_command(world, monkeypatch, capsys):
-    import os
-
+def test_medgru_prune_command(world, cli_env, capsys):
     from medgru.cli import main
 
     settings, sf, files = world
-    for key in list(os.environ):
-        if key.startswith("MEDGRU_") and key != "MEDGRU_DATA_ROOT":
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("MEDGRU_HOME", str(settings.home))
-    monkeypatch.setenv("MEDGRU_DATABASE_URL", settings.database_url)
+    cli_env.setenv("MEDGRU_HOME", str(settings.home))
+    cli_env.setenv("MEDGRU_DATABASE_URL", settings.database_url)
     assert main(["prune"]) == 0
     assert "retention is off" in capsys.readouterr().out and all(p.exists() for p in files.values())
-    monkeypatch.setenv("MEDGRU_RETENTION_DAYS", "7")
-    monkeypatch.setenv("MEDGRU_QUARANTINE_RETENTION_DAYS", "30")
+    cli_env.setenv("MEDGRU_RETENTION_DAYS", "7")
+    cli_env.setenv("MEDGRU_QUARANTINE_RETENTION_DAYS", "30")
     assert main(["prune", "--dry-run"]) == 0
     assert ("retention would remove 2 instance file(s), 1 sent result file(s), 1 quarantined file(s)"
             in capsys.readouterr().out)

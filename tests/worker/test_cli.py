@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pydicom
 import pytest
 
@@ -17,15 +15,12 @@ pytestmark = pytest.mark.integration  # PostgreSQL is a real peer
 
 
 @pytest.fixture
-def cli(worker_settings, tmp_path, monkeypatch):
+def cli(worker_settings, tmp_path, cli_env):
     settings = worker_settings()
     toml = tmp_path / "medgru.toml"
     model = ", ".join(f'"{p.as_posix()}"' for p in settings.model)
     toml.write_text(f'home = "{settings.home.as_posix()}"\ndatabase_url = "{settings.database_url}"\n'
                     f'model = [{model}]\n')
-    for key in list(os.environ):
-        if key.startswith("MEDGRU_") and key != "MEDGRU_DATA_ROOT":
-            monkeypatch.delenv(key)
 
     def run(*argv) -> int:
         return main(["--config", str(toml), "jobs", *argv])
