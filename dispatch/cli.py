@@ -1,4 +1,5 @@
 """``medgru outbox``: the result objects on their way to the PACS; list them, re-send failed ones.
+``medgru echo``: check that the PACS can be reached and takes the SOP classes of our results.
 
 A PENDING item is sent by the running service's sender (retried with back-off while the PACS is down);
 a FAILED one was refused by the PACS ``max_attempts`` times and waits for an admin. ``resend`` puts
@@ -31,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--all-failed", action="store_true", help="every failed item")
     q.set_defaults(func=_resend)
 
+    p = sub.add_parser("echo", help="C-ECHO the PACS and check that it accepts our SR and SC (exit 0 when it does)")
+    p.add_argument("destination", nargs="?", metavar="AET@HOST:PORT",
+                   help="the peer to check (default: the configured destination, over TLS when send_tls is on)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each step (default 10)")
+    p.set_defaults(func=_echo)
+
 
 def _list(args, settings) -> int:
     sf = open_database(settings)
@@ -62,3 +69,25 @@ def _resend(args, settings) -> int:
     if ok:
         print(f"{len(ok)} failed item(s) back to pending: {', '.join(map(str, ok))}")
     return 1 if refused else 0
+
+
+def _echo(args, settings) -> int:
+    from dispatch.verify import verify_destination
+    from medgru.settings import Destination
+    from medgru.tls import client_context
+
+    if args.destination:
+        try:
+            destination = Destination.parse(args.destination)
+        except ValueError as exc:
+            print(f"medgru echo: {exc}")
+            return 2
+    elif settings.destination is None:
+        print("medgru echo: no destination configured (MEDGRU_DESTINATION) and none given")
+        return 2
+    else:
+        destination = settings.destination
+    report = verify_destination(destination, calling_ae=settings.ae_title, timeout=args.timeout,
+                                tls=client_context(settings))
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1

@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Sequence
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -140,6 +141,39 @@ def _tls_failure(destination: Destination, tls: ssl.SSLContext, timeout: float) 
         return None
 
 
+def open_association(destination: Destination, contexts: list, *, calling_ae: str,
+                     timeout: float = DEFAULT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> Association:
+    """An established association with ``destination`` proposing ``contexts`` (TCP_NODELAY set; over TLS
+    when ``tls`` is given). Raises :class:`AssociationError` naming why there is none: unreachable, a
+    failed TLS handshake (with the cause), rejected, aborted or unanswered."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    connected: list[bool] = []
+
+    def on_open(event: evt.Event) -> None:
+        connected.append(True)
+        _set_nodelay(event)
+
+    assoc = ae.associate(destination.host, destination.port, contexts=contexts,
+                         ae_title=destination.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+                         tls_args=None if tls is None else (tls, destination.host))
+    if not assoc.is_established:
+        tls_failure = _tls_failure(destination, tls, timeout) if tls is not None and not connected else None
+        if tls_failure:
+            reason = f"TLS with {destination} failed: {tls_failure}"
+        elif not connected:
+            reason = f"{destination} unreachable (no TCP connection within {timeout:g} s)"
+        elif assoc.is_rejected:
+            reason = f"association rejected by {destination}"
+        elif assoc.is_aborted:
+            reason = f"association aborted by {destination}"
+        else:
+            reason = f"no association answer from {destination} within {timeout:g} s"
+        raise AssociationError(f"{reason} (calling AE {calling_ae})")
+    return assoc
+
+
 def _read_header(path: Path) -> tuple[str, str, str]:
     """(SOP Class UID, SOP Instance UID, transfer syntax) of a DICOM file, without its pixel data."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -179,31 +213,7 @@ def store_files(destination: Destination, paths: Sequence[Path | str], *, callin
     if len(contexts) > MAX_CONTEXTS:
         raise ValueError(f"{len(contexts)} SOP classes in one association; at most {MAX_CONTEXTS}")
 
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    connected: list[bool] = []
-
-    def on_open(event: evt.Event) -> None:
-        connected.append(True)
-        _set_nodelay(event)
-
-    assoc = ae.associate(destination.host, destination.port, contexts=contexts,
-                         ae_title=destination.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
-                         tls_args=None if tls is None else (tls, destination.host))
-    if not assoc.is_established:
-        tls_failure = _tls_failure(destination, tls, timeout) if tls is not None and not connected else None
-        if tls_failure:
-            reason = f"TLS with {destination} failed: {tls_failure}"
-        elif not connected:
-            reason = f"{destination} unreachable (no TCP connection within {timeout:g} s)"
-        elif assoc.is_rejected:
-            reason = f"association rejected by {destination}"
-        elif assoc.is_aborted:
-            reason = f"association aborted by {destination}"
-        else:
-            reason = f"no association answer from {destination} within {timeout:g} s"
-        raise AssociationError(f"{reason} (calling AE {calling_ae})")
+    assoc = open_association(destination, contexts, calling_ae=calling_ae, timeout=timeout, tls=tls)
     try:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         accepted_classes = {a for a, _ in accepted}

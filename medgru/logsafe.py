@@ -24,9 +24,10 @@ _state = threading.local()
 _lock = threading.Lock()
 
 
-def redact(message: str) -> str:
-    """``message`` with every quoted value replaced by ``'…'``."""
-    return _QUOTED.sub("'…'", message)
+def redact(message: str, keep_up_to: int = 0) -> str:
+    """``message`` with every quoted value replaced by ``'…'``; values of at most ``keep_up_to`` characters
+    (a two-letter VR in a parser's error, say) are kept."""
+    return _QUOTED.sub(lambda m: m[0] if len(m[0]) - 2 <= keep_up_to else "'…'", message)
 
 
 class PydicomRecordFilter(logging.Filter):

@@ -10,6 +10,10 @@ parsing errors surface here and not later in the pipeline) and checks:
   SamplesPerPixel, NumberOfFrames positive, and for native (uncompressed) transfer syntaxes the
   PixelData length matches Rows x Columns x SamplesPerPixel x BitsAllocated/8 x NumberOfFrames.
 
+A reason quotes no value of the data set: pydicom's exception text, which may quote one (a name in the
+wrong element, say), has its quoted values of more than two characters (a VR is two) replaced by ``'…'``
+(:func:`medgru.logsafe.redact`), since the reason is logged and shown to admins.
+
 Encapsulated (compressed) pixel data is not decoded: we store it as received even when no decoder is
 available. A failure raises :class:`InvalidDataset` with a reason and the DIMSE status to answer.
 """
@@ -25,6 +29,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, UID_dictionary
 
+from medgru.logsafe import redact
 from pacs_listener.status import StoreStatus
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -69,7 +74,7 @@ def parse_received(file_bytes: bytes) -> Dataset:
             _ = elem.value
     except Exception as exc:  # pydicom raises many kinds (ValueError, struct.error, RecursionError...)
         raise InvalidDataset(
-            f"data set cannot be parsed: {type(exc).__name__}: {str(exc)[:300]}", StoreStatus.CANNOT_UNDERSTAND
+            f"data set cannot be parsed: {type(exc).__name__}: {redact(str(exc), keep_up_to=2)[:300]}", StoreStatus.CANNOT_UNDERSTAND
         ) from exc
     return ds
 
@@ -285,5 +290,5 @@ def validate_received(file_bytes: bytes, request: RequestIds) -> Dataset:
     except InvalidDataset:
         raise
     except Exception as exc:  # odd VRs / values in the pixel module
-        raise InvalidDataset(f"pixel module cannot be checked: {type(exc).__name__}: {exc}") from exc
+        raise InvalidDataset(f"pixel module cannot be checked: {type(exc).__name__}: {redact(str(exc), keep_up_to=2)}") from exc
     return ds

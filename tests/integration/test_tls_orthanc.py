@@ -80,6 +80,15 @@ def test_orthanc_and_medgru_over_tls(netns: NetNamespace, data_root: Path, servi
                   lambda: f"{service.log_tail()}\n{orthanc.log_tail()}")
         log_text = service.log_path.read_text(errors="replace")
         assert "over TLS, peer certificates required" in log_text and "TLS handshake" not in log_text
+
+        # the admin's pre-flight check against the same Orthanc, over TLS: echo and both result classes
+        echo = netns.run([sys.executable, "-m", "medgru.cli", "echo"], env=env, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        assert f"{PACS_AET}@127.0.0.1:{PACS_DICOM_PORT} (calling AE {TLS_AET}, TLS on)" in echo.stdout
+        assert "C-ECHO: success (0x0000)" in echo.stdout
+        assert "Comprehensive 3D SR Storage: accepted" in echo.stdout
+        assert "Secondary Capture Image Storage: accepted" in echo.stdout
     finally:
         stop_process(service.process, grace_s=30.0)
         orthanc.stop()

@@ -76,6 +76,20 @@ def test_unparseable_data_set_cannot_be_understood():
     reject(b"\0" * 132, request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
 
 
+def test_a_parser_error_quoting_a_value_is_redacted(monkeypatch):
+    """The reason is logged and listed for admins: a value quoted by the parser's exception (here a patient
+    name) does not reach it; the exception's kind and the rest of its text do."""
+    ds = make_mr()
+
+    def parser_quoting_a_value(*args, **kwargs):
+        raise ValueError(f"invalid literal for int() with base 10: '{ds.PatientName}' in tag (0020,0013)")
+
+    monkeypatch.setattr("pacs_listener.validate.dcmread", parser_quoting_a_value)
+    reason = reject(to_file_bytes(ds), request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
+    assert str(ds.PatientName) and str(ds.PatientName) not in reason
+    assert reason == "data set cannot be parsed: ValueError: invalid literal for int() with base 10: '…' in tag (0020,0013)"
+
+
 @pytest.mark.parametrize("keyword", ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
 def test_missing_identifier_rejected(keyword):
     ds = make_mr()

@@ -1,0 +1,81 @@
+"""``medgru echo``: a C-ECHO and the result SOP classes, against a real DCMTK storescp and real pynetdicom
+peers that accept less, refuse our AE title or are not there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+
+from dispatch.verify import RESULT_SOP_CLASSES, verify_destination
+from medgru.cli import main
+from medgru.settings import Destination
+from tests.dispatch.conftest import PACS_AET, free_port
+
+
+def test_result_classes_are_what_reporting_builds(result_objects):
+    assert {str(ds.SOPClassUID) for ds in result_objects} == {str(uid) for uid in RESULT_SOP_CLASSES}
+
+
+def test_echo_storescp_through_the_command_line(make_settings, storescp, cli_env, capsys):
+    storescp.start()
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    cli_env.setenv("MEDGRU_AE_TITLE", "MEDGRU_TEST")
+    cli_env.setenv("MEDGRU_DESTINATION", f"{PACS_AET}@127.0.0.1:{storescp.port}")
+    assert main(["echo"]) == 0
+    out = capsys.readouterr().out
+    assert f"{PACS_AET}@127.0.0.1:{storescp.port} (calling AE MEDGRU_TEST, TLS off)" in out
+    assert "C-ECHO: success (0x0000) in " in out
+    assert "Comprehensive 3D SR Storage: accepted (Explicit VR Little Endian)" in out
+    assert "Secondary Capture Image Storage: accepted (Explicit VR Little Endian)" in out
+    assert out.rstrip().endswith("OK: results can be sent")
+    assert "Received Echo Request" in storescp.log_path.read_text(errors="replace")  # the peer saw the echo
+
+    storescp.stop()  # the same check with the PACS down: named, exit 1
+    assert main(["echo", "--timeout", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED:" in out and "unreachable" in out and "C-ECHO" not in out
+
+
+@pytest.fixture
+def partial_scp() -> Iterator[tuple[int, AE]]:
+    """A pynetdicom peer answering C-ECHO and taking Secondary Capture, but no SR."""
+    ae = AE(ae_title=PACS_AET)
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        yield port, ae
+    finally:
+        server.shutdown()
+
+
+def test_a_peer_that_refuses_the_sr_class_fails_the_check(partial_scp, make_settings, cli_env, capsys):
+    port, _ = partial_scp
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    assert main(["echo", f"{PACS_AET}@127.0.0.1:{port}"]) == 1
+    out = capsys.readouterr().out
+    assert "C-ECHO: success (0x0000)" in out  # an echo alone would have said all is well
+    assert "Comprehensive 3D SR Storage: NOT accepted" in out
+    assert "Secondary Capture Image Storage: accepted" in out
+    assert "FAILED:" in out and "Comprehensive 3D SR Storage" in out.splitlines()[-1]
+
+
+def test_a_peer_that_does_not_know_our_ae_title(partial_scp):
+    port, ae = partial_scp
+    ae.require_calling_aet = ["SOMEONE_ELSE"]
+    report = verify_destination(Destination.parse(f"{PACS_AET}@127.0.0.1:{port}"), calling_ae="MEDGRU", timeout=5)
+    assert not report.ok and not report.echoed
+    assert report.error.startswith(f"association rejected by {PACS_AET}@127.0.0.1:{port}")
+    assert "calling AE MEDGRU" in report.error
+
+
+def test_no_destination_and_a_malformed_one(make_settings, cli_env, capsys):
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    assert main(["echo"]) == 2
+    assert "no destination configured" in capsys.readouterr().out
+    assert main(["echo", "PACS-at-host"]) == 2
+    assert "not of the form AET@host:port" in capsys.readouterr().out
