@@ -8,7 +8,8 @@ web framework):
   (failed ones with a Resend button) and the latest quarantined instances with the status we answered
   and why;
 * ``GET /jobs/<id>`` — one job in detail (as ``medgru jobs show``): times, errors, its UIDs, results and
-  where its SR and SC are;
+  where its SR and SC are, and the overlay as the PACS received it (``GET /jobs/<id>/overlay.png``, the
+  SC's pixels read from its outbox file: the caption and heat map, no patient attribute);
 * ``GET /?q=<uid>`` and ``/api/jobs?q=`` — the jobs of a series, study, accession number or SOP instance;
 * ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
   JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel`` and ``/outbox/<id>/resend``;
@@ -36,6 +37,7 @@ import re
 import threading
 from datetime import timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
@@ -265,15 +267,48 @@ _JOB_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MedGRU wo
 body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} h1{{font-size:20px;margin:0 0 12px}}
 table{{border-collapse:collapse;font-size:13px}} th,td{{border-bottom:1px solid #eee;padding:5px 10px;text-align:left;
 vertical-align:top}} th{{color:#555;font-weight:600;white-space:nowrap}} code{{font-size:12px}}
-form{{display:inline;margin-right:8px}} .sub{{color:#666;margin-bottom:14px}}
+form{{display:inline;margin-right:8px}} .sub{{color:#666;margin-bottom:14px}} h2{{font-size:16px;margin:18px 0 8px}}
+img{{max-width:100%;border:1px solid #ddd}}
 </style></head><body><h1>Job {job_id}</h1>
 <div class="sub"><a href="/">back to the queue</a> · NOT FOR DIAGNOSTIC USE</div>
-<table>{rows}</table><p>{actions}</p></body></html>"""
+<table>{rows}</table><p>{actions}</p>{overlay}</body></html>"""
+
+
+def overlay_item(session, job_id: int) -> OutboxItem | None:
+    """The outbox item of the Grad-CAM overlay SC of the job's latest result, or ``None`` (no result yet, or
+    a result without SC)."""
+    result = session.scalars(select(Result).where(Result.job_fk == job_id, Result.sc_sop_instance_uid != "")
+                             .order_by(Result.id.desc()).limit(1)).first()
+    if result is None:
+        return None
+    return session.scalars(select(OutboxItem).where(OutboxItem.sop_instance_uid == result.sc_sop_instance_uid)).first()
+
+
+def overlay_png(session, outbox_dir: Path, job_id: int) -> bytes:
+    """The job's overlay SC (what the PACS shows) as PNG, read from its outbox file. ``KeyError`` naming why
+    there is none: no such job, no overlay, or its file removed by retention."""
+    from io import BytesIO
+
+    import pydicom
+    from PIL import Image
+
+    if session.get(Job, job_id) is None:
+        raise KeyError(f"no job {job_id}")
+    item = overlay_item(session, job_id)
+    if item is None:
+        raise KeyError(f"job {job_id} has no overlay")
+    path = outbox_dir / item.path
+    if item.purged_at is not None or not path.is_file():
+        raise KeyError(f"the overlay of job {job_id} ({item.sop_instance_uid}) was removed from the outbox folder")
+    pixels = pydicom.dcmread(path).pixel_array
+    buffer = BytesIO()
+    Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def render_job_page(session, job_id: int) -> str:
-    """One job in detail (the fields of ``medgru jobs show``), with its Retry / Cancel button;
-    ``KeyError`` if there is no such job."""
+    """One job in detail (the fields of ``medgru jobs show``), with its Retry / Cancel button and its
+    overlay as the PACS received it; ``KeyError`` if there is no such job."""
     from worker.admin import job_fields
 
     fields = job_fields(session, job_id)
@@ -281,7 +316,15 @@ def render_job_page(session, job_id: int) -> str:
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(v)}</code></td></tr>"
                    if "UID" in k or k in ("outbox", "celery task") else
                    f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in fields)
-    return _JOB_PAGE.format(job_id=job_id, rows=rows, actions=actions)
+    item = overlay_item(session, job_id)
+    if item is None:
+        overlay = ""
+    elif item.purged_at is not None:
+        overlay = '<p class="sub">Overlay: its file was removed by retention (the PACS has it).</p>'
+    else:
+        overlay = (f'<h2>Overlay (Secondary Capture <code>{html.escape(item.sop_instance_uid)}</code>)</h2>'
+                   f'<img src="/jobs/{job_id}/overlay.png" alt="Grad-CAM overlay of job {job_id}">')
+    return _JOB_PAGE.format(job_id=job_id, rows=rows, actions=actions, overlay=overlay)
 
 
 def cross_site(headers) -> str | None:
@@ -407,6 +450,14 @@ class DashboardServer:
                     return None
                 if path == "/metrics":
                     return self._send(200, generate_latest(server.registry), CONTENT_TYPE_METRICS)
+                overlay = re.fullmatch(r"/jobs/(\d+)/overlay\.png", path)
+                if overlay:
+                    with server.sf() as session:
+                        try:
+                            png = overlay_png(session, server.settings.outbox_dir, int(overlay[1]))
+                        except KeyError as exc:
+                            return self._send(404, f"{exc.args[0]}\n".encode(), "text/plain")
+                    return self._send(200, png, "image/png")
                 job_page = re.fullmatch(r"/jobs/(\d+)", path)
                 if job_page:
                     with server.sf() as session:

@@ -9,6 +9,7 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import select
 
 from medgru.dashboard import DashboardServer
 from storage.db import init_db, make_session_factory
@@ -353,3 +354,52 @@ def test_find_the_jobs_of_a_study_series_accession_or_instance(dash):
     assert 'href="/jobs/4"' in page and 'href="/jobs/1"' not in page and 'value="ACC42"' in page
     _, _, page = _get(base + "/?q=" + urllib.parse.quote("<b>nothing</b>"))
     assert "No job for this series" in page and "<b>nothing</b>" not in page  # escaped, not rendered
+
+
+def test_job_page_shows_the_overlay_the_pacs_received(dash, dicom_corpus):
+    """The SC's pixels (heat map, colour bar, caption) come back as PNG, equal to what was sent; a purged
+    file is named, and a job without an overlay has none."""
+    from io import BytesIO
+
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    from reporting.sc import build_overlay_sc
+    from tests.reporting import helpers as rh
+
+    settings, sf, base = dash
+    source = pydicom.dcmread(dicom_corpus / rh.DX_FILE)
+    frame = rh.windowed(source)
+    sc = build_overlay_sc(source, frame, rh.blob(frame.shape), rh.detection(rh.blob(frame.shape)[None]), rh.card())
+    settings.outbox_dir.mkdir(parents=True, exist_ok=True)
+    sc.save_as(settings.outbox_dir / "overlay.dcm", enforce_file_format=True)
+    with sf() as s:
+        res = s.get(Result, 1)
+        res.sc_sop_instance_uid = str(sc.SOPInstanceUID)
+        s.add(OutboxItem(result_fk=res.id, path="overlay.dcm", sop_instance_uid=str(sc.SOPInstanceUID),
+                         destination="PACS@h:104", sop_class_uid=str(sc.SOPClassUID), state=OutboxState.SENT))
+        s.commit()
+
+    _, _, page = _get(base + "/jobs/1")
+    assert '<img src="/jobs/1/overlay.png"' in page and str(sc.SOPInstanceUID) in page
+    assert str(source.PatientName) not in page
+    with urllib.request.urlopen(base + "/jobs/1/overlay.png", timeout=10) as r:
+        assert r.headers["Content-Type"] == "image/png"
+        png = np.asarray(Image.open(BytesIO(r.read())))
+    assert png.shape == sc.pixel_array.shape and np.array_equal(png, sc.pixel_array)
+
+    for job, missing in ((2, "job 2 has no overlay"), (99, "no job 99")):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _get(base + f"/jobs/{job}/overlay.png")
+        assert err.value.code == 404 and missing in err.value.read().decode()
+    assert "<img" not in _get(base + "/jobs/2")[2]
+
+    (settings.outbox_dir / "overlay.dcm").unlink()  # retention removed the sent file
+    with sf() as s:
+        s.scalars(select(OutboxItem).where(OutboxItem.path == "overlay.dcm")).one().purged_at = datetime.now(timezone.utc)
+        s.commit()
+    assert "removed by retention" in _get(base + "/jobs/1")[2]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _get(base + "/jobs/1/overlay.png")
+    assert err.value.code == 404 and "was removed from the outbox folder" in err.value.read().decode()
