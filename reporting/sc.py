@@ -1,7 +1,8 @@
 """The Grad-CAM overlay as a DICOM Secondary Capture image.
 
-One single-frame RGB 8-bit SC per result: the frame of the sequence where the heat map peaks
-(:func:`pick_frame`), windowed grey with the heat map blended in, a colour bar with its 0..1 scale and a
+One single-frame RGB 8-bit SC per result: the frame the worker chooses (the frame with the highest own
+score, explained alone, where a detector scores frames; else the frame where the heat map peaks,
+:func:`pick_frame`), windowed grey with the heat map blended in, a colour bar with its 0..1 scale and a
 burnt-in caption: "NOT FOR DIAGNOSTIC USE", model name and version, score / threshold / verdict (see
 :mod:`reporting.overlay`). One frame and not a multi-frame SC because every PACS viewer shows a
 single-frame RGB SC, while multi-frame SC (true colour) support is patchy, and the SR already carries the
@@ -51,9 +52,10 @@ SOURCE_PURPOSE = hd.sr.CodedConcept(
 _AXES = (("L", "R"), ("P", "A"), ("H", "F"))  # DICOM patient axes: +x left, +y posterior, +z head
 
 
-def caption_lines(detection: Detection, card: ModelCard, *, frame_index: int = 0, n_frames: int = 1
-                  ) -> list[tuple[str, tuple[int, int, int]]]:
-    """The burnt-in caption: warning, model, result (with cluster label and shown frame)."""
+def caption_lines(detection: Detection, card: ModelCard, *, frame_index: int = 0, n_frames: int = 1,
+                  frame_score: float | None = None) -> list[tuple[str, tuple[int, int, int]]]:
+    """The burnt-in caption: warning, model (with the shown frame), the series' result (with cluster label)
+    and, where ``frame_score`` is given, a fourth line with the shown frame's own score."""
     verdict = detection.verdict.upper()
     result = f"score {detection.score:.4g} / threshold {detection.threshold:.4g}: {verdict}"
     if detection.cluster_label:
@@ -61,11 +63,16 @@ def caption_lines(detection: Detection, card: ModelCard, *, frame_index: int = 0
     model = f"{card.name} v{card.version}"
     if n_frames > 1:
         model += f" - frame {frame_index + 1} of {n_frames}"
-    return [
+    lines = [
         (NOT_FOR_DIAGNOSTIC_USE, CAPTION_COLOUR),
         (model, TEXT_COLOUR),
         (result, ABNORMAL_COLOUR if detection.is_anomaly else NORMAL_COLOUR),
     ]
+    if frame_score is not None:
+        above = frame_score > detection.threshold
+        lines.append((f"this frame alone: score {frame_score:.4g} (the highest of {n_frames})",
+                      ABNORMAL_COLOUR if above else NORMAL_COLOUR))
+    return lines
 
 
 def _letters(vector: np.ndarray) -> str:
@@ -110,6 +117,7 @@ def build_overlay_sc(
     n_frames: int | None = None,
     source_frame_number: int | None = None,
     series_uid: str | None = None,
+    frame_score: float | None = None,
     institution_name: str | None = None,
     manufacturer: str = MANUFACTURER,
     software_version: str | None = None,
@@ -123,6 +131,8 @@ def build_overlay_sc(
     (:func:`reporting._source.referable_frames`); otherwise it is ignored.
     ``series_uid`` is the source series the UIDs derive from; default the source dataset's series, which
     is right unless the sequence mixes series (then pass the one the SR used).
+    ``frame_score``: the shown frame's own score, when ``heatmap`` explains that frame alone (a fourth
+    caption line; :func:`worker.pipeline.overlay_frame`).
     """
     _source.require_dataset(source_dataset, "source_dataset")
     if not isinstance(detection, Detection):
@@ -138,7 +148,7 @@ def build_overlay_sc(
     series_uid = series_uid or info.series_instance_uid
 
     pixels = render_overlay(frame, heatmap, caption_lines(detection, card, frame_index=frame_index,
-                                                          n_frames=n_frames))
+                                                          n_frames=n_frames, frame_score=frame_score))
     orientation = patient_orientation(source_dataset)
     attrs = info.attributes
     with warnings.catch_warnings():

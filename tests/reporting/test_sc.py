@@ -177,3 +177,29 @@ def test_frame_number_only_for_multi_frame_sop_classes(dicom_corpus: Path, tmp_p
     errors, _ = h.dciodvfy(path)
     # this corpus file's own UIDs use the illegal root 999.999: the SC must reference them as they are
     assert [e for e in errors if not ("Illegal root for UID" in e and '"999.999.' in e)] == []
+
+
+def test_frame_score_line_for_a_frame_explained_alone(dicom_corpus: Path, tmp_path: Path) -> None:
+    """The worker's overlay of a multi-frame series shows one frame explained alone: a fourth caption line
+    gives that frame's own score, red above the threshold; the SC stays valid."""
+    from reporting.overlay import ABNORMAL_COLOUR, NORMAL_COLOUR
+    from reporting.sc import caption_lines
+
+    ds = pydicom.dcmread(dicom_corpus / CASES["mr"])
+    frame = h.windowed(ds)
+    heat = h.blob(frame.shape)
+    det = h.detection(np.stack([heat] * 22), score=707.3, threshold=429.1)
+    lines = caption_lines(det, h.card(), frame_index=0, n_frames=22, frame_score=825.9)
+    assert lines[1][0].endswith("frame 1 of 22")
+    assert lines[3] == ("this frame alone: score 825.9 (the highest of 22)", ABNORMAL_COLOUR)
+    assert caption_lines(det, h.card(), frame_index=5, n_frames=22, frame_score=300.0)[3][1] == NORMAL_COLOUR
+    assert len(caption_lines(det, h.card(), frame_index=0, n_frames=22)) == 3
+
+    plain = build_overlay_sc(ds, frame, heat, det, h.card(), frame_index=0, n_frames=22)
+    scored = build_overlay_sc(ds, frame, heat, det, h.card(), frame_index=0, n_frames=22, frame_score=825.9)
+    assert scored.Rows > plain.Rows and scored.Columns == plain.Columns  # one more caption line
+    assert scored.ImageComments == plain.ImageComments  # the series' result, as before
+    path = tmp_path / "scored.dcm"
+    scored.save_as(path, enforce_file_format=True)
+    errors, _ = h.dciodvfy(path)
+    assert errors == [], "\n".join(errors)

@@ -63,6 +63,11 @@ def test_covered_sequence_succeeds_with_sr_sc_and_outbox(worker_settings, sessio
     assert res.frame_scores is not None and len(res.frame_scores) == N_SLICES
     sr_numbers = _sr_numbers(sr)
     assert all(any(abs(v - n) <= 1e-6 * max(1.0, abs(v)) for n in sr_numbers) for v in res.frame_scores)
+    # the overlay shows the frame with the highest own score, and references that frame's instance
+    with session_factory() as s:
+        refs = s.get(Job, job_id).sequence.frame_refs
+    top = max(range(N_SLICES), key=res.frame_scores.__getitem__)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == refs[top][0]
 
 
 def _sr_numbers(ds) -> list[float]:
@@ -219,3 +224,34 @@ def test_second_failure_doubles_the_back_off(worker_settings, session_factory, d
     job = _job(session_factory, job_id)
     assert job.attempts == 2
     assert t0 + timedelta(seconds=20) <= job.retry_at <= utcnow() + timedelta(seconds=20)
+
+
+def test_overlay_explains_the_highest_scoring_frame_alone(dicom_corpus):
+    """With the bundled MedGRU-SVC brain model on the Brainix FLAIR series: the sequence's Grad-CAM falls on
+    the last slice, whatever the slices' own scores; the overlay shows the slice with the highest own score,
+    with a heat map of that slice scored alone, whose score is the slice's frame score."""
+    import numpy as np
+
+    from inference.api import FrameSequence, load_model
+    from medgru.settings import BUNDLED_MODELS_DIR
+    from worker.pipeline import overlay_frame
+    from worker.pixels import load_frames
+
+    files = sorted((dicom_corpus / BRAINIX).glob("*.dcm"),
+                   key=lambda f: int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber))
+    refs = [(f, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), 1) for f in files]
+    frames, bits = load_frames(refs)
+    sequence = FrameSequence(frames=frames, modality="MR", body_part="BRAIN", bits_stored=bits)
+    detector = load_model(BUNDLED_MODELS_DIR / "brain-mr")
+    detection = detector.detect(sequence, explain=True)
+    mean_heat = detection.heatmaps.reshape(sequence.length, -1).mean(axis=1)
+    top = int(np.argmax(detection.frame_scores))
+    assert int(np.argmax(mean_heat)) == sequence.length - 1 != top  # why the sequence's heat map is no guide
+
+    overlay = overlay_frame(detector, sequence, detection)
+    assert overlay.index == top and overlay.frame_score == detection.frame_scores[top]
+    assert overlay.heatmap.shape == sequence.frames.shape[1:] and overlay.heatmap.max() == 1.0
+    alone = detector.detect(FrameSequence(frames=frames[top:top + 1], modality="MR", body_part="BRAIN",
+                                          bits_stored=bits), explain=True)
+    assert abs(alone.score - overlay.frame_score) <= 1e-4 * abs(overlay.frame_score)
+    assert np.allclose(alone.heatmaps[0], overlay.heatmap, atol=1e-5)
