@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("echo", help="C-ECHO the PACS and check that it accepts our SR and SC (exit 0 when it does)")
     p.add_argument("destination", nargs="?", metavar="AET@HOST:PORT",
-                   help="the peer to check (default: the configured destination, over TLS when send_tls is on)")
+                   help="the peer to check (default: the configured destination and every route's, over TLS when "
+                        "send_tls is on)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each step (default 10)")
     p.set_defaults(func=_echo)
 
@@ -82,12 +83,22 @@ def _echo(args, settings) -> int:
         except ValueError as exc:
             print(f"medgru echo: {exc}")
             return 2
-    elif settings.destination is None:
-        print("medgru echo: no destination configured (MEDGRU_DESTINATION) and none given")
-        return 2
+        targets = {str(destination): (destination, "given")}
     else:
-        destination = settings.destination
-    report = verify_destination(destination, calling_ae=settings.ae_title, timeout=args.timeout,
-                                tls=client_context(settings))
-    print("\n".join(report.lines()))
-    return 0 if report.ok else 1
+        targets = {}
+        if settings.destination is not None:
+            targets[str(settings.destination)] = (settings.destination, "destination")
+        for calling_ae, routed in settings.routes.items():
+            key = str(routed)
+            earlier = targets[key][1] + ", " if key in targets else ""
+            targets[key] = (routed, earlier + f"route of {calling_ae}")
+        if not targets:
+            print("medgru echo: no destination configured (MEDGRU_DESTINATION, MEDGRU_ROUTES) and none given")
+            return 2
+    tls = client_context(settings)
+    failed = 0
+    for i, (destination, why) in enumerate(targets.values()):
+        report = verify_destination(destination, calling_ae=settings.ae_title, timeout=args.timeout, tls=tls)
+        print(("\n" if i else "") + f"[{why}] " + "\n".join(report.lines()))
+        failed += not report.ok
+    return 1 if failed else 0

@@ -257,7 +257,8 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
         out.append('<tr><td colspan="13" class="none">No job for this series, study, accession number or '
                    'SOP instance.</td></tr>')
     return _PAGE.format(ae=html.escape(settings.ae_title), port=settings.listen_port,
-                        dest=html.escape(str(settings.destination or "(none)")), cards=cards, rows="".join(out),
+                        dest=html.escape(str(settings.destination or "(none)") + "".join(
+                            f", from {ae} to {d}" for ae, d in settings.routes.items())), cards=cards, rows="".join(out),
                         jobs_title=jobs_title, outbox=_outbox_table(unsent), find=html.escape(find or "", quote=True),
                         quarantine=_quarantine_table(quarantine_rows(session, limit=PAGE_SECTION_ROWS)))
 

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
 
     # results destination
     destination: Destination | None = None
+    routes: Annotated[dict[str, Destination], NoDecode] = Field(
+        default_factory=dict,
+        description="where the results of a series go by the calling AE that sent it, instead of destination: "
+                    "'CALLING_AE=AET@host:port' entries, comma separated in the environment (a TOML table)",
+    )
     send_retry_base_s: float = 2.0
     send_retry_max_s: float = 300.0
 
@@ -151,6 +156,31 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return Destination.parse(value) if value.strip() else None
         return value
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _parse_routes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            entries = {}
+            for entry in _split_list(value):
+                calling_ae, sep, target = entry.partition("=")
+                if not sep or not calling_ae.strip():
+                    raise ValueError(f"route {entry!r} is not of the form CALLING_AE=AET@host:port")
+                entries[calling_ae] = target
+            value = entries
+        if isinstance(value, dict):
+            routes = {}
+            for calling_ae, target in value.items():
+                key = str(calling_ae).strip()
+                if not 0 < len(key) <= 16:
+                    raise ValueError(f"route key {calling_ae!r} is not an AE title (1 to 16 characters)")
+                routes[key] = Destination.parse(target) if isinstance(target, str) else target
+            return routes
+        return value
+
+    def destination_for(self, calling_ae: str) -> Destination | None:
+        """Where the results of a series sent by ``calling_ae`` go: its route, else ``destination``."""
+        return self.routes.get((calling_ae or "").strip(), self.destination)
 
     @field_validator("allowed_calling_aes", "model", mode="before")
     @classmethod

@@ -21,7 +21,8 @@ State machine of a job (every transition stamped in the database)::
 * **cancel while running**: the final transaction re-reads the job; if it is no longer RUNNING the
   results are discarded (files removed) and its state is kept.
 
-Outbox without a destination: when ``settings.destination`` is not set the outbox items are still
+Destination: the route of the calling AE that sent the series (``settings.routes``), else
+``settings.destination``. Outbox without a destination: when neither is set the outbox items are still
 written (PENDING, ``destination`` empty, ``last_error`` saying so): the objects wait in the outbox and
 are sent once a destination is configured; nothing is lost.
 
@@ -45,7 +46,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.api import Detection, FrameSequence, ModelCard
-from storage.models import Job, JobState, OutboxItem, OutboxState, Result, utcnow
+from storage.models import Instance, Job, JobState, OutboxItem, OutboxState, Result, utcnow
 from worker.loading import load_sequence_with_sources
 from worker.models import ModelRegistry
 
@@ -299,6 +300,13 @@ def process_job(settings, session_factory: sessionmaker[Session], job_id: int, r
         return record_failure(settings, session_factory, job_id, exc)
 
 
+def series_calling_ae(session: Session, series_id: int) -> str:
+    """The calling AE title that sent the series' latest instance ("" when unknown): the key of
+    ``settings.routes``, which sends a series' results back where it came from."""
+    return session.scalars(select(Instance.calling_ae).where(Instance.series_fk == series_id)
+                           .order_by(Instance.received_at.desc(), Instance.id.desc()).limit(1)).first() or ""
+
+
 def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry: ModelRegistry) -> JobState:
     with session_factory() as session:
         job = session.get(Job, job_id)
@@ -319,6 +327,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
             return state
         model_dir, card = choice
         frames, sources = load_sequence_with_sources(settings, session, sequence_id)
+        calling_ae = series_calling_ae(session, series.id)
 
     detector = registry.get(model_dir)
     card = detector.card or card
@@ -331,7 +340,8 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
 
     outputs = write_outputs(settings, build_result_objects(sources, frames, detection, card, settings, overlay))
     by_kind = {o.kind: o for o in outputs}
-    destination = str(settings.destination) if settings.destination is not None else ""
+    routed = settings.destination_for(calling_ae)
+    destination = str(routed) if routed is not None else ""
 
     with session_factory() as session:
         uids = [o.sop_instance_uid for o in outputs]

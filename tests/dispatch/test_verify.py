@@ -26,7 +26,7 @@ def test_echo_storescp_through_the_command_line(make_settings, storescp, cli_env
     cli_env.setenv("MEDGRU_DESTINATION", f"{PACS_AET}@127.0.0.1:{storescp.port}")
     assert main(["echo"]) == 0
     out = capsys.readouterr().out
-    assert f"{PACS_AET}@127.0.0.1:{storescp.port} (calling AE MEDGRU_TEST, TLS off)" in out
+    assert f"[destination] {PACS_AET}@127.0.0.1:{storescp.port} (calling AE MEDGRU_TEST, TLS off)" in out
     assert "C-ECHO: success (0x0000) in " in out
     assert "Comprehensive 3D SR Storage: accepted (Explicit VR Little Endian)" in out
     assert "Secondary Capture Image Storage: accepted (Explicit VR Little Endian)" in out
@@ -79,3 +79,19 @@ def test_no_destination_and_a_malformed_one(make_settings, cli_env, capsys):
     assert "no destination configured" in capsys.readouterr().out
     assert main(["echo", "PACS-at-host"]) == 2
     assert "not of the form AET@host:port" in capsys.readouterr().out
+
+
+def test_echo_checks_the_destination_and_every_route(partial_scp, storescp, make_settings, cli_env, capsys):
+    """One report per configured peer, each named by what sends there; exit 1 when any of them fails."""
+    port, _ = partial_scp
+    storescp.start()
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    cli_env.setenv("MEDGRU_DESTINATION", f"{PACS_AET}@127.0.0.1:{storescp.port}")
+    cli_env.setenv("MEDGRU_ROUTES", f"SITE_A={PACS_AET}@127.0.0.1:{storescp.port},SITE_B={PACS_AET}@127.0.0.1:{port}")
+    assert main(["echo"]) == 1
+    reports = capsys.readouterr().out.split("\n\n")
+    assert len(reports) == 2
+    assert reports[0].startswith(f"[destination, route of SITE_A] {PACS_AET}@127.0.0.1:{storescp.port}")
+    assert reports[0].rstrip().endswith("OK: results can be sent")
+    assert reports[1].startswith(f"[route of SITE_B] {PACS_AET}@127.0.0.1:{port}")
+    assert "Comprehensive 3D SR Storage: NOT accepted" in reports[1]

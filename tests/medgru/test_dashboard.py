@@ -403,3 +403,13 @@ def test_job_page_shows_the_overlay_the_pacs_received(dash, dicom_corpus):
     with pytest.raises(urllib.error.HTTPError) as err:
         _get(base + "/jobs/1/overlay.png")
     assert err.value.code == 404 and "was removed from the outbox folder" in err.value.read().decode()
+
+
+def test_page_header_names_the_destination_and_the_routes(dash, make_settings):
+    from medgru.dashboard import render_page
+
+    _, sf, _ = dash
+    settings = make_settings(destination="PACS@pacs:104", routes="SITE_A=PACS_A@a:104")
+    with sf() as session:
+        page = render_page(settings, session)
+    assert "results to PACS@pacs:104, from SITE_A to PACS_A@a:104 ·" in page

@@ -66,3 +66,23 @@ def test_a_copy_with_another_home_has_its_own_folders(make_settings, tmp_path):
     for name in ("spool_dir", "quarantine_dir", "outbox_dir", "broker_dir"):
         assert getattr(other, name).parent == tmp_path / "other", name
         assert getattr(s, name).parent == s.home, name
+
+
+def test_routes_by_calling_ae(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDGRU_HOME", str(tmp_path))
+    monkeypatch.setenv("MEDGRU_DESTINATION", "PACS@pacs:104")
+    monkeypatch.setenv("MEDGRU_ROUTES", "SITE_A=PACS_A@10.0.0.1:104, SITE_B = PACS_B@h:11112")
+    s = load_settings()
+    assert s.destination_for("SITE_A") == Destination.parse("PACS_A@10.0.0.1:104")
+    assert s.destination_for("SITE_B ") == Destination.parse("PACS_B@h:11112")
+    assert s.destination_for("ELSE") == s.destination_for("") == Destination.parse("PACS@pacs:104")
+    toml = tmp_path / "medgru.toml"
+    toml.write_text('[routes]\nSITE_C = "PACS_C@c:4242"\n')
+    monkeypatch.delenv("MEDGRU_ROUTES")
+    monkeypatch.setenv("MEDGRU_CONFIG", str(toml))
+    assert load_settings().routes == {"SITE_C": Destination.parse("PACS_C@c:4242")}
+    for bad, says in (("SITE_A", "CALLING_AE=AET@host:port"), ("SITE_A=nowhere", "AET@host:port"),
+                      ("WAY_TOO_LONG_FOR_AN_AE=P@h:1", "not an AE title")):
+        monkeypatch.setenv("MEDGRU_ROUTES", bad)
+        with pytest.raises(ValueError, match=says):
+            load_settings()

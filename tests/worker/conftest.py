@@ -81,7 +81,7 @@ def session_factory(db_url: str):
 
 
 def add_series(settings, session_factory, corpus: Path, rel_folder: str, *, body_part: str,
-               modality: str | None = None, limit: int | None = None) -> int:
+               modality: str | None = None, limit: int | None = None, calling_ae: str = "") -> int:
     """Copy a corpus series into the spool, record it (patient → instances → sequence) and a QUEUED job.
 
     Returns the job id. Frames are ordered by InstanceNumber; every instance gives its frame(s).
@@ -112,7 +112,8 @@ def add_series(settings, session_factory, corpus: Path, rel_folder: str, *, body
             session.add(Instance(sop_instance_uid=uid, sop_class_uid=str(ds.SOPClassUID), series=series,
                                  transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
                                  instance_number=int(ds.get("InstanceNumber", 0) or 0), number_of_frames=n,
-                                 has_pixels=True, path=str(rel), size_bytes=dest.stat().st_size))
+                                 has_pixels=True, path=str(rel), size_bytes=dest.stat().st_size,
+                                 calling_ae=calling_ae))
             refs += [[uid, f] for f in range(1, n + 1)]
         seq = SequenceRecord(series=series, frame_refs=refs, n_frames=len(refs), order_key="instance_number")
         job = Job(sequence=seq, state=JobState.QUEUED)

@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from storage.models import Job, JobState, OutboxItem, OutboxState, Result, utcnow
+from storage.models import Instance, Job, JobState, OutboxItem, OutboxState, Result, utcnow
 from tests.worker.conftest import BRAINIX, KNEE, MODEL_NAME, MODEL_VERSION, add_series
 from worker.models import ModelRegistry
 from worker.pipeline import NO_DESTINATION, process_job, seconds_until_retry
@@ -255,3 +255,23 @@ def test_overlay_explains_the_highest_scoring_frame_alone(dicom_corpus):
                                           bits_stored=bits), explain=True)
     assert abs(alone.score - overlay.frame_score) <= 1e-4 * abs(overlay.frame_score)
     assert np.allclose(alone.heatmaps[0], overlay.heatmap, atol=1e-5)
+
+
+def test_results_go_back_where_the_series_came_from(worker_settings, session_factory, dicom_corpus):
+    """settings.routes by calling AE: a routed sender's results go to its route, anyone else's to the
+    default destination; without a default, an unrouted series' results wait in the outbox."""
+    settings = worker_settings(routes="SITE_A=PACS_A@10.0.0.1:104,SITE_B=PACS_B@10.0.0.2:11112")
+    routed = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=2,
+                        calling_ae="SITE_B")
+    assert process_job(settings, session_factory, routed, ModelRegistry.from_settings(settings)) is JobState.SUCCEEDED
+    _, items = _results(session_factory, routed)
+    assert [i.destination for i in items] == ["PACS_B@10.0.0.2:11112"] * 2
+
+    other = worker_settings(routes="SITE_A=PACS_A@10.0.0.1:104")
+    with session_factory() as s:  # the same series re-run, now from an AE without a route: the default
+        s.execute(update(Instance).values(calling_ae="SITE_C"))
+        s.get(Job, routed).state = JobState.QUEUED
+        s.commit()
+    assert process_job(other, session_factory, routed, ModelRegistry.from_settings(other)) is JobState.SUCCEEDED
+    _, items = _results(session_factory, routed)
+    assert [i.destination for i in items] == ["ORTHANC@127.0.0.1:4242"] * 2
