@@ -10,7 +10,8 @@ Image files are 8-bit greyscale (or RGB with R = G = B) JPEG/PNG: they become on
 float32 in ``[0, 1]``, ``bits_stored = 8``, no modality. A ``.dcm`` file (in a manifest or a folder) is read
 by the service's own pixel pipeline (:mod:`worker.pixels`), with its bits stored, modality and every frame
 of a multi-frame instance, so that a model calibrated or evaluated on a site's DICOM normals sees them as
-the running service will.
+the running service will. Training sees images, one frame each: :func:`expand_frames` turns a multi-frame
+DICOM row into one row per frame (``ManifestRow.frame``), which :func:`load_frames` reads alone.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ManifestRow:
     label: str
     split: str | None = None
     group: str | None = None
+    #: one frame (1-based) of a multi-frame DICOM file, from :func:`expand_frames`; None: the whole file
+    frame: int | None = None
 
     @property
     def is_normal(self) -> bool:
@@ -130,11 +133,34 @@ def read_image(path: Path) -> np.ndarray:
     return img.astype(np.float32) / 255.0
 
 
-def load_dicom(path: Path) -> FrameSequence:
+def expand_frames(rows: Iterable[ManifestRow]) -> list[ManifestRow]:
+    """``rows`` with each multi-frame DICOM row replaced by one row per frame (``frame`` 1..n, the same
+    label, split and group; without a group, the file is the group, so that a grouped split keeps its frames
+    together). Other rows are kept as they are, in order; only DICOM headers are read. A file whose header
+    cannot be read is kept whole: loading it names the problem."""
+    import pydicom
+
+    out: list[ManifestRow] = []
+    for row in rows:
+        n = 1
+        if row.frame is None and row.path.suffix.lower() in DICOM_SUFFIXES:
+            try:
+                n = int(pydicom.dcmread(row.path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+            except Exception:  # noqa: BLE001 - any unreadable header: kept whole, load_frames names the error
+                n = 1
+        if n > 1:
+            group = row.group or str(row.path)
+            out += [ManifestRow(row.path, row.label, row.split, group, frame=i) for i in range(1, n + 1)]
+        else:
+            out.append(row)
+    return out
+
+
+def load_dicom(path: Path, frame: int | None = None) -> FrameSequence:
     """A DICOM file as the service reads it (:mod:`worker.pixels`: modality LUT, VOI or the fallback window,
-    MONOCHROME1 inverted, colour to luminance): every frame of a multi-frame instance in order, with its
-    bits stored, modality and body part. A file pydicom cannot read, or whose pixels it cannot decode,
-    raises :class:`InputDataError` naming the file."""
+    MONOCHROME1 inverted, colour to luminance): every frame of a multi-frame instance in order (or frame
+    ``frame`` alone, 1-based), with its bits stored, modality and body part. A file pydicom cannot read,
+    whose pixels it cannot decode, or without that frame, raises :class:`InputDataError` naming the file."""
     import pydicom
 
     from worker.pixels import FrameLoadError, load_frames as dicom_frames
@@ -148,21 +174,24 @@ def load_dicom(path: Path) -> FrameSequence:
     uid = str(ds.get("SOPInstanceUID", "") or path.name)
     try:
         n = int(ds.get("NumberOfFrames", 1) or 1)
-        frames, bits = dicom_frames([(path, uid, i) for i in range(1, n + 1)], datasets={path: ds})
+        numbers = list(range(1, n + 1)) if frame is None else [int(frame)]
+        if not 1 <= numbers[0] <= n:
+            raise ValueError(f"no frame {frame}: the file has {n}")
+        frames, bits = dicom_frames([(path, uid, i) for i in numbers], datasets={path: ds})
     except (FrameLoadError, ValueError, TypeError) as exc:
         raise InputDataError(f"cannot read DICOM image {path}: {exc}") from exc
     return FrameSequence(frames=frames, modality=str(ds.get("Modality", "") or ""),
                          body_part=str(ds.get("BodyPartExamined", "") or ""), bits_stored=bits,
                          series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-                         frame_refs=tuple((uid, i) for i in range(1, n + 1)))
+                         frame_refs=tuple((uid, i) for i in numbers))
 
 
 def load_frames(row_or_path: ManifestRow | Path | str) -> FrameSequence:
     """One file as a :class:`FrameSequence`: an image file as one frame (``T = 1``, ``bits_stored = 8``,
-    grey value / 255), a ``.dcm`` file by :func:`load_dicom`."""
+    grey value / 255), a ``.dcm`` file by :func:`load_dicom` (only the row's ``frame`` where it has one)."""
     path = row_or_path.path if isinstance(row_or_path, ManifestRow) else Path(row_or_path)
     if path.suffix.lower() in DICOM_SUFFIXES:
-        return load_dicom(path)
+        return load_dicom(path, row_or_path.frame if isinstance(row_or_path, ManifestRow) else None)
     frame = read_image(path)
     return FrameSequence(frames=frame[None], modality="", bits_stored=8)
 

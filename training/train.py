@@ -192,6 +192,13 @@ def _file_key(path: Path) -> str:
     return f"{path}|{st.st_size}|{int(st.st_mtime)}"
 
 
+def _row_key(row) -> str:
+    """:func:`_file_key` of the row's file, with its frame where the row is one frame of a multi-frame file
+    (rows of whole files keep the keys, and so the caches and checkpoints, they had before frames)."""
+    key = _file_key(row.path)
+    return key if getattr(row, "frame", None) is None else f"{key}#frame={row.frame}"
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -229,9 +236,6 @@ class FeatureCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.det = det
         self.workers = workers
-        #: optional {absolute image path: (C, h, w) map} of plain (non-synthetic) images computed
-        #: elsewhere with the same preprocessing; used to seed the cache
-        self.lookup: dict[str, np.ndarray] | None = None
 
     def _prep_key(self) -> dict[str, Any]:
         from inference.backbone import backbone_info
@@ -264,7 +268,7 @@ class FeatureCache:
 
         if reframe_seed is not None and reframe_params is None:
             reframe_params = ReframeParams()
-        key_parts: dict[str, Any] = {"rows": [_file_key(r.path) for r in rows], "prep": self._prep_key(),
+        key_parts: dict[str, Any] = {"rows": [_row_key(r) for r in rows], "prep": self._prep_key(),
                                      "syn": self._syn_key(synthetic_seed)}
         if reframe_seed is not None:  # only then, so that older cache entries keep their keys
             key_parts["reframe"] = [reframe_seed, reframe_params.key()]
@@ -274,11 +278,6 @@ class FeatureCache:
             arr = np.load(path, mmap_mode="r")
             log.info("feature cache hit %s (%d images)", path.name, len(arr))
             return torch.from_numpy(np.array(arr))[:, None]
-        if (synthetic_seed is None and reframe_seed is None and self.lookup is not None
-                and all(str(r.path) in self.lookup for r in rows)):
-            arr = np.stack([self.lookup[str(r.path)] for r in rows]).astype(np.float16)
-            np.save(path, arr)
-            return torch.from_numpy(arr)[:, None]
         rng = np.random.default_rng(synthetic_seed) if synthetic_seed is not None else None
         frame_rng = np.random.default_rng(reframe_seed) if reframe_seed is not None else None
         chunks = []
@@ -373,14 +372,15 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     """Read the rows, split the normals, build the detector and compute (or load) the backbone maps."""
     import torch
 
-    from training.manifest import read_manifest, rows_from_folder, rows_of_split
+    from training.manifest import expand_frames, read_manifest, rows_from_folder, rows_of_split
 
     if args.supervised and (args.loss not in ("deep-sad", "hsc") or args.oe_weight <= 0):
         raise ValueError("--supervised needs --loss deep-sad or hsc (and --oe-weight > 0): the labelled "
                          "anomalies are the outlier-exposure set")
     rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
     source = str(args.manifest or args.folder)
-    train_rows = rows_of_split(rows, args.train_split)
+    # the encoder and the boundary learn images: a multi-frame DICOM file gives one image per frame
+    train_rows = expand_frames(rows_of_split(rows, args.train_split))
     normals = [r for r in train_rows if r.is_normal]
     if args.max_normals and len(normals) > args.max_normals:
         rng = np.random.default_rng(args.seed)
@@ -446,7 +446,7 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     # the same count gets a checkpoint of its own (the detector also refuses one whose data differ)
     key_parts: dict[str, Any] = {
         "args": {k: str(v) for k, v in vars(args).items() if k not in skip}, "rows": len(normals),
-        "files": _hash([_file_key(r.path) for r in [*fit_rows, *syn_rows, *anomaly_rows]])}
+        "files": _hash([_row_key(r) for r in [*fit_rows, *syn_rows, *anomaly_rows]])}
     if det.device != "cpu":
         key_parts["device"] = torch_device_type(det.device)
     run_key = _hash(key_parts)

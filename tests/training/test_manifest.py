@@ -108,3 +108,27 @@ def test_dicom_files_are_read_as_the_service_reads_them(dicom_corpus, tmp_path, 
     assert seq.frames.shape[0] == frames and seq.bits_stored == bits == int(ds.BitsStored)
     np.testing.assert_array_equal(seq.frames, want)
     assert seq.modality == str(ds.get("Modality", "")) and seq.frame_refs[-1] == (ds.SOPInstanceUID, frames)
+
+
+def test_expand_frames_gives_training_one_row_per_frame(dicom_corpus, tmp_path):
+    """A multi-frame DICOM row becomes one row per frame (same label, its file as the group), each read
+    alone exactly as that frame of the whole file; single-frame and image rows are kept as they are."""
+    from training.manifest import InputDataError, ManifestRow, expand_frames, load_frames
+
+    multi = dicom_corpus / "orthanc-tests/MultiframeWindowing.dcm"
+    single = dicom_corpus / "dwv/data/gdcm-CR-MONO1-10-chest.dcm"
+    image = tmp_path / "n.png"
+    cv2.imwrite(str(image), np.full((32, 32), 128, np.uint8))
+    rows = [ManifestRow(multi, "normal", "train"), ManifestRow(single, "normal", "train", "p1"),
+            ManifestRow(image, "normal", "train")]
+    out = expand_frames(rows)
+    assert [(r.path, r.frame, r.group) for r in out] == (
+        [(multi, i, str(multi)) for i in (1, 2, 3, 4)] + [(single, None, "p1"), (image, None, None)])
+    whole = load_frames(rows[0])
+    for r in out[:4]:
+        alone = load_frames(r)
+        assert alone.frames.shape[0] == 1 and alone.frame_refs[0][1] == r.frame
+        np.testing.assert_array_equal(alone.frames[0], whole.frames[r.frame - 1])
+    assert not np.array_equal(whole.frames[0], whole.frames[3])  # the frames differ: each one counts
+    with pytest.raises(InputDataError, match="no frame 5: the file has 4"):
+        load_frames(ManifestRow(multi, "normal", frame=5))

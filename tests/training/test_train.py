@@ -439,3 +439,26 @@ def test_the_train_command_offers_exactly_the_detectors_objectives_reducer_start
 
     assert ENCODER_LOSSES == LOSSES and ENCODER_REDUCER_INITS == REDUCER_INITS
     assert HPO_OBJECTIVE_CHOICES == HPO_OBJECTIVES
+
+
+def test_multi_frame_dicom_normals_train_one_image_per_frame(tmp_path, dicom_corpus, data_root):
+    """Three copies of a 16-frame MR file as normals: 48 training images, not 3 last frames; each file's
+    frames stay in one share of the grouped split (fit, HPO, calibration)."""
+    from medgru.settings import Settings
+    from training.train import prepare
+
+    src = dicom_corpus / "dwv/data/multiframe-test1.dcm"
+    (tmp_path / "normal").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "normal" / f"{name}.dcm").symlink_to(src)
+    args = build_parser().parse_args([
+        "train", "--folder", str(tmp_path), "--out", str(tmp_path / "m"), "--input-size", "64",
+        "--cache", str(tmp_path / "cache"), "--loss", "reconstruct"])
+    prep = prepare(args, Settings(home=tmp_path / "home", data_root=data_root))
+    assert len(prep.normals) == 48 and sorted({r.frame for r in prep.normals}) == list(range(1, 17))
+    shares = (prep.fit_rows, prep.hpo_rows, prep.cal_rows)
+    assert [len(s) for s in shares] == [16, 16, 16]
+    assert all(len({r.path for r in share}) == 1 for share in shares)
+    assert len({r.path for r in prep.fit_rows + prep.hpo_rows + prep.cal_rows}) == 3
+    fit = prep.features["fit"].float()
+    assert fit.shape[0] == 16 and not np.allclose(fit[0].numpy(), fit[-1].numpy())  # 16 different frames
