@@ -303,7 +303,7 @@ def overlay_png(session, outbox_dir: Path, job_id: int) -> bytes:
         raise KeyError(f"the overlay of job {job_id} ({item.sop_instance_uid}) was removed from the outbox folder")
     pixels = pydicom.dcmread(path).pixel_array
     buffer = BytesIO()
-    Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L").save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")  # (H, W, 3) uint8: RGB
     return buffer.getvalue()
 
 

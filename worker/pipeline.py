@@ -191,6 +191,14 @@ class OverlayFrame:
     heatmap: np.ndarray
     frame_score: float | None = None
 
+    @classmethod
+    def at_peak(cls, detection: Detection) -> "OverlayFrame":
+        """The frame where the sequence's heat map peaks (:func:`reporting.sc.pick_frame`), with it."""
+        from reporting.sc import pick_frame
+
+        k = pick_frame(detection.heatmaps)
+        return cls(k, detection.heatmaps[k])
+
 
 def overlay_frame(detector, sequence: FrameSequence, detection: Detection) -> OverlayFrame:
     """Choose the frame the overlay SC shows, and its heat map.
@@ -201,17 +209,14 @@ def overlay_frame(detector, sequence: FrameSequence, detection: Detection) -> Ov
     from the ConvGRU's last hidden state, and falls almost wholly on the last frames (on the demo's 22-slice
     brain series, 0.55 mean heat on slice 22 and under 0.04 on every other slice, while slices 1 and 17-19
     are the frames above the threshold). Otherwise (one frame, or no frame scores): the frame where the
-    sequence's heat map peaks (:func:`reporting.sc.pick_frame`)."""
-    from reporting.sc import pick_frame
-
+    sequence's heat map peaks (:meth:`OverlayFrame.at_peak`)."""
     if len(detection.frame_scores) > 1 and len(detection.frame_scores) == sequence.length:
         k = int(np.argmax(detection.frame_scores))
         alone = replace(sequence, frames=sequence.frames[k:k + 1],
                         frame_refs=sequence.frame_refs[k:k + 1] if sequence.frame_refs else ())
         explained = detector.detect(alone, explain=True)
         return OverlayFrame(k, explained.heatmaps[0], float(detection.frame_scores[k]))
-    k = pick_frame(detection.heatmaps)
-    return OverlayFrame(k, detection.heatmaps[k])
+    return OverlayFrame.at_peak(detection)
 
 
 def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, detection: Detection,
@@ -223,13 +228,11 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
     frame's instance (and frame number when it is multi-frame); both objects derive their UIDs from the
     series of the last source (the current study when a prior leads the sequence).
     """
-    from reporting.sc import build_overlay_sc, pick_frame
+    from reporting.sc import build_overlay_sc
     from reporting.sr import build_sr
 
     sr = build_sr(list(sources), detection, card, ae_title=settings.ae_title, frame_refs=sequence.frame_refs)
-    if overlay is None:
-        k = pick_frame(detection.heatmaps)
-        overlay = OverlayFrame(k, detection.heatmaps[k])
+    overlay = overlay or OverlayFrame.at_peak(detection)
     k = overlay.index
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if sequence.frame_refs:
