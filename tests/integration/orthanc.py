@@ -78,6 +78,7 @@ class OrthancServer:
     host: str = "127.0.0.1"
     load_dicomweb: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)  # merged last (e.g. DicomTls*)
+    verbose: bool = True  # --verbose logging (off for benchmarks: a log line per instance costs time)
     process: subprocess.Popen | None = None
 
     # configuration --------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ class OrthancServer:
         log = open(self.log_path, "ab")
         try:
             self.process = self.ns.popen(
-                [ORTHANC_BIN, "--verbose", str(self.config_path)],
+                [ORTHANC_BIN, *(["--verbose"] if self.verbose else []), str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
