@@ -210,7 +210,8 @@ def _quarantine_table(items: list[dict[str, Any]]) -> str:
         out.append(
             f'<tr><td>{r["id"]}</td><td>{when_iso(r["received_at"])}</td><td>{html.escape(r["calling_ae"])}</td>'
             f'<td>{html.escape(r["status"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
-            f'<td>{html.escape(r["reason"][:200])}</td></tr>')
+            f'<td>{html.escape(r["reason"][:200])}'
+            f'{" (stored later by a retry)" if r["released_at"] else ""}</td></tr>')
     return "".join(out) + "</table>"
 
 

@@ -1,7 +1,8 @@
 """``medgru quarantine``: the instances the listener refused, with the status it answered and why.
 
-The files stay where they are (``<home>/quarantine/<day>/``) beside their ``.reason.json``; these commands
-only read. Tables show calling AE titles, UIDs and our reasons, never patient data.
+The files stay where they are (``<home>/quarantine/<day>/``) beside their ``.reason.json``. ``list`` and
+``show`` only read; ``retry`` puts kept files through the listener's store path again
+(:mod:`pacs_listener.reingest`). Tables show calling AE titles, UIDs and our reasons, never patient data.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pacs_listener.quarantine import quarantine_detail, quarantine_rows
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quarantine", help="instances the listener refused: list, show")
+    p = sub.add_parser("quarantine", help="instances the listener refused: list, show, retry")
     quarantine = p.add_subparsers(dest="quarantine_command", required=True, metavar="ACTION")
 
     q = quarantine.add_parser("list", help="the latest refused instances, newest first")
@@ -25,17 +26,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("item_id", type=int, metavar="ID")
     q.set_defaults(func=_show)
 
+    q = quarantine.add_parser("retry", help="store kept instances after all, once the fault on our side is "
+                                            "fixed (the listener's own checks; refused ones stay)")
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("item_ids", type=int, nargs="*", metavar="ID", default=[], help="quarantine ids")
+    which.add_argument("--all", action="store_true", help="every kept instance not yet stored by a retry")
+    q.set_defaults(func=_retry)
+
 
 def _list(args, settings) -> int:
     sf = open_database(settings)
     with sf() as session:
         items = quarantine_rows(session, limit=args.limit, calling_ae=args.calling_ae)
     rows = [[r["id"], when_iso(r["received_at"]), r["calling_ae"], f"0x{r['status_code']:04X}",
-             r["sop_instance_uid"], r["reason"][:100]] for r in items]
-    print(format_table(["ID", "RECEIVED (UTC)", "CALLING AE", "STATUS", "SOP INSTANCE UID", "REASON"], rows))
+             when_iso(r["released_at"]) if r["released_at"] else "", r["sop_instance_uid"], r["reason"][:100]]
+            for r in items]
+    print(format_table(["ID", "RECEIVED (UTC)", "CALLING AE", "STATUS", "STORED BY RETRY", "SOP INSTANCE UID",
+                        "REASON"], rows))
     if not rows:
         print("(no quarantined instances)")
     return 0
+
+
+def _retry(args, settings) -> int:
+    from pacs_listener.reingest import retry_quarantined
+
+    sf = open_database(settings)
+    outcomes = retry_quarantined(settings, sf, None if args.all else args.item_ids)
+    for o in outcomes:
+        print(f"{o.item_id}: {o.message}")
+    stored = sum(o.stored for o in outcomes)
+    print(f"{stored} of {len(outcomes)} stored")
+    return 0 if stored == len(outcomes) else 1
 
 
 def _show(args, settings) -> int:
@@ -53,6 +75,8 @@ def _show(args, settings) -> int:
                        ("transfer_syntax_uid", "transfer syntax")):
         if d.get(key):
             fields.append((label, d[key]))
+    if d["released_at"]:
+        fields.append(("stored by a retry", f"{when_iso(d['released_at'])} UTC"))
     if d["purged_at"]:
         size = f"removed by retention on {when_iso(d['purged_at'], minutes=True)} UTC"
     else:

@@ -35,6 +35,7 @@ def _row(item: QuarantineItem) -> dict[str, Any]:
         "reason": item.reason,
         "path": item.path,
         "purged_at": item.purged_at.isoformat() if item.purged_at else None,
+        "released_at": item.released_at.isoformat() if item.released_at else None,
     }
 
 

@@ -171,6 +171,8 @@ class QuarantineItem(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: when retention removed the file and its sidecar (the row keeps the reason)
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: when an admin's retry stored the kept file after all (``medgru quarantine retry``)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class SequenceRecord(Base):

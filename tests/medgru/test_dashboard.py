@@ -413,3 +413,15 @@ def test_page_header_names_the_destination_and_the_routes(dash, make_settings):
     with sf() as session:
         page = render_page(settings, session)
     assert "results to PACS@pacs:104, from SITE_A to PACS_A@a:104 ·" in page
+
+
+def test_quarantine_row_says_when_a_retry_stored_it(dash):
+    _, sf, base = dash
+    assert "stored later by a retry" not in _get(base + "/")[2]
+    with sf() as s:
+        s.scalars(select(QuarantineItem)).one().released_at = datetime.now(timezone.utc)
+        s.commit()
+    page = _get(base + "/")[2]
+    assert "PixelData has 32 bytes, the pixel module implies 160 (stored later by a retry)" in page
+    [item] = json.loads(_get(base + "/api/quarantine")[2])["items"]
+    assert item["released_at"] is not None
