@@ -109,6 +109,10 @@ class _DbCollector:
             oldest_unsent = session.scalar(
                 select(func.min(OutboxItem.created_at)).where(OutboxItem.state == OutboxState.PENDING))
             instances = session.scalar(select(func.count()).select_from(Instance)) or 0
+            by_destination = session.execute(
+                select(OutboxItem.destination, OutboxItem.state, func.count(), func.min(OutboxItem.created_at))
+                .where(OutboxItem.state.in_((OutboxState.PENDING, OutboxState.FAILED)))
+                .group_by(OutboxItem.destination, OutboxItem.state)).all()
         g = GaugeMetricFamily("medgru_jobs", "Inference jobs by state", labels=["state"])
         for state, n in s["jobs"].items():
             g.add_metric([state], n)
@@ -117,6 +121,17 @@ class _DbCollector:
         for state, n in s["outbox"].items():
             g.add_metric([state], n)
         yield g
+        # per destination (several PACS with settings.routes): which one does not take our results
+        unsent = GaugeMetricFamily("medgru_destination_unsent_results",
+                                   "Result objects not yet in the PACS, by destination and state", labels=["destination", "state"])
+        oldest = GaugeMetricFamily("medgru_destination_oldest_unsent_result_age_seconds",
+                                   "Age of the oldest pending result object, by destination", labels=["destination"])
+        for destination, state, n, first in by_destination:
+            unsent.add_metric([destination or "(none)", state.value], n)
+            if state is OutboxState.PENDING:
+                oldest.add_metric([destination or "(none)"], _age_seconds(first, now))
+        yield unsent
+        yield oldest
         yield GaugeMetricFamily("medgru_quarantined_instances", "Instances kept in quarantine", value=s["quarantine"])
         yield GaugeMetricFamily("medgru_stored_instances", "Instances received and stored", value=int(instances))
         yield GaugeMetricFamily("medgru_results", "Results produced", value=s["results"])

@@ -425,3 +425,23 @@ def test_quarantine_row_says_when_a_retry_stored_it(dash):
     assert "PixelData has 32 bytes, the pixel module implies 160 (stored later by a retry)" in page
     [item] = json.loads(_get(base + "/api/quarantine")[2])["items"]
     assert item["released_at"] is not None
+
+
+def test_metrics_by_destination_name_the_pacs_that_does_not_take_results(dash):
+    """With routes, results go to several PACS: the per-destination gauges (which the alert rules use) say
+    which one holds results back."""
+    _, sf, base = dash
+    with sf() as s:  # a second PACS whose result has waited two hours
+        s.add(OutboxItem(result_fk=1, path="d.dcm", sop_instance_uid="1.2.3.4.5.9", destination="CARDIO@c:104",
+                         sop_class_uid="1.2.840.10008.5.1.4.1.1.7", state=OutboxState.PENDING,
+                         created_at=datetime.now(timezone.utc) - timedelta(hours=2)))
+        s.commit()
+    _, _, metrics = _get(base + "/metrics")
+    unsent = 'medgru_destination_unsent_results{destination="%s",state="%s"}'
+    assert _metric(metrics, unsent % ("PACS@h:104", "failed")) == 1
+    assert _metric(metrics, unsent % ("PACS@h:104", "pending")) == 1
+    assert _metric(metrics, unsent % ("CARDIO@c:104", "pending")) == 1
+    assert unsent % ("CARDIO@c:104", "failed") not in metrics
+    age = 'medgru_destination_oldest_unsent_result_age_seconds{destination="%s"}'
+    assert 7200 <= _metric(metrics, age % "CARDIO@c:104") < 7200 + 600
+    assert 0 <= _metric(metrics, age % "PACS@h:104") < 600
