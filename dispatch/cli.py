@@ -9,6 +9,7 @@ FAILED items back to PENDING, due at once, attempts reset.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from dispatch.admin import outbox_rows, resend_items
 from medgru.tables import format_table, open_database, when_iso
@@ -95,6 +96,8 @@ def _echo(args, settings) -> int:
         if not targets:
             print("medgru echo: no destination configured (MEDGRU_DESTINATION, MEDGRU_ROUTES) and none given")
             return 2
+    # the report names each failure; pynetdicom's own ERROR lines would only repeat it on stderr
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     tls = client_context(settings)
     failed = 0
     for i, (destination, why) in enumerate(targets.values()):
