@@ -74,34 +74,24 @@ def _resend(args, settings) -> int:
 
 
 def _echo(args, settings) -> int:
-    from dispatch.verify import verify_destination
+    from dispatch.verify import verify_configured, verify_destination
     from medgru.settings import Destination
     from medgru.tls import client_context
 
+    # the report names each failure; pynetdicom's own ERROR lines would only repeat it on stderr
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     if args.destination:
         try:
             destination = Destination.parse(args.destination)
         except ValueError as exc:
             print(f"medgru echo: {exc}")
             return 2
-        targets = {str(destination): (destination, "given")}
+        reports = [("given", verify_destination(destination, calling_ae=settings.ae_title, timeout=args.timeout,
+                                                tls=client_context(settings)))]
     else:
-        targets = {}
-        if settings.destination is not None:
-            targets[str(settings.destination)] = (settings.destination, "destination")
-        for calling_ae, routed in settings.routes.items():
-            key = str(routed)
-            earlier = targets[key][1] + ", " if key in targets else ""
-            targets[key] = (routed, earlier + f"route of {calling_ae}")
-        if not targets:
+        reports = verify_configured(settings, timeout=args.timeout)
+        if not reports:
             print("medgru echo: no destination configured (MEDGRU_DESTINATION, MEDGRU_ROUTES) and none given")
             return 2
-    # the report names each failure; pynetdicom's own ERROR lines would only repeat it on stderr
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    tls = client_context(settings)
-    failed = 0
-    for i, (destination, why) in enumerate(targets.values()):
-        report = verify_destination(destination, calling_ae=settings.ae_title, timeout=args.timeout, tls=tls)
-        print(("\n" if i else "") + f"[{why}] " + "\n".join(report.lines()))
-        failed += not report.ok
-    return 1 if failed else 0
+    print("\n\n".join(f"[{why}] " + "\n".join(report.lines()) for why, report in reports))
+    return 0 if all(report.ok for _, report in reports) else 1

@@ -102,3 +102,25 @@ def verify_destination(destination: Destination, *, calling_ae: str, timeout: fl
         report.error = (f"{destination} accepts no presentation context for {', '.join(refused)}: "
                         "those results would fail")
     return report
+
+
+def configured_peers(settings) -> list[tuple[str, Destination]]:
+    """The peers results go to, each with what sends there: the destination, then each route's peer
+    (one entry per peer, its labels joined: ``"destination, route of CARDIO"``)."""
+    peers: dict[str, tuple[str, Destination]] = {}
+    if settings.destination is not None:
+        peers[str(settings.destination)] = ("destination", settings.destination)
+    for calling_ae, routed in settings.routes.items():
+        key = str(routed)
+        earlier = peers[key][0] + ", " if key in peers else ""
+        peers[key] = (earlier + f"route of {calling_ae}", routed)
+    return list(peers.values())
+
+
+def verify_configured(settings, timeout: float = 10.0) -> list[tuple[str, EchoReport]]:
+    """:func:`verify_destination` for each of :func:`configured_peers`, with our AE title and TLS settings."""
+    from medgru.tls import client_context
+
+    tls = client_context(settings)
+    return [(why, verify_destination(peer, calling_ae=settings.ae_title, timeout=timeout, tls=tls))
+            for why, peer in configured_peers(settings)]

@@ -10,6 +10,7 @@ web framework):
 * ``GET /jobs/<id>`` — one job in detail (as ``medgru jobs show``): times, errors, its UIDs, results and
   where its SR and SC are, and the overlay as the PACS received it (``GET /jobs/<id>/overlay.png``, the
   SC's pixels read from its outbox file: the caption and heat map, no patient attribute);
+* ``POST /echo`` — the "Check the PACS" button: ``medgru echo`` for every configured PACS, as a page;
 * ``GET /?q=<uid>`` and ``/api/jobs?q=`` — the jobs of a series, study, accession number or SOP instance;
 * ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
   JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel`` and ``/outbox/<id>/resend``;
@@ -180,8 +181,9 @@ th,td{{border-bottom:1px solid #eee;padding:5px 8px;text-align:left}} th{{backgr
 .state-not_processed{{color:#8a6d00}} .abnormal{{color:#b00020;font-weight:600}} .none{{color:#888}}
 form{{display:inline}} button{{font-size:12px}} code{{font-size:11px}} form.find{{display:block;margin:4px 0 0}}
 </style></head><body>
-<h1>MedGRU worker — job queue</h1><div class="sub">AE {ae} · listening on port {port} · results to {dest} ·
-NOT FOR DIAGNOSTIC USE</div>
+<h1>MedGRU worker — job queue</h1><div class="sub">AE {ae} · listening on port {port} · results to {dest}
+<form method="post" action="/echo"><button title="C-ECHO each PACS and check it accepts our SR and SC">Check the
+PACS</button></form> · NOT FOR DIAGNOSTIC USE</div>
 <div class="cards">{cards}</div>
 <form method="get" action="/" class="find"><input name="q" size="60" value="{find}"
 placeholder="series / study UID, accession number or SOP instance UID"> <button>Find</button></form>
@@ -289,6 +291,29 @@ img{{max-width:100%;border:1px solid #ddd}}
 </style></head><body><h1>Job {job_id}</h1>
 <div class="sub"><a href="/">back to the queue</a> · NOT FOR DIAGNOSTIC USE</div>
 <table>{rows}</table><p>{actions}</p>{overlay}</body></html>"""
+
+
+_ECHO_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MedGRU worker — PACS check</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} h1{{font-size:20px;margin:0 0 12px}}
+.sub{{color:#666;margin-bottom:14px}} pre{{border-left:4px solid #1b7a1b;padding:6px 12px;background:#f6f6f6}}
+pre.failed{{border-color:#b00020}}
+</style></head><body><h1>PACS check</h1>
+<div class="sub"><a href="/">back to the queue</a> · one association per peer, as the sender opens it (medgru echo)</div>
+{reports}</body></html>"""
+
+
+def render_echo_page(settings, timeout: float = 10.0) -> tuple[bool, str]:
+    """C-ECHO each configured PACS and check the SOP classes of our results (:mod:`dispatch.verify`):
+    (all ok, the page)."""
+    from dispatch.verify import verify_configured
+
+    reports = verify_configured(settings, timeout=timeout)
+    if not reports:
+        return False, _ECHO_PAGE.format(reports="<p>No destination is configured (MEDGRU_DESTINATION, MEDGRU_ROUTES).</p>")
+    blocks = "".join(f'<pre class="{"ok" if r.ok else "failed"}">[{html.escape(why)}] '
+                     f'{html.escape(chr(10).join(r.lines()))}</pre>' for why, r in reports)
+    return all(r.ok for _, r in reports), _ECHO_PAGE.format(reports=blocks)
 
 
 def overlay_item(session, job_id: int) -> OutboxItem | None:
@@ -505,6 +530,14 @@ class DashboardServer:
                 m = re.fullmatch(r"/(jobs|outbox)/(\d+)/(retry|cancel|resend)", self.path)
                 if not self._authorised():
                     return None
+                if self.path == "/echo":  # no change of state, but it opens associations: same-site only
+                    refused = cross_site(self.headers)
+                    if refused:
+                        log.warning("dashboard: refused POST /echo: %s", refused)
+                        return self._send(403, f"refused: {refused}\n".encode(), "text/plain")
+                    ok, page = render_echo_page(server.settings)
+                    log.info("dashboard: PACS check (%s) from %s", "ok" if ok else "failed", self.client_address[0])
+                    return self._send(200, page.encode(), "text/html; charset=utf-8")
                 action = actions.get((m[1], m[3])) if m else None
                 if action is None:
                     return self._send(404, b"not found\n", "text/plain")

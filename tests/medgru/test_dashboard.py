@@ -445,3 +445,32 @@ def test_metrics_by_destination_name_the_pacs_that_does_not_take_results(dash):
     age = 'medgru_destination_oldest_unsent_result_age_seconds{destination="%s"}'
     assert 7200 <= _metric(metrics, age % "CARDIO@c:104") < 7200 + 600
     assert 0 <= _metric(metrics, age % "PACS@h:104") < 600
+
+
+def test_check_the_pacs_button_echoes_each_configured_peer(make_settings, tmp_path):
+    """The header's button runs ``medgru echo`` for the destination and every route: a real DCMTK storescp
+    answers, a route to a port where nothing listens is named as failed; a cross-site POST is refused."""
+    from tests.dispatch.conftest import PACS_AET, StoreSCP, free_port
+
+    scp = StoreSCP(port=free_port(), out_dir=tmp_path / "pacs", log_path=tmp_path / "storescp.log").start()
+    dead = free_port()
+    settings = make_settings(dashboard_port=0, destination=f"{PACS_AET}@127.0.0.1:{scp.port}",
+                             routes=f"CARDIO=CARDIOPACS@127.0.0.1:{dead}")
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert 'action="/echo"' in _get(base + "/")[2]
+        req = urllib.request.Request(base + "/echo", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            page = r.read().decode()
+        ok, failed = page.split('<pre class="')[1:]
+        assert ok.startswith(f'ok">[destination] {PACS_AET}@127.0.0.1:{scp.port}')
+        assert "C-ECHO: success (0x0000)" in ok and "OK: results can be sent" in ok
+        assert failed.startswith(f'failed">[route of CARDIO] CARDIOPACS@127.0.0.1:{dead}')
+        assert "unreachable" in failed
+        assert "Received Echo Request" in scp.log_path.read_text(errors="replace")
+        assert _post(base + "/echo", {"Origin": "http://evil.example"}) == 403
+    finally:
+        server.stop()
+        scp.stop()
