@@ -189,7 +189,7 @@ PACS</button></form> · NOT FOR DIAGNOSTIC USE</div>
 placeholder="series / study UID, accession number or SOP instance UID"> <button>Find</button></form>
 <h2>{jobs_title}</h2>
 <table><tr><th>job</th><th>state</th><th>tries</th><th>modality</th><th>body part</th><th>frames</th>
-<th>score</th><th>threshold</th><th>verdict</th><th>model</th><th>series UID</th><th>note</th><th></th></tr>
+<th>score</th><th>threshold</th><th>verdict</th><th title="SR and SC stored in the PACS">in PACS</th><th>model</th><th>series UID</th><th>note</th><th></th></tr>
 {rows}</table>
 <h2 id="outbox">Outbox: results not yet in the PACS</h2>
 {outbox}
@@ -263,7 +263,8 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
             f'<td>{r["attempts"]}</td>'
             f'<td>{html.escape(r["modality"])}</td><td>{html.escape(r["body_part"] or "-")}</td><td>{r["frames"]}</td>'
             f'<td>{"" if r["score"] is None else r["score"]}</td><td>{"" if r["threshold"] is None else r["threshold"]}</td>'
-            f'<td class="{verdict}">{verdict}</td><td>{html.escape(r["model"] or "")}</td>'
+            f'<td class="{verdict}">{verdict}</td><td>{html.escape(r["in_pacs"] or "")}</td>'
+            f'<td>{html.escape(r["model"] or "")}</td>'
             f'<td><code>{html.escape(r["series_uid"])}</code></td><td>{html.escape(r["note"][:160])}</td><td>{actions}</td></tr>'
         )
     unsent = outbox_rows(session, states=(OutboxState.FAILED, OutboxState.PENDING), limit=PAGE_SECTION_ROWS)
@@ -272,7 +273,7 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
     if find:
         jobs_title += f" of {html.escape(find)}"
     if find and not out:
-        out.append('<tr><td colspan="13" class="none">No job for this series, study, accession number or '
+        out.append('<tr><td colspan="14" class="none">No job for this series, study, accession number or '
                    'SOP instance.</td></tr>')
     return _PAGE.format(ae=html.escape(settings.ae_title), port=settings.listen_port,
                         dest=html.escape(str(settings.destination or "(none)") + "".join(

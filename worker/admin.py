@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 
 from medgru.tables import when
-from storage.models import Instance, Job, JobState, OutboxItem, Result, SequenceRecord, Series, Study
+from storage.models import Instance, Job, JobState, OutboxItem, OutboxState, Result, SequenceRecord, Series, Study
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,32 @@ def jobs_query(*, state: str | None = None, find: str | None = None, limit: int 
     return q
 
 
+def delivery_by_result(session, result_ids: list[int]) -> dict[int, str]:
+    """Whether each result's SR and SC reached the PACS, as ``"2/2"``, ``"1/2, 1 failed"`` or ``"0/2"``."""
+    counts: dict[int, dict[OutboxState, int]] = {}
+    if result_ids:
+        for result_id, item_state, n in session.execute(
+                select(OutboxItem.result_fk, OutboxItem.state, func.count())
+                .where(OutboxItem.result_fk.in_(result_ids)).group_by(OutboxItem.result_fk, OutboxItem.state)):
+            counts.setdefault(result_id, {})[item_state] = n
+    out = {}
+    for result_id, by_state in counts.items():
+        text = f"{by_state.get(OutboxState.SENT, 0)}/{sum(by_state.values())}"
+        if by_state.get(OutboxState.FAILED):
+            text += f", {by_state[OutboxState.FAILED]} failed"
+        out[result_id] = text
+    return out
+
+
 def job_rows(session, limit: int = 100, state: str | None = None, find: str | None = None) -> list[dict[str, Any]]:
     """The jobs of :func:`jobs_query`, each with its latest result, as dicts (``medgru jobs list``, the
     dashboard and its JSON API)."""
     rows = []
-    for job, seq, series in session.execute(jobs_query(state=state, find=find, limit=limit)).all():
-        res = max(job.results, key=lambda r: r.id) if job.results else None
+    found = session.execute(jobs_query(state=state, find=find, limit=limit)).all()
+    latest = {job.id: max(job.results, key=lambda r: r.id) for job, _, _ in found if job.results}
+    delivered = delivery_by_result(session, [r.id for r in latest.values()])
+    for job, seq, series in found:
+        res = latest.get(job.id)
         rows.append({
             "id": job.id,
             "state": job.state.value,
@@ -145,6 +165,7 @@ def job_rows(session, limit: int = 100, state: str | None = None, find: str | No
             "verdict": None if res is None else ("abnormal" if res.is_anomaly else "normal"),
             "cluster": None if res is None else (res.cluster_label or None),
             "model": f"{job.model_name} {job.model_version}".strip() or None,
+            "in_pacs": None if res is None else delivered.get(res.id, ""),
             "note": job.reason or job.last_error or "",
             "created_at": job.created_at.isoformat() if job.created_at else None,
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,

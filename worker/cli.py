@@ -53,9 +53,10 @@ def _list(args, settings) -> int:
     with sf() as session:
         jobs = job_rows(session, limit=args.limit, state=args.state, find=args.find)
     rows = [[j["id"], j["state"], j["attempts"], j["modality"], j["body_part"], j["frames"], j["model"] or "",
-             "" if j["score"] is None else f"{j['score']:.4f}", j["verdict"] or "", j["updated_at"], j["series_uid"]]
+             "" if j["score"] is None else f"{j['score']:.4f}", j["verdict"] or "", j["in_pacs"] or "",
+             j["updated_at"], j["series_uid"]]
             for j in jobs]
-    headers = ["ID", "STATE", "TRIES", "MODALITY", "BODY PART", "FRAMES", "MODEL", "SCORE", "VERDICT",
+    headers = ["ID", "STATE", "TRIES", "MODALITY", "BODY PART", "FRAMES", "MODEL", "SCORE", "VERDICT", "IN PACS",
                "UPDATED (UTC)", "SERIES UID"]
     print(format_table(headers, rows))
     if not rows:

@@ -412,7 +412,7 @@ def test_page_header_names_the_destination_and_the_routes(dash, make_settings):
     settings = make_settings(destination="PACS@pacs:104", routes="SITE_A=PACS_A@a:104")
     with sf() as session:
         page = render_page(settings, session)
-    assert "results to PACS@pacs:104, from SITE_A to PACS_A@a:104 ·" in page
+    assert "results to PACS@pacs:104, from SITE_A to PACS_A@a:104\n<form" in page
 
 
 def test_quarantine_row_says_when_a_retry_stored_it(dash):
@@ -474,3 +474,15 @@ def test_check_the_pacs_button_echoes_each_configured_peer(make_settings, tmp_pa
     finally:
         server.stop()
         scp.stop()
+
+
+def test_jobs_say_whether_their_results_reached_the_pacs(dash):
+    _, sf, base = dash
+    jobs = {j["id"]: j for j in json.loads(_get(base + "/api/jobs")[2])["jobs"]}
+    assert jobs[1]["in_pacs"] == "1/3, 1 failed" and jobs[2]["in_pacs"] is None  # job 2 has no result
+    assert "<td>1/3, 1 failed</td>" in _get(base + "/")[2]
+    with sf() as s:  # the PACS takes the rest
+        for item in s.scalars(select(OutboxItem)):
+            item.state = OutboxState.SENT
+        s.commit()
+    assert json.loads(_get(base + "/api/jobs")[2])["jobs"][-1]["in_pacs"] == "3/3"
