@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
+from benchmarks.bench_inference import cpu_model  # noqa: E402
 from tests.integration.dcmtk import STORESCU  # noqa: E402
 from tests.integration.netns import NetNamespace, stop_process  # noqa: E402
 from tests.integration.orthanc import Modality, OrthancServer  # noqa: E402
@@ -158,16 +159,6 @@ def postgres_database() -> tuple[str, callable]:
         admin.dispose()
 
     return f"postgresql+psycopg://postgres@/{name}?host={POSTGRES_SOCKET_DIR}", drop
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:
