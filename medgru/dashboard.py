@@ -13,7 +13,8 @@ web framework):
 * ``POST /echo`` — the "Check the PACS" button: ``medgru echo`` for every configured PACS, as a page;
 * ``GET /?q=<uid>`` and ``/api/jobs?q=`` — the jobs of a series, study, accession number or SOP instance;
 * ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
-  JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel`` and ``/outbox/<id>/resend``;
+  JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel``, ``/outbox/<id>/resend`` and
+  ``/quarantine/<id>/retry`` (``medgru quarantine retry``);
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
   other processes are counted too (see :class:`_DbCollector`);  ``GET /healthz`` — 200 when the database
   answers and every part of the service is running (listener, assembler, sender, worker), else 503 with
@@ -50,6 +51,7 @@ from dispatch.admin import outbox_rows, resend_item
 from medgru.tables import when_iso
 from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
+from pacs_listener.status import StoreStatus
 from worker.admin import job_rows
 from storage.models import (
     Instance,
@@ -218,17 +220,31 @@ def _outbox_table(items: list[dict[str, Any]]) -> str:
     return "".join(out) + "</table>"
 
 
+def retry_quarantined_item(settings, session_factory, item_id: int) -> None:
+    """The quarantine's Retry button (:func:`pacs_listener.reingest.retry_quarantined` of one item);
+    ``ValueError`` with the reason when it is not stored."""
+    from pacs_listener.reingest import retry_quarantined
+
+    [outcome] = retry_quarantined(settings, session_factory, [item_id])
+    if not outcome.stored:
+        raise ValueError(outcome.message)
+
+
 def _quarantine_table(items: list[dict[str, Any]]) -> str:
     if not items:
         return '<p class="none">Nothing refused.</p>'
     out = ['<table><tr><th>item</th><th>received (UTC)</th><th>calling AE</th><th>answered</th>'
-           '<th>SOP instance UID</th><th>reason</th></tr>']
+           '<th>SOP instance UID</th><th>reason</th><th></th></tr>']
     for r in items:
+        ours = (r["status_code"] & 0xFF00) == StoreStatus.OUT_OF_RESOURCES or r["status_code"] == StoreStatus.PROCESSING_FAILURE
+        action = ("" if r["released_at"] or r["purged_at"] or not ours else  # data faults: the sender must fix them
+                  f'<form method="post" action="/quarantine/{r["id"]}/retry"><button title="store the kept file '
+                  f'after all, once the fault on our side is fixed">Retry</button></form>')
         out.append(
             f'<tr><td>{r["id"]}</td><td>{when_iso(r["received_at"])}</td><td>{html.escape(r["calling_ae"])}</td>'
             f'<td>{html.escape(r["status"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
             f'<td>{html.escape(r["reason"][:200])}'
-            f'{" (stored later by a retry)" if r["released_at"] else ""}</td></tr>')
+            f'{" (stored later by a retry)" if r["released_at"] else ""}</td><td>{action}</td></tr>')
     return "".join(out) + "</table>"
 
 
@@ -457,7 +473,8 @@ class DashboardServer:
 
     def _make_handler(self, retry, cancel, resend):
         server = self
-        actions = {("jobs", "retry"): retry, ("jobs", "cancel"): cancel, ("outbox", "resend"): resend}
+        actions = {("jobs", "retry"): retry, ("jobs", "cancel"): cancel, ("outbox", "resend"): resend,
+                   ("quarantine", "retry"): lambda item_id: retry_quarantined_item(server.settings, server.sf, item_id)}
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt, *args):  # route through logging, not stderr
@@ -528,7 +545,7 @@ class DashboardServer:
                 return self._send(200, page.encode(), "text/html; charset=utf-8")
 
             def do_POST(self):
-                m = re.fullmatch(r"/(jobs|outbox)/(\d+)/(retry|cancel|resend)", self.path)
+                m = re.fullmatch(r"/(jobs|outbox|quarantine)/(\d+)/(retry|cancel|resend)", self.path)
                 if not self._authorised():
                     return None
                 if self.path == "/echo":  # no change of state, but it opens associations: same-site only
@@ -554,7 +571,7 @@ class DashboardServer:
                 log.info("dashboard: %s %s %d by %s from %s", verb, what, item_id,
                          server.settings.dashboard_user if server.password is not None else "(no password set)",
                          self.client_address[0])
-                return self._send(303, b"", "text/plain", {"Location": "/#outbox" if what == "outbox" else "/"})
+                return self._send(303, b"", "text/plain", {"Location": "/" if what == "jobs" else f"/#{what}"})
 
         return Handler
 

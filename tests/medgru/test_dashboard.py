@@ -486,3 +486,40 @@ def test_jobs_say_whether_their_results_reached_the_pacs(dash):
             item.state = OutboxState.SENT
         s.commit()
     assert json.loads(_get(base + "/api/jobs")[2])["jobs"][-1]["in_pacs"] == "3/3"
+
+
+def test_quarantine_retry_button_stores_a_kept_instance(dash):
+    """The quarantine's Retry button runs ``medgru quarantine retry`` for one item: a kept, valid instance
+    is stored (303, the row says so, its button is gone); one whose file is gone gets 409 with the reason."""
+    from pydicom import dcmwrite
+
+    from tests.pacs_listener.conftest import make_mr
+
+    settings, sf, base = dash
+    ds = make_mr()
+    kept = settings.quarantine_dir / "2026-01-02" / "y.dcm"
+    kept.parent.mkdir(parents=True)
+    dcmwrite(kept, ds, enforce_file_format=True)
+    with sf() as s:
+        item = QuarantineItem(path="2026-01-02/y.dcm", reason="database record failed: OperationalError",
+                              sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                              calling_ae="MODALITY", status_code=0x0110)
+        s.add(item)
+        s.commit()
+        item_id = item.id
+    page = _get(base + "/")[2]  # a button for our fault (0x0110), none for the data fault (0xA900) of item 1
+    assert f'action="/quarantine/{item_id}/retry"' in page and 'action="/quarantine/1/retry"' not in page
+
+    assert _post(base + f"/quarantine/{item_id}/retry") in (200, 303)
+    with sf() as s:
+        stored = s.scalars(select(Instance)).one()
+        assert stored.sop_instance_uid == ds.SOPInstanceUID and stored.calling_ae == "MODALITY"
+        assert s.get(QuarantineItem, item_id).released_at is not None
+    page = _get(base + "/")[2]
+    assert f'action="/quarantine/{item_id}/retry"' not in page and "(stored later by a retry)" in page
+
+    req = urllib.request.Request(base + "/quarantine/1/retry", method="POST", data=b"")  # by hand all the same
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 409 and "its file was removed" in err.value.read().decode()
+    assert _post(base + f"/quarantine/{item_id}/retry", {"Origin": "http://evil.example"}) == 403
