@@ -145,10 +145,13 @@ def delivery_by_result(session, result_ids: list[int]) -> dict[int, str]:
 
 def job_rows(session, limit: int = 100, state: str | None = None, find: str | None = None) -> list[dict[str, Any]]:
     """The jobs of :func:`jobs_query`, each with its latest result, as dicts (``medgru jobs list``, the
-    dashboard and its JSON API)."""
+    dashboard and its JSON API). Three queries however many jobs: the jobs, their latest results, and
+    where those results' objects are."""
     rows = []
     found = session.execute(jobs_query(state=state, find=find, limit=limit)).all()
-    latest = {job.id: max(job.results, key=lambda r: r.id) for job, _, _ in found if job.results}
+    latest_ids = (select(func.max(Result.id)).where(Result.job_fk.in_([job.id for job, _, _ in found]))
+                  .group_by(Result.job_fk))
+    latest = {r.job_fk: r for r in session.scalars(select(Result).where(Result.id.in_(latest_ids)))}
     delivered = delivery_by_result(session, [r.id for r in latest.values()])
     for job, seq, series in found:
         res = latest.get(job.id)
