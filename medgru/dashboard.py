@@ -51,7 +51,7 @@ from dispatch.admin import outbox_rows, resend_item
 from medgru.tables import when_iso
 from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
-from pacs_listener.status import StoreStatus
+from pacs_listener.status import refused_for_our_fault
 from worker.admin import job_rows
 from storage.models import (
     Instance,
@@ -236,8 +236,8 @@ def _quarantine_table(items: list[dict[str, Any]]) -> str:
     out = ['<table><tr><th>item</th><th>received (UTC)</th><th>calling AE</th><th>answered</th>'
            '<th>SOP instance UID</th><th>reason</th><th></th></tr>']
     for r in items:
-        ours = (r["status_code"] & 0xFF00) == StoreStatus.OUT_OF_RESOURCES or r["status_code"] == StoreStatus.PROCESSING_FAILURE
-        action = ("" if r["released_at"] or r["purged_at"] or not ours else  # data faults: the sender must fix them
+        ours = refused_for_our_fault(r["status_code"])  # data faults: the sender must fix them, no button
+        action = ("" if r["released_at"] or r["purged_at"] or not ours else
                   f'<form method="post" action="/quarantine/{r["id"]}/retry"><button title="store the kept file '
                   f'after all, once the fault on our side is fixed">Retry</button></form>')
         out.append(

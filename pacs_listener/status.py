@@ -30,6 +30,13 @@ class StoreStatus(IntEnum):
     COERCION_OF_DATA_ELEMENTS = 0xB000
 
 
+def refused_for_our_fault(code: int) -> bool:
+    """Whether an instance answered ``code`` was refused for a fault on our side (0xA7xx out of resources:
+    the disk or the spool; 0x0110 processing failure: the database...), not for its own data: the kept
+    file may be stored by a retry once the fault is fixed (:mod:`pacs_listener.reingest`)."""
+    return (code & 0xFF00) == StoreStatus.OUT_OF_RESOURCES or code == StoreStatus.PROCESSING_FAILURE
+
+
 def describe(code: int) -> str:
     """``'Failure: Refused: Out of Resources'`` style text for logs and quarantine sidecars."""
     entry = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
