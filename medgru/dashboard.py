@@ -109,8 +109,6 @@ class _DbCollector:
             n_inf, sum_inf = session.execute(
                 select(func.count(Result.inference_seconds), func.sum(Result.inference_seconds))).one()
             oldest_job = session.scalar(select(func.min(Job.created_at)).where(Job.state.in_(WAITING_STATES)))
-            oldest_unsent = session.scalar(
-                select(func.min(OutboxItem.created_at)).where(OutboxItem.state == OutboxState.PENDING))
             instances = session.scalar(select(func.count()).select_from(Instance)) or 0
             by_destination = session.execute(
                 select(OutboxItem.destination, OutboxItem.state, func.count(), func.min(OutboxItem.created_at))
@@ -129,10 +127,12 @@ class _DbCollector:
                                    "Result objects not yet in the PACS, by destination and state", labels=["destination", "state"])
         oldest = GaugeMetricFamily("medgru_destination_oldest_unsent_result_age_seconds",
                                    "Age of the oldest pending result object, by destination", labels=["destination"])
+        pending_since = []
         for destination, state, n, first in by_destination:
             unsent.add_metric([destination or "(none)", state.value], n)
             if state is OutboxState.PENDING:
                 oldest.add_metric([destination or "(none)"], _age_seconds(first, now))
+                pending_since.append(first)
         yield unsent
         yield oldest
         yield GaugeMetricFamily("medgru_quarantined_instances", "Instances kept in quarantine", value=s["quarantine"])
@@ -143,7 +143,7 @@ class _DbCollector:
                                 value=_age_seconds(oldest_job, now))
         yield GaugeMetricFamily("medgru_oldest_unsent_result_age_seconds",
                                 "Age of the oldest pending outbox item (0 when all are sent)",
-                                value=_age_seconds(oldest_unsent, now))
+                                value=_age_seconds(min(pending_since, default=None), now))
         yield SummaryMetricFamily("medgru_inference_seconds", "Inference time per job",
                                   count_value=int(n_inf or 0), sum_value=float(sum_inf or 0.0))
         yield GaugeMetricFamily("medgru_inference_seconds_mean", "Mean inference time per job",
