@@ -548,21 +548,17 @@ class DashboardServer:
                 m = re.fullmatch(r"/(jobs|outbox|quarantine)/(\d+)/(retry|cancel|resend)", self.path)
                 if not self._authorised():
                     return None
-                if self.path == "/echo":  # no change of state, but it opens associations: same-site only
-                    refused = cross_site(self.headers)
-                    if refused:
-                        log.warning("dashboard: refused POST /echo: %s", refused)
-                        return self._send(403, f"refused: {refused}\n".encode(), "text/plain")
-                    ok, page = render_echo_page(server.settings)
-                    log.info("dashboard: PACS check (%s) from %s", "ok" if ok else "failed", self.client_address[0])
-                    return self._send(200, page.encode(), "text/html; charset=utf-8")
                 action = actions.get((m[1], m[3])) if m else None
-                if action is None:
+                if action is None and self.path != "/echo":
                     return self._send(404, b"not found\n", "text/plain")
-                refused = cross_site(self.headers)
+                refused = cross_site(self.headers)  # /echo too: no change of state, but it opens associations
                 if refused:
                     log.warning("dashboard: refused POST %s: %s", self.path, refused)
                     return self._send(403, f"refused: {refused}\n".encode(), "text/plain")
+                if self.path == "/echo":
+                    ok, page = render_echo_page(server.settings)
+                    log.info("dashboard: PACS check (%s) from %s", "ok" if ok else "failed", self.client_address[0])
+                    return self._send(200, page.encode(), "text/html; charset=utf-8")
                 what, item_id, verb = m[1], int(m[2]), m[3]
                 try:
                     action(item_id)
