@@ -44,7 +44,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select
 
 from dispatch.admin import outbox_rows, resend_item
@@ -74,7 +74,11 @@ def summary(session) -> dict[str, Any]:
     return {
         "jobs": {s.value: int(jobs.get(s, 0)) for s in JobState},
         "outbox": {s.value: int(outbox.get(s, 0)) for s in OutboxState},
-        "quarantine": int(session.scalar(select(func.count()).select_from(QuarantineItem)) or 0),
+        # files still held in quarantine: not stored since by a retry, not removed by retention
+        "quarantine": int(session.scalar(select(func.count()).select_from(QuarantineItem).where(
+            QuarantineItem.released_at.is_(None), QuarantineItem.purged_at.is_(None))) or 0),
+        # every instance ever refused (rows are never deleted, so this only grows)
+        "refused": int(session.scalar(select(func.count()).select_from(QuarantineItem)) or 0),
         "results": int(session.scalar(select(func.count()).select_from(Result)) or 0),
     }
 
@@ -135,7 +139,11 @@ class _DbCollector:
                 pending_since.append(first)
         yield unsent
         yield oldest
-        yield GaugeMetricFamily("medgru_quarantined_instances", "Instances kept in quarantine", value=s["quarantine"])
+        yield GaugeMetricFamily("medgru_quarantined_instances",
+                                "Refused instances whose file is still held in quarantine (not stored by a retry, "
+                                "not removed by retention)", value=s["quarantine"])
+        yield CounterMetricFamily("medgru_refused_instances", "Instances the listener refused and quarantined",
+                                  value=s["refused"])
         yield GaugeMetricFamily("medgru_stored_instances", "Instances received and stored", value=int(instances))
         yield GaugeMetricFamily("medgru_results", "Results produced", value=s["results"])
         yield GaugeMetricFamily("medgru_oldest_waiting_job_age_seconds",

@@ -190,6 +190,7 @@ def test_metrics_tell_a_stalled_queue_and_an_unreachable_pacs(dash):
     assert _metric(metrics, "medgru_inference_seconds_sum") == pytest.approx(0.2)
     assert _metric(metrics, "medgru_stored_instances") == 0
     assert _metric(metrics, "medgru_quarantined_instances") == 1
+    assert _metric(metrics, "medgru_refused_instances_total") == 1
     young_job = _metric(metrics, "medgru_oldest_waiting_job_age_seconds")
     assert 0 <= young_job < 600  # job 3 was queued by the fixture just now
     with sf() as s:  # the queued job and the pending result have waited an hour
@@ -423,6 +424,10 @@ def test_quarantine_row_says_when_a_retry_stored_it(dash):
         s.commit()
     page = _get(base + "/")[2]
     assert "PixelData has 32 bytes, the pixel module implies 160 (stored later by a retry)" in page
+    # the instance is no longer held, but it was refused: the gauge drops, the counter the alert reads stays
+    _, _, metrics = _get(base + "/metrics")
+    assert _metric(metrics, "medgru_quarantined_instances") == 0
+    assert _metric(metrics, "medgru_refused_instances_total") == 1
     [item] = json.loads(_get(base + "/api/quarantine")[2])["items"]
     assert item["released_at"] is not None
 
