@@ -30,12 +30,19 @@ def _job_for(session, job_id: int, allowed: frozenset[JobState], action: str) ->
 
 def retry_job(session_factory, celery_app, job_id: int, *, rerun_succeeded: bool = False) -> Job:
     """Put a failed, unprocessed or cancelled job (with ``rerun_succeeded`` also a succeeded one) back on
-    the queue. ``KeyError``/``ValueError`` if not allowed. A re-run replaces the job's result, SR and SC
-    (the same UIDs for the same model and version)."""
+    the queue. ``KeyError``/``ValueError`` if not allowed, or if retention has removed a file the job reads
+    (the job could only fail again: the series must be sent again first). A re-run replaces the job's
+    result, SR and SC (the same UIDs for the same model and version)."""
+    from worker.loading import sequence_instances
+    from worker.pixels import FrameLoadError
     from worker.tasks import enqueue_job
 
     with session_factory() as session:
         job = _job_for(session, job_id, RERUNNABLE if rerun_succeeded else RETRYABLE, "retried")
+        try:
+            sequence_instances(session, job.sequence)
+        except FrameLoadError as exc:
+            raise ValueError(f"job {job_id} cannot run: {exc}") from exc
         job.state = JobState.QUEUED
         job.attempts = 0
         job.last_error = ""

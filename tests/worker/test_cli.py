@@ -112,6 +112,23 @@ def test_jobs_list_show_retry_cancel(cli, session_factory, dicom_corpus, capsys)
     assert run("show", "9999") == 1
     assert run("retry", "9999") == 1
 
+    # retention removed the files of the cancelled job: a retry is refused at once, naming the instance
+    # and what to do, instead of queueing a job that can only fail
+    from datetime import datetime, timezone
+
+    from storage.models import Instance
+    with session_factory() as s:
+        [inst] = s.query(Instance).filter(Instance.sop_instance_uid == str(
+            s.get(Job, uncovered).sequence.frame_refs[0][0])).all()
+        inst.purged_at = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+        s.commit()
+    capsys.readouterr()
+    assert run("retry", str(uncovered)) == 1
+    out = capsys.readouterr().out
+    assert f"SOP Instance {inst.sop_instance_uid}" in out and "removed from the spool by retention on 2026-03-01" in out
+    assert "send the series again" in out
+    assert _state(session_factory, uncovered).state is JobState.CANCELLED
+
 
 def test_jobs_retry_all_failed_after_an_outage(cli, session_factory, dicom_corpus, capsys):
     settings, run = cli
