@@ -33,16 +33,14 @@ def retry_job(session_factory, celery_app, job_id: int, *, rerun_succeeded: bool
     the queue. ``KeyError``/``ValueError`` if not allowed, or if retention has removed a file the job reads
     (the job could only fail again: the series must be sent again first). A re-run replaces the job's
     result, SR and SC (the same UIDs for the same model and version)."""
-    from worker.loading import sequence_instances
-    from worker.pixels import FrameLoadError
+    from worker.loading import first_purged_instance, purged_error
     from worker.tasks import enqueue_job
 
     with session_factory() as session:
         job = _job_for(session, job_id, RERUNNABLE if rerun_succeeded else RETRYABLE, "retried")
-        try:
-            sequence_instances(session, job.sequence)
-        except FrameLoadError as exc:
-            raise ValueError(f"job {job_id} cannot run: {exc}") from exc
+        purged = first_purged_instance(session, job.sequence)
+        if purged is not None:
+            raise ValueError(f"job {job_id} cannot run: {purged_error(purged)}")
         job.state = JobState.QUEUED
         job.attempts = 0
         job.last_error = ""

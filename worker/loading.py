@@ -31,10 +31,22 @@ def sequence_instances(session: Session, sequence: SequenceRecord) -> dict[str, 
         raise FrameLoadError(missing[0], f"is referenced by sequence {sequence.id} but not in the database")
     purged = [row for row in rows if row.purged_at is not None]
     if purged:  # a retried old job: retention removed its files (resend the series from the PACS)
-        raise FrameLoadError(purged[0].sop_instance_uid,
-                             f"was removed from the spool by retention on {purged[0].purged_at:%Y-%m-%d %H:%M} UTC; "
-                             f"send the series again, then retry the job")
+        raise purged_error(purged[0])
     return found
+
+
+def purged_error(row: Instance) -> FrameLoadError:
+    """The error for a frame whose file retention removed (what to do included)."""
+    return FrameLoadError(row.sop_instance_uid, f"was removed from the spool by retention on "
+                                                f"{row.purged_at:%Y-%m-%d %H:%M} UTC; send the series again, "
+                                                f"then retry the job")
+
+
+def first_purged_instance(session: Session, sequence: SequenceRecord) -> Instance | None:
+    """An instance of the sequence whose file retention removed, if any."""
+    uids = sorted({str(ref[0]) for ref in sequence.frame_refs})
+    return session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids),
+                                                  Instance.purged_at.is_not(None)).limit(1)).first()
 
 
 def load_sequence(settings, session: Session, sequence_id: int) -> FrameSequence:
