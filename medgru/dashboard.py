@@ -5,15 +5,15 @@ web framework):
 
 * ``GET /`` — the queue at a glance: counts by state (each a link to the jobs in that state,
   ``/?state=failed``), the latest jobs with Retry / Cancel buttons, the outbox items that are not sent
-  (failed ones with a Resend button) and the latest quarantined instances with the status we answered
-  and why;
+  (failed ones with a Resend button), the latest quarantined instances with the status we answered
+  and why, and the ABNORMAL verdicts by model and sender;
 * ``GET /jobs/<id>`` — one job in detail (as ``medgru jobs show``): times, errors, its UIDs, results and
   where its SR and SC are, and the overlay as the PACS received it (``GET /jobs/<id>/overlay.png``, the
   SC's pixels read from its outbox file: the caption and heat map, no patient attribute);
 * ``POST /echo`` — the "Check the PACS" button: ``medgru echo`` for every configured PACS, as a page;
 * ``GET /?q=<uid>`` and ``/api/jobs?q=`` — the jobs of a series, study, accession number or SOP instance;
-* ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``) and ``/api/quarantine`` — the same as
-  JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel``, ``/outbox/<id>/resend`` and
+* ``GET /api/jobs`` (``?state=``), ``/api/outbox`` (``?state=``), ``/api/quarantine`` and
+  ``/api/verdicts`` (ABNORMAL verdicts by model and sender, :mod:`worker.monitoring`) — the same as JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel``, ``/outbox/<id>/resend`` and
   ``/quarantine/<id>/retry`` (``medgru quarantine retry``);
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
   other processes are counted too (see :class:`_DbCollector`);  ``GET /healthz`` — 200 when the database
@@ -45,6 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
 from sqlalchemy import func, select
 
 from dispatch.admin import outbox_rows, resend_item
@@ -53,6 +54,7 @@ from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
 from pacs_listener.status import refused_for_our_fault
 from worker.admin import job_rows
+from worker.monitoring import DEFAULT_RECENT, verdict_rows
 from storage.models import (
     Instance,
     Job,
@@ -118,6 +120,7 @@ class _DbCollector:
                 select(OutboxItem.destination, OutboxItem.state, func.count(), func.min(OutboxItem.created_at))
                 .where(OutboxItem.state.in_((OutboxState.PENDING, OutboxState.FAILED)))
                 .group_by(OutboxItem.destination, OutboxItem.state)).all()
+            verdicts = verdict_rows(session)
         g = GaugeMetricFamily("medgru_jobs", "Inference jobs by state", labels=["state"])
         for state, n in s["jobs"].items():
             g.add_metric([state], n)
@@ -152,6 +155,23 @@ class _DbCollector:
         yield GaugeMetricFamily("medgru_oldest_unsent_result_age_seconds",
                                 "Age of the oldest pending outbox item (0 when all are sent)",
                                 value=_age_seconds(min(pending_since, default=None), now))
+        # verdicts by model and sender: a share of ABNORMAL that moves is a site whose images changed
+        labels = ["model", "version", "sender"]
+        total = CounterMetricFamily("medgru_verdicts", "Results by model, sender and verdict (a job's latest "
+                                    "result)", labels=[*labels, "verdict"])
+        share = GaugeMetricFamily("medgru_recent_abnormal_share", "Share of ABNORMAL verdicts among the latest "
+                                  f"{DEFAULT_RECENT} results of a model and sender", labels=labels)
+        recent = GaugeMetricFamily("medgru_recent_results", "How many results medgru_recent_abnormal_share is "
+                                   f"taken over (at most {DEFAULT_RECENT})", labels=labels)
+        for r in verdicts:
+            key = [r.model, r.version, r.sender or "(unknown)"]
+            total.add_metric([*key, "abnormal"], r.abnormal)
+            total.add_metric([*key, "normal"], r.results - r.abnormal)
+            share.add_metric(key, r.recent_share)
+            recent.add_metric(key, r.recent)
+        yield total
+        yield share
+        yield recent
         yield SummaryMetricFamily("medgru_inference_seconds", "Inference time per job",
                                   count_value=int(n_inf or 0), sum_value=float(sum_inf or 0.0))
         yield GaugeMetricFamily("medgru_inference_seconds_mean", "Mean inference time per job",
@@ -205,6 +225,11 @@ placeholder="series / study UID, accession number or SOP instance UID"> <button>
 {outbox}
 <h2 id="quarantine">Quarantine: the latest instances we refused</h2>
 {quarantine}
+<h2 id="verdicts">Verdicts by model and sender</h2>
+<div class="sub">A share of ABNORMAL that moves for one sender is a sign that its images changed (device,
+protocol, processing): the threshold was calibrated at a false-positive rate on other normals.
+<code>medgru calibrate</code> re-sets it on that site's normals.</div>
+{verdicts}
 </body></html>"""
 
 #: rows of the outbox and quarantine tables on the page (the CLI and the JSON API list more)
@@ -256,6 +281,20 @@ def _quarantine_table(items: list[dict[str, Any]]) -> str:
     return "".join(out) + "</table>"
 
 
+def _verdicts_table(rows) -> str:
+    if not rows:
+        return '<p class="none">No results yet.</p>'
+    out = ['<table><tr><th>model</th><th>sender</th><th>results</th><th>ABNORMAL</th>'
+           f'<th>ABNORMAL in the latest {DEFAULT_RECENT}</th><th>last result (UTC)</th></tr>']
+    for r in rows:
+        out.append(
+            f'<tr><td>{html.escape(f"{r.model} {r.version}")}</td><td>{html.escape(r.sender or "(unknown)")}</td>'
+            f'<td>{r.results}</td><td>{r.abnormal} ({r.share:.0%})</td>'
+            f'<td>{r.recent_abnormal} of {r.recent} ({r.recent_share:.0%})</td>'
+            f'<td>{when_iso(r.last_at.isoformat() if r.last_at else None)}</td></tr>')
+    return "".join(out) + "</table>"
+
+
 def _job_buttons(job_id: int, state: JobState) -> str:
     """The Retry / Cancel forms that the job's state allows (:data:`worker.admin.RETRYABLE`, ``CANCELLABLE``)."""
     from worker.admin import CANCELLABLE, RETRYABLE
@@ -303,7 +342,8 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
                         dest=html.escape(str(settings.destination or "(none)") + "".join(
                             f", from {ae} to {d}" for ae, d in settings.routes.items())), cards=cards, rows="".join(out),
                         jobs_title=jobs_title, outbox=_outbox_table(unsent), find=html.escape(find or "", quote=True),
-                        quarantine=_quarantine_table(quarantine_rows(session, limit=PAGE_SECTION_ROWS)))
+                        quarantine=_quarantine_table(quarantine_rows(session, limit=PAGE_SECTION_ROWS)),
+                        verdicts=_verdicts_table(verdict_rows(session)))
 
 
 _JOB_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MedGRU worker — job {job_id}</title>
@@ -534,6 +574,10 @@ class DashboardServer:
                         except KeyError as exc:
                             return self._send(404, f"{exc.args[0]}\n".encode(), "text/plain")
                     return self._send(200, page.encode(), "text/html; charset=utf-8")
+                if path == "/api/verdicts":
+                    with server.sf() as session:
+                        return self._json({"recent": DEFAULT_RECENT,
+                                           "rows": [r.as_dict() for r in verdict_rows(session)]})
                 if path not in ("/", "/index.html", "/api/jobs", "/api/outbox", "/api/quarantine"):
                     return self._send(404, b"not found\n", "text/plain")
                 state, error = _state_param(query, _OUTBOX_STATES if path == "/api/outbox" else _JOB_STATES)

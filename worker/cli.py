@@ -1,4 +1,4 @@
-"""``medgru jobs``: list, show, retry and cancel inference jobs.
+"""``medgru jobs``: list, show, retry and cancel inference jobs; verdicts by model and sender.
 
 Tables show job ids, states, modality, body part, series UIDs and results; never patient names.
 """
@@ -9,7 +9,7 @@ import argparse
 
 from sqlalchemy import select
 
-from medgru.tables import format_table, open_database, print_fields
+from medgru.tables import format_table, open_database, print_fields, when
 from storage.models import Job, JobState
 
 _STATES = [s.value for s in JobState]
@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = jobs.add_parser("cancel", help="cancel a queued or retrying job")
     q.add_argument("job_id", type=int, metavar="ID")
     q.set_defaults(func=_cancel)
+
+    q = jobs.add_parser("verdicts", help="ABNORMAL verdicts by model and sender, overall and over the latest "
+                                         "results (a moving share: a site whose images changed)")
+    q.add_argument("--recent", type=int, default=None, metavar="N",
+                   help="the latest N results of each model and sender (default 100)")
+    q.set_defaults(func=_verdicts)
 
 
 # ------------------------------------------------------------------------------------- plumbing
@@ -114,4 +120,24 @@ def _cancel(args, settings) -> int:
         print(f"cannot cancel: {exc.args[0] if exc.args else exc}")
         return 1
     print(f"job {args.job_id} cancelled")
+    return 0
+
+
+def _verdicts(args, settings) -> int:
+    from worker.monitoring import DEFAULT_RECENT, verdict_rows
+
+    recent = DEFAULT_RECENT if args.recent is None else args.recent
+    if recent < 1:
+        print(f"--recent must be at least 1, not {recent}")
+        return 2
+    sf = open_database(settings)
+    with sf() as session:
+        rows = verdict_rows(session, recent=recent)
+    if not rows:
+        print("no results yet")
+        return 0
+    print(format_table(
+        ["MODEL", "VERSION", "SENDER", "RESULTS", "ABNORMAL", f"LATEST {recent}: ABNORMAL", "LAST RESULT (UTC)"],
+        [[r.model, r.version, r.sender or "(unknown)", r.results, f"{r.abnormal} ({r.share:.0%})",
+          f"{r.recent_abnormal} of {r.recent} ({r.recent_share:.0%})", when(r.last_at)] for r in rows]))
     return 0

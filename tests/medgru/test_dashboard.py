@@ -528,3 +528,39 @@ def test_quarantine_retry_button_stores_a_kept_instance(dash):
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 409 and "its file was removed" in err.value.read().decode()
     assert _post(base + f"/quarantine/{item_id}/retry", {"Origin": "http://evil.example"}) == 403
+
+
+def test_verdicts_by_model_and_sender_on_page_api_and_metrics(dash):
+    """The fixture's one result (ABNORMAL, no instance so no sender) and a second series from SITE_A whose
+    result is NORMAL: the page's table, /api/verdicts and the metrics the drift alert reads agree."""
+    _, sf, base = dash
+    with sf() as s:
+        se = Series(series_uid="1.2.3.5", study=s.get(Job, 1).sequence.series.study, modality="MR",
+                    body_part="BRAIN")
+        s.add(Instance(sop_instance_uid="1.2.3.5.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", series=se,
+                       path="s.dcm", calling_ae="SITE_A"))
+        job = Job(sequence=SequenceRecord(series=se, frame_refs=[["1.2.3.5.1", 1]], n_frames=1),
+                  state=JobState.SUCCEEDED)
+        s.add(Result(job=job, score=0.5, threshold=1.0, is_anomaly=False, model_name="medgru-svc-brain",
+                     model_version="1"))
+        s.commit()
+    page = _get(base + "/")[2]
+    table = page.split('id="verdicts"', 1)[1]
+    assert "<td>(unknown)</td><td>1</td><td>1 (100%)</td><td>1 of 1 (100%)</td>" in table
+    assert "<td>SITE_A</td><td>1</td><td>0 (0%)</td><td>0 of 1 (0%)</td>" in table
+    data = json.loads(_get(base + "/api/verdicts")[2])
+    assert data["recent"] == 100
+    assert [(r["sender"], r["results"], r["abnormal"], r["recent_share"]) for r in data["rows"]] == [
+        ("", 1, 1, 1.0), ("SITE_A", 1, 0, 0.0)]
+    metrics = _get(base + "/metrics")[2]
+
+    def labels(sender: str, verdict: str | None = None) -> str:  # the exposition sorts label names
+        verdict_label = f',verdict="{verdict}"' if verdict else ""
+        return f'{{model="medgru-svc-brain",sender="{sender}"{verdict_label},version="1"}}'
+
+    assert _metric(metrics, "medgru_verdicts_total" + labels("(unknown)", "abnormal")) == 1
+    assert _metric(metrics, "medgru_verdicts_total" + labels("(unknown)", "normal")) == 0
+    assert _metric(metrics, "medgru_verdicts_total" + labels("SITE_A", "normal")) == 1
+    assert _metric(metrics, "medgru_recent_abnormal_share" + labels("(unknown)")) == 1.0
+    assert _metric(metrics, "medgru_recent_abnormal_share" + labels("SITE_A")) == 0.0
+    assert _metric(metrics, "medgru_recent_results" + labels("SITE_A")) == 1

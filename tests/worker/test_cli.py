@@ -162,3 +162,25 @@ def test_jobs_retry_all_failed_after_an_outage(cli, session_factory, dicom_corpu
     assert run("retry", str(jobs[0]), str(jobs[2])) == 1
     out = capsys.readouterr().out
     assert f"job {jobs[0]} re-queued" in out and "cannot retry" in out
+
+
+def test_jobs_verdicts_by_model_and_sender(cli, session_factory, dicom_corpus, capsys):
+    settings, run = cli
+    capsys.readouterr()
+    assert run("verdicts") == 0
+    assert "no results yet" in capsys.readouterr().out
+    job = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=2,
+                     calling_ae="SITE_A")
+    assert process_job(settings, session_factory, job, ModelRegistry.from_settings(settings)) is JobState.SUCCEEDED
+    from storage.models import Result
+    with session_factory() as s:
+        [result] = s.query(Result).filter(Result.job_fk == job).all()
+    abnormal = int(result.is_anomaly)
+    capsys.readouterr()
+    assert run("verdicts", "--recent", "5") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["MODEL", "VERSION", "SENDER"] and "LATEST 5: ABNORMAL" in lines[0]
+    [row] = [ln for ln in lines if "SITE_A" in ln]
+    assert row.split()[:4] == [result.model_name, result.model_version, "SITE_A", "1"]
+    assert f"{abnormal} ({abnormal:.0%})" in row and f"{abnormal} of 1 ({abnormal:.0%})" in row
+    assert run("verdicts", "--recent", "0") == 2
