@@ -15,10 +15,10 @@ used is returned and stored in ``SequenceRecord.order_key``:
 1. ``instance_number`` -- every instance has an InstanceNumber and no two share one: ascending number.
 2. ``position`` -- else, when every instance has ImagePositionPatient and ImageOrientationPatient, the
    slice normals (row × column of the orientation) are parallel, and no two positions project to the same
-   point on the normal (1 µm tolerance): ascending projection of the position on the normal of the first
-   instance (for an axial stack with the usual orientation, feet → head). This is a spatial order; its
-   direction may be the reverse of the acquisition's InstanceNumber order (Brainix FLAIR is numbered head →
-   feet).
+   point on the normal (1 µm tolerance): ascending projection of the position on the normal of the
+   instance with the lowest SOP Instance UID (for an axial stack with the usual orientation, feet → head).
+   This is a spatial order; its direction may be the reverse of the acquisition's InstanceNumber order
+   (Brainix FLAIR is numbered head → feet).
 3. ``time`` -- else, when every instance has an acquisition (date)time or, failing that, a content
    (date)time: ascending time; equal times are ordered by position on the normal (when all positions are
    known), then by SOP Instance UID. A 4-D series (the same positions repeated over time, e.g. fMRI) whose
@@ -327,9 +327,12 @@ def _instance_time(inst: InstanceLike) -> tuple[int, float] | None:
 
 
 def _projections(instances: Sequence[InstanceLike]) -> list[float] | None:
-    """Position of each instance along the first instance's slice normal; None if not all usable."""
-    normal = None
-    out: list[float] = []
+    """Position of each instance along the reference slice normal; None if not all usable.
+
+    The reference is the normal of the instance with the lowest SOP Instance UID, not of whichever comes
+    first: the database returns rows in no set order, and a stack whose normals are antiparallel (an
+    orientation flipped within the series) would otherwise be ordered one way or the other by chance."""
+    positions: list[tuple[list[float], list[float]]] = []
     for inst in instances:
         pos, ori = inst.image_position, inst.image_orientation
         if not pos or not ori or len(pos) != 3 or len(ori) != 6:
@@ -344,13 +347,14 @@ def _projections(instances: Sequence[InstanceLike]) -> list[float] | None:
         norm = math.sqrt(sum(v * v for v in n))
         if not all(math.isfinite(v) for v in p + n) or norm < 1e-6:
             return None
-        n = [v / norm for v in n]
-        if normal is None:
-            normal = n
-        elif abs(sum(a * b for a, b in zip(n, normal))) < _PARALLEL_COS:
-            return None  # not one stack (e.g. a localizer with three orientations)
-        out.append(sum(a * b for a, b in zip(p, normal)))
-    return out
+        positions.append((p, [v / norm for v in n]))
+    if not positions:
+        return []
+    reference = min(range(len(instances)), key=lambda k: instances[k].sop_instance_uid)
+    normal = positions[reference][1]
+    if any(abs(sum(a * b for a, b in zip(n, normal))) < _PARALLEL_COS for _p, n in positions):
+        return None  # not one stack (e.g. a localizer with three orientations)
+    return [sum(a * b for a, b in zip(p, normal)) for p, _n in positions]
 
 
 def _distinct(values: list[float]) -> bool:

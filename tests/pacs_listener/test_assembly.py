@@ -88,6 +88,20 @@ def test_position_is_projected_on_the_slice_normal():
     assert [u for u, _ in refs] == [i.sop_instance_uid for i in want]
 
 
+def test_position_order_does_not_depend_on_row_order_when_an_orientation_is_flipped():
+    """Slices whose normals are antiparallel (the orientation flipped within the series) are one stack; the
+    direction comes from the lowest SOP Instance UID's normal, so every row order gives the same order."""
+    flipped = [1.0, 0.0, 0.0, 0.0, -1.0, 0.0]  # normal -z
+    insts = [Inst(f"4.{k}", image_position=[0.0, 0.0, z], image_orientation=AXIAL if k != 2 else flipped)
+             for k, z in enumerate([30.0, 10.0, 20.0, 0.0])]
+    first, key = order_frames(insts)
+    assert key == ORDER_POSITION
+    assert [u for u, _ in first] == ["4.3", "4.1", "4.2", "4.0"]  # "4.0" is axial: feet -> head
+    assert order_frames(list(reversed(insts)))[0] == first  # "4.2", the flipped one, first
+    for seed in range(5):
+        assert order_frames(_shuffled(insts, seed))[0] == first
+
+
 def test_order_by_time_when_no_positions():
     times = ["101500.25", "101459", "101500.5", "101501"]
     insts = [Inst(f"5.{k}", acquisition_time=t) for k, t in enumerate(times)]
