@@ -298,18 +298,20 @@ class Sender:
         default_dest = str(self.settings.destination) if self.settings.destination is not None else ""
         lease_until = now + timedelta(seconds=self.timeout * 4 + 60)
         groups: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+        due = select(OutboxItem.id, OutboxItem.destination, OutboxItem.next_attempt_at, OutboxItem.path,
+                     OutboxItem.sop_instance_uid).where(OutboxItem.state == OutboxState.PENDING,
+                                                        OutboxItem.next_attempt_at <= now)
+        if not default_dest:
+            # items without a destination (no route for their calling AE) wait, untouched, until one is
+            # configured; filtered here, not after the LIMIT, or older ones would fill every batch and
+            # starve the routed items behind them
+            due = due.where(OutboxItem.destination != "")
         with self.session_factory() as session:
             rows = session.execute(
-                select(OutboxItem.id, OutboxItem.destination, OutboxItem.next_attempt_at, OutboxItem.path,
-                       OutboxItem.sop_instance_uid)
-                .where(OutboxItem.state == OutboxState.PENDING, OutboxItem.next_attempt_at <= now)
-                .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
-                .limit(self.batch)
+                due.order_by(OutboxItem.next_attempt_at, OutboxItem.id).limit(self.batch)
             ).all()
             for item_id, dest, due_at, path, uid in rows:
                 dest = dest or default_dest
-                if not dest:
-                    continue  # no destination configured yet: leave it, untouched, until there is one
                 claimed = session.execute(
                     update(OutboxItem)
                     .where(OutboxItem.id == item_id, OutboxItem.state == OutboxState.PENDING,

@@ -19,6 +19,7 @@ from dispatch.sender import (
     STATUS_WARNING_COERCION,
     AssociationError,
     Sender,
+    StoreOutcome,
     backoff_delay,
     is_success,
     is_transient,
@@ -277,3 +278,54 @@ def test_association_socket_gets_tcp_nodelay(storescp) -> None:
     finally:
         assoc.release()
     assert seen and seen[0] != 0
+
+
+# ------------------------------------------------------------------------------- claiming (a fake peer)
+class FakePeer:
+    """A ``send`` callable for :class:`Sender`: records what it was asked to store and answers
+    ``statuses`` (file name -> status; success for the others). ``during`` runs inside the send, as a
+    second sender would while a slow peer stores the group."""
+
+    def __init__(self, statuses: dict[str, int] | None = None, during=None) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.statuses = statuses or {}
+        self.during = during
+
+    def __call__(self, destination, paths, **_kw) -> list[StoreOutcome]:
+        self.calls.append((str(destination), [p.name for p in paths]))
+        if self.during is not None:
+            self.during()
+        outcomes = []
+        for p in paths:
+            status = self.statuses.get(p.name, STATUS_SUCCESS)
+            outcomes.append(StoreOutcome(p, status, "" if is_success(status) else f"{p.name}: refused"))
+        return outcomes
+
+
+def _add_rows(session_factory, rows: list[tuple[str, str, datetime]]) -> None:
+    """PENDING outbox rows (name, destination, due at); the files need not exist for a fake peer."""
+    with session_factory() as s:
+        for n, (name, destination, due) in enumerate(rows, start=1):
+            s.add(OutboxItem(path=f"{name}.dcm", sop_instance_uid=f"1.2.826.0.1.3680043.10.1.{n}",
+                             sop_class_uid="1.2.840.10008.5.1.4.1.1.7", destination=destination,
+                             state=OutboxState.PENDING, attempts=0, next_attempt_at=due))
+        s.commit()
+
+
+def test_unroutable_items_do_not_starve_routed_ones(make_settings, session_factory) -> None:
+    """No default destination: items of an un-routed calling AE (destination "") wait, but they must not
+    fill the batch; the routed item behind them, newer and outnumbered, is sent in the first pass."""
+    settings = make_settings(routes=f"CARDIO={PACS_AET}@127.0.0.1:11112")
+    assert settings.destination is None
+    routed = f"{PACS_AET}@127.0.0.1:11112"
+    _add_rows(session_factory, [(f"unrouted{i}", "", T0 - timedelta(hours=1, seconds=-i)) for i in range(3)]
+              + [("routed", routed, T0)])
+    peer = FakePeer()
+    assert Sender(settings, session_factory, batch=3, send=peer).run_once(now=T0) == 1
+    assert peer.calls == [(routed, ["routed.dcm"])]
+    by_path = {i.path: i for i in _items(session_factory)}
+    assert by_path["routed.dcm"].state == OutboxState.SENT
+    for i in range(3):  # untouched, still waiting for a destination
+        item = by_path[f"unrouted{i}.dcm"]
+        assert (item.state, item.attempts, item.destination) == (OutboxState.PENDING, 0, "")
+        assert item.next_attempt_at == T0 - timedelta(hours=1, seconds=-i)
