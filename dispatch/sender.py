@@ -21,7 +21,10 @@ Retry policy (never drops an item):
 
 Several senders (processes) may run at once: an item is claimed by a conditional UPDATE (its
 ``next_attempt_at`` moved past the send), so only one of them sends it; a sender that dies mid-send
-releases it when the claim lease expires.
+releases it when the claim lease expires. The lease covers the whole batch (the time-out for every
+C-STORE and for each association's set-up and release), and an outcome is written only while the row
+still holds this sender's lease: a late one, of a send that outlived its lease while another sender
+re-claimed the item, is logged and dropped rather than written over that sender's outcome.
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_ATTEMPTS = 10  # for permanent refusals only; transient failures are retried forever
 DEFAULT_BATCH = 100  # items per run and destination (one association each)
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+# a claim lease lasts the sender's time-out once per item, plus this many time-outs per association (TCP
+# connection, A-ASSOCIATE answer, the TLS diagnosis of a failure, A-RELEASE), plus a margin for the database
+LEASE_TIMEOUTS_PER_ASSOCIATION = 4
+LEASE_MARGIN_S = 60.0
 
 
 def is_success(status: int) -> bool:
@@ -285,18 +292,19 @@ class Sender:
 
     # --- one pass ----------------------------------------------------------------------------
     def run_once(self, now: datetime | None = None) -> int:
-        """Send every due PENDING item once; return how many were stored by the peer."""
+        """Send every due PENDING item once; return how many were stored by the peer and recorded SENT
+        (not those whose late outcome was dropped because another sender had re-claimed them)."""
         now = _aware(now or utcnow())
-        groups = self._claim_due(now)
+        groups, lease_until = self._claim_due(now)
         sent = 0
         for destination_text, items in groups.items():
-            sent += self._send_group(destination_text, items, now)
+            sent += self._send_group(destination_text, items, now, lease_until)
         return sent
 
-    def _claim_due(self, now: datetime) -> dict[str, list[tuple[int, str, str]]]:
-        """Due items grouped by destination, each claimed by this sender: {dest: [(id, path, uid)]}."""
+    def _claim_due(self, now: datetime) -> tuple[dict[str, list[tuple[int, str, str]]], datetime]:
+        """Due items grouped by destination, each claimed by this sender ({dest: [(id, path, uid)]}), and
+        the claim's lease: the ``next_attempt_at`` the claimed rows hold until their outcome is written."""
         default_dest = str(self.settings.destination) if self.settings.destination is not None else ""
-        lease_until = now + timedelta(seconds=self.timeout * 4 + 60)
         groups: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
         due = select(OutboxItem.id, OutboxItem.destination, OutboxItem.next_attempt_at, OutboxItem.path,
                      OutboxItem.sop_instance_uid).where(OutboxItem.state == OutboxState.PENDING,
@@ -310,6 +318,11 @@ class Sender:
             rows = session.execute(
                 due.order_by(OutboxItem.next_attempt_at, OutboxItem.id).limit(self.batch)
             ).all()
+            # the groups are sent one after the other, so the last one's items wait for all of the
+            # batch: one lease for the batch, long enough for every C-STORE and association in it
+            destinations = {dest or default_dest for _id, dest, _due, _path, _uid in rows}
+            lease_until = now + timedelta(seconds=self.timeout * (
+                len(rows) + LEASE_TIMEOUTS_PER_ASSOCIATION * len(destinations)) + LEASE_MARGIN_S)
             for item_id, dest, due_at, path, uid in rows:
                 dest = dest or default_dest
                 claimed = session.execute(
@@ -322,9 +335,10 @@ class Sender:
                 if claimed == 1:
                     groups[dest].append((item_id, path, uid))
             session.commit()
-        return groups
+        return groups, lease_until
 
-    def _send_group(self, destination_text: str, items: list[tuple[int, str, str]], now: datetime) -> int:
+    def _send_group(self, destination_text: str, items: list[tuple[int, str, str]], now: datetime,
+                    lease_until: datetime) -> int:
         paths = [self.settings.outbox_dir / path for _id, path, _uid in items]
         try:
             destination = Destination.parse(destination_text)
@@ -342,36 +356,62 @@ class Sender:
                 item = session.get(OutboxItem, item_id)
                 if item is None:  # deleted meanwhile (a re-run replaced it): nothing to record
                     continue
+                retry_in: float | None = None
                 if outcome.ok:
-                    item.state = OutboxState.SENT
-                    item.sent_at = now
-                    item.last_status = outcome.status
-                    item.last_error = ""
-                    item.attempts += 1
+                    values: dict[str, object] = {"state": OutboxState.SENT, "sent_at": now,
+                                                 "last_status": outcome.status, "last_error": "",
+                                                 "attempts": item.attempts + 1}
+                else:
+                    values, retry_in = self._failure_values(item, outcome, now, association_failed)
+                # written only while the row still holds our claim: if the send outlived the lease,
+                # another sender may have re-claimed it, stored it and recorded its own outcome
+                written = session.execute(
+                    update(OutboxItem)
+                    .where(OutboxItem.id == item_id, OutboxItem.state == OutboxState.PENDING,
+                           OutboxItem.next_attempt_at == lease_until)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if written != 1:
+                    log.warning("outbox item %d (%s): outcome of the send to %s (%s) dropped; its claim "
+                                "expired and another sender re-claimed it", item_id, uid, destination_text,
+                                status_text(outcome.status))
+                elif outcome.ok:
                     sent += 1
-                    continue
-                self._record_failure(item, outcome, now, association_failed)
+                else:
+                    self._log_failure(item, values, retry_in)
             session.commit()
         return sent
 
-    def _record_failure(self, item: OutboxItem, outcome: StoreOutcome, now: datetime,
-                        association_failed: bool) -> None:
-        item.attempts += 1
+    def _failure_values(self, item: OutboxItem, outcome: StoreOutcome, now: datetime,
+                        association_failed: bool) -> tuple[dict[str, object], float | None]:
+        """The columns a failed attempt on ``item`` writes (attempts + 1, its status and error, and either
+        FAILED, a permanent refusal at ``max_attempts``, or the next try after the back-off) and the
+        back-off delay in seconds, ``None`` when FAILED."""
+        attempts = item.attempts + 1
         status = None if outcome.status == STATUS_NO_RESPONSE or association_failed else outcome.status
-        item.last_status = status
         missing_file = outcome.status == STATUS_NOT_SENT and not Path(outcome.path).is_file()
-        item.last_error = (f"file {outcome.path.name} missing from the outbox" if missing_file
-                           else outcome.error or status_text(status))[:4000]
+        error = (f"file {outcome.path.name} missing from the outbox" if missing_file
+                 else outcome.error or status_text(status))[:4000]
+        values: dict[str, object] = {"attempts": attempts, "last_status": status, "last_error": error}
         permanent = not association_failed and not is_transient(status)
-        if permanent and self.max_attempts is not None and item.attempts >= self.max_attempts:
-            item.state = OutboxState.FAILED
+        if permanent and self.max_attempts is not None and attempts >= self.max_attempts:
+            values["state"] = OutboxState.FAILED
+            return values, None
+        delay = backoff_delay(attempts, self.settings.send_retry_base_s, self.settings.send_retry_max_s)
+        values["next_attempt_at"] = now + timedelta(seconds=delay)
+        return values, delay
+
+    @staticmethod
+    def _log_failure(item: OutboxItem, values: dict[str, object], retry_in: float | None) -> None:
+        """Log a failed attempt once its outcome is written (``retry_in`` ``None``: it went FAILED)."""
+        if retry_in is None:
             log.error("outbox item %d (%s) FAILED after %d attempts to %s: %s; kept for an admin",
-                      item.id, item.sop_instance_uid, item.attempts, item.destination, item.last_error)
+                      item.id, item.sop_instance_uid, values["attempts"], item.destination, values["last_error"])
             return
-        delay = backoff_delay(item.attempts, self.settings.send_retry_base_s, self.settings.send_retry_max_s)
-        item.next_attempt_at = now + timedelta(seconds=delay)
         log.warning("outbox item %d (%s) attempt %d to %s failed: %s; next try in %.0f s",
-                    item.id, item.sop_instance_uid, item.attempts, item.destination, item.last_error, delay)
+                    item.id, item.sop_instance_uid, values["attempts"], item.destination, values["last_error"],
+                    retry_in)
 
     # --- forever -----------------------------------------------------------------------------
     def run_forever(self, stop_event: threading.Event, interval_s: float = 1.0) -> None:

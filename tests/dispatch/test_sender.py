@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -13,6 +14,7 @@ from sqlalchemy import select
 
 from dispatch.sender import (
     STATUS_ERROR_DATASET_MISMATCH,
+    STATUS_NO_RESPONSE,
     STATUS_NOT_SENT,
     STATUS_REFUSED_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -329,3 +331,45 @@ def test_unroutable_items_do_not_starve_routed_ones(make_settings, session_facto
         item = by_path[f"unrouted{i}.dcm"]
         assert (item.state, item.attempts, item.destination) == (OutboxState.PENDING, 0, "")
         assert item.next_attempt_at == T0 - timedelta(hours=1, seconds=-i)
+
+
+def test_claim_lease_covers_a_slow_group(make_settings, session_factory) -> None:
+    """A live sender's claim lasts as long as its group may take (every C-STORE up to the time-out): a
+    second sender running meanwhile must not claim and store the same items again."""
+    settings = _settings(make_settings, 11112)
+    names = [f"item{i}" for i in range(10)]
+    _add_rows(session_factory, [(n, str(settings.destination), T0) for n in names])
+    timeout = 30.0
+    peer_b = FakePeer()
+    b = Sender(settings, session_factory, timeout=timeout, send=peer_b)
+    # a slow PACS: each of the 10 C-STOREs takes just under the time-out; B's pass comes near the end
+    peer_a = FakePeer({"item0.dcm": STATUS_NO_RESPONSE},
+                      during=lambda: b.run_once(now=T0 + timedelta(seconds=len(names) * timeout - 1)))
+    a = Sender(settings, session_factory, timeout=timeout, send=peer_a)
+    assert a.run_once(now=T0) == len(names) - 1
+    assert peer_b.calls == []  # nothing stored twice
+    by_path = {i.path: i for i in _items(session_factory)}
+    lost = by_path.pop("item0.dcm")  # transient: pending, retried after the base delay
+    assert (lost.state, lost.attempts, lost.last_status) == (OutboxState.PENDING, 1, None)
+    assert lost.next_attempt_at == T0 + timedelta(seconds=2)
+    assert all((i.state, i.attempts, i.sent_at) == (OutboxState.SENT, 1, T0) for i in by_path.values())
+
+
+def test_late_outcome_after_the_claim_was_lost_is_dropped(make_settings, session_factory, caplog) -> None:
+    """A sender whose send outlived its lease (a hung peer) must not write its outcome over the one of
+    the sender that re-claimed and stored the items: a SENT row stays SENT, with its attempts and error."""
+    settings = _settings(make_settings, 11112)
+    names = [f"item{i}" for i in range(3)]
+    _add_rows(session_factory, [(n, str(settings.destination), T0) for n in names])
+    t_b = T0 + timedelta(days=1)  # long after any lease
+    b = Sender(settings, session_factory, timeout=30, send=FakePeer())
+    # A's late answer: item0 refused permanently, which with max_attempts=1 would make it FAILED
+    peer_a = FakePeer({"item0.dcm": STATUS_ERROR_DATASET_MISMATCH}, during=lambda: b.run_once(now=t_b))
+    a = Sender(settings, session_factory, max_attempts=1, timeout=30, send=peer_a)
+    with caplog.at_level(logging.WARNING, logger="dispatch.sender"):
+        assert a.run_once(now=T0) == 0  # nothing recorded by A
+    items = _items(session_factory)
+    assert [(i.state, i.attempts, i.sent_at, i.last_error, i.last_status) for i in items] == \
+        [(OutboxState.SENT, 1, t_b, "", STATUS_SUCCESS)] * 3
+    dropped = [r.getMessage() for r in caplog.records if "re-claimed" in r.getMessage()]
+    assert len(dropped) == 3 and items[0].sop_instance_uid in "".join(dropped)
