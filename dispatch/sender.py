@@ -72,7 +72,7 @@ WARNING_STATUSES = frozenset({STATUS_WARNING_COERCION, STATUS_WARNING_ELEMENTS_D
                               STATUS_WARNING_DATASET_MISMATCH})
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_ATTEMPTS = 10  # for permanent refusals only; transient failures are retried forever
-DEFAULT_BATCH = 100  # items per run and destination (one association each)
+DEFAULT_BATCH = 100  # items per run, across all destinations (one association per destination)
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 # a claim lease lasts the sender's time-out once per item, plus this many time-outs per association (TCP
 # connection, A-ASSOCIATE answer, the TLS diagnosis of a failure, A-RELEASE), plus a margin for the database
