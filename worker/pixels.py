@@ -128,7 +128,16 @@ def _stored_range(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return np.clip((values - lo) / float(2 ** bits - 1), 0.0, 1.0)
 
 
-def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, index: int, rescaled: bool) -> np.ndarray:
+def _lut_input(values: np.ndarray, item: Dataset) -> np.ndarray:
+    """Modality-LUT output as the integers a LUT item looks up: floored (as pydicom truncates a float
+    input), and clipped to the LUT's input range, which is where the standard sends values outside it
+    (below the first mapped value: the first entry; past the last: the last entry, PS3.3 C.11.2.1.1)
+    and keeps pydicom's unsigned index arithmetic from wrapping."""
+    entries, first = int(item.LUTDescriptor[0]) or 2 ** 16, int(item.LUTDescriptor[1])
+    return np.clip(np.floor(values), first, first + entries - 1).astype(np.int64)
+
+
+def _voi(values: np.ndarray, ds: Dataset, index: int, rescaled: bool) -> np.ndarray:
     center, width, function = ds.get("WindowCenter"), ds.get("WindowWidth"), ds.get("VOILUTFunction", "")
     if center is None or width is None:
         item = _functional_item(ds, index, "FrameVOILUTSequence")
@@ -143,9 +152,10 @@ def _voi(values: np.ndarray, raw: np.ndarray, ds: Dataset, index: int, rescaled:
         if np.isfinite(c) and np.isfinite(w) and w > 0:
             return _window(values, c, w, str(function or ""))
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        # the VOI LUT maps the modality-LUT output; its descriptor gives the output bit depth
+        # the VOI LUT maps the modality-LUT output (a rescale's too, not the stored values); its descriptor
+        # gives the output bit depth
         lut_item = ds.VOILUTSequence[0]
-        out = np.asarray(apply_voi(values if "ModalityLUTSequence" in ds else raw, ds, 0), dtype=np.float64)
+        out = np.asarray(apply_voi(_lut_input(values, lut_item), ds, 0), dtype=np.float64)
         bits = int(lut_item.LUTDescriptor[2]) if "LUTDescriptor" in lut_item else 16
         top = float(2 ** bits - 1) if bits > 0 else float(out.max() or 1.0)
         if out.max() > top:  # descriptors lie sometimes; fall back to the actual range
@@ -184,7 +194,7 @@ def frame_to_unit(arr: np.ndarray, ds: Dataset, index: int = 0) -> np.ndarray:
     if photometric in _COLOUR or photometric == "PALETTE COLOR" or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
         return _to_grey(arr, ds, photometric)
     values, rescaled = _modality_lut(arr, ds, index)
-    out = _voi(values, arr, ds, index, rescaled)
+    out = _voi(values, ds, index, rescaled)
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return out

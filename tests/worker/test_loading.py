@@ -12,12 +12,13 @@ import pytest
 from inference.api import FrameSequence
 from tests.worker.conftest import BRAINIX, KNEE, add_series
 from worker.loading import load_sequence
-from worker.pixels import FrameLoadError, load_frames
+from worker.pixels import FrameLoadError, decode_frame, load_frames
 
 CR_MONO1 = "dwv/data/gdcm-CR-MONO1-10-chest.dcm"
 MULTIFRAME = "dwv/data/multiframe-test1.dcm"  # 16 frames, no window
 RGB = "pydicom-data/SC_rgb.dcm"
 VOI_LUT = "pydicom-data/vlut_04.dcm"
+CT_SMALL = "pydicom/test_files/CT_small.dcm"  # signed 16-bit, Rescale Slope 1 / Intercept -1024, no window
 TRUNCATED = "synthetic_broken/truncated_in_pixeldata.dcm"
 
 
@@ -211,6 +212,33 @@ def test_voi_lut_sequence_is_applied(dicom_corpus):
     path = dicom_corpus / VOI_LUT
     frames, _ = load_frames([_ref(path)])
     assert frames.min() >= 0.0 and frames.max() <= 1.0 and frames.std() > 0.01
+
+
+def _voi_lut_item(first_mapped: int, entries: int, bits: int) -> pydicom.Dataset:
+    """A VOI LUT Sequence item mapping ``entries`` input values from ``first_mapped`` linearly onto
+    ``0..2**bits - 1``."""
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [entries, first_mapped, bits]
+    item["LUTDescriptor"].VR = "SS" if first_mapped < 0 else "US"
+    item.LUTData = [int(v) for v in np.linspace(0, 2 ** bits - 1, entries)]
+    item["LUTData"].VR = "US"
+    return item
+
+
+def test_voi_lut_sequence_maps_rescaled_values(dicom_corpus):
+    """The VOI LUT's input is the modality LUT's output (PS3.3 C.11.2.1.1): on a CT with Rescale Intercept
+    -1024 a LUT whose first mapped value is -800 HU looks up HU, not stored values; HU below the first
+    mapped value take the first entry, HU past the last one the last entry."""
+    ds = pydicom.dcmread(dicom_corpus / CT_SMALL)
+    assert "WindowCenter" not in ds and float(ds.RescaleIntercept) == -1024.0
+    item = _voi_lut_item(-800, 1024, 12)  # HU -800..223
+    ds.VOILUTSequence = [item]
+    hu = ds.pixel_array.astype(np.int64) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+    assert hu.min() < -800 and hu.max() > 223  # both clipping ends are exercised
+    lut = np.asarray(item.LUTData, dtype=np.float64)
+    expected = lut[np.clip(hu + 800, 0, 1023)] / 4095.0
+    got = decode_frame(ds, 1, str(ds.SOPInstanceUID))
+    np.testing.assert_allclose(got, expected, atol=1e-9)
 
 
 def test_frames_of_other_sizes_are_resized_to_the_first(dicom_corpus):
