@@ -78,9 +78,23 @@ def _functional_item(ds: Dataset, index: int, sequence_keyword: str) -> Dataset 
     return None
 
 
+def _lut_item(ds: Dataset, sequence_keyword: str) -> Dataset | None:
+    """The first item of the LUT Sequence ``sequence_keyword`` when it holds a LUT (a three-value LUT
+    Descriptor and LUT Data), else None: some files carry an item with both empty, which is no LUT at
+    all, so the rescale or the other VOI paths apply as if the sequence were absent."""
+    seq = ds.get(sequence_keyword)
+    if not seq:
+        return None
+    item = seq[0]
+    descriptor, data = item.get("LUTDescriptor"), item.get("LUTData")
+    if not isinstance(descriptor, Sequence) or len(descriptor) != 3 or data is None or not len(data):
+        return None
+    return item
+
+
 def _modality_lut(arr: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, bool]:
     """The modality LUT's output, and whether it changed the stored values (a LUT or a rescale)."""
-    if "ModalityLUTSequence" in ds:
+    if _lut_item(ds, "ModalityLUTSequence") is not None:
         return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), True
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is None and intercept is None:
@@ -151,12 +165,12 @@ def _voi(values: np.ndarray, ds: Dataset, index: int, rescaled: bool) -> np.ndar
             c = w = float("nan")
         if np.isfinite(c) and np.isfinite(w) and w > 0:
             return _window(values, c, w, str(function or ""))
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+    lut_item = _lut_item(ds, "VOILUTSequence")
+    if lut_item is not None:
         # the VOI LUT maps the modality-LUT output (a rescale's too, not the stored values); its descriptor
         # gives the output bit depth
-        lut_item = ds.VOILUTSequence[0]
         out = np.asarray(apply_voi(_lut_input(values, lut_item), ds, 0), dtype=np.float64)
-        bits = int(lut_item.LUTDescriptor[2]) if "LUTDescriptor" in lut_item else 16
+        bits = int(lut_item.LUTDescriptor[2])
         top = float(2 ** bits - 1) if bits > 0 else float(out.max() or 1.0)
         if out.max() > top:  # descriptors lie sometimes; fall back to the actual range
             top = float(out.max())

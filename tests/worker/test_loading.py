@@ -18,6 +18,7 @@ CR_MONO1 = "dwv/data/gdcm-CR-MONO1-10-chest.dcm"
 MULTIFRAME = "dwv/data/multiframe-test1.dcm"  # 16 frames, no window
 RGB = "pydicom-data/SC_rgb.dcm"
 VOI_LUT = "pydicom-data/vlut_04.dcm"
+EMPTY_LUTS = "dwv/data/leadtools-8BitsJpegLossyGrayScale.dcm"  # empty Modality LUT and VOI LUT items
 CT_SMALL = "pydicom/test_files/CT_small.dcm"  # signed 16-bit, Rescale Slope 1 / Intercept -1024, no window
 TRUNCATED = "synthetic_broken/truncated_in_pixeldata.dcm"
 
@@ -239,6 +240,37 @@ def test_voi_lut_sequence_maps_rescaled_values(dicom_corpus):
     expected = lut[np.clip(hu + 800, 0, 1023)] / 4095.0
     got = decode_frame(ds, 1, str(ds.SOPInstanceUID))
     np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
+def _empty_lut_item() -> pydicom.Dataset:
+    """A LUT Sequence item whose LUT Descriptor and LUT Data are present but empty, as some archives write."""
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", "US", None)
+    item.add_new("LUTData", "US", None)
+    return item
+
+
+def test_empty_lut_items_fall_back(dicom_corpus, tmp_path):
+    """A Modality LUT or VOI LUT Sequence item without LUT Descriptor or LUT Data is no LUT: the rescale and
+    the other VOI paths apply, as if the sequence were absent, instead of failing the job."""
+    rng = np.random.default_rng(1)
+    deep = rng.integers(100, 4000, size=(16, 24)).astype(np.uint16)
+    ds = pydicom.dcmread(_secondary_capture(tmp_path, deep, 12, RescaleSlope=2, RescaleIntercept=-100,
+                                            WindowCenter=1000, WindowWidth=2001))
+    ds.ModalityLUTSequence = [_empty_lut_item()]
+    got = decode_frame(ds, 1, str(ds.SOPInstanceUID))
+    np.testing.assert_allclose(got, np.clip((deep * 2.0 - 100 - 999.5) / 2000.0 + 0.5, 0, 1), atol=1e-9)
+    pixels = deep.astype(np.uint8)
+    ds = pydicom.dcmread(_secondary_capture(tmp_path, pixels, 8))
+    ds.VOILUTSequence = [_empty_lut_item()]
+    np.testing.assert_allclose(decode_frame(ds, 1, str(ds.SOPInstanceUID)), pixels / 255.0, atol=1e-9)
+    # a real file with both: 8 bits, no rescale, no window values, so shown over its stored range
+    path = dicom_corpus / EMPTY_LUTS
+    ds = pydicom.dcmread(path)
+    assert ds.ModalityLUTSequence[0].LUTDescriptor is None and ds.VOILUTSequence[0].LUTData is None
+    frames, bits = load_frames([_ref(path)])
+    assert bits == 8
+    np.testing.assert_allclose(frames[0], ds.pixel_array / 255.0, atol=1e-6)
 
 
 def test_frames_of_other_sizes_are_resized_to_the_first(dicom_corpus):
