@@ -255,7 +255,15 @@ def decode_frame(ds: Dataset, frame_number: int, sop_instance_uid: str) -> np.nd
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise FrameLoadError(sop_instance_uid, "has no pixel data; the job cannot use it as a frame")
     _fill_missing_pixel_attributes(ds, sop_instance_uid)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames_value: Any = "?"
+    try:
+        frames_value = ds.get("NumberOfFrames", 1)
+        n_frames = int(frames_value or 1)
+    except (TypeError, ValueError) as exc:  # an IS value pydicom kept as text, such as '1A'
+        raise FrameLoadError(
+            sop_instance_uid, f"Number of Frames {frames_value!r} is not a number; "
+            "the job cannot tell which frame to read"
+        ) from exc
     if not 1 <= frame_number <= n_frames:
         raise FrameLoadError(sop_instance_uid, f"frame {frame_number} requested but the instance has {n_frames}")
     try:

@@ -21,6 +21,7 @@ VOI_LUT = "pydicom-data/vlut_04.dcm"
 EMPTY_LUTS = "dwv/data/leadtools-8BitsJpegLossyGrayScale.dcm"  # empty Modality LUT and VOI LUT items
 CT_SMALL = "pydicom/test_files/CT_small.dcm"  # signed 16-bit, Rescale Slope 1 / Intercept -1024, no window
 TRUNCATED = "synthetic_broken/truncated_in_pixeldata.dcm"
+BAD_FRAME_COUNT = "pydicom/test_files/badVR.dcm"  # Number of Frames '1A'
 
 
 def _ref(path: Path, frame: int = 1) -> tuple[Path, str, int]:
@@ -295,6 +296,16 @@ def test_decoding_failure_names_the_instance(dicom_corpus, tmp_path):
     garbage.write_bytes(b"not DICOM at all" * 10)
     with pytest.raises(FrameLoadError, match="5.6.7"):
         load_frames([(garbage, "5.6.7", 1)])
+
+
+def test_unreadable_number_of_frames_names_the_instance(dicom_corpus):
+    """A Number of Frames that is not a number fails the frame with a FrameLoadError naming the instance,
+    like every other loading failure, not with a bare ValueError."""
+    path = dicom_corpus / BAD_FRAME_COUNT
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    with pytest.raises(FrameLoadError, match="Number of Frames") as err:
+        load_frames([(path, uid, 1)])
+    assert err.value.sop_instance_uid == uid and "1A" in str(err.value)
 
 
 def test_load_sequence_from_database(worker_settings, session_factory, dicom_corpus):
