@@ -45,6 +45,15 @@ PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
 _CHARSETS_OK = frozenset({"ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 144",
                           "ISO_IR 127", "ISO_IR 126", "ISO_IR 138", "ISO_IR 148", "ISO_IR 13", "ISO_IR 166",
                           "ISO_IR 192", "GB18030", "GBK"})
+# a single value may also name one of these with code extensions (PS3.3 Table C.12-3, single-byte, e.g.
+# "ISO 2022 IR 100"). Alone, such a term has the same repertoire as its ISO_IR form, and pydicom decodes
+# both alike; the result declares the ISO_IR form, because highdicom refuses a single code-extension term.
+# The multi-byte ISO 2022 terms (IR 87, 159, 149, 58) are legal only as a second or later value.
+_CHARSETS_2022_SINGLE_BYTE: dict[str, str] = {
+    f"ISO 2022 IR {n}": f"ISO_IR {n}" for n in (6, 100, 101, 109, 110, 144, 127, 126, 138, 148, 13, 166)}
+#: written where the source's character set is absent or unknown but a copied value is not ASCII: UTF-8
+#: encodes whatever pydicom decoded, the default repertoire would make the object invalid
+UTF8_CHARSET = "ISO_IR 192"
 
 
 #: SOP classes whose IODs hold a single frame: a Referenced Frame Number to them is an error (dciodvfy),
@@ -171,9 +180,14 @@ def source_info(ds: Dataset, what: str = "source instance", *, patient_study: bo
             charset_text = None
     else:
         charset_text = _clean_text(charset) or None
-        if charset_text is not None and charset_text not in _CHARSETS_OK:
-            log.warning("source %s: unknown SpecificCharacterSet %r dropped", sop_uid, charset_text)
+        if charset_text in _CHARSETS_2022_SINGLE_BYTE:
+            charset_text = _CHARSETS_2022_SINGLE_BYTE[charset_text]
+        elif charset_text is not None and charset_text not in _CHARSETS_OK:
+            log.warning("source %s: unknown SpecificCharacterSet %r dropped (text that is not ASCII is "
+                        "written as %s)", sop_uid, charset_text, UTF8_CHARSET)
             charset_text = None
+    if charset_text is None and not all(value.isascii() for value in info_attrs.values()):
+        charset_text = UTF8_CHARSET
     return SourceInfo(
         study_instance_uid=require_uid(ds, "StudyInstanceUID", what),
         series_instance_uid=require_uid(ds, "SeriesInstanceUID", what),

@@ -67,7 +67,9 @@ def windowed(ds: pydicom.Dataset) -> np.ndarray:
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     """(errors, unexpected warnings) reported by dciodvfy for ``path``."""
     assert DCIODVFY.is_file(), f"{DCIODVFY} (dicom3tools) is required"
-    proc = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=120)
+    # errors="replace": dciodvfy echoes an invalid value's raw bytes, which need not be UTF-8
+    proc = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, errors="replace",
+                          timeout=120)
     lines = (proc.stdout + proc.stderr).splitlines()
     errors = [ln for ln in lines if ln.startswith("Error")]
     warnings = [ln for ln in lines if ln.startswith("Warning")

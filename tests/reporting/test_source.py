@@ -1,0 +1,64 @@
+"""The patient and study attributes a result object copies from its source: character set and logging."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from reporting.sc import build_overlay_sc
+from reporting.sr import build_sr
+from tests.reporting import helpers as h
+
+LATIN1_NAME = "Müller^Jürgen"
+
+
+def _latin1_source(dicom_corpus: Path, charset: str | None) -> pydicom.Dataset:
+    """The DX corpus image with a Latin-1 patient name as an archive holds it: the name's bytes are
+    ISO 8859-1 and the file declares ``charset`` (or nothing). The bytes are decoded by pydicom only
+    when read, under the declared character set, as for a received instance."""
+    ds = pydicom.dcmread(dicom_corpus / h.DX_FILE)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = LATIN1_NAME
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    raw = pydicom.dcmread(io.BytesIO(buf.getvalue()))  # PatientName stays undecoded bytes until read
+    if charset is None:
+        del raw.SpecificCharacterSet
+    else:
+        raw.SpecificCharacterSet = charset
+    return raw
+
+
+@pytest.mark.parametrize("charset,written", [
+    ("ISO_IR 100", "ISO_IR 100"),
+    ("ISO 2022 IR 100", "ISO_IR 100"),  # a defined term: Latin-1 with code extensions, written as Latin-1
+    ("ISO_IR 999", "ISO_IR 192"),  # unknown: the text pydicom decoded is written as UTF-8
+    (None, "ISO_IR 192"),  # none declared, yet not ASCII: same
+])
+def test_non_ascii_names_keep_a_character_set(charset: str | None, written: str, dicom_corpus: Path,
+                                              tmp_path: Path) -> None:
+    """A Latin-1 patient name is never written without a Specific Character Set that covers it: SR and SC
+    pass dciodvfy (it reports 'Character invalid for character repertoire' otherwise) and read back."""
+    src = _latin1_source(dicom_corpus, charset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own warning about the unknown character set
+        decoded = str(src.PatientName)
+        frame = h.windowed(src)
+        heat = h.blob(frame.shape)
+        det = h.detection(heat[None])
+        objects = {"sr": build_sr([src], det, h.card()),
+                   "sc": build_overlay_sc(src, frame, heat, det, h.card())}
+    assert decoded == LATIN1_NAME
+    for kind, obj in objects.items():
+        path = tmp_path / f"{kind}.dcm"
+        obj.save_as(path, enforce_file_format=True)
+        errors, unexpected = h.dciodvfy(path)
+        assert errors == [], f"{kind}:\n" + "\n".join(errors)
+        assert unexpected == [], f"{kind}:\n" + "\n".join(unexpected)
+        back = pydicom.dcmread(path)
+        assert back.SpecificCharacterSet == written, kind
+        assert str(back.PatientName) == LATIN1_NAME, kind
