@@ -5,8 +5,9 @@ copied as they are. Real archives hold values that are not valid for their VR (t
 ``PatientSex = "0000"``, ``StudyDate = "1995.07.20"``); copied blindly they would make our own objects
 invalid. The rules here: trailing NUL/space padding is dropped (it is padding, not content); a value still
 invalid for its VR is replaced by an empty value (all these attributes are Type 2, so empty is legal) and
-a warning names the attribute and the source instance's UID. The UIDs are never altered: an invalid
-Study Instance UID is an error, because the result would land in another study.
+a warning names the attribute, its VR and the source instance's UID, never the value (patient data). The
+UIDs are never altered: an invalid Study Instance UID is an error, because the result would land in
+another study.
 """
 
 from __future__ import annotations
@@ -166,11 +167,11 @@ def source_info(ds: Dataset, what: str = "source instance", *, patient_study: bo
         raw = ds.get(keyword)
         value = _modernise(vr, _clean_text(raw))
         if keyword == "PatientSex" and value and value.upper() not in PATIENT_SEX_VALUES:
-            log.warning("source %s: PatientSex %r is not M, F or O; the result leaves it empty", sop_uid, value)
+            log.warning("source %s: PatientSex (VR CS) is not M, F or O; the result leaves it empty", sop_uid)
             value = ""
         elif value and not _is_valid(vr, value):
-            log.warning("source %s: %s %r is invalid for VR %s; the result leaves it empty",
-                        sop_uid, keyword, value if vr not in ("PN",) else "<name>", vr)
+            # the value itself is patient data: the log names the attribute, never its value
+            log.warning("source %s: %s is invalid for VR %s; the result leaves it empty", sop_uid, keyword, vr)
             value = ""
         info_attrs[keyword] = value
     charset = ds.get("SpecificCharacterSet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -62,3 +63,35 @@ def test_non_ascii_names_keep_a_character_set(charset: str | None, written: str,
         back = pydicom.dcmread(path)
         assert back.SpecificCharacterSet == written, kind
         assert str(back.PatientName) == LATIN1_NAME, kind
+
+
+# invalid for their VR, so left empty and logged; each is patient data the log must not quote
+INVALID_PATIENT_VALUES = {
+    "PatientBirthDate": "1961-04-23",  # ISO form, not a DA
+    "PatientID": "NHS 943 476 5919 / MRN 0043 / " * 3,  # longer than an LO
+    "PatientSex": "0000",
+    "AccessionNumber": "ACC-2024-000123-EXTRA-LONG",  # longer than an SH
+    "StudyDescription": "Knie rechts, Verdacht auf Ruptur des vorderen Kreuzbandes nach Sturz",  # > LO
+}
+
+
+def test_invalid_values_are_logged_without_the_value(dicom_corpus: Path, caplog) -> None:
+    """An invalid patient or study value is left empty and logged by keyword, VR and the source's SOP
+    Instance UID only: logs carry UIDs, never patient data."""
+    src = pydicom.dcmread(dicom_corpus / h.DX_FILE, stop_before_pixels=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own warnings on assignment (not our log)
+        for keyword, value in INVALID_PATIENT_VALUES.items():
+            setattr(src, keyword, value)
+    caplog.set_level(logging.DEBUG, logger="reporting")
+    sr = build_sr([src], h.detection(h.blob((32, 32))[None]), h.card())
+
+    for keyword in INVALID_PATIENT_VALUES:
+        assert sr.get(keyword, "") == "", keyword
+    records = [r for r in caplog.records if r.name.startswith("reporting") and r.levelno >= logging.WARNING]
+    logged = "\n".join(r.getMessage() for r in records)
+    for keyword, value in INVALID_PATIENT_VALUES.items():
+        assert f"{keyword} " in logged and str(src.SOPInstanceUID) in logged
+        assert value[:8] not in logged, f"{keyword}: {logged}"
+    assert "0000" not in logged
+    assert "invalid for VR DA" in logged and "PatientSex (VR CS)" in logged
