@@ -53,9 +53,12 @@ _AXES = (("L", "R"), ("P", "A"), ("H", "F"))  # DICOM patient axes: +x left, +y 
 
 
 def caption_lines(detection: Detection, card: ModelCard, *, frame_index: int = 0, n_frames: int = 1,
-                  frame_score: float | None = None) -> list[tuple[str, tuple[int, int, int]]]:
+                  frame_score: float | None = None, frame_score_among: int | None = None
+                  ) -> list[tuple[str, tuple[int, int, int]]]:
     """The burnt-in caption: warning, model (with the shown frame), the series' result (with cluster label)
-    and, where ``frame_score`` is given, a fourth line with the shown frame's own score."""
+    and, where ``frame_score`` is given, a fourth line with the shown frame's own score: the highest of the
+    sequence, or of the ``frame_score_among`` frames of the current study where a prior study's frames,
+    not shown, lead the sequence."""
     verdict = detection.verdict.upper()
     result = f"score {detection.score:.4g} / threshold {detection.threshold:.4g}: {verdict}"
     if detection.cluster_label:
@@ -70,7 +73,12 @@ def caption_lines(detection: Detection, card: ModelCard, *, frame_index: int = 0
     ]
     if frame_score is not None:
         above = frame_score > detection.threshold
-        lines.append((f"this frame alone: score {frame_score:.4g} (the highest of {n_frames})",
+        if frame_score_among is None:
+            among = f"the highest of {n_frames}"
+        else:
+            frames = "frame" if frame_score_among == 1 else "frames"
+            among = f"the highest of {frame_score_among} {frames} of this study"
+        lines.append((f"this frame alone: score {frame_score:.4g} ({among})",
                       ABNORMAL_COLOUR if above else NORMAL_COLOUR))
     return lines
 
@@ -118,6 +126,7 @@ def build_overlay_sc(
     source_frame_number: int | None = None,
     series_uid: str | None = None,
     frame_score: float | None = None,
+    frame_score_among: int | None = None,
     institution_name: str | None = None,
     manufacturer: str = MANUFACTURER,
     software_version: str | None = None,
@@ -132,7 +141,9 @@ def build_overlay_sc(
     ``series_uid`` is the source series the UIDs derive from; default the source dataset's series, which
     is right unless the sequence mixes series (then pass the one the SR used).
     ``frame_score``: the shown frame's own score, when ``heatmap`` explains that frame alone (a fourth
-    caption line; :func:`worker.pipeline.overlay_frame`).
+    caption line; :func:`worker.pipeline.overlay_frame`), the highest of the sequence's frames or, given
+    ``frame_score_among``, of that many frames of the current study (a prior study's frames lead the
+    sequence and were not candidates).
     """
     _source.require_dataset(source_dataset, "source_dataset")
     if not isinstance(detection, Detection):
@@ -148,7 +159,8 @@ def build_overlay_sc(
     series_uid = series_uid or info.series_instance_uid
 
     pixels = render_overlay(frame, heatmap, caption_lines(detection, card, frame_index=frame_index,
-                                                          n_frames=n_frames, frame_score=frame_score))
+                                                          n_frames=n_frames, frame_score=frame_score,
+                                                          frame_score_among=frame_score_among))
     orientation = patient_orientation(source_dataset)
     attrs = info.attributes
     with warnings.catch_warnings():

@@ -185,23 +185,47 @@ def record_failure(settings, session_factory: sessionmaker[Session], job_id: int
 @dataclass(frozen=True)
 class OverlayFrame:
     """What the SC shows: frame ``index`` of the sequence with ``heatmap``; ``frame_score`` is that frame's
-    own score when the heat map explains the frame alone (``None``: the sequence's heat map)."""
+    own score when the heat map explains the frame alone (``None``: the sequence's heat map), the highest
+    of the ``among`` frames it was chosen from (``None``: of the whole sequence)."""
 
     index: int
     heatmap: np.ndarray
     frame_score: float | None = None
+    among: int | None = None
 
     @classmethod
-    def at_peak(cls, detection: Detection) -> "OverlayFrame":
-        """The frame where the sequence's heat map peaks (:func:`reporting.sc.pick_frame`), with it."""
+    def at_peak(cls, detection: Detection, candidates: Sequence[int] | None = None) -> "OverlayFrame":
+        """The frame where the sequence's heat map peaks (:func:`reporting.sc.pick_frame`), with it;
+        among ``candidates`` (frame indices; default all)."""
         from reporting.sc import pick_frame
 
-        k = pick_frame(detection.heatmaps)
+        if candidates is None:
+            k = pick_frame(detection.heatmaps)
+        else:
+            indices = list(candidates)
+            k = indices[pick_frame(detection.heatmaps[indices])]
         return cls(k, detection.heatmaps[k])
 
 
-def overlay_frame(detector, sequence: FrameSequence, detection: Detection) -> OverlayFrame:
-    """Choose the frame the overlay SC shows, and its heat map.
+def current_study_frames(sources: Sequence[Dataset], sequence: FrameSequence) -> tuple[int, ...]:
+    """The indices of the frames of the current study, the study of the last source, where the SR and the
+    SC land. A prior study's frames lead the sequence when ``settings.add_prior_study`` added them
+    (:mod:`pacs_listener.assembly`, "Prior study"); the SC must not show one of those: it would carry the
+    prior's study while its UIDs derive from the current series. Frames map to sources as in
+    :func:`build_result_objects`."""
+    current = str(sources[-1].StudyInstanceUID)
+    if sequence.frame_refs:
+        study_of = {str(ds.SOPInstanceUID): str(ds.StudyInstanceUID) for ds in sources}
+        studies = [study_of.get(str(uid)) for uid, _ in sequence.frame_refs]
+    else:
+        studies = [str(sources[min(i, len(sources) - 1)].StudyInstanceUID) for i in range(sequence.length)]
+    return tuple(i for i, study in enumerate(studies) if study == current)
+
+
+def overlay_frame(detector, sequence: FrameSequence, detection: Detection,
+                  candidates: Sequence[int] | None = None) -> OverlayFrame:
+    """Choose the frame the overlay SC shows, and its heat map, among ``candidates`` (frame indices; the
+    worker passes :func:`current_study_frames`; default all).
 
     Where the detector scored each frame alone (``detection.frame_scores``, T > 1), the SC shows the frame
     with the highest own score, with the Grad-CAM of that frame scored alone (one more ``detect`` of one
@@ -211,12 +235,14 @@ def overlay_frame(detector, sequence: FrameSequence, detection: Detection) -> Ov
     are the frames above the threshold). Otherwise (one frame, or no frame scores): the frame where the
     sequence's heat map peaks (:meth:`OverlayFrame.at_peak`)."""
     if len(detection.frame_scores) > 1 and len(detection.frame_scores) == sequence.length:
-        k = int(np.argmax(detection.frame_scores))
+        frames = tuple(range(sequence.length)) if candidates is None else tuple(candidates)
+        k = max(frames, key=lambda i: detection.frame_scores[i])  # the first of equals, as np.argmax
         alone = replace(sequence, frames=sequence.frames[k:k + 1],
                         frame_refs=sequence.frame_refs[k:k + 1] if sequence.frame_refs else ())
         explained = detector.detect(alone, explain=True)
-        return OverlayFrame(k, explained.heatmaps[0], float(detection.frame_scores[k]))
-    return OverlayFrame.at_peak(detection)
+        return OverlayFrame(k, explained.heatmaps[0], float(detection.frame_scores[k]),
+                            None if len(frames) == sequence.length else len(frames))
+    return OverlayFrame.at_peak(detection, candidates)
 
 
 def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, detection: Detection,
@@ -226,14 +252,19 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
     ``sources`` are the datasets of the sequence's instances in frame order. The SC shows ``overlay``
     (:func:`overlay_frame`; default: the frame where the sequence's heat map peaks), referencing that
     frame's instance (and frame number when it is multi-frame); both objects derive their UIDs from the
-    series of the last source (the current study when a prior leads the sequence).
+    series of the last source (the current study when a prior leads the sequence) and land in its study,
+    so the SC shows a frame of that study (:func:`current_study_frames`; a prior's frame is refused).
     """
     from reporting.sc import build_overlay_sc
     from reporting.sr import build_sr
 
     sr = build_sr(list(sources), detection, card, ae_title=settings.ae_title, frame_refs=sequence.frame_refs)
-    overlay = overlay or OverlayFrame.at_peak(detection)
+    current = current_study_frames(sources, sequence)
+    overlay = overlay or OverlayFrame.at_peak(detection, current)
     k = overlay.index
+    if k not in current:
+        raise ValueError(f"overlay frame {k + 1} belongs to a prior study, not to the current study "
+                         f"{sources[-1].StudyInstanceUID} where the SC lands")
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if sequence.frame_refs:
         uid, number = sequence.frame_refs[k]
@@ -244,6 +275,7 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
         source, sequence.frames[k], overlay.heatmap, detection, card,
         frame_index=k, n_frames=sequence.length, source_frame_number=int(number),
         series_uid=str(sources[-1].SeriesInstanceUID), frame_score=overlay.frame_score,
+        frame_score_among=overlay.among,
     )
     return [("sr", sr), ("sc", sc)]
 
@@ -336,7 +368,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
     card = detector.card or card
     t0 = time.perf_counter()
     detection = detector.detect(frames, explain=True)
-    overlay = overlay_frame(detector, frames, detection)
+    overlay = overlay_frame(detector, frames, detection, current_study_frames(sources, frames))
     seconds = time.perf_counter() - t0
     log.info("job %d (series %s): %s %s scored %.4f vs threshold %.4f (%s) in %.2f s", job_id, series_uid,
              card.name, card.version, detection.score, detection.threshold, detection.verdict, seconds)

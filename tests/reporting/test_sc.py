@@ -194,6 +194,9 @@ def test_frame_score_line_for_a_frame_explained_alone(dicom_corpus: Path, tmp_pa
     assert lines[3] == ("this frame alone: score 825.9 (the highest of 22)", ABNORMAL_COLOUR)
     assert caption_lines(det, h.card(), frame_index=5, n_frames=22, frame_score=300.0)[3][1] == NORMAL_COLOUR
     assert len(caption_lines(det, h.card(), frame_index=0, n_frames=22)) == 3
+    # a prior study's 2 frames lead the sequence and were not candidates: the highest of this study's 20
+    assert caption_lines(det, h.card(), frame_index=4, n_frames=22, frame_score=300.0, frame_score_among=20)[3][0] \
+        == "this frame alone: score 300 (the highest of 20 frames of this study)"
 
     plain = build_overlay_sc(ds, frame, heat, det, h.card(), frame_index=0, n_frames=22)
     scored = build_overlay_sc(ds, frame, heat, det, h.card(), frame_index=0, n_frames=22, frame_score=825.9)

@@ -275,3 +275,102 @@ def test_results_go_back_where_the_series_came_from(worker_settings, session_fac
     assert process_job(other, session_factory, routed, ModelRegistry.from_settings(other)) is JobState.SUCCEEDED
     _, items = _results(session_factory, routed)
     assert [i.destination for i in items] == ["ORTHANC@127.0.0.1:4242"] * 2
+
+
+PATIENT_WITH_2_STUDIES = "orthanc-tests/PatientWith2studies"
+
+
+def _prior_led_sequence(dicom_corpus):
+    """A sequence as the assembler builds it with ``settings.add_prior_study``: the prior study's frame
+    first, then the current study's (one CT each, same patient), with a detection whose heat map peaks on
+    the prior frame and whose frame scores rank the prior frame highest."""
+    import numpy as np
+
+    from inference.api import FrameSequence
+    from tests.reporting import helpers as rh
+
+    folder = dicom_corpus / PATIENT_WITH_2_STUDIES
+    prior = pydicom.dcmread(folder / "TEST_1_study_1234.dcm", stop_before_pixels=True)
+    current = pydicom.dcmread(folder / "TEST_1_study_2345.dcm", stop_before_pixels=True)
+    assert prior.PatientID == current.PatientID and prior.StudyInstanceUID != current.StudyInstanceUID
+    assert prior.AccessionNumber != current.AccessionNumber
+    shape = (64, 64)
+    sequence = FrameSequence(frames=np.full((2, *shape), 0.5, np.float32), modality="CT",
+                             frame_refs=((str(prior.SOPInstanceUID), 1), (str(current.SOPInstanceUID), 1)))
+    heat = np.stack([rh.blob(shape), rh.blob(shape) * 0.2])
+    detection = rh.detection(heat, frame_scores=(0.95, 0.30))
+    return prior, current, sequence, detection
+
+
+def _assert_in_current_study(sc, sr, current) -> None:
+    assert sc.StudyInstanceUID == sr.StudyInstanceUID == current.StudyInstanceUID
+    for keyword in ("AccessionNumber", "StudyDate", "StudyID", "PatientID"):
+        assert sc.get(keyword) == sr.get(keyword) == current.get(keyword), keyword
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == current.SOPInstanceUID
+    assert sc.ReferencedSeriesSequence[0].SeriesInstanceUID == current.SeriesInstanceUID
+
+
+def test_overlay_sc_of_a_prior_led_sequence_lands_in_the_current_study(dicom_corpus, tmp_path):
+    """The SC shows a frame of the current study, whatever the prior study's frames score: it lands in the
+    current study with the SR. Before, the SC showed the prior's frame and took the prior's Study Instance
+    UID and accession number, while its own UIDs derive from the current series: one SC UID in two
+    studies across re-runs. A prior frame passed explicitly is refused."""
+    from types import SimpleNamespace
+
+    from tests.reporting import helpers as rh
+    from worker.pipeline import OverlayFrame, build_result_objects
+
+    prior, current, sequence, detection = _prior_led_sequence(dicom_corpus)
+    settings = SimpleNamespace(ae_title="MEDGRU")
+    objects = dict(build_result_objects([prior, current], sequence, detection, rh.card(), settings))
+    _assert_in_current_study(objects["sc"], objects["sr"], current)
+    path = tmp_path / "sc.dcm"
+    objects["sc"].save_as(path, enforce_file_format=True)
+    errors, _ = rh.dciodvfy(path)
+    assert errors == [], "\n".join(errors)
+
+    with pytest.raises(ValueError, match="prior study"):
+        build_result_objects([prior, current], sequence, detection, rh.card(), settings,
+                             OverlayFrame(0, detection.heatmaps[0], 0.95))
+
+
+def test_overlay_frame_is_chosen_among_the_current_study_frames(dicom_corpus, monkeypatch):
+    """The worker's choice (``_run``): the frame with the highest own score among the current study's
+    frames, explained alone; the caption says the score is the highest of that study's frames, not of the
+    whole sequence (a prior frame scored higher)."""
+    from types import SimpleNamespace
+
+    import reporting.sc
+    from tests.reporting import helpers as rh
+    from worker.pipeline import OverlayFrame, build_result_objects, current_study_frames, overlay_frame
+
+    prior, current, sequence, detection = _prior_led_sequence(dicom_corpus)
+    assert current_study_frames([prior, current], sequence) == (1,)
+
+    explained = []
+
+    class FrameAlone:
+        """Scores the one frame it is given, as MedGRU-SVC's detect of a frame alone does."""
+
+        def detect(self, frames, explain=False):
+            explained.append(frames.frame_refs)
+            return rh.detection(detection.heatmaps[1:2], score=0.30)
+
+    overlay = overlay_frame(FrameAlone(), sequence, detection, current_study_frames([prior, current], sequence))
+    assert (overlay.index, overlay.frame_score, overlay.among) == (1, 0.30, 1)
+    assert explained == [((str(current.SOPInstanceUID), 1),)]
+    assert OverlayFrame.at_peak(detection, (1,)).index == 1
+
+    captions = []
+    real_caption_lines = reporting.sc.caption_lines
+
+    def caption_lines(*args, **kwargs):
+        captions.append(real_caption_lines(*args, **kwargs))
+        return captions[-1]
+
+    monkeypatch.setattr(reporting.sc, "caption_lines", caption_lines)
+    objects = dict(build_result_objects([prior, current], sequence, detection, rh.card(),
+                                        SimpleNamespace(ae_title="MEDGRU"), overlay))
+    _assert_in_current_study(objects["sc"], objects["sr"], current)
+    assert captions[0][1][0].endswith("frame 2 of 2")
+    assert captions[0][3][0] == "this frame alone: score 0.3 (the highest of 1 frame of this study)"
