@@ -7,7 +7,8 @@ Resent instances: a SOP Instance UID is stored once. Receiving it again is answe
 *replaces nothing* (first copy wins: neither the row nor the spooled file changes, so a reader or an
 assembled sequence never sees an instance change under it). Late instances: an instance arriving for a
 series that is ASSEMBLED (or IGNORED) puts the series back to RECEIVING, so that the assembler builds a
-new sequence once the quiet period is over again.
+new sequence once the quiet period is over again. The series row is written (locked) before its state is
+read, so an assembler's claim is either committed before (and reopened here) or comes after our commit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import datetime
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_listener.anatomy import resolve_body_part
@@ -168,6 +169,25 @@ def _study(session: Session, meta: InstanceMeta) -> Study:
     return study
 
 
+def _lock_series(session: Session, series: Series, now: datetime) -> None:
+    """Write ``last_received_at`` of an existing series, then reload the series, before reading its state.
+
+    The assembler claims a series with a conditional UPDATE (RECEIVING → ASSEMBLED). Had we decided on the
+    state read by a plain SELECT, an assembler could claim the series between that read and our commit: the
+    instance would be committed and answered Success while the series stayed ASSEMBLED, in no sequence, for
+    good. The UPDATE takes the row's lock on PostgreSQL (a claim then skips the row, or waits for our
+    commit) and the database's write lock on SQLite, both held until our commit; a claim committed before
+    that is what the reload reads, and the caller then reopens the series.
+    """
+    session.execute(
+        update(Series)
+        .where(Series.id == series.id)
+        .values(last_received_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(series)
+
+
 def record_instance(
     session: Session,
     meta: InstanceMeta,
@@ -207,6 +227,7 @@ def record_instance(
         session.add(series)
         session.flush()
     else:
+        _lock_series(session, series, now)
         if series.state in (SeriesState.ASSEMBLED, SeriesState.IGNORED):
             series.state_reason = (
                 f"late instance {meta.sop_instance_uid} received while {series.state.value}; receiving again"
@@ -215,7 +236,6 @@ def record_instance(
             reopened = True
         if not series.body_part and meta.body_part:
             series.body_part = meta.body_part
-        series.last_received_at = now
 
     instance = Instance(
         sop_instance_uid=meta.sop_instance_uid,

@@ -2,11 +2,15 @@
 
 from datetime import timedelta
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import func, inspect, select
+from sqlalchemy import event, func, inspect, select
 
+from pacs_listener.assembly import Assembler
 from pacs_listener.ingest import extract_meta, record_instance
-from storage.models import Instance, Patient, Series, SeriesState, Study, utcnow
+from storage.db import init_db, make_session_factory
+from storage.models import Instance, Job, Patient, SequenceRecord, Series, SeriesState, Study, utcnow
+from tests.storage.dbutil import isolated_url
 
 from .conftest import make_mr
 
@@ -123,3 +127,51 @@ def test_late_instance_puts_assembled_series_back_to_receiving(session_factory):
     assert not again.created and not again.reopened
     with session_factory() as s:
         assert s.scalar(select(Series.state).where(Series.series_uid == ds1.SeriesInstanceUID)) == SeriesState.ASSEMBLED
+
+
+@pytest.fixture
+def own_session_factory(database_url):
+    """A database of the test's own: an assembler pass claims every quiet series it sees."""
+    with isolated_url(database_url) as url:
+        engine = init_db(url)
+        yield make_session_factory(engine)
+        engine.dispose()
+
+
+def test_late_instance_recorded_while_the_assembler_claims_its_series_is_assembled_later(
+    make_settings, own_session_factory
+):
+    """The assembler claims the series (RECEIVING -> ASSEMBLED) after record_instance has read the series and
+    before its commit. The late instance must still put the series back to RECEIVING, so that the next pass
+    builds a sequence holding it (it was committed, and answered Success, in no sequence)."""
+    factory = own_session_factory
+    t0 = utcnow()
+    asm = Assembler(make_settings(quiet_period_s=10), factory, enqueue=lambda job_id: None)
+    first = make_mr()
+    record(factory, first, now=t0)
+    late = make_mr(StudyInstanceUID=first.StudyInstanceUID, SeriesInstanceUID=first.SeriesInstanceUID,
+                   InstanceNumber=2)
+    claimed: list[list[int]] = []
+
+    def assemble_after_the_series_is_read(state):
+        if claimed or not state.is_select or state.bind_mapper is not inspect(Series):
+            return None
+        rows = state.invoke_statement().freeze()  # fetched: no cursor left open on the listener's connection
+        claimed.append(asm.run_once(now=t0 + timedelta(seconds=15)))  # its quiet period is over
+        return rows()
+
+    meta = meta_of(late)
+    with factory() as session:
+        event.listen(session, "do_orm_execute", assemble_after_the_series_is_read)
+        result = record_instance(session, meta, f"{meta.study_uid}/{meta.series_uid}/{meta.sop_instance_uid}.dcm",
+                                 size_bytes=10, sha256="0" * 64, now=t0 + timedelta(seconds=20))
+        session.commit()
+    assert len(claimed) == 1 and len(claimed[0]) == 1, "the assembler did not claim the series in between"
+    assert result.created and result.reopened
+    with factory() as s:
+        series = s.scalar(select(Series).where(Series.series_uid == first.SeriesInstanceUID))
+        assert series.state == SeriesState.RECEIVING and late.SOPInstanceUID in series.state_reason
+    [job_id] = asm.run_once(now=t0 + timedelta(seconds=31))
+    with factory() as s:
+        seq = s.get(SequenceRecord, s.get(Job, job_id).sequence_fk)
+        assert [uid for uid, _ in seq.frame_refs] == [first.SOPInstanceUID, late.SOPInstanceUID]
