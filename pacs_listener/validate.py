@@ -83,6 +83,7 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UR", b"UT
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 MAX_NESTING = 32
+_LITTLE = "little"
 
 
 def _dataset_stream(file_bytes: bytes, transfer_syntax_uid: str) -> bytes | None:
@@ -103,29 +104,40 @@ def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
     """Walk every element header: no value may run past its container (pydicom silently truncates).
 
     Also bounds sequence nesting (:data:`MAX_NESTING`), which pydicom would recurse into.
+
+    The value of a UN element of undefined length is a sequence encoded in implicit VR little endian
+    whatever the transfer syntax (PS3.5 6.2.2: a private sequence forwarded by a PACS that lacks the
+    private dictionary); it is walked as such, except that an item whose first element carries an explicit
+    VR is walked as explicit VR, as pydicom reads it.
     """
     ts = UID(transfer_syntax_uid)
     body = _dataset_stream(file_bytes, transfer_syntax_uid)
     if body is None or not ts.is_transfer_syntax:
         return
-    implicit, order = ts.is_implicit_VR, ("little" if ts.is_little_endian else "big")
+    syntax = (ts.is_implicit_VR, (_LITTLE if ts.is_little_endian else "big"))
 
     def fail(pos: int, what: str) -> InvalidDataset:
         return InvalidDataset(f"malformed encoding at byte {pos} of the data set: {what}", StoreStatus.CANNOT_UNDERSTAND)
 
-    def item_tag(pos: int) -> tuple[int, int]:
+    def item_tag(pos: int, order: str) -> tuple[int, int]:
         # item and delimiter headers: (group, element) + 4-byte length, in the data set's byte order
         group = int.from_bytes(body[pos : pos + 2], order)
         elem = int.from_bytes(body[pos + 2 : pos + 4], order)
         return (group << 16) | elem, int.from_bytes(body[pos + 4 : pos + 8], order)
 
-    def walk_items(pos: int, end: int | None, depth: int, datasets: bool = True) -> int:
+    def un_item_syntax(pos: int) -> tuple[bool, str]:
+        # implicit VR little endian, unless the item's first element has two capital letters for a VR
+        explicit = pos + 6 <= len(body) and all(0x41 <= b <= 0x5A for b in body[pos + 4 : pos + 6])
+        return not explicit, _LITTLE
+
+    def walk_items(pos: int, end: int | None, depth: int, syntax: tuple[bool, str], datasets: bool = True,
+                   un_value: bool = False) -> int:
         """Items of a sequence (datasets) or fragments of encapsulated pixel data (not datasets) from pos;
-        returns the position after the sequence."""
+        returns the position after the sequence. ``un_value``: the value of a UN of undefined length."""
         while end is None or pos < end:
             if pos + 8 > len(body):
                 raise fail(pos, "sequence ends before its delimiter")
-            tag, length = item_tag(pos)
+            tag, length = item_tag(pos, syntax[1])
             pos += 8
             if tag == _SEQ_END:
                 if end is not None:
@@ -133,28 +145,30 @@ def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
                 return pos
             if tag != _ITEM:
                 raise fail(pos - 8, f"expected an item tag, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+            item_syntax = un_item_syntax(pos) if un_value else syntax
             if length == _UNDEFINED:
                 if not datasets:
                     raise fail(pos, "pixel data fragment of undefined length")
-                pos = walk_elements(pos, None, depth + 1)
+                pos = walk_elements(pos, None, depth + 1, item_syntax)
             else:
                 if pos + length > len(body) or (end is not None and pos + length > end):
                     raise fail(pos, f"item of {length} bytes runs past the end")
                 if datasets:
-                    walk_elements(pos, pos + length, depth + 1)
+                    walk_elements(pos, pos + length, depth + 1, item_syntax)
                 pos += length
         if pos != end:
             raise fail(pos, "sequence items overrun the sequence length")
         return pos
 
-    def walk_elements(pos: int, end: int | None, depth: int) -> int:
+    def walk_elements(pos: int, end: int | None, depth: int, syntax: tuple[bool, str]) -> int:
         if depth > MAX_NESTING:
             raise fail(pos, f"sequences nested deeper than {MAX_NESTING}")
+        implicit, order = syntax
         limit = len(body) if end is None else end
         while pos < limit:
             if pos + 8 > limit:
                 raise fail(pos, "element header cut short")
-            tag, _ = item_tag(pos)
+            tag, _ = item_tag(pos, order)
             if tag == _ITEM_END:
                 if end is not None or depth == 0:
                     raise fail(pos, "item delimiter inside a defined-length item")
@@ -170,24 +184,25 @@ def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
                 else:
                     length, pos = int.from_bytes(body[pos + 6 : pos + 8], order), pos + 8
             if length == _UNDEFINED:
-                if vr == b"UN":  # implicit VR LE content whatever the syntax: leave it to pydicom
-                    return len(body) if end is None else end
+                if vr == b"UN":  # a sequence in implicit VR little endian whatever the syntax
+                    pos = walk_items(pos, None, depth, (True, _LITTLE), un_value=True)
+                    continue
                 if vr not in (None, b"SQ", b"OB", b"OW"):
                     raise fail(pos, f"undefined length on VR {vr!r}")
                 is_pixels = tag == 0x7FE00010 or vr in (b"OB", b"OW")
-                pos = walk_items(pos, None, depth, datasets=not is_pixels)
+                pos = walk_items(pos, None, depth, syntax, datasets=not is_pixels)
                 continue
             if pos + length > limit:
                 raise fail(pos, f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes, "
                                 f"only {limit - pos} remain")
             if vr == b"SQ" and length:
-                walk_items(pos, pos + length, depth)
+                walk_items(pos, pos + length, depth, syntax)
             pos += length
         if end is None and depth > 0:
             raise fail(pos, "item ends before its delimiter")
         return pos
 
-    walk_elements(0, None, 0)
+    walk_elements(0, None, 0, syntax)
 
 
 def _text(ds: Dataset, keyword: str) -> str:

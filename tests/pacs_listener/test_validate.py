@@ -1,3 +1,5 @@
+import struct
+
 import pytest
 from pydicom import dcmread
 from pydicom.uid import (
@@ -222,3 +224,52 @@ def test_deflated_real_file_passes(corpus_file):
     path = corpus_file("pydicom/test_files/image_dfl.dcm")
     ds = dcmread(path)
     validate_received(path.read_bytes(), request_for(ds, ds.file_meta.TransferSyntaxUID))
+
+
+_ITEM_UNDEFINED = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+_ITEM_DELIMITER = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _explicit_le(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH", group, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def _with_private_un_in_item(un_value: bytes):
+    """An MR instance (explicit VR little endian) whose ReferencedImageSequence item, of undefined length,
+    holds a private sequence sent as UN of undefined length (PS3.5 6.2.2: what a PACS without the private
+    dictionary forwards), with ``un_value`` as its value."""
+    ds = make_mr()
+    data = to_file_bytes(ds)
+    sequence = (
+        struct.pack("<HH", 0x0008, 0x1140) + b"SQ\x00\x00\xff\xff\xff\xff" + _ITEM_UNDEFINED
+        + _explicit_le(0x0008, 0x1150, b"UI", b"1.2.3\x00") + _explicit_le(0x0008, 0x1155, b"UI", b"1.2.4\x00")
+        + _explicit_le(0x0009, 0x0010, b"LO", b"ACME")
+        + struct.pack("<HH", 0x0009, 0x1010) + b"UN\x00\x00\xff\xff\xff\xff" + un_value
+        + _ITEM_DELIMITER + _SEQUENCE_DELIMITER
+    )
+    at = data.index(b"\x10\x00\x10\x00PN")  # PatientName, the first element after group 0008
+    return ds, data[:at] + sequence + data[at:]
+
+
+@pytest.mark.parametrize(
+    "item_content",
+    [
+        struct.pack("<HHI", 0x0008, 0x0100, 2) + b"Y ",  # implicit VR little endian, as PS3.5 says
+        _explicit_le(0x0008, 0x0100, b"SH", b"Y "),  # explicit VR, which pydicom reads too
+    ],
+    ids=["implicit", "explicit"],
+)
+def test_private_sequence_as_un_of_undefined_length_inside_an_item_passes(item_content):
+    ds, data = _with_private_un_in_item(_ITEM_UNDEFINED + item_content + _ITEM_DELIMITER + _SEQUENCE_DELIMITER)
+    out = validate_received(data, request_for(ds))
+    item = out.ReferencedImageSequence[0]
+    assert item.ReferencedSOPInstanceUID == "1.2.4"
+    assert item[0x00091010].value[0][0x00080100].value == "Y"
+    assert len(out.PixelData) == len(ds.PixelData)
+
+
+def test_private_sequence_as_un_without_its_delimiter_cannot_be_understood():
+    content = _ITEM_UNDEFINED + struct.pack("<HHI", 0x0008, 0x0100, 2) + b"Y " + _ITEM_DELIMITER
+    ds, data = _with_private_un_in_item(content)  # no sequence delimiter: the item's delimiter comes next
+    assert "malformed encoding" in reject(data, request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
