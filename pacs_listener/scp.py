@@ -27,8 +27,10 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
     UID_dictionary,
@@ -63,7 +65,14 @@ from medgru.logsafe import install as install_log_redaction, instance_context
 from medgru.settings import Settings
 from medgru.tls import server_context
 from pacs_listener.ingest import InstanceMeta, extract_meta, find_instance, record_instance
-from pacs_listener.spool import QuarantineReason, clean_temp_files, spool_relpath, write_quarantine, write_spool
+from pacs_listener.spool import (
+    QuarantineReason,
+    clean_temp_files,
+    spool_relpath,
+    write_quarantine,
+    write_spool,
+    write_spool_new,
+)
 from pacs_listener.status import StoreStatus, describe
 from pacs_listener.validate import InvalidDataset, RequestIds, is_valid_uid, validate_received
 from storage.models import Instance, QuarantineItem
@@ -374,24 +383,37 @@ class Listener:
             return StoreStatus.SUCCESS
 
         path = self.spool_dir / rel_path
-        existed_before = path.exists()
         try:
-            write_spool(self.spool_dir, rel_path, data)
+            published = write_spool_new(self.spool_dir, rel_path, data)
         except OSError as exc:
             log.error("C-STORE %s (series %s): spool write failed: %s", meta.sop_instance_uid, meta.series_uid, exc)
             return self._quarantine(data, request, calling_ae, f"spool write failed: {exc}",
                                     StoreStatus.OUT_OF_RESOURCES, ds_uids=uids)
+        kept, kept_meta = data, meta
+        if not published:
+            # Another copy of this instance reached its path after our look-up: a concurrent association's
+            # (committed by now, or about to be), or one left unrecorded by a crash or a failed record. First
+            # copy wins: that file stays, and the row (ours, if none is there yet) describes its bytes.
+            try:
+                kept = path.read_bytes()
+                kept_meta = replace(meta, transfer_syntax_uid=str(read_file_meta_info(path).TransferSyntaxUID)[:64])
+            except Exception as exc:
+                log.exception("C-STORE %s (series %s): the copy already spooled cannot be read",
+                              meta.sop_instance_uid, meta.series_uid)
+                return self._quarantine(data, request, calling_ae, f"spooled copy unreadable: {exc!r}",
+                                        StoreStatus.PROCESSING_FAILURE, ds_uids=uids)
 
         try:
-            created = self._record(meta, rel_path, data, calling_ae)
+            created = self._record(kept_meta, rel_path, kept, calling_ae)
         except Exception as exc:
             log.exception("C-STORE %s (series %s): database record failed", meta.sop_instance_uid, meta.series_uid)
-            self._remove_unrecorded(path, meta, existed_before)
+            self._remove_unrecorded(path, meta, existed_before=not published)
             status = StoreStatus.OUT_OF_RESOURCES if isinstance(exc, OSError) else StoreStatus.PROCESSING_FAILURE
             return self._quarantine(data, request, calling_ae, f"database record failed: {exc!r}", status, ds_uids=uids)
 
-        log.info("stored %s (series %s, study %s, %s, %d bytes) from %s%s", meta.sop_instance_uid, meta.series_uid,
-                 meta.study_uid, meta.transfer_syntax_uid, len(data), calling_ae, "" if created else " (resend)")
+        log.info("stored %s (series %s, study %s, %s, %d bytes) from %s%s%s", meta.sop_instance_uid, meta.series_uid,
+                 meta.study_uid, kept_meta.transfer_syntax_uid, len(kept), calling_ae, "" if created else " (resend)",
+                 "" if published else "; another copy reached the spool first and was kept")
         if created and self.on_stored is not None:
             try:
                 self.on_stored(meta.series_uid)

@@ -1,8 +1,8 @@
 """Durable files: the spool of received instances and the quarantine of refused ones.
 
 Every write is atomic and durable: the bytes go to a temporary file in the destination folder, are
-flushed and fsync'ed, the file is renamed onto its final name, and the folder is fsync'ed so that the
-rename itself survives a crash. A reader never sees a partial file; a crash leaves at most a
+flushed and fsync'ed, the file is renamed (or, where an existing file must never be replaced, hard-linked)
+onto its final name, and the folder is fsync'ed so that the rename itself survives a crash. A reader never sees a partial file; a crash leaves at most a
 ``.tmp-*`` file, which :func:`clean_temp_files` removes.
 
 Layout::
@@ -55,8 +55,8 @@ def _makedirs_durable(folder: Path) -> None:
         _fsync_dir(path.parent)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (replaces an existing file atomically)."""
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a flushed and fsync'ed temporary file beside ``path`` (its folder created durably)."""
     folder = path.parent
     _makedirs_durable(folder)
     fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=folder)
@@ -66,11 +66,36 @@ def write_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (replaces an existing file atomically)."""
+    tmp = _write_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
+    _fsync_dir(path.parent)
+
+
+def write_new(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically and durably unless ``path`` exists: then write nothing and
+    return False. The temporary file is hard-linked to its final name (a rename would replace a file
+    published meanwhile), so of two concurrent writers exactly one publishes its bytes."""
+    tmp = _write_temp(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
 
 
 def clean_temp_files(root: Path) -> int:
@@ -104,9 +129,15 @@ def spool_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> str
 
 
 def write_spool(spool_dir: Path, rel_path: str, data: bytes) -> Path:
+    """Write (or replace: the restore of a file that went missing) an instance's spool file."""
     path = spool_dir / rel_path
     write_atomic(path, data)
     return path
+
+
+def write_spool_new(spool_dir: Path, rel_path: str, data: bytes) -> bool:
+    """Publish a new instance's spool file; False when a file is there already (see :func:`write_new`)."""
+    return write_new(spool_dir / rel_path, data)
 
 
 @dataclass

@@ -408,3 +408,100 @@ def test_a_nearly_full_disk_refuses_with_out_of_resources_and_writes_nothing(lis
     listener.settings = listener.settings.model_copy(update={"min_free_disk_mb": 0.0})
     assert "Received Store Response (Success)" in storescu(listener.port, [dcm]).stderr
     assert instance_row(sqlite_session_factory, ds.SOPInstanceUID) is not None
+
+
+def _request(ds, transfer_syntax):
+    from pacs_listener.validate import RequestIds
+
+    return RequestIds(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(transfer_syntax))
+
+
+@pytest.mark.parametrize("first_to_commit", ["first_to_publish", "second_to_publish"])
+def test_concurrent_copies_of_one_instance_keep_the_row_and_the_file_alike(make_settings, session_factory,
+                                                                          first_to_commit):
+    """Two associations store the same SOP Instance UID at once, in two transfer syntaxes (a PACS retrying on
+    a new association): both find it unrecorded, then A publishes its file before B. Whichever commits first,
+    one file stays, and the row's size, SHA-256 and transfer syntax describe the bytes on disk."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from pacs_listener.scp import Listener
+    from pacs_listener.spool import TEMP_PREFIX
+
+    from .conftest import to_file_bytes
+
+    listener = Listener(make_settings(), session_factory)
+    ds = make_mr()
+    sent = {"A": to_file_bytes(ds, ExplicitVRLittleEndian), "B": to_file_bytes(ds, ImplicitVRLittleEndian)}
+    syntax = {"A": ExplicitVRLittleEndian, "B": ImplicitVRLittleEndian}
+    both_looked_up = threading.Barrier(2)
+    a_published, a_done, b_done = threading.Event(), threading.Event(), threading.Event()
+    looked_up, recorded = Listener._stored_path, Listener._record
+
+    def stored_path(self, meta):
+        path = looked_up(self, meta)
+        both_looked_up.wait()  # neither has written its file yet
+        if threading.current_thread().name == "B":
+            (a_done if first_to_commit == "first_to_publish" else a_published).wait()
+        return path
+
+    def record(self, *args, **kwargs):
+        if threading.current_thread().name == "A":
+            a_published.set()
+            if first_to_commit == "second_to_publish":
+                b_done.wait()
+        return recorded(self, *args, **kwargs)
+
+    statuses: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def send(name: str) -> None:
+        try:
+            statuses[name] = listener.store(sent[name], _request(ds, syntax[name]), calling_ae=name)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+            both_looked_up.abort()
+        finally:
+            (a_done if name == "A" else b_done).set()
+            a_published.set()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Listener, "_stored_path", stored_path)
+        mp.setattr(Listener, "_record", record)
+        threads = [threading.Thread(target=send, args=(name,), name=name) for name in ("A", "B")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == [] and statuses == {"A": StoreStatus.SUCCESS, "B": StoreStatus.SUCCESS}
+    row = instance_row(session_factory, ds.SOPInstanceUID)
+    on_disk = (listener.spool_dir / row.path).read_bytes()
+    assert row.sha256 == hashlib.sha256(on_disk).hexdigest() and row.size_bytes == len(on_disk)
+    assert on_disk == sent["A"], "the first copy published was replaced"
+    assert row.transfer_syntax_uid == ExplicitVRLittleEndian
+    assert not list((listener.spool_dir / row.path).parent.glob(f"{TEMP_PREFIX}*"))
+    assert quarantine_rows(session_factory) == []
+
+
+def test_a_copy_left_unrecorded_in_the_spool_is_recorded_as_it_is(make_settings, session_factory):
+    """A file at the instance's spool path without a row (a crash between the file and the commit): a resend
+    in another transfer syntax is answered Success and the row describes the file that is there."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from pacs_listener.scp import Listener
+    from pacs_listener.spool import spool_relpath
+
+    from .conftest import to_file_bytes
+
+    listener = Listener(make_settings(), session_factory)
+    ds = make_mr()
+    left = to_file_bytes(ds, ExplicitVRLittleEndian)
+    path = listener.spool_dir / spool_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(left)
+    resend = to_file_bytes(ds, ImplicitVRLittleEndian)
+    assert listener.store(resend, _request(ds, ImplicitVRLittleEndian)) == StoreStatus.SUCCESS
+    row = instance_row(session_factory, ds.SOPInstanceUID)
+    on_disk = path.read_bytes()
+    assert row is not None and (listener.spool_dir / row.path) == path
+    assert row.sha256 == hashlib.sha256(on_disk).hexdigest() and row.size_bytes == len(on_disk)
+    assert row.transfer_syntax_uid == str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)

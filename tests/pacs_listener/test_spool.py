@@ -13,6 +13,7 @@ from pacs_listener.spool import (
     read_quarantine_reason,
     spool_relpath,
     write_atomic,
+    write_new,
     write_quarantine,
 )
 
@@ -60,6 +61,14 @@ def test_failed_write_leaves_neither_partial_file_nor_temp(tmp_path):
         write_atomic(target, b"data")
     assert target.is_dir() and not any(target.iterdir())
     assert not list(target.parent.glob(f"{TEMP_PREFIX}*"))
+
+
+def test_write_new_never_replaces_an_existing_file(tmp_path):
+    target = tmp_path / "s" / "x.dcm"
+    assert write_new(target, b"first")
+    assert not write_new(target, b"second")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
 
 
 def test_clean_temp_files_removes_leftovers_only(tmp_path):
