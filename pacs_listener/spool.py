@@ -26,6 +26,8 @@ from typing import Any
 from pacs_listener.validate import is_valid_uid
 
 TEMP_PREFIX = ".tmp-"
+#: how many times a write makes its folders again when they vanish before its temporary file is created
+FOLDER_ATTEMPTS = 5
 
 
 class UnsafeUID(ValueError):
@@ -55,12 +57,28 @@ def _makedirs_durable(folder: Path) -> None:
         _fsync_dir(path.parent)
 
 
+def _create_temp(folder: Path) -> tuple[int, Path]:
+    """A new temporary file in ``folder``, which is created durably with its missing parents first.
+
+    Retention removes the spool folders it empties (storage.retention). When it removes ours between their
+    creation and the temporary file's (the file's ``FileNotFoundError``), the folders are made again, up to
+    :data:`FOLDER_ATTEMPTS` times; once the temporary file is in the folder, retention leaves the folder be.
+    """
+    attempt = 1
+    while True:
+        try:
+            _makedirs_durable(folder)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=folder)
+            return fd, Path(tmp_name)
+        except FileNotFoundError:
+            if attempt >= FOLDER_ATTEMPTS:
+                raise
+            attempt += 1
+
+
 def _write_temp(path: Path, data: bytes) -> Path:
     """``data`` in a flushed and fsync'ed temporary file beside ``path`` (its folder created durably)."""
-    folder = path.parent
-    _makedirs_durable(folder)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
+    fd, tmp = _create_temp(path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -71,6 +71,31 @@ def test_write_new_never_replaces_an_existing_file(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
 
 
+@pytest.mark.parametrize("write", [write_atomic, write_new], ids=["write_atomic", "write_new"])
+def test_a_write_survives_retention_removing_its_emptied_folders_meanwhile(tmp_path, monkeypatch, write):
+    """Retention removes the folders it emptied (series, then study) while the listener is about to create
+    its temporary file in the series folder it just found: the write makes the folders again."""
+    import pacs_listener.spool as spool
+
+    target = tmp_path / "spool" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+    target.parent.mkdir(parents=True)
+    makedirs = spool._makedirs_durable
+    removed: list[str] = []
+
+    def makedirs_then_retention(folder):
+        makedirs(folder)
+        if not removed:  # retention's pass: rmdir of each emptied folder up to the spool root
+            for empty in (folder, folder.parent):
+                empty.rmdir()
+                removed.append(empty.name)
+
+    monkeypatch.setattr(spool, "_makedirs_durable", makedirs_then_retention)
+    write(target, b"late instance")
+    assert removed == ["1.2.3", "1.2"]
+    assert target.read_bytes() == b"late instance"
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
 def test_clean_temp_files_removes_leftovers_only(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / f"{TEMP_PREFIX}abc.part").write_bytes(b"partial")
