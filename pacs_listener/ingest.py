@@ -65,6 +65,8 @@ class IngestResult:
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    """The value as text without NUL characters: some modalities pad or separate values with NUL, which
+    PostgreSQL text cannot hold (the commit would fail) and which mean nothing in a description or an ID."""
     try:
         value = ds.get(keyword)
     except Exception:  # a malformed optional element: treat as absent
@@ -73,7 +75,7 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
         return ""
     if isinstance(value, (list, tuple, MultiValue)):
         value = "\\".join(str(v) for v in value)
-    return str(value).strip()[:limit]
+    return str(value).replace("\x00", "").strip()[:limit]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:

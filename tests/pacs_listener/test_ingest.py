@@ -48,6 +48,13 @@ def test_extract_meta_tolerates_odd_values():
     assert meta.acquisition_time == "20240102101112"
 
 
+def test_extract_meta_drops_nul_characters_from_text():
+    ds = make_mr(SeriesDescription="T1\x00AX", StudyDescription="IRM\x00", AccessionNumber="A1\x00B")
+    meta = meta_of(ds)
+    assert meta.series_description == "T1AX" and meta.accession_number == "A1B"
+    assert "\x00" not in repr(meta)
+
+
 def test_first_instance_creates_patient_study_series(session_factory):
     ds = make_mr()
     result = record(session_factory, ds)

@@ -505,3 +505,24 @@ def test_a_copy_left_unrecorded_in_the_spool_is_recorded_as_it_is(make_settings,
     assert row is not None and (listener.spool_dir / row.path) == path
     assert row.sha256 == hashlib.sha256(on_disk).hexdigest() and row.size_bytes == len(on_disk)
     assert row.transfer_syntax_uid == str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def test_text_values_with_an_embedded_nul_are_stored_without_it(listener_factory, session_factory):
+    """Some modalities pad or separate text with NUL. PostgreSQL text cannot hold NUL (the commit failed,
+    0x0110) and SQLite stored it: both store the value without it."""
+    from storage.models import Patient, Study
+
+    listener = listener_factory(session_factory=session_factory)
+    ds = make_mr(SeriesDescription="T1\x00AX", PatientID="12\x0045", AccessionNumber="A1\x00B")
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    with session_factory() as s:
+        series = s.scalar(select(Series).where(Series.series_uid == ds.SeriesInstanceUID))
+        study = s.get(Study, series.study_fk)
+        assert series.series_description == "T1AX"
+        assert study.accession_number == "A1B" and s.get(Patient, study.patient_fk).patient_id == "1245"
+    assert quarantine_rows(session_factory) == []
