@@ -19,11 +19,12 @@ assembly or as a prior study; a resend of it restores its file (:mod:`pacs_liste
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import (
@@ -123,10 +124,15 @@ def prune(settings, session_factory: sessionmaker[Session], *, now: datetime | N
 
 
 def _mark_and_remove(sf, model, rows: list, root: Path, now: datetime, report: PruneReport,
-                     files_of=lambda path: (path,), still: tuple = ()) -> int:
+                     files_of=lambda path: (path,), still: tuple = (),
+                     needed: Callable[[Session, list[int]], set[int]] | None = None) -> int:
     """Mark ``rows`` (``(id, path relative to root)``) of ``model`` purged, in batches, where they are still
     unmarked and match ``still``; then remove the files of those marked (``files_of(path)``). Returns how
-    many rows that was (all of them in a dry run, which marks and removes nothing)."""
+    many rows that was (all of them in a dry run, which marks and removes nothing).
+
+    ``needed(session, ids)``, when given, runs in the marking transaction after the mark and names the rows
+    among ``ids`` that must keep their file after all (a condition ``still`` cannot express in SQL); they
+    are unmarked before the commit, so nobody ever sees them purged."""
     done = 0
     for start in range(0, len(rows), _BATCH):
         batch = rows[start:start + _BATCH]
@@ -135,6 +141,10 @@ def _mark_and_remove(sf, model, rows: list, root: Path, now: datetime, report: P
             with sf() as session:
                 session.execute(update(model).where(model.id.in_(ids), model.purged_at.is_(None), *still)
                                 .values(purged_at=now).execution_options(synchronize_session=False))
+                keep = needed(session, ids) if needed is not None else set()
+                if keep:
+                    session.execute(update(model).where(model.id.in_(keep), model.purged_at == now)
+                                    .values(purged_at=None).execution_options(synchronize_session=False))
                 session.commit()
                 marked = set(session.scalars(select(model.id).where(model.id.in_(ids), model.purged_at.is_not(None))))
             batch = [(i, rel) for i, rel in batch if i in marked]
@@ -145,8 +155,28 @@ def _mark_and_remove(sf, model, rows: list, root: Path, now: datetime, report: P
     return done
 
 
+def _needed_by_a_job(session: Session, ids: list[int]) -> set[int]:
+    """The instances among ``ids`` that a job reads now, in the transaction that marks them purged.
+
+    The assembler may have queued a job reading them (a prior study's frames) since :func:`_prune_spool`
+    listed the protected UIDs. On SQLite the mark took the database's write lock, which the assembler's
+    claim needs before it reads the prior study, so every such job is either committed and seen here or
+    will see the mark. PostgreSQL lets an assembler read the prior before the mark and commit its job
+    after this check: the SHARE lock on ``series`` waits for every transaction that changed a series (an
+    assembler claims its series first) and holds off new claims, and the listener's stores, until this
+    transaction commits (one batch: a short wait). Neither of them waits on the instance rows marked here,
+    so the lock taken after the mark cannot deadlock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"LOCK TABLE {Series.__tablename__} IN SHARE MODE"))
+    protected = _protected_uids(session)
+    rows = session.execute(select(Instance.id, Instance.sop_instance_uid).where(Instance.id.in_(ids))).all()
+    return {i for i, uid in rows if uid in protected}
+
+
 def _prune_spool(settings, sf, cutoff: datetime, now: datetime, report: PruneReport) -> None:
-    # re-checked when marking: a late instance may have re-opened the series meanwhile
+    # re-checked when marking: a late instance may have re-opened the series meanwhile, and the assembler
+    # may have queued a job reading some of these instances (_needed_by_a_job)
     settled = select(Series.id).where(Series.state != SeriesState.RECEIVING, Series.last_received_at < cutoff)
     with sf() as session:
         protected = _protected_uids(session)
@@ -157,7 +187,7 @@ def _prune_spool(settings, sf, cutoff: datetime, now: datetime, report: PruneRep
         ).all()
     chosen = [(i, rel) for i, uid, rel in rows if uid not in protected]
     report.instances += _mark_and_remove(sf, Instance, chosen, settings.spool_dir, now, report,
-                                         still=(Instance.series_fk.in_(settled),))
+                                         still=(Instance.series_fk.in_(settled),), needed=_needed_by_a_job)
 
 
 def _prune_outbox(settings, sf, cutoff: datetime, now: datetime, report: PruneReport) -> None:

@@ -7,9 +7,10 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
-from pacs_listener.assembly import is_image_instance
+import storage.retention
+from pacs_listener.assembly import Assembler, is_image_instance
 from storage.db import init_db, make_session_factory
 from storage.models import (
     Instance,
@@ -181,3 +182,110 @@ def test_medgru_prune_command(world, cli_env, capsys):
     assert main(["prune"]) == 0
     assert "retention removed 2 instance file(s)" in capsys.readouterr().out
     assert not files["2.0.dcm"].exists() and _purged_instances(sf) == {"1.9.65.1", "1.9.65.2"}
+
+
+@pytest.fixture
+def prior_world(database_url, make_settings):
+    """Patient P7: an old study whose series is assembled and its job done (retention may take its files),
+    and a new, quiet study of the same modality the assembler is about to turn into a job with the old one
+    as its prior study."""
+    with isolated_url(database_url) as url:
+        settings = make_settings(retention_days=7, add_prior_study=True, quiet_period_s=0, database_url=url)
+        engine = init_db(url)
+        sf = make_session_factory(engine)
+        with sf() as s:
+            patient = Patient(patient_id="P7")
+
+            def series(uid: str, date: str, state: SeriesState, last, n: int) -> tuple[Series, list[list]]:
+                se = Series(series_uid=uid, study=Study(study_uid=f"{uid}.0", study_date=date, patient=patient),
+                            modality="MR", state=state, last_received_at=last)
+                refs = []
+                for k in range(n):
+                    rel = f"{uid}/{uid}.{k + 1}.dcm"
+                    (settings.spool_dir / uid).mkdir(parents=True, exist_ok=True)
+                    (settings.spool_dir / rel).write_bytes(b"x" * 10)
+                    s.add(Instance(sop_instance_uid=f"{uid}.{k + 1}", sop_class_uid=MR, series=se, path=rel,
+                                   has_pixels=True, instance_number=k + 1, size_bytes=10))
+                    refs.append([f"{uid}.{k + 1}", 1])
+                return se, refs
+
+            old, refs = series("1.7.1", "20230101", SeriesState.ASSEMBLED, OLD, 2)
+            s.add(Job(sequence=SequenceRecord(series=old, frame_refs=refs, n_frames=2), state=JobState.SUCCEEDED))
+            series("1.7.2", "20240101", SeriesState.RECEIVING, RECENT, 1)
+            s.commit()
+        yield settings, sf
+        engine.dispose()
+
+
+def _missing_files_of_queued_jobs(settings, sf) -> dict[int, list[str]]:
+    """Each queued job: the instances it reads whose file is gone or whose row is marked purged."""
+    with sf() as s:
+        insts = {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
+        out = {}
+        for job in s.scalars(select(Job).where(Job.state == JobState.QUEUED)):
+            out[job.id] = [uid for uid, _frame in job.sequence.frame_refs
+                           if insts[uid].purged_at is not None or not (settings.spool_dir / insts[uid].path).exists()]
+        return out
+
+
+def test_a_job_assembled_while_retention_runs_keeps_its_prior_study(prior_world, monkeypatch):
+    """The assembler queues a job prepending the old study's frames after retention listed what no job
+    reads and before it marks: retention re-checks when marking and leaves those files (and rows) alone."""
+    settings, sf = prior_world
+    assembled: list[int] = []
+    listed = storage.retention._protected_uids
+
+    def assembler_runs_after_the_listing(session):
+        uids = listed(session)
+        if not assembled:  # only between the listing and the mark, as in the service's threads
+            assembled.extend(Assembler(settings, sf, enqueue=lambda _job_id: None).run_once(now=NOW))
+        return uids
+
+    monkeypatch.setattr(storage.retention, "_protected_uids", assembler_runs_after_the_listing)
+    report = prune(settings, sf, now=NOW)
+    assert len(assembled) == 1
+    with sf() as s:
+        assert s.get(Job, assembled[0]).sequence.frame_refs == [["1.7.1.1", 1], ["1.7.1.2", 1], ["1.7.2.1", 1]]
+    assert _missing_files_of_queued_jobs(settings, sf) == {assembled[0]: []}
+    assert report.instances == 0 and _purged_instances(sf) == set()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_retention_waits_for_an_assembler_that_already_read_the_prior_study(prior_world, monkeypatch):
+    """PostgreSQL only (on SQLite the assembler's claim takes the database's single write lock before it reads
+    the prior study, so it and retention's mark cannot overlap): an assembler has read the old study's
+    instances but not yet committed its job when retention marks them; retention must wait for that job and
+    keep the files, not remove them from under it."""
+    settings, sf = prior_world
+    read_prior, go_on = threading.Event(), threading.Event()
+    prior = Assembler._prior
+
+    def prior_then_pause(self, session, series):
+        found = prior(self, session, series)
+        read_prior.set()
+        go_on.wait(60)
+        return found
+
+    monkeypatch.setattr(Assembler, "_prior", prior_then_pause)
+    assembled: list[int] = []
+    assembler = threading.Thread(target=lambda: assembled.extend(
+        Assembler(settings, sf, enqueue=lambda _job_id: None).run_once(now=NOW)), daemon=True)
+    assembler.start()
+    assert read_prior.wait(60)
+    reports = []
+    pruner = threading.Thread(target=lambda: reports.append(prune(settings, sf, now=NOW)), daemon=True)
+    pruner.start()
+
+    def pruner_waits_for_a_lock() -> bool:
+        with sf() as s:  # a new transaction each time: PostgreSQL keeps a transaction's pg_stat_activity
+            return bool(s.scalar(text("SELECT count(*) FROM pg_stat_activity "
+                                      "WHERE wait_event_type = 'Lock' AND datname = current_database()")))
+
+    while pruner.is_alive() and not pruner_waits_for_a_lock():  # then let the assembler commit
+        go_on.wait(0.01)
+    go_on.set()
+    assembler.join(60)
+    pruner.join(60)
+    assert not assembler.is_alive() and not pruner.is_alive() and len(assembled) == 1
+    assert _missing_files_of_queued_jobs(settings, sf) == {assembled[0]: []}
+    assert reports[0].instances == 0 and _purged_instances(sf) == set()
