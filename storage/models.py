@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -150,7 +151,7 @@ class Instance(Base):
     content_time: Mapped[str] = mapped_column(String(32), default="")
     has_pixels: Mapped[bool] = mapped_column(Boolean, default=False)
     path: Mapped[str] = mapped_column(Text)  # relative to spool_dir
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # files of 2 GiB and more exist (WSI)
     sha256: Mapped[str] = mapped_column(String(64), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

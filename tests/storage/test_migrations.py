@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
+from sqlalchemy.orm import Session
 
 from storage.db import MIGRATIONS_DIR, alembic_config, downgrade_db, init_db, make_engine, make_session_factory
-from storage.models import Base, Patient
+from storage.models import Base, Instance, Patient, Series, Study
 from tests.storage.dbutil import isolated_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,5 +113,32 @@ def test_concurrent_init_from_several_processes(db_url):
         assert _diff(engine) == []
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0005_keeps_instances_and_takes_sizes_over_2_gib(db_url):
+    """0006 widens instances.size_bytes to 64 bits in place: the rows of a database at 0005 stay."""
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0005")
+            with Session(bind=conn) as s:  # the 0005 tables hold every column the models write here
+                study = Study(study_uid="1.2", patient=Patient(patient_id="P1"))
+                s.add(Instance(sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", path="a.dcm",
+                               size_bytes=1000, series=Series(series_uid="1.2.3", study=study, modality="MR")))
+                s.flush()
+    finally:
+        engine.dispose()
+    engine = init_db(db_url)
+    try:
+        assert _current(engine) == _head() and _diff(engine) == []
+        with make_session_factory(engine)() as s:
+            inst = s.scalars(select(Instance)).one()
+            assert (inst.sop_instance_uid, inst.size_bytes) == ("1.2.3.4", 1000)
+            inst.size_bytes = 5 * 2**30
+            s.commit()
+        with make_session_factory(engine)() as s:
+            assert s.scalar(select(Instance.size_bytes)) == 5 * 2**30
     finally:
         engine.dispose()

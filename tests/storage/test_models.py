@@ -148,3 +148,17 @@ def test_defaults_are_aware(session_factory):
         assert series.first_received_at.tzinfo is not None
         assert series.last_received_at.utcoffset() == timedelta(0)
         assert abs(datetime.now(timezone.utc) - series.last_received_at) < timedelta(hours=1)
+
+
+def test_an_instance_of_2_gib_or_more_keeps_its_size(session_factory):
+    """Whole-slide and long multi-frame files reach 2 GiB: a 32-bit column refused them on PostgreSQL (and
+    the listener then quarantined every such instance)."""
+    size = 5 * 2**30
+    with session_factory() as s:
+        series = _series(s)
+        inst = _instance(series, "1.2.3.1.1")
+        inst.size_bytes = size
+        s.add(inst)
+        s.commit()
+    with session_factory() as s:
+        assert s.scalar(select(Instance.size_bytes)) == size
