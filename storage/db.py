@@ -75,9 +75,37 @@ def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _sqlite_foreign_keys_off(conn: Connection) -> Iterator[None]:
+    """Foreign keys unenforced on this SQLite connection while a migration copies tables, then checked.
+
+    A batch migration replaces a table by a copy: the DROP of the original, with keys enforced, fails
+    while another table's rows refer to it (outbox → results). SQLite ignores the pragma inside a
+    transaction, so it is set before the migration's transaction begins (pysqlite opens none for a
+    PRAGMA); ``foreign_key_check`` then refuses to commit a migration that left a dangling reference.
+    """
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+        conn.commit()
+
+
+def _check_foreign_keys(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        dangling = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if dangling:
+            raise RuntimeError(f"migration left rows referring to missing rows (table, rowid, parent): {dangling[:5]}")
+
+
 def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
     lock = _sqlite_file_lock(engine) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-    with lock, engine.begin() as conn:
+    with lock, engine.connect() as conn, _sqlite_foreign_keys_off(conn), conn.begin():
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
         cfg = alembic_config(conn)
@@ -85,6 +113,7 @@ def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
             command.downgrade(cfg, revision)
         else:
             command.upgrade(cfg, revision)
+        _check_foreign_keys(conn)
 
 
 def init_db(url: str) -> Engine:

@@ -220,7 +220,7 @@ class Result(Base):
     score: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     is_anomaly: Mapped[bool] = mapped_column(Boolean)
-    cluster_label: Mapped[str] = mapped_column(String(64), default="")
+    cluster_label: Mapped[str] = mapped_column(Text, default="")  # a detector's label has no length limit
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(64))
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID, default="")

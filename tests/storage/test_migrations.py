@@ -16,7 +16,7 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
 from storage.db import MIGRATIONS_DIR, alembic_config, downgrade_db, init_db, make_engine, make_session_factory
-from storage.models import Base, Instance, Patient, Series, Study
+from storage.models import Base, Instance, Job, OutboxItem, Patient, Result, SequenceRecord, Series, Study
 from tests.storage.dbutil import isolated_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,28 +117,45 @@ def test_concurrent_init_from_several_processes(db_url):
         engine.dispose()
 
 
-def test_upgrade_from_0005_keeps_instances_and_takes_sizes_over_2_gib(db_url):
-    """0006 widens instances.size_bytes to 64 bits in place: the rows of a database at 0005 stay."""
+def test_upgrade_from_0005_keeps_rows_and_widens_columns(db_url):
+    """0006 widens instances.size_bytes to 64 bits and results.cluster_label to text in place: the rows of a
+    database at 0005 stay, and then take sizes over 2 GiB and labels over 64 characters."""
     engine = make_engine(db_url)
     try:
         with engine.begin() as conn:
             command.upgrade(alembic_config(conn), "0005")
             with Session(bind=conn) as s:  # the 0005 tables hold every column the models write here
-                study = Study(study_uid="1.2", patient=Patient(patient_id="P1"))
+                series = Series(series_uid="1.2.3", study=Study(study_uid="1.2", patient=Patient(patient_id="P1")),
+                                modality="MR")
                 s.add(Instance(sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", path="a.dcm",
-                               size_bytes=1000, series=Series(series_uid="1.2.3", study=study, modality="MR")))
+                               size_bytes=1000, series=series))
+                seq = SequenceRecord(series=series, frame_refs=[["1.2.3.4", 1]], n_frames=1)
+                result = Result(job=Job(sequence=seq), score=2.0, threshold=1.0, is_anomaly=True,
+                                cluster_label="short", model_name="m", model_version="1")
+                s.add(result)
+                s.flush()
+                # an outbox row refers to the result: SQLite's copy of the results table must drop the original
+                s.add(OutboxItem(result_fk=result.id, path="sr.dcm", sop_instance_uid="1.2.9", sop_class_uid="1.2",
+                                 destination="A@h:1"))
                 s.flush()
     finally:
         engine.dispose()
     engine = init_db(db_url)
     try:
         assert _current(engine) == _head() and _diff(engine) == []
+        if engine.dialect.name == "sqlite":  # unenforced only while the migration copied tables
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         with make_session_factory(engine)() as s:
             inst = s.scalars(select(Instance)).one()
             assert (inst.sop_instance_uid, inst.size_bytes) == ("1.2.3.4", 1000)
             inst.size_bytes = 5 * 2**30
+            result = s.scalars(select(Result)).one()
+            assert result.cluster_label == "short"
+            result.cluster_label = "x" * 300
             s.commit()
         with make_session_factory(engine)() as s:
             assert s.scalar(select(Instance.size_bytes)) == 5 * 2**30
+            assert s.scalar(select(Result.cluster_label)) == "x" * 300
     finally:
         engine.dispose()

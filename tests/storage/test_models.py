@@ -16,6 +16,7 @@ from storage.models import (
     OutboxItem,
     OutboxState,
     Patient,
+    Result,
     SequenceRecord,
     Series,
     SeriesState,
@@ -162,3 +163,16 @@ def test_an_instance_of_2_gib_or_more_keeps_its_size(session_factory):
         s.commit()
     with session_factory() as s:
         assert s.scalar(select(Instance.size_bytes)) == size
+
+
+def test_a_long_cluster_label_is_kept_whole(session_factory):
+    """A detector's cluster label has no length limit (the SR codes a long one): with results.cluster_label a
+    VARCHAR(64), PostgreSQL refused the INSERT and failed the job after its SR and SC were written."""
+    label = "consolidation with air bronchograms, right lower lobe, likely infective; " * 4
+    with session_factory() as s:
+        seq = SequenceRecord(series=_series(s), frame_refs=[["1.2.3.1.1", 1]], n_frames=1)
+        s.add(Result(job=Job(sequence=seq, state=JobState.SUCCEEDED), score=2.0, threshold=1.0, is_anomaly=True,
+                     cluster_label=label, model_name="m", model_version="1"))
+        s.commit()
+    with session_factory() as s:
+        assert s.scalar(select(Result.cluster_label)) == label

@@ -1,9 +1,11 @@
-"""instances.size_bytes: 64-bit, for instance files of 2 GiB or more.
+"""instances.size_bytes: 64-bit, for instance files of 2 GiB or more; results.cluster_label: text.
 
-A 32-bit INTEGER took every size on SQLite (its integers are 64-bit) but PostgreSQL refused a file of
-2 GiB or more (whole-slide images, long multi-frame objects), so the listener quarantined each such
-instance and no retry could store it. There is no size column elsewhere (outbox and quarantine rows keep
-none). The downgrade fails on PostgreSQL while such a size is stored, rather than losing it.
+SQLite took both as they came (its integers are 64-bit, its VARCHAR has no limit); PostgreSQL refused an
+instance file of 2 GiB or more (whole-slide images, long multi-frame objects), so the listener quarantined
+each such instance and no retry could store it, and a detector's cluster label over 64 characters, which
+failed the job after its SR and SC were written. There is no size column elsewhere (outbox and quarantine
+rows keep none). The downgrade fails on PostgreSQL while such a size or label is stored, rather than
+losing it.
 
 Revision ID: 0006
 Revises: 0005
@@ -27,9 +29,15 @@ def upgrade() -> None:
     with op.batch_alter_table('instances') as batch:
         batch.alter_column('size_bytes', existing_type=sa.Integer(), type_=sa.BigInteger(),
                            existing_nullable=False)
+    with op.batch_alter_table('results') as batch:
+        batch.alter_column('cluster_label', existing_type=sa.String(length=64), type_=sa.Text(),
+                           existing_nullable=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('results') as batch:
+        batch.alter_column('cluster_label', existing_type=sa.Text(), type_=sa.String(length=64),
+                           existing_nullable=False)
     with op.batch_alter_table('instances') as batch:
         batch.alter_column('size_bytes', existing_type=sa.BigInteger(), type_=sa.Integer(),
                            existing_nullable=False)
