@@ -14,7 +14,9 @@ Layout::
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -25,7 +27,12 @@ from typing import Any
 
 from pacs_listener.validate import is_valid_uid
 
+log = logging.getLogger(__name__)
+
 TEMP_PREFIX = ".tmp-"
+#: what link(2) answers on a file system without hard links (FAT, some network shares)
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
+_NO_LINKS_SEEN: list[Path] = []
 #: how many times a write makes its folders again when they vanish before its temporary file is created
 FOLDER_ATTEMPTS = 5
 
@@ -110,6 +117,18 @@ def write_new(path: Path, data: bytes) -> bool:
         os.link(tmp, path)
     except FileExistsError:
         return False
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        # no hard links here: publish by rename unless the name is taken. Two writers of one instance at
+        # the same instant could both pass the check on such a file system; the rename is still atomic.
+        if not _NO_LINKS_SEEN:  # once per process, not once per instance
+            _NO_LINKS_SEEN.append(path.parent)
+            log.warning("spool: the file system of %s has no hard links (%s); new files are published by "
+                        "rename", path.parent, os.strerror(exc.errno))
+        if path.exists():
+            return False
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)

@@ -71,6 +71,32 @@ def test_write_new_never_replaces_an_existing_file(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
 
 
+def test_write_new_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
+    """FAT or a network share answers link(2) with EPERM / EOPNOTSUPP: the file is published by rename
+    (else every new instance would be refused), and an existing file is still never replaced."""
+    import errno
+
+    import pacs_listener.spool as spool
+
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(spool.os, "link", no_link)
+    target = tmp_path / "s" / "x.dcm"
+    assert write_new(target, b"first")
+    assert not write_new(target, b"second")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
+
+    def broken_link(src, dst):  # any other failure is not hidden
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool.os, "link", broken_link)
+    with pytest.raises(OSError, match="Input/output"):
+        write_new(tmp_path / "s" / "y.dcm", b"third")
+    assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
+
+
 @pytest.mark.parametrize("write", [write_atomic, write_new], ids=["write_atomic", "write_new"])
 def test_a_write_survives_retention_removing_its_emptied_folders_meanwhile(tmp_path, monkeypatch, write):
     """Retention removes the folders it emptied (series, then study) while the listener is about to create
