@@ -375,7 +375,7 @@ class Listener:
                 except OSError as exc:
                     return self._quarantine(data, request, calling_ae, f"spool write failed: {exc}",
                                             StoreStatus.OUT_OF_RESOURCES, ds_uids=uids)
-                self._unmark_purged(meta.sop_instance_uid)
+                self._describe_restored(meta, data)
                 log.warning("C-STORE %s: recorded but its file %s was missing (or removed by retention); "
                             "restored from this resend", meta.sop_instance_uid, stored_path)
             log.info("C-STORE %s (series %s) from %s: already stored, kept the first copy",
@@ -421,15 +421,19 @@ class Listener:
                 log.exception("on_stored callback failed for series %s", meta.series_uid)
         return StoreStatus.SUCCESS
 
-    def _unmark_purged(self, sop_instance_uid: str) -> None:
-        """The file of a purged instance is back: it counts for assembly again."""
+    def _describe_restored(self, meta: InstanceMeta, data: bytes) -> None:
+        """The file of a recorded instance is back from a resend: it counts for assembly again (no purged
+        mark), and the row describes the bytes now on disk (a PACS may resend in another transfer syntax)."""
         try:
             with self.session_factory() as session:
-                session.execute(update(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
-                                .values(purged_at=None).execution_options(synchronize_session=False))
+                session.execute(update(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
+                                .values(purged_at=None, size_bytes=len(data),
+                                        sha256=hashlib.sha256(data).hexdigest(),
+                                        transfer_syntax_uid=meta.transfer_syntax_uid)
+                                .execution_options(synchronize_session=False))
                 session.commit()
         except Exception:
-            log.exception("C-STORE %s: file restored but its purged mark could not be cleared", sop_instance_uid)
+            log.exception("C-STORE %s: file restored but its row could not be updated", meta.sop_instance_uid)
 
     def _stored_path(self, meta: InstanceMeta) -> str | None:
         """The spool path of this SOP Instance UID if it is already recorded."""

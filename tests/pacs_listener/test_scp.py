@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 from sqlalchemy import select, text
@@ -276,19 +276,30 @@ def test_start_removes_partial_files_left_by_a_crash(make_settings, sqlite_sessi
 
 
 def test_resend_restores_a_missing_file_and_keeps_the_first_row(listener_factory, sqlite_session_factory):
+    """The row stays (its id and time), and describes the restored file: here the PACS resent in another
+    transfer syntax, so size, SHA-256 and transfer syntax are those of the bytes now on disk."""
+    import hashlib
+
     listener = listener_factory()
     ds = make_mr()
-    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian]),
+                                             (MRImageStorage, [ImplicitVRLittleEndian])])
     try:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # pynetdicom sends in the data set's syntax
         assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
         row = instance_row(sqlite_session_factory, ds.SOPInstanceUID)
+        assert row.transfer_syntax_uid == ExplicitVRLittleEndian
         (listener.spool_dir / row.path).unlink()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
         assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
     finally:
         assoc.release()
     again = instance_row(sqlite_session_factory, ds.SOPInstanceUID)
     assert again.id == row.id and again.received_at == row.received_at
+    on_disk = (listener.spool_dir / row.path).read_bytes()
     assert dcmread(listener.spool_dir / row.path).SOPInstanceUID == ds.SOPInstanceUID
+    assert again.transfer_syntax_uid == ImplicitVRLittleEndian
+    assert (again.size_bytes, again.sha256) == (len(on_disk), hashlib.sha256(on_disk).hexdigest())
 
 
 def test_resend_of_an_instance_removed_by_retention_restores_it(listener_factory, sqlite_session_factory):
