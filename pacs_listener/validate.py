@@ -83,6 +83,10 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UR", b"UT
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 MAX_NESTING = 32
+#: the most a deflated data set may inflate to: a few kilobytes of deflate can claim gigabytes (a
+#: "deflate bomb"), which the check and then pydicom would each hold in memory; the deflated syntax
+#: carries structured reports, waveforms and the like, far below this
+MAX_INFLATED_BYTES = 512 * 2**20
 _LITTLE = "little"
 
 
@@ -93,10 +97,15 @@ def _dataset_stream(file_bytes: bytes, transfer_syntax_uid: str) -> bytes | None
     meta_end = 144 + int.from_bytes(file_bytes[140:144], "little")
     body = file_bytes[meta_end:]
     if UID(transfer_syntax_uid).is_deflated:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
+            body = inflater.decompress(body, MAX_INFLATED_BYTES)
         except zlib.error as exc:
             raise InvalidDataset(f"deflated data set cannot be inflated: {exc}", StoreStatus.CANNOT_UNDERSTAND) from exc
+        if inflater.unconsumed_tail:
+            raise InvalidDataset(f"deflated data set inflates to more than {MAX_INFLATED_BYTES / 2**20:g} MiB "
+                                 f"(MAX_INFLATED_BYTES), from {len(file_bytes) - meta_end} bytes",
+                                 StoreStatus.CANNOT_UNDERSTAND)
     return body
 
 

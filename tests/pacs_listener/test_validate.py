@@ -3,6 +3,7 @@ import struct
 import pytest
 from pydicom import dcmread
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -224,6 +225,24 @@ def test_deflated_real_file_passes(corpus_file):
     path = corpus_file("pydicom/test_files/image_dfl.dcm")
     ds = dcmread(path)
     validate_received(path.read_bytes(), request_for(ds, ds.file_meta.TransferSyntaxUID))
+
+
+def test_deflate_bomb_is_refused_before_it_is_inflated_whole(monkeypatch):
+    """A deflated data set that inflates past MAX_INFLATED_BYTES is refused (0xC000) with the reason, after
+    inflating no more than the limit; below the limit the same data set passes."""
+    import pacs_listener.validate as validate
+
+    ds = make_mr()
+    ds.add_new(0x00091010, "OB", bytes(8 * 2**20))  # 8 MiB of zeros: a few KiB deflated
+    ds.add_new(0x00090010, "LO", "BOMB TEST")
+    data = to_file_bytes(ds, DeflatedExplicitVRLittleEndian)
+    assert len(data) < 64 * 1024
+    validate_received(data, request_for(ds, DeflatedExplicitVRLittleEndian))
+    monkeypatch.setattr(validate, "MAX_INFLATED_BYTES", 2**20)
+    with pytest.raises(InvalidDataset) as err:
+        validate_received(data, request_for(ds, DeflatedExplicitVRLittleEndian))
+    assert err.value.status == StoreStatus.CANNOT_UNDERSTAND
+    assert "inflates to more than 1 MiB" in err.value.reason
 
 
 _ITEM_UNDEFINED = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
