@@ -37,7 +37,8 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels import apply_color_lut, pixel_array
+from pydicom.uid import UID
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,9 @@ def _lut_item(ds: Dataset, sequence_keyword: str) -> Dataset | None:
 
 def _modality_lut(arr: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, bool]:
     """The modality LUT's output, and whether it changed the stored values (a LUT or a rescale)."""
-    if _lut_item(ds, "ModalityLUTSequence") is not None:
-        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), True
+    item = _lut_item(ds, "ModalityLUTSequence")
+    if item is not None:
+        return _lut_lookup(arr, ds, item), True
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is None and intercept is None:
         item = _functional_item(ds, index, "PixelValueTransformationSequence")
@@ -142,13 +144,29 @@ def _stored_range(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return np.clip((values - lo) / float(2 ** bits - 1), 0.0, 1.0)
 
 
-def _lut_input(values: np.ndarray, item: Dataset) -> np.ndarray:
-    """Modality-LUT output as the integers a LUT item looks up: floored (as pydicom truncates a float
-    input), and clipped to the LUT's input range, which is where the standard sends values outside it
-    (below the first mapped value: the first entry; past the last: the last entry, PS3.3 C.11.2.1.1)
-    and keeps pydicom's unsigned index arithmetic from wrapping."""
-    entries, first = int(item.LUTDescriptor[0]) or 2 ** 16, int(item.LUTDescriptor[1])
-    return np.clip(np.floor(values), first, first + entries - 1).astype(np.int64)
+def _lut_table(ds: Dataset, item: Dataset) -> np.ndarray:
+    """The entries of a LUT item (:func:`_lut_item`): LUT Data as read (US / SS), or unpacked from OW words
+    in the data set's byte order."""
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        little = UID(str(ts)).is_little_endian if ts else True
+        return np.frombuffer(bytes(data), dtype="<u2" if little else ">u2", count=len(data) // 2).astype(np.float64)
+    return np.asarray([data] if np.isscalar(data) else list(data), dtype=np.float64)
+
+
+def _lut_lookup(values: np.ndarray, ds: Dataset, item: Dataset) -> np.ndarray:
+    """``values`` through a Modality or VOI LUT item (PS3.3 C.11.1.1, C.11.2.1.1): floored (as pydicom
+    truncates), a value below the first mapped one takes the first entry, one past the last the last.
+
+    The lookup is ours, not pydicom's: pydicom 3.0.2's ``apply_voi`` builds its indices in the LUT's output
+    type, so an 8-bit LUT of more than 256 entries (a 12-bit CR mapped to 8 bits) wrapped input 256 to
+    entry 0, and ``apply_modality_lut`` builds them in the pixels' type."""
+    table = _lut_table(ds, item)
+    first = int(item.LUTDescriptor[1])
+    entries = min(int(item.LUTDescriptor[0]) or 2 ** 16, len(table))
+    index = np.clip(np.floor(values).astype(np.int64) - first, 0, entries - 1)
+    return table[index]
 
 
 def _voi(values: np.ndarray, ds: Dataset, index: int, rescaled: bool) -> np.ndarray:
@@ -169,7 +187,7 @@ def _voi(values: np.ndarray, ds: Dataset, index: int, rescaled: bool) -> np.ndar
     if lut_item is not None:
         # the VOI LUT maps the modality-LUT output (a rescale's too, not the stored values); its descriptor
         # gives the output bit depth
-        out = np.asarray(apply_voi(_lut_input(values, lut_item), ds, 0), dtype=np.float64)
+        out = _lut_lookup(values, ds, lut_item)
         bits = int(lut_item.LUTDescriptor[2])
         top = float(2 ** bits - 1) if bits > 0 else float(out.max() or 1.0)
         if out.max() > top:  # descriptors lie sometimes; fall back to the actual range

@@ -243,6 +243,34 @@ def test_voi_lut_sequence_maps_rescaled_values(dicom_corpus):
     np.testing.assert_allclose(got, expected, atol=1e-9)
 
 
+def test_eight_bit_voi_lut_of_4096_entries(tmp_path):
+    """A 12-bit image with a VOI LUT of 4096 entries onto 8 bits (as CR and DX carry): every input finds its
+    own entry. pydicom 3.0.2's apply_voi indexed in uint8 and sent input 256 to entry 0, 1023 to 255's."""
+    stored = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
+    ds = pydicom.dcmread(_secondary_capture(tmp_path, stored, 12))
+    ds.VOILUTSequence = [_voi_lut_item(0, 4096, 8)]
+    lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+    got = decode_frame(ds, 1, str(ds.SOPInstanceUID))
+    np.testing.assert_allclose(got, lut[stored] / 255.0, atol=1e-9)
+    assert got.ravel()[16] == lut[256] / 255.0 > 0.05  # input 256: entry 256 (15 of 255), not entry 0
+    assert np.all(np.diff(got.ravel()) >= 0)  # monotone, as the LUT
+
+
+def test_modality_lut_as_ow_words(tmp_path):
+    """A Modality LUT whose LUT Data is OW (raw words, read in the data set's byte order) with a negative
+    first mapped value; a window then maps its output."""
+    stored = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    ds = pydicom.dcmread(_secondary_capture(tmp_path, stored, 12, WindowCenter=1000, WindowWidth=2001))
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [200, 10, 16]
+    table = (np.arange(200, dtype=np.uint16) * 10)
+    item.add_new("LUTData", "OW", table.astype("<u2").tobytes())
+    ds.ModalityLUTSequence = [item]
+    modality = table[np.clip(stored.astype(np.int64) - 10, 0, 199)].astype(np.float64)
+    got = decode_frame(ds, 1, str(ds.SOPInstanceUID))
+    np.testing.assert_allclose(got, np.clip((modality - 999.5) / 2000.0 + 0.5, 0, 1), atol=1e-9)
+
+
 def _empty_lut_item() -> pydicom.Dataset:
     """A LUT Sequence item whose LUT Descriptor and LUT Data are present but empty, as some archives write."""
     item = pydicom.Dataset()
