@@ -13,8 +13,16 @@
   (the top true positives, false positives and false negatives at the model's threshold).
 * ``--cv K``: K folds over the TRAIN normals (grouped by ``group`` where the manifest has one). For each
   fold an untrained twin of the model (``get_detector_class(card.detector)(**card.params)``) is fitted on
-  the other folds' normals, calibrated on the fold's own normals, and evaluated on the test rows; the
-  report gives every fold and the mean ± std. Anomalies never take part in fitting or calibration.
+  the other folds' normals and calibrated on the fold's own normals; the report gives every fold and the
+  mean ± std. Anomalies never take part in fitting or calibration. What a twin is scored on
+  (``--cv-on``):
+
+  - ``validation`` (the default): the fold's own normals against a fixed, seeded sample of TRAIN-split
+    anomalies (``--cv-anomalies``). It reads no test image, so it may choose between recipes. Only
+    threshold-free metrics are reported: the fold's normals also set the threshold.
+  - ``test``: the evaluation rows (the test split). A figure to report, never to choose by: a recipe kept
+    because its test CV passed a gate has been selected on the test split (as the brain model 9.0.0 was,
+    ``benchmarks/results/cv-validation-brain_mri.md``).
 """
 
 from __future__ import annotations
@@ -47,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--cv", type=int, default=0, metavar="K",
                         help="also run K-fold cross-validation over the train normals (K >= 2)")
+    parser.add_argument("--cv-on", choices=("validation", "test"), default="validation",
+                        help="what the CV twins are scored on: each fold's own normals against train-split "
+                             "anomalies (validation, the default: reads no test image), or the test split "
+                             "(a figure to report, never to choose a recipe by)")
+    parser.add_argument("--cv-anomalies", type=int, default=500, metavar="N",
+                        help="with --cv-on validation: a seeded sample of N train-split anomalies (0 = all)")
     parser.add_argument("--limit", type=int, default=0, metavar="N",
                         help="quick look: a class-stratified random subset of N test rows (and, with --cv, "
                              "at most N train normals)")
@@ -253,9 +267,15 @@ def model_training_args(model_dir: Path) -> dict[str, Any]:
 
 
 def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int, batch: int, workers: int,
-           n_boot: int, training_args: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+           n_boot: int, training_args: dict[str, Any] | None = None, on: str = "test",
+           n_anomalies: int = 500) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """K-fold CV over the train normals (see the module docstring). ``training_args`` (the model's
-    ``training.json`` command arguments) carry what ``fit`` cannot read off the card: re-framed copies."""
+    ``training.json`` command arguments) carry what ``fit`` cannot read off the card: re-framed copies.
+    ``on``: ``"test"`` scores every twin on ``test_sequences``; ``"validation"`` on its held-out fold's
+    normals against ``n_anomalies`` train-split anomalies of ``train_rows`` (0: all), and never reads
+    ``test_sequences``."""
+    if on not in ("test", "validation"):
+        raise ValueError(f"--cv-on {on!r}: 'validation' or 'test'")
     import inspect
 
     from inference.api import get_detector_class
@@ -266,7 +286,20 @@ def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int,
     folds = make_folds(normals, k, seed)
     log.info("cv: %d folds over %d train normals (grouped: %s)", k, len(normals), any(r.group for r in normals))
     sequences = load_sequences(normals, workers=workers)
-    labels = M.binary_labels(test_classes)
+    labels = M.binary_labels(test_classes) if on == "test" else None
+    anomaly_sequences: list = []
+    anomaly_classes: list[str] = []
+    if on == "validation":
+        anomalies = [r for r in train_rows if not _is_normal(r)]
+        if not anomalies:
+            raise ValueError("--cv-on validation needs anomalies in the train split")
+        if 0 < n_anomalies < len(anomalies):
+            keep = np.random.default_rng(seed).permutation(len(anomalies))[:n_anomalies]
+            anomalies = [anomalies[i] for i in sorted(keep)]
+        anomaly_sequences = load_sequences(anomalies, workers=workers)
+        anomaly_classes = [r.label for r in anomalies]
+        log.info("cv: scored on each fold's normals against %d train-split anomalies (no test image)",
+                 len(anomalies))
     cls = get_detector_class(card.detector)
     out: list[dict[str, Any]] = []
     augment = reframe_augment(training_args or {}, seed)  # fold f's copies use seed + f (below)
@@ -283,28 +316,42 @@ def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int,
         twin.fit([sequences[i] for i in fit_idx], validation=[sequences[i] for i in held], seed=seed + f,
                  **fit_kw)
         fit_s = time.perf_counter() - t0
-        scores, _ = score_all(twin, test_sequences, batch)
-        summ = M.summarize(scores, labels, twin.threshold, classes=test_classes, n_boot=0)
+        if on == "test":
+            scores, _ = score_all(twin, test_sequences, batch)
+            fold_classes = list(test_classes)
+            fold_labels = labels
+        else:  # the held-out normals (which also set the threshold) against the train-split anomalies
+            scores, _ = score_all(twin, [sequences[i] for i in held] + anomaly_sequences, batch)
+            fold_classes = [normals[i].label for i in held] + anomaly_classes
+            fold_labels = M.binary_labels(fold_classes)
+        summ = M.summarize(scores, fold_labels, twin.threshold, classes=fold_classes, n_boot=0)
         at = summ["at_threshold"]
         row = {"fold": f + 1, "n_fit": len(fit_idx), "n_calibration": int(len(held)), "fit_seconds": fit_s,
                "auroc": summ["auroc"], "auprc": summ["auprc"], "sens_at_95_spec": summ["sens_at_95_spec"],
                "fpr_at_95_sens": summ["fpr_at_95_sens"], "threshold": twin.threshold,
                "per_class_auroc": summ["per_class_auroc"]}
-        for key in ("sensitivity", "specificity", "f1", "accuracy"):
-            row[key] = at[key]
+        if on == "test":  # at the threshold: meaningless where the scored normals set it
+            for key in ("sensitivity", "specificity", "f1", "accuracy"):
+                row[key] = at[key]
         log.info("cv fold %d/%d: AUROC %.4f (fit %.0f s)", f + 1, k, row["auroc"], fit_s)
         out.append(row)
         del twin
     grouped = any(r.group for r in normals)
     settings = {
         "k": k, "seed": seed, "grouped_by": "group" if grouped else None, "n_train_normals": len(normals),
-        "detector": card.detector, "params": dict(card.params),
+        "detector": card.detector, "params": dict(card.params), "on": on,
+        "n_anomalies": len(anomaly_sequences) if on == "validation" else None,
         "description": (
             f"{k}-fold split of the {len(normals)} train-split normals"
             + (" (grouped by patient/group ID, so a group never sits on both sides)" if grouped else "")
             + ". Per fold: an untrained twin of the model (same detector and hyper-parameters) is fitted on "
             "the other folds' normals, its threshold calibrated on the held-out fold's normals, and it is "
-            "evaluated on the full test split. No anomaly is used for fitting or calibration."
+            + ("evaluated on the full test split: a figure to report, not to choose a recipe by. "
+               if on == "test" else
+               f"scored on those held-out normals against {len(anomaly_sequences)} train-split anomalies "
+               "(seeded sample, the same for every fold): no test image is read, and the metrics at the "
+               "threshold are left out, since the scored normals set it. ")
+            + "No anomaly is used for fitting or calibration."
             + (f" As in the model's training, the fit normals are joined by {augment.description}."
                if augment is not None else "")),
     }
@@ -406,13 +453,14 @@ def run(args, settings) -> int:
         if args.limit:  # quick look: cap the train normals the folds are made of, too
             tn = [r for r in train_rows if _is_normal(r)]
             keep = np.random.default_rng(args.seed).permutation(len(tn))[: args.limit]
-            train_rows = [tn[i] for i in sorted(keep)]
+            train_rows = [tn[i] for i in sorted(keep)] + [r for r in train_rows if not _is_normal(r)]
         if not train_rows:
             print(f"error: --cv needs a 'train' split in {src}", file=sys.stderr)
             return 2
         cv_folds, cv_settings = run_cv(card, train_rows, sequences, classes, k=args.cv, seed=args.seed,
                                        batch=args.batch, workers=args.workers, n_boot=0,
-                                       training_args=model_training_args(model_dir))
+                                       training_args=model_training_args(model_dir), on=args.cv_on,
+                                       n_anomalies=args.cv_anomalies)
 
     style = None
     if not args.no_style_baseline:

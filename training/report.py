@@ -382,7 +382,7 @@ def render_markdown(m: Mapping[str, Any], result: EvaluationResult, plots: Mappi
         L.append("")
         L.append(s.get("description", ""))
         L.append("")
-        keys = [k for k in CV_KEYS if k in cv["summary"]]
+        keys = [k for k in CV_KEYS if k in cv["summary"] and cv["summary"][k].get("n", 1)]
         L.append("| fold | n train normals | n calibration normals | " + " | ".join(keys) + " |")
         L.append("| --- | --- | --- | " + " | ".join("---" for _ in keys) + " |")
         for f in cv["folds"]:

@@ -81,6 +81,10 @@ def test_evaluate_manifest_writes_report_with_cv(kermany_slice, make_settings, t
     assert sum(f["n_calibration"] for f in m["cv"]["folds"]) == 16
     assert m["cv"]["settings"]["grouped_by"] == "group"
     assert "auroc" in m["cv"]["summary"] and m["cv"]["summary"]["auroc"]["n"] == 2
+    # the default CV reads no test image: each fold's 8 held-out normals against the 6 train anomalies
+    assert m["cv"]["settings"]["on"] == "validation" and m["cv"]["settings"]["n_anomalies"] == 6
+    [cv_header] = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| fold |")]
+    assert m["cv"]["summary"]["specificity"]["n"] == 0 and "auroc" in cv_header and "specificity" not in cv_header
     md = (out / "report.md").read_text()
     assert "medgru evaluate --manifest" in md and "2-fold cross-validation" in md
     # the lesion-blind style baseline, fitted on the 16 + 6 train rows, scored on the 16 test rows
@@ -255,6 +259,53 @@ def test_cv_of_a_model_trained_with_reframed_copies_trains_its_twins_with_them(t
     E.run_cv(card, rows, test_seqs, classes, k=3, seed=0, batch=4, workers=1, n_boot=0,
              training_args=model_training_args(tmp_path / "absent"))
     assert seen == [0, 0, 0]
+
+
+def test_validation_cv_reads_no_test_image(monkeypatch):
+    """--cv-on validation scores each twin on its held-out fold's normals against a seeded sample of the
+    train split's anomalies, the same for every fold; the test sequences are never scored."""
+    from training import evaluate as E
+
+    scored: list[list[float]] = []
+
+    class Twin:
+        def __init__(self, **params):
+            pass
+
+        def fit(self, normals, *, validation=(), seed=0, cluster_pool=()):
+            self.threshold = 0.5
+
+    def score_all(det, seqs, batch):  # a sequence's score is its grey level: anomalies (0.9) above normals
+        values = [float(s.frames[0, 0, 0]) for s in seqs]
+        scored.append(values)
+        return np.asarray(values), 0.0
+
+    monkeypatch.setattr("inference.api.get_detector_class", lambda name: Twin)
+    monkeypatch.setattr(E, "score_all", score_all)
+    monkeypatch.setattr("training.manifest.load_sequences",
+                        lambda rows, workers=2: [FrameSequence(frames=np.full(
+                            (1, 8, 8), 0.9 if r.label != "normal" else 0.1 + 0.01 * int(r.path.stem[1:]),
+                            np.float32)) for r in rows])
+    rows = ([ManifestRow(path=Path(f"n{i}.png"), label="normal", split="train", group=f"g{i}") for i in range(6)]
+            + [ManifestRow(path=Path(f"a{i}.png"), label="pneumonia", split="train") for i in range(10)])
+    card = ModelCard(name="m", version="1", detector="twin", scope=Scope(modalities=("CR",)))
+    test_seqs = [FrameSequence(frames=np.full((1, 8, 8), 0.3, np.float32))] * 4  # grey 0.3: never scored
+    folds, settings = E.run_cv(card, rows, test_seqs, ["normal", "normal", "pneumonia", "pneumonia"], k=3,
+                               seed=0, batch=4, workers=1, n_boot=0, on="validation", n_anomalies=4)
+    def has_test(values):
+        return any(abs(v - 0.3) < 1e-6 for v in values)
+
+    assert len(scored) == 3 and not any(has_test(values) for values in scored)
+    assert all(len(v) == 2 + 4 and sorted(v)[2:] == [pytest.approx(0.9)] * 4 for v in scored)  # 2 held + 4
+    assert all(f["auroc"] == 1.0 and "specificity" not in f for f in folds)
+    assert settings["on"] == "validation" and settings["n_anomalies"] == 4
+    assert "no test image is read" in settings["description"]
+    with pytest.raises(ValueError, match="needs anomalies in the train split"):
+        E.run_cv(card, rows[:6], test_seqs, ["normal"] * 4, k=3, seed=0, batch=4, workers=1, n_boot=0,
+                 on="validation")
+    _, test_settings = E.run_cv(card, rows, test_seqs, ["normal", "normal", "pneumonia", "pneumonia"], k=3,
+                                seed=0, batch=4, workers=1, n_boot=0, on="test")
+    assert "not to choose a recipe by" in test_settings["description"] and has_test(scored[-1])
 
 
 @pytest.mark.parametrize("command", ["evaluate", "calibrate", "train"])
