@@ -11,7 +11,7 @@ model as it is and sets the threshold to their split-conformal quantile at ``--t
 ``ceil((n + 1)(1 - a))``-th smallest score (:func:`inference.api.conformal_threshold`), so that a new normal
 from the same site exceeds it with probability at most ``a``. Nothing is retrained.
 
-* Rows: the normal rows (label ``normal`` / ``0``) of a manifest or of a folder
+* Rows: the normal rows (:attr:`training.manifest.ManifestRow.is_normal`) of a manifest or of a folder
   (``<label>/*`` or ``<split>/<label>/*``); with ``--split``, only those of that split (when the rows
   have splits). Anomalies are never used.
 * Too few normals for the conformal rank to be a real score (``n < ceil(1 / a) - 1``: 19 at 5 %) is an

@@ -8,7 +8,8 @@
 * Rows: the ``test`` split of the manifest, or every row when it has no split column. ``--folder`` reads
   ``<folder>/<label>/*`` or ``<folder>/<split>/<label>/*``. A relative ``--manifest``/``--folder`` that
   does not exist is looked up under ``settings.data_root``.
-* Labels: ``normal`` / ``0`` is normal; any other label is an anomaly class, reported per class.
+* Labels: ``normal``, ``0``, ``notumor``, ``no_tumor`` or ``healthy`` (:func:`training.metrics.is_normal_label`,
+  the rule train and calibrate use too) is normal; any other label is an anomaly class, reported per class.
 * Scores come from ``Detector.score_batch``; ``detect(explain=True)`` runs only for the heat-map gallery
   (the top true positives, false positives and false negatives at the model's threshold).
 * ``--cv K``: K folds over the TRAIN normals (grouped by ``group`` where the manifest has one). For each

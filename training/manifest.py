@@ -1,8 +1,11 @@
 """Reading benchmark manifests and image folders into :class:`~inference.api.FrameSequence` objects.
 
 A manifest is a CSV with at least the columns ``path`` and ``label``; ``split`` and ``group`` are
-optional. Paths are relative to the folder that holds the CSV. A label of ``"normal"`` or ``"0"`` (any
-case) means a normal image; any other label names the anomaly class.
+optional. Paths are relative to the folder that holds the CSV. A label of ``"normal"``, ``"0"``,
+``"notumor"``, ``"no_tumor"`` or ``"healthy"`` (any case, surrounding blanks ignored;
+:data:`training.metrics.NORMAL_LABELS`) means a normal image; any other label names the anomaly class.
+The same rule holds for the label folders of an image folder (a brain MRI set's ``notumor``), and for
+every command: ``train`` (and ``--supervised``), ``calibrate`` and ``evaluate`` agree on what is normal.
 
 A folder of images is read as ``<folder>/<label>/*.{png,jpg,jpeg,dcm}`` or ``<folder>/<split>/<label>/*``.
 
@@ -25,11 +28,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from inference.api import FrameSequence
+from training.metrics import is_normal_label
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: files read as DICOM, through the service's own pixel pipeline (:mod:`worker.pixels`)
 DICOM_SUFFIXES = (".dcm",)
-NORMAL_LABELS = frozenset({"normal", "0"})
 REQUIRED_COLUMNS = ("path", "label")
 
 
@@ -51,7 +54,9 @@ class ManifestRow:
 
     @property
     def is_normal(self) -> bool:
-        return self.label.strip().lower() in NORMAL_LABELS
+        """The metrics' rule (:func:`training.metrics.is_normal_label`), so that the rows train and
+        calibrate use are the rows evaluate counts as normal."""
+        return is_normal_label(self.label)
 
 
 def read_manifest(csv_path: Path) -> list[ManifestRow]:

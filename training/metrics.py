@@ -17,11 +17,14 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+#: labels (lower case) of normal images, in manifests, image folder names and evaluation classes alike
 NORMAL_LABELS = frozenset({"normal", "0", "notumor", "no_tumor", "healthy"})
 
 
 def is_normal_label(label: object) -> bool:
-    """``"normal"`` / ``"0"`` (any case, surrounding blanks ignored) and a few synonyms are normal."""
+    """``"normal"`` / ``"0"`` (any case, surrounding blanks ignored) and the synonyms ``"notumor"``,
+    ``"no_tumor"``, ``"healthy"`` (:data:`NORMAL_LABELS`) are normal. The one rule of every command:
+    :attr:`training.manifest.ManifestRow.is_normal` (train, calibrate) is this function."""
     return str(label).strip().lower() in NORMAL_LABELS
 
 

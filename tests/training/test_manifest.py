@@ -63,6 +63,21 @@ def test_rows_from_folder_both_layouts(tmp_path):
         rows_from_folder(tmp_path / "flat" / "normal")  # no label sub-folders
 
 
+def test_manifest_rows_use_the_one_normal_label_rule_of_evaluate(tmp_path):
+    """A brain MRI folder names its normals ``notumor``: ``medgru evaluate`` (metrics.is_normal_label)
+    counted them as normal while train and calibrate (ManifestRow.is_normal) found none, and
+    ``--supervised`` would have fed them to the encoder as labelled anomalies."""
+    from training.calibrate import select_normals
+    from training.metrics import is_normal_label
+
+    labels = ["normal", "0", "notumor", "No_Tumor", "healthy", "glioma", "1"]
+    for label in labels:
+        _png(tmp_path / "test" / label / "x.png")
+    rows = rows_from_folder(tmp_path)
+    assert {r.label: r.is_normal for r in rows} == {lab: is_normal_label(lab) for lab in labels}
+    assert sorted(r.label for r in select_normals(rows, "test")) == ["0", "No_Tumor", "healthy", "normal", "notumor"]
+
+
 def test_load_frames_gives_one_greyscale_frame(tmp_path):
     p = _png(tmp_path / "a.png", value=51, rgb=True)
     seq = load_frames(p)
