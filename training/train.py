@@ -50,8 +50,6 @@ from training.model_folder import out_folder_problem, staged_model_folder
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME_DEFAULT = "medgru-svc"
-
 
 def _cluster_gamma(text: str) -> float | str:
     """``--cluster-gamma``: ``auto`` or a positive number."""
@@ -83,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what to train: MedGRU-SVC, or the k-NN baseline on pooled backbone features")
     parser.add_argument("--train-split", default="train",
                         help="split whose normals are used (ignored when the rows have no split)")
-    parser.add_argument("--name", default=MODEL_NAME_DEFAULT, help="model name in the card")
+    parser.add_argument("--name", default="",
+                        help="model name in the card (default: the detector's, medgru-svc or knn-effnet)")
     parser.add_argument("--version", default="", help="model version (default: UTC date-time)")
     parser.add_argument("--modalities", default="CR,DX", help="scope: DICOM modalities, comma separated")
     parser.add_argument("--body-parts", default="CHEST", help="scope: body parts examined, comma separated")
@@ -509,6 +508,7 @@ def run(args: argparse.Namespace, settings) -> int:
     if problem:
         log.error("%s", problem)
         return 2
+    args.name = args.name or args.detector  # a k-NN model is not called medgru-svc
     if args.detector == "knn-effnet":
         return _run_knn(args)
     t0 = time.time()
@@ -638,6 +638,7 @@ def _run_knn(args: argparse.Namespace) -> int:
                 body_parts=[b.strip().upper() for b in args.body_parts.split(",") if b.strip()],
                 source=str(args.manifest or args.folder), calibration_fraction=args.knn_calibration_fraction,
                 seed=args.seed, workers=args.workers,
+                params={"alpha": args.target_fpr},  # the conformal threshold's FPR, as MedGRU-SVC's target_fpr
             )
     except ValueError as exc:
         log.error("%s", exc)
