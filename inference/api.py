@@ -202,8 +202,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_model_files(model_dir: Path, card: ModelCard) -> None:
-    """Raise ``ValueError`` if a file listed in the card is missing or its checksum differs."""
+def verify_model_files(model_dir: Path, card: ModelCard, required: Iterable[str] = ()) -> None:
+    """Raise ``ValueError`` if the card lists no files, leaves one of ``required`` (the files the detector
+    loads: :attr:`Detector.MODEL_FILES`) unlisted, or a listed file is missing or its checksum differs.
+    Checking only the listed files let a card without ``svdd.npz`` (or with ``files: {}``) load a head
+    whose threshold anyone had changed."""
+    if not card.files:
+        raise ValueError(f"model {card.name}: the card lists no files with checksums; nothing in {model_dir} "
+                         "can be verified")
+    for name in required:
+        if name not in card.files:
+            raise ValueError(f"model {card.name}: {name} is not listed with a checksum in the card, and the "
+                             f"{card.detector} detector loads it; refusing an unverified file")
     for name, digest in card.files.items():
         path = Path(model_dir) / name
         if not path.is_file():
@@ -261,6 +271,9 @@ class Detector(abc.ABC):
     #: constructor keyword arguments for a tiny, fast configuration: the contract test builds
     #: ``cls(**cls.SMALL_PARAMS)`` and fits it on a handful of synthetic sequences.
     SMALL_PARAMS: ClassVar[dict[str, Any]] = {}
+    #: the files ``load`` reads from a model folder: :func:`load_model` with ``verify`` refuses a card
+    #: that does not list each of them with its checksum
+    MODEL_FILES: ClassVar[tuple[str, ...]] = ()
 
     card: ModelCard | None = None
     #: the decision threshold on the score (``None`` until fitted or loaded); every detector keeps it here
@@ -345,9 +358,10 @@ def load_model(model_dir: Path, *, verify: bool = True) -> Detector:
     """Load a trained detector from a model folder (``card.json`` + the detector's files)."""
     model_dir = Path(model_dir)
     card = ModelCard.read(model_dir)
+    cls = get_detector_class(card.detector)
     if verify:
-        verify_model_files(model_dir, card)
-    det = get_detector_class(card.detector).load(model_dir, card)
+        verify_model_files(model_dir, card, cls.MODEL_FILES)
+    det = cls.load(model_dir, card)
     det.card = card
     return det
 

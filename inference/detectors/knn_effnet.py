@@ -34,6 +34,7 @@ class KnnEffNetDetector(Detector):
     """k-NN on pooled frozen EfficientNet-Lite0 features (see the module docstring)."""
 
     SMALL_PARAMS = {"image_size": 64, "k": 1, "patch_bank_size": 256, "batch_size": 8}
+    MODEL_FILES = (WEIGHTS_FILE,)
 
     def __init__(self, image_size: int = 224, k: int = 5, patch_bank_size: int = 16384, alpha: float = 0.05,
                  holdout_fraction: float = 0.2, batch_size: int = 32, name: str = "knn-effnet",

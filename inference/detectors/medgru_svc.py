@@ -255,6 +255,8 @@ class MedGRUSVC(Detector):
         "input_size": 64, "hidden_channels": 8, "reduce_channels": 16, "epochs": 2, "batch_size": 4,
         "hpo_trials": 3,
     }
+    #: ``load`` reads all three (meta.json for the params when the card has none, and the fit report)
+    MODEL_FILES = (ENCODER_FILE, HEAD_FILE, META_FILE)
 
     def __init__(self, *, input_size: int = 224, clip_limit: float = 2.0, tile_grid: int = 8,
                  cell: str = "convgru", layers: int = 1, hidden_channels: int = 64,

@@ -145,6 +145,28 @@ def test_save_load_round_trip_and_checksum(trained, tmp_path):
         load_model(model_dir)
 
 
+def test_verification_refuses_a_card_that_leaves_a_model_file_unchecked(trained, tmp_path):
+    """Only files the card lists were checked: a card without one of the detector's files, or with none,
+    loaded with ``verify=True`` whatever that file held. ``MODEL_FILES`` declares what ``load`` reads."""
+    cls, det = trained
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    files = _save_with_card(cls, det, model_dir)
+    card = json.loads((model_dir / "card.json").read_text())
+    (model_dir / "training.json").write_text("{}\n")  # as medgru train lists it: the list never gets empty
+    card["files"]["training.json"] = sha256_file(model_dir / "training.json")
+    for name in files:
+        unlisted = dict(card, files={k: v for k, v in card["files"].items() if k != name})
+        (model_dir / "card.json").write_text(json.dumps(unlisted))
+        with pytest.raises(ValueError, match=f"{name} is not listed"):
+            load_model(model_dir, verify=True)
+    (model_dir / "card.json").write_text(json.dumps(dict(card, files={})))
+    with pytest.raises(ValueError, match="lists no files"):
+        load_model(model_dir, verify=True)
+    assert type(load_model(model_dir, verify=False)) is cls  # what is checked changed, not what is loaded
+    assert cls.MODEL_FILES and set(cls.MODEL_FILES) <= set(files), "MODEL_FILES: the saved files load reads"
+
+
 def test_set_threshold_survives_save_and_load(trained, tmp_path):
     cls, det = trained
     first = tmp_path / "first"
