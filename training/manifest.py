@@ -1,9 +1,10 @@
 """Reading benchmark manifests and image folders into :class:`~inference.api.FrameSequence` objects.
 
-A manifest is a CSV with at least the columns ``path`` and ``label``; ``split`` and ``group`` are
-optional. Paths are relative to the folder that holds the CSV. A label of ``"normal"``, ``"0"``,
-``"notumor"``, ``"no_tumor"`` or ``"healthy"`` (any case, surrounding blanks ignored;
-:data:`training.metrics.NORMAL_LABELS`) means a normal image; any other label names the anomaly class.
+A manifest is a CSV (UTF-8, with or without the byte-order mark Excel writes) with at least the columns
+``path`` and ``label``; ``split`` and ``group`` are optional. Paths are relative to the folder that holds
+the CSV. A label of ``"normal"``, ``"0"``, ``"notumor"``, ``"no_tumor"`` or ``"healthy"`` (any case,
+surrounding blanks ignored; :data:`training.metrics.NORMAL_LABELS`) means a normal image; any other label
+names the anomaly class.
 The same rule holds for the label folders of an image folder (a brain MRI set's ``notumor``), and for
 every command: ``train`` (and ``--supervised``), ``calibrate`` and ``evaluate`` agree on what is normal.
 
@@ -69,7 +70,8 @@ def read_manifest(csv_path: Path) -> list[ManifestRow]:
         raise InputDataError(f"manifest {csv_path} not found")
     base = csv_path.resolve().parent
     rows: list[ManifestRow] = []
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which utf-8 keeps in the first column's name
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in fields]

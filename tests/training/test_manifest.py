@@ -37,6 +37,16 @@ def test_zero_label_is_normal_and_split_is_optional(tmp_path):
     assert rows[0].split is None
 
 
+def test_excel_csv_with_a_byte_order_mark_reads(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; it was read into the first column's name
+    (``\ufeffpath``) and the manifest refused for lacking ``path``."""
+    _png(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("path,label,split\na.png,normal,train\n", encoding="utf-8-sig")
+    assert (tmp_path / "m.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    rows = read_manifest(tmp_path / "m.csv")
+    assert rows == [ManifestRow(path=(tmp_path / "a.png").resolve(), label="normal", split="train")]
+
+
 def test_missing_column_is_named(tmp_path):
     (tmp_path / "m.csv").write_text("path,split\na.png,train\n")
     with pytest.raises(ValueError, match="label"):
