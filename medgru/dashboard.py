@@ -25,6 +25,11 @@ every path but ``/healthz`` asks for HTTP Basic authentication (user ``settings.
 settings refuse a non-loopback ``dashboard_host`` without one. The actions are plain form POSTs; one
 whose ``Origin`` (or, without one, ``Sec-Fetch-Site``) says it came from another site is refused with
 403, so that a page elsewhere cannot make an admin's browser retry or re-send (cross-site request forgery).
+Every request but ``/healthz`` whose ``Host`` is not a name the dashboard is served as is refused with 421
+(:func:`misdirected`): a page whose own name the attacker re-points at this machine (DNS rebinding) is
+same-origin with the dashboard as far as the browser knows, and only its ``Host`` gives it away. The names
+are ``dashboard_host``, loopback names and addresses, on ``0.0.0.0`` this machine's name, FQDN and the
+address a request came in on, and those listed in ``settings.dashboard_allowed_hosts`` (a reverse proxy's).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import base64
 import binascii
 import hmac
 import html
+import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 from datetime import timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +56,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from sqlalchemy import func, select
 
 from dispatch.admin import outbox_rows, resend_item
+from medgru.settings import is_loopback
 from medgru.tables import when_iso
 from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
@@ -452,6 +460,56 @@ def cross_site(headers) -> str | None:
     return None
 
 
+#: ``dashboard_host`` values that listen on every interface (the machine's names are the dashboard's then)
+ALL_INTERFACES = ("0.0.0.0", "::", "")
+
+
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header (or a configured host): lower case, without its port, the brackets of
+    an IPv6 literal or a trailing dot. Anything malformed comes back as it is, and so matches no name."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, bracket, rest = host[1:].partition("]")
+        return name if bracket and rest[:1] in ("", ":") else host
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def served_names(settings) -> frozenset[str]:
+    """The names besides loopback ones that the dashboard answers to: ``dashboard_host`` (on every
+    interface, this machine's host name and FQDN instead) and ``dashboard_allowed_hosts``."""
+    names = {host_name(h) for h in settings.dashboard_allowed_hosts}
+    if settings.dashboard_host.strip("[] ") in ALL_INTERFACES:
+        names |= {host_name(socket.gethostname()), host_name(socket.getfqdn())}
+    else:
+        names.add(host_name(settings.dashboard_host))
+    return frozenset(names - {""})
+
+
+def _same_address(name: str, address: str) -> bool:
+    """Whether ``name`` is an address literal equal to ``address`` (an IPv6 one may carry a ``%zone``)."""
+    try:
+        return ipaddress.ip_address(name) == ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+
+
+def misdirected(host: str | None, names: frozenset[str], local_address: str) -> str | None:
+    """Why a request with this ``Host`` header is not for this dashboard, or ``None`` if it is.
+
+    DNS rebinding: a page on ``http://attacker.example:PORT`` whose name the attacker then points at
+    127.0.0.1 reaches the dashboard from the admin's browser, with ``Origin`` and ``Host`` both naming
+    attacker.example, so :func:`cross_site` sees nothing wrong. The ``Host`` must be one of ``names``, a
+    loopback name or address, or the address the request came in on (``local_address``: an address
+    literal cannot be rebound, and this one reached us)."""
+    name = host_name(host or "")
+    if name and (name in names or is_loopback(name) or _same_address(name, local_address)):
+        return None
+    return (f"Host {(host or '')[:100]!r} is not a name this dashboard is served as (dashboard_host, "
+            "loopback, MEDGRU_DASHBOARD_ALLOWED_HOSTS)")
+
+
 def check_basic_auth(header: str, user: str, password: str) -> bool:
     """Whether an ``Authorization: Basic …`` header carries ``user`` and ``password`` (constant-time compare)."""
     scheme, _, token = header.partition(" ")
@@ -498,6 +556,7 @@ class DashboardServer:
         self.health = health
         secret = settings.dashboard_password
         self.password: str | None = secret.get_secret_value() if secret is not None else None
+        self.names = served_names(settings)
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(session_factory))
         self.registry.register(_DiskCollector(settings))
@@ -549,12 +608,22 @@ class DashboardServer:
                            {"WWW-Authenticate": 'Basic realm="MedGRU worker", charset="UTF-8"'})
                 return False
 
+            def _for_us(self) -> bool:
+                """Whether the ``Host`` names this dashboard (:func:`misdirected`); else 421 and a log line."""
+                refused = misdirected(self.headers.get("Host"), server.names, self.connection.getsockname()[0])
+                if refused is None:
+                    return True
+                log.warning("dashboard: refused %s %s from %s: %s", self.command, self.path[:100],
+                            self.client_address[0], refused)
+                self._send(421, f"refused: {refused}\n".encode(), "text/plain")
+                return False
+
             def do_GET(self):
                 path, _, query = self.path.partition("?")
                 if path == "/healthz":
                     ok, text = health_report(server.sf, server.health)
                     return self._send(200 if ok else 503, text.encode(), "text/plain")
-                if not self._authorised():
+                if not self._for_us() or not self._authorised():
                     return None
                 if path == "/metrics":
                     return self._send(200, generate_latest(server.registry), CONTENT_TYPE_METRICS)
@@ -598,7 +667,7 @@ class DashboardServer:
 
             def do_POST(self):
                 m = re.fullmatch(r"/(jobs|outbox|quarantine)/(\d+)/(retry|cancel|resend)", self.path)
-                if not self._authorised():
+                if not self._for_us() or not self._authorised():
                     return None
                 action = actions.get((m[1], m[3])) if m else None
                 if action is None and self.path != "/echo":

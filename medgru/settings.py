@@ -143,6 +143,12 @@ class Settings(BaseSettings):
     dashboard_https: bool = Field(
         default=False, description="serve the dashboard over HTTPS with tls_certificate / tls_private_key")
     dashboard_user: str = "admin"
+    dashboard_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="more host names the dashboard answers to (the Host header of a reverse proxy or port "
+                    "forward), besides dashboard_host, loopback names and, on 0.0.0.0, this machine's name and "
+                    "addresses; comma separated in the environment",
+    )
     dashboard_password: SecretStr | None = Field(
         default=None,
         description="HTTP Basic password of the dashboard, /api and /metrics (not /healthz); required when "
@@ -182,7 +188,7 @@ class Settings(BaseSettings):
         """Where the results of a series sent by ``calling_ae`` go: its route, else ``destination``."""
         return self.routes.get((calling_ae or "").strip(), self.destination)
 
-    @field_validator("allowed_calling_aes", "model", mode="before")
+    @field_validator("allowed_calling_aes", "model", "dashboard_allowed_hosts", mode="before")
     @classmethod
     def _parse_list(cls, value: Any) -> Any:
         return _split_list(value)

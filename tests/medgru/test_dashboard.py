@@ -178,6 +178,99 @@ def test_actions_from_another_site_are_refused(dash):
     assert _post(base + "/outbox/2/resend") in (200, 303)
 
 
+def _request(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, str]:
+    """(status, body) of a request, an HTTP error's status and body included."""
+    req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_rebound_host_name_is_refused_on_get_and_post(dash, caplog):
+    """DNS rebinding: a page on http://attacker.example:PORT whose name the attacker then points at 127.0.0.1
+    is same-origin with its own requests to the dashboard, whose Host and Origin both say attacker.example.
+    Every path but /healthz refuses a Host that is not a name the dashboard is served as."""
+    caplog.set_level("WARNING", logger="medgru.dashboard")
+    _, sf, base = dash
+    port = base.rsplit(":", 1)[1]
+    for evil in (f"attacker.example:{port}", "attacker.example", "127.0.0.1.attacker.example",
+                 f"localhost.attacker.example:{port}", f"[::2]:{port}", ""):
+        for path in ("/", "/api/jobs", "/metrics", "/jobs/1", "/nothing"):
+            status, body = _request(base + path, {"Host": evil})
+            assert status == 421 and "MEDGRU_DASHBOARD_ALLOWED_HOSTS" in body, (evil, path)
+        status, _ = _request(base + "/jobs/3/cancel", {"Host": evil, "Origin": f"http://{evil}",
+                                                       "Sec-Fetch-Site": "same-origin"}, "POST")
+        assert status == 421, evil
+    with sf() as s:
+        assert s.get(Job, 3).state == JobState.QUEUED
+    assert _request(base + "/healthz", {"Host": f"attacker.example:{port}"})[0] == 200  # a load balancer's name
+    assert any("refused POST /jobs/3/cancel" in r.getMessage() and "'attacker.example:" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_loopback_names_with_and_without_port_are_served(dash):
+    _, sf, base = dash
+    port = base.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LocalHost", "localhost.",
+                 f"[::1]:{port}", "[::1]", "[0:0:0:0:0:0:0:1]", f"127.0.0.2:{port}"):
+        assert _request(base + "/api/jobs", {"Host": host})[0] == 200, host
+    ipv6 = f"[::1]:{port}"
+    assert _request(base + "/jobs/3/cancel", {"Host": ipv6, "Origin": f"http://{ipv6}"}, "POST")[0] in (200, 303)
+    with sf() as s:
+        assert s.get(Job, 3).state == JobState.CANCELLED
+
+
+def test_dashboard_allowed_hosts_names_more_hosts(make_settings, monkeypatch):
+    """Behind a reverse proxy or a port forward the browser names a host the dashboard cannot know:
+    MEDGRU_DASHBOARD_ALLOWED_HOSTS lists it (comma separated; a port given there is ignored)."""
+    monkeypatch.setenv("MEDGRU_DASHBOARD_ALLOWED_HOSTS", "a.example, b.example")
+    assert make_settings().dashboard_allowed_hosts == ["a.example", "b.example"]
+    monkeypatch.delenv("MEDGRU_DASHBOARD_ALLOWED_HOSTS")
+    settings = make_settings(dashboard_port=0, dashboard_allowed_hosts="dash.example.org, WORKER-7:8080,")
+    assert settings.dashboard_allowed_hosts == ["dash.example.org", "WORKER-7:8080"]
+    retried = []
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=retried.append, cancel=lambda j: None).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        for host in ("dash.example.org:8443", "DASH.example.org", "worker-7:8080", "worker-7"):
+            assert _request(base + "/api/jobs", {"Host": host})[0] == 200, host
+        assert _request(base + "/jobs/1/retry", {"Host": "dash.example.org:8443",
+                                                 "Origin": "https://dash.example.org:8443"}, "POST")[0] in (200, 303)
+        assert retried == [1]
+        assert _request(base + "/api/jobs", {"Host": "example.org"})[0] == 421
+    finally:
+        server.stop()
+
+
+def test_names_served_on_all_interfaces_and_on_one_host(make_settings, monkeypatch):
+    """On 0.0.0.0 the machine's host name, its FQDN and the address a request came in on are the
+    dashboard's; on one host, that host; loopback names always; nothing else."""
+    import socket
+
+    from medgru.dashboard import misdirected, served_names
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "Worker-7")
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": "worker-7.hospital.example")
+    everywhere = served_names(make_settings(dashboard_host="0.0.0.0", dashboard_password="x",
+                                            dashboard_allowed_hosts="proxy.example"))
+    assert everywhere == {"worker-7", "worker-7.hospital.example", "proxy.example"}
+    assert misdirected("worker-7:8080", everywhere, "10.1.2.3") is None
+    assert misdirected("Worker-7.Hospital.example.", everywhere, "10.1.2.3") is None
+    assert misdirected("10.1.2.3:8080", everywhere, "10.1.2.3") is None  # the address it was reached at
+    assert misdirected("10.1.2.4:8080", everywhere, "10.1.2.3") is not None
+    assert misdirected("[fe80::1]:8080", everywhere, "fe80::1%eth0") is None
+    assert misdirected("attacker.example:8080", everywhere, "10.1.2.3") is not None
+    one = served_names(make_settings(dashboard_host="dash.lan", dashboard_password="x"))
+    assert one == {"dash.lan"}
+    assert misdirected("DASH.lan:8080", one, "10.1.2.3") is None
+    assert misdirected("localhost:8080", one, "10.1.2.3") is None
+    assert misdirected("worker-7:8080", one, "10.1.2.3") is not None
+    assert misdirected(None, one, "10.1.2.3") is not None  # HTTP/1.1 requires Host
+
+
 def _metric(text: str, name: str) -> float:
     [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
     return float(line.split()[1])
