@@ -30,6 +30,8 @@ Every request but ``/healthz`` whose ``Host`` is not a name the dashboard is ser
 same-origin with the dashboard as far as the browser knows, and only its ``Host`` gives it away. The names
 are ``dashboard_host``, loopback names and addresses, on ``0.0.0.0`` this machine's name, FQDN and the
 address a request came in on, and those listed in ``settings.dashboard_allowed_hosts`` (a reverse proxy's).
+No response may be framed by another page (``X-Frame-Options``, CSP ``frame-ancestors``): a click on an
+invisible frame of the dashboard would post with the dashboard's own ``Origin`` (clickjacking).
 """
 
 from __future__ import annotations
@@ -76,6 +78,14 @@ from storage.models import (
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
+
+#: sent with every response: no page elsewhere may frame the dashboard (clickjacking: the admin's click on
+#: an invisible frame would post with the dashboard's own Origin), and no body is sniffed as another type
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def summary(session) -> dict[str, Any]:
@@ -586,6 +596,12 @@ class DashboardServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt, *args):  # route through logging, not stderr
                 log.debug("dashboard: " + fmt, *args)
+
+            def end_headers(self):
+                """Every response, :meth:`send_error`'s (400, 501) included, carries :data:`SECURITY_HEADERS`."""
+                for k, v in SECURITY_HEADERS.items():
+                    self.send_header(k, v)
+                super().end_headers()
 
             def _send(self, code: int, body: bytes, ctype: str, extra: dict[str, str] | None = None):
                 self.send_response(code)

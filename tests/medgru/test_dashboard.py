@@ -271,6 +271,34 @@ def test_names_served_on_all_interfaces_and_on_one_host(make_settings, monkeypat
     assert misdirected(None, one, "10.1.2.3") is not None  # HTTP/1.1 requires Host
 
 
+def test_no_response_may_be_framed_by_another_page(dash):
+    """Clickjacking: a page elsewhere that frames the dashboard invisibly has the admin's click land on a
+    Retry / Cancel button, and that POST carries the dashboard's own Origin. Every response forbids
+    framing (and MIME sniffing), the pages, the JSON API and the errors alike."""
+    _, _, base = dash
+
+    def headers(path: str, method: str = "GET", extra: dict[str, str] | None = None) -> tuple[int, object]:
+        req = urllib.request.Request(base + path, method=method, headers=extra or {},
+                                     data=b"" if method in ("POST", "PUT") else None)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers
+
+    seen = set()
+    for path, method, extra in [("/", "GET", None), ("/jobs/1", "GET", None), ("/api/jobs", "GET", None),
+                                ("/metrics", "GET", None), ("/healthz", "GET", None),
+                                ("/nothing", "GET", None), ("/jobs/99", "GET", None),
+                                ("/jobs/2/retry", "POST", {"Origin": "http://evil.example"}),
+                                ("/", "GET", {"Host": "attacker.example"}), ("/", "PUT", None)]:
+        status, h = headers(path, method, extra)
+        seen.add(status)
+        assert h["X-Frame-Options"] == "DENY", (path, method, status)
+        assert h["Content-Security-Policy"] == "frame-ancestors 'none'", (path, method, status)
+        assert h["X-Content-Type-Options"] == "nosniff", (path, method, status)
+    assert seen == {200, 403, 404, 421, 501}
+
 def _metric(text: str, name: str) -> float:
     [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
     return float(line.split()[1])
