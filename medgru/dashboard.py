@@ -53,7 +53,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sqlalchemy import func, select
 
@@ -120,8 +120,10 @@ class _DbCollector:
     """Prometheus collector that reads the queue's state from the database at scrape time.
 
     Besides counts by state it exports what an alert needs: how long the oldest waiting job and the oldest
-    unsent result have waited (a stalled worker or an unreachable PACS), and the inference time as a
-    summary (``_count`` and ``_sum``, so that ``rate(sum)/rate(count)`` is the recent mean)."""
+    unsent result have waited (a stalled worker or an unreachable PACS), and the mean inference time.
+    Whatever is read from the results is a gauge, not a counter or summary: a re-run replaces a job's result
+    (:mod:`worker.pipeline` deletes the old one), so a verdict count or the inference time's sum can go
+    down, which Prometheus would take for a counter's reset."""
 
     def __init__(self, session_factory):
         self._sf = session_factory
@@ -175,8 +177,8 @@ class _DbCollector:
                                 value=_age_seconds(min(pending_since, default=None), now))
         # verdicts by model and sender: a share of ABNORMAL that moves is a site whose images changed
         labels = ["model", "version", "sender"]
-        total = CounterMetricFamily("medgru_verdicts", "Results by model, sender and verdict (a job's latest "
-                                    "result)", labels=[*labels, "verdict"])
+        total = GaugeMetricFamily("medgru_verdicts", "Results by model, sender and verdict (a job's latest "
+                                  "result: a re-run replaces it)", labels=[*labels, "verdict"])
         share = GaugeMetricFamily("medgru_recent_abnormal_share", "Share of ABNORMAL verdicts among the latest "
                                   f"{DEFAULT_RECENT} results of a model and sender", labels=labels)
         recent = GaugeMetricFamily("medgru_recent_results", "How many results medgru_recent_abnormal_share is "
@@ -190,9 +192,8 @@ class _DbCollector:
         yield total
         yield share
         yield recent
-        yield SummaryMetricFamily("medgru_inference_seconds", "Inference time per job",
-                                  count_value=int(n_inf or 0), sum_value=float(sum_inf or 0.0))
-        yield GaugeMetricFamily("medgru_inference_seconds_mean", "Mean inference time per job",
+        yield GaugeMetricFamily("medgru_inference_seconds_mean",
+                                "Mean inference time per job (of each job's latest result)",
                                 value=float(sum_inf / n_inf) if n_inf else 0.0)
 
 

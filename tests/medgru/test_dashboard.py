@@ -304,11 +304,47 @@ def _metric(text: str, name: str) -> float:
     return float(line.split()[1])
 
 
+def _monotonic_samples(text: str) -> dict[str, float]:
+    """The samples of the families typed counter or summary (which Prometheus reads a drop of as a reset),
+    by name and labels."""
+    families = {line.split()[2] for line in text.splitlines()
+                if line.startswith("# TYPE ") and line.split()[3] in ("counter", "summary")}
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            name = key.split("{", 1)[0]
+            if any(name in (f, f + "_total", f + "_count", f + "_sum", f + "_created") for f in families):
+                samples[key] = float(value)
+    return samples
+
+
+def test_no_counter_goes_down_when_a_job_is_run_again(dash):
+    """A re-run replaces a job's result (worker/pipeline.py deletes the old one and its outbox items): the
+    verdict counts and the inference time, read from the latest results, may go down, so they are gauges;
+    what stays typed as a counter does not drop."""
+    _, sf, base = dash
+    before = _get(base + "/metrics")[2]
+    assert "# TYPE medgru_verdicts gauge" in before
+    with sf() as s:  # job 1 is run again: NORMAL this time, and faster
+        s.query(OutboxItem).filter(OutboxItem.result_fk == 1).delete()
+        s.query(Result).filter(Result.job_fk == 1).delete()
+        s.add(Result(job_fk=1, score=0.5, threshold=1.0, is_anomaly=False, model_name="medgru-svc-brain",
+                     model_version="1", inference_seconds=0.1))
+        s.commit()
+    after = _get(base + "/metrics")[2]
+    counters_before, counters_after = _monotonic_samples(before), _monotonic_samples(after)
+    assert "medgru_refused_instances_total" in counters_before
+    assert {k: v for k, v in counters_before.items() if counters_after.get(k, 0.0) < v} == {}
+    verdict = 'medgru_verdicts{model="medgru-svc-brain",sender="(unknown)",verdict="%s",version="1"}'
+    assert (_metric(after, verdict % "abnormal"), _metric(after, verdict % "normal")) == (0, 1)
+    assert _metric(after, "medgru_inference_seconds_mean") == pytest.approx(0.1)
+    assert _metric(after, "medgru_results") == 1
+
 def test_metrics_tell_a_stalled_queue_and_an_unreachable_pacs(dash):
     _, sf, base = dash
     _, _, metrics = _get(base + "/metrics")
-    assert _metric(metrics, "medgru_inference_seconds_count") == 1
-    assert _metric(metrics, "medgru_inference_seconds_sum") == pytest.approx(0.2)
+    assert _metric(metrics, "medgru_inference_seconds_mean") == pytest.approx(0.2)
     assert _metric(metrics, "medgru_stored_instances") == 0
     assert _metric(metrics, "medgru_quarantined_instances") == 1
     assert _metric(metrics, "medgru_refused_instances_total") == 1
@@ -679,9 +715,9 @@ def test_verdicts_by_model_and_sender_on_page_api_and_metrics(dash):
         verdict_label = f',verdict="{verdict}"' if verdict else ""
         return f'{{model="medgru-svc-brain",sender="{sender}"{verdict_label},version="1"}}'
 
-    assert _metric(metrics, "medgru_verdicts_total" + labels("(unknown)", "abnormal")) == 1
-    assert _metric(metrics, "medgru_verdicts_total" + labels("(unknown)", "normal")) == 0
-    assert _metric(metrics, "medgru_verdicts_total" + labels("SITE_A", "normal")) == 1
+    assert _metric(metrics, "medgru_verdicts" + labels("(unknown)", "abnormal")) == 1
+    assert _metric(metrics, "medgru_verdicts" + labels("(unknown)", "normal")) == 0
+    assert _metric(metrics, "medgru_verdicts" + labels("SITE_A", "normal")) == 1
     assert _metric(metrics, "medgru_recent_abnormal_share" + labels("(unknown)")) == 1.0
     assert _metric(metrics, "medgru_recent_abnormal_share" + labels("SITE_A")) == 0.0
     assert _metric(metrics, "medgru_recent_results" + labels("SITE_A")) == 1
