@@ -543,6 +543,12 @@ def _state_param(query: str, allowed: set[str]) -> tuple[str | None, str | None]
     return values[0], None
 
 
+#: a row id in a path, and the largest one looked up: the tables' keys are INTEGER, 32 bits on PostgreSQL
+#: (64 on SQLite); a larger id made the driver raise (out of range, or an OverflowError on SQLite) and the
+#: connection dropped with no answer. A path with a larger id is not found.
+ID = r"(\d{1,10})"
+MAX_ROW_ID = 2**31 - 1
+
 _JOB_STATES = {s.value for s in JobState}
 _OUTBOX_STATES = {s.value for s in OutboxState}
 
@@ -644,16 +650,16 @@ class DashboardServer:
                     return None
                 if path == "/metrics":
                     return self._send(200, generate_latest(server.registry), CONTENT_TYPE_METRICS)
-                overlay = re.fullmatch(r"/jobs/(\d+)/overlay\.png", path)
-                if overlay:
+                overlay = re.fullmatch(rf"/jobs/{ID}/overlay\.png", path)
+                if overlay and int(overlay[1]) <= MAX_ROW_ID:
                     with server.sf() as session:
                         try:
                             png = overlay_png(session, server.settings.outbox_dir, int(overlay[1]))
                         except KeyError as exc:
                             return self._send(404, f"{exc.args[0]}\n".encode(), "text/plain")
                     return self._send(200, png, "image/png")
-                job_page = re.fullmatch(r"/jobs/(\d+)", path)
-                if job_page:
+                job_page = re.fullmatch(rf"/jobs/{ID}", path)
+                if job_page and int(job_page[1]) <= MAX_ROW_ID:
                     with server.sf() as session:
                         try:
                             page = render_job_page(session, int(job_page[1]))
@@ -683,10 +689,10 @@ class DashboardServer:
                 return self._send(200, page.encode(), "text/html; charset=utf-8")
 
             def do_POST(self):
-                m = re.fullmatch(r"/(jobs|outbox|quarantine)/(\d+)/(retry|cancel|resend)", self.path)
+                m = re.fullmatch(rf"/(jobs|outbox|quarantine)/{ID}/(retry|cancel|resend)", self.path)
                 if not self._for_us() or not self._authorised():
                     return None
-                action = actions.get((m[1], m[3])) if m else None
+                action = actions.get((m[1], m[3])) if m and int(m[2]) <= MAX_ROW_ID else None
                 if action is None and self.path != "/echo":
                     return self._send(404, b"not found\n", "text/plain")
                 refused = cross_site(self.headers)  # /echo too: no change of state, but it opens associations

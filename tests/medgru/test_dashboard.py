@@ -299,6 +299,31 @@ def test_no_response_may_be_framed_by_another_page(dash):
         assert h["X-Content-Type-Options"] == "nosniff", (path, method, status)
     assert seen == {200, 403, 404, 421, 501}
 
+def test_an_id_too_large_for_the_database_is_not_found(make_settings, database_url):
+    """An id of 20 digits overflowed SQLite's 64-bit integer, one of 2**31 PostgreSQL's INTEGER, and the
+    connection dropped with no answer: an id larger than the tables' keys can hold is not found (404)."""
+    settings = make_settings(dashboard_port=0, database_url=database_url)
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    app = make_celery(settings)
+    server = DashboardServer(settings, sf, retry=lambda j: retry_job(sf, app, j),
+                             cancel=lambda j: cancel_job(sf, j)).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        for huge in ("9" * 20, "9" * 18, str(2**31), "0" * 11 + "1"):
+            for path in (f"/jobs/{huge}", f"/jobs/{huge}/overlay.png"):
+                assert _request(base + path) == (404, "not found\n"), path
+            for path in (f"/jobs/{huge}/retry", f"/jobs/{huge}/cancel", f"/outbox/{huge}/resend",
+                         f"/quarantine/{huge}/retry"):
+                assert _request(base + path, method="POST") == (404, "not found\n"), path
+        largest = str(2**31 - 1)  # looked up: no such row
+        assert _request(base + f"/jobs/{largest}") == (404, f"no job {largest}\n")
+        assert _request(base + f"/jobs/{largest}/overlay.png") == (404, f"no job {largest}\n")
+        assert _request(base + f"/jobs/{largest}/retry", method="POST")[0] == 409
+        assert _request(base + f"/outbox/{largest}/resend", method="POST")[0] == 409
+        assert _request(base + "/api/jobs")[0] == 200  # the server still answers
+    finally:
+        server.stop()
+
 def _metric(text: str, name: str) -> float:
     [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
     return float(line.split()[1])
