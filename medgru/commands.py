@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,40 @@ def _demo(args, settings) -> int:
     return run_demo(settings, data_root=args.data_root, inputs=args.input, timeout=args.timeout, home=args.home)
 
 
+#: what a URL's password is shown as (SQLAlchemy's own mask)
+HIDDEN_PASSWORD = "***"
+
+
+def hide_url_password(url: str, *, database: bool = False) -> str:
+    """``url`` with its password replaced by ``***`` and the rest (user, host, port, path) kept readable, so
+    that ``medgru config`` can be pasted into a ticket. ``database``: an SQLAlchemy URL (its own parser
+    knows its quirks); else a generic URL, or Celery's ``;``-separated list of failover brokers."""
+    if database:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            return make_url(url).render_as_string(hide_password=True)
+        except ArgumentError:
+            pass  # not a URL SQLAlchemy reads; the generic parser below still hides what it can
+    return ";".join(_hide_one_password(part) for part in url.split(";"))
+
+
+def _hide_one_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{HIDDEN_PASSWORD}@{hostport}"))
+
+
 def _config(args, settings) -> int:
-    print(json.dumps(json.loads(settings.model_dump_json()), indent=2))
+    values = json.loads(settings.model_dump_json())  # SecretStr fields come out masked already
+    for name, value in values.items():
+        if isinstance(value, str) and "://" in value:  # database_url, broker_url: credentials in the URL
+            values[name] = hide_url_password(value, database=name == "database_url")
+    print(json.dumps(values, indent=2))
     return 0
 
 

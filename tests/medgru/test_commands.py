@@ -1,0 +1,31 @@
+"""``medgru config``: the effective settings, printed without any secret."""
+
+from __future__ import annotations
+
+import json
+
+from medgru.cli import main
+
+
+def test_config_hides_the_passwords_of_the_database_and_broker_urls(make_settings, cli_env, capsys):
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    cli_env.setenv("MEDGRU_DATABASE_URL", "postgresql+psycopg://medgru:S3cretDbPw@db.example:5432/medgru")
+    cli_env.setenv("MEDGRU_BROKER_URL", "redis://:S3cretRedisPw@redis.example:6379/0")
+    cli_env.setenv("MEDGRU_DASHBOARD_PASSWORD", "S3cretDashPw")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "S3cret" not in out
+    shown = json.loads(out)
+    assert shown["database_url"] == "postgresql+psycopg://medgru:***@db.example:5432/medgru"
+    assert shown["broker_url"] == "redis://:***@redis.example:6379/0"
+    assert shown["dashboard_password"] == "**********"
+
+
+def test_config_masks_each_broker_of_a_failover_list_and_keeps_urls_without_a_password(make_settings, cli_env, capsys):
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    cli_env.setenv("MEDGRU_DATABASE_URL", "postgresql+psycopg://medgru@db.example/medgru")
+    cli_env.setenv("MEDGRU_BROKER_URL", "amqp://guest:S3cretAmqpPw@mq.example//;redis://cache.example:6379/1")
+    assert main(["config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["database_url"] == "postgresql+psycopg://medgru@db.example/medgru"
+    assert shown["broker_url"] == "amqp://guest:***@mq.example//;redis://cache.example:6379/1"
