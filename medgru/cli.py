@@ -51,7 +51,11 @@ def configure_logging(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    settings = load_settings(config_file=args.config)
+    try:
+        settings = load_settings(config_file=args.config)
+    except ValueError as exc:  # a missing config file, a value out of range: the message names it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings)
     return int(args.func(args, settings) or 0)
 

@@ -18,6 +18,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     NoDecode,
     TomlConfigSettingsSource,
 )
@@ -238,7 +239,13 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml_path = os.environ.get("MEDGRU_CONFIG")
         if toml_path:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+            # the TOML source skips a file that is not there: a mistyped path would run on the defaults
+            path = Path(toml_path).expanduser()
+            if not path.exists():
+                raise SettingsError(f"config file {toml_path} (--config or MEDGRU_CONFIG) does not exist")
+            if not path.is_file():
+                raise SettingsError(f"config file {toml_path} (--config or MEDGRU_CONFIG) is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
     # derived locations (plain properties: a cached value would survive model_copy(update={"home": ...}) and

@@ -29,3 +29,22 @@ def test_config_masks_each_broker_of_a_failover_list_and_keeps_urls_without_a_pa
     shown = json.loads(capsys.readouterr().out)
     assert shown["database_url"] == "postgresql+psycopg://medgru@db.example/medgru"
     assert shown["broker_url"] == "amqp://guest:***@mq.example//;redis://cache.example:6379/1"
+
+
+def test_a_missing_config_file_stops_the_command_with_exit_2(make_settings, cli_env, capsys, tmp_path):
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    missing = tmp_path / "no-such.toml"
+    assert main(["--config", str(missing), "config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing printed as if the defaults were the configuration
+    assert str(missing) in captured.err and "does not exist" in captured.err
+    cli_env.setenv("MEDGRU_CONFIG", str(missing))
+    assert main(["config"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_an_invalid_setting_stops_the_command_with_exit_2_naming_it(make_settings, cli_env, capsys):
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    cli_env.setenv("MEDGRU_QUIET_PERIOD_S", "soon")
+    assert main(["config"]) == 2
+    assert "quiet_period_s" in capsys.readouterr().err

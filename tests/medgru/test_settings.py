@@ -1,7 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from medgru.settings import BUNDLED_MODELS_DIR, Destination, Settings, load_settings
 
@@ -86,3 +88,15 @@ def test_routes_by_calling_ae(monkeypatch, tmp_path):
         monkeypatch.setenv("MEDGRU_ROUTES", bad)
         with pytest.raises(ValueError, match=says):
             load_settings()
+
+
+def test_a_config_file_that_does_not_exist_is_refused(monkeypatch, tmp_path):
+    """A mistyped path must not start the service on the defaults."""
+    missing = tmp_path / "no-such.toml"
+    with pytest.raises(SettingsError, match=f"config file {re.escape(str(missing))} .*does not exist"):
+        load_settings(config_file=missing, home=tmp_path)
+    monkeypatch.setenv("MEDGRU_CONFIG", str(missing))
+    with pytest.raises(SettingsError, match="MEDGRU_CONFIG"):
+        Settings(home=tmp_path)
+    with pytest.raises(SettingsError, match="not a file"):
+        load_settings(config_file=tmp_path, home=tmp_path)
