@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        level=settings.log_level,  # one of logging's names (the settings refuse any other)
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # pynetdicom logs every PDU and DIMSE message at INFO; keep its warnings and errors only

@@ -25,6 +25,10 @@ from pydantic_settings import (
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "inference" / "bundled"
 
+#: the levels both Python's logging and the embedded Celery worker accept (``--loglevel``)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_LEVEL_ALIASES = {"WARN": "WARNING"}
+
 _AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 
@@ -155,7 +159,20 @@ class Settings(BaseSettings):
         description="HTTP Basic password of the dashboard, /api and /metrics (not /healthz); required when "
                     "dashboard_host is not a loopback address",
     )
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description=f"one of {', '.join(LOG_LEVELS)} (any case; WARN = WARNING)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_log_level(cls, value: Any) -> Any:
+        """Upper case, from a known list: logging fell back to INFO on an unknown name without a word, while
+        Celery refuses it, so the embedded worker exited at once, again at every restart, and ran no job."""
+        if not isinstance(value, str):
+            return value  # the str field refuses it
+        level = value.strip().upper()
+        level = _LOG_LEVEL_ALIASES.get(level, level)
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level {value!r} is not one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("destination", mode="before")
     @classmethod

@@ -101,7 +101,7 @@ def worker_command(settings, queue: str, *, node_name: str | None = None) -> lis
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
         "--pool", "solo", "--concurrency", "1", "-Q", queue, "-n", node,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "--loglevel", str(settings.log_level).upper(),
+        "--loglevel", settings.log_level,
     ]
 
 

@@ -100,3 +100,17 @@ def test_a_config_file_that_does_not_exist_is_refused(monkeypatch, tmp_path):
         Settings(home=tmp_path)
     with pytest.raises(SettingsError, match="not a file"):
         load_settings(config_file=tmp_path, home=tmp_path)
+
+
+@pytest.mark.parametrize("given, level", [("debug", "DEBUG"), (" Info ", "INFO"), ("warn", "WARNING"),
+                                          ("Warning", "WARNING"), ("error", "ERROR"), ("CRITICAL", "CRITICAL")])
+def test_log_level_is_read_case_insensitively(given, level, tmp_path):
+    assert Settings(home=tmp_path, log_level=given).log_level == level
+
+
+@pytest.mark.parametrize("bad", ["verbose", "", "10", "NOTSET"])
+def test_a_log_level_the_embedded_worker_would_refuse_is_refused(bad, tmp_path):
+    """Celery exits at once on a level it does not know: the supervisor would restart the worker for ever
+    while the parent logs at INFO as if nothing were wrong."""
+    with pytest.raises(ValidationError, match="log_level .* DEBUG, INFO, WARNING, ERROR, CRITICAL"):
+        Settings(home=tmp_path, log_level=bad)

@@ -81,6 +81,9 @@ def test_worker_command_uses_solo_pool_and_queue(make_settings):
     assert cmd[1:5] == ["-m", "celery", "-A", "worker.celery_app"]
     assert "--pool" in cmd and cmd[cmd.index("--pool") + 1] == "solo"
     assert cmd[cmd.index("-Q") + 1] == "q1" and cmd[cmd.index("--concurrency") + 1] == "1"
+    assert cmd[cmd.index("--loglevel") + 1] == "INFO"
+    cmd = worker_command(make_settings(log_level="warn"), "q1")
+    assert cmd[cmd.index("--loglevel") + 1] == "WARNING"
 
 
 def test_model_registry_discovers_selects_caches_and_skips_bad_cards(trained_model_dir, tmp_path):
