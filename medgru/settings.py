@@ -29,7 +29,20 @@ BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "inference" / "bun
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_LEVEL_ALIASES = {"WARN": "WARNING"}
 
-_AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+_AE_RE = re.compile(r"^(?P<aet>[^@]+)@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+#: DICOM VR AE: 1 to 16 characters of the default repertoire (printable ASCII) but the backslash
+_AE_TITLE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+
+
+def check_ae_title(value: str, what: str) -> str:
+    """``value`` as a DICOM AE title, without the leading and trailing spaces (not significant in VR AE);
+    ``ValueError`` naming ``what`` if it is not one. pynetdicom refuses such a title only when the listener
+    or the sender starts; the settings refuse it when they load."""
+    title = value.strip(" ")
+    if not _AE_TITLE_RE.fullmatch(title):
+        raise ValueError(f"{what} {value!r} is not an AE title: 1 to 16 characters of printable ASCII "
+                         "(no backslash, no control character)")
+    return title
 
 
 class Destination(BaseModel):
@@ -39,15 +52,21 @@ class Destination(BaseModel):
     host: str
     port: int
 
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:  # also a destination given as a TOML table
+        return check_ae_title(value, "destination AE title")
+
     @classmethod
     def parse(cls, text: str) -> "Destination":
         m = _AE_RE.match(text.strip())
         if not m:
             raise ValueError(f"destination {text!r} is not of the form AET@host:port")
+        aet = check_ae_title(m["aet"], f"destination {text!r}:")
         port = int(m["port"])
         if not 0 < port < 65536:
             raise ValueError(f"destination {text!r}: port {port} out of range")
-        return cls(ae_title=m["aet"], host=m["host"], port=port)
+        return cls(ae_title=aet, host=m["host"], port=port)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -83,9 +102,9 @@ class Settings(BaseSettings):
     data_root: Path | None = Field(default=None, description="folder of the benchmark sets (shared/data)")
 
     # DICOM listener
-    ae_title: str = "MEDGRU"
+    ae_title: str = Field(default="MEDGRU", description="our AE title: 1 to 16 characters, no backslash")
     listen_host: str = "127.0.0.1"
-    listen_port: int = 11112
+    listen_port: int = Field(default=11112, ge=0, le=65535, description="0 picks a free port")
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="calling AE titles allowed to associate; empty = accept all"
     )
@@ -144,7 +163,7 @@ class Settings(BaseSettings):
 
     # admin surfaces
     dashboard_host: str = "127.0.0.1"
-    dashboard_port: int = 8080
+    dashboard_port: int = Field(default=8080, ge=0, le=65535, description="0: no dashboard")
     dashboard_https: bool = Field(
         default=False, description="serve the dashboard over HTTPS with tls_certificate / tls_private_key")
     dashboard_user: str = "admin"
@@ -174,6 +193,11 @@ class Settings(BaseSettings):
             raise ValueError(f"log_level {value!r} is not one of {', '.join(LOG_LEVELS)}")
         return level
 
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return check_ae_title(value, "ae_title")
+
     @field_validator("destination", mode="before")
     @classmethod
     def _parse_destination(cls, value: Any) -> Any:
@@ -195,9 +219,7 @@ class Settings(BaseSettings):
         if isinstance(value, dict):
             routes = {}
             for calling_ae, target in value.items():
-                key = str(calling_ae).strip()
-                if not 0 < len(key) <= 16:
-                    raise ValueError(f"route key {calling_ae!r} is not an AE title (1 to 16 characters)")
+                key = check_ae_title(str(calling_ae).strip(), "route key")
                 routes[key] = Destination.parse(target) if isinstance(target, str) else target
             return routes
         return value

@@ -114,3 +114,45 @@ def test_a_log_level_the_embedded_worker_would_refuse_is_refused(bad, tmp_path):
     while the parent logs at INFO as if nothing were wrong."""
     with pytest.raises(ValidationError, match="log_level .* DEBUG, INFO, WARNING, ERROR, CRITICAL"):
         Settings(home=tmp_path, log_level=bad)
+
+
+@pytest.mark.parametrize("bad", ["MEDGRU_WORKSTATION_1", "", "    ", "MED\\GRU", "MED\tGRU", "MEDGRU\n", "MEDGRÜ"])
+def test_ae_title_must_be_a_dicom_ae_title(bad, tmp_path):
+    """pynetdicom refuses these only when the listener starts; the settings refuse them when they load."""
+    with pytest.raises(ValidationError, match="ae_title .*not an AE title"):
+        Settings(home=tmp_path, ae_title=bad)
+
+
+def test_ae_title_spaces_around_it_are_not_significant(tmp_path):
+    assert Settings(home=tmp_path, ae_title="  MY SCP  ").ae_title == "MY SCP"
+    assert Settings(home=tmp_path, ae_title="A" * 16).ae_title == "A" * 16
+
+
+@pytest.mark.parametrize("field, bad", [("listen_port", -1), ("listen_port", 70000),
+                                        ("dashboard_port", -1), ("dashboard_port", 65536)])
+def test_ports_out_of_range_are_refused(field, bad, tmp_path):
+    with pytest.raises(ValidationError, match=field):
+        Settings(home=tmp_path, **{field: bad})
+
+
+def test_port_0_keeps_its_meaning(tmp_path):
+    s = Settings(home=tmp_path, listen_port=0, dashboard_port=0)  # a free port (tests); no dashboard
+    assert s.listen_port == 0 and s.dashboard_port == 0
+    assert Settings(home=tmp_path, listen_port=65535, dashboard_port=1).listen_port == 65535
+
+
+def test_destination_and_route_ae_titles_follow_the_same_rule(monkeypatch, tmp_path):
+    assert Settings(home=tmp_path, destination="MY PACS  @h:104").destination.ae_title == "MY PACS"
+    for bad in ("PACS\\1@h:104", "PACS\x01@h:104", "ABCDEFGHIJKLMNOPQ@h:104", "   @h:104"):
+        with pytest.raises(ValidationError, match="destination"):
+            Settings(home=tmp_path, destination=bad)
+    with pytest.raises(ValidationError, match="not an AE title"):
+        Settings(home=tmp_path, destination={"ae_title": "A" * 17, "host": "h", "port": 104})
+    for bad in ("SITE\\A=PACS@h:104", "SITE_A=PA\\CS@h:104", "SITE\x7fA=PACS@h:104"):
+        with pytest.raises(ValidationError, match="not an AE title"):
+            Settings(home=tmp_path, routes=bad)
+    toml = tmp_path / "medgru.toml"
+    toml.write_text('[routes]\n"SITE\\\\A" = "PACS@h:104"\n')
+    monkeypatch.setenv("MEDGRU_CONFIG", str(toml))
+    with pytest.raises(ValidationError, match="not an AE title"):
+        Settings(home=tmp_path)
