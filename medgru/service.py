@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 #: how often the service checks that its embedded worker process still runs
 WORKER_CHECK_S = 2.0
+#: the embedded worker's restart back-off: the first delay, doubled while it keeps dying, up to the maximum
+WORKER_RESTART_DELAY_S = 1.0
+WORKER_RESTART_MAX_DELAY_S = 60.0
 
 
 @dataclass
@@ -83,27 +86,35 @@ class Service:
 
     def _supervise_worker(self, stop: threading.Event) -> None:
         """Restart the embedded worker whenever its process ends while the service runs (killed for memory,
-        a crash), after a back-off that doubles up to a minute while it keeps dying; then re-enqueue the
-        jobs it left (a job that used all its attempts fails instead)."""
+        a crash), after a back-off that doubles up to a minute while it keeps dying, re-enqueueing the jobs
+        it left first (nothing runs them then; a job that used all its attempts fails instead).
+
+        This thread must live as long as the service: a worker gets SIGTERM when the thread that started it
+        ends (PR_SET_PDEATHSIG, :mod:`worker.embedded`). So an error of a restart (the database briefly
+        away during the recovery, a failed fork) is logged and the whole restart, recovery included, tried
+        again after the back-off; it never ends the thread."""
         from worker.embedded import recover_orphans, start_worker
 
-        delay = 1.0
+        delay = WORKER_RESTART_DELAY_S
         started = time.monotonic()
         while not stop.wait(WORKER_CHECK_S):
-            worker = self.worker
-            if worker.is_alive():
-                if time.monotonic() - started > 60.0:
-                    delay = 1.0
-                continue
-            log.error("embedded worker %d exited with code %s; restarting it in %g s",
-                      worker.pid, worker.process.poll(), delay)
-            if stop.wait(delay):
-                break
-            self.worker = start_worker(self.settings)
-            self.worker_restarts += 1
-            started = time.monotonic()
-            delay = min(2 * delay, 60.0)
-            recover_orphans(self.session_factory, self.celery_app, max_retries=self.settings.job_max_retries)
+            try:
+                worker = self.worker
+                if worker.is_alive():
+                    if time.monotonic() - started > 60.0:
+                        delay = WORKER_RESTART_DELAY_S
+                    continue
+                log.error("embedded worker %d exited with code %s; restarting it in %g s",
+                          worker.pid, worker.process.poll(), delay)
+                if stop.wait(delay):
+                    break
+                delay = min(2 * delay, WORKER_RESTART_MAX_DELAY_S)
+                recover_orphans(self.session_factory, self.celery_app, max_retries=self.settings.job_max_retries)
+                self.worker = start_worker(self.settings)
+                self.worker_restarts += 1
+                started = time.monotonic()
+            except Exception:
+                log.exception("restarting the embedded worker failed; trying again in %g s", WORKER_CHECK_S + delay)
 
     def health(self) -> dict[str, str | None]:
         """Each part of the running service and what is wrong with it (``None``: fine). The dashboard's

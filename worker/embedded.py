@@ -91,7 +91,9 @@ except OSError:  # pragma: no cover - a libc by another name
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the worker gets SIGTERM when the process that started it dies, so no worker outlives a
-    killed ``medgru serve`` (its unfinished job is recovered at the next start)."""
+    killed ``medgru serve`` (its unfinished job is recovered at the next start). The signal follows the
+    *thread* that forked, not the process: call :func:`start_worker` only from a thread that lives as long
+    as the worker should (the service's main thread, its supervisor thread)."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 

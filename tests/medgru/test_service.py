@@ -3,10 +3,16 @@ memory, a crash) is restarted and the jobs it left are queued again."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import threading
 import time
 
+from sqlalchemy.exc import OperationalError
+
+import medgru.service as service_module
+import worker.embedded as embedded
 from medgru.service import Service
 from storage.models import Job, JobState, Patient, SequenceRecord, Series, Study
 
@@ -20,28 +26,78 @@ def _wait(predicate, timeout_s: float) -> bool:
     return bool(predicate())
 
 
+def _add_running_job(service: Service) -> int:
+    """A job the worker was running when it died (no model covers OT / NONE: run again, it ends NOT_PROCESSED)."""
+    with service.session_factory() as s:
+        series = Series(series_uid="1.2.3.4", study=Study(study_uid="1.2.3", patient=Patient(patient_id="P")),
+                        modality="OT", body_part="NONE")
+        job = Job(sequence=SequenceRecord(series=series, frame_refs=[["1.2.3.4.1", 1]], n_frames=1),
+                  state=JobState.RUNNING, attempts=1)
+        s.add(job)
+        s.commit()
+        return job.id
+
+
+def _job_state(service: Service, job_id: int) -> JobState:
+    with service.session_factory() as s:
+        return s.get(Job, job_id).state
+
+
 def test_a_killed_worker_is_restarted_and_its_job_queued_again(make_settings):
     settings = make_settings(listen_port=0, dashboard_port=0, job_max_retries=3)
     service = Service(settings).start()
     try:
         first = service.worker.pid
         assert service.health()["worker"] is None
-        with service.session_factory() as s:  # the job the worker was running when it died
-            series = Series(series_uid="1.2.3.4", study=Study(study_uid="1.2.3", patient=Patient(patient_id="P")),
-                            modality="OT", body_part="NONE")
-            job = Job(sequence=SequenceRecord(series=series, frame_refs=[["1.2.3.4.1", 1]], n_frames=1),
-                      state=JobState.RUNNING, attempts=1)
-            s.add(job)
-            s.commit()
-            job_id = job.id
+        job_id = _add_running_job(service)
         os.kill(first, signal.SIGKILL)
         assert _wait(lambda: service.worker.pid != first and service.worker.is_alive(), 60)
         assert service.worker_restarts == 1 and service.health()["worker"] is None
         # re-queued, then run by the new worker: no model covers OT / NONE, so it ends NOT_PROCESSED
-        def state():
-            with service.session_factory() as s:
-                return s.get(Job, job_id).state
-        assert _wait(lambda: state() is JobState.NOT_PROCESSED, 120), state()
+        assert _wait(lambda: _job_state(service, job_id) is JobState.NOT_PROCESSED, 120), _job_state(service, job_id)
+    finally:
+        service.stop()
+    assert not service.worker.is_alive()
+
+
+def test_supervision_outlives_a_failed_restart_and_the_worker_it_starts_runs(make_settings, monkeypatch, caplog):
+    """The database away during the orphan recovery, then a failed fork: each is logged and the restart tried
+    again. Before, the first error ended the supervisor thread for good, and with it (PR_SET_PDEATHSIG is
+    tied to the forking thread) any worker that thread had just started: no job ran again."""
+    monkeypatch.setattr(service_module, "WORKER_CHECK_S", 0.1)
+    monkeypatch.setattr(service_module, "WORKER_RESTART_DELAY_S", 0.1, raising=False)
+    failures = {"recover_orphans": 1, "start_worker": 1}
+    armed = threading.Event()  # the service's own start-up calls succeed; the supervisor's first ones fail
+
+    def failing_once(name, real, error):
+        def call(*args, **kwargs):
+            if armed.is_set() and failures[name]:
+                failures[name] -= 1
+                raise error
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(embedded, "recover_orphans", failing_once(
+        "recover_orphans", embedded.recover_orphans,
+        OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))))
+    monkeypatch.setattr(embedded, "start_worker", failing_once(
+        "start_worker", embedded.start_worker, BlockingIOError(11, "Resource temporarily unavailable")))
+    settings = make_settings(listen_port=0, dashboard_port=0, job_max_retries=3)
+    service = Service(settings).start()
+    try:
+        armed.set()
+        job_id = _add_running_job(service)
+        first = service.worker.pid
+        with caplog.at_level(logging.ERROR, logger="medgru.service"):
+            os.kill(first, signal.SIGKILL)
+            assert _wait(lambda: _job_state(service, job_id) is JobState.NOT_PROCESSED, 180), \
+                _job_state(service, job_id)
+        assert failures == {"recover_orphans": 0, "start_worker": 0}
+        assert service.worker.pid != first and service.worker.is_alive() and service.worker_restarts == 1
+        health = service.health()
+        assert health["worker-supervisor"] is None and health["worker"] is None, health
+        tracebacks = [r for r in caplog.records if r.exc_info]
+        assert [type(r.exc_info[1]) for r in tracebacks] == [OperationalError, BlockingIOError]
     finally:
         service.stop()
     assert not service.worker.is_alive()
