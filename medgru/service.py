@@ -42,7 +42,7 @@ class Service:
         from pacs_listener.scp import Listener
         from storage.db import init_db, make_session_factory
         from worker.celery_app import make_celery
-        from worker.tasks import enqueue_job
+        from worker.tasks import StalledJobSweeper, enqueue_job
 
         s = self.settings
         s.ensure_dirs()
@@ -64,7 +64,10 @@ class Service:
 
         assembler = Assembler(s, sf, enqueue=lambda job_id: enqueue_job(app, job_id))
         sender = Sender(s, sf)
-        loops = [("assembler", assembler.run_forever), ("sender", sender.run_forever)]
+        # a job whose enqueue failed would wait for ever, with or without the embedded worker
+        sweeper = StalledJobSweeper(s, sf, app)
+        loops = [("assembler", assembler.run_forever), ("sender", sender.run_forever),
+                 ("queue-sweeper", sweeper.run_forever)]
         if self.with_worker:
             loops.append(("worker-supervisor", self._supervise_worker))
         if s.retention_days > 0 or s.quarantine_retention_days > 0:

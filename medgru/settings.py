@@ -141,6 +141,14 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; default a filesystem transport under home")
     job_max_retries: int = 3
     job_retry_backoff_s: float = 5.0
+    requeue_check_s: float = Field(
+        default=60.0, gt=0.0,
+        description="how often the service looks for jobs waiting with no message to deliver them")
+    requeue_after_s: float = Field(
+        default=300.0, ge=0.0,
+        description="a job QUEUED (or RETRYING past its retry_at) this long is enqueued again: its enqueue may "
+                    "have failed (broker away); a duplicate message is harmless, so this only needs to exceed "
+                    "the time a message takes to reach a worker")
 
     # models
     model: Annotated[list[Path], NoDecode] = Field(

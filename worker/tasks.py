@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Celery, shared_task
-from sqlalchemy import Engine
+from sqlalchemy import Engine, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import make_engine, make_session_factory
-from storage.models import Job, JobState
+from storage.models import Job, JobState, utcnow
 from worker.models import ModelRegistry
 from worker.pipeline import process_job, retry_delay, seconds_until_retry
 
@@ -100,3 +101,68 @@ def enqueue_job(app: Celery, job_id: int, *, countdown: float | None = None) -> 
     result = app.send_task(RUN_JOB, kwargs={"job_id": int(job_id)}, **options)
     log.info("job %d enqueued (task %s)", job_id, result.id)
     return result.id
+
+
+class StalledJobSweeper:
+    """Enqueues again the jobs that wait with no message to deliver them.
+
+    A job is committed before it is enqueued. When the enqueue fails (the broker away), the job stays
+    QUEUED with no message and nothing else would enqueue it: an admin cannot retry a QUEUED job, and the
+    embedded worker's orphan recovery runs only when that worker (re)starts, never with external workers
+    (``medgru serve --no-worker``). A RETRYING job whose re-scheduled message was lost is the same.
+
+    The service calls :meth:`sweep` every ``settings.requeue_check_s``. A job that has waited (QUEUED, or
+    RETRYING past its ``retry_at``) for ``settings.requeue_after_s`` since this sweeper first saw it waiting,
+    or since it last enqueued it, gets a message. The broker cannot tell whether it holds a message for a
+    job, so one waiting behind a long queue gets a duplicate too; that is harmless (:func:`run_job` claims
+    with a conditional UPDATE: a second message finds the job running or finished and does nothing), and
+    there is at most one per ``requeue_after_s``.
+    """
+
+    def __init__(self, settings, session_factory: sessionmaker[Session], app: Celery) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.app = app
+        self._waiting_since: dict[int, datetime] = {}
+
+    def sweep(self, now: datetime | None = None) -> list[int]:
+        """Enqueue the jobs that have waited too long; return their ids. A failed enqueue ends the sweep
+        (the broker is away: the next sweep tries again)."""
+        now = now or utcnow()
+        with self.session_factory() as session:
+            rows = session.execute(
+                select(Job.id, Job.state, Job.retry_at)
+                .where(or_(Job.state == JobState.QUEUED,
+                           and_(Job.state == JobState.RETRYING, or_(Job.retry_at.is_(None), Job.retry_at <= now))))
+                .order_by(Job.id)
+            ).all()
+        waiting: dict[int, datetime] = {}
+        for job_id, _state, retry_at in rows:
+            since = self._waiting_since.get(job_id, now)
+            waiting[job_id] = since if retry_at is None else max(since, retry_at)
+        self._waiting_since = waiting  # jobs that no longer wait are forgotten
+        requeued: list[int] = []
+        for job_id, state, _retry_at in rows:
+            waited = (now - waiting[job_id]).total_seconds()
+            if waited < self.settings.requeue_after_s:
+                continue
+            try:
+                enqueue_job(self.app, job_id)
+            except Exception:
+                log.exception("job %d: could not be enqueued again; next sweep in %g s",
+                              job_id, self.settings.requeue_check_s)
+                break
+            waiting[job_id] = now
+            log.warning("job %d: %s for %.0f s without a worker taking it: enqueued again",
+                        job_id, state.value, waited)
+            requeued.append(job_id)
+        return requeued
+
+    def run_forever(self, stop_event: threading.Event) -> None:
+        """:meth:`sweep` every ``settings.requeue_check_s`` until ``stop_event`` is set (the service's thread)."""
+        while not stop_event.is_set():
+            try:
+                self.sweep()
+            except Exception:  # the database away: the next sweep retries
+                log.exception("sweep of waiting jobs failed; next in %g s", self.settings.requeue_check_s)
+            stop_event.wait(self.settings.requeue_check_s)

@@ -26,13 +26,14 @@ def _wait(predicate, timeout_s: float) -> bool:
     return bool(predicate())
 
 
-def _add_running_job(service: Service) -> int:
-    """A job the worker was running when it died (no model covers OT / NONE: run again, it ends NOT_PROCESSED)."""
+def _add_job(service: Service, state: JobState = JobState.RUNNING, attempts: int = 1) -> int:
+    """A job (by default one the worker was running when it died); no model covers OT / NONE: run, it ends
+    NOT_PROCESSED."""
     with service.session_factory() as s:
         series = Series(series_uid="1.2.3.4", study=Study(study_uid="1.2.3", patient=Patient(patient_id="P")),
                         modality="OT", body_part="NONE")
         job = Job(sequence=SequenceRecord(series=series, frame_refs=[["1.2.3.4.1", 1]], n_frames=1),
-                  state=JobState.RUNNING, attempts=1)
+                  state=state, attempts=attempts)
         s.add(job)
         s.commit()
         return job.id
@@ -49,7 +50,7 @@ def test_a_killed_worker_is_restarted_and_its_job_queued_again(make_settings):
     try:
         first = service.worker.pid
         assert service.health()["worker"] is None
-        job_id = _add_running_job(service)
+        job_id = _add_job(service)
         os.kill(first, signal.SIGKILL)
         assert _wait(lambda: service.worker.pid != first and service.worker.is_alive(), 60)
         assert service.worker_restarts == 1 and service.health()["worker"] is None
@@ -86,7 +87,7 @@ def test_supervision_outlives_a_failed_restart_and_the_worker_it_starts_runs(mak
     service = Service(settings).start()
     try:
         armed.set()
-        job_id = _add_running_job(service)
+        job_id = _add_job(service)
         first = service.worker.pid
         with caplog.at_level(logging.ERROR, logger="medgru.service"):
             os.kill(first, signal.SIGKILL)
@@ -101,3 +102,29 @@ def test_supervision_outlives_a_failed_restart_and_the_worker_it_starts_runs(mak
     finally:
         service.stop()
     assert not service.worker.is_alive()
+
+
+def test_the_service_without_a_worker_enqueues_a_waiting_job_again(make_settings):
+    """``medgru serve --no-worker`` (workers elsewhere): a job committed while the broker was away, so with no
+    message, gets one from the service's sweep; before, it stayed QUEUED for ever."""
+    import base64
+    import json
+
+    settings = make_settings(listen_port=0, dashboard_port=0, requeue_after_s=0.0, requeue_check_s=0.05)
+    service = Service(settings, with_worker=False).start()
+    try:
+        job_id = _add_job(service, state=JobState.QUEUED, attempts=0)
+
+        def queued_job_ids() -> list[int]:
+            ids = []
+            for path in (settings.broker_dir / "queue").glob("*.msg"):
+                try:
+                    ids.append(json.loads(base64.b64decode(json.loads(path.read_text())["body"]))[1]["job_id"])
+                except (OSError, ValueError):  # being written (or taken) just now: the next look sees it
+                    continue
+            return ids
+
+        assert _wait(lambda: job_id in queued_job_ids(), 60)
+        assert service.health()["queue-sweeper"] is None
+    finally:
+        service.stop()

@@ -15,7 +15,7 @@ from worker.celery_app import DEFAULT_QUEUE, make_celery
 from worker.embedded import INTERRUPTED_NOTE, recover_orphans, worker_command
 from worker.models import ModelRegistry, resolve_device
 from worker.pipeline import claim_job, process_job
-from worker.tasks import RUN_JOB, enqueue_job, retry_delay
+from worker.tasks import RUN_JOB, StalledJobSweeper, enqueue_job, retry_delay
 
 
 def _queued_messages(settings) -> list[dict]:
@@ -23,6 +23,12 @@ def _queued_messages(settings) -> list[dict]:
     for p in sorted((settings.broker_dir / "queue").glob("*.msg")):
         out.append(json.loads(p.read_text()))
     return out
+
+
+def _queued_job_ids(settings) -> list[int]:
+    import base64
+
+    return sorted(json.loads(base64.b64decode(m["body"]))[1]["job_id"] for m in _queued_messages(settings))
 
 
 def test_embedded_broker_connects_without_a_hostname_warning(make_settings, caplog):
@@ -244,3 +250,49 @@ def test_early_delivery_of_a_retrying_job_is_rescheduled_for_the_rest_of_its_bac
     with session_factory() as s:
         job = s.get(Job, job_id)
         assert job.state is JobState.RETRYING and job.attempts == 1  # not run
+
+
+def test_the_sweep_enqueues_again_a_job_left_waiting_without_a_message(worker_settings, session_factory,
+                                                                       dicom_corpus, monkeypatch):
+    """A job committed while the broker was away stays QUEUED with no message (a RETRYING one whose
+    re-scheduled message was lost, likewise); with external workers nothing else would ever enqueue it."""
+    from datetime import timedelta
+
+    import worker.tasks as tasks
+    from storage.models import utcnow
+
+    settings = worker_settings(requeue_after_s=300.0)
+    t0 = utcnow()
+    stuck = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    with session_factory() as s:  # add_series enqueues nothing: `stuck` has no message
+        seq_fk = s.get(Job, stuck).sequence_fk
+        overdue = Job(sequence_fk=seq_fk, state=JobState.RETRYING, attempts=1, retry_at=t0 - timedelta(seconds=5))
+        backing_off = Job(sequence_fk=seq_fk, state=JobState.RETRYING, attempts=1, retry_at=t0 + timedelta(hours=1))
+        done = Job(sequence_fk=seq_fk, state=JobState.SUCCEEDED)
+        s.add_all([overdue, backing_off, done])
+        s.commit()
+        overdue, backing_off = overdue.id, backing_off.id
+    sweeper = StalledJobSweeper(settings, session_factory, make_celery(settings, queue="medgru.sweep"))
+    assert sweeper.sweep(now=t0) == []  # waiting, not yet for the grace period: its message may be in flight
+    with session_factory() as s:
+        fresh = Job(sequence_fk=seq_fk, state=JobState.QUEUED)
+        s.add(fresh)
+        s.commit()
+        fresh = fresh.id
+    assert sweeper.sweep(now=t0 + timedelta(seconds=299)) == []
+    assert _queued_job_ids(settings) == []
+
+    def broker_away(app, job_id):
+        raise ConnectionError("broker away")
+
+    with monkeypatch.context() as m:
+        m.setattr(tasks, "enqueue_job", broker_away)
+        assert sweeper.sweep(now=t0 + timedelta(seconds=300)) == []  # broker still away: tried at the next sweep
+    assert sweeper.sweep(now=t0 + timedelta(seconds=301)) == [stuck, overdue]
+    assert _queued_job_ids(settings) == sorted([stuck, overdue])  # one message each; none for fresh, backing_off
+    assert sweeper.sweep(now=t0 + timedelta(seconds=302)) == []  # not doubled at every sweep
+
+    with session_factory() as s:  # a worker took it meanwhile: no longer waiting
+        s.get(Job, stuck).state = JobState.RUNNING
+        s.commit()
+    assert sweeper.sweep(now=t0 + timedelta(seconds=601)) == [overdue, fresh]
