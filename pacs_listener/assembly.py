@@ -72,7 +72,7 @@ A database error while assembling a series rolls its transaction back: the serie
 the next pass retries it. Any other error (something in the series' data we did not foresee) is logged
 with the traceback and the series is set IGNORED with ``state_reason = "assembly failed: ..."``, so it is
 visible to an admin instead of failing every second. ``enqueue`` raising is logged; the committed job
-stays QUEUED for the worker's start-up recovery of queued jobs.
+stays QUEUED until the service's sweep enqueues it again (``requeue_after_s``, :mod:`worker.tasks`).
 """
 
 from __future__ import annotations
@@ -452,7 +452,7 @@ class Assembler:
         """Assemble every series quiet since ``settings.quiet_period_s``; return the new job ids.
 
         Each job is committed before ``enqueue(job_id)`` is called. An ``enqueue`` that raises is logged;
-        the job stays QUEUED in the database for the worker's recovery of queued jobs.
+        the job stays QUEUED in the database until the service's sweep enqueues it again.
         """
         cutoff = _aware(now) - timedelta(seconds=self.settings.quiet_period_s)
         with self.session_factory() as session:
