@@ -12,7 +12,7 @@ import argparse
 import logging
 
 from dispatch.admin import outbox_rows, resend_items
-from medgru.tables import format_table, open_database, when_iso
+from medgru.tables import format_table, open_database, row_id, when_iso
 from storage.models import OutboxState
 
 _STATES = [s.value for s in OutboxState]
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = outbox.add_parser("resend", help="put failed items back to pending (the running service sends them)")
     which = q.add_mutually_exclusive_group(required=True)
-    which.add_argument("item_ids", type=int, nargs="*", metavar="ID", default=[], help="outbox item ids")
+    which.add_argument("item_ids", type=row_id, nargs="*", metavar="ID", default=[], help="outbox item ids")
     which.add_argument("--all-failed", action="store_true", help="every failed item")
     q.set_defaults(func=_resend)
 

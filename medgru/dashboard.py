@@ -59,7 +59,7 @@ from sqlalchemy import func, select
 
 from dispatch.admin import outbox_rows, resend_item
 from medgru.settings import is_loopback
-from medgru.tables import when_iso
+from medgru.tables import MAX_ROW_ID, when_iso
 from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
 from pacs_listener.status import refused_for_our_fault
@@ -543,11 +543,9 @@ def _state_param(query: str, allowed: set[str]) -> tuple[str | None, str | None]
     return values[0], None
 
 
-#: a row id in a path, and the largest one looked up: the tables' keys are INTEGER, 32 bits on PostgreSQL
-#: (64 on SQLite); a larger id made the driver raise (out of range, or an OverflowError on SQLite) and the
-#: connection dropped with no answer. A path with a larger id is not found.
+#: a row id in a path; one above MAX_ROW_ID (:mod:`medgru.tables`) is not found: the driver would raise and
+#: the connection drop with no answer
 ID = r"(\d{1,10})"
-MAX_ROW_ID = 2**31 - 1
 
 _JOB_STATES = {s.value for s in JobState}
 _OUTBOX_STATES = {s.value for s in OutboxState}

@@ -10,6 +10,24 @@ from datetime import datetime
 from typing import Any, Sequence
 
 
+#: the largest row id looked up: the tables' keys are INTEGER, 32 bits on PostgreSQL (64 on SQLite); a
+#: larger id made the driver raise (out of range, or an OverflowError on SQLite) instead of "no such row"
+MAX_ROW_ID = 2**31 - 1
+
+
+def row_id(text: str) -> int:
+    """An ``argparse`` type for a row id on the command line: 1 to :data:`MAX_ROW_ID`."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id") from None
+    if not 1 <= value <= MAX_ROW_ID:
+        raise argparse.ArgumentTypeError(f"{text} is not an id (1 to {MAX_ROW_ID})")
+    return value
+
+
 def open_database(settings):
     """A session factory on the service's database, brought to the newest schema (quietly)."""
     # the table is the output, not migration chatter; set before alembic is imported, whose plugin

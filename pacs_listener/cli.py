@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from medgru.tables import format_table, open_database, print_fields, when_iso
+from medgru.tables import format_table, open_database, print_fields, row_id, when_iso
 from pacs_listener.quarantine import quarantine_detail, quarantine_rows
 
 
@@ -23,13 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_list)
 
     q = quarantine.add_parser("show", help="one refused instance: reason, status, UIDs, where its file is")
-    q.add_argument("item_id", type=int, metavar="ID")
+    q.add_argument("item_id", type=row_id, metavar="ID")
     q.set_defaults(func=_show)
 
     q = quarantine.add_parser("retry", help="store kept instances after all, once the fault on our side is "
                                             "fixed (the listener's own checks; refused ones stay)")
     which = q.add_mutually_exclusive_group(required=True)
-    which.add_argument("item_ids", type=int, nargs="*", metavar="ID", default=[], help="quarantine ids")
+    which.add_argument("item_ids", type=row_id, nargs="*", metavar="ID", default=[], help="quarantine ids")
     which.add_argument("--all", action="store_true", help="every kept instance not yet stored by a retry")
     q.set_defaults(func=_retry)
 

@@ -9,7 +9,7 @@ import argparse
 
 from sqlalchemy import select
 
-from medgru.tables import format_table, open_database, print_fields, when
+from medgru.tables import format_table, open_database, print_fields, row_id, when
 from storage.models import Job, JobState
 
 _STATES = [s.value for s in JobState]
@@ -27,12 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_list)
 
     q = jobs.add_parser("show", help="one job in detail: sequence, attempts, errors, results, outbox")
-    q.add_argument("job_id", type=int, metavar="ID")
+    q.add_argument("job_id", type=row_id, metavar="ID")
     q.set_defaults(func=_show)
 
     q = jobs.add_parser("retry", help="put failed, not processed or cancelled jobs back on the queue")
     which = q.add_mutually_exclusive_group(required=True)
-    which.add_argument("job_ids", type=int, nargs="*", metavar="ID", default=[], help="job ids")
+    which.add_argument("job_ids", type=row_id, nargs="*", metavar="ID", default=[], help="job ids")
     which.add_argument("--all-failed", action="store_true",
                        help="every failed job (after an outage: a worker or the GPU was away)")
     q.add_argument("--rerun", action="store_true",
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_retry)
 
     q = jobs.add_parser("cancel", help="cancel a queued or retrying job")
-    q.add_argument("job_id", type=int, metavar="ID")
+    q.add_argument("job_id", type=row_id, metavar="ID")
     q.set_defaults(func=_cancel)
 
     q = jobs.add_parser("verdicts", help="ABNORMAL verdicts by model and sender, overall and over the latest "

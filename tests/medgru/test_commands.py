@@ -48,3 +48,20 @@ def test_an_invalid_setting_stops_the_command_with_exit_2_naming_it(make_setting
     cli_env.setenv("MEDGRU_QUIET_PERIOD_S", "soon")
     assert main(["config"]) == 2
     assert "quiet_period_s" in capsys.readouterr().err
+
+
+def test_an_id_too_large_for_the_database_is_refused_by_the_admin_commands(make_settings, cli_env, capsys):
+    """``medgru jobs show 99999999999999999999`` crashed with the driver's OverflowError (SQLite; out of range on
+    PostgreSQL); every id argument of the admin commands now takes 1 to 2**31 - 1 and refuses the rest."""
+    import pytest
+
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    for argv in (["jobs", "show"], ["jobs", "retry"], ["jobs", "cancel"], ["outbox", "resend"],
+                 ["quarantine", "show"], ["quarantine", "retry"]):
+        for bad in ("99999999999999999999", str(2**31), "0", "x"):
+            with pytest.raises(SystemExit) as exit_:
+                main([*argv, bad])
+            assert exit_.value.code == 2, (argv, bad)
+            assert "is not an id" in capsys.readouterr().err
+    assert main(["jobs", "show", str(2**31 - 1)]) == 1  # the largest id is looked up: no such job
+    assert "no job" in capsys.readouterr().out
