@@ -241,6 +241,13 @@ class Settings(BaseSettings):
     def _parse_list(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _allowed_are_ae_titles(cls, value: list[str]) -> list[str]:
+        # an entry that is no AE title (17 characters, say) can never match a caller: every peer, the
+        # one meant too, would be refused with no hint why
+        return [check_ae_title(str(v), "allowed_calling_aes entry") for v in value]
+
     @model_validator(mode="after")
     def _dashboard_reachable_only_with_a_password(self) -> "Settings":
         if self.dashboard_port and not is_loopback(self.dashboard_host) and not self.dashboard_password:

@@ -156,3 +156,13 @@ def test_destination_and_route_ae_titles_follow_the_same_rule(monkeypatch, tmp_p
     monkeypatch.setenv("MEDGRU_CONFIG", str(toml))
     with pytest.raises(ValidationError, match="not an AE title"):
         Settings(home=tmp_path)
+
+
+def test_allowed_calling_aes_are_ae_titles(tmp_path):
+    """An entry that is no AE title can never match a caller, so every peer would be refused with no hint:
+    refused when the settings load; spaces around an entry are not significant."""
+    assert Settings(home=tmp_path, allowed_calling_aes=" ORTHANC , STORESCU ").allowed_calling_aes == [
+        "ORTHANC", "STORESCU"]
+    for bad in ("ORTHANC,ABCDEFGHIJKLMNOPQ", "MOD\\1"):
+        with pytest.raises(ValidationError, match="allowed_calling_aes entry .* not an AE title"):
+            Settings(home=tmp_path, allowed_calling_aes=bad)
