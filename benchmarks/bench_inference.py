@@ -74,7 +74,7 @@ def bench_sequence(t: int = 8):
 
 
 def fit_knn(data_root: Path | None, out_dir: Path) -> Path:
-    from inference.api import ModelCard, Scope, get_detector_class, sha256_file
+    from inference.api import ModelCard, Scope, get_detector_class, save_model, sha256_file
 
     cls = get_detector_class("knn-effnet")
     det = cls(name="knn-effnet-bench")
@@ -89,7 +89,7 @@ def fit_knn(data_root: Path | None, out_dir: Path) -> Path:
         seqs = [synthetic_sequence(1, seed=100 + i) for i in range(64)]
         source = "64 synthetic textures"
     det.fit(seqs[:48], validation=seqs[48:], seed=0)
-    files = det.save(out_dir)
+    files = save_model(det, out_dir)
     ModelCard(name="knn-effnet-bench", version="1.0.0", detector="knn-effnet", scope=Scope(("CR",)),
               files={f: sha256_file(out_dir / f) for f in files}, params=det.get_params(),
               training_data=source).write(out_dir)

@@ -13,6 +13,9 @@ networking, the queue or the database.
   to the registry, :func:`load_model` builds one from a model folder.
 * :func:`conformal_threshold` — the split-conformal threshold every detector calibrates with (at
   training, and again on a site's own normals by ``medgru calibrate``).
+* :meth:`Detector.series_threshold` — the threshold for a series of T frames, each scored alone: the
+  calibration normals' conformal quantile at ``target_fpr / T`` (Bonferroni), so that a series of T normal
+  frames is flagged with probability at most ``target_fpr`` however its frames depend on each other.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 import numpy as np
 
 CARD_FILENAME = "card.json"
+#: the calibration normals' scores behind a model's threshold (:meth:`Detector.calibrate`); optional in a
+#: model folder, verified by its checksum like every listed file
+CALIBRATION_FILENAME = "calibration.json"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 
 
@@ -50,6 +56,9 @@ class FrameSequence:
     bits_stored: int = 8
     series_uid: str = ""
     frame_refs: tuple[tuple[str, int], ...] = ()  # (SOP Instance UID, 1-based frame number) per frame
+    #: how many leading frames are context only (a prior study's frames, prepended by the assembler): the
+    #: ConvGRU reads them, the verdict judges the frames after them (:attr:`judged`)
+    context_frames: int = 0
 
     def __post_init__(self) -> None:
         f = self.frames
@@ -67,10 +76,18 @@ class FrameSequence:
             raise ValueError(f"frames must lie in [0, 1], got [{f.min()}, {f.max()}]")
         if self.frame_refs and len(self.frame_refs) != f.shape[0]:
             raise ValueError(f"{len(self.frame_refs)} frame_refs for {f.shape[0]} frames")
+        if not 0 <= int(self.context_frames) < f.shape[0]:
+            raise ValueError(f"context_frames must lie in [0, {f.shape[0]}) for {f.shape[0]} frames, "
+                             f"got {self.context_frames}")
 
     @property
     def length(self) -> int:
         return int(self.frames.shape[0])
+
+    @property
+    def judged(self) -> range:
+        """The indices of the frames the verdict judges: all but the leading context frames."""
+        return range(int(self.context_frames), self.length)
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -81,6 +98,11 @@ class Detection:
     ``score`` grows with abnormality; ``is_anomaly`` is ``score > threshold``. ``heatmaps`` is float32
     ``(T, H, W)`` in ``[0, 1]``, aligned with the input frames (same T, H, W). ``cluster_label`` names the
     anomaly type found by support-vector clustering, or is ``None`` (normal, or a detector without one).
+
+    For ``T > 1`` every frame is also scored alone (``frame_scores``, one per frame), as the models were
+    trained and calibrated on single images. The series' ``score`` is then the highest score among the
+    judged frames (:attr:`FrameSequence.judged`) and ``threshold`` is :meth:`Detector.series_threshold` of
+    their number, so that the verdict keeps the target false-positive rate.
     """
 
     score: float
@@ -258,6 +280,17 @@ def conformal_min_normals(alpha: float) -> int:
     return n
 
 
+def conformal_exceedance_bound(n: int, alpha: float) -> float:
+    """The bound on the probability that a new exchangeable normal exceeds the conformal threshold of ``n``
+    scores at ``alpha``: ``(n + 1 - k) / (n + 1)`` with ``k`` the rank actually used (the largest score
+    where the conformal rank exceeds ``n``). It is at most ``alpha`` when the rank is a real score."""
+    n = int(n)
+    if n < 1:
+        raise ValueError("the bound needs at least one calibration score")
+    k = min(max(conformal_rank(n, alpha), 1), n)
+    return (n + 1 - k) / (n + 1)
+
+
 # ------------------------------------------------------------------------------------------ detectors
 class Detector(abc.ABC):
     """Base class of every detector. Subclasses register with :func:`register_detector`.
@@ -279,6 +312,11 @@ class Detector(abc.ABC):
     #: the decision threshold on the score (``None`` until fitted or loaded); every detector keeps it here
     #: and persists it in ``save``, so :meth:`set_threshold` works for all of them
     _threshold: float | None = None
+    #: the sorted scores of the held-out normal images (T = 1) the threshold is the conformal quantile of,
+    #: and its target false-positive rate (:meth:`calibrate`); ``None`` for a threshold set by hand or a
+    #: model folder from before they were kept (then :meth:`series_threshold` cannot adjust for T)
+    _calibration_scores: np.ndarray | None = None
+    _calibration_alpha: float | None = None
 
     def get_params(self) -> dict[str, Any]:
         """Constructor keyword arguments (JSON-serialisable): ``type(self)(**self.get_params())`` builds
@@ -304,12 +342,121 @@ class Detector(abc.ABC):
         """The calibrated decision threshold on the score."""
 
     def set_threshold(self, value: float) -> None:
-        """Replace the decision threshold (e.g. re-calibrated on a site's own normals by ``medgru
-        calibrate``); ``save`` persists it. Nothing else of the model changes."""
+        """Replace the decision threshold by hand; ``save`` persists it. Nothing else of the model changes.
+        The calibration scores are dropped: they no longer stand behind the threshold, so a series of
+        several frames is then compared with this threshold as it is (:meth:`series_threshold`)."""
         v = float(value)
         if not math.isfinite(v):
             raise ValueError(f"threshold must be finite, got {value}")
         self._threshold = v
+        self._calibration_scores = self._calibration_alpha = None
+
+    def calibrate(self, scores: Sequence[float] | np.ndarray, alpha: float) -> float:
+        """Set the threshold to the split-conformal quantile of ``scores`` (held-out normal images, each
+        scored alone) at target false-positive rate ``alpha``, and keep the scores, so that
+        :meth:`series_threshold` can give a series of T frames the same rate. Returns the threshold."""
+        a = float(alpha)
+        if not 0.0 < a < 1.0:
+            raise ValueError(f"alpha (target false-positive rate) must lie in (0, 1), got {alpha}")
+        s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+        if s.size == 0 or not np.isfinite(s).all():
+            raise ValueError("calibration needs at least one score, all finite")
+        self._threshold = conformal_threshold(s, a)
+        self._calibration_scores, self._calibration_alpha = s, a
+        return self._threshold
+
+    @property
+    def calibration_scores(self) -> np.ndarray | None:
+        """The sorted calibration scores behind the threshold (a copy), or ``None``."""
+        return None if self._calibration_scores is None else self._calibration_scores.copy()
+
+    @property
+    def calibration_alpha(self) -> float | None:
+        """The target false-positive rate the threshold was calibrated at, or ``None`` when unknown."""
+        return self._calibration_alpha
+
+    def series_threshold(self, frames: int) -> float:
+        """The threshold on the highest of ``frames`` frame scores (each frame scored alone, as the
+        calibration images were): the conformal quantile of the calibration scores at ``calibration_alpha /
+        frames``. By the union bound a series of normal frames, each exchangeable with the calibration
+        normals, is then flagged with probability at most ``calibration_alpha``, however much its frames resemble
+        each other (for near-identical frames it is conservative). With too few calibration scores for that
+        rank it is the largest score, and :meth:`series_fpr_bound` says how far the guarantee weakens.
+        Without calibration scores: the single-image threshold, which does not hold the rate for T > 1."""
+        t = int(frames)
+        if t < 1:
+            raise ValueError(f"a series has at least one frame, got {frames}")
+        if t == 1 or self._calibration_scores is None or self._calibration_alpha is None:
+            return self.threshold
+        return conformal_threshold(self._calibration_scores, self._calibration_alpha / t)
+
+    def series_decision(self, frame_scores: Sequence[float] | np.ndarray, context_frames: int = 0
+                        ) -> tuple[int, float, float]:
+        """For a series whose frames were each scored alone: ``(k, score, threshold)``, ``k`` the index of
+        the highest-scoring judged frame (the first of equals; the leading ``context_frames`` are not
+        judged), ``score`` its score and ``threshold`` :meth:`series_threshold` of the judged frames."""
+        scores = np.asarray(frame_scores, dtype=np.float64).ravel()
+        c = int(context_frames)
+        if not 0 <= c < scores.size:
+            raise ValueError(f"context_frames {context_frames} leaves no judged frame among {scores.size}")
+        k = c + int(np.argmax(scores[c:]))
+        return k, float(scores[k]), self.series_threshold(scores.size - c)
+
+    def series_fpr_bound(self, frames: int) -> float | None:
+        """The bound on the false-positive rate of a series of ``frames`` normal frames compared with
+        :meth:`series_threshold` (``frames`` times the per-frame bound, at most 1); ``None`` without
+        calibration scores."""
+        if self._calibration_scores is None or self._calibration_alpha is None:
+            return None
+        t = max(int(frames), 1)
+        return min(1.0, t * conformal_exceedance_bound(self._calibration_scores.size, self._calibration_alpha / t))
+
+    def save_calibration(self, model_dir: Path) -> list[str]:
+        """Write :data:`CALIBRATION_FILENAME` (or remove a stale one when there are no scores); returns the
+        names written. :func:`save_model` calls it after :meth:`save`."""
+        path = Path(model_dir) / CALIBRATION_FILENAME
+        if self._calibration_scores is None or self._calibration_alpha is None:
+            path.unlink(missing_ok=True)
+            return []
+        doc = {
+            "what": "scores of the held-out normal images (each scored alone) whose split-conformal quantile "
+                    "is the threshold; a series of T frames is compared with their quantile at "
+                    "target_fpr / T",
+            "target_fpr": self._calibration_alpha,
+            "threshold": self.threshold,
+            "scores": [float(v) for v in self._calibration_scores],
+        }
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        return [CALIBRATION_FILENAME]
+
+    def load_calibration(self, model_dir: Path) -> None:
+        """Read :data:`CALIBRATION_FILENAME` if the folder has one (:meth:`attach_calibration`: its scores
+        must give the threshold the detector loaded; ``ValueError`` if not)."""
+        path = Path(model_dir) / CALIBRATION_FILENAME
+        if not path.is_file():
+            self._calibration_scores = self._calibration_alpha = None
+            return
+        doc = json.loads(path.read_text())
+        try:
+            self.attach_calibration(doc["scores"], doc["target_fpr"])
+        except ValueError as exc:
+            raise ValueError(f"{path.name} in {model_dir}: {exc}") from None
+
+    def attach_calibration(self, scores: Sequence[float] | np.ndarray, alpha: float) -> None:
+        """Keep ``scores`` as the calibration scores behind the threshold the detector has, without moving
+        it. Their conformal quantile at ``alpha`` must give that threshold (``ValueError`` if not): a
+        threshold set by hand with stale scores beside it would otherwise be moved for every series."""
+        s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+        a = float(alpha)
+        if s.size == 0 or not np.isfinite(s).all() or not 0.0 < a < 1.0:
+            raise ValueError("no scores, a non-finite one, or a target FPR outside (0, 1)")
+        expected = conformal_threshold(s, a)
+        # 1e-3: scores recomputed on another processor for a model shipped before they were kept differ in
+        # the 4th digit (benchmarks/calibration_scores.py); a threshold moved by hand differs by far more
+        if not math.isclose(expected, self.threshold, rel_tol=1e-3, abs_tol=1e-12):
+            raise ValueError(f"its scores give the threshold {expected!r} at {a:g}, the model's threshold is "
+                             f"{self.threshold!r}")
+        self._calibration_scores, self._calibration_alpha = s, a
 
     @abc.abstractmethod
     def save(self, model_dir: Path) -> list[str]:
@@ -361,9 +508,19 @@ def load_model(model_dir: Path, *, verify: bool = True) -> Detector:
     cls = get_detector_class(card.detector)
     if verify:
         verify_model_files(model_dir, card, cls.MODEL_FILES)
+        if (model_dir / CALIBRATION_FILENAME).is_file() and CALIBRATION_FILENAME not in card.files:
+            raise ValueError(f"model {card.name}: {CALIBRATION_FILENAME} is not listed with a checksum in the "
+                             "card; refusing an unverified file")
     det = cls.load(model_dir, card)
+    det.load_calibration(model_dir)
     det.card = card
     return det
+
+
+def save_model(det: Detector, model_dir: Path) -> list[str]:
+    """Write a detector's files (:meth:`Detector.save`) and its calibration scores into ``model_dir``;
+    returns the names written (the card, with their checksums, is the caller's)."""
+    return [*det.save(model_dir), *det.save_calibration(model_dir)]
 
 
 def discover_model_dirs(paths: Iterable[Path]) -> list[Path]:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, get_detector_class, sha256_file
+from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, get_detector_class, save_model, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def train_knn(normals: Sequence, out: Path, *, name: str, version: str, modaliti
     seqs = load_sequences(normals, workers=workers)
     det.fit([seqs[i] for i in fit_idx], validation=[seqs[i] for i in cal_idx], seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    files = det.save(out)
+    files = save_model(det, out)
     bb = backbone_info()
     card = ModelCard(
         name=name, version=version, detector="knn-effnet",

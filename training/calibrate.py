@@ -13,7 +13,10 @@ from the same site exceeds it with probability at most ``a``. Nothing is retrain
 
 * Rows: the normal rows (:attr:`training.manifest.ManifestRow.is_normal`) of a manifest or of a folder
   (``<label>/*`` or ``<split>/<label>/*``); with ``--split``, only those of that split (when the rows
-  have splits). Anomalies are never used.
+  have splits). Anomalies are never used. Each frame of a multi-frame file is scored alone, as the
+  service scores each frame of a series.
+* The scores are kept beside the threshold (``calibration.json``): a series of T frames is compared with
+  their quantile at ``a / T`` (:meth:`inference.api.Detector.series_threshold`).
 * Too few normals for the conformal rank to be a real score (``n < ceil(1 / a) - 1``: 19 at 5 %) is an
   error (exit 2): the threshold would be the largest score, without the guarantee.
 * The source folder is never written. The new folder holds the source's files, the detector's files
@@ -105,9 +108,9 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 # ----------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace, settings) -> int:
-    from inference.api import conformal_min_normals, conformal_rank, conformal_threshold, load_model, sha256_file
+    from inference.api import conformal_min_normals, conformal_rank, load_model, save_model, sha256_file
     from training.evaluate import score_all
-    from training.manifest import load_sequences, read_manifest, rows_from_folder
+    from training.manifest import expand_frames, load_sequences, read_manifest, rows_from_folder
 
     alpha = float(args.target_fpr)
     if not 0.0 < alpha < 1.0:
@@ -131,8 +134,11 @@ def run(args: argparse.Namespace, settings) -> int:
     split = args.split if args.split and any(r.split for r in rows) else None  # the split actually applied
     need = conformal_min_normals(alpha)
     where = source_name + (f" (split {split!r})" if split else "")
-    if len(normals) < need:
-        return _error(f"{len(normals)} normal images in {where}; a split-conformal threshold at a "
+    # each frame of a multi-frame file alone, as the threshold is used: a series' frames are each scored
+    # alone and its highest is compared with the scores' quantile at target FPR / T (series_threshold)
+    images = expand_frames(normals)
+    if len(images) < need:
+        return _error(f"{len(images)} normal images in {where}; a split-conformal threshold at a "
                       f"false-positive rate of {alpha:g} needs at least {need} normals")
 
     from inference.device import resolve_device
@@ -154,19 +160,19 @@ def run(args: argparse.Namespace, settings) -> int:
         det.to(device)
     log.info("calibrate: model %s %s (%s) on %d normals of %s", card.name, card.version, card.detector,
              len(normals), where)
-    scores, _ = score_all(det, load_sequences(normals, workers=args.workers), args.batch)
+    scores, _ = score_all(det, load_sequences(images, workers=args.workers), args.batch)
     if not np.isfinite(scores).all():
         return _error(f"the model gave {int((~np.isfinite(scores)).sum())} non-finite scores on {where}")
-    new_threshold = conformal_threshold(scores, alpha)
     if hasattr(det, "to") and home_device is not None:
         det.to(home_device)  # the saved files must not depend on the device used for scoring
-    det.set_threshold(new_threshold)
+    new_threshold = det.calibrate(scores, alpha)  # the threshold, and the scores kept beside it
 
     now = datetime.now(timezone.utc)
     record: dict[str, Any] = {
         "method": "split-conformal: the ceil((n + 1)(1 - target_fpr))-th smallest score of the normals",
         "n_normals": len(normals),
-        "conformal_rank": conformal_rank(len(normals), alpha),
+        "n_images": len(images),  # frames of multi-frame files counted one by one
+        "conformal_rank": conformal_rank(len(images), alpha),
         "target_fpr": alpha,
         "old_threshold": old_threshold,
         "new_threshold": new_threshold,
@@ -183,7 +189,7 @@ def run(args: argparse.Namespace, settings) -> int:
 
     with staged_model_folder(out, replace=False) as tmp:  # a new folder, never an existing one
         _copy_contents(model_dir, tmp)  # the files save() does not write (e.g. training.json) come along
-        written = det.save(tmp)
+        written = save_model(det, tmp)
         names = list(dict.fromkeys([*card.files, *written]))
         new_card = replace(card, version=version, files={n: sha256_file(tmp / n) for n in names},
                            calibration=record)

@@ -551,7 +551,7 @@ def run(args: argparse.Namespace, settings) -> int:
 def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared, report: dict[str, Any],
                         metrics: dict[str, Any], t0: float) -> None:
     """The model files, ``training.json`` and the card, into ``out`` (a staged folder)."""
-    from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, sha256_file
+    from inference.api import NOT_FOR_DIAGNOSTIC_USE, ModelCard, Scope, save_model, sha256_file
     from inference.augment import ReframeParams
     from inference.backbone import backbone_info
     from training.environment import software_environment
@@ -565,7 +565,7 @@ def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared
                                  "use": "outlier-exposure set of the encoder objective (Deep SAD with real labels)"}
     rows, source, normals = prep.rows, prep.source, prep.normals
     fit_rows, hpo_rows, cal_rows = prep.fit_rows, prep.hpo_rows, prep.cal_rows
-    files = det.save(out)
+    files = save_model(det, out)
     bb = backbone_info()
     extra = {"backbone": bb, "train_seconds": round(time.time() - t0, 1), "fit_report": report,
              "metrics": metrics, "environment": software_environment(),

@@ -70,6 +70,13 @@ def load_sequence_with_sources(settings, session: Session, sequence_id: int
     frames, bits = load_frames(refs, datasets=datasets)
     log.debug("sequence %s of series %s: %d frames %s", sequence_id, series.series_uid, frames.shape[0],
               frames.shape[1:])
+    # a prior study's frames lead the sequence (settings.add_prior_study): context the ConvGRU reads,
+    # not frames the verdict judges
+    context = 0
+    for uid, _ in sequence.frame_refs:
+        if instances[str(uid)].series_fk == series.id:
+            break
+        context += 1
     fs = FrameSequence(
         frames=frames,
         modality=series.modality or "",
@@ -77,5 +84,6 @@ def load_sequence_with_sources(settings, session: Session, sequence_id: int
         bits_stored=bits,
         series_uid=series.series_uid,
         frame_refs=tuple((str(u), int(n)) for u, n in sequence.frame_refs),
+        context_frames=context,
     )
     return fs, list(datasets.values())

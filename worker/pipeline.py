@@ -32,6 +32,7 @@ Logs carry the job id and UIDs only.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -342,6 +343,20 @@ def series_calling_ae(session: Session, series_id: int) -> str:
                            .order_by(Instance.received_at.desc(), Instance.id.desc()).limit(1)).first() or ""
 
 
+def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Detection, judged: int) -> bool:
+    """Log a warning where a series has more frames than the model's calibration normals cover: its
+    threshold is then their largest score and the false-positive rate is bounded by T / (n + 1), above the
+    target (:meth:`inference.api.Detector.series_fpr_bound`). True when it warned."""
+    bound = detection.extras.get("series_fpr_bound")
+    alpha = getattr(detector, "calibration_alpha", None)
+    if bound is None or alpha is None or bound <= alpha + 1e-12:
+        return False
+    log.warning("job %d (series %s): %d frames judged, more than the model's calibration normals cover: "
+                "its false-positive rate is bounded by %.3f, not %.3f; `medgru calibrate` on at least %d "
+                "normal frames restores it", job_id, series_uid, judged, bound, alpha, math.ceil(judged / alpha) - 1)
+    return True
+
+
 def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry: ModelRegistry) -> JobState:
     with session_factory() as session:
         job = session.get(Job, job_id)
@@ -370,8 +385,15 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
     detection = detector.detect(frames, explain=True)
     overlay = overlay_frame(detector, frames, detection, current_study_frames(sources, frames))
     seconds = time.perf_counter() - t0
-    log.info("job %d (series %s): %s %s scored %.4f vs threshold %.4f (%s) in %.2f s", job_id, series_uid,
-             card.name, card.version, detection.score, detection.threshold, detection.verdict, seconds)
+    how = ""
+    if len(detection.frame_scores) > 1:  # the highest judged frame against the threshold for their number
+        how = f" (highest of {len(frames.judged)} frames scored alone"
+        if "sequence_score" in detection.extras:
+            how += f"; ConvGRU over all {frames.length}: {detection.extras['sequence_score']:.4f}"
+        how += ")"
+    log.info("job %d (series %s): %s %s scored %.4f vs threshold %.4f%s (%s) in %.2f s", job_id, series_uid,
+             card.name, card.version, detection.score, detection.threshold, how, detection.verdict, seconds)
+    warn_uncovered_series(job_id, series_uid, detector, detection, len(frames.judged))
 
     outputs = write_outputs(settings, build_result_objects(sources, frames, detection, card, settings, overlay))
     by_kind = {o.kind: o for o in outputs}

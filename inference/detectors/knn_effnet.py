@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inference.api import (Detection, Detector, FrameSequence, ModelCard, conformal_threshold,
+from inference.api import (Detection, Detector, FrameSequence, ModelCard,
                            register_detector)
 
 WEIGHTS_FILE = "knn_effnet.npz"
@@ -162,9 +162,16 @@ class KnnEffNetDetector(Detector):
         return d.reshape(b, h, w).cpu().numpy()
 
     @staticmethod
-    def _seq_max(frame_scores: np.ndarray, owners: np.ndarray, n: int) -> np.ndarray:
+    def _seq_max(frame_scores: np.ndarray, owners: np.ndarray, n: int,
+                 sequences: Sequence[FrameSequence] = ()) -> np.ndarray:
+        """The highest frame score of each sequence; with ``sequences``, among its judged frames only (a
+        prior study's leading context frames are not judged)."""
         out = np.full(n, -np.inf)
-        np.maximum.at(out, owners, frame_scores)
+        if sequences:
+            judged = np.concatenate([np.arange(s.length) >= s.context_frames for s in sequences])
+            np.maximum.at(out, owners[judged], frame_scores[judged])
+        else:
+            np.maximum.at(out, owners, frame_scores)
         return out
 
     # ------------------------------------------------------------------------------------ training
@@ -200,7 +207,7 @@ class KnnEffNetDetector(Detector):
 
         vpooled, vmaps, vowners = self._pooled_of(validation, patches=True)
         vscores = self._seq_max(self._knn_scores(vpooled), vowners, len(validation))
-        self._threshold = conformal_threshold(vscores, self.alpha)
+        self.calibrate(vscores, self.alpha)
         vd = self._patch_distances(vmaps).ravel()
         lo, hi = np.percentile(vd, [50.0, 99.0])
         self._heat_lo = float(lo)
@@ -212,14 +219,15 @@ class KnnEffNetDetector(Detector):
         if not sequences:
             return np.zeros(0, dtype=np.float64)
         pooled, _, owners = self._pooled_of(sequences, patches=False)
-        return self._seq_max(self._knn_scores(pooled), owners, len(sequences)).astype(np.float64)
+        return self._seq_max(self._knn_scores(pooled), owners, len(sequences), sequences).astype(np.float64)
 
     def detect(self, sequence: FrameSequence, *, explain: bool = True) -> Detection:
         import cv2
 
         pooled, maps, _ = self._pooled_of([sequence], patches=explain)
         frame_scores = self._knn_scores(pooled)
-        score = float(frame_scores.max())
+        # the highest judged frame against the threshold for their number (Detector.series_threshold)
+        _, score, thr = self.series_decision(frame_scores, sequence.context_frames)
         t, h, w = sequence.frames.shape
         if explain:
             pd = self._patch_distances(maps)
@@ -230,7 +238,11 @@ class KnnEffNetDetector(Detector):
         else:
             heatmaps = np.zeros((t, h, w), dtype=np.float32)
             extras = {}
-        thr = self.threshold
+        if t > 1:
+            extras["frame_threshold"] = self.threshold
+            bound = self.series_fpr_bound(len(sequence.judged))
+            if bound is not None:
+                extras["series_fpr_bound"] = float(bound)
         return Detection(score=score, threshold=thr, is_anomaly=score > thr, heatmaps=heatmaps,
                          model_name=self.card.name if self.card else self.name,
                          model_version=self.card.version if self.card else self.version,

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.api import (Detection, Detector, FrameSequence, ModelCard, conformal_threshold,
+from inference.api import (Detection, Detector, FrameSequence, ModelCard,
                            register_detector)
 from inference.backbone import FEATURE_CHANNELS, extract_feature_maps, load_backbone
 from inference.convgru import ConvRecurrentEncoder, embed_hidden
@@ -527,7 +527,7 @@ class MedGRUSVC(Detector):
         report["heldout_normal_rejection"] = float((self.boundary.score(e_hn) > 0).mean())
 
         cal = self.boundary.score(self.embed_features(calibration))
-        self._threshold = conformal_threshold(cal, self.target_fpr)
+        self.calibrate(cal, self.target_fpr)
         report["calibration_normals"] = int(cal.size)
         report["threshold"] = self._threshold
 
@@ -861,12 +861,21 @@ class MedGRUSVC(Detector):
                          else self.embedding_dim))
 
     def score_features(self, feats: torch.Tensor) -> np.ndarray:
+        """Scores of backbone maps ``(N, T, C, h, w)`` read as N sequences by the ConvGRU (the sequence
+        score; for T = 1 the score of each image)."""
         assert self.boundary is not None
         return self.boundary.score(self.embed_features(feats))
 
+    def series_score(self, feats: torch.Tensor, context_frames: int = 0) -> float:
+        """The score :meth:`detect` gives a sequence with backbone maps ``feats`` ``(T, C, h, w)``: for
+        T = 1 the image's score, else the highest score of a judged frame scored alone."""
+        if feats.shape[0] == 1:
+            return float(self.score_features(feats[None])[0])
+        return self.series_decision(self.score_features(feats[:, None]), context_frames)[1]
+
     def score_batch(self, sequences: Sequence[FrameSequence]) -> np.ndarray:
-        """Scores of ``sequences``. On the CPU one sequence at a time: each score is the one :meth:`detect`
-        gives, and grouping was slower there (2 cores: 0.8 x for single images, 0.5-0.7 x for T = 8 series,
+        """Scores of ``sequences``, those :meth:`detect` gives. On the CPU one sequence at a time: grouping
+        was slower there (2 cores: 0.8 x for single images, 0.5-0.7 x for T = 8 series,
         ``benchmarks/results/batch_scoring-*-cpu.json``; an earlier run 0.92-1.0 x and 0.6 x). On a GPU,
         where one image leaves the device idle between kernel launches, sequences of one length go through
         the backbone and the encoder together (:meth:`score_grouped`)."""
@@ -874,13 +883,13 @@ class MedGRUSVC(Detector):
             return self.score_grouped(sequences)
         out = np.empty(len(sequences), dtype=np.float64)
         for i, seq in enumerate(sequences):
-            out[i] = float(self.score_features(self.sequence_features(seq)[None])[0])
+            out[i] = self.series_score(self.sequence_features(seq), seq.context_frames)
         return out
 
     def score_grouped(self, sequences: Sequence[FrameSequence]) -> np.ndarray:
         """Scores of ``sequences``, those of one length T scored together: their preprocessed frames in one
-        backbone call, their maps ``(n, T, C, h, w)`` in batched encoder calls. Equal to scoring one at a
-        time up to float rounding; the order of ``sequences`` is kept."""
+        backbone call, their maps in batched encoder calls (each frame alone where T > 1, as
+        :meth:`detect`). Equal to scoring one at a time up to float rounding; the order is kept."""
         out = np.empty(len(sequences), dtype=np.float64)
         pre = [self.preprocess(seq) for seq in sequences]  # (T, S, S) each
         by_length: dict[int, list[int]] = {}
@@ -891,44 +900,73 @@ class MedGRUSVC(Detector):
             for k in range(0, len(same), per_call):
                 idx = same[k:k + per_call]
                 maps = self.frame_features(np.concatenate([pre[i] for i in idx]))  # (n * T, C, h, w)
-                out[idx] = self.score_features(maps.reshape(len(idx), t, *maps.shape[1:]))
+                frame_scores = self.score_features(maps[:, None]).reshape(len(idx), t)
+                for j, i in enumerate(idx):
+                    out[i] = frame_scores[j, 0] if t == 1 else \
+                        self.series_decision(frame_scores[j], sequences[i].context_frames)[1]
         return out
 
+    def _explain(self, feats: torch.Tensor, size: tuple[int, int]) -> tuple[float, np.ndarray, np.ndarray]:
+        """Grad-CAM of the score of backbone maps ``feats`` ``(T, C, h, w)`` read as one sequence:
+        ``(score, heat maps (T, H, W), the embedding (1, d))``."""
+        enc, head = self.encoder, self._torch_boundary
+        enc.eval()
+        kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+        def forward_score() -> torch.Tensor:
+            # gradients are needed for the hidden states only: the input carries the graph, the
+            # weights don't (their gradients were half the backward pass, never used)
+            e, src = self.embed_sequence(enc, feats[None].float().requires_grad_(True), skip_leaf=True)
+            kept.append((e, src))
+            return head(e)
+
+        def skip_terms() -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+            src = kept[0][1]  # the skip block's own leaf: the score's gradient through the skip alone
+            if src is None or src.grad is None:
+                return None
+            return [(src[:, i].detach(), src.grad[:, i]) for i in range(src.shape[1])]
+
+        with _weights_frozen(enc):
+            score, heat = grad_cam(enc.cells[-1], forward_score, size, extra=skip_terms)
+        return score, heat, kept[0][0].detach().cpu().double().numpy()
+
     def detect(self, sequence: FrameSequence, *, explain: bool = True) -> Detection:
+        """Score one sequence. T = 1: the image's score, with its Grad-CAM. T > 1: every frame scored
+        alone (``frame_scores``); the series' score is the highest among the judged frames and its
+        threshold :meth:`~inference.api.Detector.series_threshold` of their number (the models learn and
+        calibrate on single images, so only that comparison holds the target false-positive rate). The heat
+        map is the Grad-CAM of that frame scored alone, at its index (the other frames' maps are zero).
+        The ConvGRU's score of all T frames as one sequence is kept in ``extras["sequence_score"]``, for
+        reading only: its distribution at T > 1 was never calibrated."""
         if self.encoder is None or self.boundary is None or self._torch_boundary is None:
             raise RuntimeError("MedGRU-SVC is not fitted")
         feats = self.sequence_features(sequence)  # (T, C, h, w)
         t, h, w = sequence.frames.shape
-        if explain:
-            enc, head = self.encoder, self._torch_boundary
-            enc.eval()
-            kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-
-            def forward_score() -> torch.Tensor:
-                # gradients are needed for the hidden states only: the input carries the graph, the
-                # weights don't (their gradients were half the backward pass, never used)
-                e, src = self.embed_sequence(enc, feats[None].float().requires_grad_(True), skip_leaf=True)
-                kept.append((e, src))
-                return head(e)
-
-            def skip_terms() -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-                src = kept[0][1]  # the skip block's own leaf: the score's gradient through the skip alone
-                if src is None or src.grad is None:
-                    return None
-                return [(src[:, i].detach(), src.grad[:, i]) for i in range(src.shape[1])]
-
-            with _weights_frozen(enc):
-                score, heat = grad_cam(enc.cells[-1], forward_score, (h, w), extra=skip_terms)
-            emb = kept[0][0].detach().cpu().double().numpy()  # the embedding Grad-CAM explained
+        frame_scores: tuple[float, ...] = ()
+        extras: dict[str, float] = {}
+        if t == 1:
+            if explain:
+                score, heat, emb = self._explain(feats, (h, w))
+            else:
+                emb = self.embed_features(feats[None])
+                score = float(self.boundary.score(emb)[0])
+                heat = np.zeros((t, h, w), dtype=np.float32)
+            thr = self.threshold
         else:
-            emb = self.embed_features(feats[None])
-            score = float(self.boundary.score(emb)[0])
+            frame_emb = self.embed_features(feats[:, None])
+            per_frame = self.boundary.score(frame_emb)
+            frame_scores = tuple(float(v) for v in per_frame)
+            top, score, thr = self.series_decision(per_frame, sequence.context_frames)
+            emb = frame_emb[top:top + 1]
             heat = np.zeros((t, h, w), dtype=np.float32)
-        # one score per frame (each frame alone as a sequence) only where there is more than one frame:
-        # for T = 1 it would repeat the sequence's own forward pass and be dropped
-        frame_scores = tuple(float(s) for s in self.boundary.score(self.embed_features(feats[:, None]))) \
-            if t > 1 else ()
-        thr = self.threshold
+            if explain:
+                heat[top] = self._explain(feats[top:top + 1], (h, w))[1][0]
+            extras["sequence_score"] = float(self.score_features(feats[None])[0])
+            extras["frame_threshold"] = self.threshold
+            bound = self.series_fpr_bound(len(sequence.judged))
+            if bound is not None:
+                extras["series_fpr_bound"] = float(bound)
+        extras["svdd_decision"] = float(self.boundary.decision(emb)[0])
         anomalous = bool(score > thr)
         label = None
         if anomalous and self.clusters is not None:
@@ -938,8 +976,7 @@ class MedGRUSVC(Detector):
             score=float(score), threshold=thr, is_anomaly=anomalous, heatmaps=heat,
             model_name=card.name if card else "medgru-svc (unsaved)",
             model_version=card.version if card else "0",
-            cluster_label=label, frame_scores=frame_scores,
-            extras={"svdd_decision": float(self.boundary.decision(emb)[0])},
+            cluster_label=label, frame_scores=frame_scores, extras=extras,
         )
 
     # ----------------------------------------------------------------------------- persistence

@@ -1,4 +1,5 @@
-"""Model loading (:func:`inference.api.load_model`) against the model folders shipped in ``inference/``."""
+"""Model loading (:func:`inference.api.load_model`) against the model folders shipped in ``inference/``, and
+the series threshold (:meth:`inference.api.Detector.series_threshold`) against simulated normals."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.api import ModelCard, get_detector_class, load_model
+from inference.api import Detector, ModelCard, conformal_exceedance_bound, get_detector_class, load_model
 
 INFERENCE = Path(__file__).resolve().parents[2] / "inference"
 #: the model folders shipped with the code: the MedGRU-SVC models and the k-NN baselines
@@ -44,3 +45,67 @@ def test_a_tampered_head_left_off_the_card_is_refused(tmp_path):
     (model_dir / "card.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="lists no files"):
         load_model(model_dir, verify=True)
+
+
+class _Calibrated(Detector):
+    """Only the calibration of the base class: the series threshold is what is under test."""
+
+    def fit(self, normals, *, validation=(), seed=0):
+        raise NotImplementedError
+
+    def score_batch(self, sequences):
+        raise NotImplementedError
+
+    def detect(self, sequence, *, explain=True):
+        raise NotImplementedError
+
+    @property
+    def threshold(self):
+        return self._threshold
+
+    def save(self, model_dir):
+        return []
+
+    @classmethod
+    def load(cls, model_dir, card):
+        return cls()
+
+
+def _series_fpr(frames: int, trials: int, same_frame: bool, rule: str) -> float:
+    """The share of series of ``frames`` normal frames flagged, each trial with fresh calibration normals
+    (200, standard normal scores) and a fresh series (independent frames, or one frame repeated)."""
+    rng = np.random.default_rng(frames * 7 + same_frame)
+    det, flagged = _Calibrated(), 0
+    for _ in range(trials):
+        det.calibrate(rng.standard_normal(200), 0.05)
+        series = np.repeat(rng.standard_normal(1), frames) if same_frame else rng.standard_normal(frames)
+        thr = det.series_threshold(frames) if rule == "series" else det.threshold
+        flagged += int(series.max() > thr)
+    return flagged / trials
+
+
+def test_the_series_threshold_holds_the_target_rate_where_the_single_image_threshold_does_not():
+    """Series of 8 normal frames, each exchangeable with the calibration normals: compared with the
+    single-image threshold about 1 - 0.95**8 = 34 % are flagged; with the series threshold at most 5 %,
+    whether the frames are independent or one frame repeated (then about 5 % / 8: conservative)."""
+    assert _series_fpr(8, 3000, same_frame=False, rule="single") > 0.25
+    independent = _series_fpr(8, 3000, same_frame=False, rule="series")
+    assert 0.025 < independent < 0.06  # the union bound is nearly tight for independent frames
+    assert _series_fpr(8, 3000, same_frame=True, rule="series") < 0.02
+    assert _series_fpr(1, 3000, same_frame=False, rule="series") < 0.065
+
+
+def test_the_series_threshold_falls_back_and_says_how_far_the_guarantee_weakens():
+    det = _Calibrated()
+    det.calibrate(np.arange(1.0, 41.0), 0.05)  # 40 scores
+    assert det.series_threshold(1) == det.threshold == 39.0
+    assert det.series_threshold(2) == 40.0  # rank ceil(41 * 0.975) = 40
+    assert det.series_fpr_bound(1) == pytest.approx(2 / 41) and det.series_fpr_bound(2) == pytest.approx(2 / 41)
+    assert det.series_threshold(8) == 40.0 and det.series_fpr_bound(8) == pytest.approx(8 / 41)  # too few scores
+    assert conformal_exceedance_bound(40, 0.05) == pytest.approx(2 / 41)
+    det.set_threshold(12.5)
+    assert det.calibration_scores is None and det.series_threshold(8) == 12.5 and det.series_fpr_bound(8) is None
+    with pytest.raises(ValueError):
+        det.series_threshold(0)
+    with pytest.raises(ValueError):
+        det.calibrate([1.0, float("nan")], 0.05)

@@ -5,8 +5,10 @@ moment its module lands in ``inference/detectors/``. Each detector is built with
 fitted once per module on smooth synthetic textures (normals), and then checked for: finite scores that
 rank a planted bright blob above held-out normals, valid detections with frame-shaped heat maps for
 T = 1 and T = 3, a save -> card -> ``load_model`` round trip with the same scores, the checksum check,
-``set_threshold`` surviving save and load (what ``medgru calibrate`` relies on), and ``get_params``
-rebuilding an untrained twin.
+``set_threshold`` surviving save and load (what ``medgru calibrate`` relies on), ``get_params``
+rebuilding an untrained twin, and the series rule: a series of T frames is judged by its highest frame
+scored alone against the calibration scores' quantile at target FPR / T, prior-study context frames left
+out, with the calibration scores saved and verified beside the model.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from inference.api import (
     Scope,
     conformal_min_normals,
     conformal_threshold,
+    FrameSequence,
     load_model,
     registered_detectors,
+    save_model,
     sha256_file,
 )
 
@@ -98,7 +102,7 @@ def test_detect_returns_valid_detection(trained, t):
     assert d.heatmaps.shape == frames.shape
     assert d.heatmaps.dtype == np.float32
     assert 0.0 <= d.heatmaps.min() and d.heatmaps.max() <= 1.0
-    assert d.threshold == pytest.approx(det.threshold)
+    assert d.threshold == pytest.approx(det.series_threshold(t))
     assert d.is_anomaly == (d.score > d.threshold)
     assert d.frame_scores == () or len(d.frame_scores) == t
     # detect and score_batch agree on the score
@@ -109,7 +113,7 @@ def test_detect_returns_valid_detection(trained, t):
 
 
 def _save_with_card(cls, det, model_dir):
-    files = det.save(model_dir)
+    files = save_model(det, model_dir)
     assert files, "save must return the names of the files it wrote"
     card = ModelCard(
         name=f"contract-{cls.registry_name}", version="0.0.1", detector=cls.registry_name,
@@ -215,3 +219,92 @@ def test_get_params_rebuilds_an_untrained_twin(trained):
     twin.fit([seq(texture(i)) for i in range(16)], validation=[seq(texture(100 + i)) for i in range(8)], seed=0)
     probe = [seq(texture(5000 + i)) for i in range(3)]
     np.testing.assert_allclose(twin.score_batch(probe), det.score_batch(probe), rtol=1e-4, atol=1e-6)
+
+
+def _calibrated_copy(cls, det, tmp_path, n: int = 40):
+    """An independent copy of the fitted detector (via its folder), calibrated on the scores of ``n`` fresh
+    textures: enough normals for the conformal ranks at 5 % and 5 % / 3 to differ."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    _save_with_card(cls, det, folder)
+    twin = load_model(folder)
+    cal = twin.score_batch([seq(texture(7000 + i)) for i in range(n)])
+    twin.calibrate(cal, 0.05)
+    return twin, np.sort(cal)
+
+
+def test_a_series_is_judged_by_its_highest_frame_against_the_threshold_for_its_frames(trained, tmp_path):
+    cls, det = trained
+    twin, cal = _calibrated_copy(cls, det, tmp_path)
+    assert twin.threshold == conformal_threshold(cal, 0.05) == cal[38]  # rank ceil(41 * 0.95) = 39
+    assert twin.series_threshold(1) == twin.threshold
+    assert twin.series_threshold(3) == conformal_threshold(cal, 0.05 / 3) == cal[-1]  # rank 41 > 40: the largest
+    assert twin.series_threshold(3) > twin.threshold
+    frames = np.concatenate([texture(7100), with_blob(texture(7101), seed=5), texture(7102)])
+    d = twin.detect(seq(frames), explain=True)
+    assert len(d.frame_scores) == 3
+    alone = [float(twin.score_batch([seq(frames[i:i + 1])])[0]) for i in range(3)]
+    np.testing.assert_allclose(d.frame_scores, alone, rtol=1e-5, atol=1e-6)  # each frame scored alone
+    assert d.score == pytest.approx(max(alone), rel=1e-5, abs=1e-6) and d.score == max(d.frame_scores)
+    assert d.threshold == twin.series_threshold(3)
+    assert d.is_anomaly == (d.score > twin.series_threshold(3))
+    assert d.extras["frame_threshold"] == twin.threshold
+    assert d.extras["series_fpr_bound"] == pytest.approx(3 * 1 / 41)  # the largest of 40 scores, 3 frames
+    assert float(twin.score_batch([seq(frames)])[0]) == pytest.approx(d.score, rel=1e-5, abs=1e-6)
+
+
+def test_prior_study_context_frames_are_read_but_not_judged(trained, tmp_path):
+    cls, det = trained
+    twin, _ = _calibrated_copy(cls, det, tmp_path)
+    frames = np.concatenate([with_blob(texture(7200), seed=9), texture(7201), texture(7202)])
+    whole = twin.detect(seq(frames), explain=False)
+    prior_led = FrameSequence(frames=frames, modality="CR", body_part="CHEST", context_frames=1)
+    d = twin.detect(prior_led, explain=True)
+    assert d.frame_scores == pytest.approx(whole.frame_scores, rel=1e-5, abs=1e-6)  # every frame is scored
+    assert int(np.argmax(whole.frame_scores)) == 0  # the blob leads: it would decide the series
+    assert d.score == max(d.frame_scores[1:]) < whole.score  # the prior's frame does not
+    assert d.threshold == twin.series_threshold(2)
+    assert float(d.heatmaps[0].max()) == 0.0 or cls.registry_name != "medgru-svc"  # MedGRU explains its top frame only
+    assert float(twin.score_batch([prior_led])[0]) == pytest.approx(d.score, rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="context_frames"):
+        FrameSequence(frames=frames, context_frames=3)
+
+
+def test_calibration_scores_are_saved_verified_and_dropped_with_a_hand_set_threshold(trained, tmp_path):
+    cls, det = trained
+    twin, cal = _calibrated_copy(cls, det, tmp_path)
+    folder = tmp_path / "calibrated"
+    folder.mkdir()
+    files = _save_with_card(cls, twin, folder)
+    assert "calibration.json" in files
+    loaded = load_model(folder)
+    np.testing.assert_array_equal(loaded.calibration_scores, cal)
+    assert loaded.calibration_alpha == 0.05 and loaded.series_threshold(3) == twin.series_threshold(3)
+
+    card = json.loads((folder / "card.json").read_text())
+    unlisted = dict(card, files={k: v for k, v in card["files"].items() if k != "calibration.json"})
+    (folder / "card.json").write_text(json.dumps(unlisted))
+    with pytest.raises(ValueError, match="calibration.json is not listed"):
+        load_model(folder)
+    doc = json.loads((folder / "calibration.json").read_text())
+    doc["scores"] = [v + 1.0 for v in doc["scores"]]  # scores that do not give the model's threshold
+    (folder / "calibration.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="its scores give the threshold"):
+        load_model(folder, verify=False)
+
+    loaded = load_model(tmp_path / "copy")  # calibrated by fit, with its own scores
+    loaded.set_threshold(loaded.threshold * 1.5 + 1.0)  # by hand: no scores stand behind it
+    assert loaded.calibration_scores is None and loaded.series_threshold(3) == loaded.threshold
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    (hand / "calibration.json").write_text("stale")  # as medgru calibrate copies the source's files first
+    files = _save_with_card(cls, loaded, hand)
+    assert "calibration.json" not in files and not (hand / "calibration.json").exists()
+    assert load_model(hand).series_threshold(3) == loaded.threshold
+
+
+def test_fit_keeps_the_calibration_scores_behind_its_threshold(trained):
+    _, det = trained
+    cal = det.calibration_scores
+    assert cal is not None and cal.size == 8 and det.calibration_alpha is not None
+    assert det.threshold == conformal_threshold(cal, det.calibration_alpha)

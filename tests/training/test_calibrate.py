@@ -110,8 +110,13 @@ def test_calibrate_folder_writes_a_new_verified_model(source_model, make_setting
     card = ModelCard.read(out)
     assert re.fullmatch(r"0\.1\+cal\.\d{12}", card.version), card.version
     assert (card.name, card.detector, dict(card.params)) == (old.card.name, old.card.detector, dict(old.card.params))
-    assert set(card.files) == {"knn_effnet.npz", "training.json"}
+    assert set(card.files) == {"knn_effnet.npz", "training.json", "calibration.json"}
     assert (out / "training.json").read_text() == (source_model / "training.json").read_text()
+    # the site's scores are kept beside its threshold: a series of T frames gets their quantile at 5 % / T
+    np.testing.assert_allclose(new.calibration_scores, np.sort(scores), rtol=1e-6)
+    assert new.series_threshold(2) == pytest.approx(expected_threshold(scores, 0.025), rel=1e-9)
+    assert new.series_threshold(2) > new.threshold
+    assert card.calibration["n_images"] == 40
     assert card.files["knn_effnet.npz"] != old.card.files["knn_effnet.npz"]  # the threshold is in it
     cal = card.calibration
     assert cal["n_normals"] == 40 and cal["target_fpr"] == 0.05
@@ -219,8 +224,8 @@ def test_a_gpu_asked_for_where_there_is_none_exits_2_and_writes_nothing(source_m
 
 
 def write_dicom(path: Path, frame: np.ndarray, *, modality: str = "CR") -> Path:
-    """``frame`` as an 8-bit MONOCHROME2 Secondary Capture with no window: the service reads it as v / 255,
-    the grey values of the PNG :func:`write_png` makes of the same frame."""
+    """``frame`` (or a stack of frames) as an 8-bit MONOCHROME2 Secondary Capture with no window: the
+    service reads it as v / 255, the grey values of the PNG :func:`write_png` makes of the same frame."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -233,7 +238,9 @@ def write_dicom(path: Path, frame: np.ndarray, *, modality: str = "CR") -> Path:
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.BodyPartExamined = modality, "CHEST"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = frame.shape
+    ds.Rows, ds.Columns = frame.shape[-2:]
+    if frame.ndim == 3:  # a multi-frame instance
+        ds.NumberOfFrames = frame.shape[0]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = np.round(frame * 255.0).astype(np.uint8).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +267,24 @@ def test_calibrate_on_dicom_normals_matches_the_same_images_as_png(source_model,
     thr = {k: ModelCard.read(v).calibration["new_threshold"] for k, v in outs.items()}
     assert thr["dcm"] == pytest.approx(thr["png"], rel=1e-9)
     assert thr["dcm"] != pytest.approx(load_model(source_model).threshold)
+
+
+def test_calibrate_scores_each_frame_of_a_multi_frame_normal_alone(source_model, make_settings, tmp_path):
+    """The service judges a series by its frames scored alone, so the calibration scores are frame scores:
+    10 normals of 3 frames each give 30 scores, those of the 30 frames as single images."""
+    png, dcm = tmp_path / "png", tmp_path / "dcm"
+    for i in range(10):
+        stack = np.stack([site_normal(1400 + 3 * i + k) for k in range(3)])
+        write_dicom(dcm / "normal" / f"n{i:02d}.dcm", stack)
+        for k in range(3):
+            write_png(png / "normal" / f"n{i:02d}-{k}.png", stack[k])
+    out = tmp_path / "calibrated"
+    assert calibrate(["--model", str(source_model), "--folder", str(dcm), "--out", str(out)], make_settings()) == 0
+    card = ModelCard.read(out)
+    assert (card.calibration["n_normals"], card.calibration["n_images"]) == (10, 30)
+    singles = source_scores(source_model, rows_from_folder(png))
+    np.testing.assert_allclose(load_model(out).calibration_scores, np.sort(singles), rtol=1e-6)
+    assert card.calibration["new_threshold"] == pytest.approx(expected_threshold(singles, 0.05), rel=1e-9)
 
 
 def test_a_broken_dicom_file_is_a_named_error(tmp_path):

@@ -352,3 +352,26 @@ def test_load_sequence_from_database(worker_settings, session_factory, dicom_cor
     # instance order: the first frame is instance number 1
     first = pydicom.dcmread(dicom_corpus / BRAINIX / "IM-0001-0001.dcm", stop_before_pixels=True)
     assert fs.frame_refs[0][0] == first.SOPInstanceUID
+    assert fs.context_frames == 0 and list(fs.judged) == [0, 1, 2, 3, 4]
+
+
+def test_a_prior_studys_leading_frames_are_context(worker_settings, session_factory, dicom_corpus):
+    """A sequence led by another series' frames (a prior study's, as the assembler prepends them with
+    ``settings.add_prior_study``) is loaded whole, with those frames marked as context: the verdict
+    judges the current series' frames only."""
+    from storage.models import Instance, SequenceRecord, Series, SeriesState
+
+    settings = worker_settings()
+    add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=5)
+    with session_factory() as s:
+        seq = s.query(SequenceRecord).one()
+        current = seq.series
+        prior = Series(series_uid="1.2.826.0.1.3680043.8.498.7", study=current.study, modality="MR",
+                       body_part="BRAIN", state=SeriesState.ASSEMBLED)
+        s.add(prior)
+        s.flush()
+        for uid, _ in seq.frame_refs[:2]:  # the first two instances become the prior's
+            s.query(Instance).filter_by(sop_instance_uid=uid).one().series_fk = prior.id
+        s.commit()
+        fs = load_sequence(settings, s, seq.id)
+    assert fs.length == 5 and fs.context_frames == 2 and list(fs.judged) == [2, 3, 4]

@@ -227,9 +227,9 @@ def test_second_failure_doubles_the_back_off(worker_settings, session_factory, d
 
 
 def test_overlay_explains_the_highest_scoring_frame_alone(dicom_corpus):
-    """With the bundled MedGRU-SVC brain model on the Brainix FLAIR series: the sequence's Grad-CAM falls on
-    the last slice, whatever the slices' own scores; the overlay shows the slice with the highest own score,
-    with a heat map of that slice scored alone, whose score is the slice's frame score."""
+    """With the bundled MedGRU-SVC brain model on the Brainix FLAIR series: the series' score is its highest
+    slice scored alone, and its heat map is that slice's Grad-CAM (the other slices blank); the overlay
+    shows that slice, with a heat map of that slice scored alone, whose score is the slice's frame score."""
     import numpy as np
 
     from inference.api import FrameSequence, load_model
@@ -246,7 +246,8 @@ def test_overlay_explains_the_highest_scoring_frame_alone(dicom_corpus):
     detection = detector.detect(sequence, explain=True)
     mean_heat = detection.heatmaps.reshape(sequence.length, -1).mean(axis=1)
     top = int(np.argmax(detection.frame_scores))
-    assert int(np.argmax(mean_heat)) == sequence.length - 1 != top  # why the sequence's heat map is no guide
+    assert detection.score == detection.frame_scores[top] and top != sequence.length - 1
+    assert np.flatnonzero(mean_heat).tolist() == [top]  # not the ConvGRU's last slice: the verdict's slice
 
     overlay = overlay_frame(detector, sequence, detection)
     assert overlay.index == top and overlay.frame_score == detection.frame_scores[top]
@@ -255,6 +256,42 @@ def test_overlay_explains_the_highest_scoring_frame_alone(dicom_corpus):
                                           bits_stored=bits), explain=True)
     assert abs(alone.score - overlay.frame_score) <= 1e-4 * abs(overlay.frame_score)
     assert np.allclose(alone.heatmaps[0], overlay.heatmap, atol=1e-5)
+    assert np.allclose(detection.heatmaps[top], overlay.heatmap, atol=1e-5)
+
+
+def test_a_series_longer_than_the_calibration_covers_is_judged_at_the_largest_score_and_logged(dicom_corpus, caplog):
+    """The bundled brain model's 118 calibration normals cover a series of up to 5 frames at 5 %: the
+    22-slice Brainix series is compared with their largest score, and the worker warns with the bound
+    22 / 119 and how many normal frames would restore the target; 2 of its slices are covered."""
+    import logging
+
+    import numpy as np
+
+    from inference.api import FrameSequence, load_model
+    from medgru.settings import BUNDLED_MODELS_DIR
+    from worker.pipeline import warn_uncovered_series
+    from worker.pixels import load_frames
+
+    files = sorted((dicom_corpus / BRAINIX).glob("*.dcm"),
+                   key=lambda f: int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber))
+    frames, bits = load_frames([(f, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), 1)
+                                for f in files])
+    detector = load_model(BUNDLED_MODELS_DIR / "brain-mr")
+    cal = detector.calibration_scores
+    assert cal is not None and cal.size == 118 and detector.calibration_alpha == 0.05
+    whole = detector.detect(FrameSequence(frames=frames, modality="MR", body_part="BRAIN", bits_stored=bits),
+                            explain=False)
+    assert len(whole.frame_scores) == 22 and whole.score == max(whole.frame_scores)
+    assert whole.threshold == cal[-1] > detector.threshold
+    assert whole.extras["series_fpr_bound"] == pytest.approx(22 / 119)
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+        assert warn_uncovered_series(7, "1.2.3", detector, whole, 22)
+    assert "bounded by 0.185, not 0.050" in caplog.text and "at least 439 normal frames" in caplog.text
+    part = detector.detect(FrameSequence(frames=np.ascontiguousarray(frames[8:10]), modality="MR",
+                                         body_part="BRAIN", bits_stored=bits), explain=False)
+    assert part.threshold == detector.series_threshold(2) == cal[-2]  # rank ceil(119 * 0.975) = 117
+    assert part.extras["series_fpr_bound"] == pytest.approx(2 * 2 / 119)
+    assert not warn_uncovered_series(8, "1.2.3", detector, part, 2)
 
 
 def test_results_go_back_where_the_series_came_from(worker_settings, session_factory, dicom_corpus):
