@@ -635,7 +635,13 @@ def test_grouped_scoring_equals_one_at_a_time_and_keeps_the_order(fitted, monkey
 
     det, _ = fitted
     seqs = mixed_lengths()
+    # one led by a prior's frame, its highest: read, not judged
+    k = int(np.argmax(det.detect(seqs[4], explain=False).frame_scores))
+    frames = np.concatenate([seqs[4].frames[k:k + 1], np.delete(seqs[4].frames, k, axis=0)])
+    seqs[4] = FrameSequence(frames=frames, bits_stored=8, context_frames=1)
     one_at_a_time = det.score_batch(seqs)  # the CPU path: each score is detect's, bit for bit
+    led = det.detect(seqs[4], explain=False)
+    assert int(np.argmax(led.frame_scores)) == 0 and led.score == max(led.frame_scores[1:]) < led.frame_scores[0]
     assert one_at_a_time[1] == det.detect(seqs[1], explain=False).score
     grouped = det.score_grouped(seqs)
     np.testing.assert_allclose(grouped, one_at_a_time, rtol=1e-4, atol=1e-6)
