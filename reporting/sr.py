@@ -23,12 +23,14 @@ Content tree (codes chosen, see the module constants)::
           IMAGE (260753009, SCT, "Source") -> each source instance
         CONTAINS CONTAINER (125007, DCM, "Measurement Group")          TID 1501, one per frame, only for T > 1
           Tracking Identifier "Frame k of T (scored alone) - NOT FOR DIAGNOSTIC USE" + Tracking UID
+                              ("prior study, scored alone, not judged" for a prior study's leading frames)
           NUM (246262008, SCT, "Score") = <that frame's score>  (+ TID 4019)
           IMAGE (260753009, SCT, "Source") -> that frame's instance (and frame number, if multi-frame)
 
 The per-frame groups carry ``Detection.frame_scores`` (each frame scored alone as a sequence of one), so a
-reader can see which frames drive a series' verdict; the series' own score, threshold and impression stay
-in the first group. They are written only where each frame can be mapped to its instance.
+reader can see which frames drive a series' verdict; the series' own score (for T > 1 the highest judged
+frame's), threshold (for T > 1 the threshold for that many frames, :meth:`inference.api.Detector.
+series_threshold`) and impression stay in the first group. They are written only where each frame can be mapped to its instance.
 
 Why these codes: "Normal"/"Abnormal" are the SNOMED CT qualifier values of CID 222 (Normality Codes), the
 standard answer set for a normal/abnormal judgement; "Impression" (DCM 121073) is the DICOM concept for an
@@ -146,9 +148,10 @@ def _evidence_header(ds: Dataset, info: _source.SourceInfo, current: _source.Sou
 
 
 def _frame_groups(detection: Detection, headers: Sequence[Dataset], datasets: Sequence[Dataset],
-                  frame_refs: Sequence[tuple[str, int]], algorithm, series_uid: str, card: ModelCard
-                  ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """One TID 1501 group per frame with that frame's score, referencing its instance (and frame)."""
+                  frame_refs: Sequence[tuple[str, int]], algorithm, series_uid: str, card: ModelCard,
+                  context_frames: int = 0) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per frame with that frame's score, referencing its instance (and frame). The
+    first ``context_frames`` (a prior study's) are labelled as read, not judged."""
     scores = tuple(detection.frame_scores)
     t = len(scores)
     if t < 2:
@@ -173,7 +176,9 @@ def _frame_groups(detection: Detection, headers: Sequence[Dataset], datasets: Se
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derive_uid(series_uid, card.name, card.version, f"sr-frame-{i + 1}"),
-                identifier=f"Frame {i + 1} of {t} (scored alone) - {NOT_FOR_DIAGNOSTIC_USE}",
+                identifier=f"Frame {i + 1} of {t} ("
+                           + ("prior study, scored alone, not judged" if i < context_frames else "scored alone")
+                           + f") - {NOT_FOR_DIAGNOSTIC_USE}",
             ),
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(name=SCORE_CONCEPT, value=float(score), unit=NO_UNITS,
@@ -197,6 +202,7 @@ def build_sr(
     manufacturer: str = MANUFACTURER,
     software_version: str | None = None,
     frame_refs: Sequence[tuple[str, int]] = (),
+    context_frames: int = 0,
 ) -> MedgruComprehensive3DSR:
     """Build the TID 1500 Measurement Report for ``detection`` on ``source_datasets``.
 
@@ -205,8 +211,9 @@ def build_sr(
     lead the sequence) and takes its UIDs from that dataset's series. ``frame_refs`` (SOP Instance UID,
     1-based frame number) per frame, as :class:`~inference.api.FrameSequence` has them, place the
     per-frame scores; without them a frame maps to the source dataset of the same index when there is
-    one dataset per frame. Raises ``TypeError`` or ``ValueError`` naming the argument or attribute that
-    is wrong.
+    one dataset per frame. ``context_frames``: how many leading frames are a prior study's, read but not
+    judged (:attr:`inference.api.FrameSequence.context_frames`); their groups say so. Raises
+    ``TypeError`` or ``ValueError`` naming the argument or attribute that is wrong.
     """
     datasets = _check_inputs(source_datasets, detection, card)
     infos = [_source.source_info(ds, f"source_datasets[{i}]", patient_study=False)
@@ -256,7 +263,8 @@ def build_sr(
         qualitative_evaluations=evaluations,
         source_images=source_images,
     )
-    frame_groups = _frame_groups(detection, headers, datasets, frame_refs, algorithm, series_uid, card)
+    frame_groups = _frame_groups(detection, headers, datasets, frame_refs, algorithm, series_uid, card,
+                                 context_frames)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=IMAGING_PROCEDURE,

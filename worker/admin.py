@@ -95,7 +95,10 @@ def job_fields(session, job_id: int) -> list[tuple[str, str]]:
             ("SR UID", res.sr_sop_instance_uid), ("SC UID", res.sc_sop_instance_uid),
         ]
         if res.frame_scores:
-            fields.append(("frame scores", format_frame_scores(res.frame_scores, res.threshold)))
+            from worker.loading import context_frame_count, instance_series
+
+            context = context_frame_count(seq, instance_series(session, seq)) if seq.prior_study_uid else 0
+            fields.append(("frame scores", format_frame_scores(res.frame_scores, res.threshold, context)))
         for item in session.scalars(select(OutboxItem).where(OutboxItem.result_fk == res.id)
                                     .order_by(OutboxItem.id)).all():
             fields.append(("outbox", f"{item.sop_instance_uid} {item.state.value} to "
@@ -104,12 +107,17 @@ def job_fields(session, job_id: int) -> list[tuple[str, str]]:
     return [(k, "" if v is None else str(v)) for k, v in fields]
 
 
-def format_frame_scores(scores, threshold: float) -> str:
-    """``'1: 826.1*  2: 554.3*  3: 183.0 …'``: each frame's own score in sequence order, ``*`` where it is
-    above the threshold, and how many are."""
-    above = sum(float(v) > threshold for v in scores)
-    cells = "  ".join(f"{i}: {float(v):.4g}{'*' if float(v) > threshold else ''}" for i, v in enumerate(scores, 1))
-    return f"{cells}  ({above} of {len(scores)} frames above the threshold, *)"
+def format_frame_scores(scores, threshold: float, context: int = 0) -> str:
+    """``'1: 826.1*  2: 554.3*  3: 183.0 …'``: each frame's own score in sequence order, ``*`` where a judged
+    frame is above the threshold, and how many are. The first ``context`` frames (a prior study's) are
+    marked ``(prior)``: read, not judged."""
+    judged = [float(v) for v in scores][context:]
+    above = sum(v > threshold for v in judged)
+    cells = "  ".join(
+        f"{i}: {float(v):.4g}" + (" (prior)" if i <= context else "*" if float(v) > threshold else "")
+        for i, v in enumerate(scores, 1))
+    prior = f"; frames 1-{context} are the prior study's, not judged" if context else ""
+    return f"{cells}  ({above} of {len(judged)} judged frames above the threshold, *{prior})"
 
 
 def jobs_query(*, state: str | None = None, find: str | None = None, limit: int = 100):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -49,6 +50,26 @@ def first_purged_instance(session: Session, sequence: SequenceRecord) -> Instanc
                                                   Instance.purged_at.is_not(None)).limit(1)).first()
 
 
+def context_frame_count(sequence: SequenceRecord, series_of: Mapping[str, int]) -> int:
+    """How many leading frames of ``sequence`` belong to another series: a prior study's frames, which the
+    assembler prepends with ``settings.add_prior_study``. They are context the ConvGRU reads, not frames
+    the verdict judges (:attr:`inference.api.FrameSequence.context_frames`). ``series_of``: each
+    referenced SOP Instance UID's series id (:func:`instance_series`)."""
+    count = 0
+    for uid, _ in sequence.frame_refs:
+        if series_of.get(str(uid)) == sequence.series_fk:
+            break
+        count += 1
+    return min(count, max(len(sequence.frame_refs) - 1, 0))
+
+
+def instance_series(session: Session, sequence: SequenceRecord) -> dict[str, int]:
+    """The series id of each instance the sequence references, by SOP Instance UID (purged ones too)."""
+    uids = sorted({str(ref[0]) for ref in sequence.frame_refs})
+    return dict(session.execute(select(Instance.sop_instance_uid, Instance.series_fk)
+                                .where(Instance.sop_instance_uid.in_(uids))).tuples().all())
+
+
 def load_sequence(settings, session: Session, sequence_id: int) -> FrameSequence:
     """Load the frames of :class:`SequenceRecord` ``sequence_id`` from ``settings.spool_dir``."""
     return load_sequence_with_sources(settings, session, sequence_id)[0]
@@ -70,13 +91,7 @@ def load_sequence_with_sources(settings, session: Session, sequence_id: int
     frames, bits = load_frames(refs, datasets=datasets)
     log.debug("sequence %s of series %s: %d frames %s", sequence_id, series.series_uid, frames.shape[0],
               frames.shape[1:])
-    # a prior study's frames lead the sequence (settings.add_prior_study): context the ConvGRU reads,
-    # not frames the verdict judges
-    context = 0
-    for uid, _ in sequence.frame_refs:
-        if instances[str(uid)].series_fk == series.id:
-            break
-        context += 1
+    context = context_frame_count(sequence, {uid: row.series_fk for uid, row in instances.items()})
     fs = FrameSequence(
         frames=frames,
         modality=series.modality or "",

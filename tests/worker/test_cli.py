@@ -82,7 +82,7 @@ def test_jobs_list_show_retry_cancel(cli, session_factory, dicom_corpus, capsys)
     out = capsys.readouterr().out
     assert "SR UID" in out and "outbox" in out and "ORTHANC@127.0.0.1:4242" in out
     [frames] = [ln for ln in out.splitlines() if ln.startswith("frame scores")]
-    assert "1: " in frames and "2: " in frames and "of 2 frames above the threshold" in frames
+    assert "1: " in frames and "2: " in frames and "of 2 judged frames above the threshold" in frames
 
     # retry a not-processed job: QUEUED again, attempts reset, a message on the embedded broker
     queue_dir = settings.broker_dir / "queue"

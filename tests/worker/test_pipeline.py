@@ -293,6 +293,16 @@ def test_a_series_longer_than_the_calibration_covers_is_judged_at_the_largest_sc
     assert part.extras["series_fpr_bound"] == pytest.approx(2 * 2 / 119)
     assert not warn_uncovered_series(8, "1.2.3", detector, part, 2)
 
+    caplog.clear()
+    detector.set_threshold(detector.threshold)  # as a folder from before the scores were kept: none
+    bare = detector.detect(FrameSequence(frames=np.ascontiguousarray(frames[8:10]), modality="MR",
+                                         body_part="BRAIN", bits_stored=bits), explain=False)
+    assert bare.threshold == detector.threshold and "series_fpr_bound" not in bare.extras
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+        assert warn_uncovered_series(9, "1.2.3", detector, bare, 2)
+        assert not warn_uncovered_series(9, "1.2.3", detector, bare, 1)
+    assert "keeps no calibration scores" in caplog.text and caplog.text.count("job 9") == 1
+
 
 def test_results_go_back_where_the_series_came_from(worker_settings, session_factory, dicom_corpus):
     """settings.routes by calling AE: a routed sender's results go to its route, anyone else's to the
@@ -345,6 +355,45 @@ def _assert_in_current_study(sc, sr, current) -> None:
         assert sc.get(keyword) == sr.get(keyword) == current.get(keyword), keyword
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == current.SOPInstanceUID
     assert sc.ReferencedSeriesSequence[0].SeriesInstanceUID == current.SeriesInstanceUID
+
+
+def test_a_job_led_by_a_prior_series_judges_the_current_series_frames(worker_settings, session_factory,
+                                                                      dicom_corpus, caplog):
+    """End to end, a sequence whose first instance belongs to another series (as a prior study's frames
+    lead it with ``settings.add_prior_study``): the job succeeds, the verdict is the highest of the
+    current series' frames, the SR labels the prior's frame as not judged, and ``medgru jobs show``
+    does not count it. Before, the overlay's one-frame copy kept ``context_frames`` and every such job
+    failed with a ValueError."""
+    import logging
+
+    from storage.models import SequenceRecord, Series, SeriesState
+    from worker.admin import job_fields
+
+    settings = worker_settings()
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=4)
+    with session_factory() as s:
+        seq = s.scalars(select(SequenceRecord)).one()
+        prior = Series(series_uid="1.2.826.0.1.3680043.8.498.11", study=seq.series.study, modality="MR",
+                       body_part="BRAIN", state=SeriesState.ASSEMBLED)
+        s.add(prior)
+        s.flush()
+        s.execute(update(Instance).where(Instance.sop_instance_uid == seq.frame_refs[0][0])
+                  .values(series_fk=prior.id))
+        seq.prior_study_uid = "1.2.826.0.1.3680043.8.498.12"
+        s.commit()
+    with caplog.at_level(logging.INFO, logger="worker.pipeline"):
+        assert process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings)) is JobState.SUCCEEDED
+    (res,), items = _results(session_factory, job_id)
+    assert len(res.frame_scores) == 4 and res.score == max(res.frame_scores[1:])
+    assert "highest of 3 frames scored alone" in caplog.text
+    sr = pydicom.dcmread(settings.outbox_dir / next(i.path for i in items if i.sop_class_uid.endswith(".88.34")))
+    texts = [str(c.TextValue) for g in sr.ContentSequence[-1].ContentSequence for c in g.ContentSequence
+             if c.ValueType == "TEXT"]
+    assert sum("prior study, scored alone, not judged" in t for t in texts) == 1
+    assert sum("Frame " in t for t in texts) == 4
+    with session_factory() as s:
+        shown = dict(job_fields(s, job_id))["frame scores"]
+    assert "1: " in shown and " (prior)" in shown and "of 3 judged frames above the threshold" in shown
 
 
 def test_overlay_sc_of_a_prior_led_sequence_lands_in_the_current_study(dicom_corpus, tmp_path):
