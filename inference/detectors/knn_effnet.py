@@ -205,9 +205,9 @@ class KnnEffNetDetector(Detector):
                                                                                         ).astype(np.float32)
         del maps, flat
 
-        vpooled, vmaps, vowners = self._pooled_of(validation, patches=True)
-        vscores = self._seq_max(self._knn_scores(vpooled), vowners, len(validation))
-        self.calibrate(vscores, self.alpha)
+        vpooled, vmaps, _ = self._pooled_of(validation, patches=True)
+        # each validation frame alone, as a series' frames are judged (Detector.series_threshold)
+        self.calibrate(self._knn_scores(vpooled), self.alpha)
         vd = self._patch_distances(vmaps).ravel()
         lo, hi = np.percentile(vd, [50.0, 99.0])
         self._heat_lo = float(lo)

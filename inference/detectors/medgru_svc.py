@@ -526,7 +526,8 @@ class MedGRUSVC(Detector):
             report["hpo_auroc_normal_vs_synthetic"] = _auroc(self.boundary.score(e_hn), self.boundary.score(e_hs))
         report["heldout_normal_rejection"] = float((self.boundary.score(e_hn) > 0).mean())
 
-        cal = self.boundary.score(self.embed_features(calibration))
+        # each calibration frame alone, as a series' frames are judged (Detector.series_threshold)
+        cal = self.boundary.score(self.embed_features(calibration.reshape(-1, 1, *calibration.shape[2:])))
         self.calibrate(cal, self.target_fpr)
         report["calibration_normals"] = int(cal.size)
         report["threshold"] = self._threshold

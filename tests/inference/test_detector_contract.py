@@ -308,3 +308,17 @@ def test_fit_keeps_the_calibration_scores_behind_its_threshold(trained):
     cal = det.calibration_scores
     assert cal is not None and cal.size == 8 and det.calibration_alpha is not None
     assert det.threshold == conformal_threshold(cal, det.calibration_alpha)
+
+
+def test_fit_calibrates_on_each_frame_of_multi_frame_normals_alone(trained):
+    """The calibration scores are single-frame scores, as :meth:`series_threshold` assumes: validation
+    normals of 2 frames give 2 scores each, those of each frame scored alone (before, a series' highest
+    or its ConvGRU score stood for both)."""
+    cls, det = trained
+    twin = cls(**det.get_params())
+    validation = [seq(texture(8000 + i, t=2)) for i in range(10)]
+    twin.fit([seq(texture(i)) for i in range(16)], validation=validation, seed=0)
+    cal = twin.calibration_scores
+    assert cal is not None and cal.size == 20
+    alone = twin.score_batch([seq(v.frames[k:k + 1]) for v in validation for k in range(2)])
+    np.testing.assert_allclose(cal, np.sort(alone), rtol=1e-4, atol=1e-5)  # batched vs one at a time
