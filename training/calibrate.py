@@ -16,11 +16,14 @@ from the same site exceeds it with probability at most ``a``. Nothing is retrain
   have splits). Anomalies are never used. Each frame of a multi-frame file is scored alone, as the
   service scores each frame of a series.
 * The scores are kept beside the threshold (``calibration.json``): a series of T frames is compared with
-  their quantile at ``a / T`` (:meth:`inference.api.Detector.series_threshold`).
+  their quantile at ``a / T`` (:meth:`inference.api.Detector.series_threshold`). n scores cover a series
+  of up to ``a (n + 1)`` frames; the command prints that length and warns where it is shorter than the
+  source model's. The frames of one multi-frame file count one by one, but they resemble each other more
+  than a new patient's frames resemble them: normals from many patients make the guarantee.
 * Too few normals for the conformal rank to be a real score (``n < ceil(1 / a) - 1``: 19 at 5 %) is an
   error (exit 2): the threshold would be the largest score, without the guarantee.
 * The source folder is never written. The new folder holds the source's files, the detector's files
-  re-saved with the new threshold (``Detector.set_threshold`` + ``save``), and a card with a new version
+  re-saved with the new threshold and scores (``Detector.calibrate`` + ``save_model``), and a card with a new version
   (default ``<old version>+cal.<UTC yyyymmddHHMM>``), fresh checksums and a ``calibration`` record.
   It is built beside ``--out`` under a temporary name and renamed into place only when complete.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import shutil
 import sys
@@ -155,6 +159,7 @@ def run(args: argparse.Namespace, settings) -> int:
     card = det.card
     assert card is not None  # load_model sets it
     old_threshold = float(det.threshold)
+    old_covered = longest_covered_series(det.calibration_scores, det.calibration_alpha)
     home_device = getattr(det, "device", None)
     if hasattr(det, "to") and device != "cpu":
         det.to(device)
@@ -172,6 +177,8 @@ def run(args: argparse.Namespace, settings) -> int:
         "method": "split-conformal: the ceil((n + 1)(1 - target_fpr))-th smallest score of the normals",
         "n_normals": len(normals),
         "n_images": len(images),  # frames of multi-frame files counted one by one
+        "longest_series_covered": longest_covered_series(scores, alpha),
+        "source_longest_series_covered": old_covered,
         "conformal_rank": conformal_rank(len(images), alpha),
         "target_fpr": alpha,
         "old_threshold": old_threshold,
@@ -202,5 +209,25 @@ def run(args: argparse.Namespace, settings) -> int:
     print(f"{card.name}: {len(normals)} normals of {where}; old threshold {old_threshold:.6g} "
           f"(FPR {record['old_threshold_fpr_on_these_normals']:.3f} on these normals) -> "
           f"new threshold {new_threshold:.6g} at target FPR {alpha:g}")
+    covered = record["longest_series_covered"]
+    print(f"{len(images)} scores cover a series of up to {covered} frame{'s' if covered != 1 else ''} at "
+          f"{alpha:g} (a longer one is bounded by T / {len(images) + 1})")
+    if old_covered is not None and covered < old_covered:
+        print(f"warning: the source model's calibration covered series of up to {old_covered} frames; "
+              f"{math.ceil(old_covered / alpha) - 1} normal images would cover as many", file=sys.stderr)
     print(f"new model {version}: {out}")
     return 0
+
+
+def longest_covered_series(scores, alpha: float | None) -> int | None:
+    """The most frames a series may have for the conformal rank at ``alpha / T`` to lie within the scores
+    (``T <= alpha (n + 1)``; at least 1), or ``None`` without scores."""
+    from inference.api import conformal_rank
+
+    if scores is None or alpha is None:
+        return None
+    n = len(scores)
+    t = 1
+    while conformal_rank(n, alpha / (t + 1)) <= n:
+        t += 1
+    return t

@@ -130,8 +130,29 @@ def test_calibrate_folder_writes_a_new_verified_model(source_model, make_setting
     assert str(tmp_path) not in (out / "card.json").read_text()  # no machine paths in the card
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
-    printed = capsys.readouterr().out
-    assert "40 normals" in printed and f"{old.threshold:.6g}" in printed and f"{want:.6g}" in printed
+    printed = capsys.readouterr()
+    assert "40 normals" in printed.out and f"{old.threshold:.6g}" in printed.out and f"{want:.6g}" in printed.out
+    assert "40 scores cover a series of up to 2 frames at 0.05" in printed.out  # 0.05 x 41 = 2.05
+    assert (cal["longest_series_covered"], cal["source_longest_series_covered"]) == (2, None)  # a folder
+    assert "warning" not in printed.err  # from before the scores were kept: nothing to compare with
+
+    again = tmp_path / "recalibrated"  # 25 normals after 40: a shorter series covered, and said so
+    assert calibrate(["--model", str(out), "--folder", str(site_subset(site, tmp_path, 25)), "--out", str(again)],
+                     make_settings()) == 0
+    printed = capsys.readouterr()
+    assert "25 scores cover a series of up to 1 frame at 0.05" in printed.out
+    assert "calibration covered series of up to 2 frames; 39 normal images would cover as many" in printed.err
+
+
+def site_subset(site: Path, tmp_path: Path, n: int) -> Path:
+    """A folder with the first ``n`` of the site's normal PNGs."""
+    import shutil
+
+    sub = tmp_path / f"site-{n}"
+    (sub / "normal").mkdir(parents=True)
+    for f in sorted((site / "normal").iterdir())[:n]:
+        shutil.copy(f, sub / "normal" / f.name)
+    return sub
 
 
 def test_too_few_normals_exit_2_and_no_output(source_model, make_settings, tmp_path, capsys):
