@@ -191,6 +191,13 @@ def score_all(det, sequences, batch: int) -> tuple[np.ndarray, float]:
     return scores, dt / max(1, len(sequences))
 
 
+def gallery_frame(detection) -> int:
+    """The frame a gallery shows of a row: its only frame, or of a multi-frame row the frame whose score is
+    the row's (the highest judged frame; the heat map of a series explains that frame)."""
+    scores = np.asarray(detection.frame_scores, dtype=np.float64)
+    return int(np.argmin(np.abs(scores - detection.score))) if scores.size > 1 else 0
+
+
 def pick_gallery(scores: np.ndarray, normal: np.ndarray, threshold: float, n: int) -> list[tuple[str, int]]:
     """(kind, index) of the top true positives, false positives and false negatives."""
     if n <= 0:
@@ -443,9 +450,10 @@ def run(args, settings) -> int:
         t1 = time.perf_counter()
         d = det.detect(sequences[i], explain=True)
         explain_times.append(time.perf_counter() - t1)
+        k = gallery_frame(d)
         gallery.append(GalleryItem(kind=kind, name=_name_of(eval_rows[i], base), label=classes[i],
-                                   score=float(d.score), image=sequences[i].frames[0],
-                                   heatmap=d.heatmaps[0]))
+                                   score=float(d.score), image=sequences[i].frames[k],
+                                   heatmap=d.heatmaps[k]))
 
     cv_folds: list[dict[str, Any]] = []
     cv_settings: dict[str, Any] = {}

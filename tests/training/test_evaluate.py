@@ -185,6 +185,25 @@ def test_make_folds_never_splits_a_group():
     assert [len(f) for f in ungrouped] == [2] * 5
 
 
+def test_the_gallery_shows_the_frame_that_decided_a_multi_frame_row():
+    """MedGRU-SVC explains a series by its highest frame's Grad-CAM (the other frames' maps are zero): the
+    gallery shows that frame, not the first."""
+    from tests.inference.test_detector_contract import texture, with_blob
+    from training.evaluate import gallery_frame
+
+    cls = get_detector_class("medgru-svc")
+    det = cls(**cls.SMALL_PARAMS)
+    det.fit([FrameSequence(texture(i)) for i in range(12)], validation=[FrameSequence(texture(50 + i)) for i in range(6)])
+    frames = np.concatenate([texture(900), texture(901), with_blob(texture(902), seed=4)])
+    d = det.detect(FrameSequence(frames), explain=True)
+    k = gallery_frame(d)
+    assert k == int(np.argmax(d.frame_scores)) == 2
+    alone = det.detect(FrameSequence(frames[2:3]), explain=True)  # the series' heat map is that frame's own
+    np.testing.assert_allclose(d.heatmaps[k], alone.heatmaps[0], atol=1e-5)
+    assert not d.heatmaps[:2].any()
+    assert gallery_frame(det.detect(FrameSequence(frames[:1]), explain=False)) == 0
+
+
 def test_pick_gallery_kinds():
     scores = np.array([0.9, 0.8, 0.1, 0.7, 0.2, 0.05])
     normal = np.array([False, False, False, True, True, True])
