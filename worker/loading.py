@@ -66,8 +66,9 @@ def context_frame_count(sequence: SequenceRecord, series_of: Mapping[str, int]) 
 def instance_series(session: Session, sequence: SequenceRecord) -> dict[str, int]:
     """The series id of each instance the sequence references, by SOP Instance UID (purged ones too)."""
     uids = sorted({str(ref[0]) for ref in sequence.frame_refs})
-    return dict(session.execute(select(Instance.sop_instance_uid, Instance.series_fk)
-                                .where(Instance.sop_instance_uid.in_(uids))).tuples().all())
+    rows = session.execute(select(Instance.sop_instance_uid, Instance.series_fk)
+                           .where(Instance.sop_instance_uid.in_(uids)))
+    return {str(uid): int(series_fk) for uid, series_fk in rows}
 
 
 def load_sequence(settings, session: Session, sequence_id: int) -> FrameSequence:
