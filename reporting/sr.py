@@ -19,6 +19,9 @@ Content tree (codes chosen, see the module constants)::
           NUM (246262008, SCT, "Score") = <score>  unit (1, UCUM, "no units")   (+ TID 4019)
           NUM (122411, DCM, "Threshold Value") = <threshold>  unit (1, UCUM, "no units")
           CODE (121073, DCM, "Impression") = (263654008, SCT, "Abnormal") | (17621005, SCT, "Normal")
+          NUM (FRAMESJUDGED, 99MEDGRU) = frames the verdict judged              only for T > 1
+          NUM (FPRBOUND, 99MEDGRU) = bound on a normal series' false-positive rate   T > 1, when known
+          NUM (SEQSCORE, 99MEDGRU) = the ConvGRU's score of all frames, not calibrated   T > 1, MedGRU-SVC
           CODE (CLUSTER, 99MEDGRU, "Anomaly cluster") = (<label>, 99MEDGRU, <label>)   only with a label
           IMAGE (260753009, SCT, "Source") -> each source instance
         CONTAINS CONTAINER (125007, DCM, "Measurement Group")          TID 1501, one per frame, only for T > 1
@@ -36,8 +39,9 @@ Why these codes: "Normal"/"Abnormal" are the SNOMED CT qualifier values of CID 2
 standard answer set for a normal/abnormal judgement; "Impression" (DCM 121073) is the DICOM concept for an
 overall interpretation. The score is an abstract, unit-less number: SNOMED CT "Score" with the UCUM unit
 "1" (CID 7181 "no units"). "Threshold Value" (DCM 122411) names the decision threshold. No standard code
-exists for our cluster labels, so they use the private coding scheme ``99MEDGRU`` (declared in the Coding
-Scheme Identification Sequence).
+exists for our cluster labels or for a series' measures (frames judged, the false-positive bound, the
+ConvGRU's score of all frames), so they use the private coding scheme ``99MEDGRU`` (declared in the Coding
+Scheme Identification Sequence whenever one of them is written).
 
 UIDs come from :mod:`reporting.uids` (source series + model name + version + object kind), so a re-run of
 the same model version on the same series replaces its earlier report.
@@ -78,6 +82,14 @@ IMPRESSION_CONCEPT = CodedConcept(value="121073", scheme_designator="DCM", meani
 ABNORMAL = CodedConcept(value="263654008", scheme_designator="SCT", meaning="Abnormal")
 NORMAL = CodedConcept(value="17621005", scheme_designator="SCT", meaning="Normal")
 CLUSTER_CONCEPT = CodedConcept(value="CLUSTER", scheme_designator=PRIVATE_SCHEME, meaning="Anomaly cluster")
+# a series of several frames (the series rule, inference.api.Detector.series_threshold): how many frames the
+# verdict judged, the bound on a normal series' false-positive rate, the ConvGRU's score of all the frames
+FRAMES_JUDGED_CONCEPT = CodedConcept(value="FRAMESJUDGED", scheme_designator=PRIVATE_SCHEME,
+                                     meaning="Frames judged (each scored alone)")
+FPR_BOUND_CONCEPT = CodedConcept(value="FPRBOUND", scheme_designator=PRIVATE_SCHEME,
+                                 meaning="False-positive rate bound of the series threshold")
+SEQUENCE_SCORE_CONCEPT = CodedConcept(value="SEQSCORE", scheme_designator=PRIVATE_SCHEME,
+                                      meaning="Sequence score over all frames (not calibrated)")
 IMAGING_PROCEDURE = CodedConcept(value="363679005", scheme_designator="SCT", meaning="Imaging procedure")
 DEVICE_OBSERVER_TYPE = CodedConcept(value="121007", scheme_designator="DCM", meaning="Device")
 
@@ -241,6 +253,15 @@ def build_sr(
         hd.sr.Measurement(name=SCORE_CONCEPT, value=float(detection.score), unit=NO_UNITS, algorithm_id=algorithm),
         hd.sr.Measurement(name=THRESHOLD_CONCEPT, value=float(detection.threshold), unit=NO_UNITS),
     ]
+    private_codes = bool(detection.cluster_label)
+    if len(detection.frame_scores) > 1:  # a series: what its score and threshold stand for
+        measurements.append(hd.sr.Measurement(name=FRAMES_JUDGED_CONCEPT, unit=NO_UNITS,
+                                              value=float(len(detection.frame_scores) - int(context_frames))))
+        for concept, key in ((FPR_BOUND_CONCEPT, "series_fpr_bound"), (SEQUENCE_SCORE_CONCEPT, "sequence_score")):
+            if key in detection.extras:
+                measurements.append(hd.sr.Measurement(name=concept, value=float(detection.extras[key]),
+                                                      unit=NO_UNITS))
+        private_codes = True
     evaluations = [hd.sr.QualitativeEvaluation(name=IMPRESSION_CONCEPT, value=verdict_code(detection))]
     if detection.cluster_label:
         evaluations.append(hd.sr.QualitativeEvaluation(name=CLUSTER_CONCEPT, value=cluster_code(detection.cluster_label)))
@@ -272,8 +293,9 @@ def build_sr(
         title=codes.DCM.ImagingMeasurementReport,
     )
     coding_schemes = [CodingSchemeIdentificationItem(
-        designator=PRIVATE_SCHEME, name="MedGRU anomaly cluster labels", responsible_organization=manufacturer
-    )] if detection.cluster_label else None
+        designator=PRIVATE_SCHEME, name="MedGRU anomaly cluster labels and series measures",
+        responsible_organization=manufacturer
+    )] if private_codes else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # empty placeholder names, set just below
         sr = MedgruComprehensive3DSR(

@@ -219,6 +219,39 @@ def test_per_frame_scores_become_one_measurement_group_per_frame(mr_series, tmp_
     assert len(build_sr(mr_series[:1], h.detection(_heat(1)), h.card()).ContentSequence[-1].ContentSequence) == 1
 
 
+def test_a_series_report_says_what_its_score_and_threshold_stand_for(mr_series, tmp_path: Path) -> None:
+    """A series (T > 1) with a prior's two leading frames and no cluster: the first group carries the
+    frames judged, the false-positive bound and the ConvGRU's score of all frames (private codes, the
+    scheme declared though no cluster is named); the prior's frame groups say they were not judged;
+    still dciodvfy-clean."""
+    from dataclasses import replace
+
+    t = len(mr_series)
+    det = replace(h.detection(_heat(t), cluster=None, frame_scores=tuple(0.01 * (i + 1) for i in range(t))),
+                  extras={"series_fpr_bound": 0.0336, "sequence_score": 1.25, "svdd_decision": 0.1})
+    sr = build_sr(mr_series, det, h.card(), frame_refs=[(str(ds.SOPInstanceUID), 1) for ds in mr_series],
+                  context_frames=2)
+    path = tmp_path / "series.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, warnings = h.dciodvfy(path)
+    assert errors == [] and warnings == [], "\n".join(errors + warnings)
+    back = h.strict_read(path)
+    assert [i.CodingSchemeDesignator for i in back.CodingSchemeIdentificationSequence] == ["99MEDGRU"]
+    groups = [item for item in back.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
+    first = {c.ConceptNameCodeSequence[0].CodeValue: float(c.MeasuredValueSequence[0].NumericValue)
+             for c in groups.ContentSequence[0].ContentSequence if c.ValueType == "NUM"}
+    assert first["FRAMESJUDGED"] == t - 2 and first["FPRBOUND"] == pytest.approx(0.0336)
+    assert first["SEQSCORE"] == pytest.approx(1.25) and "svdd_decision" not in str(first)
+    labels = [[c.TextValue for c in g.ContentSequence if c.ValueType == "TEXT"][0]
+              for g in groups.ContentSequence[1:]]
+    assert [("not judged" in text) for text in labels] == [True, True] + [False] * (t - 2)
+    assert labels[0] == f"Frame 1 of {t} (prior study, scored alone, not judged) - NOT FOR DIAGNOSTIC USE"
+    # a single image: none of the series' items, and no private scheme without a cluster
+    single = build_sr(mr_series[:1], h.detection(_heat(1), cluster=None), h.card())
+    assert "CodingSchemeIdentificationSequence" not in single
+    assert "FRAMESJUDGED" not in str(single.ContentSequence[-1].ContentSequence[0].ContentSequence)
+
+
 def test_per_frame_groups_of_a_multi_frame_instance_name_the_frame(dicom_corpus: Path, tmp_path: Path) -> None:
     """An enhanced (multi-frame) CT: each frame's group names its frame number. A single-frame SOP class
     that carries Number of Frames > 1 anyway (a non-conformant MR) is referenced as a whole instance."""
