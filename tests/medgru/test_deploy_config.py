@@ -36,3 +36,34 @@ def test_alert_rules_name_only_exported_metrics(make_settings):
     rules = (DEPLOY / "prometheus-alerts.yml").read_text()
     used = set(re.findall(r"\bmedgru_[a-z_]+", "\n".join(ln for ln in rules.splitlines() if "expr:" in ln)))
     assert len(used) >= 4 and used <= exported, used - exported
+
+
+def test_alert_rules_take_increase_and_rate_of_counters_only(make_settings):
+    """``increase()`` / ``rate()`` of a gauge reads every drop as a counter reset and fires: the failed-jobs
+    gauge drops when an admin retries a job."""
+    import re
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from medgru.dashboard import _DbCollector, _DiskCollector
+    from storage.db import init_db, make_session_factory
+
+    settings = make_settings()
+    registry = CollectorRegistry()
+    registry.register(_DbCollector(make_session_factory(init_db(settings.effective_database_url))))
+    registry.register(_DiskCollector(settings))
+    types = {parts[2]: parts[3] for parts in (line.split() for line in generate_latest(registry).decode().splitlines()
+                                             if line.startswith("# TYPE "))}
+    exprs = "\n".join(ln for ln in (DEPLOY / "prometheus-alerts.yml").read_text().splitlines() if "expr:" in ln)
+    counted = re.findall(r"\b(?:increase|rate|irate)\(\s*(medgru_[a-z_]+)", exprs)
+    assert counted, "no rule takes increase() or rate()"
+    assert all(types.get(name) == "counter" for name in counted), {n: types.get(n) for n in counted}
+
+
+def test_both_service_units_read_the_secrets_and_own_their_folders():
+    """The worker builds the same settings as medgru serve: without the secrets file a TOML that opens
+    the dashboard to other hosts is refused for want of its password."""
+    for unit in ("medgru-serve.service", "medgru-worker@.service"):
+        text = (DEPLOY / unit).read_text()
+        assert "EnvironmentFile=-/etc/medgru/secrets.env" in text, unit
+        assert "StateDirectory=medgru" in text and "ConfigurationDirectory=medgru" in text, unit
