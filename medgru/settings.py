@@ -8,6 +8,7 @@ app) call :func:`load_settings` once and hand the object down.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -206,6 +207,17 @@ class Settings(BaseSettings):
     def _valid_ae_title(cls, value: str) -> str:
         return check_ae_title(value, "ae_title")
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _known_device(cls, value: Any) -> Any:
+        """auto, cpu, cuda or cuda:N (any case): another name loaded, and then every job failed in torch."""
+        if not isinstance(value, str):
+            return value  # the str field refuses it
+        device = value.strip().lower() or "auto"  # empty: auto, as inference.device.resolve_device reads it
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"device {value!r} is not auto, cpu, cuda or cuda:N")
+        return device
+
     @field_validator("destination", mode="before")
     @classmethod
     def _parse_destination(cls, value: Any) -> Any:
@@ -247,6 +259,17 @@ class Settings(BaseSettings):
         # an entry that is no AE title (17 characters, say) can never match a caller: every peer, the
         # one meant too, would be refused with no hint why
         return [check_ae_title(str(v), "allowed_calling_aes entry") for v in value]
+
+    @model_validator(mode="after")
+    def _routed_senders_are_allowed(self) -> "Settings":
+        """A route for a calling AE that the allow-list refuses could never be used: its sender's
+        associations are rejected, so nothing of it is ever received."""
+        if self.allowed_calling_aes:
+            refused = [ae for ae in self.routes if ae not in self.allowed_calling_aes]
+            if refused:
+                raise ValueError(f"routes name {', '.join(refused)}, which allowed_calling_aes "
+                                 f"({', '.join(self.allowed_calling_aes)}) refuses: add them to it, or drop the routes")
+        return self
 
     @model_validator(mode="after")
     def _dashboard_reachable_only_with_a_password(self) -> "Settings":
@@ -299,7 +322,9 @@ class Settings(BaseSettings):
                 raise SettingsError(f"config file {toml_path} (--config or MEDGRU_CONFIG) does not exist")
             if not path.is_file():
                 raise SettingsError(f"config file {toml_path} (--config or MEDGRU_CONFIG) is not a file")
+            _refuse_unknown_keys(path, settings_cls)
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        _warn_unknown_env(settings_cls)
         return tuple(sources)
 
     # derived locations (plain properties: a cached value would survive model_copy(update={"home": ...}) and
@@ -336,6 +361,37 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for d in (self.home, self.spool_dir, self.quarantine_dir, self.outbox_dir, self.broker_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+#: MEDGRU_* variables that are not settings: the config file's path, the settings and queue the embedded
+#: worker inherits, and the test suite's and benchmarks' own
+ENV_NOT_SETTINGS = ("MEDGRU_CONFIG", "MEDGRU_SETTINGS_JSON", "MEDGRU_WORKER_QUEUE", "MEDGRU_TEST_",
+                    "MEDGRU_SPINE_LATENCY_OUT")
+
+
+def _refuse_unknown_keys(path: Path, settings_cls: type[BaseSettings]) -> None:
+    """A misspelt key (``listen_prot``) was ignored and its setting kept the default, silently."""
+    import tomllib
+
+    try:
+        keys = set(tomllib.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"config file {path}: {exc}") from exc
+    unknown = sorted(keys - set(settings_cls.model_fields))
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(unknown)} (`medgru config` lists the settings)")
+
+
+def _warn_unknown_env(settings_cls: type[BaseSettings]) -> None:
+    """A misspelt variable (``MEDGRU_RETENTION_DAY``) is said on stderr; it is not refused, since other
+    tools may set MEDGRU_* variables of their own."""
+    known = {f"MEDGRU_{name.upper()}" for name in settings_cls.model_fields}
+    unknown = sorted(k for k in os.environ if k.upper().startswith("MEDGRU_") and k.upper() not in known
+                     and not k.upper().startswith(ENV_NOT_SETTINGS))
+    if unknown:
+        logging.getLogger(__name__).warning("environment: %s %s no setting of medgru (misspelt?); ignored",
+                                            ", ".join(unknown), "is" if len(unknown) == 1 else "are")
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -166,3 +166,46 @@ def test_allowed_calling_aes_are_ae_titles(tmp_path):
     for bad in ("ORTHANC,ABCDEFGHIJKLMNOPQ", "MOD\\1"):
         with pytest.raises(ValidationError, match="allowed_calling_aes entry .* not an AE title"):
             Settings(home=tmp_path, allowed_calling_aes=bad)
+
+
+def test_a_misspelt_key_in_the_config_file_is_refused(tmp_path):
+    """``listen_prot = 104`` was ignored: the service listened on the default port, silently."""
+    cfg = tmp_path / "medgru.toml"
+    cfg.write_text('listen_prot = 104\ndashbaord_password = "x"\nae_title = "OK"\n')
+    with pytest.raises(SettingsError, match="unknown settings dashbaord_password, listen_prot"):
+        load_settings(config_file=cfg, home=tmp_path)
+    cfg.write_text("listen_port = [unclosed\n")
+    with pytest.raises(SettingsError, match="medgru.toml"):
+        load_settings(config_file=cfg, home=tmp_path)
+    cfg.write_text('listen_port = 104\n[routes]\nCARDIO = "C@cardio:104"\n')  # a table is a setting too
+    assert load_settings(config_file=cfg, home=tmp_path).listen_port == 104
+
+
+def test_a_misspelt_environment_variable_is_said(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MEDGRU_RETENTION_DAY", "14")
+    monkeypatch.setenv("MEDGRU_TEST_SOMETHING", "1")  # the test suite's own: not a misspelling
+    with caplog.at_level("WARNING", logger="medgru.settings"):
+        s = Settings(home=tmp_path)
+    assert s.retention_days != 14
+    assert "MEDGRU_RETENTION_DAY is no setting of medgru" in caplog.text and "TEST_SOMETHING" not in caplog.text
+
+
+@pytest.mark.parametrize("given, device", [("auto", "auto"), ("", "auto"), (" CPU ", "cpu"), ("cuda", "cuda"),
+                                            ("cuda:1", "cuda:1")])
+def test_device_is_read_case_insensitively(given, device, tmp_path):
+    assert Settings(home=tmp_path, device=given).device == device
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "cuda:x", "mps"])
+def test_a_device_torch_would_refuse_at_every_job_is_refused(bad, tmp_path):
+    with pytest.raises(ValidationError, match="is not auto, cpu, cuda or cuda:N"):
+        Settings(home=tmp_path, device=bad)
+
+
+def test_a_route_for_a_sender_the_allow_list_refuses_is_refused(tmp_path):
+    """Its associations are rejected, so the route could never be used."""
+    with pytest.raises(ValidationError, match="routes name CARDIO_PACS, which allowed_calling_aes"):
+        Settings(home=tmp_path, allowed_calling_aes=["ORTHANC"], routes={"CARDIO_PACS": "CARDIO@cardio:104"})
+    ok = Settings(home=tmp_path, allowed_calling_aes=["ORTHANC", "CARDIO_PACS"], routes={"CARDIO_PACS": "CARDIO@cardio:104"})
+    assert str(ok.destination_for("CARDIO_PACS")) == "CARDIO@cardio:104"
+    assert Settings(home=tmp_path, routes={"CARDIO_PACS": "CARDIO@cardio:104"}).routes  # no allow-list: any sender
