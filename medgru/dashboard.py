@@ -134,7 +134,9 @@ class _DbCollector:
             s = summary(session)
             n_inf, sum_inf = session.execute(
                 select(func.count(Result.inference_seconds), func.sum(Result.inference_seconds))).one()
-            oldest_job = session.scalar(select(func.min(Job.created_at)).where(Job.state.in_(WAITING_STATES)))
+            # since it was last queued: a job an admin retried after days has not waited for days
+            oldest_job = session.scalar(select(func.min(func.coalesce(Job.queued_at, Job.created_at)))
+                                        .where(Job.state.in_(WAITING_STATES)))
             instances = session.scalar(select(func.count()).select_from(Instance)) or 0
             by_destination = session.execute(
                 select(OutboxItem.destination, OutboxItem.state, func.count(), func.min(OutboxItem.created_at))
@@ -170,7 +172,8 @@ class _DbCollector:
         yield GaugeMetricFamily("medgru_stored_instances", "Instances received and stored", value=int(instances))
         yield GaugeMetricFamily("medgru_results", "Results produced", value=s["results"])
         yield GaugeMetricFamily("medgru_oldest_waiting_job_age_seconds",
-                                "Age of the oldest queued or retrying job (0 when none waits)",
+                                "Age of the oldest queued or retrying job since it was last queued (0 when none "
+                                "waits)",
                                 value=_age_seconds(oldest_job, now))
         yield GaugeMetricFamily("medgru_oldest_unsent_result_age_seconds",
                                 "Age of the oldest pending outbox item (0 when all are sent)",

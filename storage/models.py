@@ -209,6 +209,9 @@ class Job(Base):
     #: a RETRYING job is not claimed before this time (the failed attempt's back-off), whichever message
     #: delivers it; None = no back-off pending
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: when the job was last put on the queue: created, retried by an admin, re-queued after an interrupted
+    #: run (None for rows from before migration 0007: read created_at). The oldest waiting job's age.
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, default=utcnow)
     sequence: Mapped[SequenceRecord] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job")
 

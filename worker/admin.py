@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import func, or_, select
 
 from medgru.tables import when
-from storage.models import Instance, Job, JobState, OutboxItem, OutboxState, Result, SequenceRecord, Series, Study
+from storage.models import (Instance, Job, JobState, OutboxItem, OutboxState, Result, SequenceRecord, Series, Study,
+                            utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def retry_job(session_factory, celery_app, job_id: int, *, rerun_succeeded: bool
         if purged is not None:
             raise ValueError(f"job {job_id} cannot run: {purged_error(purged)}")
         job.state = JobState.QUEUED
+        job.queued_at = utcnow()
         job.attempts = 0
         job.last_error = ""
         job.reason = ""

@@ -27,7 +27,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Job, JobState
+from storage.models import Job, JobState, utcnow
 from worker.celery_app import DEFAULT_QUEUE, QUEUE_ENV, SETTINGS_ENV
 from worker.pipeline import fail_if_it_killed_its_workers
 from worker.tasks import enqueue_job
@@ -147,6 +147,7 @@ def recover_orphans(session_factory: sessionmaker[Session], app: Celery, *,
                 continue
             if job.state is JobState.RUNNING:
                 job.state = JobState.QUEUED
+                job.queued_at = utcnow()
                 job.last_error = INTERRUPTED_NOTE if not job.last_error else f"{job.last_error}; {INTERRUPTED_NOTE}"
                 job.celery_task_id = ""
             ids.append(job.id)

@@ -377,12 +377,21 @@ def test_metrics_tell_a_stalled_queue_and_an_unreachable_pacs(dash):
     assert 0 <= young_job < 600  # job 3 was queued by the fixture just now
     with sf() as s:  # the queued job and the pending result have waited an hour
         hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
-        s.get(Job, 3).created_at = hour_ago
+        s.get(Job, 3).created_at = s.get(Job, 3).queued_at = hour_ago
         s.get(OutboxItem, 3).created_at = hour_ago
         s.commit()
     _, _, metrics = _get(base + "/metrics")
     assert 3600 <= _metric(metrics, "medgru_oldest_waiting_job_age_seconds") < 3600 + 600
     assert 3600 <= _metric(metrics, "medgru_oldest_unsent_result_age_seconds") < 3600 + 600
+    with sf() as s:  # a row from before queued_at: its creation time stands in
+        s.get(Job, 3).queued_at = None
+        s.commit()
+    assert 3600 <= _metric(_get(base + "/metrics")[2], "medgru_oldest_waiting_job_age_seconds") < 3600 + 600
+    with sf() as s:  # created two days ago, retried by an admin just now: it has not waited two days
+        s.get(Job, 3).created_at = datetime.now(timezone.utc) - timedelta(days=2)
+        s.get(Job, 3).queued_at = datetime.now(timezone.utc)
+        s.commit()
+    assert 0 <= _metric(_get(base + "/metrics")[2], "medgru_oldest_waiting_job_age_seconds") < 600
     with sf() as s:  # the job runs out of the queue, the PACS takes the result: nothing waits
         s.get(Job, 3).state = JobState.CANCELLED
         s.get(OutboxItem, 3).state = OutboxState.SENT

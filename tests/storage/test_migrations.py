@@ -16,7 +16,7 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
 from storage.db import MIGRATIONS_DIR, alembic_config, downgrade_db, init_db, make_engine, make_session_factory
-from storage.models import Base, Instance, Job, OutboxItem, Patient, Result, SequenceRecord, Series, Study
+from storage.models import Base, Instance, Job, OutboxItem, Patient, Result, SequenceRecord, Series, Study, utcnow
 from tests.storage.dbutil import isolated_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +130,14 @@ def test_upgrade_from_0005_keeps_rows_and_widens_columns(db_url):
                 s.add(Instance(sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", path="a.dcm",
                                size_bytes=1000, series=series))
                 seq = SequenceRecord(series=series, frame_refs=[["1.2.3.4", 1]], n_frames=1)
-                result = Result(job=Job(sequence=seq), score=2.0, threshold=1.0, is_anomaly=True,
+                s.add(seq)
+                s.flush()
+                # the jobs row in SQL: the model has columns of later revisions (queued_at, 0007)
+                conn.execute(text("INSERT INTO jobs (sequence_fk, state, attempts, last_error, reason, model_name, "
+                                  "model_version, celery_task_id, created_at) VALUES (:seq, 'queued', 0, '', '', '', "
+                                  "'', '', :t)"), {"seq": seq.id, "t": utcnow()})
+                job_id = conn.execute(text("SELECT id FROM jobs")).scalar_one()
+                result = Result(job_fk=job_id, score=2.0, threshold=1.0, is_anomaly=True,
                                 cluster_label="short", model_name="m", model_version="1")
                 s.add(result)
                 s.flush()
@@ -157,5 +164,37 @@ def test_upgrade_from_0005_keeps_rows_and_widens_columns(db_url):
         with make_session_factory(engine)() as s:
             assert s.scalar(select(Instance.size_bytes)) == 5 * 2**30
             assert s.scalar(select(Result.cluster_label)) == "x" * 300
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_0007_leaves_queued_at_empty_for_old_jobs(db_url):
+    """0007 adds jobs.queued_at; a job from before it keeps none, and its created_at stands in (the
+    oldest-waiting gauge reads coalesce(queued_at, created_at))."""
+    from sqlalchemy import func
+
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0006")
+            assert "queued_at" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+            with Session(bind=conn) as s:
+                series = Series(series_uid="1.2.3", study=Study(study_uid="1.2", patient=Patient(patient_id="P1")),
+                                modality="MR")
+                seq = SequenceRecord(series=series, frame_refs=[], n_frames=0)
+                s.add(seq)
+                s.flush()
+                conn.execute(text("INSERT INTO jobs (sequence_fk, state, attempts, last_error, reason, model_name, "
+                                  "model_version, celery_task_id, created_at) VALUES (:seq, 'queued', 0, '', '', '', "
+                                  "'', '', :t)"), {"seq": seq.id, "t": utcnow()})
+    finally:
+        engine.dispose()
+    engine = init_db(db_url)
+    try:
+        assert _current(engine) == _head() == "0007" and _diff(engine) == []
+        with make_session_factory(engine)() as s:
+            job = s.scalars(select(Job)).one()
+            assert job.queued_at is None
+            assert s.scalar(select(func.min(func.coalesce(Job.queued_at, Job.created_at)))) == job.created_at
     finally:
         engine.dispose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pydicom
 import pytest
 
@@ -139,10 +141,12 @@ def test_jobs_retry_all_failed_after_an_outage(cli, session_factory, dicom_corpu
         s.add(third)
         s.commit()
         jobs.append(third.id)
-    with session_factory() as s:  # two failed while the workers were away; one succeeded
+    two_days_ago = datetime.now(timezone.utc) - timedelta(days=2)
+    with session_factory() as s:  # two failed while the workers were away, two days ago; one succeeded
         for job_id, state in zip(jobs, (JobState.FAILED, JobState.FAILED, JobState.SUCCEEDED)):
             s.get(Job, job_id).state = state
             s.get(Job, job_id).last_error = "worker lost" if state is JobState.FAILED else ""
+            s.get(Job, job_id).queued_at = s.get(Job, job_id).created_at = two_days_ago
         s.commit()
     queue_dir = settings.broker_dir / "queue"
     before = set(queue_dir.iterdir()) if queue_dir.is_dir() else set()
@@ -153,6 +157,10 @@ def test_jobs_retry_all_failed_after_an_outage(cli, session_factory, dicom_corpu
     assert [_state(session_factory, j).state for j in jobs] == [JobState.QUEUED, JobState.QUEUED,
                                                                  JobState.SUCCEEDED]
     assert len(set(queue_dir.iterdir()) - before) == 2  # one broker message each
+    for job_id in jobs[:2]:  # queued now, for the oldest-waiting gauge; created when it was
+        job = _state(session_factory, job_id)
+        assert datetime.now(timezone.utc) - job.queued_at < timedelta(minutes=10)
+        assert job.created_at == two_days_ago
     assert run("retry", "--all-failed") == 0
     assert "no failed jobs" in capsys.readouterr().out
     # several ids: the retryable ones go, the others are named, exit 1
