@@ -108,11 +108,27 @@ def settings_from_environment() -> Settings:
 _app: Celery | None = None
 
 
+def _settings_log_level(logger=None, **_: Any) -> None:
+    """Celery's ``after_setup_logger``: the worker process logs at ``settings.log_level``, whatever
+    ``--loglevel`` said (the standalone unit passes none; Celery's default is WARNING, which hid every job's
+    line). Only for the worker's own app (:data:`_app`); an app made by :func:`make_celery` alone is left
+    as it is."""
+    if _app is not None and logger is not None:
+        logger.setLevel(_app.medgru_settings.log_level)  # type: ignore[attr-defined]
+
+
+def _connect_log_level() -> None:
+    from celery.signals import after_setup_logger
+
+    after_setup_logger.connect(_settings_log_level, weak=False, dispatch_uid="medgru-settings-log-level")
+
+
 def __getattr__(name: str) -> Any:
     """``app``/``celery`` are built on first access, so importing this module has no side effects."""
     global _app
     if name in ("app", "celery"):
         if _app is None:
             _app = make_celery(settings_from_environment(), queue=os.environ.get(QUEUE_ENV) or DEFAULT_QUEUE)
+            _connect_log_level()
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
