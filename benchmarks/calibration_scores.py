@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from inference.api import (CALIBRATION_FILENAME, ModelCard, conformal_exceedance_bound, conformal_rank,
-                               conformal_threshold, load_model, sha256_file)
+    from inference.api import (CALIBRATION_FILENAME, ModelCard, conformal_exceedance_bound, conformal_longest_series,
+                               conformal_rank, conformal_threshold, load_model, sha256_file)
     from training.evaluate import score_all
     from training.manifest import load_sequences
 
@@ -110,13 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     gaps = [ordered[k] - ordered[k - 1]] if k > 0 else []
     gaps += [ordered[k + 1] - ordered[k]] if k + 1 < n else []
     same_statistic = all(abs(quantile - det.threshold) < NEIGHBOUR_SHARE * g for g in gaps)
-    largest_t = max(t for t in range(1, 1000) if conformal_rank(n, alpha / t) <= n)
     figures = {
         "model": f"{card.name} {card.version}", "folder": folder.name, "calibration_normals": n,
         "target_fpr": alpha, "shipped_threshold": det.threshold, "rebuilt_quantile": quantile,
         "relative_difference": rel, "gaps_to_neighbours": [float(g) for g in gaps],
         "accepted": bool(rel <= TOLERANCE and same_statistic), "seconds": round(seconds, 1),
-        "largest_series_with_the_guarantee": largest_t,
+        "largest_series_with_the_guarantee": conformal_longest_series(n, alpha),
         "fpr_bound_at": {str(t): min(1.0, t * conformal_exceedance_bound(n, alpha / t)) for t in (1, 2, 8, 16, 24)},
         "series_threshold_at": {str(t): conformal_threshold(scores, alpha / t) for t in (1, 2, 8, 16, 24)},
     }

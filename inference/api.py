@@ -226,7 +226,8 @@ def sha256_file(path: Path) -> str:
 
 def verify_model_files(model_dir: Path, card: ModelCard, required: Iterable[str] = ()) -> None:
     """Raise ``ValueError`` if the card lists no files, leaves one of ``required`` (the files the detector
-    loads: :attr:`Detector.MODEL_FILES`) unlisted, or a listed file is missing or its checksum differs.
+    loads: :attr:`Detector.MODEL_FILES`) or the optional :data:`CALIBRATION_FILENAME` where the folder has
+    it unlisted, or a listed file is missing or its checksum differs.
     Checking only the listed files let a card without ``svdd.npz`` (or with ``files: {}``) load a head
     whose threshold anyone had changed."""
     if not card.files:
@@ -236,6 +237,9 @@ def verify_model_files(model_dir: Path, card: ModelCard, required: Iterable[str]
         if name not in card.files:
             raise ValueError(f"model {card.name}: {name} is not listed with a checksum in the card, and the "
                              f"{card.detector} detector loads it; refusing an unverified file")
+    if (Path(model_dir) / CALIBRATION_FILENAME).is_file() and CALIBRATION_FILENAME not in card.files:
+        raise ValueError(f"model {card.name}: {CALIBRATION_FILENAME} is not listed with a checksum in the card; "
+                         "refusing an unverified file")
     for name, digest in card.files.items():
         path = Path(model_dir) / name
         if not path.is_file():
@@ -289,6 +293,28 @@ def conformal_exceedance_bound(n: int, alpha: float) -> float:
         raise ValueError("the bound needs at least one calibration score")
     k = min(max(conformal_rank(n, alpha), 1), n)
     return (n + 1 - k) / (n + 1)
+
+
+def conformal_longest_series(n: int, alpha: float) -> int:
+    """The most frames a series may have for the conformal rank at ``alpha / T`` to lie within ``n`` scores
+    (``T <= alpha (n + 1)``), at least 1: the longest series :meth:`Detector.series_threshold` covers
+    at ``alpha``. :func:`conformal_min_normals` of ``alpha / T`` is the inverse: the normals T needs."""
+    t = 1
+    while conformal_rank(n, alpha / (t + 1)) <= n:
+        t += 1
+    return t
+
+
+def _checked_calibration(scores: Sequence[float] | np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """``(sorted scores, alpha)`` of a calibration, or ``ValueError``: no score, a non-finite one, or a
+    target false-positive rate outside (0, 1)."""
+    a = float(alpha)
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"alpha (target false-positive rate) must lie in (0, 1), got {alpha}")
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    if s.size == 0 or not np.isfinite(s).all():
+        raise ValueError("calibration needs at least one score, all finite")
+    return s, a
 
 
 # ------------------------------------------------------------------------------------------ detectors
@@ -355,12 +381,7 @@ class Detector(abc.ABC):
         """Set the threshold to the split-conformal quantile of ``scores`` (held-out normal images, each
         scored alone) at target false-positive rate ``alpha``, and keep the scores, so that
         :meth:`series_threshold` can give a series of T frames the same rate. Returns the threshold."""
-        a = float(alpha)
-        if not 0.0 < a < 1.0:
-            raise ValueError(f"alpha (target false-positive rate) must lie in (0, 1), got {alpha}")
-        s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
-        if s.size == 0 or not np.isfinite(s).all():
-            raise ValueError("calibration needs at least one score, all finite")
+        s, a = _checked_calibration(scores, alpha)
         self._threshold = conformal_threshold(s, a)
         self._calibration_scores, self._calibration_alpha = s, a
         return self._threshold
@@ -411,6 +432,15 @@ class Detector(abc.ABC):
         t = max(int(frames), 1)
         return min(1.0, t * conformal_exceedance_bound(self._calibration_scores.size, self._calibration_alpha / t))
 
+    def series_extras(self, judged: int) -> dict[str, float]:
+        """What a detection of a series of ``judged`` frames adds to its extras: the single-image threshold
+        (``frame_threshold``) and, with calibration scores, :meth:`series_fpr_bound` (``series_fpr_bound``)."""
+        extras = {"frame_threshold": self.threshold}
+        bound = self.series_fpr_bound(judged)
+        if bound is not None:
+            extras["series_fpr_bound"] = float(bound)
+        return extras
+
     def save_calibration(self, model_dir: Path) -> list[str]:
         """Write :data:`CALIBRATION_FILENAME` (or remove a stale one when there are no scores); returns the
         names written. :func:`save_model` calls it after :meth:`save`."""
@@ -446,10 +476,7 @@ class Detector(abc.ABC):
         """Keep ``scores`` as the calibration scores behind the threshold the detector has, without moving
         it. Their conformal quantile at ``alpha`` must give that threshold (``ValueError`` if not): a
         threshold set by hand with stale scores beside it would otherwise be moved for every series."""
-        s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
-        a = float(alpha)
-        if s.size == 0 or not np.isfinite(s).all() or not 0.0 < a < 1.0:
-            raise ValueError("no scores, a non-finite one, or a target FPR outside (0, 1)")
+        s, a = _checked_calibration(scores, alpha)
         expected = conformal_threshold(s, a)
         # 1e-3: scores recomputed on another processor for a model shipped before they were kept differ in
         # the 4th digit (benchmarks/calibration_scores.py); a threshold moved by hand differs by far more
@@ -508,9 +535,6 @@ def load_model(model_dir: Path, *, verify: bool = True) -> Detector:
     cls = get_detector_class(card.detector)
     if verify:
         verify_model_files(model_dir, card, cls.MODEL_FILES)
-        if (model_dir / CALIBRATION_FILENAME).is_file() and CALIBRATION_FILENAME not in card.files:
-            raise ValueError(f"model {card.name}: {CALIBRATION_FILENAME} is not listed with a checksum in the "
-                             "card; refusing an unverified file")
     det = cls.load(model_dir, card)
     det.load_calibration(model_dir)
     det.card = card

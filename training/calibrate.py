@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import re
 import shutil
 import sys
@@ -214,20 +213,13 @@ def run(args: argparse.Namespace, settings) -> int:
           f"{alpha:g} (a longer one is bounded by T / {len(images) + 1})")
     if old_covered is not None and covered < old_covered:
         print(f"warning: the source model's calibration covered series of up to {old_covered} frames; "
-              f"{math.ceil(old_covered / alpha) - 1} normal images would cover as many", file=sys.stderr)
+              f"{conformal_min_normals(alpha / old_covered)} normal images would cover as many", file=sys.stderr)
     print(f"new model {version}: {out}")
     return 0
 
 
 def longest_covered_series(scores, alpha: float | None) -> int | None:
-    """The most frames a series may have for the conformal rank at ``alpha / T`` to lie within the scores
-    (``T <= alpha (n + 1)``; at least 1), or ``None`` without scores."""
-    from inference.api import conformal_rank
+    """:func:`inference.api.conformal_longest_series` of the scores, or ``None`` without scores."""
+    from inference.api import conformal_longest_series
 
-    if scores is None or alpha is None:
-        return None
-    n = len(scores)
-    t = 1
-    while conformal_rank(n, alpha / (t + 1)) <= n:
-        t += 1
-    return t
+    return None if scores is None or alpha is None else conformal_longest_series(len(scores), alpha)

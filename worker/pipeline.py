@@ -32,7 +32,6 @@ Logs carry the job id and UIDs only.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -46,7 +45,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.api import Detection, FrameSequence, ModelCard
+from inference.api import Detection, FrameSequence, ModelCard, conformal_min_normals
 from storage.models import Instance, Job, JobState, OutboxItem, OutboxState, Result, utcnow
 from worker.loading import load_sequence_with_sources
 from worker.models import ModelRegistry
@@ -363,7 +362,8 @@ def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Det
         return False
     log.warning("job %d (series %s): %d frames judged, more than the calibration normals of %s cover: its "
                 "false-positive rate is bounded by %.3f, not %.3f; `medgru calibrate` on at least %d normal "
-                "frames restores it", job_id, series_uid, judged, name, bound, alpha, math.ceil(judged / alpha) - 1)
+                "frames restores it", job_id, series_uid, judged, name, bound, alpha,
+                conformal_min_normals(alpha / judged))
     return True
 
 

@@ -162,16 +162,12 @@ class KnnEffNetDetector(Detector):
         return d.reshape(b, h, w).cpu().numpy()
 
     @staticmethod
-    def _seq_max(frame_scores: np.ndarray, owners: np.ndarray, n: int,
-                 sequences: Sequence[FrameSequence] = ()) -> np.ndarray:
-        """The highest frame score of each sequence; with ``sequences``, among its judged frames only (a
-        prior study's leading context frames are not judged)."""
-        out = np.full(n, -np.inf)
-        if sequences:
-            judged = np.concatenate([np.arange(s.length) >= s.context_frames for s in sequences])
-            np.maximum.at(out, owners[judged], frame_scores[judged])
-        else:
-            np.maximum.at(out, owners, frame_scores)
+    def _seq_max(frame_scores: np.ndarray, owners: np.ndarray, sequences: Sequence[FrameSequence]) -> np.ndarray:
+        """The highest frame score of each sequence among its judged frames (a prior study's leading
+        context frames are not judged)."""
+        out = np.full(len(sequences), -np.inf)
+        judged = np.concatenate([np.arange(s.length) >= s.context_frames for s in sequences])
+        np.maximum.at(out, owners[judged], frame_scores[judged])
         return out
 
     # ------------------------------------------------------------------------------------ training
@@ -219,7 +215,7 @@ class KnnEffNetDetector(Detector):
         if not sequences:
             return np.zeros(0, dtype=np.float64)
         pooled, _, owners = self._pooled_of(sequences, patches=False)
-        return self._seq_max(self._knn_scores(pooled), owners, len(sequences), sequences).astype(np.float64)
+        return self._seq_max(self._knn_scores(pooled), owners, sequences).astype(np.float64)
 
     def detect(self, sequence: FrameSequence, *, explain: bool = True) -> Detection:
         import cv2
@@ -239,10 +235,7 @@ class KnnEffNetDetector(Detector):
             heatmaps = np.zeros((t, h, w), dtype=np.float32)
             extras = {}
         if t > 1:
-            extras["frame_threshold"] = self.threshold
-            bound = self.series_fpr_bound(len(sequence.judged))
-            if bound is not None:
-                extras["series_fpr_bound"] = float(bound)
+            extras.update(self.series_extras(len(sequence.judged)))
         return Detection(score=score, threshold=thr, is_anomaly=score > thr, heatmaps=heatmaps,
                          model_name=self.card.name if self.card else self.name,
                          model_version=self.card.version if self.card else self.version,

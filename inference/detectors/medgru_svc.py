@@ -868,10 +868,8 @@ class MedGRUSVC(Detector):
         return self.boundary.score(self.embed_features(feats))
 
     def series_score(self, feats: torch.Tensor, context_frames: int = 0) -> float:
-        """The score :meth:`detect` gives a sequence with backbone maps ``feats`` ``(T, C, h, w)``: for
-        T = 1 the image's score, else the highest score of a judged frame scored alone."""
-        if feats.shape[0] == 1:
-            return float(self.score_features(feats[None])[0])
+        """The score :meth:`detect` gives a sequence with backbone maps ``feats`` ``(T, C, h, w)``: the
+        highest score of a judged frame scored alone (for T = 1 the image's score)."""
         return self.series_decision(self.score_features(feats[:, None]), context_frames)[1]
 
     def score_batch(self, sequences: Sequence[FrameSequence]) -> np.ndarray:
@@ -903,8 +901,7 @@ class MedGRUSVC(Detector):
                 maps = self.frame_features(np.concatenate([pre[i] for i in idx]))  # (n * T, C, h, w)
                 frame_scores = self.score_features(maps[:, None]).reshape(len(idx), t)
                 for j, i in enumerate(idx):
-                    out[i] = frame_scores[j, 0] if t == 1 else \
-                        self.series_decision(frame_scores[j], sequences[i].context_frames)[1]
+                    out[i] = self.series_decision(frame_scores[j], sequences[i].context_frames)[1]
         return out
 
     def _explain(self, feats: torch.Tensor, size: tuple[int, int]) -> tuple[float, np.ndarray, np.ndarray]:
@@ -963,10 +960,7 @@ class MedGRUSVC(Detector):
             if explain:
                 heat[top] = self._explain(feats[top:top + 1], (h, w))[1][0]
             extras["sequence_score"] = float(self.score_features(feats[None])[0])
-            extras["frame_threshold"] = self.threshold
-            bound = self.series_fpr_bound(len(sequence.judged))
-            if bound is not None:
-                extras["series_fpr_bound"] = float(bound)
+            extras.update(self.series_extras(len(sequence.judged)))
         extras["svdd_decision"] = float(self.boundary.decision(emb)[0])
         anomalous = bool(score > thr)
         label = None
