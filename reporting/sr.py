@@ -32,8 +32,9 @@ Content tree (codes chosen, see the module constants)::
 
 The per-frame groups carry ``Detection.frame_scores`` (each frame scored alone as a sequence of one), so a
 reader can see which frames drive a series' verdict; the series' own score (for T > 1 the highest judged
-frame's), threshold (for T > 1 the threshold for that many frames, :meth:`inference.api.Detector.
-series_threshold`) and impression stay in the first group. They are written only where each frame can be mapped to its instance.
+frame's), threshold (for T > 1 the threshold for that many frames,
+:meth:`inference.api.Detector.series_threshold`) and impression stay in the first group. They are written
+only where each frame can be mapped to its instance.
 
 Why these codes: "Normal"/"Abnormal" are the SNOMED CT qualifier values of CID 222 (Normality Codes), the
 standard answer set for a normal/abnormal judgement; "Impression" (DCM 121073) is the DICOM concept for an
