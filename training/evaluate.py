@@ -191,6 +191,14 @@ def score_all(det, sequences, batch: int) -> tuple[np.ndarray, float]:
     return scores, dt / max(1, len(sequences))
 
 
+def judged_rows(det, sequences) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the frames its verdict judges, and the threshold it is judged against as the service judges
+    it (the detector's ``series_threshold`` of that number; the single-image threshold for one frame)."""
+    frames = np.array([len(s.judged) for s in sequences], dtype=np.int64)
+    by_t = {t: det.threshold if t == 1 else det.series_threshold(t) for t in set(frames.tolist())}
+    return frames, np.array([by_t[int(t)] for t in frames], dtype=np.float64)
+
+
 def gallery_frame(detection) -> int:
     """The frame a gallery shows of a row: its only frame, or of a multi-frame row the frame whose score is
     the row's (the highest judged frame; the heat map of a series explains that frame)."""
@@ -198,11 +206,13 @@ def gallery_frame(detection) -> int:
     return int(np.argmin(np.abs(scores - detection.score))) if scores.size > 1 else 0
 
 
-def pick_gallery(scores: np.ndarray, normal: np.ndarray, threshold: float, n: int) -> list[tuple[str, int]]:
-    """(kind, index) of the top true positives, false positives and false negatives."""
+def pick_gallery(scores: np.ndarray, normal: np.ndarray, threshold: float | np.ndarray, n: int
+                 ) -> list[tuple[str, int]]:
+    """(kind, index) of the top true positives, false positives and false negatives (``threshold``: one, or
+    one per row)."""
     if n <= 0:
         return []
-    called = scores > threshold
+    called = scores > np.asarray(threshold, dtype=np.float64)
     out: list[tuple[str, int]] = []
     tp = np.where(called & ~normal)[0]
     fp = np.where(called & normal)[0]
@@ -332,7 +342,9 @@ def run_cv(card, train_rows, test_sequences, test_classes, *, k: int, seed: int,
             scores, _ = score_all(twin, [sequences[i] for i in held] + anomaly_sequences, batch)
             fold_classes = [normals[i].label for i in held] + anomaly_classes
             fold_labels = M.binary_labels(fold_classes)
-        summ = M.summarize(scores, fold_labels, twin.threshold, classes=fold_classes, n_boot=0)
+        _, fold_thr = judged_rows(twin, test_sequences) if on == "test" else (None, None)
+        summ = M.summarize(scores, fold_labels, twin.threshold, classes=fold_classes, n_boot=0,
+                           row_thresholds=fold_thr)
         at = summ["at_threshold"]
         row = {"fold": f + 1, "n_fit": len(fit_idx), "n_calibration": int(len(held)), "fit_seconds": fit_s,
                "auroc": summ["auroc"], "auprc": summ["auprc"], "sens_at_95_spec": summ["sens_at_95_spec"],
@@ -446,7 +458,8 @@ def run(args, settings) -> int:
 
     gallery: list[GalleryItem] = []
     explain_times = []
-    for kind, i in pick_gallery(scores, normal, det.threshold, args.gallery):
+    row_frames, row_thr = judged_rows(det, sequences)
+    for kind, i in pick_gallery(scores, normal, row_thr, args.gallery):
         t1 = time.perf_counter()
         d = det.detect(sequences[i], explain=True)
         explain_times.append(time.perf_counter() - t1)
@@ -502,6 +515,7 @@ def run(args, settings) -> int:
         dataset=dataset, command=command_line(args, settings),
         seconds_per_image=per_image, timing=timing, gallery=gallery, cv_folds=cv_folds,
         cv_settings=cv_settings, notes=notes, style_baseline=style,
+        row_frames=row_frames.tolist(), row_thresholds=row_thr.tolist(),
     )
     m = write_report(Path(args.out), result, n_boot=args.bootstrap)
     print(f"{card.name} {card.version} on {dataset}: AUROC {m['auroc']:.4f} "

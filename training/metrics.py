@@ -131,13 +131,25 @@ def fpr_at_sens(scores: Sequence[float], labels: Sequence[int], sensitivity: flo
 
 
 # ----------------------------------------------------------------------------------- threshold metrics
-def confusion(scores: Sequence[float], labels: Sequence[int], threshold: float) -> dict[str, int]:
-    """Counts ``tp, fp, tn, fn`` for the rule ``score > threshold``."""
+Threshold = float | Sequence[float] | np.ndarray  # one for every case, or one per case
+
+
+def _rule(scores: np.ndarray, threshold: Threshold) -> np.ndarray:
+    """``score > threshold``, with one threshold for every case or one per case (a multi-frame case is
+    judged against its series threshold)."""
+    t = np.asarray(threshold, dtype=np.float64)
+    if t.ndim and t.shape != scores.shape:
+        raise ValueError(f"{t.size} thresholds for {scores.size} scores")
+    return scores > t
+
+
+def confusion(scores: Sequence[float], labels: Sequence[int], threshold: Threshold) -> dict[str, int]:
+    """Counts ``tp, fp, tn, fn`` for the rule ``score > threshold`` (one threshold, or one per case)."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).ravel().astype(np.int64)
     if s.shape != y.shape:
         raise ValueError(f"{s.size} scores for {y.size} labels")
-    pred = s > threshold
+    pred = _rule(s, threshold)
     pos = y == 1
     return {
         "tp": int(np.sum(pred & pos)),
@@ -151,10 +163,12 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
-def threshold_metrics(scores: Sequence[float], labels: Sequence[int], threshold: float) -> dict[str, float]:
+def threshold_metrics(scores: Sequence[float], labels: Sequence[int], threshold: float, *,
+                      row_thresholds: Sequence[float] | np.ndarray | None = None) -> dict[str, float]:
     """Accuracy, precision, recall (= sensitivity), specificity, F1, balanced accuracy and the counts
-    for the rule ``score > threshold``. A ratio with an empty denominator is NaN."""
-    c = confusion(scores, labels, threshold)
+    for the rule ``score > threshold``, or ``score > row_thresholds[i]`` case by case where given (the
+    reported ``threshold`` stays the single-image one). A ratio with an empty denominator is NaN."""
+    c = confusion(scores, labels, threshold if row_thresholds is None else row_thresholds)
     tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
@@ -192,13 +206,14 @@ def per_class_auroc(scores: Sequence[float], classes: Sequence[object]) -> dict[
     return out
 
 
-def class_detection_rates(scores: Sequence[float], classes: Sequence[object], threshold: float
+def class_detection_rates(scores: Sequence[float], classes: Sequence[object], threshold: Threshold
                           ) -> dict[str, float]:
-    """Fraction of each class called abnormal (``score > threshold``): the FPR for normal classes,
-    the sensitivity for anomaly classes."""
+    """Fraction of each class called abnormal (``score > threshold``, one threshold or one per case): the
+    FPR for normal classes, the sensitivity for anomaly classes."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     cls = np.asarray([str(c) for c in classes])
-    return {name: float(np.mean(s[cls == name] > threshold)) for name in sorted(set(cls))}
+    pred = _rule(s, threshold)
+    return {name: float(np.mean(pred[cls == name])) for name in sorted(set(cls))}
 
 
 # ---------------------------------------------------------------------------------------- uncertainty
@@ -236,9 +251,12 @@ def _auroc_fast(s: np.ndarray, y: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------------------- summary
 def summarize(scores: Sequence[float], labels: Sequence[int], threshold: float, *,
-              classes: Sequence[object] | None = None, n_boot: int = 1000, seed: int = 0
-              ) -> dict[str, object]:
-    """All headline metrics in one JSON-ready dict (used by :mod:`training.report`)."""
+              classes: Sequence[object] | None = None, n_boot: int = 1000, seed: int = 0,
+              row_thresholds: Sequence[float] | np.ndarray | None = None) -> dict[str, object]:
+    """All headline metrics in one JSON-ready dict (used by :mod:`training.report`). ``threshold`` is the
+    single-image threshold; ``row_thresholds`` (optional, one per case) is what each case is judged against
+    at the threshold: a series of T frames against the detector's ``series_threshold(T)``."""
+    rule = threshold if row_thresholds is None else np.asarray(row_thresholds, dtype=np.float64)
     s, y = _check(scores, labels)
     lo, hi = bootstrap_auroc_ci(s, y, n_boot=n_boot, seed=seed) if n_boot > 0 else (float("nan"),) * 2
     out: dict[str, object] = {
@@ -251,11 +269,11 @@ def summarize(scores: Sequence[float], labels: Sequence[int], threshold: float, 
         "threshold": float(threshold),
         "n_normal": int((y == 0).sum()),
         "n_anomaly": int(y.sum()),
-        "at_threshold": threshold_metrics(s, y, threshold),
+        "at_threshold": threshold_metrics(s, y, threshold, row_thresholds=row_thresholds),
     }
     if classes is not None:
         out["per_class_auroc"] = per_class_auroc(s, classes)
-        out["per_class_flagged_rate"] = class_detection_rates(s, classes, threshold)
+        out["per_class_flagged_rate"] = class_detection_rates(s, classes, rule)
         out["n_per_class"] = {str(k): int(v) for k, v in zip(*np.unique(np.asarray([str(c) for c in classes]),
                                                                            return_counts=True))}
     return out

@@ -70,14 +70,28 @@ class EvaluationResult:
     date: str = ""
     #: ``training.style.style_baseline`` on the same evaluation rows, or None when not computed
     style_baseline: Mapping[str, Any] | None = None
+    #: per row: the frames its verdict judges, and the threshold it is judged against (the detector's
+    #: ``series_threshold`` of that number; the single-image ``threshold`` for one frame). Empty: every row
+    #: is one frame, judged against ``threshold``
+    row_frames: Sequence[int] = ()
+    row_thresholds: Sequence[float] = ()
 
 
 # ------------------------------------------------------------------------------------------- metrics
 def compute_metrics(result: EvaluationResult, *, n_boot: int = 1000) -> dict[str, Any]:
     scores = np.asarray(result.scores, dtype=np.float64)
     labels = M.binary_labels(result.classes)
+    frames = np.asarray(result.row_frames, dtype=np.int64)
+    row_thr = np.asarray(result.row_thresholds, dtype=np.float64)
+    if frames.shape != row_thr.shape or (frames.size and frames.shape != scores.shape):
+        raise ValueError(f"{frames.size} row frame counts and {row_thr.size} row thresholds for "
+                         f"{scores.size} scores")
     out: dict[str, Any] = M.summarize(scores, labels, result.threshold, classes=list(result.classes),
-                                      n_boot=n_boot)
+                                      n_boot=n_boot, row_thresholds=row_thr if frames.size else None)
+    # rows of several frames: each judged (its highest frame) against its series threshold
+    out["series_rows"] = [{"frames": int(t), "rows": int(np.sum(frames == t)),
+                           "threshold": float(row_thr[frames == t][0])}
+                          for t in sorted(set(frames.tolist())) if t > 1]
     thr = out["at_threshold"]
     for key in ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "balanced_accuracy",
                 "tp", "fp", "tn", "fn"):
@@ -310,6 +324,16 @@ def render_markdown(m: Mapping[str, Any], result: EvaluationResult, plots: Mappi
     L.append("")
     L.append(f"## At the model's threshold ({m['threshold']:.6g}; abnormal when score > threshold)")
     L.append("")
+    if m.get("series_rows"):
+        L.append("Rows of several frames are judged as the service judges a series: their score is their "
+                 "highest frame's, scored alone, against the series threshold of their frame count (the "
+                 "calibration normals' quantile at the target rate divided by the frame count):")
+        L.append("")
+        L.append("| frames | rows | series threshold |")
+        L.append("| --- | --- | --- |")
+        for r in m["series_rows"]:
+            L.append(f"| {r['frames']} | {r['rows']} | {r['threshold']:.6g} |")
+        L.append("")
     L.append("| sensitivity (recall) | specificity | precision (PPV) | accuracy | balanced acc. | F1 | TP | FP | TN | FN |")
     L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     L.append(f"| {_f(m['sensitivity'])} | {_f(m['specificity'])} | {_f(m['precision'])} | {_f(m['accuracy'])} | "

@@ -345,3 +345,52 @@ def test_an_unreadable_input_file_is_an_error_naming_it_not_a_traceback(command,
                                             if r.levelname == "ERROR")  # train logs its errors
     assert "error: cannot read DICOM image" in err and "zz-broken.dcm" in err and "not readable DICOM" in err
     assert "Traceback" not in err
+
+
+def test_multi_frame_rows_are_judged_at_threshold_as_the_service_judges_them(data_root, make_settings, tmp_path):
+    """A row of T frames is judged as the service judges a series (its highest frame against the series
+    threshold of T), so the report's counts at the threshold are the service's verdicts, and the report
+    names the series threshold it used."""
+    from inference.api import load_model, save_model
+    from tests.training.test_calibrate import write_dicom
+
+    rows = read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+    train = load_sequences([r for r in rows if r.split == "train" and r.label == "normal"][:52])
+    cls = get_detector_class("knn-effnet")
+    det = cls(**cls.SMALL_PARAMS)
+    det.fit(train[:12], validation=train[12:], seed=0)  # 40 calibration normals: 5 % / 4 is a higher rank
+    model_dir = tmp_path / "model"
+    files = save_model(det, model_dir)
+    ModelCard(name="tiny-knn", version="0.1", detector="knn-effnet", scope=Scope(modalities=("CR",)),
+              files={f: sha256_file(model_dir / f) for f in files}, params=det.get_params()).write(model_dir)
+    det = load_model(model_dir)
+    assert det.series_threshold(4) > det.threshold
+
+    manifest = tmp_path / "series.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "split", "label"])
+        for label in ("normal", "pneumonia"):
+            test = load_sequences([r for r in rows if r.split == "test" and r.label == label][:24])
+            for i in range(6):
+                stack = np.concatenate([s.frames for s in test[4 * i:4 * i + 4]])
+                write_dicom(tmp_path / label / f"s{i}.dcm", stack)
+                w.writerow([f"{label}/s{i}.dcm", "test", label])
+    series = load_sequences([r for r in read_manifest(manifest)])
+    verdicts = [det.detect(s, explain=False) for s in series]
+    assert {d.threshold for d in verdicts} == {det.series_threshold(4)}
+    between = [det.threshold < d.score <= d.threshold for d in verdicts]
+    assert any(between), "no row tells the series threshold from the single-image one"
+
+    out = tmp_path / "report"
+    assert _evaluate(["--manifest", str(manifest), "--model", str(model_dir), "--out", str(out), "--bootstrap", "0",
+                      "--gallery", "1", "--no-style-baseline"], make_settings()) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    called = np.array([d.is_anomaly for d in verdicts])
+    anomaly = np.array([False] * 6 + [True] * 6)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (int(np.sum(called & anomaly)), int(np.sum(called & ~anomaly)),
+                                                   int(np.sum(~called & ~anomaly)), int(np.sum(~called & anomaly)))
+    assert m["per_class_flagged_rate"]["normal"] == pytest.approx(float(np.mean(called[~anomaly])))
+    assert m["threshold"] == pytest.approx(det.threshold)
+    assert m["series_rows"] == [{"frames": 4, "rows": 12, "threshold": pytest.approx(det.series_threshold(4))}]
+    assert "| 4 | 12 |" in (out / "report.md").read_text()

@@ -136,3 +136,22 @@ def test_summarize_keys_and_fold_aggregation():
     agg = M.aggregate_folds([{"auroc": 0.8}, {"auroc": 0.9}, {"auroc": 1.0}], ["auroc"])
     assert agg["auroc"]["mean"] == pytest.approx(0.9)
     assert agg["auroc"]["std"] == pytest.approx(0.1)
+
+
+def test_at_threshold_with_a_threshold_per_case():
+    """A case may carry its own threshold (a multi-frame case: its series threshold); the reported
+    threshold stays the single-image one, and a count of thresholds that does not match is refused."""
+    from training import metrics as M
+
+    s = np.array([0.9, 0.6, 0.2, 0.7, 0.4])
+    y = np.array([1, 1, 1, 0, 0])
+    per_case = np.array([0.5, 0.8, 0.5, 0.8, 0.5])  # the 2nd and 4th cases are series: 0.8
+    out = M.summarize(s, y, 0.5, classes=["p", "p", "p", "normal", "normal"], n_boot=0, row_thresholds=per_case)
+    at = out["at_threshold"]
+    assert (at["tp"], at["fn"], at["fp"], at["tn"]) == (1, 2, 0, 2)
+    assert at["threshold"] == out["threshold"] == 0.5
+    assert out["per_class_flagged_rate"] == {"normal": 0.0, "p": pytest.approx(1 / 3)}
+    single = M.summarize(s, y, 0.5, n_boot=0)["at_threshold"]
+    assert (single["tp"], single["fp"]) == (2, 1)
+    with pytest.raises(ValueError, match="4 thresholds for 5 scores"):
+        M.confusion(s, y, per_case[:4])
