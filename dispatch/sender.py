@@ -21,7 +21,8 @@ Retry policy (never drops an item):
 
 Several senders (processes) may run at once: an item is claimed by a conditional UPDATE (its
 ``next_attempt_at`` moved past the send), so only one of them sends it; a sender that dies mid-send
-releases it when the claim lease expires. The lease covers the whole batch (the time-out for every
+releases it when the claim lease expires, and a service that stops gives its claims back at once
+(:meth:`Sender.release_claims`). The lease covers the whole batch (the time-out for every
 C-STORE and for each association's set-up and release), and an outcome is written only while the row
 still holds this sender's lease: a late one, of a send that outlived its lease while another sender
 re-claimed the item, is logged and dropped rather than written over that sender's outcome.
@@ -289,6 +290,7 @@ class Sender:
         self.batch = batch
         self._send = send
         self._tls = client_context(settings)
+        self._lease_until: datetime | None = None  # the lease of the pass in flight (release_claims)
 
     # --- one pass ----------------------------------------------------------------------------
     def run_once(self, now: datetime | None = None) -> int:
@@ -297,9 +299,35 @@ class Sender:
         now = _aware(now or utcnow())
         groups, lease_until = self._claim_due(now)
         sent = 0
-        for destination_text, items in groups.items():
-            sent += self._send_group(destination_text, items, now, lease_until)
+        self._lease_until = lease_until if groups else None
+        try:
+            for destination_text, items in groups.items():
+                sent += self._send_group(destination_text, items, now, lease_until)
+        finally:
+            self._lease_until = None
         return sent
+
+    def release_claims(self, now: datetime | None = None) -> int:
+        """Give back the items that the pass in flight has claimed and whose outcome it has not written yet,
+        due at ``now``; returns how many. The service calls it when it stops: a pass cut short by a restart
+        would otherwise hold them until its lease ends, up to an hour for a full batch of a slow peer. The
+        pass's own outcome for them, should it still come, is then dropped (:meth:`_send_group`), and the
+        next sender stores them again (a PACS takes a second copy of an instance it has)."""
+        lease_until = self._lease_until
+        if lease_until is None:
+            return 0
+        now = _aware(now or utcnow())
+        with self.session_factory() as session:
+            n = session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.state == OutboxState.PENDING, OutboxItem.next_attempt_at == lease_until)
+                .values(next_attempt_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            session.commit()
+        if n:
+            log.warning("released %d outbox items claimed by the send in flight; they are due again", n)
+        return n
 
     def _claim_due(self, now: datetime) -> tuple[dict[str, list[tuple[int, str, str]]], datetime]:
         """Due items grouped by destination, each claimed by this sender ({dest: [(id, path, uid)]}), and
@@ -374,8 +402,8 @@ class Sender:
                 ).rowcount
                 if written != 1:
                     log.warning("outbox item %d (%s): outcome of the send to %s (%s) dropped; its claim "
-                                "expired and another sender re-claimed it", item_id, uid, destination_text,
-                                status_text(outcome.status))
+                                "was released (the service stopping) or expired, and another sender may have "
+                                "re-claimed it", item_id, uid, destination_text, status_text(outcome.status))
                 elif outcome.ok:
                     sent += 1
                 else:

@@ -32,6 +32,7 @@ class Service:
     listener: Any = None
     worker: Any = None
     dashboard: Any = None
+    sender: Any = None
     session_factory: Any = None
     celery_app: Any = None
     worker_restarts: int = 0
@@ -63,7 +64,7 @@ class Service:
         log.info("listening as %s on %s:%s", s.ae_title, s.listen_host, self.listener.port)
 
         assembler = Assembler(s, sf, enqueue=lambda job_id: enqueue_job(app, job_id))
-        sender = Sender(s, sf)
+        self.sender = sender = Sender(s, sf)
         # a job whose enqueue failed would wait for ever, with or without the embedded worker
         sweeper = StalledJobSweeper(s, sf, app)
         loops = [("assembler", assembler.run_forever), ("sender", sender.run_forever),
@@ -147,6 +148,11 @@ class Service:
             self.listener.stop()
         for t in self._threads:
             t.join(timeout=10)
+        if self.sender is not None:  # a send still in flight: its items are due again at the next start
+            try:
+                self.sender.release_claims()
+            except Exception:  # the database away: they wait for their lease to end instead
+                log.exception("could not release the outbox items of the send in flight")
         if self.dashboard is not None:
             self.dashboard.stop()
         if self.worker is not None:

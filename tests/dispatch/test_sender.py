@@ -373,3 +373,26 @@ def test_late_outcome_after_the_claim_was_lost_is_dropped(make_settings, session
         [(OutboxState.SENT, 1, t_b, "", STATUS_SUCCESS)] * 3
     dropped = [r.getMessage() for r in caplog.records if "re-claimed" in r.getMessage()]
     assert len(dropped) == 3 and items[0].sop_instance_uid in "".join(dropped)
+
+
+def test_a_stopping_sender_gives_back_the_items_of_the_send_in_flight(make_settings, session_factory, caplog) -> None:
+    """A restart cuts a send short: the items it claimed are due again at once (not at the end of a lease
+    that lasts an hour for a full batch), the next sender stores them, and the cut send's late outcome is
+    dropped rather than written over that one's."""
+    settings = _settings(make_settings, 11112)
+    _add_rows(session_factory, [(f"item{i}", str(settings.destination), T0) for i in range(3)])
+    t_stop = T0 + timedelta(seconds=5)
+    a = Sender(settings, session_factory, max_attempts=1, timeout=30,
+               send=FakePeer({"item0.dcm": STATUS_ERROR_DATASET_MISMATCH},
+                             during=lambda: released.append(a.release_claims(now=t_stop))))
+    released: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="dispatch.sender"):
+        assert a.run_once(now=T0) == 0
+    assert released == [3]
+    assert [(i.state, i.attempts, i.next_attempt_at) for i in _items(session_factory)] == \
+        [(OutboxState.PENDING, 0, t_stop)] * 3
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 3
+    assert a.release_claims(now=t_stop) == 0  # no pass in flight: nothing to give back
+    b = Sender(settings, session_factory, timeout=30, send=FakePeer())
+    assert b.run_once(now=t_stop) == 3
+    assert [i.state for i in _items(session_factory)] == [OutboxState.SENT] * 3

@@ -128,3 +128,46 @@ def test_the_service_without_a_worker_enqueues_a_waiting_job_again(make_settings
         assert service.health()["queue-sweeper"] is None
     finally:
         service.stop()
+
+
+def test_stopping_the_service_gives_back_the_outbox_items_of_a_send_in_flight(make_settings, monkeypatch):
+    """``systemctl restart`` while a send to a slow PACS is in flight: the items it claimed are due again when
+    the service stops, not an hour later when the claim's lease would end."""
+    from datetime import datetime, timezone
+
+    import dispatch.sender as sender_module
+    from storage.models import OutboxItem, OutboxState
+
+    in_send, let_go = threading.Event(), threading.Event()
+
+    def hung_peer(destination, paths, **_kw):  # a PACS that takes the association and never answers
+        in_send.set()
+        let_go.wait(60)
+        return [sender_module.StoreOutcome(p, sender_module.STATUS_SUCCESS, "") for p in paths]
+
+    class SlowSender(sender_module.Sender):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, send=hung_peer, **kw)
+
+    monkeypatch.setattr(sender_module, "Sender", SlowSender)
+    settings = make_settings(listen_port=0, dashboard_port=0, destination="PACS@127.0.0.1:11112")
+    service = Service(settings, with_worker=False).start()
+    try:
+        with service.session_factory() as s:
+            s.add(OutboxItem(path="sr.dcm", sop_instance_uid="1.2.826.0.1.3680043.10.9.1",
+                             sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", destination="",
+                             state=OutboxState.PENDING, attempts=0,
+                             next_attempt_at=datetime(2000, 1, 1, tzinfo=timezone.utc)))
+            s.commit()
+        assert in_send.wait(30)
+        with service.session_factory() as s:
+            claimed_until = s.query(OutboxItem).one().next_attempt_at
+        stopped_at = datetime.now(timezone.utc)
+        assert (claimed_until - stopped_at).total_seconds() > 60  # the claim's lease
+    finally:
+        service.stop()
+        let_go.set()
+    with service.session_factory() as s:
+        item = s.query(OutboxItem).one()
+    assert item.state == OutboxState.PENDING and item.attempts == 0
+    assert item.next_attempt_at.replace(tzinfo=timezone.utc) <= datetime.now(timezone.utc)
