@@ -548,14 +548,17 @@ def save_model(det: Detector, model_dir: Path) -> list[str]:
 
 
 def discover_model_dirs(paths: Iterable[Path]) -> list[Path]:
-    """Model folders among ``paths``: each path is a model folder or a folder of model folders."""
+    """Model folders among ``paths``: each path is a model folder or a folder of model folders. Hidden
+    folders are left out: ``medgru train`` and ``medgru calibrate`` write a model into one and rename it into
+    place only when it is complete, so one that a killed run left behind is never served."""
     found: list[Path] = []
     for p in paths:
         p = Path(p)
         if (p / CARD_FILENAME).is_file():
             found.append(p)
-        elif p.is_dir():
-            found.extend(sorted(c for c in p.iterdir() if (c / CARD_FILENAME).is_file()))
+        elif p.is_dir():  # a hidden folder is a model being written or replaced (training.model_folder)
+            found.extend(sorted(c for c in p.iterdir()
+                                if not c.name.startswith(".") and (c / CARD_FILENAME).is_file()))
     return found
 
 

@@ -109,3 +109,31 @@ def test_the_series_threshold_falls_back_and_says_how_far_the_guarantee_weakens(
         det.series_threshold(0)
     with pytest.raises(ValueError):
         det.calibrate([1.0, float("nan")], 0.05)
+
+
+def test_a_model_folder_that_a_killed_run_left_half_written_is_never_served(tmp_path):
+    """``medgru train`` and ``medgru calibrate`` write into a hidden folder beside ``--out``; a run killed after
+    its card was written leaves that folder behind. Discovery (the worker's registry) must not serve it: it
+    sorts before the real model and would be picked first."""
+    from inference.api import discover_model_dirs, select_model
+    from medgru.settings import BUNDLED_MODELS_DIR
+    from training.model_folder import staged_model_folder
+
+    models = tmp_path / "models"
+    shutil.copytree(BUNDLED_MODELS_DIR / "chest-cxr", models / "chest")
+
+    class Killed(BaseException):
+        pass
+
+    try:
+        with staged_model_folder(models / "chest") as stage:
+            shutil.copytree(BUNDLED_MODELS_DIR / "chest-cxr", stage, dirs_exist_ok=True)
+            left = stage
+            raise Killed  # stands for SIGKILL: the clean-up below would not run
+    except Killed:
+        pass
+    shutil.copytree(BUNDLED_MODELS_DIR / "chest-cxr", left)  # what SIGKILL leaves: the staged folder, whole
+    assert left.name.startswith(".chest.partial-") and (left / "card.json").is_file()
+    assert discover_model_dirs([models]) == [models / "chest"]
+    cards = [(d, ModelCard.read(d)) for d in discover_model_dirs([models])]
+    assert select_model(cards, "CR", "CHEST")[0] == models / "chest"
