@@ -143,6 +143,11 @@ def _rule(scores: np.ndarray, threshold: Threshold) -> np.ndarray:
     return scores > t
 
 
+def called_abnormal(scores: Sequence[float], threshold: Threshold) -> np.ndarray:
+    """Which cases are called abnormal: ``score > threshold`` (one threshold, or one per case)."""
+    return _rule(np.asarray(scores, dtype=np.float64).ravel(), threshold)
+
+
 def confusion(scores: Sequence[float], labels: Sequence[int], threshold: Threshold) -> dict[str, int]:
     """Counts ``tp, fp, tn, fn`` for the rule ``score > threshold`` (one threshold, or one per case)."""
     s = np.asarray(scores, dtype=np.float64).ravel()

@@ -78,6 +78,12 @@ class EvaluationResult:
 
 
 # ------------------------------------------------------------------------------------------- metrics
+def _row_rule(result: EvaluationResult) -> np.ndarray | None:
+    """Each row's threshold where rows carry their own (multi-frame rows: their series threshold), else
+    ``None``: every row against ``result.threshold``."""
+    return np.asarray(result.row_thresholds, dtype=np.float64) if len(result.row_thresholds) else None
+
+
 def compute_metrics(result: EvaluationResult, *, n_boot: int = 1000) -> dict[str, Any]:
     scores = np.asarray(result.scores, dtype=np.float64)
     labels = M.binary_labels(result.classes)
@@ -87,7 +93,7 @@ def compute_metrics(result: EvaluationResult, *, n_boot: int = 1000) -> dict[str
         raise ValueError(f"{frames.size} row frame counts and {row_thr.size} row thresholds for "
                          f"{scores.size} scores")
     out: dict[str, Any] = M.summarize(scores, labels, result.threshold, classes=list(result.classes),
-                                      n_boot=n_boot, row_thresholds=row_thr if frames.size else None)
+                                      n_boot=n_boot, row_thresholds=_row_rule(result))
     # rows of several frames: each judged (its highest frame) against its series threshold
     out["series_rows"] = [{"frames": int(t), "rows": int(np.sum(frames == t)),
                            "threshold": float(row_thr[frames == t][0])}
@@ -475,8 +481,10 @@ def write_report(out_dir: Path, result: EvaluationResult, *, n_boot: int = 1000)
     with open(out_dir / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["name", "label", "score", "called_abnormal"])
-        for name, cls, s in zip(result.names, result.classes, scores):
-            w.writerow([name, cls, f"{s:.8g}", int(s > result.threshold)])
+        rule = _row_rule(result)
+        called = M.called_abnormal(scores, result.threshold if rule is None else rule)
+        for name, cls, s, c in zip(result.names, result.classes, scores, called):
+            w.writerow([name, cls, f"{s:.8g}", int(c)])
 
     (out_dir / "metrics.json").write_text(json.dumps(_clean(m), indent=2, sort_keys=True) + "\n")
     (out_dir / "report.md").write_text(render_markdown(m, result, plots))

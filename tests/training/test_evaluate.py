@@ -394,3 +394,5 @@ def test_multi_frame_rows_are_judged_at_threshold_as_the_service_judges_them(dat
     assert m["threshold"] == pytest.approx(det.threshold)
     assert m["series_rows"] == [{"frames": 4, "rows": 12, "threshold": pytest.approx(det.series_threshold(4))}]
     assert "| 4 | 12 |" in (out / "report.md").read_text()
+    with open(out / "scores.csv", newline="") as fh:  # row by row, the service's verdicts too
+        assert [int(r["called_abnormal"]) for r in csv.DictReader(fh)] == [int(c) for c in called]
