@@ -371,13 +371,20 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     """Read the rows, split the normals, build the detector and compute (or load) the backbone maps."""
     import torch
 
-    from training.manifest import expand_frames, read_manifest, rows_from_folder, rows_of_split
+    from inference.api import conformal_min_normals
+    from training.manifest import InputDataError, expand_frames, read_manifest, rows_from_folder, rows_of_split
 
     if args.supervised and (args.loss not in ("deep-sad", "hsc") or args.oe_weight <= 0):
         raise ValueError("--supervised needs --loss deep-sad or hsc (and --oe-weight > 0): the labelled "
                          "anomalies are the outlier-exposure set")
     rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
     source = str(args.manifest or args.folder)
+    report_split = getattr(args, "report_split", "")
+    used = rows_of_split(rows, args.train_split) + (rows_of_split(rows, report_split) if report_split else [])
+    missing = sorted({str(r.path) for r in used if not Path(r.path).is_file()})
+    if missing:  # before hours of training, not in the middle or after it
+        raise InputDataError(f"{len(missing)} image file(s) of {source} not found, e.g. "
+                             + ", ".join(missing[:3]))
     # the encoder and the boundary learn images: a multi-frame DICOM file gives one image per frame
     train_rows = expand_frames(rows_of_split(rows, args.train_split))
     normals = [r for r in train_rows if r.is_normal]
@@ -391,6 +398,17 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
                                                args.seed)
     log.info("normals: %d fit, %d HPO, %d calibration (from %s)", len(fit_rows), len(hpo_rows),
              len(cal_rows), source)
+    if len(fit_rows) < 2 or not hpo_rows or not cal_rows:  # groups too few and too big to share out
+        n_groups = len({r.group or str(r.path) for r in normals})
+        raise ValueError(f"the {len(normals)} normal images of {source} form {n_groups} group(s), which split "
+                         f"into {len(fit_rows)} fit, {len(hpo_rows)} HPO and {len(cal_rows)} calibration images; "
+                         "each share needs images of its own (more groups, e.g. one per patient)")
+    least = conformal_min_normals(args.target_fpr)
+    if len(cal_rows) < least:
+        log.warning("only %d calibration normals: the threshold is the highest of their scores, and a normal image "
+                    "is flagged with probability up to %.3f, not %g; %d or more hold the target (more normals, "
+                    "or a larger --calibration-fraction, or medgru calibrate on a site's normals later)",
+                    len(cal_rows), 1.0 / (len(cal_rows) + 1), args.target_fpr, least)
     det = detector_from_args(args)
     cache_dir = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "features"
     cache = FeatureCache(cache_dir, det, workers=args.workers)

@@ -462,3 +462,47 @@ def test_multi_frame_dicom_normals_train_one_image_per_frame(tmp_path, dicom_cor
     assert len({r.path for r in prep.fit_rows + prep.hpo_rows + prep.cal_rows}) == 3
     fit = prep.features["fit"].float()
     assert fit.shape[0] == 16 and not np.allclose(fit[0].numpy(), fit[-1].numpy())  # 16 different frames
+
+
+def test_bad_training_input_is_refused_before_any_work(tmp_path, data_root, caplog):
+    """A manifest row whose file is missing (of the training split, or of the split --report-split scores
+    after training), and normals in too few groups to fill the fit, HPO and calibration shares, are errors
+    (exit status 2) named before the backbone pass, not a traceback, or a refusal after hours of training."""
+    from medgru.settings import Settings
+
+    rows = read_manifest(data_root / "kermany_cxr" / "manifest.csv")
+    normals = [r for r in rows if r.split == "train" and r.is_normal][:12]
+    settings = Settings(home=tmp_path / "home", data_root=data_root)
+
+    def attempt(name: str, lines: list[str], *extra: str) -> str:
+        (tmp_path / f"{name}.csv").write_text("\n".join(["path,label,split,group", *lines]) + "\n")
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="training.train"):
+            assert run(_tiny_args(tmp_path / f"{name}.csv", tmp_path / name, tmp_path / "cache", *extra),
+                       settings) == 2
+        assert not (tmp_path / name).exists() and not (tmp_path / "cache").exists()
+        return caplog.text
+
+    good = [f"{r.path},normal,train,p{i}" for i, r in enumerate(normals)]
+    text = attempt("missing", good + [f"{tmp_path / 'gone.jpeg'},normal,train,p99"])
+    assert "1 image file(s)" in text and "gone.jpeg" in text
+    text = attempt("missing-test", good + [f"{tmp_path / 'gone-too.jpeg'},pneumonia,test,"], "--report-split", "test")
+    assert "gone-too.jpeg" in text
+    one_site = [f"{r.path},normal,train,site1" for r in normals]
+    text = attempt("one-group", one_site)
+    assert "form 1 group(s)" in text and "each share needs images of its own" in text
+
+
+def test_too_few_calibration_normals_are_named_in_a_warning(tmp_path, data_root, caplog):
+    """16 normals leave 2 or 3 for the calibration: the threshold is then their highest score and the target
+    false-positive rate is not held; training goes on, and says so."""
+    from medgru.settings import Settings
+    from training.train import prepare
+
+    manifest = _slice_with_anomalies(tmp_path, data_root, n_anomalies=0)
+    with caplog.at_level("WARNING", logger="training.train"):
+        prep = prepare(_tiny_args(manifest, tmp_path / "m", tmp_path / "cache"),
+                       Settings(home=tmp_path / "home", data_root=data_root))
+    n = len(prep.cal_rows)
+    assert 0 < n < 19
+    assert f"only {n} calibration normals" in caplog.text and f"{1 / (n + 1):.3f}" in caplog.text
