@@ -154,7 +154,10 @@ def run(args: argparse.Namespace, settings) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    det = load_model(model_dir, verify=True)
+    try:
+        det = load_model(model_dir, verify=True)
+    except (OSError, ValueError, LookupError) as exc:  # a checksum that differs, a missing file
+        return _error(f"model folder {model_dir}: {exc}")
     card = det.card
     assert card is not None  # load_model sets it
     old_threshold = float(det.threshold)

@@ -427,7 +427,11 @@ def run(args, settings) -> int:
         src = _resolve_input(Path(args.folder), settings)
         rows = rows_from_folder(src)
         base = src.resolve()
-    eval_rows = limit_rows(evaluation_rows(rows), args.limit, args.seed)
+    try:
+        eval_rows = limit_rows(evaluation_rows(rows), args.limit, args.seed)
+    except ValueError as exc:  # a split column without a test split
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     classes = [r.label.strip().lower() for r in eval_rows]
     normal = np.array([_is_normal(r) for r in eval_rows])
     if normal.all() or (~normal).all():
@@ -435,7 +439,30 @@ def run(args, settings) -> int:
               f"{int((~normal).sum())} anomaly images; both are needed", file=sys.stderr)
         return 2
 
-    det = load_model(model_dir)
+    cv_rows: list = []
+    if args.cv:  # the folds are checked before the test split is scored, not after
+        cv_rows = split_rows(rows, "train")
+        if args.limit:  # quick look: cap the train normals the folds are made of, too
+            tn = [r for r in cv_rows if _is_normal(r)]
+            keep = np.random.default_rng(args.seed).permutation(len(tn))[: args.limit]
+            cv_rows = [tn[i] for i in sorted(keep)] + [r for r in cv_rows if not _is_normal(r)]
+        if not cv_rows:
+            print(f"error: --cv needs a 'train' split in {src}", file=sys.stderr)
+            return 2
+        if args.cv_on == "validation" and all(_is_normal(r) for r in cv_rows):
+            print(f"error: --cv-on validation needs anomalies in the train split of {src}", file=sys.stderr)
+            return 2
+        try:
+            make_folds([r for r in cv_rows if _is_normal(r)], args.cv, args.seed)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    try:
+        det = load_model(model_dir)
+    except (OSError, ValueError, LookupError) as exc:  # no card, a checksum that differs, an unknown detector
+        print(f"error: model folder {display_path(model_dir, settings)}: {exc}", file=sys.stderr)
+        return 2
     card = det.card
     if hasattr(det, "to") and device != "cpu":
         det.to(device)
@@ -471,15 +498,7 @@ def run(args, settings) -> int:
     cv_folds: list[dict[str, Any]] = []
     cv_settings: dict[str, Any] = {}
     if args.cv:
-        train_rows = split_rows(rows, "train")
-        if args.limit:  # quick look: cap the train normals the folds are made of, too
-            tn = [r for r in train_rows if _is_normal(r)]
-            keep = np.random.default_rng(args.seed).permutation(len(tn))[: args.limit]
-            train_rows = [tn[i] for i in sorted(keep)] + [r for r in train_rows if not _is_normal(r)]
-        if not train_rows:
-            print(f"error: --cv needs a 'train' split in {src}", file=sys.stderr)
-            return 2
-        cv_folds, cv_settings = run_cv(card, train_rows, sequences, classes, k=args.cv, seed=args.seed,
+        cv_folds, cv_settings = run_cv(card, cv_rows, sequences, classes, k=args.cv, seed=args.seed,
                                        batch=args.batch, workers=args.workers, n_boot=0,
                                        training_args=model_training_args(model_dir), on=args.cv_on,
                                        n_anomalies=args.cv_anomalies)

@@ -314,3 +314,17 @@ def test_a_broken_dicom_file_is_a_named_error(tmp_path):
     bad.write_bytes(b"this is not DICOM")
     with pytest.raises(ValueError, match="broken.dcm"):
         load_sequences(rows_from_folder(tmp_path))
+
+
+def test_a_tampered_source_model_is_an_error_not_a_traceback(source_model, make_settings, tmp_path, capsys):
+    site = tmp_path / "site-normals"
+    for i in range(25):
+        write_png(site / "normal" / f"n{i:02d}.png", site_normal(700 + i))
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(source_model, tampered)
+    (tampered / "training.json").write_text("{}\n")  # its checksum on the card no longer matches
+    out = tmp_path / "calibrated"
+    assert calibrate(["--model", str(tampered), "--folder", str(site), "--out", str(out)], make_settings()) == 2
+    assert "checksum of training.json" in capsys.readouterr().err and not out.exists()

@@ -396,3 +396,37 @@ def test_multi_frame_rows_are_judged_at_threshold_as_the_service_judges_them(dat
     assert "| 4 | 12 |" in (out / "report.md").read_text()
     with open(out / "scores.csv", newline="") as fh:  # row by row, the service's verdicts too
         assert [int(r["called_abnormal"]) for r in csv.DictReader(fh)] == [int(c) for c in called]
+
+
+def test_bad_evaluation_input_is_an_error_before_any_scoring(kermany_slice, make_settings, tmp_path, capsys,
+                                                             monkeypatch):
+    """No test split, a folder that is no model, a tampered model and a --cv the train normals cannot fill
+    are errors (exit status 2) named before the test split is scored, not tracebacks (the --cv one came
+    after all the scoring)."""
+    import shutil
+
+    import training.evaluate as E
+
+    csv_path, model_dir = kermany_slice
+    scored: list[int] = []
+    real_score_all = E.score_all
+    monkeypatch.setattr(E, "score_all", lambda det, seqs, batch: scored.append(len(seqs)) or real_score_all(
+        det, seqs, batch))
+    no_test = tmp_path / "no-test.csv"
+    no_test.write_text("".join(line for line in csv_path.read_text().splitlines(keepends=True)
+                               if ",test," not in line))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(model_dir, tampered)
+    card = json.loads((tampered / "card.json").read_text())
+    (tampered / next(iter(card["files"]))).write_bytes(b"not the model")
+    cases = [
+        (["--manifest", str(no_test), "--model", str(model_dir)], "no 'test' split"),
+        (["--manifest", str(csv_path), "--model", str(tmp_path)], "has no card.json"),
+        (["--manifest", str(csv_path), "--model", str(tampered)], "checksum of"),
+        (["--manifest", str(csv_path), "--model", str(model_dir), "--cv", "100"], "--cv 100: need 2 <= K <= 16"),
+    ]
+    for argv, message in cases:
+        out = tmp_path / "report"
+        assert _evaluate([*argv, "--out", str(out)], make_settings()) == 2, argv
+        assert message in capsys.readouterr().err and not out.exists()
+    assert scored == []
