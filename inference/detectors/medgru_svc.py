@@ -998,9 +998,15 @@ class MedGRUSVC(Detector):
     @classmethod
     def load(cls, model_dir: Path, card: ModelCard) -> "MedGRUSVC":
         model_dir = Path(model_dir)
-        params = dict(card.params)
-        if not params and (model_dir / META_FILE).is_file():
-            params = json.loads((model_dir / META_FILE).read_text())["params"]
+        meta = json.loads((model_dir / META_FILE).read_text()) if (model_dir / META_FILE).is_file() else {}
+        params = dict(card.params) or dict(meta.get("params", {}))
+        if card.params and "params" in meta:  # the card is not checksummed; meta.json is, and the weights fit it
+            ours, saved = (json.loads(json.dumps(dict(p), sort_keys=True)) for p in (card.params, meta["params"]))
+            differ = sorted(k for k in (set(ours) | set(saved)) - {"device"} if ours.get(k) != saved.get(k))
+            if differ:
+                raise ValueError(f"model {card.name}: the card's params differ from {META_FILE}'s, which the "
+                                 f"weights were saved with, in {', '.join(differ)}; a model folder's card is not "
+                                 "edited by hand (retrain, or medgru calibrate for the threshold)")
         det = cls(**{**params, "device": "cpu"})  # loaded on the CPU; callers move it with .to()
         det.encoder = det._new_encoder()
         sd = torch.load(model_dir / ENCODER_FILE, map_location="cpu", weights_only=True)
@@ -1018,7 +1024,7 @@ class MedGRUSVC(Detector):
             det._embed_shift = torch.from_numpy(arrays["embed_shift"]).float().to(det.device)
             det._embed_scale = torch.from_numpy(arrays["embed_scale"]).float().to(det.device)
         det._threshold = float(arrays["threshold"][0])
-        if (model_dir / META_FILE).is_file():
-            det.fit_report = json.loads((model_dir / META_FILE).read_text()).get("fit_report", {})
+        if meta:
+            det.fit_report = meta.get("fit_report", {})
         det.card = card
         return det

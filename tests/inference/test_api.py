@@ -137,3 +137,17 @@ def test_a_model_folder_that_a_killed_run_left_half_written_is_never_served(tmp_
     assert discover_model_dirs([models]) == [models / "chest"]
     cards = [(d, ModelCard.read(d)) for d in discover_model_dirs([models])]
     assert select_model(cards, "CR", "CHEST")[0] == models / "chest"
+
+
+def test_a_card_whose_params_differ_from_the_saved_ones_is_refused(tmp_path):
+    """The card is not checksummed (it holds the checksums); MedGRU-SVC's meta.json is, and holds the
+    params its weights were saved with. A card edited to CLAHE clip 0 and tile grid 2 loaded, verified,
+    and moved every score."""
+    model_dir = tmp_path / "chest"
+    shutil.copytree(next(p for p in BUNDLED if p.name == "chest-cxr"), model_dir)
+    card = json.loads((model_dir / "card.json").read_text())
+    card["params"]["clip_limit"], card["params"]["tile_grid"] = 0.0, 2
+    (model_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    for verify in (True, False):
+        with pytest.raises(ValueError, match="params differ from meta.json's.* in clip_limit, tile_grid;"):
+            load_model(model_dir, verify=verify)
