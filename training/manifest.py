@@ -97,25 +97,50 @@ def read_manifest(csv_path: Path) -> list[ManifestRow]:
     return rows
 
 
+def _skipped(p: Path) -> bool:
+    """Hidden entries (``.ipynb_checkpoints``, macOS's ``._x.jpeg``) and macOS's ``__MACOSX`` folder: copies
+    and metadata, never images of a class."""
+    return p.name.startswith(".") or p.name == "__MACOSX"
+
+
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
+                  if p.is_file() and not _skipped(p) and p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _skipped(p))
 
 
 def rows_from_folder(folder: Path) -> list[ManifestRow]:
     """Rows for ``<folder>/<label>/*.{png,jpg,jpeg,dcm}``, or ``<folder>/<split>/<label>/*`` when the
-    sub-folders themselves hold only folders."""
+    sub-folders themselves hold only folders. Hidden entries and ``__MACOSX`` are left out. A layout whose
+    images would be read under the wrong label, or not at all, is refused: a label folder that also holds
+    folders, and a split folder named like the normal label (``normal/<patient>/*``)."""
+    from training.metrics import is_normal_label
+
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise InputDataError(f"{folder} is not a folder")
+    layout = "expected <label>/*.png|jpg|jpeg|dcm or <split>/<label>/*"
     rows: list[ManifestRow] = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in _subdirs(folder):
         images = _images_in(sub)
-        subdirs = sorted(p for p in sub.iterdir() if p.is_dir())
+        subdirs = _subdirs(sub)
+        if images and subdirs:
+            raise InputDataError(f"{sub} holds images and folders ({subdirs[0].name}...), whose images would "
+                                 f"not be read; {layout}")
         if images:
             rows.extend(ManifestRow(path=p, label=sub.name) for p in images)
         elif subdirs:  # <split>/<label>/
+            if is_normal_label(sub.name):
+                raise InputDataError(f"{sub} holds folders ({subdirs[0].name}...): read as a split, its images "
+                                     f"would be labelled by folder name, none of them normal; {layout}")
             for lab in subdirs:
+                deeper = _subdirs(lab)
+                if deeper:
+                    raise InputDataError(f"{lab} holds folders ({deeper[0].name}...), whose images would not be "
+                                         f"read; {layout}")
                 rows.extend(ManifestRow(path=p, label=lab.name, split=sub.name) for p in _images_in(lab))
     if not rows:
         raise InputDataError(f"no images found under {folder} (expected <label>/*.png|jpg|jpeg|dcm)")

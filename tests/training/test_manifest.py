@@ -6,7 +6,7 @@ import pydicom
 import pytest
 
 from inference.api import FrameSequence
-from training.manifest import ManifestRow, load_frames, load_sequences, read_manifest, rows_from_folder
+from training.manifest import InputDataError, ManifestRow, load_frames, load_sequences, read_manifest, rows_from_folder
 
 
 def _png(path: Path, value: int = 100, rgb: bool = False) -> Path:
@@ -157,3 +157,29 @@ def test_expand_frames_gives_training_one_row_per_frame(dicom_corpus, tmp_path):
     assert not np.array_equal(whole.frames[0], whole.frames[3])  # the frames differ: each one counts
     with pytest.raises(InputDataError, match="no frame 5: the file has 4"):
         load_frames(ManifestRow(multi, "normal", frame=5))
+
+
+def test_a_folder_is_read_without_hidden_copies_and_a_misleading_layout_is_refused(tmp_path):
+    """Hidden entries and __MACOSX are copies and metadata (a notebook's .ipynb_checkpoints became an anomaly
+    class, macOS's ._x.jpeg a normal image); a layout whose images would be read under the wrong label or not
+    at all is an error naming the folder."""
+    _png(tmp_path / "a" / "normal" / "x.png")
+    _png(tmp_path / "a" / "tumour" / "y.png")
+    _png(tmp_path / "a" / ".ipynb_checkpoints" / "x-checkpoint.png")
+    _png(tmp_path / "a" / "normal" / "._x.png")
+    _png(tmp_path / "a" / "__MACOSX" / "normal" / "._x.png")
+    assert sorted((r.label, r.path.name) for r in rows_from_folder(tmp_path / "a")) == [
+        ("normal", "x.png"), ("tumour", "y.png")]
+
+    _png(tmp_path / "b" / "normal" / "patient1" / "x.png")  # <label>/<patient>/*: not a split
+    _png(tmp_path / "b" / "tumour" / "patient2" / "y.png")
+    with pytest.raises(InputDataError, match="normal holds folders .*patient1"):
+        rows_from_folder(tmp_path / "b")
+    _png(tmp_path / "c" / "train" / "tumour" / "sub" / "y.png")  # three levels: sub/ would not be read
+    _png(tmp_path / "c" / "train" / "normal" / "x.png")
+    with pytest.raises(InputDataError, match="tumour holds folders .*sub"):
+        rows_from_folder(tmp_path / "c")
+    _png(tmp_path / "d" / "normal" / "x.png")
+    _png(tmp_path / "d" / "normal" / "more" / "z.png")
+    with pytest.raises(InputDataError, match="normal holds images and folders"):
+        rows_from_folder(tmp_path / "d")
