@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -151,6 +152,23 @@ def flush_denormal_weights_(module: nn.Module) -> int:
     return n
 
 
+def _wait_until_thread_gone(thread: threading.Thread, timeout_s: float = 10.0) -> None:
+    """Wait until ``thread``'s operating-system thread has ended, not only its Python part (``join``).
+
+    After ``join`` the thread still runs its thread-local destructors, torch's among them, which take the
+    GIL. When the interpreter is finalizing by then (Ctrl-C: ``medgru train`` returns at once), taking the GIL
+    ends the thread by a forced unwind through C++ frames, and the process aborted ("terminate called without
+    an active exception", SIGABRT instead of exit status 130). Linux shows a live thread in /proc; elsewhere
+    this returns at once."""
+    native = getattr(thread, "native_id", None)
+    task = Path(f"/proc/self/task/{native}") if native is not None else None
+    if task is None or not task.parent.is_dir():
+        return
+    deadline = time.monotonic() + timeout_s
+    while task.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the GIL released: the ending thread's destructors can take it
+
+
 def run_denormals_flushed(fn: Callable[[threading.Event], T]) -> T:
     """``fn(cancel)`` with CPU float arithmetic flushing denormals to zero, in every thread it computes on.
 
@@ -192,6 +210,8 @@ def run_denormals_flushed(fn: Callable[[threading.Event], T]) -> T:
         if worker.is_alive():
             worker.join()
         raise
+    finally:
+        _wait_until_thread_gone(worker)
     if "error" in out:
         raise out["error"]
     return out["value"]

@@ -4,6 +4,7 @@ reconstruction objective, the label-free Tax & Duin HPO, and the non-saturating 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -649,3 +650,48 @@ def test_grouped_scoring_equals_one_at_a_time_and_keeps_the_order(fitted, monkey
     np.testing.assert_allclose(det.score_grouped(seqs[::-1]), one_at_a_time[::-1], rtol=1e-4, atol=1e-6)
     monkeypatch.setattr(medgru_svc, "GROUPED_FRAMES_PER_CALL", 4)  # several calls per length: 1 x T=3, 2 x T=2
     np.testing.assert_allclose(det.score_grouped(seqs), one_at_a_time, rtol=1e-4, atol=1e-6)
+
+
+CTRL_C_DURING_TRAINING = '''
+import os, signal, sys, threading, time
+import torch
+from inference.detectors.medgru_svc import run_denormals_flushed
+
+started = threading.Event()
+
+def fn(cancel):
+    x = torch.randn(16, 16, 32, 32, requires_grad=True)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    opt = torch.optim.Adam(conv.parameters())
+    while not cancel.is_set():
+        loss = conv(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        started.set()
+
+threading.Thread(target=lambda: (started.wait(), time.sleep(0.3), os.kill(os.getpid(), signal.SIGINT)),
+                 daemon=True).start()
+try:
+    run_denormals_flushed(fn)
+except KeyboardInterrupt:
+    sys.exit(130)  # as medgru train does: at once, the interpreter finalizing
+'''
+
+
+def test_ctrl_c_during_training_exits_130_not_abort(tmp_path):
+    """Ctrl-C stops training and ``medgru train`` exits 130 at once. The training thread was then still running
+    torch's thread-local destructors, which take the GIL, while the interpreter finalized: the process died of
+    SIGABRT ("terminate called without an active exception"; exit status 134 in a shell, 3 runs of 3)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_DURING_TRAINING)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for _ in range(2):
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert done.returncode == 130, done.stderr[-2000:]
