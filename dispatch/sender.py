@@ -163,9 +163,12 @@ def open_association(destination: Destination, contexts: list, *, calling_ae: st
         connected.append(True)
         _set_nodelay(event)
 
-    assoc = ae.associate(destination.host, destination.port, contexts=contexts,
-                         ae_title=destination.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
-                         tls_args=None if tls is None else (tls, destination.host))
+    try:
+        assoc = ae.associate(destination.host, destination.port, contexts=contexts,
+                             ae_title=destination.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+                             tls_args=None if tls is None else (tls, destination.host))
+    except OSError as exc:  # socket.gaierror: the host name does not resolve (a typo in the destination)
+        raise AssociationError(f"{destination} unreachable: {exc} (calling AE {calling_ae})") from exc
     if not assoc.is_established:
         tls_failure = _tls_failure(destination, tls, timeout) if tls is not None and not connected else None
         if tls_failure:

@@ -70,14 +70,28 @@ def hide_url_password(url: str, *, database: bool = False) -> str:
         from sqlalchemy.exc import ArgumentError
 
         try:
-            return make_url(url).render_as_string(hide_password=True)
+            parsed = make_url(url)
+            # libpq also takes the password as a query parameter (?password=...), which hide_password keeps
+            parsed = parsed.set(query={k: (HIDDEN_PASSWORD if k.lower() in _PASSWORD_PARAMS else v)
+                                       for k, v in parsed.query.items()})
+            return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", HIDDEN_PASSWORD)
         except ArgumentError:
             pass  # not a URL SQLAlchemy reads; the generic parser below still hides what it can
     return ";".join(_hide_one_password(part) for part in url.split(";"))
 
 
+#: query parameters that carry a password (libpq's ``password``, some brokers' ``password`` / ``pass``)
+_PASSWORD_PARAMS = frozenset({"password", "pass", "passwd"})
+
+
 def _hide_one_password(url: str) -> str:
     parts = urlsplit(url)
+    if parts.query:
+        query = "&".join(
+            f"{k}={HIDDEN_PASSWORD}" if k.lower() in _PASSWORD_PARAMS and sep else f"{k}{sep}{v}"
+            for k, sep, v in (p.partition("=") for p in parts.query.split("&")))
+        parts = parts._replace(query=query)
+        url = urlunsplit(parts)
     if parts.password is None:
         return url
     userinfo, _, hostport = parts.netloc.rpartition("@")

@@ -229,6 +229,7 @@ h2{{font-size:16px;margin:22px 0 6px}} .sub{{color:#666;margin-bottom:16px}}
 a.card:hover{{border-color:#888}} .card.on{{border-color:#222;background:#f6f6f6}} .card.alert b{{color:#b00020}}
 .card b{{display:block;font-size:22px}} table{{border-collapse:collapse;width:100%;font-size:13px}}
 th,td{{border-bottom:1px solid #eee;padding:5px 8px;text-align:left}} th{{background:#f6f6f6}}
+td code,td.note{{overflow-wrap:anywhere}} td:last-child{{white-space:nowrap}}
 .state-failed{{color:#b00020;font-weight:600}} .state-succeeded{{color:#1b7a1b}}
 .state-not_processed{{color:#8a6d00}} .abnormal{{color:#b00020;font-weight:600}} .none{{color:#888}}
 form{{display:inline}} button{{font-size:12px}} code{{font-size:11px}} form.find{{display:block;margin:4px 0 0}}
@@ -271,7 +272,7 @@ def _outbox_table(items: list[dict[str, Any]]) -> str:
             f'<td>{html.escape(r["kind"])}</td><td>{"" if r["job"] is None else r["job"]}</td>'
             f'<td>{html.escape(r["destination"] or "(none set)")}</td><td>{r["attempts"]}</td>'
             f'<td>{when_iso(r["next_attempt_at"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
-            f'<td>{html.escape(r["last_error"][:160])}</td><td>{action}</td></tr>')
+            f'<td class="note">{html.escape(r["last_error"][:160])}</td><td>{action}</td></tr>')
     return "".join(out) + "</table>"
 
 
@@ -298,7 +299,7 @@ def _quarantine_table(items: list[dict[str, Any]]) -> str:
         out.append(
             f'<tr><td>{r["id"]}</td><td>{when_iso(r["received_at"])}</td><td>{html.escape(r["calling_ae"])}</td>'
             f'<td>{html.escape(r["status"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
-            f'<td>{html.escape(r["reason"][:200])}'
+            f'<td class="note">{html.escape(r["reason"][:200])}'
             f'{" (stored later by a retry)" if r["released_at"] else ""}</td><td>{action}</td></tr>')
     return "".join(out) + "</table>"
 
@@ -350,7 +351,7 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
             f'<td>{"" if r["score"] is None else r["score"]}</td><td>{"" if r["threshold"] is None else r["threshold"]}</td>'
             f'<td class="{verdict}">{verdict}</td><td>{html.escape(r["in_pacs"] or "")}</td>'
             f'<td>{html.escape(r["model"] or "")}</td>'
-            f'<td><code>{html.escape(r["series_uid"])}</code></td><td>{html.escape(r["note"][:160])}</td><td>{actions}</td></tr>'
+            f'<td><code>{html.escape(r["series_uid"])}</code></td><td class="note">{html.escape(r["note"][:160])}</td><td>{actions}</td></tr>'
         )
     unsent = outbox_rows(session, states=(OutboxState.FAILED, OutboxState.PENDING), limit=PAGE_SECTION_ROWS)
     unsent.sort(key=lambda r: r["state"] != OutboxState.FAILED.value)  # failed first, each newest first
@@ -688,6 +689,22 @@ class DashboardServer:
                         return self._json({"items": quarantine_rows(session, limit=100)})
                     page = render_page(server.settings, session, state=state, find=find)
                 return self._send(200, page.encode(), "text/html; charset=utf-8")
+
+            def do_HEAD(self):
+                """``HEAD /healthz`` for load balancers and monitors that check with HEAD: the status and
+                headers of the GET, no body. Other paths: 405 (GET them)."""
+                if self.path.partition("?")[0] != "/healthz":
+                    self.send_response(405)
+                    self.send_header("Allow", "GET, POST")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                ok, text = health_report(server.sf, server.health)
+                self.send_response(200 if ok else 503)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(text.encode())))
+                self.end_headers()
+                return None
 
             def do_POST(self):
                 m = re.fullmatch(rf"/(jobs|outbox|quarantine)/{ID}/(retry|cancel|resend)", self.path)

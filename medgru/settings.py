@@ -95,7 +95,10 @@ class Settings(BaseSettings):
     """Every knob of the service. Environment: ``MEDGRU_<FIELD>`` (upper case)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MEDGRU_", extra="ignore", frozen=True, validate_default=True
+        env_prefix="MEDGRU_", extra="ignore", frozen=True, validate_default=True,
+        # a validation error must not print the input: with a model validator's error that is the whole
+        # dict of settings, secrets included (MEDGRU_DASHBOARD_PASSWORD, a database URL's password)
+        hide_input_in_errors=True,
     )
 
     # where we keep things

@@ -230,6 +230,7 @@ class Listener:
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -304,6 +305,28 @@ class Listener:
             log.info("accepting private SOP classes %s from %s", [c.abstract_syntax for c in extra],
                      assoc.requestor.ae_title)
             assoc.acceptor.supported_contexts = list(assoc.acceptor.supported_contexts) + extra
+
+    #: (source, diagnostic) of an A-ASSOCIATE-RJ (PS3.8 9.3.4) as an admin reads it
+    _REJECT_REASONS = {
+        (1, 2): "application context name not supported",
+        (1, 3): "calling AE title not allowed (MEDGRU_ALLOWED_CALLING_AES)",
+        (1, 7): "called AE title is not ours (MEDGRU_AE_TITLE)",
+        (2, 2): "protocol version not supported",
+        (3, 2): "too many associations at once",
+    }
+
+    @classmethod
+    def _on_rejected(cls, event) -> None:
+        """One warning line per rejected association, naming the peer, both AE titles and why: without it a
+        PACS configured with the wrong AE title is refused and nothing on our side says so."""
+        assoc = event.assoc
+        rj = getattr(assoc.acceptor, "primitive", None)
+        key = (getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
+        requestor = assoc.requestor
+        log.warning("association from %s:%s rejected: calling AE %r, called AE %r: %s",
+                    requestor.address, requestor.port, str(requestor.ae_title).strip(),
+                    str(getattr(requestor.primitive, "called_ae_title", "") or "").strip(),
+                    cls._REJECT_REASONS.get(key, f"source {key[0]}, reason {key[1]}"))
 
     @staticmethod
     def _on_echo(event) -> int:

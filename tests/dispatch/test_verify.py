@@ -95,3 +95,13 @@ def test_echo_checks_the_destination_and_every_route(partial_scp, storescp, make
     assert reports[0].rstrip().endswith("OK: results can be sent")
     assert reports[1].startswith(f"[route of SITE_B] {PACS_AET}@127.0.0.1:{port}")
     assert "Comprehensive 3D SR Storage: NOT accepted" in reports[1]
+
+
+def test_an_unresolvable_pacs_host_is_a_failed_check_not_a_crash(capsys):
+    """A typo in the destination's host name: socket.gaierror escaped open_association, ``medgru echo``
+    printed a traceback and the dashboard's Check the PACS dropped the connection with no answer."""
+    report = verify_destination(Destination(ae_title="PACS", host="pacs.hospital.invalid", port=4242),
+                                calling_ae="MEDGRU", timeout=5)
+    assert not report.ok and "pacs.hospital.invalid" in report.error, report.error
+    assert main(["echo", "PACS@pacs.hospital.invalid:4242"]) == 1
+    assert "unreachable" in capsys.readouterr().out

@@ -65,3 +65,45 @@ def test_an_id_too_large_for_the_database_is_refused_by_the_admin_commands(make_
             assert "is not an id" in capsys.readouterr().err
     assert main(["jobs", "show", str(2**31 - 1)]) == 1  # the largest id is looked up: no such job
     assert "no job" in capsys.readouterr().out
+
+
+SECRET = "Hospital-Adm1n-Pw"
+
+
+def _no_medgru_env(monkeypatch, tmp_path):
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("MEDGRU_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MEDGRU_HOME", str(tmp_path / "home"))
+
+
+def test_a_settings_error_names_the_reason_and_never_the_dashboard_password(monkeypatch, tmp_path, capsys):
+    """pydantic printed a settings error's whole input, and with the production layout (TOML + the password
+    from secrets.env) the dashboard password was in it, in clear, in journald. Found by a review helper."""
+    _no_medgru_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("MEDGRU_DASHBOARD_PASSWORD", SECRET)
+    monkeypatch.setenv("MEDGRU_ALLOWED_CALLING_AES", "ORTHANC")
+    monkeypatch.setenv("MEDGRU_ROUTES", "CARDIO=CARDIO@cardio.example:104")  # refused by the allow-list
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert "routes name CARDIO" in err and SECRET not in err and SECRET[-8:] not in err, err
+
+    monkeypatch.delenv("MEDGRU_ROUTES")
+    toml = tmp_path / "medgru.toml"
+    toml.write_text(f'home = "{tmp_path / "home"}"\nsend_tls = true\n')  # TLS on without its files: refused
+    assert main(["--config", str(toml), "config"]) == 2
+    err = capsys.readouterr().err
+    assert "TLS is on" in err and SECRET not in err and SECRET[-8:] not in err, err
+
+
+def test_config_masks_a_password_given_as_a_url_query_parameter():
+    """libpq also takes the password as a query parameter; ``medgru config`` showed it."""
+    from medgru.commands import hide_url_password
+
+    shown = hide_url_password("postgresql+psycopg:///medgru?host=db.example&user=medgru&password=DbS3cret",
+                              database=True)
+    assert "DbS3cret" not in shown and "db.example" in shown and "user=medgru" in shown, shown
+    shown = hide_url_password("amqp://broker.example:5672//?user=mq&password=MqS3cret")
+    assert "MqS3cret" not in shown and "broker.example" in shown, shown

@@ -756,3 +756,31 @@ def test_verdicts_by_model_and_sender_on_page_api_and_metrics(dash):
     assert _metric(metrics, "medgru_recent_abnormal_share" + labels("(unknown)")) == 1.0
     assert _metric(metrics, "medgru_recent_abnormal_share" + labels("SITE_A")) == 0.0
     assert _metric(metrics, "medgru_recent_results" + labels("SITE_A")) == 1
+
+
+def test_healthz_answers_head_for_load_balancers(make_settings):
+    """HAProxy's ``option httpchk HEAD /healthz`` and many monitors check with HEAD: it answered 501, and a
+    healthy worker looked dead. The status of the GET, no body; other paths 405."""
+    import http.client
+
+    settings = make_settings(dashboard_port=0)
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None,
+                             health=lambda: {"listener": None}).start()
+
+    def head(path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            conn.request("HEAD", path)
+            rsp = conn.getresponse()
+            return rsp.status, rsp.read()
+        finally:
+            conn.close()
+
+    try:
+        assert head("/healthz") == (200, b"")
+        server.health = lambda: {"listener": "not listening"}
+        assert head("/healthz") == (503, b"")
+        assert head("/")[0] == 405
+    finally:
+        server.stop()

@@ -537,3 +537,23 @@ def test_text_values_with_an_embedded_nul_are_stored_without_it(listener_factory
         assert series.series_description == "T1AX"
         assert study.accession_number == "A1B" and s.get(Patient, study.patient_fk).patient_id == "1245"
     assert quarantine_rows(session_factory) == []
+
+
+@pytest.mark.parametrize("calling, called, reason", [
+    ("INTRUDER", "MEDGRU", "calling AE title not allowed"),
+    ("PACS1", "SOMEONE", "called AE title is not ours"),
+])
+def test_a_rejected_association_is_logged_with_both_ae_titles_and_why(listener_factory, caplog, calling, called,
+                                                                       reason):
+    """A PACS configured with the wrong AE title (ours, or its own outside the allow-list) was refused and
+    nothing on our side said so: pynetdicom logs the rejection at INFO, which the service leaves out. Found by
+    a review helper with echoscu, as here."""
+    import logging
+
+    listener = listener_factory(allowed_calling_aes=["PACS1"])
+    with caplog.at_level(logging.WARNING, logger="pacs_listener"):
+        res = run_dcmtk([ECHOSCU, "-aet", calling, "-aec", called, "127.0.0.1", str(listener.port)])
+        assert res.returncode != 0
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "rejected" in r.getMessage()]
+    assert len(lines) == 1 and f"calling AE {calling!r}" in lines[0] and f"called AE {called!r}" in lines[0]
+    assert reason in lines[0]
