@@ -11,13 +11,15 @@ full result; the caption says which frame of how many is shown.
 ``BurnedInAnnotation`` is YES (the caption and scale are in the pixels). Patient and study attributes are
 copied from the source (cleaned by :mod:`reporting._source`), so the SC lands in the source study; it
 references the source image in ``SourceImageSequence`` and ``ReferencedSeriesSequence``. UIDs come from
-:mod:`reporting.uids` (source series + model name + version + "sc-series"/"sc-instance").
+:mod:`reporting.uids` (source series + model name + version + "sc-series"/"sc-instance", and for the
+instance the frames the result was computed from).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -35,7 +37,7 @@ from reporting.overlay import (
     pick_frame,
     render_overlay,
 )
-from reporting.uids import SC_INSTANCE, SC_SERIES, derive_uid
+from reporting.uids import SC_INSTANCE, SC_SERIES, derive_uid, input_key
 
 __all__ = ["build_overlay_sc", "pick_frame", "caption_lines", "patient_orientation"]
 
@@ -130,6 +132,7 @@ def build_overlay_sc(
     institution_name: str | None = None,
     manufacturer: str = MANUFACTURER,
     software_version: str | None = None,
+    frame_refs: Sequence[tuple[str, int]] = (),
 ) -> hd.sc.SCImage:
     """Build the overlay SC for one frame.
 
@@ -144,6 +147,8 @@ def build_overlay_sc(
     caption line; :func:`worker.pipeline.overlay_frame`), the highest of the sequence's frames or, given
     ``frame_score_among``, of that many frames of the current study (a prior study's frames lead the
     sequence and were not candidates).
+    ``frame_refs``: the whole sequence's (SOP Instance UID, frame number) per frame, which the SOP Instance
+    UID derives from (:func:`reporting.uids.input_key`); default the shown frame alone.
     """
     _source.require_dataset(source_dataset, "source_dataset")
     if not isinstance(detection, Detection):
@@ -157,6 +162,7 @@ def build_overlay_sc(
         raise ValueError(f"frame_index {frame_index} is outside the sequence of {n_frames} frames")
     info = _source.source_info(source_dataset, "source_dataset")
     series_uid = series_uid or info.series_instance_uid
+    key = input_key(frame_refs or [(str(source_dataset.SOPInstanceUID), int(source_frame_number or 1))])
 
     pixels = render_overlay(frame, heatmap, caption_lines(detection, card, frame_index=frame_index,
                                                           n_frames=n_frames, frame_score=frame_score,
@@ -173,7 +179,7 @@ def build_overlay_sc(
             study_instance_uid=info.study_instance_uid,
             series_instance_uid=derive_uid(series_uid, card.name, card.version, SC_SERIES),
             series_number=SC_SERIES_NUMBER,
-            sop_instance_uid=derive_uid(series_uid, card.name, card.version, SC_INSTANCE),
+            sop_instance_uid=derive_uid(series_uid, card.name, card.version, SC_INSTANCE, key),
             instance_number=1,
             manufacturer=manufacturer,
             patient_id=attrs["PatientID"],

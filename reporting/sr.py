@@ -65,7 +65,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.api import NOT_FOR_DIAGNOSTIC_USE, Detection, ModelCard
 from reporting import _source
-from reporting.uids import DEVICE_OBSERVER, SR_INSTANCE, SR_SERIES, derive_uid
+from reporting.uids import DEVICE_OBSERVER, SR_INSTANCE, SR_SERIES, derive_uid, input_key
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,8 @@ def build_sr(
             content=report[0],
             series_instance_uid=derive_uid(series_uid, card.name, card.version, SR_SERIES),
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=derive_uid(series_uid, card.name, card.version, SR_INSTANCE),
+            sop_instance_uid=derive_uid(series_uid, card.name, card.version, SR_INSTANCE, input_key(
+                frame_refs or [(str(ds.SOPInstanceUID), 1) for ds in datasets])),
             instance_number=1,
             manufacturer=manufacturer,
             institution_name=institution_name,

@@ -2,9 +2,13 @@
 
 A result object's UIDs are derived from what it is *about* (the source Series Instance UID), *who* made
 it (model name and version) and *what kind* of object it is (``"sr-series"``, ``"sr-instance"``,
-``"sc-series"``, ``"sc-instance"``, ...). Re-running the same model on the same series therefore yields
-the same SOP Instance UIDs, so the PACS replaces the earlier object instead of storing a duplicate; a new
-model version yields new UIDs, so its results sit beside the old ones.
+``"sc-series"``, ``"sc-instance"``, ...). A SOP Instance UID also carries :func:`input_key`, a digest of
+the frames the result was computed from. Re-running the same model on the same frames therefore yields the
+same SOP Instance UIDs, and the PACS holds one copy, not a duplicate. A result computed from other frames
+(a late slice completed the series, a prior study was added) is a new instance: one UID for two different
+contents would leave the PACS with whichever it kept (Orthanc keeps the first by default) while our
+outbox said the new one was stored. A new model version yields new UIDs, so its results sit beside the
+old ones; the result series (its Series Instance UID) stays one per source series and model version.
 
 The UIDs live under the ``2.25`` root (ISO/IEC 9834-8, PS3.5 B.2): ``2.25.`` followed by the decimal form
 of a 128-bit integer, here the first 128 bits of a SHA-256 digest of the parts. That is at most
@@ -60,3 +64,12 @@ def is_valid_uid(uid: str) -> bool:
 def result_uid(source_series_uid: str, model_name: str, model_version: str, kind: str) -> str:
     """The UID of one result object (``kind``) for a source series scored by a model version."""
     return derive_uid(source_series_uid, model_name, model_version, kind)
+
+
+def input_key(frame_refs) -> str:
+    """A digest of the frames a result was computed from, in order: ``(SOP Instance UID, frame number)``
+    pairs, context frames included. A part of each result's SOP Instance UID (see the module docstring)."""
+    refs = [(str(uid), int(number)) for uid, number in frame_refs]
+    if not refs:
+        raise ValueError("input_key needs the frames the result was computed from")
+    return hashlib.sha256(_SEPARATOR.join(f"{uid}:{n}".encode() for uid, n in refs)).hexdigest()[:32]

@@ -33,7 +33,7 @@ def retry_job(session_factory, celery_app, job_id: int, *, rerun_succeeded: bool
     """Put a failed, unprocessed or cancelled job (with ``rerun_succeeded`` also a succeeded one) back on
     the queue. ``KeyError``/``ValueError`` if not allowed, or if retention has removed a file the job reads
     (the job could only fail again: the series must be sent again first). A re-run replaces the job's
-    result, SR and SC (the same UIDs for the same model and version)."""
+    result, SR and SC (the same UIDs for the same model, version and frames)."""
     from worker.loading import first_purged_instance, purged_error
     from worker.tasks import enqueue_job
 

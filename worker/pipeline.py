@@ -276,6 +276,7 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
         frame_index=k, n_frames=sequence.length, source_frame_number=int(number),
         series_uid=str(sources[-1].SeriesInstanceUID), frame_score=overlay.frame_score,
         frame_score_among=overlay.among,
+        frame_refs=sequence.frame_refs or [(str(ds.SOPInstanceUID), 1) for ds in sources],
     )
     return [("sr", sr), ("sc", sc)]
 

@@ -11,7 +11,7 @@ import pytest
 
 from reporting.overlay import MIN_SHORT_SIDE, output_size, render_overlay
 from reporting.sc import build_overlay_sc, patient_orientation, pick_frame
-from reporting.uids import derive_uid
+from reporting.uids import derive_uid, input_key
 from tests.reporting import helpers as h
 
 CASES = {"mr": "orthanc-tests/Brainix/Flair/IM-0001-0010.dcm", "dx": h.DX_FILE, "cr": h.CR_FILE}
@@ -52,7 +52,8 @@ def test_sc_is_valid_rgb_with_colour_and_caption(case, tmp_path: Path) -> None:
     assert back.PatientID == str(ds.get("PatientID", "") or "").rstrip("\x00 ")
     assert str(back.PatientName) == str(ds.PatientName).rstrip("\x00 ")
     assert back.AccessionNumber == str(ds.AccessionNumber).rstrip("\x00 ")
-    assert back.SOPInstanceUID == derive_uid(ds.SeriesInstanceUID, "medgru-svc", "1.2.0", "sc-instance")
+    assert back.SOPInstanceUID == derive_uid(ds.SeriesInstanceUID, "medgru-svc", "1.2.0", "sc-instance",
+                                             input_key([(ds.SOPInstanceUID, 1)]))
     assert back.SeriesInstanceUID == derive_uid(ds.SeriesInstanceUID, "medgru-svc", "1.2.0", "sc-series")
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
     assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == ds.SeriesInstanceUID

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from reporting.sr import ABNORMAL, NORMAL, build_sr
-from reporting.uids import derive_uid
+from reporting.uids import derive_uid, input_key
 from tests.reporting import helpers as h
 
 PATIENT_STUDY = ("PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
@@ -76,7 +76,8 @@ def test_sr_is_valid_and_readable(name: str, mr_series, dx, cr, tmp_path: Path) 
     assert back.SeriesDescription.startswith("MedGRU")
     assert back.Modality == "SR"
     assert back.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
-    assert back.SOPInstanceUID == derive_uid(src.SeriesInstanceUID, "medgru-svc", "1.2.0", "sr-instance")
+    assert back.SOPInstanceUID == derive_uid(src.SeriesInstanceUID, "medgru-svc", "1.2.0", "sr-instance",
+                                             input_key([(s.SOPInstanceUID, 1) for s in sources]))
     assert back.SeriesInstanceUID == derive_uid(src.SeriesInstanceUID, "medgru-svc", "1.2.0", "sr-series")
     assert back.SeriesInstanceUID != src.SeriesInstanceUID
     assert (back.CompletionFlag, back.VerificationFlag, back.PreliminaryFlag) == ("COMPLETE", "UNVERIFIED",

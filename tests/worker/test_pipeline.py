@@ -155,6 +155,58 @@ def test_rerun_is_idempotent_and_replaces_results(worker_settings, session_facto
     assert len([p for p in settings.outbox_dir.iterdir()]) == 2
 
 
+def _late_slice_job(settings, session_factory, corpus, job_id: int) -> int:
+    """What the assembler does when a late slice completes a series it had already queued: the slice is
+    stored, and a new sequence of the series (one frame more) gets a new job."""
+    import shutil
+    from pathlib import Path
+
+    from storage.models import SequenceRecord
+
+    with session_factory() as s:
+        seq = s.get(Job, job_id).sequence
+        series, refs = seq.series, list(seq.frame_refs)
+        files = sorted(p for p in (corpus / BRAINIX).iterdir() if p.is_file())
+        headers = sorted(((pydicom.dcmread(p, stop_before_pixels=True), p) for p in files),
+                         key=lambda hp: int(hp[0].InstanceNumber))
+        ds, path = headers[len(refs)]
+        uid = str(ds.SOPInstanceUID)
+        rel = Path(series.series_uid) / f"{uid}.dcm"
+        shutil.copyfile(path, settings.spool_dir / rel)
+        s.add(Instance(sop_instance_uid=uid, sop_class_uid=str(ds.SOPClassUID), series=series,
+                       transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), instance_number=int(ds.InstanceNumber),
+                       number_of_frames=1, has_pixels=True, path=str(rel), size_bytes=(settings.spool_dir / rel).stat().st_size))
+        late = SequenceRecord(series=series, frame_refs=refs + [[uid, 1]], n_frames=len(refs) + 1,
+                              order_key="instance_number")
+        job = Job(sequence=late, state=JobState.QUEUED)
+        s.add_all([late, job])
+        s.commit()
+        return job.id
+
+
+def test_a_result_from_other_frames_is_a_new_instance_beside_the_old_one(worker_settings, session_factory,
+                                                                          dicom_corpus):
+    """A late slice re-scores the series: the new SR and SC hold other content, so they are new instances.
+    They reused the first result's UIDs: the PACS kept the first (Orthanc's default), while the outbox said
+    the new one was stored, and the first job lost its outbox rows to the second (a review helper's case)."""
+    settings = worker_settings()
+    first_job = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, first_job, registry) is JobState.SUCCEEDED
+    late_job = _late_slice_job(settings, session_factory, dicom_corpus, first_job)
+    assert process_job(settings, session_factory, late_job, registry) is JobState.SUCCEEDED
+    (first,), _ = _results(session_factory, first_job)
+    (late,), items = _results(session_factory, late_job)
+    assert first.sr_sop_instance_uid != late.sr_sop_instance_uid
+    assert first.sc_sop_instance_uid != late.sc_sop_instance_uid
+    assert sorted((i.result_fk, i.sop_instance_uid) for i in items) == sorted(
+        [(first.id, first.sr_sop_instance_uid), (first.id, first.sc_sop_instance_uid),
+         (late.id, late.sr_sop_instance_uid), (late.id, late.sc_sop_instance_uid)])
+    srs = {i.sop_instance_uid: pydicom.dcmread(settings.outbox_dir / i.path) for i in items
+           if i.sop_instance_uid in (first.sr_sop_instance_uid, late.sr_sop_instance_uid)}
+    assert srs[first.sr_sop_instance_uid].SeriesInstanceUID == srs[late.sr_sop_instance_uid].SeriesInstanceUID
+
+
 def test_cancelled_job_is_left_alone(worker_settings, session_factory, dicom_corpus):
     settings = worker_settings()
     job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=2)
