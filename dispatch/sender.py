@@ -14,8 +14,8 @@ Retry policy (never drops an item):
   weekend must not lose results;
 * **permanent** refusals (the peer answered another failure status, e.g. 0xA9xx "data set does not
   match SOP class", 0xCxxx "cannot understand", 0x0122 "SOP class not supported") and a missing or
-  unreadable outbox file go ``FAILED`` once ``attempts >= max_attempts`` (default
-  :data:`DEFAULT_MAX_ATTEMPTS`). FAILED rows are kept, listed on the dashboard and by ``medgru outbox
+  unreadable outbox file go ``FAILED`` at the ``max_attempts``-th of them (``refusals``; default
+  :data:`DEFAULT_MAX_ATTEMPTS`; transient failures before or between them do not count). FAILED rows are kept, listed on the dashboard and by ``medgru outbox
   list`` with their error, and an admin puts them back with :func:`requeue_failed` (the dashboard's
   Resend button, ``medgru outbox resend``).
 
@@ -417,8 +417,9 @@ class Sender:
     def _failure_values(self, item: OutboxItem, outcome: StoreOutcome, now: datetime,
                         association_failed: bool) -> tuple[dict[str, object], float | None]:
         """The columns a failed attempt on ``item`` writes (attempts + 1, its status and error, and either
-        FAILED, a permanent refusal at ``max_attempts``, or the next try after the back-off) and the
-        back-off delay in seconds, ``None`` when FAILED."""
+        FAILED, at the ``max_attempts``-th permanent refusal, or the next try after the back-off) and the
+        back-off delay in seconds, ``None`` when FAILED. Attempts that never reached the peer (an outage)
+        do not count towards ``max_attempts``: only refusals do (``refusals``)."""
         attempts = item.attempts + 1
         status = None if outcome.status == STATUS_NO_RESPONSE or association_failed else outcome.status
         missing_file = outcome.status == STATUS_NOT_SENT and not Path(outcome.path).is_file()
@@ -426,9 +427,11 @@ class Sender:
                  else outcome.error or status_text(status))[:4000]
         values: dict[str, object] = {"attempts": attempts, "last_status": status, "last_error": error}
         permanent = not association_failed and not is_transient(status)
-        if permanent and self.max_attempts is not None and attempts >= self.max_attempts:
-            values["state"] = OutboxState.FAILED
-            return values, None
+        if permanent:
+            values["refusals"] = (item.refusals or 0) + 1
+            if self.max_attempts is not None and values["refusals"] >= self.max_attempts:
+                values["state"] = OutboxState.FAILED
+                return values, None
         delay = backoff_delay(attempts, self.settings.send_retry_base_s, self.settings.send_retry_max_s)
         values["next_attempt_at"] = now + timedelta(seconds=delay)
         return values, delay
@@ -437,8 +440,9 @@ class Sender:
     def _log_failure(item: OutboxItem, values: dict[str, object], retry_in: float | None) -> None:
         """Log a failed attempt once its outcome is written (``retry_in`` ``None``: it went FAILED)."""
         if retry_in is None:
-            log.error("outbox item %d (%s) FAILED after %d attempts to %s: %s; kept for an admin",
-                      item.id, item.sop_instance_uid, values["attempts"], item.destination, values["last_error"])
+            log.error("outbox item %d (%s) FAILED after %d refusals (%d attempts) by %s: %s; kept for an admin",
+                      item.id, item.sop_instance_uid, values["refusals"], values["attempts"], item.destination,
+                      values["last_error"])
             return
         log.warning("outbox item %d (%s) attempt %d to %s failed: %s; next try in %.0f s",
                     item.id, item.sop_instance_uid, values["attempts"], item.destination, values["last_error"],
@@ -467,7 +471,7 @@ def requeue_failed(session_factory: sessionmaker[Session], item_ids: Iterable[in
     if item_ids is not None:
         stmt = stmt.where(OutboxItem.id.in_(list(item_ids)))
     with session_factory() as session:
-        n = session.execute(stmt.values(state=OutboxState.PENDING, next_attempt_at=now, attempts=0)
+        n = session.execute(stmt.values(state=OutboxState.PENDING, next_attempt_at=now, attempts=0, refusals=0)
                             .execution_options(synchronize_session=False)).rowcount
         session.commit()
     return int(n or 0)

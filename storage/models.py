@@ -247,6 +247,9 @@ class OutboxItem(Base):
     destination: Mapped[str] = mapped_column(String(128))  # AET@host:port
     state: Mapped[OutboxState] = mapped_column(_enum(OutboxState), default=OutboxState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: the peer's permanent refusals since the item was (re)queued: it goes FAILED at the sender's
+    #: ``max_attempts`` of these; attempts while the peer was unreachable do not count
+    refusals: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_error: Mapped[str] = mapped_column(Text, default="")
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -396,3 +396,37 @@ def test_a_stopping_sender_gives_back_the_items_of_the_send_in_flight(make_setti
     b = Sender(settings, session_factory, timeout=30, send=FakePeer())
     assert b.run_once(now=t_stop) == 3
     assert [i.state for i in _items(session_factory)] == [OutboxState.SENT] * 3
+
+
+def test_an_outage_does_not_use_up_the_tries_meant_for_refusals(make_settings, session_factory) -> None:
+    """Attempts while the PACS was unreachable stay PENDING for ever but used to count towards max_attempts:
+    after an outage the first permanent refusal failed the item at once ("FAILED after 22 attempts", a review
+    helper's case). Now only the peer's refusals count, and a resend starts them again."""
+    settings = _settings(make_settings, 11112)
+    _add_rows(session_factory, [("item0", str(settings.destination), T0)])
+    down = [True]
+
+    def peer(destination, paths, **_kw):
+        if down[0]:
+            raise AssociationError(f"{destination} unreachable")
+        return [StoreOutcome(p, STATUS_ERROR_DATASET_MISMATCH, "refused") for p in paths]
+
+    sender = Sender(settings, session_factory, max_attempts=3, timeout=5, send=peer)
+    now = T0
+    for _ in range(5):  # an outage: five attempts that never reach the peer
+        sender.run_once(now=now)
+        (item,) = _items(session_factory)
+        now = item.next_attempt_at
+    assert (item.state, item.attempts, item.refusals) == (OutboxState.PENDING, 5, 0)
+    down[0] = False  # the PACS is back, and refuses the object
+    states = []
+    for _ in range(3):
+        sender.run_once(now=now)
+        (item,) = _items(session_factory)
+        states.append((item.state, item.refusals))
+        now = item.next_attempt_at or now
+    assert states == [(OutboxState.PENDING, 1), (OutboxState.PENDING, 2), (OutboxState.FAILED, 3)]
+    assert item.attempts == 8
+    assert requeue_failed(session_factory) == 1
+    (item,) = _items(session_factory)
+    assert (item.state, item.attempts, item.refusals) == (OutboxState.PENDING, 0, 0)

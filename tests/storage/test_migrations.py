@@ -142,9 +142,10 @@ def test_upgrade_from_0005_keeps_rows_and_widens_columns(db_url):
                 s.add(result)
                 s.flush()
                 # an outbox row refers to the result: SQLite's copy of the results table must drop the original
-                s.add(OutboxItem(result_fk=result.id, path="sr.dcm", sop_instance_uid="1.2.9", sop_class_uid="1.2",
-                                 destination="A@h:1"))
-                s.flush()
+                # (in SQL: the model has columns of later revisions, refusals of 0008)
+                conn.execute(text("INSERT INTO outbox (result_fk, path, sop_instance_uid, sop_class_uid, destination, "
+                                  "state, attempts, next_attempt_at, last_error, created_at) VALUES (:r, 'sr.dcm', "
+                                  "'1.2.9', '1.2', 'A@h:1', 'pending', 3, :t, '', :t)"), {"r": result.id, "t": utcnow()})
     finally:
         engine.dispose()
     engine = init_db(db_url)
@@ -191,10 +192,33 @@ def test_upgrade_to_0007_leaves_queued_at_empty_for_old_jobs(db_url):
         engine.dispose()
     engine = init_db(db_url)
     try:
-        assert _current(engine) == _head() == "0007" and _diff(engine) == []
+        assert _current(engine) == _head() and _diff(engine) == []
         with make_session_factory(engine)() as s:
             job = s.scalars(select(Job)).one()
             assert job.queued_at is None
             assert s.scalar(select(func.min(func.coalesce(Job.queued_at, Job.created_at)))) == job.created_at
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_0008_starts_old_outbox_rows_with_no_refusals(db_url):
+    """0008 adds outbox.refusals (only the peer's refusals count towards an item's max_attempts); a row from
+    before it keeps its attempts and starts with 0 refusals."""
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0007")
+            assert "refusals" not in {c["name"] for c in inspect(conn).get_columns("outbox")}
+            conn.execute(text("INSERT INTO outbox (path, sop_instance_uid, sop_class_uid, destination, state, attempts, "
+                              "next_attempt_at, last_error, created_at) VALUES ('sr.dcm', '1.2.9', '1.2', 'A@h:1', "
+                              "'pending', 22, :t, '', :t)"), {"t": utcnow()})
+    finally:
+        engine.dispose()
+    engine = init_db(db_url)
+    try:
+        assert _current(engine) == _head() == "0008" and _diff(engine) == []
+        with make_session_factory(engine)() as s:
+            item = s.scalars(select(OutboxItem)).one()
+            assert (item.attempts, item.refusals) == (22, 0)
     finally:
         engine.dispose()
