@@ -149,6 +149,18 @@ def _tls_failure(destination: Destination, tls: ssl.SSLContext, timeout: float) 
         return None
 
 
+def _connect_failure(destination: Destination, timeout: float) -> str:
+    """Why no TCP connection to ``destination`` could be made, as the operating system says it (refused:
+    nothing listens on the port; no route; timed out), for the outbox's error: pynetdicom only logs it."""
+    try:
+        with socket.create_connection((destination.host, destination.port), timeout=timeout):
+            return "the connection failed, and a second try connected"
+    except socket.timeout:
+        return f"no TCP connection within {timeout:g} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def open_association(destination: Destination, contexts: list, *, calling_ae: str,
                      timeout: float = DEFAULT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> Association:
     """An established association with ``destination`` proposing ``contexts`` (TCP_NODELAY set; over TLS
@@ -174,7 +186,7 @@ def open_association(destination: Destination, contexts: list, *, calling_ae: st
         if tls_failure:
             reason = f"TLS with {destination} failed: {tls_failure}"
         elif not connected:
-            reason = f"{destination} unreachable (no TCP connection within {timeout:g} s)"
+            reason = f"{destination} unreachable ({_connect_failure(destination, timeout)})"
         elif assoc.is_rejected:
             reason = f"association rejected by {destination}"
         elif assoc.is_aborted:
