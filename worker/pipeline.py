@@ -343,29 +343,30 @@ def series_calling_ae(session: Session, series_id: int) -> str:
                            .order_by(Instance.received_at.desc(), Instance.id.desc()).limit(1)).first() or ""
 
 
-def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Detection, judged: int) -> bool:
-    """Log a warning where a series' verdict does not hold the target false-positive rate: the model has no
-    calibration scores (a folder from before they were kept, or a threshold set by hand), so the highest
-    of its frames meets the single-image threshold; or the series has more frames than the calibration
-    normals cover, so its threshold is their largest score and the rate is bounded by T / (n + 1), above
-    the target (:meth:`inference.api.Detector.series_fpr_bound`). True when it warned."""
+def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Detection, judged: int) -> str:
+    """Where a series' verdict does not hold the target false-positive rate, log a warning and return it
+    for the job's note (the dashboard's and ``medgru jobs``'s note column); else return "". Either the model
+    has no calibration scores (a folder from before they were kept, or a threshold set by hand), so the
+    highest of its frames meets the single-image threshold; or the series has more frames than the
+    calibration normals cover, so its threshold is their largest score and the rate is bounded by
+    T / (n + 1), above the target (:meth:`inference.api.Detector.series_fpr_bound`)."""
     if judged < 2:
-        return False
+        return ""
     name = detector.card.name if getattr(detector, "card", None) is not None else "the model"
     alpha = getattr(detector, "calibration_alpha", None)
     if alpha is None:
-        log.warning("job %d (series %s): %d frames judged, but %s keeps no calibration scores: the highest "
-                    "frame met the single-image threshold, so the false-positive rate is above the model's "
-                    "target; `medgru calibrate` on normal images adds them", job_id, series_uid, judged, name)
-        return True
-    bound = detection.extras.get("series_fpr_bound")
-    if bound is None or bound <= alpha + 1e-12:
-        return False
-    log.warning("job %d (series %s): %d frames judged, more than the calibration normals of %s cover: its "
-                "false-positive rate is bounded by %.3f, not %.3f; `medgru calibrate` on at least %d normal "
-                "frames restores it", job_id, series_uid, judged, name, bound, alpha,
-                conformal_min_normals(alpha / judged))
-    return True
+        note = (f"{judged} frames judged, but {name} keeps no calibration scores: the highest frame met the "
+                "single-image threshold, so the false-positive rate is above the model's target; `medgru "
+                "calibrate` on normal images adds them")
+    else:
+        bound = detection.extras.get("series_fpr_bound")
+        if bound is None or bound <= alpha + 1e-12:
+            return ""
+        note = (f"{judged} frames judged, more than the calibration normals of {name} cover: the "
+                f"false-positive rate is bounded by {bound:.3f}, not {alpha:.3f}; `medgru calibrate` on at least "
+                f"{conformal_min_normals(alpha / judged)} normal frames restores it")
+    log.warning("job %d (series %s): %s", job_id, series_uid, note)
+    return note
 
 
 def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry: ModelRegistry) -> JobState:
@@ -404,7 +405,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
         how += ")"
     log.info("job %d (series %s): %s %s scored %.4f vs threshold %.4f%s (%s) in %.2f s", job_id, series_uid,
              card.name, card.version, detection.score, detection.threshold, how, detection.verdict, seconds)
-    warn_uncovered_series(job_id, series_uid, detector, detection, len(frames.judged))
+    note = warn_uncovered_series(job_id, series_uid, detector, detection, len(frames.judged))
 
     outputs = write_outputs(settings, build_result_objects(sources, frames, detection, card, settings, overlay))
     by_kind = {o.kind: o for o in outputs}
@@ -439,7 +440,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
                 sop_class_uid=o.sop_class_uid, destination=destination, state=OutboxState.PENDING,
                 attempts=0, next_attempt_at=now, last_error="" if destination else NO_DESTINATION,
             ))
-        state = _finish(session, job_id, JobState.SUCCEEDED, last_error="", reason="",
+        state = _finish(session, job_id, JobState.SUCCEEDED, last_error="", reason=note,
                         model_name=card.name, model_version=card.version)
         if state is not JobState.SUCCEEDED:
             session.rollback()

@@ -356,6 +356,32 @@ def test_a_series_longer_than_the_calibration_covers_is_judged_at_the_largest_sc
     assert "keeps no calibration scores" in caplog.text and caplog.text.count("job 9") == 1
 
 
+def test_a_series_beyond_the_calibration_says_so_in_the_jobs_note(worker_settings, session_factory, dicom_corpus):
+    """Brainix's 22 slices with the bundled brain model: the verdict's false-positive bound is 0.185, not
+    0.05. That was in the worker's log only; an admin reads it in the job's note (the dashboard's list and
+    job page, ``medgru jobs``). A series the calibration covers has no note."""
+    from medgru.settings import BUNDLED_MODELS_DIR
+    from worker.admin import job_fields, job_rows
+
+    settings = worker_settings(model=[BUNDLED_MODELS_DIR / "brain-mr"])
+    whole = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN")
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, whole, registry) is JobState.SUCCEEDED
+    with session_factory() as s:
+        (row,) = [r for r in job_rows(s) if r["id"] == whole]
+        fields = dict(job_fields(s, whole))
+    assert "22 frames judged" in row["note"] and "bounded by 0.185, not 0.050" in row["note"]
+    assert "at least 439 normal frames" in fields["reason"]
+    with session_factory() as s:  # the same series cut to 2 slices: covered, no note
+        job = s.get(Job, whole)
+        job.sequence.frame_refs = job.sequence.frame_refs[:2]
+        job.sequence.n_frames = 2
+        job.state = JobState.QUEUED
+        s.commit()
+    assert process_job(settings, session_factory, whole, registry) is JobState.SUCCEEDED
+    assert _job(session_factory, whole).reason == ""
+
+
 def test_results_go_back_where_the_series_came_from(worker_settings, session_factory, dicom_corpus):
     """settings.routes by calling AE: a routed sender's results go to its route, anyone else's to the
     default destination; without a default, an unrouted series' results wait in the outbox."""
