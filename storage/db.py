@@ -124,7 +124,8 @@ def init_db(url: str) -> Engine:
     """
     engine = make_engine(url)
     _migrate(engine, "head")
-    log.info("database schema at head (%s)", engine.url.render_as_string(hide_password=True))
+    # no password in the log: neither the URL's own nor libpq's ?password= (the query is left out whole)
+    log.info("database schema at head (%s)", engine.url.set(query={}).render_as_string(hide_password=True))
     return engine
 
 
