@@ -1021,7 +1021,10 @@ class MedGRUSVC(Detector):
         meta = json.loads((model_dir / META_FILE).read_text()) if (model_dir / META_FILE).is_file() else {}
         params = dict(card.params) or dict(meta.get("params", {}))
         if card.params and "params" in meta:  # the card is not checksummed; meta.json is, and the weights fit it
-            ours, saved = (json.loads(json.dumps(dict(p), sort_keys=True)) for p in (card.params, meta["params"]))
+            # each with the constructor's defaults filled in: a folder written before a param existed lacks it
+            # in the card, while medgru calibrate's save_model writes it into meta.json (the same value)
+            ours, saved = (json.loads(json.dumps(cls(**{**dict(p), "device": "cpu"}).portable_params(),
+                                                 sort_keys=True)) for p in (card.params, meta["params"]))
             differ = sorted(k for k in (set(ours) | set(saved)) - {"device"} if ours.get(k) != saved.get(k))
             if differ:
                 raise ValueError(f"model {card.name}: the card's params differ from {META_FILE}'s, which the "

@@ -151,3 +151,35 @@ def test_a_card_whose_params_differ_from_the_saved_ones_is_refused(tmp_path):
     for verify in (True, False):
         with pytest.raises(ValueError, match="params differ from meta.json's.* in clip_limit, tile_grid;"):
             load_model(model_dir, verify=verify)
+
+
+def test_a_folder_from_before_a_param_existed_loads_after_medgru_calibrate(tmp_path):
+    """Found by a review: a model folder written before a MedGRU-SVC param existed (cluster_max_pool, ad29424) lacks it in
+    card.json and meta.json. ``medgru calibrate`` keeps the card's params and writes meta.json with the current
+    ones (the new key at its default): the folder it wrote, and its own check load, were refused ("params differ
+    from meta.json's ... in cluster_max_pool")."""
+    import hashlib
+    import shutil
+
+    from inference.api import load_model, save_model
+
+    src = Path(__file__).resolve().parents[2] / "inference" / "bundled" / "chest-cxr"
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["params"]["cluster_max_pool"]
+    (old / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    card = json.loads((old / "card.json").read_text())
+    del card["params"]["cluster_max_pool"]
+    card["files"]["meta.json"] = hashlib.sha256((old / "meta.json").read_bytes()).hexdigest()
+    (old / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    det = load_model(old, verify=True)
+    new = tmp_path / "new"  # what medgru calibrate writes: save_model, then the old card with new checksums
+    shutil.copytree(old, new)
+    save_model(det, new)
+    card["files"]["meta.json"] = hashlib.sha256((new / "meta.json").read_bytes()).hexdigest()
+    card["files"]["svdd.npz"] = hashlib.sha256((new / "svdd.npz").read_bytes()).hexdigest()
+    card["files"]["encoder.pt"] = hashlib.sha256((new / "encoder.pt").read_bytes()).hexdigest()
+    (new / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    assert "cluster_max_pool" in json.loads((new / "meta.json").read_text())["params"]
+    assert load_model(new, verify=True).cluster_max_pool == 1000
