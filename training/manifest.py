@@ -112,6 +112,14 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _skipped(p))
 
 
+def _with_images(folders: list[Path]) -> list[Path]:
+    """Those of ``folders`` that hold an image somewhere below them (hidden entries left out): a folder of
+    notes or an empty one loses no image, so it is no reason to refuse a layout."""
+    def holds(d: Path) -> bool:
+        return bool(_images_in(d)) or any(holds(c) for c in _subdirs(d))
+    return [d for d in folders if holds(d)]
+
+
 def rows_from_folder(folder: Path) -> list[ManifestRow]:
     """Rows for ``<folder>/<label>/*.{png,jpg,jpeg,dcm}``, or ``<folder>/<split>/<label>/*`` when the
     sub-folders themselves hold only folders. Hidden entries and ``__MACOSX`` are left out. A layout whose
@@ -127,6 +135,8 @@ def rows_from_folder(folder: Path) -> list[ManifestRow]:
     for sub in _subdirs(folder):
         images = _images_in(sub)
         subdirs = _subdirs(sub)
+        if images:
+            subdirs = _with_images(subdirs)
         if images and subdirs:
             raise InputDataError(f"{sub} holds images and folders ({subdirs[0].name}...), whose images would "
                                  f"not be read; {layout}")
@@ -137,7 +147,7 @@ def rows_from_folder(folder: Path) -> list[ManifestRow]:
                 raise InputDataError(f"{sub} holds folders ({subdirs[0].name}...): read as a split, its images "
                                      f"would be labelled by folder name, none of them normal; {layout}")
             for lab in subdirs:
-                deeper = _subdirs(lab)
+                deeper = _with_images(_subdirs(lab))
                 if deeper:
                     raise InputDataError(f"{lab} holds folders ({deeper[0].name}...), whose images would not be "
                                          f"read; {layout}")

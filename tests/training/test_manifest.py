@@ -183,3 +183,24 @@ def test_a_folder_is_read_without_hidden_copies_and_a_misleading_layout_is_refus
     _png(tmp_path / "d" / "normal" / "more" / "z.png")
     with pytest.raises(InputDataError, match="normal holds images and folders"):
         rows_from_folder(tmp_path / "d")
+
+
+def test_a_folder_without_images_beside_the_images_is_no_reason_to_refuse(tmp_path):
+    """Found by a review: a label folder holding its images and a folder of notes (or an empty one) loses no image:
+    it was read before the layout checks, and was then refused 'whose images would not be read'."""
+    import cv2
+
+    img = np.zeros((8, 8), np.uint8)
+    flat = tmp_path / "flat"
+    for p in (flat / "normal" / "a.png", flat / "tumor" / "b.png",
+              tmp_path / "s" / "train" / "normal" / "c.png", tmp_path / "s" / "train" / "tumor" / "d.png"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(p), img)
+    (flat / "tumor" / "annotations").mkdir()
+    (flat / "tumor" / "annotations" / "b.json").write_text("{}")
+    (tmp_path / "s" / "train" / "tumor" / "empty").mkdir()
+    rows = rows_from_folder(flat)
+    assert sorted((r.path.name, r.label) for r in rows) == [("a.png", "normal"), ("b.png", "tumor")]
+    rows = rows_from_folder(tmp_path / "s")
+    assert sorted((r.path.name, r.label, r.split) for r in rows) == [("c.png", "normal", "train"),
+                                                                    ("d.png", "tumor", "train")]
