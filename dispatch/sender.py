@@ -34,6 +34,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -149,11 +150,15 @@ def _tls_failure(destination: Destination, tls: ssl.SSLContext, timeout: float) 
         return None
 
 
-def _connect_failure(destination: Destination, timeout: float) -> str:
+def _connect_failure(destination: Destination, timeout: float, elapsed: float = 0.0) -> str:
     """Why no TCP connection to ``destination`` could be made, as the operating system says it (refused:
-    nothing listens on the port; no route; timed out), for the outbox's error: pynetdicom only logs it."""
+    nothing listens on the port; no route; timed out), for the outbox's error: pynetdicom only logs it.
+    ``elapsed``: how long the failed attempt took; one that used up the time-out is not tried again (a
+    second wait as long, for the echo check and the dashboard's Check the PACS too)."""
+    if elapsed >= timeout:
+        return f"no TCP connection within {timeout:g} s"
     try:
-        with socket.create_connection((destination.host, destination.port), timeout=timeout):
+        with socket.create_connection((destination.host, destination.port), timeout=timeout - elapsed):
             return "the connection failed, and a second try connected"
     except socket.timeout:
         return f"no TCP connection within {timeout:g} s"
@@ -175,6 +180,7 @@ def open_association(destination: Destination, contexts: list, *, calling_ae: st
         connected.append(True)
         _set_nodelay(event)
 
+    started = time.monotonic()
     try:
         assoc = ae.associate(destination.host, destination.port, contexts=contexts,
                              ae_title=destination.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
@@ -186,7 +192,8 @@ def open_association(destination: Destination, contexts: list, *, calling_ae: st
         if tls_failure:
             reason = f"TLS with {destination} failed: {tls_failure}"
         elif not connected:
-            reason = f"{destination} unreachable ({_connect_failure(destination, timeout)})"
+            reason = (f"{destination} unreachable "
+                      f"({_connect_failure(destination, timeout, time.monotonic() - started)})")
         elif assoc.is_rejected:
             reason = f"association rejected by {destination}"
         elif assoc.is_aborted:

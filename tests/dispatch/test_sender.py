@@ -432,3 +432,24 @@ def test_an_outage_does_not_use_up_the_tries_meant_for_refusals(make_settings, s
     assert requeue_failed(session_factory) == 1
     (item,) = _items(session_factory)
     assert (item.state, item.attempts, item.refusals) == (OutboxState.PENDING, 0, 0)
+
+
+def test_the_reason_for_an_unreachable_peer_costs_no_second_time_out(monkeypatch) -> None:
+    """The probe that names why no connection was made (_connect_failure) waited a second full time-out after a
+    peer that leaves connection attempts unanswered (a firewall dropping packets): 60 s for the echo check and
+    the dashboard's Check the PACS at the default. It probes only within the time the first attempt left
+    (found by a review: 6.1 s for a 3 s time-out)."""
+    import dispatch.sender as sender_module
+
+    probes: list[float] = []
+
+    def create_connection(address, timeout):
+        probes.append(timeout)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(sender_module.socket, "create_connection", create_connection)
+    dest = Destination(ae_title="PACS", host="127.0.0.1", port=104)
+    assert sender_module._connect_failure(dest, 3.0, elapsed=3.0) == "no TCP connection within 3 s"
+    assert probes == []
+    assert sender_module._connect_failure(dest, 3.0, elapsed=0.1) == "Connection refused"
+    assert probes == [pytest.approx(2.9)]
