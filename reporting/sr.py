@@ -61,7 +61,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from inference.api import NOT_FOR_DIAGNOSTIC_USE, Detection, ModelCard
 from reporting import _source
@@ -216,6 +216,7 @@ def build_sr(
     software_version: str | None = None,
     frame_refs: Sequence[tuple[str, int]] = (),
     context_frames: int = 0,
+    predecessors: Sequence[str] = (),
 ) -> MedgruComprehensive3DSR:
     """Build the TID 1500 Measurement Report for ``detection`` on ``source_datasets``.
 
@@ -225,7 +226,10 @@ def build_sr(
     1-based frame number) per frame, as :class:`~inference.api.FrameSequence` has them, place the
     per-frame scores; without them a frame maps to the source dataset of the same index when there is
     one dataset per frame. ``context_frames``: how many leading frames are a prior study's, read but not
-    judged (:attr:`inference.api.FrameSequence.context_frames`); their groups say so. Raises
+    judged (:attr:`inference.api.FrameSequence.context_frames`); their groups say so. ``predecessors``:
+    the SOP Instance UIDs of earlier reports on this series by the same model and version, made from other
+    frames (a late slice re-scored the series); they are listed in PredecessorDocumentsSequence, so that
+    a viewer shows this report as their revision (this report's own UID, a re-run's, is left out). Raises
     ``TypeError`` or ``ValueError`` naming the argument or attribute that is wrong.
     """
     datasets = _check_inputs(source_datasets, detection, card)
@@ -297,15 +301,24 @@ def build_sr(
         designator=PRIVATE_SCHEME, name="MedGRU anomaly cluster labels and series measures",
         responsible_organization=manufacturer
     )] if private_codes else None
+    sr_series_uid = derive_uid(series_uid, card.name, card.version, SR_SERIES)
+    sr_uid = derive_uid(series_uid, card.name, card.version, SR_INSTANCE,
+                        input_key(frame_refs or [(str(ds.SOPInstanceUID), 1) for ds in datasets]))
+    earlier = []
+    for uid in dict.fromkeys(str(u) for u in predecessors if str(u) != sr_uid):
+        ref = Dataset()  # what highdicom reads of a previous version: its study, series, class and instance
+        ref.StudyInstanceUID, ref.SeriesInstanceUID = current.study_instance_uid, sr_series_uid
+        ref.SOPClassUID, ref.SOPInstanceUID = Comprehensive3DSRStorage, uid
+        earlier.append(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # empty placeholder names, set just below
         sr = MedgruComprehensive3DSR(
             evidence=headers,
             content=report[0],
-            series_instance_uid=derive_uid(series_uid, card.name, card.version, SR_SERIES),
+            series_instance_uid=sr_series_uid,
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=derive_uid(series_uid, card.name, card.version, SR_INSTANCE, input_key(
-                frame_refs or [(str(ds.SOPInstanceUID), 1) for ds in datasets])),
+            sop_instance_uid=sr_uid,
+            previous_versions=earlier or None,
             instance_number=1,
             manufacturer=manufacturer,
             institution_name=institution_name,

@@ -46,7 +46,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.api import Detection, FrameSequence, ModelCard, conformal_min_normals
-from storage.models import Instance, Job, JobState, OutboxItem, OutboxState, Result, utcnow
+from storage.models import Instance, Job, JobState, OutboxItem, OutboxState, Result, SequenceRecord, utcnow
 from worker.loading import load_sequence_with_sources
 from worker.models import ModelRegistry
 
@@ -245,7 +245,8 @@ def overlay_frame(detector, sequence: FrameSequence, detection: Detection,
 
 
 def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, detection: Detection,
-                         card: ModelCard, settings, overlay: OverlayFrame | None = None) -> list[tuple[str, Dataset]]:
+                         card: ModelCard, settings, overlay: OverlayFrame | None = None,
+                         predecessors: Sequence[str] = ()) -> list[tuple[str, Dataset]]:
     """The SR and the Grad-CAM SC for ``detection``: ``[("sr", ds), ("sc", ds)]``.
 
     ``sources`` are the datasets of the sequence's instances in frame order. The SC shows ``overlay``
@@ -253,12 +254,14 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
     frame's instance (and frame number when it is multi-frame); both objects derive their UIDs from the
     series of the last source (the current study when a prior leads the sequence) and land in its study,
     so the SC shows a frame of that study (:func:`current_study_frames`; a prior's frame is refused).
+    ``predecessors``: earlier SRs of the series by this model and version (:func:`earlier_reports`), which
+    the SR names as the reports it revises.
     """
     from reporting.sc import build_overlay_sc
     from reporting.sr import build_sr
 
     sr = build_sr(list(sources), detection, card, ae_title=settings.ae_title, frame_refs=sequence.frame_refs,
-                  context_frames=sequence.context_frames)
+                  context_frames=sequence.context_frames, predecessors=predecessors)
     current = current_study_frames(sources, sequence)
     overlay = overlay or OverlayFrame.at_peak(detection, current)
     k = overlay.index
@@ -343,6 +346,19 @@ def series_calling_ae(session: Session, series_id: int) -> str:
                            .order_by(Instance.received_at.desc(), Instance.id.desc()).limit(1)).first() or ""
 
 
+def earlier_reports(session: Session, series_id: int, job_id: int, card: ModelCard) -> list[str]:
+    """The SR SOP Instance UIDs of the series' results by this model and version from other jobs (made from
+    other frames: a late slice re-scored the series), oldest first. The new SR names them as the reports it
+    revises, so a viewer that shows both tells which is current."""
+    rows = session.scalars(
+        select(Result.sr_sop_instance_uid).join(Job, Result.job_fk == Job.id)
+        .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
+        .where(SequenceRecord.series_fk == series_id, Job.id != job_id, Result.model_name == card.name,
+               Result.model_version == card.version, Result.sr_sop_instance_uid != "")
+        .order_by(Result.id)).all()
+    return list(dict.fromkeys(rows))
+
+
 def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Detection, judged: int) -> str:
     """Where a series' verdict does not hold the target false-positive rate, log a warning and return it
     for the job's note (the dashboard's and ``medgru jobs``'s note column); else return "". Either the model
@@ -390,6 +406,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
         model_dir, card = choice
         frames, sources = load_sequence_with_sources(settings, session, sequence_id)
         calling_ae = series_calling_ae(session, series.id)
+        series_id = series.id
 
     detector = registry.get(model_dir)
     card = detector.card or card
@@ -407,7 +424,10 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
              card.name, card.version, detection.score, detection.threshold, how, detection.verdict, seconds)
     note = warn_uncovered_series(job_id, series_uid, detector, detection, len(frames.judged))
 
-    outputs = write_outputs(settings, build_result_objects(sources, frames, detection, card, settings, overlay))
+    with session_factory() as session:
+        predecessors = earlier_reports(session, series_id, job_id, card)
+    outputs = write_outputs(settings, build_result_objects(sources, frames, detection, card, settings, overlay,
+                                                           predecessors))
     by_kind = {o.kind: o for o in outputs}
     routed = settings.destination_for(calling_ae)
     destination = str(routed) if routed is not None else ""

@@ -284,3 +284,23 @@ def test_per_frame_groups_of_a_multi_frame_instance_name_the_frame(dicom_corpus:
     for g in h.strict_read(tmp_path / "odd.dcm").ContentSequence[-1].ContentSequence[1:]:
         img = [c for c in g.ContentSequence if c.ValueType == "IMAGE"][0]
         assert "ReferencedFrameNumber" not in img.ReferencedSOPSequence[0]
+
+
+def test_a_revised_report_names_its_predecessors_and_stays_valid(dx, tmp_path: Path) -> None:
+    """A report made again from other frames (a late slice) lists the earlier ones in
+    PredecessorDocumentsSequence (same study, the same result series); its own UID, a re-run's, is left out.
+    dciodvfy passes it without errors or warnings."""
+    det = h.detection(_heat(1))
+    first = build_sr([dx], det, h.card())
+    sr = build_sr([dx], det, h.card(), predecessors=["1.2.826.0.1.3680043.10.9.7", first.SOPInstanceUID,
+                                                      "1.2.826.0.1.3680043.10.9.7"])
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (sr.StudyInstanceUID, sr.SeriesInstanceUID)
+    assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in series.ReferencedSOPSequence] == [
+        (pydicom.uid.Comprehensive3DSRStorage, "1.2.826.0.1.3680043.10.9.7")]
+    path = tmp_path / "revised.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, warnings = h.dciodvfy(path)
+    assert errors == [] and warnings == [], "\n".join(errors + warnings)
+    assert "PredecessorDocumentsSequence" not in build_sr([dx], det, h.card(), predecessors=[first.SOPInstanceUID])

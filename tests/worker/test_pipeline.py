@@ -205,6 +205,23 @@ def test_a_result_from_other_frames_is_a_new_instance_beside_the_old_one(worker_
     srs = {i.sop_instance_uid: pydicom.dcmread(settings.outbox_dir / i.path) for i in items
            if i.sop_instance_uid in (first.sr_sop_instance_uid, late.sr_sop_instance_uid)}
     assert srs[first.sr_sop_instance_uid].SeriesInstanceUID == srs[late.sr_sop_instance_uid].SeriesInstanceUID
+    # the new report names the one it revises, so a viewer showing both tells which is current
+    assert "PredecessorDocumentsSequence" not in srs[first.sr_sop_instance_uid]
+    (study,) = srs[late.sr_sop_instance_uid].PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    assert study.StudyInstanceUID == srs[first.sr_sop_instance_uid].StudyInstanceUID
+    assert series.SeriesInstanceUID == srs[first.sr_sop_instance_uid].SeriesInstanceUID
+    assert [i.ReferencedSOPInstanceUID for i in series.ReferencedSOPSequence] == [first.sr_sop_instance_uid]
+    with session_factory() as s:  # a re-run of the late job keeps its UID and names the first report only
+        s.get(Job, late_job).state = JobState.QUEUED
+        s.commit()
+    assert process_job(settings, session_factory, late_job, registry) is JobState.SUCCEEDED
+    (rerun,), items = _results(session_factory, late_job)
+    assert rerun.sr_sop_instance_uid == late.sr_sop_instance_uid
+    sr = pydicom.dcmread(settings.outbox_dir / next(i.path for i in items
+                                                    if i.sop_instance_uid == rerun.sr_sop_instance_uid))
+    assert [i.ReferencedSOPInstanceUID for i in sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence] == [first.sr_sop_instance_uid]
 
 
 def test_cancelled_job_is_left_alone(worker_settings, session_factory, dicom_corpus):
