@@ -23,6 +23,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_listener.anatomy import resolve_body_part
+from pacs_listener.status import StoreStatus
+from pacs_listener.validate import InvalidDataset
 from storage.models import Instance, Patient, Series, SeriesState, Study, utcnow
 
 _INT32_MAX = 2**31 - 1
@@ -53,6 +55,17 @@ class InstanceMeta:
     acquisition_time: str = ""
     content_time: str = ""
     has_pixels: bool = False
+
+
+class SeriesInOtherStudy(InvalidDataset):
+    """The instance names a series recorded in another study: a Series Instance UID belongs to one study,
+    so the data are inconsistent (a UID reused by a broken anonymizer or modality). Merging would score
+    another study's (another patient's) slices in this series' sequence and file the report in the first
+    study: refused with 0xA900, quarantined with both study UIDs."""
+
+    def __init__(self, series_uid: str, recorded_study_uid: str, study_uid: str):
+        super().__init__(f"SeriesInstanceUID {series_uid} is recorded in study {recorded_study_uid}; this "
+                         f"instance names study {study_uid}", StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS)
 
 
 @dataclass(frozen=True)
@@ -211,8 +224,12 @@ def record_instance(
         series_uid = session.scalar(select(Series.series_uid).where(Series.id == existing.series_fk)) or ""
         return IngestResult(existing.id, series_uid, created=False, reopened=False, path=existing.path)
 
-    study = _study(session, meta)
     series = session.scalar(select(Series).where(Series.series_uid == meta.series_uid))
+    if series is not None:
+        recorded_study_uid = session.scalar(select(Study.study_uid).where(Study.id == series.study_fk))
+        if recorded_study_uid != meta.study_uid:
+            raise SeriesInOtherStudy(meta.series_uid, str(recorded_study_uid), meta.study_uid)
+    study = _study(session, meta)
     reopened = False
     if series is None:
         series = Series(

@@ -428,6 +428,9 @@ class Listener:
 
         try:
             created = self._record(kept_meta, rel_path, kept, calling_ae)
+        except InvalidDataset as exc:  # consistent alone, not with what is recorded (ingest.SeriesInOtherStudy)
+            self._remove_unrecorded(path, meta, existed_before=not published)
+            return self._quarantine(data, request, calling_ae, exc.reason, exc.status, ds_uids=uids)
         except Exception as exc:
             log.exception("C-STORE %s (series %s): database record failed", meta.sop_instance_uid, meta.series_uid)
             self._remove_unrecorded(path, meta, existed_before=not published)

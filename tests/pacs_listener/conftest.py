@@ -153,3 +153,12 @@ def same_dataset(a: Dataset, b: Dataset) -> list[str]:
     diffs = [f"only in one: {t}" for t in tags(a) ^ tags(b)]
     diffs += [f"differs: {t}" for t in sorted(tags(a) & tags(b)) if a[t] != b[t]]
     return diffs
+
+
+def store_with(listener, ds, ts=None) -> int:
+    """``listener.store`` of ``ds`` as a C-STORE request from AE REVIEW would carry it."""
+    from pacs_listener.validate import RequestIds
+
+    data = to_file_bytes(ds, ts) if ts else to_file_bytes(ds)
+    return listener.store(data, RequestIds(ds.SOPClassUID, ds.SOPInstanceUID, ts or ds.file_meta.TransferSyntaxUID),
+                          "REVIEW")

@@ -182,3 +182,32 @@ def test_late_instance_recorded_while_the_assembler_claims_its_series_is_assembl
     with factory() as s:
         seq = s.get(SequenceRecord, s.get(Job, job_id).sequence_fk)
         assert [uid for uid, _ in seq.frame_refs] == [first.SOPInstanceUID, late.SOPInstanceUID]
+
+
+def test_instance_of_another_study_is_not_merged_into_a_series(make_settings, sqlite_session_factory):
+    """A SeriesInstanceUID belongs to one study. An instance naming the same series in another study (here
+    another patient's) was answered Success and scored in the same ConvGRU sequence as the first patient's
+    slices, its SR filed in the first patient's study."""
+    from sqlalchemy import func, select
+
+    from pacs_listener.scp import Listener
+    from pacs_listener.status import StoreStatus
+    from storage.models import Instance, QuarantineItem
+
+    from .conftest import store_with
+
+    listener = Listener(make_settings(min_free_disk_mb=0), sqlite_session_factory)
+    first = make_mr(InstanceNumber=1)
+    assert store_with(listener, first) == StoreStatus.SUCCESS
+    other = make_mr(InstanceNumber=2, SeriesInstanceUID=first.SeriesInstanceUID, PatientID="OTHER")
+    assert other.StudyInstanceUID != first.StudyInstanceUID
+
+    status = store_with(listener, other)
+
+    assert status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    with sqlite_session_factory() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 1
+        item = s.scalars(select(QuarantineItem)).one()
+        assert item.sop_instance_uid == other.SOPInstanceUID
+        assert first.StudyInstanceUID in item.reason and other.StudyInstanceUID in item.reason
+    assert not list((listener.spool_dir / other.StudyInstanceUID).rglob("*.dcm"))
