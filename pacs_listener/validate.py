@@ -224,8 +224,9 @@ def check_identifiers(ds: Dataset, request: RequestIds) -> None:
         value = _text(ds, keyword)
         if not value:
             raise InvalidDataset(f"{keyword} is missing or empty")
-        if not is_valid_uid(value):
-            raise InvalidDataset(f"{keyword} {value[:80]!r} is not a valid UID")
+        if not is_valid_uid(value):  # the value is not quoted: a modality may put a name there
+            raise InvalidDataset(f"{keyword} is not a valid UID ({len(value)} characters; a UID is at most "
+                                 f"{_UID_MAX} digits and dots)")
     if _text(ds, "SOPClassUID") != str(request.sop_class_uid).strip():
         raise InvalidDataset(
             f"SOPClassUID {_text(ds, 'SOPClassUID')} differs from the request's Affected SOP Class UID "
@@ -270,6 +271,17 @@ def expected_native_length(ds: Dataset) -> int:
     return (total_bits + 7) // 8
 
 
+def _count_fragments(value: bytes, ts: UID) -> int:
+    """Fragments of encapsulated pixel data after its Basic Offset Table item."""
+    from pydicom.encaps import parse_fragments
+
+    order = "little" if ts.is_little_endian else "big"
+    if len(value) < 8:
+        return 0
+    bot_length = int.from_bytes(value[4:8], order)
+    return parse_fragments(value[8 + bot_length:], endianness="<" if order == "little" else ">")[0]
+
+
 def check_pixel_module(ds: Dataset, transfer_syntax_uid: str) -> None:
     present = [kw for kw in _PIXEL_KEYWORDS if kw in ds]
     sop_class = _text(ds, "SOPClassUID")
@@ -288,6 +300,14 @@ def check_pixel_module(ds: Dataset, transfer_syntax_uid: str) -> None:
             _positive_int(ds, keyword)
         if not elem.is_undefined_length:
             raise InvalidDataset(f"PixelData is not encapsulated although transfer syntax {ts} is compressed")
+        frames = _positive_int(ds, "NumberOfFrames", 1)
+        try:
+            fragments = _count_fragments(elem.value or b"", ts)
+        except ValueError as exc:  # an item tag where none belongs: the fragments cannot be counted
+            raise InvalidDataset(f"encapsulated PixelData cannot be parsed: {exc}") from exc
+        if frames > fragments:  # PS3.5 A.4: a fragment holds data of one frame only
+            raise InvalidDataset(f"NumberOfFrames {frames} exceeds the {fragments} fragments of the "
+                                 f"encapsulated PixelData (a fragment holds one frame at most)")
         return
     expected = expected_native_length(ds)
     actual = len(elem.value or b"")

@@ -292,3 +292,71 @@ def test_private_sequence_as_un_without_its_delimiter_cannot_be_understood():
     content = _ITEM_UNDEFINED + struct.pack("<HHI", 0x0008, 0x0100, 2) + b"Y " + _ITEM_DELIMITER
     ds, data = _with_private_un_in_item(content)  # no sequence delimiter: the item's delimiter comes next
     assert "malformed encoding" in reject(data, request_for(ds), StoreStatus.CANNOT_UNDERSTAND)
+
+
+def _jpeg_mr(n_frames: int, n_fragments: int):
+    from pydicom.encaps import encapsulate
+
+    ds = make_mr(rows=8, cols=8, BitsAllocated=8, BitsStored=8, HighBit=7)
+    ds.NumberOfFrames = n_frames
+    ds.PixelData = encapsulate([b"\xff\xd8fake\xff\xd9"] * n_fragments)
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def test_encapsulated_number_of_frames_beyond_its_fragments_is_refused(make_settings, sqlite_session_factory):
+    """NumberOfFrames was not checked for compressed pixel data: one fragment claiming 2,000,000,000 frames
+    was answered Success; the assembler then built a frame list of that length (hundreds of GB)."""
+    from pydicom.uid import JPEGBaseline8Bit
+    from sqlalchemy import select
+
+    from pacs_listener.scp import Listener
+    from storage.models import QuarantineItem
+
+    from .conftest import store_with
+
+    listener = Listener(make_settings(min_free_disk_mb=0), sqlite_session_factory)
+    ok = _jpeg_mr(2, 2)
+    assert store_with(listener, ok, JPEGBaseline8Bit) == StoreStatus.SUCCESS
+    bad = _jpeg_mr(2_000_000_000, 1)
+    assert store_with(listener, bad, JPEGBaseline8Bit) == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    with sqlite_session_factory() as s:
+        assert "NumberOfFrames" in s.scalars(select(QuarantineItem)).one().reason
+
+
+def test_an_invalid_uid_is_not_quoted_in_the_log_or_the_reason(make_settings, sqlite_session_factory, caplog):
+    """A modality that writes the patient's name into a UID element: the refusal's reason (logged, kept in
+    the quarantine table, shown on the dashboard) quoted the value."""
+    import logging
+
+    from sqlalchemy import select
+
+    from pacs_listener.scp import Listener
+    from storage.models import QuarantineItem
+
+    from .conftest import store_with
+
+    listener = Listener(make_settings(min_free_disk_mb=0), sqlite_session_factory)
+    ds = make_mr(SeriesInstanceUID="DOE^JOHN")
+    with caplog.at_level(logging.INFO):
+        assert store_with(listener, ds) == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("pacs_listener")]
+    assert ours and not any("DOE" in m for m in ours)
+    with sqlite_session_factory() as s:
+        reason = s.scalars(select(QuarantineItem)).one().reason
+    assert "DOE" not in reason and "SeriesInstanceUID" in reason
+
+
+def test_encapsulated_pixel_data_whose_fragments_cannot_be_parsed_is_refused(make_settings, sqlite_session_factory):
+    """Counting the fragments must not turn a malformed item into a failure of the handler: a named refusal."""
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from pacs_listener.scp import Listener
+
+    from .conftest import store_with
+
+    ds = _jpeg_mr(1, 1)
+    ds.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + b"\x00\x01\x02\x03\x04\x05\x06\x07"
+    listener = Listener(make_settings(min_free_disk_mb=0), sqlite_session_factory)
+    assert store_with(listener, ds, JPEGBaseline8Bit) in (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                                          StoreStatus.CANNOT_UNDERSTAND)
