@@ -81,6 +81,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -434,6 +435,10 @@ def _aware(now: datetime | None) -> datetime:
     return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
 
 
+#: how often a series whose assembly the database keeps refusing is logged again (its traceback once)
+DB_ERROR_LOG_EVERY_S = 600.0
+
+
 class Assembler:
     """Turns quiet RECEIVING series into sequences and QUEUED jobs; see the module docstring."""
 
@@ -446,6 +451,7 @@ class Assembler:
         self.settings = settings
         self.session_factory = session_factory
         self.enqueue = enqueue
+        self._db_failed: dict[int, float] = {}  # series the database refused to assemble: when last logged
 
     # one pass ---------------------------------------------------------------------------------------
     def run_once(self, now: datetime | None = None) -> list[int]:
@@ -463,7 +469,23 @@ class Assembler:
             ).all()
         job_ids: list[int] = []
         for series_id in candidates:
-            job_id = self._assemble_series(series_id, cutoff)
+            try:
+                job_id = self._assemble_series(series_id, cutoff)
+            except SQLAlchemyError as exc:
+                # rolled back: this series stays RECEIVING for the next pass; the others must not wait behind
+                # it (a sequence the database refuses, say too large, would otherwise block every pass). The
+                # traceback once per series, then a line every DB_ERROR_LOG_EVERY_S: it repeats every pass
+                last = self._db_failed.get(series_id)
+                if last is None:
+                    log.exception("series id %d: database error while assembling; retried next pass", series_id)
+                elif time.monotonic() - last >= DB_ERROR_LOG_EVERY_S:
+                    log.warning("series id %d: database error while assembling again (%s); still retried every "
+                                "pass", series_id, type(exc).__name__)
+                else:
+                    continue
+                self._db_failed[series_id] = time.monotonic()
+                continue
+            self._db_failed.pop(series_id, None)
             if job_id is None:
                 continue
             job_ids.append(job_id)

@@ -653,3 +653,46 @@ def test_no_prior_for_anonymous_patient_or_missing_date(make_settings, session_f
     _assemble(settings, session_factory, T0 + timedelta(minutes=5))
     assert _sequence_of(session_factory, "23.2").prior_study_uid == ""
     assert _sequence_of(session_factory, "23.4").prior_study_uid == ""
+
+
+def test_a_series_the_database_refuses_does_not_hold_back_the_others(make_settings, sqlite_session_factory, caplog):
+    """A database error on one series' sequence (here: too large for SQLite, a real case with an
+    encapsulated NumberOfFrames of 14,000,000) escaped run_once: every pass stopped at that series, the
+    oldest, and no series behind it was ever assembled."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import func, select
+
+    from pacs_listener.assembly import Assembler
+    from pacs_listener.scp import Listener
+    from pacs_listener.status import StoreStatus
+    from storage.models import Job, Series, SeriesState
+
+    from .conftest import make_mr, store_with
+
+    settings = make_settings(min_free_disk_mb=0, quiet_period_s=0)
+    listener = Listener(settings, sqlite_session_factory)
+    poisoned, fine = make_mr(), make_mr()
+    assert store_with(listener, poisoned) == StoreStatus.SUCCESS
+    assert store_with(listener, fine) == StoreStatus.SUCCESS
+    assembler = Assembler(settings, sqlite_session_factory, enqueue=lambda job_id: None)
+    real_build = assembler._build
+
+    def build(session, series_id):
+        if session.get(Series, series_id).series_uid == poisoned.SeriesInstanceUID:
+            from sqlalchemy.exc import DataError
+            raise DataError("INSERT INTO sequences ...", {}, Exception("string or blob too big"))
+        return real_build(session, series_id)
+
+    assembler._build = build
+    later = datetime.now(timezone.utc) + timedelta(seconds=1)
+    with caplog.at_level("WARNING", logger="pacs_listener.assembly"):
+        jobs = assembler.run_once(now=later)
+        assert assembler.run_once(now=later) == []  # the next pass: tried again, not logged again at once
+    assert len(jobs) == 1
+    assert len([r for r in caplog.records if "database error while assembling" in r.getMessage()]) == 1
+    with sqlite_session_factory() as s:
+        states = dict(s.execute(select(Series.series_uid, Series.state)).all())
+        assert states[fine.SeriesInstanceUID] == SeriesState.ASSEMBLED
+        assert states[poisoned.SeriesInstanceUID] == SeriesState.RECEIVING  # retried by the next pass
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
