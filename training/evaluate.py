@@ -210,9 +210,11 @@ def pick_gallery(scores: np.ndarray, normal: np.ndarray, threshold: float | np.n
                  ) -> list[tuple[str, int]]:
     """(kind, index) of the top true positives, false positives and false negatives (``threshold``: one, or
     one per row)."""
+    from training.metrics import called_abnormal
+
     if n <= 0:
         return []
-    called = scores > np.asarray(threshold, dtype=np.float64)
+    called = called_abnormal(scores, threshold)
     out: list[tuple[str, int]] = []
     tp = np.where(called & ~normal)[0]
     fp = np.where(called & normal)[0]

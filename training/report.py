@@ -88,12 +88,12 @@ def compute_metrics(result: EvaluationResult, *, n_boot: int = 1000) -> dict[str
     scores = np.asarray(result.scores, dtype=np.float64)
     labels = M.binary_labels(result.classes)
     frames = np.asarray(result.row_frames, dtype=np.int64)
-    row_thr = np.asarray(result.row_thresholds, dtype=np.float64)
-    if frames.shape != row_thr.shape or (frames.size and frames.shape != scores.shape):
-        raise ValueError(f"{frames.size} row frame counts and {row_thr.size} row thresholds for "
+    row_thr = _row_rule(result)
+    if frames.size != (0 if row_thr is None else row_thr.size) or (frames.size and frames.shape != scores.shape):
+        raise ValueError(f"{frames.size} row frame counts and {len(result.row_thresholds)} row thresholds for "
                          f"{scores.size} scores")
     out: dict[str, Any] = M.summarize(scores, labels, result.threshold, classes=list(result.classes),
-                                      n_boot=n_boot, row_thresholds=_row_rule(result))
+                                      n_boot=n_boot, row_thresholds=row_thr)
     # rows of several frames: each judged (its highest frame) against its series threshold
     out["series_rows"] = [{"frames": int(t), "rows": int(np.sum(frames == t)),
                            "threshold": float(row_thr[frames == t][0])}

@@ -380,13 +380,14 @@ def prepare(args: argparse.Namespace, settings) -> Prepared:
     rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
     source = str(args.manifest or args.folder)
     report_split = getattr(args, "report_split", "")
-    used = rows_of_split(rows, args.train_split) + (rows_of_split(rows, report_split) if report_split else [])
+    split = rows_of_split(rows, args.train_split)
+    used = split + (rows_of_split(rows, report_split) if report_split else [])
     missing = sorted({str(r.path) for r in used if not Path(r.path).is_file()})
     if missing:  # before hours of training, not in the middle or after it
         raise InputDataError(f"{len(missing)} image file(s) of {source} not found, e.g. "
                              + ", ".join(missing[:3]))
     # the encoder and the boundary learn images: a multi-frame DICOM file gives one image per frame
-    train_rows = expand_frames(rows_of_split(rows, args.train_split))
+    train_rows = expand_frames(split)
     normals = [r for r in train_rows if r.is_normal]
     if args.max_normals and len(normals) > args.max_normals:
         rng = np.random.default_rng(args.seed)

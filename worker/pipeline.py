@@ -406,7 +406,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
         model_dir, card = choice
         frames, sources = load_sequence_with_sources(settings, session, sequence_id)
         calling_ae = series_calling_ae(session, series.id)
-        series_id = series.id
+        predecessors = earlier_reports(session, series.id, job_id, card)
 
     detector = registry.get(model_dir)
     card = detector.card or card
@@ -424,8 +424,6 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
              card.name, card.version, detection.score, detection.threshold, how, detection.verdict, seconds)
     note = warn_uncovered_series(job_id, series_uid, detector, detection, len(frames.judged))
 
-    with session_factory() as session:
-        predecessors = earlier_reports(session, series_id, job_id, card)
     outputs = write_outputs(settings, build_result_objects(sources, frames, detection, card, settings, overlay,
                                                            predecessors))
     by_kind = {o.kind: o for o in outputs}
