@@ -8,6 +8,7 @@ app) call :func:`load_settings` once and hand the object down.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -30,7 +31,9 @@ BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "inference" / "bun
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_LEVEL_ALIASES = {"WARN": "WARNING"}
 
-_AE_RE = re.compile(r"^(?P<aet>[^@]+)@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+#: ``AET@host:port``, the host a name, an IPv4 address or an IPv6 address in brackets (``PACS@[fd00::5]:104``,
+#: as in a URL: the port follows the last colon)
+_AE_RE = re.compile(r"^(?P<aet>[^@]+)@(?:\[(?P<host6>[^\[\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
 #: DICOM VR AE: 1 to 16 characters of the default repertoire (printable ASCII) but the backslash
 _AE_TITLE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 
@@ -47,7 +50,7 @@ def check_ae_title(value: str, what: str) -> str:
 
 
 class Destination(BaseModel):
-    """A DICOM peer given as ``AET@host:port``."""
+    """A DICOM peer given as ``AET@host:port`` (an IPv6 address in brackets: ``AET@[::1]:104``)."""
 
     ae_title: str
     host: str
@@ -58,19 +61,33 @@ class Destination(BaseModel):
     def _valid_ae_title(cls, value: str) -> str:  # also a destination given as a TOML table
         return check_ae_title(value, "destination AE title")
 
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:  # a TOML table's host = "[fd00::5]": the socket takes it bare
+        value = value.strip()
+        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
     @classmethod
     def parse(cls, text: str) -> "Destination":
         m = _AE_RE.match(text.strip())
         if not m:
-            raise ValueError(f"destination {text!r} is not of the form AET@host:port")
+            raise ValueError(f"destination {text!r} is not of the form AET@host:port "
+                             "(an IPv6 address in brackets: AET@[fd00::5]:104)")
         aet = check_ae_title(m["aet"], f"destination {text!r}:")
+        host = m["host"]
+        if m["host6"] is not None:
+            try:
+                host = str(ipaddress.IPv6Address(m["host6"]))
+            except ValueError:
+                raise ValueError(f"destination {text!r}: {m['host6']!r} in brackets is not an IPv6 address") from None
         port = int(m["port"])
         if not 0 < port < 65536:
             raise ValueError(f"destination {text!r}: port {port} out of range")
-        return cls(ae_title=aet, host=m["host"], port=port)
+        return cls(ae_title=aet, host=host, port=port)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
 
 
 def _split_list(value: Any) -> Any:
@@ -81,8 +98,6 @@ def _split_list(value: Any) -> Any:
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address) only accepts connections from this machine."""
-    import ipaddress
-
     if host.strip().lower() == "localhost":
         return True
     try:

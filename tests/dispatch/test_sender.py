@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import select
 
 from dispatch.sender import (
@@ -99,6 +102,31 @@ def test_send_files_peer_down_or_refusing(storescp, result_objects, tmp_path: Pa
     with pytest.raises(AssociationError, match=rf"(rejected|aborted) by {PACS_AET}@127\.0\.0\.1:{storescp.port}"):
         send_files(dest, paths, calling_ae="MEDGRU", timeout=5)
     assert storescp.received() == []
+
+
+@pytest.mark.integration
+def test_send_files_to_an_ipv6_peer(result_objects, tmp_path: Path) -> None:
+    # a destination given as PACS@[::1]:port (the settings refused any IPv6 address before)
+    received: list[str] = []
+    ae = AE(ae_title=PACS_AET)
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    server = ae.start_server(("::1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        dest = Destination.parse(f"{PACS_AET}@[::1]:{port}")
+        paths = write_objects(result_objects, tmp_path / "out")
+        assert send_files(dest, paths, calling_ae="MEDGRU", timeout=20) == [STATUS_SUCCESS, STATUS_SUCCESS]
+    finally:
+        server.shutdown()
+    assert set(received) == {str(ds.SOPInstanceUID) for ds in result_objects}
 
 
 @pytest.mark.integration

@@ -55,6 +55,23 @@ def test_bad_destination_is_refused_with_its_text(bad):
     assert "destination" in str(exc.value)
 
 
+@pytest.mark.parametrize("text, host", [("PACS@[::1]:104", "::1"), ("PACS@[fd00:0::5]:11112", "fd00::5"),
+                                        ("PACS@[fe80::1%eth0]:104", "fe80::1%eth0")])
+def test_ipv6_destination_in_brackets(text, host):
+    # the host of AET@host:port ended at the first colon, so an IPv6 PACS could not be configured at all
+    dest = Settings(destination=text).destination
+    assert dest.host == host  # bare, as the socket takes it
+    assert Destination.parse(str(dest)) == dest  # the outbox stores str() and parses it back
+    assert Destination(ae_title="PACS", host="[::1]", port=104).host == "::1"  # a TOML table's host
+
+
+@pytest.mark.parametrize("bad", ["PACS@::1:104", "PACS@[nohost]:104", "PACS@[::1]104", "PACS@[1.2.3.4]:104"])
+def test_ipv6_destination_needs_brackets_and_an_address(bad):
+    with pytest.raises(ValidationError) as exc:
+        Settings(destination=bad)
+    assert "destination" in str(exc.value)
+
+
 def test_settings_are_frozen(tmp_path):
     s = Settings(home=tmp_path)
     with pytest.raises(ValidationError):
