@@ -74,7 +74,7 @@ def _resend(args, settings) -> int:
 
 
 def _echo(args, settings) -> int:
-    from dispatch.verify import verify_configured, verify_destination
+    from dispatch.verify import result_sop_classes, verify_configured, verify_destination
     from medgru.settings import Destination
     from medgru.tls import client_context
 
@@ -87,7 +87,8 @@ def _echo(args, settings) -> int:
             print(f"medgru echo: {exc}")
             return 2
         reports = [("given", verify_destination(destination, calling_ae=settings.ae_title, timeout=args.timeout,
-                                                tls=client_context(settings)))]
+                                                tls=client_context(settings),
+                                                sop_classes=result_sop_classes(settings)))]
     else:
         reports = verify_configured(settings, timeout=args.timeout)
         if not reports:

@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
     Verification,
 )
@@ -30,6 +31,15 @@ from medgru.settings import Destination
 #: The SOP classes of the objects the worker sends (reporting.sr: Comprehensive 3D SR; reporting.sc:
 #: Secondary Capture Image), each offered as the sender offers it.
 RESULT_SOP_CLASSES: tuple[UID, ...] = (Comprehensive3DSRStorage, SecondaryCaptureImageStorage)
+#: reporting.kos: the rejection note of results a revision replaced, sent where settings ask for it
+REJECTION_NOTE_SOP_CLASS = KeyObjectSelectionDocumentStorage
+
+
+def result_sop_classes(settings) -> tuple[UID, ...]:
+    """The SOP classes the worker sends with ``settings``: the SR and SC, and the rejection note's where
+    ``reject_revised_results`` is on."""
+    extra = (REJECTION_NOTE_SOP_CLASS,) if getattr(settings, "reject_revised_results", False) else ()
+    return RESULT_SOP_CLASSES + extra
 _OFFERED_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
@@ -70,11 +80,12 @@ class EchoReport:
 
 
 def verify_destination(destination: Destination, *, calling_ae: str, timeout: float = DEFAULT_TIMEOUT_S,
-                       tls: ssl.SSLContext | None = None) -> EchoReport:
-    """Associate with ``destination``, C-ECHO it and see which result SOP classes it accepts."""
+                       tls: ssl.SSLContext | None = None,
+                       sop_classes: tuple[UID, ...] = RESULT_SOP_CLASSES) -> EchoReport:
+    """Associate with ``destination``, C-ECHO it and see which of ``sop_classes`` (the results') it accepts."""
     report = EchoReport(destination=destination, calling_ae=calling_ae, tls=tls is not None)
     contexts = [build_context(Verification)]
-    contexts += [build_context(uid, _OFFERED_SYNTAXES) for uid in RESULT_SOP_CLASSES]
+    contexts += [build_context(uid, _OFFERED_SYNTAXES) for uid in sop_classes]
     try:
         assoc = open_association(destination, contexts, calling_ae=calling_ae, timeout=timeout, tls=tls)
     except AssociationError as exc:
@@ -92,7 +103,7 @@ def verify_destination(destination: Destination, *, calling_ae: str, timeout: fl
     finally:
         if assoc.is_established:
             assoc.release()
-    report.accepted = {uid.name: accepted.get(str(uid)) for uid in RESULT_SOP_CLASSES}
+    report.accepted = {uid.name: accepted.get(str(uid)) for uid in sop_classes}
     refused = [name for name, syntax in report.accepted.items() if syntax is None]
     if not report.echoed:
         report.error = f"{destination} did not accept Verification (C-ECHO)"
@@ -122,5 +133,6 @@ def verify_configured(settings, timeout: float = 10.0) -> list[tuple[str, EchoRe
     from medgru.tls import client_context
 
     tls = client_context(settings)
-    return [(why, verify_destination(peer, calling_ae=settings.ae_title, timeout=timeout, tls=tls))
+    return [(why, verify_destination(peer, calling_ae=settings.ae_title, timeout=timeout, tls=tls,
+                                     sop_classes=result_sop_classes(settings)))
             for why, peer in configured_peers(settings)]

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     add_prior_study: bool = Field(
         default=False, description="prepend the patient's latest prior study of the same modality as earlier frames"
     )
+    reject_revised_results: bool = Field(
+        default=False,
+        description="when a series is scored again from other frames (a late slice), also send an IHE IOCM "
+                    "rejection note (Key Object Selection, 'Rejected for Quality Reasons') listing the earlier "
+                    "SR and SC of the same model version, so that a PACS with IOCM hides them; a PACS without "
+                    "IOCM shows the note as one more object of the study")
 
     # DICOM over TLS (medgru/tls.py)
     listen_tls: bool = Field(default=False, description="the listener accepts TLS only, peers with a trusted certificate")

@@ -32,6 +32,8 @@ SR_INSTANCE = "sr-instance"
 SC_SERIES = "sc-series"
 SC_INSTANCE = "sc-instance"
 DEVICE_OBSERVER = "device-observer"
+KOS_SERIES = "kos-series"  # the IOCM rejection note of results a revision replaced (reporting.kos)
+KOS_INSTANCE = "kos-instance"
 
 
 def derive_uid(*parts: str) -> str:

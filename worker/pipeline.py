@@ -254,7 +254,7 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
     frame's instance (and frame number when it is multi-frame); both objects derive their UIDs from the
     series of the last source (the current study when a prior leads the sequence) and land in its study,
     so the SC shows a frame of that study (:func:`current_study_frames`; a prior's frame is refused).
-    ``predecessors``: earlier SRs of the series by this model and version (:func:`earlier_reports`), which
+    ``predecessors``: earlier SRs of the series by this model and version (of :func:`earlier_results`), which
     the SR names as the reports it revises.
     """
     from reporting.sc import build_overlay_sc
@@ -346,17 +346,39 @@ def series_calling_ae(session: Session, series_id: int) -> str:
                            .order_by(Instance.received_at.desc(), Instance.id.desc()).limit(1)).first() or ""
 
 
-def earlier_reports(session: Session, series_id: int, job_id: int, card: ModelCard) -> list[str]:
-    """The SR SOP Instance UIDs of the series' results by this model and version from other jobs (made from
-    other frames: a late slice re-scored the series), oldest first. The new SR names them as the reports it
-    revises, so a viewer that shows both tells which is current."""
-    rows = session.scalars(
-        select(Result.sr_sop_instance_uid).join(Job, Result.job_fk == Job.id)
+def earlier_results(session: Session, series_id: int, job_id: int, card: ModelCard) -> list[tuple[str, str]]:
+    """The (SR, SC) SOP Instance UIDs of the series' results by this model and version from other jobs (made
+    from other frames: a late slice re-scored the series; or from the same, whose UIDs are then the new
+    result's own), oldest first; an empty string where a result has no such object. The new SR names the
+    earlier SRs as the reports it revises, so a viewer that shows both tells which is current; with
+    ``reject_revised_results`` a rejection note lists them and the SCs (:func:`rejection_note`)."""
+    rows = session.execute(
+        select(Result.sr_sop_instance_uid, Result.sc_sop_instance_uid).join(Job, Result.job_fk == Job.id)
         .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
         .where(SequenceRecord.series_fk == series_id, Job.id != job_id, Result.model_name == card.name,
-               Result.model_version == card.version, Result.sr_sop_instance_uid != "")
+               Result.model_version == card.version)
         .order_by(Result.id)).all()
-    return list(dict.fromkeys(rows))
+    return list(dict.fromkeys((sr or "", sc or "") for sr, sc in rows))
+
+
+def rejection_note(sources: Sequence[Dataset], sequence: FrameSequence, card: ModelCard, settings,
+                   results: list[tuple[str, Dataset]], earlier: Sequence[tuple[str, str]]) -> Dataset | None:
+    """The IOCM rejection note (:mod:`reporting.kos`) of the ``earlier`` results' SR and SC that the new
+    ``results`` replace, or ``None``: ``settings.reject_revised_results`` is off, or nothing differs (a
+    re-run of the same frames gives the same UIDs, which must not be rejected)."""
+    if not getattr(settings, "reject_revised_results", False):
+        return None
+    from reporting.kos import RejectedObject, build_rejection_note
+
+    new = {kind: ds for kind, ds in results}
+    own = {str(ds.SOPInstanceUID) for ds in new.values()}
+    rejected = [RejectedObject(str(new[kind].SeriesInstanceUID), str(new[kind].SOPClassUID), uid)
+                for pair in earlier for kind, uid in zip(("sr", "sc"), pair)
+                if uid and uid not in own and kind in new]
+    if not rejected:
+        return None
+    refs = sequence.frame_refs or [(str(ds.SOPInstanceUID), 1) for ds in sources]
+    return build_rejection_note(sources[-1], rejected, card, frame_refs=refs, ae_title=settings.ae_title)
 
 
 def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Detection, judged: int) -> str:
@@ -406,7 +428,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
         model_dir, card = choice
         frames, sources = load_sequence_with_sources(settings, session, sequence_id)
         calling_ae = series_calling_ae(session, series.id)
-        predecessors = earlier_reports(session, series.id, job_id, card)
+        earlier = earlier_results(session, series.id, job_id, card)
 
     detector = registry.get(model_dir)
     card = detector.card or card
@@ -424,8 +446,12 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
              card.name, card.version, detection.score, detection.threshold, how, detection.verdict, seconds)
     note = warn_uncovered_series(job_id, series_uid, detector, detection, len(frames.judged))
 
-    outputs = write_outputs(settings, build_result_objects(sources, frames, detection, card, settings, overlay,
-                                                           predecessors))
+    predecessors = list(dict.fromkeys(sr for sr, _ in earlier if sr))
+    objects = build_result_objects(sources, frames, detection, card, settings, overlay, predecessors)
+    rejection = rejection_note(sources, frames, card, settings, objects, earlier)
+    if rejection is not None:
+        objects.append(("kos", rejection))
+    outputs = write_outputs(settings, objects)
     by_kind = {o.kind: o for o in outputs}
     routed = settings.destination_for(calling_ae)
     destination = str(routed) if routed is not None else ""

@@ -7,7 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 
 from dispatch.verify import RESULT_SOP_CLASSES, verify_destination
 from medgru.cli import main
@@ -62,6 +67,31 @@ def test_a_peer_that_refuses_the_sr_class_fails_the_check(partial_scp, make_sett
     assert "Comprehensive 3D SR Storage: NOT accepted" in out
     assert "Secondary Capture Image Storage: accepted" in out
     assert "FAILED:" in out and "Comprehensive 3D SR Storage" in out.splitlines()[-1]
+
+
+def test_with_rejection_notes_on_the_check_asks_for_their_class_too(make_settings, cli_env, capsys):
+    # a PACS that refuses Key Object Selection would fail every rejection note; the check says so first
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    for classes, off, on in (((), 0, 1), ((KeyObjectSelectionDocumentStorage,), 0, 0)):
+        ae = AE(ae_title=PACS_AET)
+        for uid in (Verification, Comprehensive3DSRStorage, SecondaryCaptureImageStorage, *classes):
+            ae.add_supported_context(uid)
+        port = free_port()
+        server = ae.start_server(("127.0.0.1", port), block=False)
+        try:
+            cli_env.delenv("MEDGRU_REJECT_REVISED_RESULTS", raising=False)
+            assert main(["echo", f"{PACS_AET}@127.0.0.1:{port}"]) == off  # the default: SR and SC suffice
+            assert "Key Object Selection" not in capsys.readouterr().out
+            cli_env.setenv("MEDGRU_REJECT_REVISED_RESULTS", "true")
+            assert main(["echo", f"{PACS_AET}@127.0.0.1:{port}"]) == on
+            out = capsys.readouterr().out
+            if on:
+                assert "Key Object Selection Document Storage: NOT accepted" in out
+                assert "Key Object Selection Document Storage" in out.splitlines()[-1]
+            else:
+                assert "Key Object Selection Document Storage: accepted" in out
+        finally:
+            server.shutdown()
 
 
 def test_a_peer_that_does_not_know_our_ae_title(partial_scp):

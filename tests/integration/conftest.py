@@ -88,6 +88,7 @@ def _service_env(home: Path, orthanc: OrthancServer, data_root: Path, models: li
             "MEDGRU_QUIET_PERIOD_S": str(QUIET_PERIOD_S),
             "MEDGRU_ALLOWED_CALLING_AES": f"{ORTHANC_AET},{STORESCU_AET}",
             "MEDGRU_SEND_RETRY_BASE_S": "1",
+            "MEDGRU_REJECT_REVISED_RESULTS": "true",  # Orthanc stores the IOCM note (it does not act on it)
             "MEDGRU_DEVICE": "cpu",
             "MEDGRU_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",

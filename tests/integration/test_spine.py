@@ -410,3 +410,64 @@ def test_storescu_direct_to_listener_sr_reaches_orthanc(
         },
     )
     assert latency > QUIET_PERIOD_S * 0.9, "the SR came back before the quiet period was over"
+
+
+def test_a_late_slice_revises_the_result_and_rejects_the_first_in_orthanc(
+    netns: NetNamespace, orthanc: OrthancServer, medgru_service: MedgruService, dicom_corpus: Path, tmp_path: Path
+):
+    """A series is scored, then a late slice arrives: the revised SR names the first as its predecessor and
+    an IOCM rejection note (KO) listing the first SR and SC lands in the same study in Orthanc."""
+    from pydicom.uid import generate_uid
+
+    series_uid = generate_uid()  # a copy of four Brainix slices as a series of its own
+    files = []
+    for i, path in enumerate(_files(dicom_corpus, BRAIN_SERIES)[:4]):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesNumber = 901
+        files.append(tmp_path / f"slice{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    finder = ResultFinder(orthanc)
+
+    def our_instances(modality: str, needle: str) -> list[dict[str, Any]]:
+        """Our instances of ``modality`` in the study that name ``needle`` (a UID) anywhere."""
+        study_id = finder.study_id(study_uid)
+        found = []
+        for series in orthanc.study_series(study_id) if study_id else []:
+            if series.get("MainDicomTags", {}).get("Modality") == modality:
+                for instance in series.get("Instances", []):
+                    tags = orthanc.instance_tags(instance)
+                    if tags.get("Manufacturer") == MANUFACTURER and _contains_string(tags, needle):
+                        found.append(tags)
+        return found
+
+    def first_results() -> dict[str, list[dict[str, Any]]] | None:
+        found = finder.results(study_uid, series_uid)
+        return found if found["SR"] and found["SC"] else None
+
+    for batch in (files[:3], files[3:]):
+        sent = storescu(netns, medgru_service.port, batch, calling=STORESCU_AET, called=MEDGRU_AET)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        if batch is files[3:]:
+            break
+        first = _wait_for(f"the first SR and SC of {series_uid}", first_results, RESULT_TIMEOUT_S,
+                          lambda: _jobs_report(medgru_service),
+                          abort=lambda: _job_gave_up(medgru_service, series_uid))
+    first_sr = orthanc.instance_tags(first["SR"][0]["instance"])["SOPInstanceUID"]
+    first_sc = orthanc.instance_tags(first["SC"][0]["instance"])["SOPInstanceUID"]
+
+    def revised() -> list[dict[str, Any]] | None:
+        srs = our_instances("SR", series_uid)
+        return srs if len(srs) == 2 and our_instances("KO", first_sr) else None
+
+    srs = _wait_for(f"the revised SR and the rejection note of {series_uid}", revised, RESULT_TIMEOUT_S,
+                    lambda: _jobs_report(medgru_service))
+    (new_sr,) = [t for t in srs if t["SOPInstanceUID"] != first_sr]
+    assert _contains_string(new_sr.get("PredecessorDocumentsSequence", []), first_sr)
+    (note,) = our_instances("KO", first_sr)
+    assert note["ConceptNameCodeSequence"][0]["CodeValue"] == "113001"  # Rejected for Quality Reasons
+    listed = {i["ReferencedSOPInstanceUID"] for s in note["CurrentRequestedProcedureEvidenceSequence"]
+              for r in s["ReferencedSeriesSequence"] for i in r["ReferencedSOPSequence"]}
+    assert listed == {first_sr, first_sc}

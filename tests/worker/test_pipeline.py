@@ -6,9 +6,11 @@ from datetime import timedelta
 
 import pydicom
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage
 from sqlalchemy import select, update
 
 from storage.models import Instance, Job, JobState, OutboxItem, OutboxState, Result, utcnow
+from tests.reporting import helpers as rh
 from tests.worker.conftest import BRAINIX, KNEE, MODEL_NAME, MODEL_VERSION, add_series
 from worker.models import ModelRegistry
 from worker.pipeline import NO_DESTINATION, process_job, seconds_until_retry
@@ -222,6 +224,41 @@ def test_a_result_from_other_frames_is_a_new_instance_beside_the_old_one(worker_
                                                     if i.sop_instance_uid == rerun.sr_sop_instance_uid))
     assert [i.ReferencedSOPInstanceUID for i in sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
             .ReferencedSOPSequence] == [first.sr_sop_instance_uid]
+
+
+@pytest.mark.parametrize("reject", [True, False])
+def test_a_revision_sends_a_rejection_note_of_the_results_it_replaces(worker_settings, session_factory, dicom_corpus,
+                                                                      reject, tmp_path):
+    """With reject_revised_results on, the late slice's job also queues an IOCM rejection note listing the
+    first job's SR and SC (a PACS with IOCM then hides them); a re-run of the same frames sends the same
+    note and never rejects its own objects. Off (the default), no note is made."""
+    settings = worker_settings(reject_revised_results=reject)
+    first_job = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, first_job, registry) is JobState.SUCCEEDED
+    (first,), items = _results(session_factory, first_job)
+    assert {i.sop_class_uid for i in items} == {Comprehensive3DSRStorage, SecondaryCaptureImageStorage}
+    late_job = _late_slice_job(settings, session_factory, dicom_corpus, first_job)
+    for _ in range(2):  # the late job, then a re-run of it
+        assert process_job(settings, session_factory, late_job, registry) is JobState.SUCCEEDED
+        (late,), items = _results(session_factory, late_job)
+        notes = [i for i in items if i.sop_class_uid == KeyObjectSelectionDocumentStorage]
+        if not reject:
+            assert notes == []
+            break
+        (note_item,) = notes
+        assert note_item.result_fk == late.id and note_item.destination == str(settings.destination)
+        note = pydicom.dcmread(settings.outbox_dir / note_item.path)
+        assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+        rejected = {str(i.ReferencedSOPInstanceUID) for s in note.CurrentRequestedProcedureEvidenceSequence
+                    for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+        assert rejected == {first.sr_sop_instance_uid, first.sc_sop_instance_uid}
+        assert note.StudyInstanceUID == pydicom.dcmread(settings.outbox_dir / items[0].path).StudyInstanceUID
+        errors, warnings = rh.dciodvfy(settings.outbox_dir / note_item.path)
+        assert errors == [] and warnings == [], "\n".join(errors + warnings)
+        with session_factory() as s:
+            s.get(Job, late_job).state = JobState.QUEUED
+            s.commit()
 
 
 def test_cancelled_job_is_left_alone(worker_settings, session_factory, dicom_corpus):
