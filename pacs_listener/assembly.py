@@ -43,12 +43,14 @@ Non-image instances inside an image series are left out of its sequence.
 Prior study (only when ``settings.add_prior_study`` is true)
 ------------------------------------------------------------
 The frames of the same patient's most recent *earlier* study are prepended, as earlier frames, and the
-study's UID is stored in ``SequenceRecord.prior_study_uid``. The prior is chosen among studies of the same
-Patient row whose StudyDate is non-empty and strictly before this study's StudyDate (a later or same-day
-study is never a prior), holding an ASSEMBLED series of the same modality and the same body part
-(case-insensitive; an empty body part only matches an empty one); the latest such study wins (StudyDate,
-then StudyTime), and within it the latest assembled series (last received). The prior contributes its own
-frames, ordered by the rule above (not the prior's own prior). There is no prior when this study has no
+study's UID is stored in ``SequenceRecord.prior_study_uid``. The patient is the one every instance of the
+series names (``Instance.patient_fk``, its own PatientID and issuer), not the one its study was first
+recorded for; a series whose instances name several patients gets no prior. The prior is chosen among
+ASSEMBLED series whose instances all name that patient, of the same modality and the same body part
+(case-insensitive; an empty body part only matches an empty one), in other studies whose StudyDate is
+non-empty and strictly before this study's StudyDate (a later or same-day study is never a prior); the
+latest such study wins (StudyDate, then StudyTime), and within it the latest assembled series (last
+received). The prior contributes its own frames, ordered by the rule above (not the prior's own prior). There is no prior when this study has no
 StudyDate or the patient has an empty PatientID (anonymous studies share one patient row). No prior found
 → the plain sequence.
 
@@ -89,7 +91,7 @@ from typing import Protocol
 
 import pydicom.uid as dicom_uid
 from pydicom.uid import UID
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -588,15 +590,30 @@ class Assembler:
 
     def _prior(self, session: Session, series: Series) -> tuple[str, list[tuple[str, int]]] | None:
         study = session.get(Study, series.study_fk)
-        patient = session.get(Patient, study.patient_fk) if study is not None else None
-        if study is None or patient is None or not study.study_date or not patient.patient_id:
+        if study is None or not study.study_date:
+            return None
+        # the patient is the one every instance of the series names, not the one the study was first
+        # recorded for: a Study Instance UID reused for another patient (or a corrected PatientID) would
+        # otherwise put that patient's prior frames into this patient's score and report
+        named = set(session.scalars(select(Instance.patient_fk).where(Instance.series_fk == series.id).distinct()))
+        if len(named) != 1 or None in named:
+            log.warning("series %s: its instances name %d patients; no prior study is added", series.series_uid,
+                        len(named - {None}))
+            return None
+        (patient_fk,) = named
+        patient = session.get(Patient, patient_fk)
+        if patient is None or not patient.patient_id:
             return None
         has_sequence = exists().where(SequenceRecord.series_fk == Series.id)
+        of_patient = exists().where(Instance.series_fk == Series.id, Instance.patient_fk == patient_fk)
+        of_another = exists().where(Instance.series_fk == Series.id,
+                                    or_(Instance.patient_fk != patient_fk, Instance.patient_fk.is_(None)))
         row = session.execute(
             select(Series.id, Study.study_uid)
             .join(Study, Series.study_fk == Study.id)
             .where(
-                Study.patient_fk == study.patient_fk,
+                of_patient,
+                ~of_another,
                 Study.id != study.id,
                 Study.study_date != "",
                 Study.study_date < study.study_date,

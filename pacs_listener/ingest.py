@@ -273,6 +273,7 @@ def record_instance(
         sha256=sha256,
         calling_ae=calling_ae[:16],
         received_at=now,
+        patient_fk=_patient(session, meta).id,  # its own: the study's may be another's (assembly's prior)
     )
     session.add(instance)
     session.flush()

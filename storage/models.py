@@ -157,7 +157,12 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: when retention removed the spool file (the row stays: what was received, and from whom)
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: the patient this instance names (its own PatientID and issuer), which may differ from the patient its
+    #: study was first recorded for (a Study Instance UID reused for another patient, a corrected PatientID);
+    #: a prior study is added only where every instance of both series names the same patient
+    patient_fk: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), nullable=True, index=True)
     series: Mapped[Series] = relationship(back_populates="instances")
+    patient: Mapped[Patient | None] = relationship()
 
 
 class QuarantineItem(Base):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom import uid as dicom_uid
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from pacs_listener.assembly import (
     NON_IMAGE_SOP_CLASSES,
@@ -276,8 +276,10 @@ def add_series(
     series = Series(series_uid=uid, study=study, modality=modality, body_part=body_part,
                     series_description=description, first_received_at=last, last_received_at=last)
     s.add(series)
+    s.flush()
     for k, kw in enumerate(instances):
         kw = dict(kw)
+        kw.setdefault("patient_fk", patient.id)  # the instance's own patient (the study's unless told)
         kw.setdefault("sop_instance_uid", f"{uid}.{k + 1}")
         kw.setdefault("sop_class_uid", MR)
         kw.setdefault("has_pixels", True)
@@ -653,6 +655,44 @@ def test_no_prior_for_anonymous_patient_or_missing_date(make_settings, session_f
     _assemble(settings, session_factory, T0 + timedelta(minutes=5))
     assert _sequence_of(session_factory, "23.2").prior_study_uid == ""
     assert _sequence_of(session_factory, "23.4").prior_study_uid == ""
+
+
+def test_the_prior_is_that_of_the_patient_the_instances_name_not_the_study_record(make_settings, session_factory,
+                                                                                   caplog):
+    """A Study Instance UID first recorded for P1 receives a series whose instances name P2 (a reused UID, a
+    corrected PatientID). Its prior was looked up by the study's patient, so P1's earlier chest was
+    prepended to P2's frames and referenced in P2's report."""
+    settings = make_settings(add_prior_study=True)
+    cr = dict(sop_class_uid=CR)
+    with session_factory() as s:
+        add_series(s, [cr], uid="24.1", modality="CR", body_part="CHEST", study_date="20240101", patient_id="P1")
+        add_series(s, [cr], uid="24.2", modality="CR", body_part="CHEST", study_date="20230101", patient_id="P2")
+        s.commit()
+    _assemble(settings, session_factory, T0 + timedelta(minutes=1))
+    with session_factory() as s:
+        add_series(s, [cr], uid="24.5", modality="CR", body_part="CHEST", study_date="20250101", patient_id="P1",
+                   study_uid="24.9.0", last=T0 + timedelta(minutes=2))  # the study, recorded for P1
+        add_series(s, [cr], uid="24.6", modality="CR", body_part="CHEST", study_uid="24.9.0", patient_id="P2",
+                   last=T0 + timedelta(minutes=2))  # its instances name P2
+        mixed = add_series(s, [cr, cr], uid="24.7", modality="CR", body_part="CHEST", study_uid="24.9.0",
+                           patient_id="P1", last=T0 + timedelta(minutes=2))
+        mixed.instances[1].patient_fk = s.scalar(select(Patient.id).where(Patient.patient_id == "P2"))
+        s.commit()
+    with caplog.at_level("WARNING", logger="pacs_listener.assembly"):
+        _assemble(settings, session_factory, T0 + timedelta(minutes=5))
+    assert _sequence_of(session_factory, "24.5").prior_study_uid == "24.1.0"  # P1's own prior
+    assert _sequence_of(session_factory, "24.6").prior_study_uid == "24.2.0"  # P2's, never P1's 24.1
+    assert _sequence_of(session_factory, "24.7").prior_study_uid == ""  # two patients: none
+    assert any("24.7" in r.getMessage() and "2 patients" in r.getMessage() for r in caplog.records)
+    # nor is a series of several patients ever a prior: P1's next study finds 24.5, not the mixed 24.7
+    with session_factory() as s:
+        add_series(s, [cr], uid="24.8", modality="CR", body_part="CHEST", study_date="20260101", patient_id="P1",
+                   last=T0 + timedelta(minutes=6))
+        s.execute(update(Series).where(Series.series_uid == "24.5").values(last_received_at=T0))
+        s.commit()
+    _assemble(settings, session_factory, T0 + timedelta(minutes=10))
+    seq = _sequence_of(session_factory, "24.8")
+    assert seq.prior_study_uid == "24.9.0" and seq.frame_refs[0] == ["24.5.1", 1]
 
 
 def test_a_series_the_database_refuses_does_not_hold_back_the_others(make_settings, sqlite_session_factory, caplog):

@@ -99,6 +99,23 @@ def test_same_patient_same_issuer_shares_row_other_issuer_does_not(session_facto
         assert sorted(p.issuer for p in rows) == ["HOSP_A", "HOSP_B"]
 
 
+def test_each_instance_records_the_patient_it_names(session_factory):
+    # a study first recorded for one patient keeps its row, and an instance of it naming another patient
+    # records that one (assembly looks up the prior study by it, not by the study's)
+    first, other = "P" + generate_uid()[-10:], "Q" + generate_uid()[-10:]
+    a = make_mr(PatientID=first)
+    b = make_mr(PatientID=other, StudyInstanceUID=a.StudyInstanceUID)
+    for ds in (a, b):
+        record(session_factory, ds)
+    with session_factory() as s:
+        named = dict(s.execute(select(Instance.sop_instance_uid, Patient.patient_id)
+                               .join(Patient, Instance.patient_fk == Patient.id)
+                               .where(Instance.sop_instance_uid.in_([a.SOPInstanceUID, b.SOPInstanceUID]))).all())
+        assert named == {a.SOPInstanceUID: first, b.SOPInstanceUID: other}
+        study = s.scalar(select(Study).where(Study.study_uid == a.StudyInstanceUID))
+        assert s.get(Patient, study.patient_fk).patient_id == first
+
+
 def test_second_instance_joins_series_and_updates_last_received(session_factory):
     ds1 = make_mr()
     ds2 = make_mr(StudyInstanceUID=ds1.StudyInstanceUID, SeriesInstanceUID=ds1.SeriesInstanceUID, InstanceNumber=2)

@@ -127,8 +127,14 @@ def test_upgrade_from_0005_keeps_rows_and_widens_columns(db_url):
             with Session(bind=conn) as s:  # the 0005 tables hold every column the models write here
                 series = Series(series_uid="1.2.3", study=Study(study_uid="1.2", patient=Patient(patient_id="P1")),
                                 modality="MR")
-                s.add(Instance(sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", path="a.dcm",
-                               size_bytes=1000, series=series))
+                s.add(series)
+                s.flush()
+                # the instances row in SQL: the model has columns of later revisions (patient_fk, 0009)
+                conn.execute(text("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_fk, "
+                                  "transfer_syntax_uid, number_of_frames, acquisition_time, content_time, has_pixels, "
+                                  "path, size_bytes, sha256, calling_ae, received_at) VALUES ('1.2.3.4', "
+                                  "'1.2.840.10008.5.1.4.1.1.4', :series, '', 1, '', '', false, 'a.dcm', 1000, '', '', "
+                                  ":t)"), {"series": series.id, "t": utcnow()})
                 seq = SequenceRecord(series=series, frame_refs=[["1.2.3.4", 1]], n_frames=1)
                 s.add(seq)
                 s.flush()
@@ -157,6 +163,7 @@ def test_upgrade_from_0005_keeps_rows_and_widens_columns(db_url):
         with make_session_factory(engine)() as s:
             inst = s.scalars(select(Instance)).one()
             assert (inst.sop_instance_uid, inst.size_bytes) == ("1.2.3.4", 1000)
+            assert inst.patient_fk == s.scalar(select(Patient.id).where(Patient.patient_id == "P1"))  # 0009
             inst.size_bytes = 5 * 2**30
             result = s.scalars(select(Result)).one()
             assert result.cluster_label == "short"
@@ -216,9 +223,38 @@ def test_upgrade_to_0008_starts_old_outbox_rows_with_no_refusals(db_url):
         engine.dispose()
     engine = init_db(db_url)
     try:
-        assert _current(engine) == _head() == "0008" and _diff(engine) == []
+        assert _current(engine) == _head() and _diff(engine) == []
         with make_session_factory(engine)() as s:
             item = s.scalars(select(OutboxItem)).one()
             assert (item.attempts, item.refusals) == (22, 0)
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_0009_gives_old_instances_their_study_s_patient(db_url):
+    """0009 adds instances.patient_fk (the patient each instance names); rows from before it take their
+    study's patient, which the prior-study lookup assumed until then."""
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0008")
+            now = {"t": utcnow()}
+            conn.execute(text("INSERT INTO patients (id, patient_id, issuer, created_at) VALUES (7, 'P7', '', :t)"), now)
+            conn.execute(text("INSERT INTO studies (id, study_uid, patient_fk, study_date, study_time, "
+                              "accession_number, created_at) VALUES (3, '1.2.3', 7, '', '', '', :t)"), now)
+            conn.execute(text("INSERT INTO series (id, series_uid, study_fk, modality, body_part, series_description, "
+                              "state, state_reason, first_received_at, last_received_at) VALUES (5, '1.2.3.4', 3, 'MR', "
+                              "'', '', 'assembled', '', :t, :t)"), now)
+            conn.execute(text("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_fk, transfer_syntax_uid, "
+                              "number_of_frames, acquisition_time, content_time, has_pixels, path, size_bytes, sha256, "
+                              "calling_ae, received_at) VALUES ('1.2.3.4.5', '1.2', 5, '', 1, '', '', true, 'a.dcm', 1, "
+                              "'', '', :t)"), now)
+    finally:
+        engine.dispose()
+    engine = init_db(db_url)
+    try:
+        assert _current(engine) == _head() == "0009" and _diff(engine) == []
+        with make_session_factory(engine)() as s:
+            assert s.scalars(select(Instance)).one().patient_fk == 7
     finally:
         engine.dispose()

@@ -205,7 +205,7 @@ def prior_world(database_url, make_settings):
                     (settings.spool_dir / uid).mkdir(parents=True, exist_ok=True)
                     (settings.spool_dir / rel).write_bytes(b"x" * 10)
                     s.add(Instance(sop_instance_uid=f"{uid}.{k + 1}", sop_class_uid=MR, series=se, path=rel,
-                                   has_pixels=True, instance_number=k + 1, size_bytes=10))
+                                   has_pixels=True, instance_number=k + 1, size_bytes=10, patient=patient))
                     refs.append([f"{uid}.{k + 1}", 1])
                 return se, refs
 

@@ -113,7 +113,7 @@ def add_series(settings, session_factory, corpus: Path, rel_folder: str, *, body
                                  transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
                                  instance_number=int(ds.get("InstanceNumber", 0) or 0), number_of_frames=n,
                                  has_pixels=True, path=str(rel), size_bytes=dest.stat().st_size,
-                                 calling_ae=calling_ae))
+                                 calling_ae=calling_ae, patient=patient))
             refs += [[uid, f] for f in range(1, n + 1)]
         seq = SequenceRecord(series=series, frame_refs=refs, n_frames=len(refs), order_key="instance_number")
         job = Job(sequence=seq, state=JobState.QUEUED)
