@@ -181,7 +181,11 @@ def source_info(ds: Dataset, what: str = "source instance", *, patient_study: bo
             charset_text = None
     else:
         charset_text = _clean_text(charset) or None
-        if charset_text in _CHARSETS_2022_SINGLE_BYTE:
+        if charset_text == "ISO_IR 6":
+            # the default repertoire, declared: Table C.12-2 declares it by absence (dciodvfy: "Unrecognized
+            # defined term"); written as absent, so a value that is not ASCII gets UTF-8 below
+            charset_text = None
+        elif charset_text in _CHARSETS_2022_SINGLE_BYTE:
             charset_text = _CHARSETS_2022_SINGLE_BYTE[charset_text]
         elif charset_text is not None and charset_text not in _CHARSETS_OK:
             log.warning("source %s: unknown SpecificCharacterSet %r dropped (text that is not ASCII is "

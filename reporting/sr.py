@@ -154,6 +154,12 @@ def _evidence_header(ds: Dataset, info: _source.SourceInfo, current: _source.Sou
             setattr(header, keyword, ds[keyword].value)
     current.apply_to(header)
     header.StudyInstanceUID = info.study_instance_uid  # apply_to set the current study's; keep the real one
+    # highdicom would take the document's character set from evidence[0] and check it against its own
+    # list, which lacks legal source values: "ISO_IR 6" (the default repertoire, declared), an empty value 1
+    # ("\ISO 2022 IR 87", the usual Japanese form), "ISO 2022 IR 149" (Korean). Each made build_sr raise and
+    # the job fail. The character set is written on the finished document by ``current.apply_to(sr)``.
+    if "SpecificCharacterSet" in header:
+        del header.SpecificCharacterSet
     # names are set on the finished document (highdicom warns on single-component names like "BRAINIX")
     header.PatientName = ""
     header.ReferringPhysicianName = ""

@@ -95,3 +95,21 @@ def test_invalid_values_are_logged_without_the_value(dicom_corpus: Path, caplog)
         assert value[:8] not in logged, f"{keyword}: {logged}"
     assert "0000" not in logged
     assert "invalid for VR DA" in logged and "PatientSex (VR CS)" in logged
+
+
+def test_declared_default_repertoire_is_written_as_absent(dicom_corpus: Path, tmp_path: Path) -> None:
+    """"ISO_IR 6" (written by many modalities) is not a defined term: the default repertoire is declared by
+    leaving Specific Character Set out (PS3.3 Table C.12-2; dciodvfy: "Unrecognized defined term"). The SC
+    and SR leave it out, and stay valid."""
+    src = pydicom.dcmread(dicom_corpus / h.DX_FILE)
+    src.SpecificCharacterSet = "ISO_IR 6"
+    frame = h.windowed(src)
+    heat = h.blob(frame.shape)
+    det = h.detection(heat[None])
+    objects = {"sc": build_overlay_sc(src, frame, heat, det, h.card()), "sr": build_sr([src], det, h.card())}
+    for kind, obj in objects.items():
+        assert "SpecificCharacterSet" not in obj, kind
+        path = tmp_path / f"{kind}.dcm"
+        obj.save_as(path, enforce_file_format=True)
+        errors, unexpected = h.dciodvfy(path)
+        assert errors == [] and unexpected == [], f"{kind}:\n" + "\n".join(errors + unexpected)

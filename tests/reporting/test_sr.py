@@ -304,3 +304,34 @@ def test_a_revised_report_names_its_predecessors_and_stays_valid(dx, tmp_path: P
     errors, warnings = h.dciodvfy(path)
     assert errors == [] and warnings == [], "\n".join(errors + warnings)
     assert "PredecessorDocumentsSequence" not in build_sr([dx], det, h.card(), predecessors=[first.SOPInstanceUID])
+
+
+# the source's Specific Character Set as a modality writes it, with a patient name it covers (the Japanese
+# and Korean corpus files carry their own names; the DX image keeps its ASCII one)
+@pytest.mark.parametrize("path,charset", [
+    ("pydicom/charset_files/chrH31.dcm", None),  # "\ISO 2022 IR 87": value 1 empty, the usual Japanese form
+    ("pydicom/charset_files/chrI2.dcm", None),  # "\ISO 2022 IR 149": Korean
+    (h.DX_FILE, ["", "ISO 2022 IR 58"]),  # Simplified Chinese (GB 2312) with code extensions
+    (h.DX_FILE, ["ISO 2022 IR 6", "ISO 2022 IR 87"]),  # value 1 spelt out
+    (h.DX_FILE, "ISO_IR 6"),  # the default repertoire, declared (many modalities write it)
+])
+def test_legal_source_character_sets_give_a_report(path: str, charset, dicom_corpus: Path, tmp_path: Path) -> None:
+    """A source whose character set highdicom does not list (an empty value 1, ISO 2022 IR 149, ISO_IR 6)
+    still gets its report: build_sr raised ValueError ("'' is not a valid SpecificCharacterSetValues"), so
+    every job of such a series failed. The report keeps the source's character set (the default one is
+    declared by absence), passes dciodvfy, and its patient name reads back as the source's."""
+    src = pydicom.dcmread(dicom_corpus / path, stop_before_pixels=True)
+    if charset is not None:
+        src.SpecificCharacterSet = charset
+    declared = src.SpecificCharacterSet
+    sr = build_sr([src], h.detection(_heat(1)), h.card())
+    out = tmp_path / "sr.dcm"
+    sr.save_as(out, enforce_file_format=True)
+    errors, unexpected = h.dciodvfy(out)
+    assert errors == [], "\n".join(errors)
+    assert unexpected == [], "\n".join(unexpected)
+    back = pydicom.dcmread(out)
+    assert str(back.PatientName) == str(src.PatientName)
+    expected = None if declared == "ISO_IR 6" else declared
+    assert back.get("SpecificCharacterSet") == expected
+    assert "Impression" in h.dsrdump(out)
