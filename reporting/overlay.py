@@ -56,6 +56,31 @@ def output_size(height: int, width: int) -> tuple[int, int]:
     return max(2, round(height * scale)), max(2, round(width * scale))
 
 
+#: a pixel aspect (row spacing / column spacing) this close to 1 is shown as square; one outside the range
+#: is taken for an error in the source's header and ignored
+ASPECT_TOLERANCE = 0.01
+ASPECT_RANGE = (0.1, 10.0)
+
+
+def square_pixels(frame: np.ndarray, heatmap: np.ndarray, aspect: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``frame`` and ``heatmap`` resampled so that their pixels are square, for pixels ``aspect`` times as
+    tall as wide (row spacing / column spacing). A viewer shows the source with its pixel spacing, the SC
+    (which has none) with square pixels: without this the overlay is stretched against the anatomy the
+    radiologist sees. The longer side grows; nothing is cropped."""
+    if aspect is None or not np.isfinite(aspect) or not ASPECT_RANGE[0] <= aspect <= ASPECT_RANGE[1]:
+        return frame, heatmap
+    if abs(aspect - 1.0) <= ASPECT_TOLERANCE:
+        return frame, heatmap
+    h, w = frame.shape
+    if aspect > 1.0:
+        h = max(2, round(h * aspect))
+    else:
+        w = max(2, round(w / aspect))
+    out = [np.clip(cv2.resize(a.astype(np.float32, copy=False), (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+           for a in (frame, heatmap)]
+    return out[0], out[1]
+
+
 def colourise(heat: np.ndarray) -> np.ndarray:
     """Heat in [0, 1] (H, W) -> RGB uint8 colours of the colour map."""
     bgr = cv2.applyColorMap(np.clip(heat * 255.0 + 0.5, 0, 255).astype(np.uint8), COLORMAP)

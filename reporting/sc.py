@@ -36,10 +36,11 @@ from reporting.overlay import (
     check_unit_image,
     pick_frame,
     render_overlay,
+    square_pixels,
 )
 from reporting.uids import SC_INSTANCE, SC_SERIES, derive_uid, input_key
 
-__all__ = ["build_overlay_sc", "pick_frame", "caption_lines", "patient_orientation"]
+__all__ = ["build_overlay_sc", "pick_frame", "caption_lines", "patient_orientation", "pixel_aspect"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,33 @@ def _letters(vector: np.ndarray) -> str:
         if abs(c) >= 0.25:
             out += _AXES[axis][0] if c > 0 else _AXES[axis][1]
     return out
+
+
+def _pair(value) -> tuple[float, float] | None:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (a, b) if a > 0 and b > 0 and np.isfinite(a) and np.isfinite(b) else None
+
+
+def pixel_aspect(ds: Dataset) -> float | None:
+    """How many times taller than wide the source's pixels are shown (row spacing / column spacing): from
+    Pixel Spacing, else Imager Pixel Spacing, else the enhanced multi-frame Pixel Measures (shared, then
+    the first frame's), else Pixel Aspect Ratio (vertical \\ horizontal). ``None`` if unknown."""
+    candidates = [ds.get("PixelSpacing"), ds.get("ImagerPixelSpacing")]
+    for groups_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(groups_kw)
+        measures = groups[0].get("PixelMeasuresSequence") if groups else None
+        if measures:
+            candidates.append(measures[0].get("PixelSpacing"))
+    for value in candidates:
+        if value is not None and (pair := _pair(value)) is not None:
+            return pair[0] / pair[1]
+    ratio = ds.get("PixelAspectRatio")
+    if ratio is not None and (pair := _pair(ratio)) is not None:
+        return pair[0] / pair[1]
+    return None
 
 
 def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
@@ -157,6 +185,8 @@ def build_overlay_sc(
         raise TypeError(f"card must be an inference.api.ModelCard, not {type(card).__name__}")
     frame = check_unit_image("frame", frame)
     heatmap = check_unit_image("heatmap", heatmap)
+    if frame.shape != heatmap.shape:
+        raise ValueError(f"frame {frame.shape} and heatmap {heatmap.shape} differ in shape")
     n_frames = int(detection.heatmaps.shape[0]) if n_frames is None else int(n_frames)
     if not 0 <= frame_index < max(n_frames, 1):
         raise ValueError(f"frame_index {frame_index} is outside the sequence of {n_frames} frames")
@@ -164,6 +194,8 @@ def build_overlay_sc(
     series_uid = series_uid or info.series_instance_uid
     key = input_key(frame_refs or [(str(source_dataset.SOPInstanceUID), int(source_frame_number or 1))])
 
+    # the SC has no pixel spacing, so a viewer shows its pixels square: resample non-square source pixels
+    frame, heatmap = square_pixels(frame, heatmap, pixel_aspect(source_dataset))
     pixels = render_overlay(frame, heatmap, caption_lines(detection, card, frame_index=frame_index,
                                                           n_frames=n_frames, frame_score=frame_score,
                                                           frame_score_among=frame_score_among))

@@ -207,3 +207,42 @@ def test_frame_score_line_for_a_frame_explained_alone(dicom_corpus: Path, tmp_pa
     scored.save_as(path, enforce_file_format=True)
     errors, _ = h.dciodvfy(path)
     assert errors == [], "\n".join(errors)
+
+
+@pytest.mark.parametrize("keyword,value,aspect", [
+    ("ImagerPixelSpacing", [0.2, 0.1], 2.0),  # rows 0.2 mm apart, columns 0.1 mm: pixels twice as tall
+    ("PixelSpacing", [0.5, 1.0], 0.5),  # twice as wide
+    ("PixelAspectRatio", [4, 3], 4 / 3),  # vertical \ horizontal (ultrasound, secondary captures)
+])
+def test_non_square_pixels_are_shown_in_proportion(keyword: str, value, aspect: float, dicom_corpus: Path,
+                                                   tmp_path: Path) -> None:
+    """A viewer shows the source with its pixel spacing and the SC (which has none) with square pixels, so
+    the SC resamples non-square pixels: its image area has the source's physical proportions and the heat
+    stays on the same anatomy. It was drawn pixel for pixel, stretched against the image beside it."""
+    ds = pydicom.dcmread(dicom_corpus / h.CR_FILE)
+    for kw in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
+        if kw in ds:
+            delattr(ds, kw)
+    setattr(ds, keyword, value)
+    frame = h.windowed(ds)
+    heat = h.blob(frame.shape, cy=0.3, cx=0.7, sigma=0.06)
+    sc = build_overlay_sc(ds, frame, heat, h.detection(heat[None]), h.card())
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    errors, _ = h.dciodvfy(path)
+    assert errors == [], "\n".join(errors)
+
+    rows, cols = frame.shape
+    shown = (rows * aspect, cols) if aspect > 1 else (rows, cols / aspect)
+    ih, iw = output_size(round(shown[0]), round(shown[1]))
+    assert (ih / iw) == pytest.approx(shown[0] / shown[1], rel=0.02)
+    px = sc.pixel_array.astype(np.int16)
+    top = sc.Rows - ih
+    area = px[top:, :iw]
+    # the image area ends where the colour bar panel begins: its last column is image, grey or coloured
+    assert area.shape[:2] == (ih, iw)
+    colour = area.max(axis=2) - area.min(axis=2)
+    ys, xs = np.nonzero(colour > 60)
+    assert len(ys) > 0
+    assert ys.mean() / ih == pytest.approx(0.3, abs=0.05)
+    assert xs.mean() / iw == pytest.approx(0.7, abs=0.05)
