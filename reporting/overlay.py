@@ -133,8 +133,12 @@ def render_overlay(
     tick_label_w = cv2.getTextSize("1.0", FONT, line_h / 30.0, thickness)[0][0]
     panel_w = pad + bar_w + pad // 2 + tick_label_w + pad
     caption_h = pad + len(lines) * (line_h + pad)
-    canvas = np.zeros((caption_h + h, w + panel_w, 3), np.uint8)
-    canvas[caption_h:, :w] = image
+    # the colour bar needs room for its label, a ramp and its end ticks: a very flat image (long side capped
+    # at MAX_LONG_SIDE, so a 20 x 1000 frame is 31 rows high) gets a black band below it instead of a bar of
+    # negative height, which raised and failed the job (no SR either)
+    area_h = max(h, 2 * pad + 6 * line_h)
+    canvas = np.zeros((caption_h + area_h, w + panel_w, 3), np.uint8)
+    canvas[caption_h:caption_h + h, :w] = image
 
     # caption band
     y = pad + line_h
@@ -144,7 +148,7 @@ def render_overlay(
         y += line_h + pad
 
     # colour bar: 1.0 at the top, 0.0 at the bottom, with ticks
-    top, bottom = caption_h + pad + line_h, caption_h + h - pad - line_h // 2
+    top, bottom = caption_h + pad + line_h, caption_h + area_h - pad - line_h // 2
     x0 = w + pad
     ramp = np.linspace(1.0, 0.0, bottom - top, dtype=np.float32)[:, None].repeat(bar_w, axis=1)
     canvas[top:bottom, x0:x0 + bar_w] = colourise(ramp)
