@@ -124,8 +124,9 @@ def pixel_aspect(ds: Dataset) -> float | None:
     return None
 
 
-def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
-    """The source's (row, column) Patient Orientation, from PatientOrientation or ImageOrientationPatient.
+def patient_orientation(ds: Dataset, frame: int = 1) -> tuple[str, str] | None:
+    """The source's (row, column) Patient Orientation, from PatientOrientation or ImageOrientationPatient
+    (of an enhanced multi-frame image: its Plane Orientation, shared or of 1-based ``frame``).
 
     Scaling and padding keep the in-plane directions, so the SC inherits them. ``None`` if unknown.
     """
@@ -133,6 +134,13 @@ def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
     if po is not None and len(po) == 2 and all(str(v) and set(str(v)) <= set("LRAPHF") for v in po):
         return str(po[0]), str(po[1])
     iop = ds.get("ImageOrientationPatient")
+    if iop is None:  # an enhanced multi-frame image: the Plane Orientation functional group
+        for groups_kw, i in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", frame - 1)):
+            groups = ds.get(groups_kw)
+            plane = groups[i].get("PlaneOrientationSequence") if groups is not None and 0 <= i < len(groups) else None
+            if plane:
+                iop = plane[0].get("ImageOrientationPatient")
+                break
     if iop is not None and len(iop) == 6:
         try:
             cos = np.asarray([float(v) for v in iop], dtype=np.float64)
@@ -199,7 +207,7 @@ def build_overlay_sc(
     pixels = render_overlay(frame, heatmap, caption_lines(detection, card, frame_index=frame_index,
                                                           n_frames=n_frames, frame_score=frame_score,
                                                           frame_score_among=frame_score_among))
-    orientation = patient_orientation(source_dataset)
+    orientation = patient_orientation(source_dataset, int(source_frame_number or frame_index + 1))
     attrs = info.attributes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -246,3 +246,24 @@ def test_non_square_pixels_are_shown_in_proportion(keyword: str, value, aspect: 
     assert len(ys) > 0
     assert ys.mean() / ih == pytest.approx(0.3, abs=0.05)
     assert xs.mean() / iw == pytest.approx(0.7, abs=0.05)
+
+
+def test_patient_orientation_of_an_enhanced_multi_frame_source(dicom_corpus: Path) -> None:
+    """An enhanced multi-frame image keeps its orientation in the Plane Orientation functional group, not
+    at the top level: the SC of one of its frames has that frame's Patient Orientation (it was empty)."""
+    ct = pydicom.dcmread(dicom_corpus / "pydicom-data/eCT_Supplemental.dcm")  # shared: [-1, 0, 0, 0, 1, 0]
+    assert "ImageOrientationPatient" not in ct
+    frames = h.windowed(ct)
+    heat = h.blob(frames.shape[1:])
+    sc = build_overlay_sc(ct, frames[1], heat, h.detection(np.stack([heat, heat])), h.card(), frame_index=1,
+                          source_frame_number=2)
+    assert list(sc.PatientOrientation) == ["R", "P"]
+
+    mr = pydicom.dcmread(dicom_corpus / "pydicom-data/emri_small.dcm", stop_before_pixels=True)
+    assert patient_orientation(mr, 3) is None  # no orientation anywhere: unknown
+    sagittal = pydicom.Dataset()
+    sagittal.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    mr.PerFrameFunctionalGroupsSequence = [pydicom.Dataset() for _ in range(int(mr.NumberOfFrames))]
+    mr.PerFrameFunctionalGroupsSequence[2].PlaneOrientationSequence = [sagittal]
+    assert patient_orientation(mr, 3) == ("P", "F")  # frame 3's own
+    assert patient_orientation(mr, 2) is None
