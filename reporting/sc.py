@@ -248,6 +248,8 @@ def build_overlay_sc(
     sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. {caption_lines(detection, card)[2][0]}"[:10240]
     sc.DerivationDescription = DERIVATION_DESCRIPTION
     sc.LossyImageCompression = "00"
+    # a study list shows each series' date: without one our series had none beside the source's (Type 3)
+    sc.SeriesDate, sc.SeriesTime = sc.ContentDate, sc.ContentTime
 
     ref = Dataset()
     ref.ReferencedSOPClassUID = info.sop_class_uid

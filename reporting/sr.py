@@ -340,6 +340,8 @@ def build_sr(
             coding_schemes=coding_schemes,
         )
     current.apply_to(sr)
+    # a study list shows each series' date: without one our series had none beside the source's (Type 3)
+    sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime
     log.info("built SR %s (series %s) for source series %s, model %s %s: %s",
              sr.SOPInstanceUID, sr.SeriesInstanceUID, series_uid, card.name, card.version, detection.verdict)
     return sr

@@ -267,3 +267,13 @@ def test_patient_orientation_of_an_enhanced_multi_frame_source(dicom_corpus: Pat
     mr.PerFrameFunctionalGroupsSequence[2].PlaneOrientationSequence = [sagittal]
     assert patient_orientation(mr, 3) == ("P", "F")  # frame 3's own
     assert patient_orientation(mr, 2) is None
+
+
+def test_the_overlay_series_has_a_date(dicom_corpus: Path) -> None:
+    """The SC's series carries its date and time (those of its content) for the PACS study list; it had none."""
+    ds = pydicom.dcmread(dicom_corpus / h.DX_FILE)
+    frame = h.windowed(ds)
+    heat = h.blob(frame.shape)
+    sc = build_overlay_sc(ds, frame, heat, h.detection(heat[None]), h.card())
+    assert sc.SeriesDate == sc.ContentDate and len(str(sc.SeriesDate)) == 8
+    assert sc.SeriesTime == sc.ContentTime

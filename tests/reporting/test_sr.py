@@ -335,3 +335,11 @@ def test_legal_source_character_sets_give_a_report(path: str, charset, dicom_cor
     expected = None if declared == "ISO_IR 6" else declared
     assert back.get("SpecificCharacterSet") == expected
     assert "Impression" in h.dsrdump(out)
+
+
+def test_the_report_series_has_a_date(dx) -> None:
+    """The SR's series carries its date and time (those of its content), so that a PACS study list shows
+    when the report was made beside the source series' date; it had none."""
+    sr = build_sr([dx], h.detection(_heat(1)), h.card())
+    assert sr.SeriesDate == sr.ContentDate and len(str(sr.SeriesDate)) == 8
+    assert sr.SeriesTime == sr.ContentTime
