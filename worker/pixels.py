@@ -124,10 +124,31 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
-def _robust_window(values: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES) -> np.ndarray:
-    lo, hi = np.percentile(values, percentiles)
+def _padding_mask(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The stored pixels that are padding (Pixel Padding Value, up to Pixel Padding Range Limit; PS3.3
+    C.7.5.1.1.2), or None where there are none (or every pixel is one, which is no image to mask)."""
+    pad, limit = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
+    try:
+        values = [int(_first(v)) for v in (pad, limit) if v not in (None, "")]
+    except (TypeError, ValueError):
+        return None
+    if pad in (None, "") or not values:
+        return None
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:  # a US-read value of a signed image
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        values = [v - 2 ** bits if v >= 2 ** (bits - 1) else v for v in values]
+    lo, hi = min(values), max(values)
+    mask = (arr >= lo) & (arr <= hi)
+    return mask if mask.any() and not mask.all() else None
+
+
+def _robust_window(values: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES,
+                   padding: np.ndarray | None = None) -> np.ndarray:
+    """``values`` onto [0, 1] between two percentiles of the pixels that are not ``padding``."""
+    sample = values[~padding] if padding is not None else values
+    lo, hi = np.percentile(sample, percentiles)
     if not hi > lo:
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = float(sample.min()), float(sample.max())
     if not hi > lo:
         return np.zeros_like(values)
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
@@ -169,7 +190,8 @@ def _lut_lookup(values: np.ndarray, ds: Dataset, item: Dataset) -> np.ndarray:
     return table[index]
 
 
-def _voi(values: np.ndarray, ds: Dataset, index: int, rescaled: bool) -> np.ndarray:
+def _voi(values: np.ndarray, ds: Dataset, index: int, rescaled: bool,
+         padding: np.ndarray | None = None) -> np.ndarray:
     center, width, function = ds.get("WindowCenter"), ds.get("WindowWidth"), ds.get("VOILUTFunction", "")
     if center is None or width is None:
         item = _functional_item(ds, index, "FrameVOILUTSequence")
@@ -200,8 +222,8 @@ def _voi(values: np.ndarray, ds: Dataset, index: int, rescaled: bool) -> np.ndar
         if rendered is not None:
             return rendered
     if str(ds.get("Modality", "")).upper() in MIN_MAX_MODALITIES:
-        return _robust_window(values, (0.0, 100.0))
-    return _robust_window(values)
+        return _robust_window(values, (0.0, 100.0), padding)
+    return _robust_window(values, padding=padding)
 
 
 def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
@@ -226,9 +248,15 @@ def frame_to_unit(arr: np.ndarray, ds: Dataset, index: int = 0) -> np.ndarray:
     if photometric in _COLOUR or photometric == "PALETTE COLOR" or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
         return _to_grey(arr, ds, photometric)
     values, rescaled = _modality_lut(arr, ds, index)
-    out = _voi(values, ds, index, rescaled)
+    # padding (the outside of a CT's round field, a detector's masked border) is no part of the image: the
+    # fallback windows are measured without it (a -2000 padding stretched an MR's minimum-to-maximum window
+    # to twice the anatomy's range, washing it out), and it is shown black
+    padding = _padding_mask(arr, ds)
+    out = _voi(values, ds, index, rescaled, padding)
     if photometric == "MONOCHROME1":
         out = 1.0 - out
+    if padding is not None:
+        out = np.where(padding, 0.0, out)
     return out
 
 
