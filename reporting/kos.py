@@ -67,6 +67,8 @@ def build_rejection_note(source: Dataset, rejected: Sequence[RejectedObject], ca
         ref.SeriesInstanceUID, ref.SOPClassUID = obj.series_instance_uid, obj.sop_class_uid
         ref.SOPInstanceUID = obj.sop_instance_uid
         info.apply_to(ref)
+        if "SpecificCharacterSet" in ref:  # highdicom checks evidence[0]'s against a list that lacks legal
+            del ref.SpecificCharacterSet  # values ("\\ISO 2022 IR 87"); the note gets it from apply_to below
         referenced.append(ref)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derive_uid(ae_title, card.name, card.version, DEVICE_OBSERVER),
@@ -93,6 +95,7 @@ def build_rejection_note(source: Dataset, rejected: Sequence[RejectedObject], ca
             transfer_syntax_uid=ExplicitVRLittleEndian,
         )
     note.SeriesDescription = KOS_SERIES_DESCRIPTION
+    note.SeriesDate, note.SeriesTime = note.ContentDate, note.ContentTime  # a study list shows series dates
     info.apply_to(note)
     log.info("built rejection note %s for source series %s, model %s %s: %d earlier objects", note.SOPInstanceUID,
              series_uid, card.name, card.version, len(referenced))

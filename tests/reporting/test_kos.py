@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pydicom
@@ -64,3 +65,17 @@ def test_nothing_to_reject_or_a_bad_uid_is_refused(earlier) -> None:
     with pytest.raises(ValueError, match="sop_instance_uid"):
         build_rejection_note(source, [RejectedObject(str(sr.SeriesInstanceUID), Comprehensive3DSRStorage, "x.1")],
                              h.card(), frame_refs=[(str(source.SOPInstanceUID), 1)])
+
+
+@pytest.mark.parametrize("charset", [["", "ISO 2022 IR 87"], "ISO_IR 6", "ISO_IR 192", "ISO_IR 100"])
+def test_legal_source_character_sets_give_a_note(earlier, charset, tmp_path: Path) -> None:
+    # highdicom took the note's character set from the first referenced object and refused "\ISO 2022 IR 87"
+    source, sr, _ = earlier
+    source = copy.deepcopy(source)
+    source.SpecificCharacterSet = charset
+    note = build_rejection_note(source, _rejected(sr), h.card(), frame_refs=[(str(source.SOPInstanceUID), 1)])
+    assert note.SeriesDate == note.ContentDate
+    path = tmp_path / "note.dcm"
+    note.save_as(path, enforce_file_format=True)
+    errors, _ = h.dciodvfy(path)
+    assert errors == [], "\n".join(errors)
