@@ -555,7 +555,60 @@ _JOB_STATES = {s.value for s in JobState}
 _OUTBOX_STATES = {s.value for s in OutboxState}
 
 
+#: seconds a dashboard connection may stay silent (a request not sent in full, a TLS handshake not finished)
+#: before it is closed; without it every such connection held a thread and a file descriptor for ever
+REQUEST_TIMEOUT_S = 30.0
+#: connections served at once; more are refused at once (503 on plain HTTP). A client that opened a
+#: thousand silent connections used up the process's file descriptors (1024 under systemd's default), and
+#: the DICOM listener, the database and /healthz failed with it
+MAX_CONNECTIONS = 64
+
+
 class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        self.tls = False  # set once the socket is wrapped: no plain-text 503 on a TLS connection
+        self._refused = 0
+        self._refused_logged_at: float | None = None
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection while fewer than ``max_connections`` are open; else it is closed."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: its slot is free again
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request, client_address) -> None:
+        import time
+
+        self._refused += 1
+        now = time.monotonic()
+        if self._refused_logged_at is None or now - self._refused_logged_at >= 60:  # one line a minute at most
+            log.warning("dashboard: %d connections open (the most served at once); refused %d connection(s), "
+                        "the latest from %s", self.max_connections, self._refused, client_address[0])
+            self._refused, self._refused_logged_at = 0, now
+        if not self.tls:
+            try:
+                request.setblocking(False)  # a few bytes into an empty send buffer; never wait for the client
+                request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError as exc:
+                log.debug("dashboard: could not answer a refused connection: %s", exc)
+        self.shutdown_request(request)
+
     def handle_error(self, request, client_address) -> None:
         """One log line for a connection that failed (a plain-HTTP client on the HTTPS port, a reset),
         not socketserver's traceback on stderr."""
@@ -569,8 +622,10 @@ class _HttpServer(ThreadingHTTPServer):
 class DashboardServer:
     def __init__(self, settings, session_factory, retry: Callable[[int], Any], cancel: Callable[[int], Any],
                  resend: Callable[[int], Any] | None = None,
-                 health: Callable[[], dict[str, str | None]] | None = None):
+                 health: Callable[[], dict[str, str | None]] | None = None, *,
+                 max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT_S):
         self.settings = settings
+        self.request_timeout = request_timeout
         self.sf = session_factory
         self.health = health
         secret = settings.dashboard_password
@@ -580,10 +635,11 @@ class DashboardServer:
         self.registry.register(_DbCollector(session_factory))
         self.registry.register(_DiskCollector(settings))
         handler = self._make_handler(retry, cancel, resend or (lambda item_id: resend_item(session_factory, item_id)))
-        self.httpd = _HttpServer((settings.dashboard_host, settings.dashboard_port), handler)
+        self.httpd = _HttpServer((settings.dashboard_host, settings.dashboard_port), handler, max_connections)
         tls = dashboard_context(settings)
         if tls is not None:  # the handshake happens in the request's thread, not in the accepting one
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+            self.httpd.tls = True
         self.scheme = "https" if tls is not None else "http"
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard", daemon=True)
@@ -603,6 +659,8 @@ class DashboardServer:
                    ("quarantine", "retry"): lambda item_id: retry_quarantined_item(server.settings, server.sf, item_id)}
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = server.request_timeout  # a silent client is dropped, not waited for (socket timeout)
+
             def log_message(self, fmt, *args):  # route through logging, not stderr
                 log.debug("dashboard: " + fmt, *args)
 

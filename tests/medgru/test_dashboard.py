@@ -784,3 +784,70 @@ def test_healthz_answers_head_for_load_balancers(make_settings):
         assert head("/")[0] == 405
     finally:
         server.stop()
+
+
+def _silent_connection(port: int) -> "socket.socket":
+    """A connection that sends half a request and then nothing (a slow or hostile client)."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return s
+
+
+def test_a_silent_connection_is_closed(make_settings):
+    """A client that never finishes its request held a thread and a file descriptor of the service for
+    ever; the dashboard now closes it after its request timeout."""
+    import socket
+
+    settings = make_settings(dashboard_port=0)
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None,
+                             request_timeout=0.5).start()
+    try:
+        s = _silent_connection(server.port)
+        try:
+            assert s.recv(100) == b""  # closed by the server (before: no answer, the recv timed out)
+        except socket.timeout:
+            pytest.fail("the dashboard kept a silent connection open")
+        finally:
+            s.close()
+        assert _get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_connections_beyond_the_most_served_at_once_are_refused(make_settings):
+    """A thousand silent connections to the dashboard used up the process's file descriptors (1024 under
+    systemd), and the DICOM listener and the database failed with them. Connections beyond
+    ``max_connections`` are answered 503 and closed; once the others go, the dashboard answers again."""
+    import socket
+    import time
+
+    settings = make_settings(dashboard_port=0)
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None,
+                             max_connections=2, request_timeout=60).start()
+    try:
+        held = [_silent_connection(server.port) for _ in range(2)]
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+        extra.sendall(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while chunk := extra.recv(4096):
+            answer += chunk
+        extra.close()
+        assert answer.startswith(b"HTTP/1.0 503"), answer[:80]
+        for s in held:
+            s.close()
+        status = None
+        for _ in range(100):  # the server sees the closed connections and frees their slots
+            time.sleep(0.05)
+            try:
+                status = _get(f"http://127.0.0.1:{server.port}/healthz")[0]
+            except (urllib.error.URLError, ConnectionError):
+                continue
+            if status == 200:
+                break
+        assert status == 200
+    finally:
+        server.stop()
