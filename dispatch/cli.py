@@ -12,7 +12,7 @@ import argparse
 import logging
 
 from dispatch.admin import outbox_rows, resend_items
-from medgru.tables import format_table, open_database, row_id, when_iso
+from medgru.tables import format_table, open_database, printable, row_id, when_iso
 from storage.models import OutboxState
 
 _STATES = [s.value for s in OutboxState]
@@ -67,7 +67,7 @@ def _resend(args, settings) -> int:
         return 0
     ok, refused = resend_items(sf, args.item_ids)
     for exc in refused.values():
-        print(f"cannot resend: {exc.args[0]}")
+        print(f"cannot resend: {printable(exc.args[0])}")
     if ok:
         print(f"{len(ok)} failed item(s) back to pending: {', '.join(map(str, ok))}")
     return 1 if refused else 0
@@ -94,5 +94,5 @@ def _echo(args, settings) -> int:
         if not reports:
             print("medgru echo: no destination configured (MEDGRU_DESTINATION, MEDGRU_ROUTES) and none given")
             return 2
-    print("\n\n".join(f"[{why}] " + "\n".join(report.lines()) for why, report in reports))
+    print("\n\n".join(printable(f"[{why}] " + "\n".join(report.lines()), lines=True) for why, report in reports))
     return 0 if all(report.ok for _, report in reports) else 1

@@ -6,6 +6,7 @@ They print ids, states, UIDs, calling AE titles and our own reasons; never patie
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -40,9 +41,27 @@ def open_database(settings):
     return make_session_factory(init_db(settings.effective_database_url))
 
 
+#: what a terminal acts on instead of showing: C0 controls (ESC starts a colour, a screen clear, a window
+#: title or a hyperlink; BEL, backspace, carriage return overwrite), DEL, C1 controls (0x9B is a one-byte
+#: CSI) and the invisible format characters that reorder or hide text (bidi overrides, zero-width)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+_CONTROL_KEEP_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+
+
+def printable(value: Any, *, lines: bool = False) -> str:
+    """``value`` as text safe to print on an admin's terminal: every control character (see
+    :data:`_CONTROL`) written as ``\\xNN`` / ``\\uNNNN``. The values come from outside (a modality's body
+    part or modality, a PACS's error comment, a refusal reason): ``ESC[2J`` in BodyPartExamined cleared the
+    screen of ``medgru jobs list``, ``ESC]8;;URL`` made a link. ``lines``: keep newlines and tabs (a
+    multi-line error in ``show``)."""
+    text = "" if value is None else str(value)
+    pattern = _CONTROL_KEEP_LINES if lines else _CONTROL
+    return pattern.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table: columns padded to their widest cell."""
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    """A plain text table: columns padded to their widest cell; control characters escaped (:func:`printable`)."""
+    cells = [[printable(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
@@ -61,7 +80,7 @@ def when_iso(iso: str | None, *, minutes: bool = False) -> str:
 
 
 def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
-    """``key  value`` lines, keys padded to the longest."""
+    """``key  value`` lines, keys padded to the longest; control characters escaped (:func:`printable`)."""
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
-        print(f"{key.ljust(width)}  {'' if value is None else value}")
+        print(f"{key.ljust(width)}  {printable(value, lines=True)}")

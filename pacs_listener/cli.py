@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from medgru.tables import format_table, open_database, print_fields, row_id, when_iso
+from medgru.tables import format_table, open_database, print_fields, printable, row_id, when_iso
 from pacs_listener.quarantine import quarantine_detail, quarantine_rows
 
 
@@ -54,7 +54,7 @@ def _retry(args, settings) -> int:
     sf = open_database(settings)
     outcomes = retry_quarantined(settings, sf, None if args.all else args.item_ids)
     for o in outcomes:
-        print(f"{o.item_id}: {o.message}")
+        print(f"{o.item_id}: {printable(o.message)}")
     stored = sum(o.stored for o in outcomes)
     print(f"{stored} of {len(outcomes)} stored")
     return 0 if stored == len(outcomes) else 1

@@ -9,7 +9,7 @@ import argparse
 
 from sqlalchemy import select
 
-from medgru.tables import format_table, open_database, print_fields, row_id, when
+from medgru.tables import format_table, open_database, print_fields, printable, row_id, when
 from storage.models import Job, JobState
 
 _STATES = [s.value for s in JobState]
@@ -102,7 +102,7 @@ def _retry(args, settings) -> int:
         try:
             retry_job(sf, app, job_id, rerun_succeeded=args.rerun)
         except (KeyError, ValueError) as exc:
-            print(f"cannot retry: {exc.args[0] if exc.args else exc}"
+            print(f"cannot retry: {printable(exc.args[0] if exc.args else exc)}"
                   + ("" if args.rerun else " (--rerun re-runs a succeeded job)"))
             refused += 1
         else:
@@ -117,7 +117,7 @@ def _cancel(args, settings) -> int:
     try:
         cancel_job(sf, args.job_id)
     except (KeyError, ValueError) as exc:
-        print(f"cannot cancel: {exc.args[0] if exc.args else exc}")
+        print(f"cannot cancel: {printable(exc.args[0] if exc.args else exc)}")
         return 1
     print(f"job {args.job_id} cancelled")
     return 0

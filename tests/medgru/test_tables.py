@@ -1,0 +1,68 @@
+"""The admin commands' text output (:mod:`medgru.tables`): values from outside cannot drive the terminal."""
+
+from __future__ import annotations
+
+import pytest
+
+from medgru.cli import main
+from medgru.tables import format_table, print_fields, printable
+from storage.db import init_db, make_session_factory
+from storage.models import Job, JobState, Patient, QuarantineItem, SequenceRecord, Series, Study
+
+#: what a modality or a PACS may put in a value we print: a screen clear and red text, a window title, a
+#: terminal hyperlink, a one-byte CSI (C1), a bidi override, a carriage return that overwrites the line
+HOSTILE = ["\x1b[2J\x1b[31mRED", "\x1b]0;title\x07", "\x1b]8;;http://evil.example/\x07click\x1b]8;;\x07",
+           "\x9b2J", "abc\u202edef", "ok\rfailed"]
+CONTROLS = ["\x1b", "\x07", "\x9b", "\u202e", "\r"]
+
+
+def test_printable_escapes_what_a_terminal_would_act_on():
+    for value in HOSTILE:
+        shown = printable(value)
+        assert not any(c in shown for c in CONTROLS), repr(shown)
+    assert printable("\x1b[2J") == "\\x1b[2J"
+    assert printable("a\nb") == "a\\x0ab"  # a table cell stays on its line
+    assert printable("a\nb\tc", lines=True) == "a\nb\tc"
+    assert printable("1.2.840.10008 MR BRAIN é") == "1.2.840.10008 MR BRAIN é"
+    assert printable(None) == ""
+
+
+def test_table_and_fields_print_no_control_characters(capsys):
+    table = format_table(["A", "B"], [[v, 1] for v in HOSTILE])
+    assert not any(c in table for c in CONTROLS)
+    assert "\\x1b[2J" in table
+    print_fields([(f"k{i}", v) for i, v in enumerate(HOSTILE)])
+    out = capsys.readouterr().out
+    assert not any(c in out for c in CONTROLS)
+
+
+@pytest.fixture
+def hostile_home(make_settings, cli_env):
+    """A home whose database holds a series with escape sequences in its modality and body part (CS values
+    from the modality) and a quarantined instance whose reason and calling AE carry them."""
+    settings = make_settings()
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    with sf() as s:
+        st = Study(study_uid="1.2.3", patient=Patient(patient_id="P1"))
+        se = Series(series_uid="1.2.3.4", study=st, modality="MR\x1b[2J",
+                    body_part="\x1b]8;;http://evil.example/\x07CLICK\x1b]8;;\x07")
+        seq = SequenceRecord(series=se, frame_refs=[["1.2.3.4.1", 1]], n_frames=1)
+        s.add_all([Job(sequence=seq, state=JobState.NOT_PROCESSED,
+                       reason="no model covers modality MR\x1b[2J, body part \x1b[31mRED"),
+                   QuarantineItem(path="2026-01-01/x.dcm", reason="bad value \x1b[2J\x9b31m",
+                                  sop_instance_uid="1.2.3.9", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                                  calling_ae="MOD\x1b[5m", status_code=0xA900)])
+        s.commit()
+    cli_env.setenv("MEDGRU_HOME", str(settings.home))
+    return settings
+
+
+@pytest.mark.parametrize("argv", [["jobs", "list"], ["jobs", "show", "1"], ["quarantine", "list"],
+                                  ["quarantine", "show", "1"]])
+def test_admin_commands_print_no_escape_sequences_from_the_data(hostile_home, argv, capsys):
+    """``ESC[2J`` in a series' body part cleared the admin's screen in ``medgru jobs list`` and ``ESC]8;;``
+    made a link in their terminal: the commands print such values escaped."""
+    main(argv)
+    out = capsys.readouterr().out
+    assert out.strip()
+    assert not any(c in out for c in CONTROLS), repr(out)
