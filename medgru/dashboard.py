@@ -257,6 +257,8 @@ protocol, processing): the threshold was calibrated at a false-positive rate on 
 
 #: rows of the outbox and quarantine tables on the page (the CLI and the JSON API list more)
 PAGE_SECTION_ROWS = 20
+#: jobs on one page of the dashboard (and of /api/jobs); older ones on the next page (``?before=<id>``)
+PAGE_JOB_ROWS = 100
 
 
 def _outbox_table(items: list[dict[str, Any]]) -> str:
@@ -329,7 +331,33 @@ def _job_buttons(job_id: int, state: JobState) -> str:
     return ""
 
 
-def render_page(settings, session, state: str | None = None, find: str | None = None) -> str:
+def _jobs_heading(s, rows, more: bool, state: str | None, find: str | None, before: int | None) -> str:
+    """The title of the jobs table: which jobs, how many of how many, and links to older and newest ones.
+    A filter's page showed the latest 100 of 300 failed jobs as if they were all of them, and the other
+    200 could not be reached."""
+    from urllib.parse import urlencode
+
+    title = f"Jobs: {html.escape(state)}" if state else "Jobs"
+    if find:
+        title += f" of {html.escape(find)}"
+    if before is not None:
+        title += f", older than job {before}"
+    if find or before is not None:
+        title += f" ({len(rows)}{' shown, more below' if more else ''})" if rows else ""
+    else:
+        total = s["jobs"][state] if state else sum(s["jobs"].values())
+        title += f" (the latest {len(rows)} of {total})" if more or total > len(rows) else f" ({total})"
+    links = []
+    base = {k: v for k, v in (("state", state), ("q", find)) if v}
+    if before is not None:
+        links.append(f'<a href="/?{html.escape(urlencode(base))}">newest</a>')
+    if more and rows:
+        links.append(f'<a href="/?{html.escape(urlencode(base | {"before": rows[-1]["id"]}))}">older jobs</a>')
+    return title + (f' <span class="sub">{" · ".join(links)}</span>' if links else "")
+
+
+def render_page(settings, session, state: str | None = None, find: str | None = None,
+                before: int | None = None) -> str:
     s = summary(session)
     cards = "".join(
         f'<a class="card{" on" if k == state else ""}{" alert" if k == "failed" and v else ""}" '
@@ -341,7 +369,9 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
     cards += f'<a class="card{failed_cls}" href="#outbox">outbox failed<b>{s["outbox"]["failed"]}</b></a>'
     cards += f'<a class="card" href="#quarantine">quarantined<b>{s["quarantine"]}</b></a>'
     out = []
-    for r in job_rows(session, state=state, find=find):
+    rows = job_rows(session, state=state, find=find, before=before, limit=PAGE_JOB_ROWS + 1)
+    more, rows = len(rows) > PAGE_JOB_ROWS, rows[:PAGE_JOB_ROWS]
+    for r in rows:
         actions = _job_buttons(r["id"], JobState(r["state"]))
         verdict = r["verdict"] or ""
         out.append(
@@ -355,9 +385,7 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
         )
     unsent = outbox_rows(session, states=(OutboxState.FAILED, OutboxState.PENDING), limit=PAGE_SECTION_ROWS)
     unsent.sort(key=lambda r: r["state"] != OutboxState.FAILED.value)  # failed first, each newest first
-    jobs_title = f"Jobs: {html.escape(state)}" if state else "Jobs: the latest 100"
-    if find:
-        jobs_title += f" of {html.escape(find)}"
+    jobs_title = _jobs_heading(s, rows, more, state, find, before)
     if find and not out:
         out.append('<tr><td colspan="14" class="none">No job for this series, study, accession number or '
                    'SOP instance.</td></tr>')
@@ -736,16 +764,21 @@ class DashboardServer:
                 if error:
                     return self._send(400, f"{error}\n".encode(), "text/plain")
                 find = (parse_qs(query).get("q") or [""])[0].strip()[:128] or None
+                before_text = (parse_qs(query).get("before") or [""])[0]
+                if before_text and not re.fullmatch(r"\d{1,10}", before_text):
+                    return self._send(400, b"before: a job id\n", "text/plain")
+                before = min(int(before_text), MAX_ROW_ID + 1) if before_text else None
                 with server.sf() as session:
-                    if path == "/api/jobs":
-                        return self._json({"summary": summary(session),
-                                           "jobs": job_rows(session, state=state, find=find)})
+                    if path == "/api/jobs":  # a page of PAGE_JOB_ROWS; "before" the next one (the last id)
+                        rows = job_rows(session, state=state, find=find, before=before, limit=PAGE_JOB_ROWS + 1)
+                        return self._json({"summary": summary(session), "jobs": rows[:PAGE_JOB_ROWS],
+                                           "more": len(rows) > PAGE_JOB_ROWS})
                     if path == "/api/outbox":
                         states = (OutboxState(state),) if state else None
                         return self._json({"items": outbox_rows(session, states=states, limit=100)})
                     if path == "/api/quarantine":
                         return self._json({"items": quarantine_rows(session, limit=100)})
-                    page = render_page(server.settings, session, state=state, find=find)
+                    page = render_page(server.settings, session, state=state, find=find, before=before)
                 return self._send(200, page.encode(), "text/html; charset=utf-8")
 
             def do_HEAD(self):

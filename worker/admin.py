@@ -122,16 +122,19 @@ def format_frame_scores(scores, threshold: float, context: int = 0) -> str:
     return f"{cells}  ({above} of {len(judged)} judged frames above the threshold, *{prior})"
 
 
-def jobs_query(*, state: str | None = None, find: str | None = None, limit: int = 100):
+def jobs_query(*, state: str | None = None, find: str | None = None, limit: int = 100, before: int | None = None):
     """``select(Job, SequenceRecord, Series)``, newest first: the jobs in ``state`` and, with ``find``, those
     of the series, study, accession number or SOP instance it names (exact match; what a radiologist or
-    the PACS reports when asking "did the AI see this study?")."""
+    the PACS reports when asking "did the AI see this study?"). ``before``: only jobs with a smaller id (the
+    next page of a list that stopped at that job)."""
     q = (select(Job, SequenceRecord, Series)
          .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
          .join(Series, SequenceRecord.series_fk == Series.id)
          .order_by(Job.id.desc()).limit(max(1, limit)))
     if state:
         q = q.where(Job.state == JobState(state))
+    if before is not None:
+        q = q.where(Job.id < before)
     if find:
         value = find.strip()
         q = q.join(Study, Series.study_fk == Study.id).where(or_(
@@ -158,12 +161,13 @@ def delivery_by_result(session, result_ids: list[int]) -> dict[int, str]:
     return out
 
 
-def job_rows(session, limit: int = 100, state: str | None = None, find: str | None = None) -> list[dict[str, Any]]:
+def job_rows(session, limit: int = 100, state: str | None = None, find: str | None = None,
+             before: int | None = None) -> list[dict[str, Any]]:
     """The jobs of :func:`jobs_query`, each with its latest result, as dicts (``medgru jobs list``, the
     dashboard and its JSON API). Three queries however many jobs: the jobs, their latest results, and
     where those results' objects are."""
     rows = []
-    found = session.execute(jobs_query(state=state, find=find, limit=limit)).all()
+    found = session.execute(jobs_query(state=state, find=find, limit=limit, before=before)).all()
     latest_ids = (select(func.max(Result.id)).where(Result.job_fk.in_([job.id for job, _, _ in found]))
                   .group_by(Result.job_fk))
     latest = {r.job_fk: r for r in session.scalars(select(Result).where(Result.id.in_(latest_ids)))}

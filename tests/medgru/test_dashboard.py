@@ -851,3 +851,42 @@ def test_connections_beyond_the_most_served_at_once_are_refused(make_settings):
         assert status == 200
     finally:
         server.stop()
+
+
+def test_every_job_of_a_filter_can_be_reached_page_by_page(dash):
+    """With 300 failed jobs the card said 300 and its page listed the latest 100 under "Jobs: failed", as if
+    they were all, with no way to the other 200. The page says how many it shows of how many, and links to
+    the older ones until every job has been listed; /api/jobs pages the same way."""
+    import re
+
+    settings, sf, base = dash
+    with sf() as s:
+        seq = s.scalars(select(SequenceRecord)).first()
+        s.add_all([Job(sequence=seq, state=JobState.FAILED, last_error=f"failure {i}") for i in range(250)])
+        s.commit()
+        failed = set(s.scalars(select(Job.id).where(Job.state == JobState.FAILED)))
+    assert len(failed) == 251
+
+    seen: list[int] = []
+    url = base + "/?state=failed"
+    for _ in range(10):
+        _, _, page = _get(url)
+        if not seen:
+            assert "the latest 100 of 251" in page
+        seen += [int(i) for i in re.findall(r'<td><a href="/jobs/(\d+)">', page)]
+        older = re.search(r'<a href="(/\?[^"]*before=\d+[^"]*)">older jobs</a>', page)
+        if older is None:
+            break
+        url = base + older[1].replace("&amp;", "&")
+    assert len(seen) == len(set(seen)) and set(seen) == failed
+
+    api: list[int] = []
+    url = base + "/api/jobs?state=failed"
+    while True:
+        data = json.loads(_get(url)[2])
+        api += [j["id"] for j in data["jobs"]]
+        if not data.get("more"):
+            break
+        url = base + f"/api/jobs?state=failed&before={api[-1]}"
+    assert sorted(api) == sorted(failed)
+    assert _request(base + "/?before=x")[0] == 400
