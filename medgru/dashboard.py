@@ -220,7 +220,14 @@ class _DiskCollector:
 
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MedGRU worker</title>
-<meta http-equiv="refresh" content="5">
+<noscript><meta http-equiv="refresh" content="5"></noscript>
+<script>
+// every 5 s, as a meta refresh did, but not while the admin types in the search box: the refresh emptied it
+setInterval(function () {{
+  var q = document.querySelector('input[name=q]');
+  if (!q || (document.activeElement !== q && q.value === q.defaultValue)) location.reload();
+}}, 5000);
+</script>
 <style>
 body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} h1{{font-size:20px;margin:0 0 4px}}
 h2{{font-size:16px;margin:22px 0 6px}} .sub{{color:#666;margin-bottom:16px}}

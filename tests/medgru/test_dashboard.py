@@ -890,3 +890,19 @@ def test_every_job_of_a_filter_can_be_reached_page_by_page(dash):
         url = base + f"/api/jobs?state=failed&before={api[-1]}"
     assert sorted(api) == sorted(failed)
     assert _request(base + "/?before=x")[0] == 400
+
+
+def test_the_page_does_not_refresh_away_what_the_admin_types(dash):
+    """The page refreshed itself every 5 s with a meta refresh, which emptied the search box while the
+    admin typed a UID into it. The refresh is a script that skips a refresh while the box has the focus or
+    holds an edit; only a browser without scripts refreshes unconditionally (meta refresh in noscript)."""
+    import re
+
+    _, _, base = dash
+    _, _, page = _get(base + "/")
+    head = page.split("</head>")[0]
+    outside_noscript = re.sub(r"<noscript>.*?</noscript>", "", head, flags=re.S)
+    assert 'http-equiv="refresh"' not in outside_noscript
+    script = re.search(r"<script>(.*?)</script>", head, re.S)[1]
+    assert "input[name=q]" in script and "activeElement" in script and "defaultValue" in script
+    assert 'name="q"' in page
