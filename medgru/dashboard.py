@@ -80,11 +80,14 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 #: sent with every response: no page elsewhere may frame the dashboard (clickjacking: the admin's click on
-#: an invisible frame would post with the dashboard's own Origin), and no body is sniffed as another type
+#: an invisible frame would post with the dashboard's own Origin), no body is sniffed as another type, and
+#: nothing is kept in the browser's cache (the overlay PNG is a patient's image, the pages name studies:
+#: on a shared workstation they stayed on disk after the admin had gone)
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
 }
 
 

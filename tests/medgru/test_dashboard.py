@@ -299,6 +299,19 @@ def test_no_response_may_be_framed_by_another_page(dash):
         assert h["X-Content-Type-Options"] == "nosniff", (path, method, status)
     assert seen == {200, 403, 404, 421, 501}
 
+
+def test_no_response_is_kept_in_the_browser_cache(dash):
+    """The overlay PNG is a patient's image and the pages name studies; without ``Cache-Control: no-store``
+    a browser on a shared workstation kept them on disk after the admin had gone."""
+    _, _, base = dash
+    for path in ("/", "/jobs/1", "/api/jobs", "/metrics", "/jobs/1/overlay.png", "/nothing"):
+        try:
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                headers = r.headers
+        except urllib.error.HTTPError as e:
+            headers = e.headers
+        assert headers["Cache-Control"] == "no-store", path
+
 def test_an_id_too_large_for_the_database_is_not_found(make_settings, database_url):
     """An id of 20 digits overflowed SQLite's 64-bit integer, one of 2**31 PostgreSQL's INTEGER, and the
     connection dropped with no answer: an id larger than the tables' keys can hold is not found (404)."""
