@@ -499,17 +499,28 @@ def cross_site(headers) -> str | None:
     """Why a POST with these request headers comes from another site, or ``None`` if it does not.
 
     A browser sends ``Origin`` with every form POST; it must name the host the request was sent to. Where
-    there is no ``Origin`` (older browsers), ``Sec-Fetch-Site`` must not be ``cross-site``. Clients that
-    send neither (curl, scripts on the admin's machine) are allowed."""
+    there is no ``Origin`` (older browsers), ``Sec-Fetch-Site`` must not be ``cross-site`` or ``same-site``
+    (another origin of the same site: another port of this host), and a ``Referer`` must name this host:
+    a browser that sent no ``Origin`` still said where the form was, and a page elsewhere was served.
+    Clients that send none of them (curl, scripts on the admin's machine) are allowed."""
+    host = headers.get("Host", "")
     origin = headers.get("Origin")
     if origin is not None:
-        host = headers.get("Host", "")
         netloc = urlsplit(origin).netloc if origin != "null" else ""
         if not netloc or netloc.lower() != host.lower():
-            return f"Origin {origin!r} is not this dashboard ({host})"
+            return f"Origin {origin[:100]!r} is not this dashboard ({host[:100]})"
         return None
-    if headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
-        return "Sec-Fetch-Site is cross-site"
+    site = headers.get("Sec-Fetch-Site", "").lower()
+    if site in ("cross-site", "same-site"):
+        return f"Sec-Fetch-Site is {site}"
+    referer = headers.get("Referer")
+    if referer is not None:
+        try:
+            netloc = urlsplit(referer).netloc
+        except ValueError:
+            netloc = ""
+        if not netloc or netloc.lower() != host.lower():
+            return f"Referer {referer[:100]!r} is not this dashboard ({host[:100]})"
     return None
 
 

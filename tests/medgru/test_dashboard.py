@@ -173,7 +173,14 @@ def test_actions_from_another_site_are_refused(dash):
     with sf() as s:  # nothing changed
         assert s.get(Job, 2).state == JobState.FAILED and s.get(Job, 3).state == JobState.QUEUED
         assert s.get(OutboxItem, 2).state == OutboxState.FAILED
+    # a browser that sends no Origin: its Referer or Sec-Fetch-Site says where the form was
+    assert _post(base + "/jobs/2/retry", {"Referer": "http://evil.example/page"}) == 403
+    assert _post(base + "/jobs/2/retry", {"Referer": f"http://{host}.evil.example/"}) == 403
+    assert _post(base + "/jobs/3/cancel", {"Sec-Fetch-Site": "same-site"}) == 403  # another port of this host
+    with sf() as s:
+        assert s.get(Job, 2).state == JobState.FAILED and s.get(Job, 3).state == JobState.QUEUED
     # the dashboard's own form (same origin) and a client without browser headers are served
+    assert _post(base + "/jobs/2/retry", {"Referer": f"http://{host}/?state=failed"}) in (200, 303)
     assert _post(base + "/jobs/3/cancel", {"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}) in (200, 303)
     assert _post(base + "/outbox/2/resend") in (200, 303)
 
