@@ -586,6 +586,17 @@ def check_basic_auth(header: str, user: str, password: str) -> bool:
     return hmac.compare_digest(given, f"{user}:{password}".encode())
 
 
+def basic_auth_user(header: str) -> str:
+    """The user name an ``Authorization: Basic`` header gives (at most 64 characters), for the log; ``""``
+    when there is none."""
+    scheme, _, token = header.partition(" ")
+    try:
+        given = base64.b64decode(token.strip(), validate=True) if scheme.lower() == "basic" else b""
+    except (binascii.Error, ValueError):
+        return ""
+    return given.partition(b":")[0].decode("utf-8", "replace")[:64]
+
+
 def _state_param(query: str, allowed: set[str]) -> tuple[str | None, str | None]:
     """``(state, error)`` from a ``?state=`` query string."""
     values = parse_qs(query).get("state", [])
@@ -733,9 +744,12 @@ class DashboardServer:
 
             def _authorised(self) -> bool:
                 """HTTP Basic against the settings' user and password, when a password is set; else 401."""
-                if server.password is None or check_basic_auth(self.headers.get("Authorization", ""),
-                                                               server.settings.dashboard_user, server.password):
+                given = self.headers.get("Authorization", "")
+                if server.password is None or check_basic_auth(given, server.settings.dashboard_user, server.password):
                     return True
+                if given:  # a wrong user or password (a browser's first request, with none, is not logged)
+                    log.warning("dashboard: wrong user or password (user %r) for %s %s from %s", basic_auth_user(given),
+                                self.command, self.path[:100], self.client_address[0])
                 self._send(401, b"authentication required\n", "text/plain",
                            {"WWW-Authenticate": 'Basic realm="MedGRU worker", charset="UTF-8"'})
                 return False

@@ -454,6 +454,11 @@ def test_a_password_guards_every_page_but_healthz(make_settings, caplog):
     finally:
         server.stop()
     assert any(r.getMessage() == "dashboard: retry jobs 1 by admin from 127.0.0.1" for r in caplog.records)
+    # a guessed password is in the log (who, from where), the password itself is not
+    failed = [r.getMessage() for r in caplog.records if "wrong user or password" in r.getMessage()]
+    assert any("user 'root'" in m and "GET /metrics from 127.0.0.1" in m for m in failed), failed
+    assert len(failed) == 6 and not any("wrong" in m.partition("(")[2].partition(")")[0] for m in failed)
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)
 
 
 def test_settings_refuse_a_dashboard_open_to_other_hosts_without_a_password(make_settings):
