@@ -7,7 +7,10 @@ listener and the worker) therefore
 
 * adds a filter to the ``pydicom`` logger that replaces every quoted value in its messages by ``'…'`` and,
   while a thread is inside :func:`instance_context`, prefixes the message with that SOP Instance UID;
-* ignores pydicom's ``UserWarning`` copies of those messages (they would reach stderr with the values).
+* ignores pydicom's ``UserWarning`` copies of those messages (they would reach stderr with the values);
+* writes the control characters of every log message as ``\\xNN`` (:func:`medgru.tables.printable`, newlines
+  and tabs kept): a body part of ``ESC[2J`` or a terminal hyperlink from a modality reached the service's
+  and the worker's logs as it was, and acted on the terminal of the admin reading them (``tail -f``).
 """
 
 from __future__ import annotations
@@ -41,9 +44,32 @@ class PydicomRecordFilter(logging.Filter):
         return True
 
 
+def _escaping_record_factory(base):
+    """A log record factory that writes the control characters of each message as ``\\xNN``."""
+    from medgru.tables import printable
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = base(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a format that does not match its arguments: logging reports it later
+            return record
+        safe = printable(message, lines=True)
+        if safe != message:
+            record.msg, record.args = safe, ()
+        return record
+
+    factory.escapes_controls = True  # type: ignore[attr-defined]
+    return factory
+
+
 def install() -> None:
-    """Filter pydicom's log records and silence its duplicate warnings, once per process."""
+    """Filter pydicom's log records, silence its duplicate warnings and escape control characters in every
+    log message, once per process."""
     with _lock:
+        current = logging.getLogRecordFactory()
+        if not getattr(current, "escapes_controls", False):
+            logging.setLogRecordFactory(_escaping_record_factory(current))
         logger = logging.getLogger("pydicom")
         if not any(isinstance(f, PydicomRecordFilter) for f in logger.filters):
             logger.addFilter(PydicomRecordFilter())

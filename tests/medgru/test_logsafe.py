@@ -28,3 +28,19 @@ def test_records_name_the_innermost_instance_and_restore_the_outer(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "SOP Instance 1.2.3: Invalid value for VR DA: '…'.", "SOP Instance 1.2.4: inner",
         "SOP Instance 1.2.3: outer again", "outside"]
+
+
+def test_log_messages_carry_no_control_characters(caplog):
+    """A series' body part of ``ESC[2J`` or a terminal hyperlink (``ESC]8;;URL BEL``) from a modality reached
+    the logs as it was (``job 2 not processed: no model covers ... body part ESC[31mRED``), and acted on the
+    terminal of the admin who read them. Every message's control characters are written as ``\\xNN``."""
+    install()
+    install()
+    caplog.set_level("INFO", logger="medgru.test")
+    log = logging.getLogger("medgru.test")
+    log.info("no model covers body part %s", "\x1b]8;;http://evil.example/\x07CLICK\x1b]8;;\x07")
+    log.info("plain \x1b[2J message\rover %d\nsecond line\tok", 1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["no model covers body part \\x1b]8;;http://evil.example/\\x07CLICK\\x1b]8;;\\x07",
+                        "plain \\x1b[2J message\\x0dover 1\nsecond line\tok"]
+    assert "\x1b" not in caplog.text and "\x07" not in caplog.text
