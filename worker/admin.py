@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 
 from medgru.tables import when
 from storage.models import (Instance, Job, JobState, OutboxItem, OutboxState, Result, SequenceRecord, Series, Study,
@@ -17,6 +17,21 @@ RETRYABLE = frozenset({JobState.FAILED, JobState.NOT_PROCESSED, JobState.CANCELL
 #: what an admin may also re-run on purpose (after a model update, say): its SR and SC are replaced
 RERUNNABLE = RETRYABLE | {JobState.SUCCEEDED}
 CANCELLABLE = frozenset({JobState.QUEUED, JobState.RETRYING})
+
+
+def _set_state_if(session, job_id: int, allowed: frozenset[JobState], action: str, **values) -> None:
+    """Change job ``job_id`` with ``values`` only if its state is still one of ``allowed`` (one conditional
+    UPDATE); else ``ValueError`` naming the state it is in now. Between reading a job and writing it, a
+    worker may claim it (RUNNING) or another admin act on it: a plain write would overwrite that, so a
+    cancel acknowledged a job that was already running, and two Retry clicks both re-queued it."""
+    session.commit()  # end the transaction that read the job: the UPDATE must see the state as it is now
+    done = session.execute(update(Job).where(Job.id == job_id, Job.state.in_(allowed)).values(**values)
+                           .execution_options(synchronize_session=False)).rowcount
+    session.commit()
+    if done != 1:
+        state = session.scalar(select(Job.state).where(Job.id == job_id))
+        raise ValueError(f"job {job_id} is {getattr(state, 'value', state)}; only "
+                         f"{sorted(s.value for s in allowed)} can be {action}")
 
 
 def _job_for(session, job_id: int, allowed: frozenset[JobState], action: str) -> Job:
@@ -37,19 +52,15 @@ def retry_job(session_factory, celery_app, job_id: int, *, rerun_succeeded: bool
     from worker.loading import first_purged_instance, purged_error
     from worker.tasks import enqueue_job
 
+    allowed = RERUNNABLE if rerun_succeeded else RETRYABLE
     with session_factory() as session:
-        job = _job_for(session, job_id, RERUNNABLE if rerun_succeeded else RETRYABLE, "retried")
+        job = _job_for(session, job_id, allowed, "retried")
         purged = first_purged_instance(session, job.sequence)
         if purged is not None:
             raise ValueError(f"job {job_id} cannot run: {purged_error(purged)}")
-        job.state = JobState.QUEUED
-        job.queued_at = utcnow()
-        job.attempts = 0
-        job.last_error = ""
-        job.reason = ""
-        job.finished_at = None
-        job.retry_at = None
-        session.commit()
+        _set_state_if(session, job_id, allowed, "retried", state=JobState.QUEUED, queued_at=utcnow(), attempts=0,
+                      last_error="", reason="", finished_at=None, retry_at=None)
+        session.refresh(job)
     enqueue_job(celery_app, job_id)
     log.info("job %d re-queued by an admin", job_id)
     return job
@@ -59,9 +70,9 @@ def cancel_job(session_factory, job_id: int) -> Job:
     """Cancel a job that has not started; a worker that later picks it up finds it cancelled and skips it."""
     with session_factory() as session:
         job = _job_for(session, job_id, CANCELLABLE, "cancelled")
-        job.state = JobState.CANCELLED
-        job.reason = "cancelled by an admin"
-        session.commit()
+        _set_state_if(session, job_id, CANCELLABLE, "cancelled", state=JobState.CANCELLED,
+                      reason="cancelled by an admin")
+        session.refresh(job)
     log.info("job %d cancelled by an admin", job_id)
     return job
 
