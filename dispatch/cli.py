@@ -12,7 +12,7 @@ import argparse
 import logging
 
 from dispatch.admin import outbox_rows, resend_items
-from medgru.tables import format_table, open_database, printable, row_id, when_iso
+from medgru.tables import format_table, open_database, positive_int, printable, row_id, when_iso
 from storage.models import OutboxState
 
 _STATES = [s.value for s in OutboxState]
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = outbox.add_parser("list", help="the latest outbox items, newest first")
     q.add_argument("--state", choices=_STATES, help="only items in this state")
-    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    q.add_argument("--limit", type=positive_int, default=50, help="at most this many rows (default 50)")
     q.set_defaults(func=_list)
 
     q = outbox.add_parser("resend", help="put failed items back to pending (the running service sends them)")

@@ -29,6 +29,19 @@ def row_id(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type for a count such as ``--limit``: 1 or more (``--limit 0`` listed one row)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return value
+
+
 def open_database(settings):
     """A session factory on the service's database, brought to the newest schema (quietly)."""
     # the table is the output, not migration chatter; set before alembic is imported, whose plugin

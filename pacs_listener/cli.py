@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from medgru.tables import format_table, open_database, print_fields, printable, row_id, when_iso
+from medgru.tables import format_table, open_database, positive_int, print_fields, printable, row_id, when_iso
 from pacs_listener.quarantine import quarantine_detail, quarantine_rows
 
 
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = quarantine.add_parser("list", help="the latest refused instances, newest first")
     q.add_argument("--calling-ae", help="only those sent by this calling AE title")
-    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    q.add_argument("--limit", type=positive_int, default=50, help="at most this many rows (default 50)")
     q.set_defaults(func=_list)
 
     q = quarantine.add_parser("show", help="one refused instance: reason, status, UIDs, where its file is")

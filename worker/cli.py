@@ -9,7 +9,7 @@ import argparse
 
 from sqlalchemy import select
 
-from medgru.tables import format_table, open_database, print_fields, printable, row_id, when
+from medgru.tables import format_table, open_database, positive_int, print_fields, printable, row_id, when
 from storage.models import Job, JobState
 
 _STATES = [s.value for s in JobState]
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = jobs.add_parser("list", help="the latest jobs, newest first")
     q.add_argument("--state", choices=_STATES, help="only jobs in this state")
-    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    q.add_argument("--limit", type=positive_int, default=50, help="at most this many rows (default 50)")
     q.add_argument("--find", metavar="UID", help="only the jobs of this series, study, accession number or "
                                                  "SOP instance (exact)")
     q.set_defaults(func=_list)

@@ -66,3 +66,14 @@ def test_admin_commands_print_no_escape_sequences_from_the_data(hostile_home, ar
     out = capsys.readouterr().out
     assert out.strip()
     assert not any(c in out for c in CONTROLS), repr(out)
+
+
+@pytest.mark.parametrize("command", [["jobs", "list"], ["outbox", "list"], ["quarantine", "list"]])
+def test_a_limit_below_one_is_an_error(hostile_home, command, capsys):
+    """``--limit 0`` (or -5) listed one row and exited 0, as if only one existed: it is a usage error now."""
+    for bad in ("0", "-5", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--limit", bad])
+        assert exit_.value.code == 2
+        assert "--limit" in capsys.readouterr().err
+    assert main([*command, "--limit", "1"]) == 0
