@@ -57,7 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
-    return int(args.func(args, settings) or 0)
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return int(args.func(args, settings) or 0)
+    except OperationalError as exc:  # the database is away or refuses us: one line, not 120 of traceback
+        from medgru.commands import hide_url_password
+        from medgru.tables import printable
+
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        print(f"error: the database did not answer ({hide_url_password(settings.effective_database_url, database=True)}): "
+              f"{printable(reason)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
