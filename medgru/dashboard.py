@@ -415,7 +415,7 @@ vertical-align:top}} th{{color:#555;font-weight:600;white-space:nowrap}} code{{f
 form{{display:inline;margin-right:8px}} .sub{{color:#666;margin-bottom:14px}} h2{{font-size:16px;margin:18px 0 8px}}
 img{{max-width:100%;border:1px solid #ddd}}
 </style></head><body><h1>Job {job_id}</h1>
-<div class="sub"><a href="/">back to the queue</a> · NOT FOR DIAGNOSTIC USE</div>
+<div class="sub"><a href="/">back to the queue</a> · times in UTC · NOT FOR DIAGNOSTIC USE</div>
 <table>{rows}</table><p>{actions}</p>{overlay}</body></html>"""
 
 

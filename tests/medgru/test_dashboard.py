@@ -931,3 +931,11 @@ def test_the_page_does_not_refresh_away_what_the_admin_types(dash):
     script = re.search(r"<script>(.*?)</script>", head, re.S)[1]
     assert "input[name=q]" in script and "activeElement" in script and "defaultValue" in script
     assert 'name="q"' in page
+
+
+def test_job_page_says_its_times_are_utc(dash):
+    """The job page showed created / started / finished without a time zone (they are UTC, as stored) while
+    the queue page says "(UTC)": an admin in another zone read them as local times."""
+    _, _, base = dash
+    _, _, page = _get(base + "/jobs/1")
+    assert "<th>created</th>" in page and "times in UTC" in page
