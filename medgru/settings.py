@@ -174,6 +174,13 @@ class Settings(BaseSettings):
         description="a job QUEUED (or RETRYING past its retry_at) this long is enqueued again: its enqueue may "
                     "have failed (broker away); a duplicate message is harmless, so this only needs to exceed "
                     "the time a message takes to reach a worker")
+    job_heartbeat_s: float = Field(
+        default=30.0, gt=0.0, description="a worker running a job stamps the job's heartbeat this often")
+    job_stale_after_s: float = Field(
+        default=300.0, gt=0.0,
+        description="a RUNNING job whose heartbeat is this old is orphaned (its worker was killed, ran out of "
+                    "memory, lost its host) and the service queues it again (FAILED once its attempts are used "
+                    "up); at least 3 x job_heartbeat_s")
 
     # models
     model: Annotated[list[Path], NoDecode] = Field(
@@ -293,6 +300,14 @@ class Settings(BaseSettings):
             if refused:
                 raise ValueError(f"routes name {', '.join(refused)}, which allowed_calling_aes "
                                  f"({', '.join(self.allowed_calling_aes)}) refuses: add them to it, or drop the routes")
+        return self
+
+    @model_validator(mode="after")
+    def _stale_after_exceeds_heartbeats(self) -> "Settings":
+        """A live worker must not look dead: a heartbeat or two delayed (a busy database) is no orphan."""
+        if self.job_stale_after_s < 3 * self.job_heartbeat_s:
+            raise ValueError(f"job_stale_after_s ({self.job_stale_after_s:g}) must be at least 3 x job_heartbeat_s "
+                             f"({self.job_heartbeat_s:g}): a live worker's job would be taken for an orphan")
         return self
 
     @model_validator(mode="after")

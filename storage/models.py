@@ -217,6 +217,10 @@ class Job(Base):
     #: when the job was last put on the queue: created, retried by an admin, re-queued after an interrupted
     #: run (None for rows from before migration 0007: read created_at). The oldest waiting job's age.
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, default=utcnow)
+    #: the last sign of life of the worker running the job (stamped at the claim, then every
+    #: ``settings.job_heartbeat_s``); a RUNNING job without one for ``settings.job_stale_after_s`` is orphaned
+    #: (None for rows from before migration 0009: read started_at)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     sequence: Mapped[SequenceRecord] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job")
 

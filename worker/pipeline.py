@@ -126,7 +126,7 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: s
             update(Job)
             .where(Job.id == job_id, may_run)
             .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=now, finished_at=None,
-                    retry_at=None, celery_task_id=task_id[:64], reason="")
+                    retry_at=None, celery_task_id=task_id[:64], reason="", heartbeat_at=now)
             .execution_options(synchronize_session=False)
         )
         session.commit()
@@ -134,6 +134,54 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, *, task_id: s
             return True, JobState.RUNNING
         job = session.get(Job, job_id)
         return False, (None if job is None else job.state)
+
+
+class JobHeartbeat:
+    """While the block runs, a thread stamps the RUNNING job's ``heartbeat_at`` every ``interval_s`` (only
+    while the job is still this task's claim). A worker killed mid-job (out of memory, kill -9, a lost host)
+    stops stamping, and the service's sweeper (:class:`worker.tasks.StalledJobSweeper`) queues the job again
+    once its heartbeat is ``settings.job_stale_after_s`` old: with external workers nothing else would
+    (the broker re-delivers only after its visibility timeout, never when it lost the message). A failed
+    stamp (the database briefly away) is logged, without a traceback, and tried at the next beat."""
+
+    def __init__(self, session_factory: sessionmaker[Session], job_id: int, task_id: str, interval_s: float) -> None:
+        import threading
+
+        self.session_factory, self.job_id, self.task_id, self.interval_s = session_factory, job_id, task_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"job-{job_id}-heartbeat", daemon=True)
+
+    def beat(self) -> bool:
+        """Stamp the heartbeat now; whether the job is still this task's RUNNING claim."""
+        with self.session_factory() as session:
+            n = session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.state == JobState.RUNNING, Job.celery_task_id == self.task_id[:64])
+                .values(heartbeat_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            session.commit()
+        return n == 1
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.beat():
+                    log.warning("job %d is no longer this worker's RUNNING claim (cancelled, or queued again "
+                                "as orphaned); its outcome will not be recorded", self.job_id)
+                    return
+            except Exception as exc:  # the database away: the next beat tries again
+                log.warning("job %d: heartbeat not recorded (%s: %s); next try in %g s",
+                            self.job_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                            self.interval_s)
+
+    def __enter__(self) -> "JobHeartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s)  # a beat stuck on the database must not hold the job up
 
 
 def _finish(session: Session, job_id: int, state: JobState, **values) -> JobState:
@@ -333,7 +381,8 @@ def process_job(settings, session_factory: sessionmaker[Session], job_id: int, r
             log.info("job %d is %s: nothing to do here", job_id, state.value)
         return state
     try:
-        return _run(settings, session_factory, job_id, registry)
+        with JobHeartbeat(session_factory, job_id, task_id, settings.job_heartbeat_s):
+            return _run(settings, session_factory, job_id, registry)
     except Exception as exc:  # every failure of the job is recorded, never dropped
         log.debug("job %d failed", job_id, exc_info=True)
         return record_failure(settings, session_factory, job_id, exc)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, shared_task
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import make_engine, make_session_factory
@@ -125,10 +125,47 @@ class StalledJobSweeper:
         self.app = app
         self._waiting_since: dict[int, datetime] = {}
 
-    def sweep(self, now: datetime | None = None) -> list[int]:
-        """Enqueue the jobs that have waited too long; return their ids. A failed enqueue ends the sweep
-        (the broker is away: the next sweep tries again)."""
+    def reclaim_orphans(self, now: datetime | None = None) -> list[int]:
+        """Queue again each RUNNING job whose worker has given no sign of life (``heartbeat_at``, else
+        ``started_at``) for ``settings.job_stale_after_s``: its worker was killed (out of memory, kill -9) or
+        lost its host. With external workers nothing else would: Redis re-delivers the message only after its
+        visibility timeout (hours), and never when it lost it (a restart without persistence), and an admin
+        can neither retry nor cancel a RUNNING job. A job that has used all its attempts goes FAILED instead
+        (one that kills its worker every time). Returns the ids queued again (committed QUEUED; their
+        messages are sent by :meth:`sweep`, which this precedes)."""
+        from worker.pipeline import fail_if_it_killed_its_workers
+
         now = now or utcnow()
+        stale_before = now - timedelta(seconds=self.settings.job_stale_after_s)
+        last_sign = func.coalesce(Job.heartbeat_at, Job.started_at)
+        requeued: list[int] = []
+        with self.session_factory() as session:
+            ids = session.scalars(select(Job.id).where(Job.state == JobState.RUNNING, last_sign < stale_before)
+                                  .order_by(Job.id)).all()
+            for job_id in ids:
+                job = session.get(Job, job_id, with_for_update=True)
+                seen = None if job is None else (job.heartbeat_at or job.started_at)
+                if job is None or job.state is not JobState.RUNNING or seen is None or seen >= stale_before:
+                    continue  # finished, or its worker stamped it, since the select
+                if fail_if_it_killed_its_workers(job, self.settings.job_max_retries):
+                    continue
+                silent = (now - seen).total_seconds()
+                note = (f"attempt {job.attempts}: its worker gave no sign of life for {silent:.0f} s "
+                        "(killed, or its host lost); queued again")
+                job.state, job.queued_at, job.celery_task_id = JobState.QUEUED, now, ""
+                job.last_error = note if not job.last_error else f"{job.last_error}; {note}"
+                requeued.append(job_id)
+                log.warning("job %d: RUNNING with no sign of life from its worker for %.0f s: queued again",
+                            job_id, silent)
+            session.commit()
+        return requeued
+
+    def sweep(self, now: datetime | None = None) -> list[int]:
+        """Queue again the orphaned RUNNING jobs (:meth:`reclaim_orphans`), then enqueue the jobs that have
+        waited too long; return the ids enqueued. A failed enqueue ends the sweep (the broker is away: the
+        next sweep tries again)."""
+        now = now or utcnow()
+        orphans = set(self.reclaim_orphans(now))
         with self.session_factory() as session:
             rows = session.execute(
                 select(Job.id, Job.state, Job.retry_at)
@@ -138,7 +175,10 @@ class StalledJobSweeper:
             ).all()
         waiting: dict[int, datetime] = {}
         for job_id, _state, retry_at in rows:
-            since = self._waiting_since.get(job_id, now)
+            # an orphan queued again just now has no message: due at once (and again at the next sweep
+            # if this enqueue fails)
+            since = now - timedelta(seconds=self.settings.requeue_after_s) if job_id in orphans \
+                else self._waiting_since.get(job_id, now)
             waiting[job_id] = since if retry_at is None else max(since, retry_at)
         self._waiting_since = waiting  # jobs that no longer wait are forgotten
         requeued: list[int] = []
@@ -153,8 +193,11 @@ class StalledJobSweeper:
                               job_id, self.settings.requeue_check_s)
                 break
             waiting[job_id] = now
-            log.warning("job %d: %s for %.0f s without a worker taking it: enqueued again",
-                        job_id, state.value, waited)
+            if job_id in orphans:
+                log.warning("job %d: enqueued again (its worker was lost)", job_id)
+            else:
+                log.warning("job %d: %s for %.0f s without a worker taking it: enqueued again",
+                            job_id, state.value, waited)
             requeued.append(job_id)
         return requeued
 

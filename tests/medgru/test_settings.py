@@ -226,3 +226,12 @@ def test_a_route_for_a_sender_the_allow_list_refuses_is_refused(tmp_path):
     ok = Settings(home=tmp_path, allowed_calling_aes=["ORTHANC", "CARDIO_PACS"], routes={"CARDIO_PACS": "CARDIO@cardio:104"})
     assert str(ok.destination_for("CARDIO_PACS")) == "CARDIO@cardio:104"
     assert Settings(home=tmp_path, routes={"CARDIO_PACS": "CARDIO@cardio:104"}).routes  # no allow-list: any sender
+
+
+def test_a_stale_job_limit_a_live_worker_could_reach_is_refused(tmp_path):
+    """The sweeper queues again a RUNNING job whose heartbeat is job_stale_after_s old: a limit within a few
+    heartbeats would take a live worker's job for an orphan and run it twice."""
+    s = Settings(home=tmp_path)
+    assert (s.job_heartbeat_s, s.job_stale_after_s) == (30.0, 300.0)
+    with pytest.raises(ValidationError, match="job_stale_after_s"):
+        Settings(home=tmp_path, job_heartbeat_s=60.0, job_stale_after_s=120.0)

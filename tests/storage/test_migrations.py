@@ -253,8 +253,26 @@ def test_upgrade_to_0009_gives_old_instances_their_study_s_patient(db_url):
         engine.dispose()
     engine = init_db(db_url)
     try:
-        assert _current(engine) == _head() == "0009" and _diff(engine) == []
+        assert _current(engine) == _head() and _diff(engine) == []
         with make_session_factory(engine)() as s:
             assert s.scalars(select(Instance)).one().patient_fk == 7
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_0010_leaves_heartbeat_at_empty_for_old_jobs(db_url):
+    """0010 adds jobs.heartbeat_at (the worker's sign of life on a RUNNING job); a job from before it keeps
+    none, and the sweeper reads its started_at instead."""
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0009")
+            assert "heartbeat_at" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+    finally:
+        engine.dispose()
+    engine = init_db(db_url)
+    try:
+        assert _current(engine) == _head() == "0010" and _diff(engine) == []
+        assert "heartbeat_at" in {c["name"] for c in inspect(engine).get_columns("jobs")}
     finally:
         engine.dispose()

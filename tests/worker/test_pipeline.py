@@ -592,3 +592,48 @@ def test_overlay_frame_is_chosen_among_the_current_study_frames(dicom_corpus, mo
     _assert_in_current_study(objects["sc"], objects["sr"], current)
     assert captions[0][1][0].endswith("frame 2 of 2")
     assert captions[0][3][0] == "this frame alone: score 0.3 (the highest of 1 frame of this study)"
+
+
+def test_a_running_job_is_stamped_by_its_worker_while_it_runs(worker_settings, session_factory, dicom_corpus,
+                                                              monkeypatch):
+    """The claim stamps heartbeat_at, and the worker stamps it again while the job runs, so the service's
+    sweeper does not take a long job of a live worker for an orphan; a stamp stops once the job is no longer
+    this task's claim (queued again as orphaned, cancelled)."""
+    import threading
+
+    import worker.pipeline as pipeline
+
+    settings = worker_settings(job_heartbeat_s=0.01, job_stale_after_s=0.03)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    stamps: list = []
+    beaten = threading.Event()
+    real_run = pipeline._run
+
+    def slow_run(*args, **kwargs):  # the job runs until its worker has stamped it twice after the claim
+        with session_factory() as s:
+            stamps.append(s.get(Job, job_id).heartbeat_at)
+        while len(stamps) < 3:
+            beaten.wait()
+            beaten.clear()
+        return real_run(*args, **kwargs)
+
+    real_beat = pipeline.JobHeartbeat.beat
+
+    def recording_beat(self):
+        ours = real_beat(self)
+        with session_factory() as s:
+            stamps.append(s.get(Job, job_id).heartbeat_at)
+        beaten.set()
+        return ours
+
+    monkeypatch.setattr(pipeline, "_run", slow_run)
+    monkeypatch.setattr(pipeline.JobHeartbeat, "beat", recording_beat)
+    assert process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings),
+                       task_id="t-1") is JobState.SUCCEEDED
+    assert stamps[0] is not None and stamps[0] < stamps[1] < stamps[2]  # the claim's, then the beats'
+
+    with session_factory() as s:  # queued again as orphaned meanwhile: the old claim's beat stamps nothing
+        job = s.get(Job, job_id)
+        job.state, job.celery_task_id = JobState.QUEUED, ""
+        s.commit()
+    assert real_beat(pipeline.JobHeartbeat(session_factory, job_id, "t-1", 30.0)) is False

@@ -1,0 +1,66 @@
+"""The queue sweeper of ``worker/tasks.py`` against a real database: orphaned RUNNING jobs."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+
+from storage.models import Job, JobState, utcnow
+from tests.worker.conftest import BRAINIX, add_series
+from worker.celery_app import make_celery
+from worker.pipeline import claim_job
+from worker.tasks import StalledJobSweeper
+
+
+def _queued_job_ids(settings) -> list[int]:
+    ids = []
+    for p in sorted((settings.broker_dir / "queue").glob("*.msg")):
+        ids.append(json.loads(base64.b64decode(json.loads(p.read_text())["body"]))[1]["job_id"])
+    return sorted(ids)
+
+
+def test_a_running_job_whose_worker_is_gone_is_queued_again(make_settings, db_url, session_factory, dicom_corpus):
+    """Production layout (external workers): a worker killed mid-job (kill -9, out of memory) left its job
+    RUNNING until Redis re-delivered the message after its 3 h visibility timeout, and for ever when Redis
+    had lost the message (a restart without persistence); nothing re-queued it and `medgru jobs retry` /
+    `cancel` refuse a RUNNING job. Now the sweep queues again a RUNNING job whose worker has not stamped it
+    for job_stale_after_s, and fails one that has used all its attempts."""
+    settings = make_settings(database_url=db_url, job_max_retries=2, job_heartbeat_s=30.0,
+                             job_stale_after_s=300.0, requeue_after_s=300.0)
+    t0 = utcnow()
+    orphan = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    with session_factory() as s:
+        job = s.get(Job, orphan)
+        job.state, job.attempts, job.started_at, job.heartbeat_at = JobState.RUNNING, 1, t0, t0
+        job.celery_task_id = "task-of-the-killed-worker"
+        seq = job.sequence_fk
+        alive = Job(sequence_fk=seq, state=JobState.RUNNING, attempts=1, started_at=t0 - timedelta(hours=1),
+                    heartbeat_at=t0 + timedelta(seconds=250), celery_task_id="task-of-a-live-worker")
+        killer = Job(sequence_fk=seq, state=JobState.RUNNING, attempts=3, started_at=t0, heartbeat_at=t0,
+                     celery_task_id="task-that-kills-its-worker")
+        legacy = Job(sequence_fk=seq, state=JobState.RUNNING, attempts=1, started_at=t0)  # before 0009
+        s.add_all([alive, killer, legacy])
+        s.commit()
+        alive, killer, legacy = alive.id, killer.id, legacy.id
+    sweeper = StalledJobSweeper(settings, session_factory, make_celery(settings, queue="medgru.orphans"))
+
+    assert sweeper.sweep(now=t0 + timedelta(seconds=299)) == []  # not silent for long enough yet
+    assert _queued_job_ids(settings) == []
+    assert sweeper.sweep(now=t0 + timedelta(seconds=301)) == [orphan, legacy]
+    assert _queued_job_ids(settings) == [orphan, legacy]  # one message each, at once
+    assert sweeper.sweep(now=t0 + timedelta(seconds=302)) == []  # not doubled at the next sweep
+    with session_factory() as s:
+        o, a, k = s.get(Job, orphan), s.get(Job, alive), s.get(Job, killer)
+        assert (o.state, o.attempts, o.celery_task_id) == (JobState.QUEUED, 1, "")
+        assert "no sign of life for 301 s" in o.last_error
+        assert a.state is JobState.RUNNING and a.celery_task_id == "task-of-a-live-worker"
+        assert k.state is JobState.FAILED and "stopped during each of its 3 attempts" in k.last_error
+        assert s.get(Job, legacy).state is JobState.QUEUED
+    # the next delivery runs it (attempt 2); the killed worker's message, re-delivered hours later, finds
+    # another task's claim and does nothing
+    assert claim_job(session_factory, orphan, task_id="new-task", max_retries=2) == (True, JobState.RUNNING)
+    assert claim_job(session_factory, orphan, task_id="task-of-the-killed-worker",
+                     max_retries=2) == (False, JobState.RUNNING)
+    with session_factory() as s:
+        assert s.get(Job, orphan).attempts == 2
