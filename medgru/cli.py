@@ -57,18 +57,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
-    from sqlalchemy.exc import OperationalError
-
     try:
         return int(args.func(args, settings) or 0)
-    except OperationalError as exc:  # the database is away or refuses us: one line, not 120 of traceback
-        from medgru.commands import hide_url_password
+    except Exception as exc:
+        outage = outage_message(exc, settings)
+        if outage is None:
+            raise
         from medgru.tables import printable
 
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
-        print(f"error: the database did not answer ({hide_url_password(settings.effective_database_url, database=True)}): "
-              f"{printable(reason)}", file=sys.stderr)
+        print(f"error: {printable(outage)}", file=sys.stderr)  # the driver's words may quote a peer's
         return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def outage_message(exc: BaseException, settings: Settings) -> str | None:
+    """One line for an expected outage (the database or the broker does not answer), passwords masked;
+    ``None`` for any other error, which keeps its traceback. A page of traceback (the database's
+    is 60 lines) hid the one line an admin needs."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError as DatabaseError
+
+    if isinstance(exc, DatabaseError):
+        url = make_url(settings.effective_database_url).set(query={}).render_as_string(hide_password=True)
+        return f"the database {url} did not answer: {_first_line(exc)}"
+    if isinstance(exc, BrokerError):
+        from kombu.utils.url import maybe_sanitize_url
+
+        return (f"the broker {maybe_sanitize_url(settings.effective_broker_url)} did not answer: {_first_line(exc).rstrip('.')}. "
+                "A job already put back in the database is sent to the queue by `medgru serve` within "
+                f"requeue_after_s ({settings.requeue_after_s:g} s) once the broker answers")
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover
