@@ -85,7 +85,11 @@ def outage_message(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, DatabaseError):
         url = make_url(settings.effective_database_url).set(query={}).render_as_string(hide_password=True)
         return f"the database {url} did not answer: {_first_line(exc)}"
-    if isinstance(exc, BrokerError):
+    from worker.tasks import BrokerUnavailable
+
+    if isinstance(exc, BrokerUnavailable) and exc.__cause__ is not None:
+        exc = exc.__cause__  # kombu's error; the broker is named below
+    if isinstance(exc, (BrokerError, BrokerUnavailable)):
         from kombu.utils.url import maybe_sanitize_url
 
         return (f"the broker {maybe_sanitize_url(settings.effective_broker_url)} did not answer: {_first_line(exc).rstrip('.')}. "

@@ -493,6 +493,9 @@ class Assembler:
             job_ids.append(job_id)
             try:
                 self.enqueue(job_id)
+            except ConnectionError as exc:  # the broker away (worker.tasks.BrokerUnavailable): one line
+                log.error("job %d: committed but could not be enqueued (%s); it stays QUEUED until the "
+                          "service's sweeper enqueues it again", job_id, exc)
             except Exception:
                 log.exception("job %d: committed but could not be enqueued; it stays QUEUED", job_id)
         return job_ids

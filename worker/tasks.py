@@ -90,15 +90,29 @@ def run_job(self, *, job_id: int) -> str:
     return state.value
 
 
+class BrokerUnavailable(ConnectionError):
+    """The broker did not take a job's message (away, refusing the connection); the job waits in the
+    database, where the service's sweeper finds it. Its message is one line naming the broker (password
+    masked): kombu's own error came with a 170-line chained traceback in the service's log."""
+
+
 def enqueue_job(app: Celery, job_id: int, *, countdown: float | None = None) -> str:
-    """Send job ``job_id`` to ``app``'s job queue; returns the Celery task id."""
+    """Send job ``job_id`` to ``app``'s job queue; returns the Celery task id. :class:`BrokerUnavailable`
+    when the broker does not answer."""
+    from kombu.exceptions import OperationalError
+    from kombu.utils.url import maybe_sanitize_url
+
     options: dict[str, Any] = {}
     if countdown:
         options["countdown"] = countdown
     queue = getattr(app, "medgru_queue", None)
     if queue:
         options["queue"] = queue
-    result = app.send_task(RUN_JOB, kwargs={"job_id": int(job_id)}, **options)
+    try:
+        result = app.send_task(RUN_JOB, kwargs={"job_id": int(job_id)}, **options)
+    except OperationalError as exc:
+        raise BrokerUnavailable(f"broker {maybe_sanitize_url(str(app.conf.broker_url))} did not take job {job_id}: "
+                                f"{str(exc).strip().rstrip('.')}") from exc
     log.info("job %d enqueued (task %s)", job_id, result.id)
     return result.id
 
@@ -188,6 +202,10 @@ class StalledJobSweeper:
                 continue
             try:
                 enqueue_job(self.app, job_id)
+            except BrokerUnavailable as exc:  # an outage: one line, no traceback
+                log.error("job %d: could not be enqueued again (%s); next sweep in %g s",
+                          job_id, exc, self.settings.requeue_check_s)
+                break
             except Exception:
                 log.exception("job %d: could not be enqueued again; next sweep in %g s",
                               job_id, self.settings.requeue_check_s)

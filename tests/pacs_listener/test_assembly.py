@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import random
 import threading
 from dataclasses import dataclass, replace
@@ -437,6 +439,22 @@ def test_enqueue_failure_keeps_the_job_queued(make_settings, session_factory):
     assert calls == ids and len(ids) == 2
     with session_factory() as s:
         assert [j.state for j in s.scalars(select(Job))] == [JobState.QUEUED, JobState.QUEUED]
+
+
+def test_a_broker_outage_is_logged_in_one_line_without_a_traceback(make_settings, session_factory, caplog):
+    """kombu's connection error came with a 170-line chained traceback for each series assembled while
+    Redis was away; the outage is expected (the sweeper enqueues the job later): one line, the reason."""
+    def broker_away(job_id: int) -> None:
+        raise ConnectionError("broker redis://127.0.0.1:6390/0 did not take job 1: Connection refused")
+
+    with session_factory() as s:
+        add_series(s, _stack(1), uid="8.3")
+        s.commit()
+    with caplog.at_level(logging.ERROR, logger="pacs_listener.assembly"):
+        [job_id] = Assembler(make_settings(), session_factory, broker_away).run_once(now=T0 + timedelta(minutes=1))
+    [record] = [r for r in caplog.records if "could not be enqueued" in r.getMessage()]
+    assert record.exc_info is None and "Connection refused" in record.getMessage()
+    assert record.getMessage().startswith(f"job {job_id}: committed but could not be enqueued")
 
 
 def test_one_job_per_series_with_concurrent_assemblers(make_settings, db_url):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import socket
 from datetime import timedelta
+
+import pytest
 
 from storage.models import Job, JobState, utcnow
 from tests.worker.conftest import BRAINIX, add_series
 from worker.celery_app import make_celery
 from worker.pipeline import claim_job
-from worker.tasks import StalledJobSweeper
+from worker.tasks import BrokerUnavailable, StalledJobSweeper, enqueue_job
 
 
 def _queued_job_ids(settings) -> list[int]:
@@ -64,3 +68,28 @@ def test_a_running_job_whose_worker_is_gone_is_queued_again(make_settings, db_ur
                      max_retries=2) == (False, JobState.RUNNING)
     with session_factory() as s:
         assert s.get(Job, orphan).attempts == 2
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_broker_outage_is_one_line_naming_the_broker(make_settings, db_url, session_factory, dicom_corpus,
+                                                       caplog):
+    """Redis away: enqueue_job raised kombu's OperationalError, logged by the sweeper (and the assembler)
+    with a 170-line chained traceback at every sweep. Now a BrokerUnavailable (a ConnectionError) naming the
+    broker, password masked, and the sweep logs one line."""
+    settings = make_settings(database_url=db_url, broker_url=f"redis://:s3cret@127.0.0.1:{_closed_port()}/0",
+                             requeue_after_s=0.0)
+    app = make_celery(settings, queue="medgru.away")
+    with pytest.raises(BrokerUnavailable, match=r"broker redis://:\*\*@127\.0\.0\.1:\d+/0 did not take job 7"):
+        enqueue_job(app, 7)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    sweeper = StalledJobSweeper(settings, session_factory, app)
+    with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+        assert sweeper.sweep() == []
+    [record] = [r for r in caplog.records if "could not be enqueued again" in r.getMessage()]
+    assert record.getMessage().startswith(f"job {job_id}: could not be enqueued again (broker redis://:**@")
+    assert record.exc_info is None and "s3cret" not in record.getMessage()
