@@ -68,7 +68,8 @@ class Service:
         # a job whose enqueue failed would wait for ever, with or without the embedded worker
         sweeper = StalledJobSweeper(s, sf, app)
         loops = [("assembler", assembler.run_forever), ("sender", sender.run_forever),
-                 ("queue-sweeper", sweeper.run_forever)]
+                 ("queue-sweeper", sweeper.run_forever),
+                 ("quarantine-recorder", self.listener.run_quarantine_recorder)]
         if self.with_worker:
             loops.append(("worker-supervisor", self._supervise_worker))
         if s.retention_days > 0 or s.quarantine_retention_days > 0:

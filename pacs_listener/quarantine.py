@@ -8,6 +8,9 @@ SOP Instance and Class UIDs, the DIMSE status we answered and our reason. Never 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ from sqlalchemy import select
 from pacs_listener.spool import read_quarantine_reason
 from pacs_listener.status import describe
 from storage.models import QuarantineItem
+
+log = logging.getLogger(__name__)
 
 
 def status_text(code: int) -> str:
@@ -63,3 +68,53 @@ def quarantine_detail(session, quarantine_dir: Path, item_id: int) -> dict[str, 
         for key in ("study_uid", "series_uid", "transfer_syntax_uid"):
             detail[key] = sidecar.get(key, "")
     return detail
+
+
+def _received_at(text: Any) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def record_unrecorded(quarantine_dir: Path, session_factory, paths: Iterable[str] | None = None) -> list[str]:
+    """Write the ``quarantine`` row of each kept file that has none, from its ``.reason.json``; return their
+    paths. ``paths`` (relative to ``quarantine_dir``): those to check; ``None``: every file kept there.
+
+    A refusal while the database does not answer (status 0x0110, the very case ``medgru quarantine retry``
+    is for) kept the file and its reason but wrote no row, and nothing wrote it later: the instance was
+    missing from ``medgru quarantine list``, the dashboard, ``medgru_refused_instances_total`` and its
+    alert, and could not be retried. Database errors propagate (the caller tries again)."""
+    if paths is None:
+        paths = sorted(f"{p.parent.name}/{p.name}" for p in Path(quarantine_dir).glob("*/*.dcm"))
+    wanted = list(dict.fromkeys(paths))
+    if not wanted:
+        return []
+    added: list[str] = []
+    with session_factory() as session:
+        known = set(session.scalars(select(QuarantineItem.path)))
+        for rel in wanted:
+            if rel in known or not (Path(quarantine_dir) / rel).is_file():
+                continue  # recorded already; or its file was never written (the disk full) or is removed
+            try:
+                sidecar = read_quarantine_reason(Path(quarantine_dir), rel)
+                status_code = int(sidecar["status_code"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("quarantined file %s has no readable reason (%s: %s); not recorded",
+                            rel, type(exc).__name__, exc)
+                continue
+            item = QuarantineItem(
+                path=rel, reason=str(sidecar.get("reason", ""))[:2000], status_code=status_code,
+                sop_instance_uid=str(sidecar.get("sop_instance_uid", ""))[:64],
+                sop_class_uid=str(sidecar.get("sop_class_uid", ""))[:64],
+                calling_ae=str(sidecar.get("calling_ae", ""))[:16])
+            if (when := _received_at(sidecar.get("received_at"))) is not None:
+                item.received_at = when
+            session.add(item)
+            added.append(rel)
+        session.commit()
+    for rel in added:
+        log.warning("quarantined file %s recorded in the database after all (it was refused while the database "
+                    "did not answer)", rel)
+    return added

@@ -201,6 +201,9 @@ class Listener:
         self.on_stored = on_stored
         self.spool_dir = Path(settings.spool_dir)
         self.quarantine_dir = Path(settings.quarantine_dir)
+        #: quarantined files whose row the database refused (away): written by run_quarantine_recorder
+        self._unrecorded_quarantine: set[str] = set()
+        self._unrecorded_lock = threading.Lock()
         self._server = None
         self._ae: AE | None = None
         self._last_disk_warning = -DISK_WARNING_INTERVAL_S
@@ -535,7 +538,44 @@ class Listener:
                     sop_class_uid=request.sop_class_uid[:64], calling_ae=calling_ae[:16], status_code=int(status),
                 ))
                 session.commit()
+        except OperationalError as exc:  # the database away: one line; the row is written once it answers
+            with self._unrecorded_lock:
+                self._unrecorded_quarantine.add(rel)
+            log.error("quarantine of %s kept in %s but not yet in the database (%s); recorded once it answers",
+                      request.sop_instance_uid, rel, str(exc.orig or exc).splitlines()[0])
         except Exception:
+            with self._unrecorded_lock:
+                self._unrecorded_quarantine.add(rel)
             log.exception("quarantine of %s recorded in %s.reason.json but not in the database",
                           request.sop_instance_uid, rel)
         return status
+
+    def record_unrecorded_quarantine(self, *, scan: bool = False) -> list[str]:
+        """Write the rows of the files quarantined while the database did not answer (with ``scan``, of every
+        file kept in the quarantine without one, as after a restart); return their paths. Database errors
+        propagate and the files stay due."""
+        from pacs_listener.quarantine import record_unrecorded
+
+        with self._unrecorded_lock:
+            due = sorted(self._unrecorded_quarantine)
+        if not due and not scan:
+            return []
+        added = record_unrecorded(self.quarantine_dir, self.session_factory, None if scan else due)
+        with self._unrecorded_lock:
+            self._unrecorded_quarantine.difference_update(due)
+        return added
+
+    def run_quarantine_recorder(self, stop_event: threading.Event, interval_s: float = 10.0) -> None:
+        """The service's thread: at start every kept file without a row, then every ``interval_s`` those the
+        listener could not record."""
+        scan = True
+        while not stop_event.is_set():
+            try:
+                self.record_unrecorded_quarantine(scan=scan)
+                scan = False
+            except OperationalError as exc:
+                log.error("quarantine rows not written yet (%s); next try in %g s",
+                          str(exc.orig or exc).splitlines()[0], interval_s)
+            except Exception:
+                log.exception("quarantine rows not written; next try in %g s", interval_s)
+            stop_event.wait(interval_s)

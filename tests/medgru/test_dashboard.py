@@ -524,14 +524,15 @@ def test_healthz_reports_each_part(make_settings, tmp_path):
     service = Service(settings, with_worker=False).start()
     try:
         assert service.health() == {"listener": None, "disk": None, "assembler": None, "sender": None,
-                                    "queue-sweeper": None}
+                                    "queue-sweeper": None, "quarantine-recorder": None}
         server = DashboardServer(settings, service.session_factory, retry=lambda j: None, cancel=lambda j: None,
                                  health=service.health).start()
         base = f"http://127.0.0.1:{server.port}"
         try:
             status, _, body = _get(base + "/healthz")
             assert status == 200 and body.splitlines() == ["ok", "database: ok", "listener: ok", "disk: ok",
-                                                           "assembler: ok", "sender: ok", "queue-sweeper: ok"]
+                                                           "assembler: ok", "sender: ok", "queue-sweeper: ok",
+                                                           "quarantine-recorder: ok"]
             service.listener.stop()  # the DICOM port closes: a watchdog must see it
             with pytest.raises(urllib.error.HTTPError) as err:
                 _get(base + "/healthz")

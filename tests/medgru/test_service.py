@@ -171,3 +171,28 @@ def test_stopping_the_service_gives_back_the_outbox_items_of_a_send_in_flight(ma
         item = s.query(OutboxItem).one()
     assert item.state == OutboxState.PENDING and item.attempts == 0
     assert item.next_attempt_at.replace(tzinfo=timezone.utc) <= datetime.now(timezone.utc)
+
+
+def test_the_service_records_at_start_the_files_quarantined_while_the_database_was_away(make_settings):
+    """A file refused (0x0110) while the database did not answer, the service stopped before it answered
+    again: its row is written by the started service's first pass, so `medgru quarantine list` shows it and
+    `medgru quarantine retry` can store it."""
+    from pacs_listener.spool import QuarantineReason, write_quarantine
+    from storage.models import QuarantineItem
+
+    settings = make_settings(listen_port=0, dashboard_port=0)
+    settings.ensure_dirs()
+    rel = write_quarantine(settings.quarantine_dir, b"DICM", QuarantineReason(
+        reason="database record failed: OperationalError", status_code=0x0110, status_text="Processing Failure",
+        calling_ae="ORTHANC", sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.4"))
+    service = Service(settings, with_worker=False).start()
+    try:
+        def rows():
+            with service.session_factory() as s:
+                return [(q.path, q.calling_ae, q.status_code) for q in s.query(QuarantineItem)]
+
+        assert _wait(lambda: rows() != [], 60)
+        assert rows() == [(rel, "ORTHANC", 0x0110)]
+        assert service.health()["quarantine-recorder"] is None
+    finally:
+        service.stop()

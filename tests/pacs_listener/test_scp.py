@@ -19,7 +19,7 @@ from pacs_listener.status import StoreStatus
 from storage.db import init_db, make_session_factory
 from storage.models import Instance, QuarantineItem, Series
 
-from .conftest import ECHOSCU, STORESCU, STORESCU_TS_OPTION, make_mr, run_dcmtk, same_dataset
+from .conftest import ECHOSCU, STORESCU, STORESCU_TS_OPTION, make_mr, run_dcmtk, same_dataset, store_with
 
 pytestmark = pytest.mark.integration
 
@@ -191,6 +191,52 @@ def test_database_failure_answers_processing_failure_and_leaves_no_orphan(listen
     assert "database" in item.reason and item.status_code == StoreStatus.PROCESSING_FAILURE
     assert dcmread(listener.quarantine_dir / item.path).SOPInstanceUID == ds.SOPInstanceUID
     engine.dispose()
+
+
+def test_a_refusal_while_the_database_is_away_is_recorded_once_it_answers(listener_factory,
+                                                                         sqlite_session_factory, caplog):
+    """PostgreSQL unreachable: the instance was refused (0x0110) and its file kept with its reason, but its
+    quarantine row was never written, then or later, so `medgru quarantine list`, the dashboard and the
+    refused-instances metric did not show it and `medgru quarantine retry` could not reach it: the case that
+    command is for. Now the row is written once the database answers, and a restarted service's first pass
+    writes those of every kept file without one."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    from pacs_listener.quarantine import record_unrecorded
+    from storage.db import make_engine
+
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    away = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{closed}/medgru")
+    listener = listener_factory(session_factory=make_session_factory(away))
+    ds = make_mr()
+    with caplog.at_level(logging.ERROR, logger="pacs_listener.scp"):
+        assert store_with(listener, ds) == StoreStatus.PROCESSING_FAILURE
+    [kept] = listener.quarantine_dir.glob("*/*.dcm")
+    assert quarantine_rows(sqlite_session_factory) == []
+    [line] = [r for r in caplog.records if "not yet in the database" in r.getMessage()]
+    assert line.exc_info is None  # an expected outage: one line, no traceback
+    with pytest.raises(OperationalError):  # still away: the file stays due
+        listener.record_unrecorded_quarantine()
+
+    listener.session_factory = sqlite_session_factory  # the database answers again
+    rel = f"{kept.parent.name}/{kept.name}"
+    assert listener.record_unrecorded_quarantine() == [rel]
+    [item] = quarantine_rows(sqlite_session_factory)
+    assert (item.path, item.sop_instance_uid, item.status_code) == (rel, ds.SOPInstanceUID,
+                                                                   StoreStatus.PROCESSING_FAILURE)
+    assert item.calling_ae == "REVIEW" and "database" in item.reason and item.received_at is not None
+    assert listener.record_unrecorded_quarantine() == []  # written once
+    # after a restart (the in-memory list lost), the first pass scans the folder: nothing twice
+    assert record_unrecorded(listener.quarantine_dir, sqlite_session_factory) == []
+    with sqlite_session_factory() as s:
+        s.delete(s.get(QuarantineItem, item.id))
+        s.commit()
+    assert record_unrecorded(listener.quarantine_dir, sqlite_session_factory) == [rel]
+    away.dispose()
 
 
 def test_calling_ae_allow_list_rejects_others(listener_factory):
