@@ -472,11 +472,16 @@ class Sender:
         """Call :meth:`run_once` every ``interval_s`` until ``stop_event`` is set. Errors of one pass
         (database unreachable...) are logged and the loop goes on."""
         log.info("sender started (destination %s)", self.settings.destination or "(none configured)")
+        from storage.db import PassLog
+
+        passes = PassLog(log, "sender pass")
         while not stop_event.is_set():
             try:
                 self.run_once()
-            except Exception:  # one bad pass must not end the thread; the items stay in the table
-                log.exception("sender pass failed; retrying in %.1f s", interval_s)
+            except Exception as exc:  # one bad pass must not end the thread; the items stay in the table
+                passes.failed(exc, interval_s)
+            else:
+                passes.succeeded()
             stop_event.wait(interval_s)
         log.info("sender stopped")
 

@@ -502,11 +502,16 @@ class Assembler:
 
     def run_forever(self, stop_event: threading.Event, interval_s: float = 1.0) -> None:
         """Call :meth:`run_once` every ``interval_s`` until ``stop_event`` is set."""
+        from storage.db import PassLog
+
+        passes = PassLog(log, "assembly pass")
         while not stop_event.is_set():
             try:
                 self.run_once()
-            except Exception:  # keep the loop alive: a database outage must not end assembly for good
-                log.exception("assembly pass failed; retrying in %.1f s", interval_s)
+            except Exception as exc:  # keep the loop alive: a database outage must not end assembly for good
+                passes.failed(exc, interval_s)
+            else:
+                passes.succeeded()
             stop_event.wait(interval_s)
 
     # one series -------------------------------------------------------------------------------------

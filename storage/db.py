@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -136,3 +138,41 @@ def downgrade_db(url: str, revision: str = "base") -> None:
         _migrate(engine, revision, down=True)
     finally:
         engine.dispose()
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database not answering (refused, dropped, timed out), not a bug or a refusal."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+class PassLog:
+    """How a service loop logs its failed passes. An unreachable database (:func:`database_unreachable`) is
+    one line when the outage begins, a reminder every ``repeat_s`` while it lasts and a line when a pass
+    succeeds again; any other error keeps its traceback. The loops run every second: with PostgreSQL away
+    the sender and the assembler logged a 40-line traceback each, twice a second, for the whole outage."""
+
+    def __init__(self, logger: logging.Logger, what: str, *, repeat_s: float = 60.0) -> None:
+        self.logger, self.what, self.repeat_s = logger, what, repeat_s
+        self._outage_since: float | None = None
+        self._last_said = 0.0
+
+    def failed(self, exc: BaseException, retry_in_s: float) -> None:
+        if not database_unreachable(exc):
+            self.logger.error("%s failed; retrying in %g s", self.what, retry_in_s, exc_info=exc)
+            return
+        now = time.monotonic()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        if self._outage_since is None:
+            self._outage_since = self._last_said = now
+            self.logger.error("%s failed: the database does not answer (%s); retrying every %g s",
+                              self.what, reason, retry_in_s)
+        elif now - self._last_said >= self.repeat_s:
+            self._last_said = now
+            self.logger.error("%s: the database has not answered for %.0f s (%s); retrying every %g s",
+                              self.what, now - self._outage_since, reason, retry_in_s)
+
+    def succeeded(self) -> None:
+        if self._outage_since is not None:
+            self.logger.warning("%s: the database answers again after %.0f s", self.what,
+                                time.monotonic() - self._outage_since)
+            self._outage_since = None

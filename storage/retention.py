@@ -223,9 +223,14 @@ def run_forever(settings, session_factory: sessionmaker[Session], stop_event) ->
     log.info("retention: instance and sent-result files after %g days, quarantined files after %g days "
              "(0 = kept), checked every %g s", settings.retention_days, settings.quarantine_retention_days,
              settings.prune_interval_s)
+    from storage.db import PassLog
+
+    passes = PassLog(log, "retention pass")
     while not stop_event.is_set():
         try:
             prune(settings, session_factory)
-        except Exception:  # a failed pass (database away) must not end the thread; the next one retries
-            log.exception("retention pass failed; next in %g s", settings.prune_interval_s)
+        except Exception as exc:  # a failed pass (database away) must not end the thread; the next one retries
+            passes.failed(exc, settings.prune_interval_s)
+        else:
+            passes.succeeded()
         stop_event.wait(settings.prune_interval_s)

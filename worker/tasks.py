@@ -221,9 +221,14 @@ class StalledJobSweeper:
 
     def run_forever(self, stop_event: threading.Event) -> None:
         """:meth:`sweep` every ``settings.requeue_check_s`` until ``stop_event`` is set (the service's thread)."""
+        from storage.db import PassLog
+
+        passes = PassLog(log, "sweep of waiting jobs")
         while not stop_event.is_set():
             try:
                 self.sweep()
-            except Exception:  # the database away: the next sweep retries
-                log.exception("sweep of waiting jobs failed; next in %g s", self.settings.requeue_check_s)
+            except Exception as exc:  # the database away: the next sweep retries
+                passes.failed(exc, self.settings.requeue_check_s)
+            else:
+                passes.succeeded()
             stop_event.wait(self.settings.requeue_check_s)

@@ -286,6 +286,38 @@ def test_run_forever_sends_and_stops(make_settings, session_factory, storescp, r
     assert len(storescp.received()) == 2
 
 
+def test_a_database_outage_is_one_log_line_not_a_traceback_per_pass(make_settings, caplog) -> None:
+    """PostgreSQL unreachable under `medgru serve`: the sender logged a 40-line traceback every second (as
+    did the assembler), a flood for the whole outage. Now one line when it begins, one when it ends."""
+    import socket
+
+    from storage.db import make_engine, make_session_factory
+
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{closed}/medgru")
+    sender = Sender(make_settings(destination="PACS@127.0.0.1:104"), make_session_factory(engine))
+    stop = threading.Event()
+    passes = []
+    real_run_once = sender.run_once
+
+    def run_once():
+        passes.append(1)
+        if len(passes) == 5:
+            stop.set()
+        return real_run_once()
+
+    sender.run_once = run_once
+    with caplog.at_level(logging.ERROR, logger="dispatch.sender"):
+        sender.run_forever(stop, interval_s=0.0)
+    engine.dispose()
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(passes) == 5 and len(failures) == 1, [r.getMessage() for r in failures]
+    assert failures[0].exc_info is None and "the database does not answer" in failures[0].getMessage()
+    assert "Connection refused" in failures[0].getMessage()
+
+
 @pytest.mark.integration
 def test_association_socket_gets_tcp_nodelay(storescp) -> None:
     import socket

@@ -1,0 +1,43 @@
+"""storage/db.py: how the service's loops log a database outage."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import OperationalError
+
+import storage.db as db
+from storage.db import PassLog, database_unreachable
+
+
+def _refused() -> OperationalError:
+    return OperationalError("SELECT 1", {}, Exception('connection to server at "127.0.0.1", port 5440 failed: '
+                                                      "Connection refused\n\tIs the server running?"))
+
+
+def test_an_outage_is_a_line_when_it_begins_a_reminder_a_minute_and_a_line_when_it_ends(caplog, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(db.time, "monotonic", lambda: clock[0])
+    passes = PassLog(logging.getLogger("t.loop"), "sender pass")
+    with caplog.at_level(logging.INFO, logger="t.loop"):
+        for _ in range(240):  # two minutes of passes every half second
+            passes.failed(_refused(), 0.5)
+            clock[0] += 0.5
+        passes.succeeded()
+        passes.succeeded()
+    messages = [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert messages[0] == ('sender pass failed: the database does not answer (connection to server at "127.0.0.1", '
+                           "port 5440 failed: Connection refused); retrying every 0.5 s")
+    assert messages[1].split(" (")[0] == "sender pass: the database has not answered for 60 s"
+    # the second reminder falls due at 120 s, the last pass at 119.5 s; then one line when it answers
+    assert len(messages) == 3 and messages[2] == "sender pass: the database answers again after 120 s"
+
+
+def test_another_error_keeps_its_traceback(caplog):
+    passes = PassLog(logging.getLogger("t.loop"), "assembly pass")
+    with caplog.at_level(logging.ERROR, logger="t.loop"):
+        passes.failed(KeyError("bug"), 1.0)
+        passes.failed(KeyError("bug"), 1.0)
+    assert [type(r.exc_info[1]) for r in caplog.records] == [KeyError, KeyError]
+    assert database_unreachable(_refused()) and not database_unreachable(KeyError("bug"))
