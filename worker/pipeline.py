@@ -184,12 +184,20 @@ class JobHeartbeat:
         self._thread.join(timeout=self.interval_s)  # a beat stuck on the database must not hold the job up
 
 
-def _finish(session: Session, job_id: int, state: JobState, **values) -> JobState:
-    """Set a RUNNING job's final state in ``session`` (not committed); return the state it ends in."""
+def _taken_over(job: Job, claim: str | None) -> bool:
+    """Whether RUNNING ``job`` is now another delivery's claim than ``claim`` (``None``: not checked): the
+    service queued it again as orphaned (its worker silent for job_stale_after_s: a long database outage, a
+    frozen process) and another worker claimed it."""
+    return claim is not None and job.state is JobState.RUNNING and job.celery_task_id != claim[:64]
+
+
+def _finish(session: Session, job_id: int, state: JobState, *, claim: str | None = None, **values) -> JobState:
+    """Set a RUNNING job's final state in ``session`` (not committed); return the state it ends in. With
+    ``claim`` (the task id that claimed it), a job another delivery has claimed since is left to it."""
     job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         raise LookupError(f"job {job_id} vanished")
-    if job.state is not JobState.RUNNING:
+    if job.state is not JobState.RUNNING or _taken_over(job, claim):
         return job.state  # cancelled (or taken over) meanwhile: leave it
     job.state = state
     job.finished_at = utcnow()
@@ -198,15 +206,17 @@ def _finish(session: Session, job_id: int, state: JobState, **values) -> JobStat
     return state
 
 
-def record_failure(settings, session_factory: sessionmaker[Session], job_id: int, exc: BaseException) -> JobState:
+def record_failure(settings, session_factory: sessionmaker[Session], job_id: int, exc: BaseException, *,
+                   claim: str | None = None) -> JobState:
     """Record a failed attempt: RETRYING (with ``retry_at``, the end of its back-off) while retries are
-    left, else FAILED. Returns the new state."""
+    left, else FAILED. Returns the new state. With ``claim``, a job another delivery has claimed since is
+    left to it."""
     message = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
     with session_factory() as session:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise LookupError(f"job {job_id} vanished while recording its failure: {message}")
-        if job.state is not JobState.RUNNING:
+        if job.state is not JobState.RUNNING or _taken_over(job, claim):
             session.rollback()
             return job.state
         final = job.attempts > settings.job_max_retries
@@ -382,10 +392,10 @@ def process_job(settings, session_factory: sessionmaker[Session], job_id: int, r
         return state
     try:
         with JobHeartbeat(session_factory, job_id, task_id, settings.job_heartbeat_s):
-            return _run(settings, session_factory, job_id, registry)
+            return _run(settings, session_factory, job_id, registry, claim=task_id)
     except Exception as exc:  # every failure of the job is recorded, never dropped
         log.debug("job %d failed", job_id, exc_info=True)
-        return record_failure(settings, session_factory, job_id, exc)
+        return record_failure(settings, session_factory, job_id, exc, claim=task_id)
 
 
 def series_calling_ae(session: Session, series_id: int) -> str:
@@ -456,7 +466,8 @@ def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Det
     return note
 
 
-def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry: ModelRegistry) -> JobState:
+def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry: ModelRegistry, *,
+         claim: str | None = None) -> JobState:
     with session_factory() as session:
         job = session.get(Job, job_id)
         sequence = job.sequence
@@ -468,7 +479,7 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
         if choice is None:
             reason = (f"no model covers modality {modality.upper() or '(none)'}, "
                       f"body part {body_part.upper() or '(none)'}")
-            state = _finish(session, job_id, JobState.NOT_PROCESSED, reason=reason, last_error="",
+            state = _finish(session, job_id, JobState.NOT_PROCESSED, claim=claim, reason=reason, last_error="",
                             model_name="", model_version="")
             session.commit()
             log.info("job %d (series %s) not processed: %s; models: %s", job_id, series_uid, reason,
@@ -533,8 +544,13 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
                 sop_class_uid=o.sop_class_uid, destination=destination, state=OutboxState.PENDING,
                 attempts=0, next_attempt_at=now, last_error="" if destination else NO_DESTINATION,
             ))
-        state = _finish(session, job_id, JobState.SUCCEEDED, last_error="", reason=note,
+        state = _finish(session, job_id, JobState.SUCCEEDED, claim=claim, last_error="", reason=note,
                         model_name=card.name, model_version=card.version)
+        if state is JobState.RUNNING:  # another worker runs it now: the same UIDs, so the same files
+            session.rollback()
+            log.warning("job %d was queued again and claimed by another worker while this one ran it; this "
+                        "run's results were discarded", job_id)
+            return state
         if state is not JobState.SUCCEEDED:
             session.rollback()
             kept = set(session.scalars(select(OutboxItem.sop_instance_uid).where(OutboxItem.sop_instance_uid.in_(uids))))

@@ -637,3 +637,37 @@ def test_a_running_job_is_stamped_by_its_worker_while_it_runs(worker_settings, s
         job.state, job.celery_task_id = JobState.QUEUED, ""
         s.commit()
     assert real_beat(pipeline.JobHeartbeat(session_factory, job_id, "t-1", 30.0)) is False
+
+
+def test_a_run_whose_job_was_queued_again_and_claimed_by_another_worker_records_nothing(
+        worker_settings, session_factory, dicom_corpus, monkeypatch):
+    """The service's sweeper queues again a RUNNING job whose worker was silent for job_stale_after_s (a
+    database outage longer than that, a frozen process), and another worker claims it. The first run, if
+    it was alive after all, must not write its outcome over the second's claim: it checked only that the
+    job was RUNNING, so it recorded SUCCEEDED under the other worker's running attempt."""
+    import worker.pipeline as pipeline
+
+    settings = worker_settings()
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    real_run = pipeline._run
+
+    def taken_over_meanwhile(*args, **kwargs):
+        with session_factory() as s:  # what StalledJobSweeper.reclaim_orphans does, then another delivery
+            job = s.get(Job, job_id)
+            job.state, job.celery_task_id = JobState.QUEUED, ""
+            s.commit()
+        assert pipeline.claim_job(session_factory, job_id, task_id="t-2") == (True, JobState.RUNNING)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run", taken_over_meanwhile)
+    assert process_job(settings, session_factory, job_id, ModelRegistry.from_settings(settings),
+                       task_id="t-1") is JobState.RUNNING
+    with session_factory() as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.celery_task_id, job.attempts) == (JobState.RUNNING, "t-2", 2)
+        assert s.scalars(select(Result)).all() == [] and s.scalars(select(OutboxItem)).all() == []
+
+    # a failure of the first run is not recorded over the second's claim either
+    assert pipeline.record_failure(settings, session_factory, job_id, RuntimeError("x"), claim="t-1") is JobState.RUNNING
+    with session_factory() as s:
+        assert s.get(Job, job_id).last_error == ""
