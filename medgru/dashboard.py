@@ -140,6 +140,8 @@ class _DbCollector:
             # since it was last queued: a job an admin retried after days has not waited for days
             oldest_job = session.scalar(select(func.min(func.coalesce(Job.queued_at, Job.created_at)))
                                         .where(Job.state.in_(WAITING_STATES)))
+            # the latest failure still standing (a job an admin retried is no longer FAILED)
+            latest_failure = session.scalar(select(func.max(Job.finished_at)).where(Job.state == JobState.FAILED))
             instances = session.scalar(select(func.count()).select_from(Instance)) or 0
             by_destination = session.execute(
                 select(OutboxItem.destination, OutboxItem.state, func.count(), func.min(OutboxItem.created_at))
@@ -178,6 +180,13 @@ class _DbCollector:
                                 "Age of the oldest queued or retrying job since it was last queued (0 when none "
                                 "waits)",
                                 value=_age_seconds(oldest_job, now))
+        if latest_failure is not None and latest_failure.tzinfo is None:
+            latest_failure = latest_failure.replace(tzinfo=timezone.utc)
+        yield GaugeMetricFamily("medgru_latest_job_failure_timestamp_seconds",
+                                "When the latest job still FAILED failed (Unix time; 0 when none is): the "
+                                "failed-jobs alert reads it, since a retry lowers medgru_jobs{state=\"failed\"} "
+                                "and hid a failure in the same hour from delta()",
+                                value=latest_failure.timestamp() if latest_failure is not None else 0.0)
         yield GaugeMetricFamily("medgru_oldest_unsent_result_age_seconds",
                                 "Age of the oldest pending outbox item (0 when all are sent)",
                                 value=_age_seconds(min(pending_since, default=None), now))

@@ -421,6 +421,32 @@ def test_metrics_tell_a_stalled_queue_and_an_unreachable_pacs(dash):
     assert _metric(metrics, "medgru_oldest_unsent_result_age_seconds") == 0
 
 
+def test_a_job_failure_shows_in_the_metrics_when_a_retry_in_the_same_hour_keeps_the_failed_count(dash):
+    """The failed-jobs alert read delta(medgru_jobs{state="failed"}[1h]): an admin retrying yesterday's failed
+    job and a new job failing in the same hour left the count at 1, the delta at 0, and the new failure
+    never fired. The latest standing failure's time does not hide it."""
+    _, sf, base = dash
+    assert _metric(_get(base + "/metrics")[2], "medgru_latest_job_failure_timestamp_seconds") == 0  # no time
+    yesterday = datetime.now(timezone.utc) - timedelta(days=1)
+    with sf() as s:
+        s.get(Job, 2).finished_at = yesterday  # the fixture's failed job
+        s.commit()
+    _, _, metrics = _get(base + "/metrics")
+    assert _metric(metrics, "medgru_latest_job_failure_timestamp_seconds") == pytest.approx(yesterday.timestamp())
+    assert 'medgru_jobs{state="failed"} 1.0' in metrics
+    with sf() as s:  # within the hour: job 2 retried by an admin, job 3 fails
+        s.get(Job, 2).state = JobState.QUEUED
+        s.get(Job, 3).state, s.get(Job, 3).finished_at = JobState.FAILED, datetime.now(timezone.utc)
+        s.commit()
+    _, _, metrics = _get(base + "/metrics")
+    assert 'medgru_jobs{state="failed"} 1.0' in metrics  # the count did not move
+    assert datetime.now(timezone.utc).timestamp() - _metric(metrics, "medgru_latest_job_failure_timestamp_seconds") < 3600
+    with sf() as s:  # retried too: no failure stands
+        s.get(Job, 3).state = JobState.QUEUED
+        s.commit()
+    assert _metric(_get(base + "/metrics")[2], "medgru_latest_job_failure_timestamp_seconds") == 0
+
+
 def test_a_password_guards_every_page_but_healthz(make_settings, caplog):
     import base64
 
