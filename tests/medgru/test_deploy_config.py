@@ -67,3 +67,15 @@ def test_both_service_units_read_the_secrets_and_own_their_folders():
         text = (DEPLOY / unit).read_text()
         assert "EnvironmentFile=-/etc/medgru/secrets.env" in text, unit
         assert "StateDirectory=medgru" in text and "ConfigurationDirectory=medgru" in text, unit
+
+
+def test_both_units_start_after_and_stop_before_the_database_and_the_broker():
+    """The worker unit was ordered after Redis only: at shutdown a local PostgreSQL could stop while a
+    worker still ran a job, whose outcome then could not be recorded. After=network-online.target pulls
+    nothing in without Wants=."""
+    for unit in ("medgru-serve.service", "medgru-worker@.service"):
+        lines = (DEPLOY / unit).read_text().splitlines()
+        after = [ln.split("=", 1)[1].split() for ln in lines if ln.startswith("After=")]
+        wants = [ln.split("=", 1)[1].split() for ln in lines if ln.startswith("Wants=")]
+        assert after and {"postgresql.service", "redis-server.service", "network-online.target"} <= set(after[0]), unit
+        assert wants and "network-online.target" in wants[0], unit
