@@ -280,6 +280,15 @@ PAGE_SECTION_ROWS = 20
 PAGE_JOB_ROWS = 100
 
 
+def _note_cell(text: str, limit: int, suffix: str = "") -> str:
+    """A table cell of ``text`` cut to ``limit`` characters: a cut one ends in an ellipsis and shows the
+    whole text on hover (it was cut mid-sentence without a sign: "...`medgru calibrate` on")."""
+    text = text or ""
+    if len(text) <= limit:
+        return f'<td class="note">{html.escape(text)}{suffix}</td>'
+    return f'<td class="note" title="{html.escape(text)}">{html.escape(text[:limit].rstrip())}…{suffix}</td>'
+
+
 def _outbox_table(items: list[dict[str, Any]]) -> str:
     if not items:
         return '<p class="none">Every result has been sent.</p>'
@@ -293,7 +302,7 @@ def _outbox_table(items: list[dict[str, Any]]) -> str:
             f'<td>{html.escape(r["kind"])}</td><td>{"" if r["job"] is None else r["job"]}</td>'
             f'<td>{html.escape(r["destination"] or "(none set)")}</td><td>{r["attempts"]}</td>'
             f'<td>{when_iso(r["next_attempt_at"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
-            f'<td class="note">{html.escape(r["last_error"][:160])}</td><td>{action}</td></tr>')
+            f'{_note_cell(r["last_error"], 160)}<td>{action}</td></tr>')
     return "".join(out) + "</table>"
 
 
@@ -320,8 +329,8 @@ def _quarantine_table(items: list[dict[str, Any]]) -> str:
         out.append(
             f'<tr><td>{r["id"]}</td><td>{when_iso(r["received_at"])}</td><td>{html.escape(r["calling_ae"])}</td>'
             f'<td>{html.escape(r["status"])}</td><td><code>{html.escape(r["sop_instance_uid"])}</code></td>'
-            f'<td class="note">{html.escape(r["reason"][:200])}'
-            f'{" (stored later by a retry)" if r["released_at"] else ""}</td><td>{action}</td></tr>')
+            f'{_note_cell(r["reason"], 200, " (stored later by a retry)" if r["released_at"] else "")}'
+            f'<td>{action}</td></tr>')
     return "".join(out) + "</table>"
 
 
@@ -400,7 +409,7 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
             f'<td>{"" if r["score"] is None else r["score"]}</td><td>{"" if r["threshold"] is None else r["threshold"]}</td>'
             f'<td class="{verdict}">{verdict}</td><td>{html.escape(r["in_pacs"] or "")}</td>'
             f'<td>{html.escape(r["model"] or "")}</td>'
-            f'<td><code>{html.escape(r["series_uid"])}</code></td><td class="note">{html.escape(r["note"][:160])}</td><td>{actions}</td></tr>'
+            f'<td><code>{html.escape(r["series_uid"])}</code></td>{_note_cell(r["note"], 160)}<td>{actions}</td></tr>'
         )
     unsent = outbox_rows(session, states=(OutboxState.FAILED, OutboxState.PENDING), limit=PAGE_SECTION_ROWS)
     unsent.sort(key=lambda r: r["state"] != OutboxState.FAILED.value)  # failed first, each newest first
