@@ -191,19 +191,22 @@ def _taken_over(job: Job, claim: str | None) -> bool:
     return claim is not None and job.state is JobState.RUNNING and job.celery_task_id != claim[:64]
 
 
-def _finish(session: Session, job_id: int, state: JobState, *, claim: str | None = None, **values) -> JobState:
-    """Set a RUNNING job's final state in ``session`` (not committed); return the state it ends in. With
-    ``claim`` (the task id that claimed it), a job another delivery has claimed since is left to it."""
+def _finish(session: Session, job_id: int, state: JobState, *, claim: str | None = None,
+            **values) -> tuple[JobState, bool]:
+    """Set a RUNNING job's final state in ``session`` (not committed); return the state it ends in and
+    whether this run set it. With ``claim`` (the task id that claimed it), a job another delivery has
+    claimed since is left to it, also once that delivery has finished it (SUCCEEDED by the other run is
+    not this run's outcome: its caller must record nothing)."""
     job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         raise LookupError(f"job {job_id} vanished")
     if job.state is not JobState.RUNNING or _taken_over(job, claim):
-        return job.state  # cancelled (or taken over) meanwhile: leave it
+        return job.state, False  # cancelled, taken over or finished by another delivery meanwhile: leave it
     job.state = state
     job.finished_at = utcnow()
     for key, value in values.items():
         setattr(job, key, value)
-    return state
+    return state, True
 
 
 def record_failure(settings, session_factory: sessionmaker[Session], job_id: int, exc: BaseException, *,
@@ -479,9 +482,12 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
         if choice is None:
             reason = (f"no model covers modality {modality.upper() or '(none)'}, "
                       f"body part {body_part.upper() or '(none)'}")
-            state = _finish(session, job_id, JobState.NOT_PROCESSED, claim=claim, reason=reason, last_error="",
-                            model_name="", model_version="")
+            state, ours = _finish(session, job_id, JobState.NOT_PROCESSED, claim=claim, reason=reason,
+                                  last_error="", model_name="", model_version="")
             session.commit()
+            if not ours:
+                log.info("job %d became %s while running; nothing recorded", job_id, state.value)
+                return state
             log.info("job %d (series %s) not processed: %s; models: %s", job_id, series_uid, reason,
                      registry.describe())
             return state
@@ -544,14 +550,14 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
                 sop_class_uid=o.sop_class_uid, destination=destination, state=OutboxState.PENDING,
                 attempts=0, next_attempt_at=now, last_error="" if destination else NO_DESTINATION,
             ))
-        state = _finish(session, job_id, JobState.SUCCEEDED, claim=claim, last_error="", reason=note,
-                        model_name=card.name, model_version=card.version)
-        if state is JobState.RUNNING:  # another worker runs it now: the same UIDs, so the same files
+        state, ours = _finish(session, job_id, JobState.SUCCEEDED, claim=claim, last_error="", reason=note,
+                              model_name=card.name, model_version=card.version)
+        if state is JobState.RUNNING and not ours:  # another worker runs it now: the same UIDs, so the same files
             session.rollback()
             log.warning("job %d was queued again and claimed by another worker while this one ran it; this "
                         "run's results were discarded", job_id)
             return state
-        if state is not JobState.SUCCEEDED:
+        if not ours:  # cancelled, queued again, or finished by another delivery (whose outbox rows stay)
             session.rollback()
             kept = set(session.scalars(select(OutboxItem.sop_instance_uid).where(OutboxItem.sop_instance_uid.in_(uids))))
             for o in outputs:  # remove our files unless an earlier, still valid outbox row points at them

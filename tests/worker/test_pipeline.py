@@ -671,3 +671,42 @@ def test_a_run_whose_job_was_queued_again_and_claimed_by_another_worker_records_
     assert pipeline.record_failure(settings, session_factory, job_id, RuntimeError("x"), claim="t-1") is JobState.RUNNING
     with session_factory() as s:
         assert s.get(Job, job_id).last_error == ""
+
+
+def test_a_run_whose_job_was_queued_again_and_finished_by_another_worker_records_nothing(
+        worker_settings, session_factory, dicom_corpus, monkeypatch):
+    """The orphaned run may resume only after the second delivery has already finished the job: it found
+    the job SUCCEEDED (not RUNNING), took that for its own outcome and committed its Result over the
+    second's, deleting the second's outbox rows (already SENT) and queueing its objects again."""
+    import worker.pipeline as pipeline
+
+    settings = worker_settings()
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    registry = ModelRegistry.from_settings(settings)
+    real_run = pipeline._run
+    second: dict = {}
+
+    def taken_over_and_finished_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(pipeline, "_run", real_run)
+        with session_factory() as s:  # what StalledJobSweeper.reclaim_orphans does
+            job = s.get(Job, job_id)
+            job.state, job.celery_task_id = JobState.QUEUED, ""
+            s.commit()
+        assert process_job(settings, session_factory, job_id, registry, task_id="t-2") is JobState.SUCCEEDED
+        with session_factory() as s:
+            (res,) = s.scalars(select(Result)).all()
+            second["result"] = res.id
+            s.execute(update(OutboxItem).values(state=OutboxState.SENT))
+            s.commit()
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run", taken_over_and_finished_meanwhile)
+    process_job(settings, session_factory, job_id, registry, task_id="t-1")
+    with session_factory() as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.celery_task_id) == (JobState.SUCCEEDED, "t-2")
+        assert [r.id for r in s.scalars(select(Result)).all()] == [second["result"]]
+        items = s.scalars(select(OutboxItem)).all()
+        assert items and {i.state for i in items} == {OutboxState.SENT}
+        assert all((settings.outbox_dir / i.path).is_file() for i in items)
+
