@@ -409,7 +409,7 @@ def series_calling_ae(session: Session, series_id: int) -> str:
 
 
 def earlier_results(session: Session, series_id: int, job_id: int, card: ModelCard) -> list[tuple[str, str]]:
-    """The (SR, SC) SOP Instance UIDs of the series' results by this model and version from other jobs (made
+    """The (SR, SC) SOP Instance UIDs of the series' results by this model and version from older jobs (made
     from other frames: a late slice re-scored the series; or from the same, whose UIDs are then the new
     result's own), oldest first; an empty string where a result has no such object. The new SR names the
     earlier SRs as the reports it revises, so a viewer that shows both tells which is current; with
@@ -417,7 +417,9 @@ def earlier_results(session: Session, series_id: int, job_id: int, card: ModelCa
     rows = session.execute(
         select(Result.sr_sop_instance_uid, Result.sc_sop_instance_uid).join(Job, Result.job_fk == Job.id)
         .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
-        .where(SequenceRecord.series_fk == series_id, Job.id != job_id, Result.model_name == card.name,
+        # only older jobs (smaller ids: earlier sequences of the series): a re-run of an older job
+        # (`medgru jobs retry --rerun`) must neither claim to revise nor reject the newer, current result
+        .where(SequenceRecord.series_fk == series_id, Job.id < job_id, Result.model_name == card.name,
                Result.model_version == card.version)
         .order_by(Result.id)).all()
     return list(dict.fromkeys((sr or "", sc or "") for sr, sc in rows))

@@ -710,3 +710,33 @@ def test_a_run_whose_job_was_queued_again_and_finished_by_another_worker_records
         assert items and {i.state for i in items} == {OutboxState.SENT}
         assert all((settings.outbox_dir / i.path).is_file() for i in items)
 
+
+
+def test_a_rerun_of_an_older_job_does_not_reject_the_newer_result(worker_settings, session_factory, dicom_corpus):
+    """`medgru jobs retry --rerun` of the first job of a series after its late-slice revision: the re-run
+    made a note rejecting the revision's SR and SC (the current verdict, on more frames), while the
+    revision's note had already rejected the re-run's own UIDs, so the PACS hid both results."""
+    from worker.admin import retry_job
+
+    settings = worker_settings(reject_revised_results=True)
+    first_job = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, first_job, registry) is JobState.SUCCEEDED
+    late_job = _late_slice_job(settings, session_factory, dicom_corpus, first_job)
+    assert process_job(settings, session_factory, late_job, registry) is JobState.SUCCEEDED
+    (late,), _ = _results(session_factory, late_job)
+
+    class _App:  # retry_job enqueues; nothing consumes here
+        def send_task(self, *a, **k):
+            return type("R", (), {"id": "x"})()
+
+    retry_job(session_factory, _App(), first_job, rerun_succeeded=True)
+    assert process_job(settings, session_factory, first_job, registry) is JobState.SUCCEEDED
+    (rerun,), items = _results(session_factory, first_job)
+    rejected = set()
+    for item in items:
+        if item.result_fk == rerun.id and item.sop_class_uid == KeyObjectSelectionDocumentStorage:
+            note = pydicom.dcmread(settings.outbox_dir / item.path)
+            rejected |= {str(i.ReferencedSOPInstanceUID) for s in note.CurrentRequestedProcedureEvidenceSequence
+                         for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert not rejected & {late.sr_sop_instance_uid, late.sc_sop_instance_uid}
