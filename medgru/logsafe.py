@@ -44,6 +44,9 @@ class PydicomRecordFilter(logging.Filter):
         return True
 
 
+_TRACEBACKS = logging.Formatter()
+
+
 def _escaping_record_factory(base):
     """A log record factory that writes the control characters of each message as ``\\xNN``."""
     from medgru.tables import printable
@@ -52,11 +55,19 @@ def _escaping_record_factory(base):
         record = base(*args, **kwargs)
         try:
             message = record.getMessage()
-        except (TypeError, ValueError):  # a format that does not match its arguments: logging reports it later
+        except Exception:  # noqa: BLE001 - a format that does not match its arguments (a missing %(key)s,
+            # an argument whose str() raises): the handler reports it later; a log call must never raise
             return record
         safe = printable(message, lines=True)
         if safe != message:
             record.msg, record.args = safe, ()
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            # the traceback's last line is the exception's message: a value from outside as well
+            try:
+                text = _TRACEBACKS.formatException(record.exc_info)
+            except Exception:  # noqa: BLE001 - left to the formatter
+                return record
+            record.exc_text = printable(text, lines=True)
         return record
 
     factory.escapes_controls = True  # type: ignore[attr-defined]

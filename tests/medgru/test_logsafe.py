@@ -44,3 +44,38 @@ def test_log_messages_carry_no_control_characters(caplog):
     assert messages == ["no model covers body part \\x1b]8;;http://evil.example/\\x07CLICK\\x1b]8;;\\x07",
                         "plain \\x1b[2J message\\x0dover 1\nsecond line\tok"]
     assert "\x1b" not in caplog.text and "\x07" not in caplog.text
+
+
+def test_a_log_call_with_a_bad_format_does_not_raise_into_its_caller(caplog):
+    """The escaping record factory formats each message when the record is made: a missing ``%(key)s``
+    (KeyError) or an argument whose str() raises escaped from the log call and failed the code that logged,
+    where logging only reports a bad record ("--- Logging error ---") and goes on."""
+    install()
+
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("no text")
+
+    log = logging.getLogger("medgru.test")
+    caplog.set_level("INFO", logger="medgru.test")
+    logging.raiseExceptions, before = False, logging.raiseExceptions  # the handler's report is not this test's
+    try:
+        log.info("%(study)s", {"series": "1.2.3"})
+        log.info("value %s", Unprintable())
+    finally:
+        logging.raiseExceptions = before
+    assert len(caplog.records) == 2
+
+
+def test_a_traceback_logged_carries_no_control_characters(caplog):
+    """The exception's message (the last line of the traceback) comes from outside too: a body part of
+    ``ESC[31m`` in a ValueError reached the log as it was under log.exception."""
+    install()
+    caplog.set_level("INFO", logger="medgru.test")
+    try:
+        raise ValueError("no model covers body part \x1b[31mRED")
+    except ValueError:
+        logging.getLogger("medgru.test").exception("job 2 failed")
+    assert "\x1b" not in caplog.text
+    assert "ValueError: no model covers body part \\x1b[31mRED" in caplog.text
+    assert "Traceback (most recent call last):" in caplog.text  # the traceback is kept, escaped
