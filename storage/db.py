@@ -161,7 +161,7 @@ class PassLog:
             self.logger.error("%s failed; retrying in %g s", self.what, retry_in_s, exc_info=exc)
             return
         now = time.monotonic()
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
         if self._outage_since is None:
             self._outage_since = self._last_said = now
             self.logger.error("%s failed: the database does not answer (%s); retrying every %g s",

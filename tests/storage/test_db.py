@@ -41,3 +41,13 @@ def test_another_error_keeps_its_traceback(caplog):
         passes.failed(KeyError("bug"), 1.0)
     assert [type(r.exc_info[1]) for r in caplog.records] == [KeyError, KeyError]
     assert database_unreachable(_refused()) and not database_unreachable(KeyError("bug"))
+
+
+def test_an_outage_with_an_empty_reason_is_logged_too(caplog):
+    """A driver error with no text (str() empty) made ``"".splitlines()[0]`` raise IndexError inside the
+    loop's except clause: the sweeper's, assembler's, sender's or retention's thread ended for good."""
+    passes = PassLog(logging.getLogger("t.loop"), "retention pass")
+    with caplog.at_level(logging.ERROR, logger="t.loop"):
+        passes.failed(OperationalError("SELECT 1", {}, Exception("")), 1.0)
+    [record] = caplog.records
+    assert record.getMessage().startswith("retention pass failed: the database does not answer (")
