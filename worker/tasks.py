@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, shared_task
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import make_engine, make_session_factory
@@ -147,8 +147,6 @@ class StalledJobSweeper:
         can neither retry nor cancel a RUNNING job. A job that has used all its attempts goes FAILED instead
         (one that kills its worker every time). Returns the ids queued again (committed QUEUED; their
         messages are sent by :meth:`sweep`, which this precedes)."""
-        from worker.pipeline import fail_if_it_killed_its_workers
-
         now = now or utcnow()
         stale_before = now - timedelta(seconds=self.settings.job_stale_after_s)
         last_sign = func.coalesce(Job.heartbeat_at, Job.started_at)
@@ -161,13 +159,29 @@ class StalledJobSweeper:
                 seen = None if job is None else (job.heartbeat_at or job.started_at)
                 if job is None or job.state is not JobState.RUNNING or seen is None or seen >= stale_before:
                     continue  # finished, or its worker stamped it, since the select
-                if fail_if_it_killed_its_workers(job, self.settings.job_max_retries):
-                    continue
                 silent = (now - seen).total_seconds()
-                note = (f"attempt {job.attempts}: its worker gave no sign of life for {silent:.0f} s "
-                        "(killed, or its host lost); queued again")
-                job.state, job.queued_at, job.celery_task_id = JobState.QUEUED, now, ""
-                job.last_error = note if not job.last_error else f"{job.last_error}; {note}"
+                failed = job.attempts > self.settings.job_max_retries  # a job that kills its worker every time
+                if failed:
+                    note = f"the worker stopped during each of its {job.attempts} attempts"
+                    values = dict(state=JobState.FAILED, finished_at=now,
+                                  last_error=note + (f"; {job.last_error}" if job.last_error else ""))
+                else:
+                    note = (f"attempt {job.attempts}: its worker gave no sign of life for {silent:.0f} s "
+                            "(killed, or its host lost); queued again")
+                    values = dict(state=JobState.QUEUED, queued_at=now, celery_task_id="",
+                                  last_error=note if not job.last_error else f"{job.last_error}; {note}")
+                # one conditional UPDATE: still this claim, still RUNNING and silent. SQLite ignores FOR
+                # UPDATE and its driver opens no transaction for a SELECT: a worker that recorded its
+                # outcome (or stamped its heartbeat) since the read above keeps it
+                done = session.execute(
+                    update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING, last_sign < stale_before,
+                                      Job.celery_task_id == job.celery_task_id, Job.attempts == job.attempts)
+                    .values(**values).execution_options(synchronize_session=False)).rowcount
+                if done != 1:
+                    continue
+                if failed:
+                    log.error("job %d FAILED: the worker stopped during each of its %d attempts", job_id, job.attempts)
+                    continue
                 requeued.append(job_id)
                 log.warning("job %d: RUNNING with no sign of life from its worker for %.0f s: queued again",
                             job_id, silent)

@@ -93,3 +93,45 @@ def test_a_broker_outage_is_one_line_naming_the_broker(make_settings, db_url, se
     [record] = [r for r in caplog.records if "could not be enqueued again" in r.getMessage()]
     assert record.getMessage().startswith(f"job {job_id}: could not be enqueued again (broker redis://:**@")
     assert record.exc_info is None and "s3cret" not in record.getMessage()
+
+
+def test_a_job_its_worker_finishes_during_the_reclaim_stays_finished(make_settings, tmp_path, dicom_corpus):
+    """On SQLite (the embedded default) the reclaim read the job, found it RUNNING and silent, and wrote
+    QUEUED with a plain ORM update: FOR UPDATE is a no-op there and the driver opens no transaction for a
+    SELECT, so a worker that recorded SUCCEEDED in between (its heartbeat was late, not gone) had its
+    finished job queued again and run a second time, its objects sent again. The reclaim is now one
+    conditional UPDATE (still RUNNING, still silent), as retry and cancel are."""
+    from sqlalchemy import event
+
+    import worker.pipeline as pipeline
+    from storage.db import init_db, make_session_factory
+
+    engine = init_db(f"sqlite:///{tmp_path / 'reclaim.sqlite3'}")
+    sf = make_session_factory(engine)
+    settings = make_settings(database_url=str(engine.url), job_heartbeat_s=30.0, job_stale_after_s=300.0)
+    t0 = utcnow()
+    job_id = add_series(settings, sf, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    with sf() as s:
+        job = s.get(Job, job_id)
+        job.state, job.attempts, job.started_at, job.heartbeat_at = JobState.RUNNING, 1, t0, t0
+        job.celery_task_id = "task-of-a-late-worker"
+        s.commit()
+    finished = []
+
+    def worker_finishes_first(conn, cursor, statement, params, context, executemany):
+        if finished or not statement.lstrip().upper().startswith("UPDATE JOBS"):
+            return
+        finished.append(True)  # just before the sweeper writes: the worker's own connection records SUCCEEDED
+        with sf() as other:
+            assert pipeline._finish(other, job_id, JobState.SUCCEEDED, claim="task-of-a-late-worker")[1]
+            other.commit()
+
+    sweeper = StalledJobSweeper(settings, sf, make_celery(settings, queue="medgru.reclaim-race"))
+    event.listen(engine, "before_cursor_execute", worker_finishes_first)
+    assert sweeper.reclaim_orphans(now=t0 + timedelta(seconds=301)) == []
+    event.remove(engine, "before_cursor_execute", worker_finishes_first)
+    assert finished == [True]
+    with sf() as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.celery_task_id) == (JobState.SUCCEEDED, "task-of-a-late-worker")
+    engine.dispose()
