@@ -40,7 +40,8 @@ from reporting.overlay import (
 )
 from reporting.uids import SC_INSTANCE, SC_SERIES, derive_uid, input_key
 
-__all__ = ["build_overlay_sc", "pick_frame", "caption_lines", "patient_orientation", "pixel_aspect"]
+__all__ = ["build_overlay_sc", "pick_frame", "caption_lines", "patient_orientation", "pixel_aspect",
+           "shown_aspect"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,20 @@ def pixel_aspect(ds: Dataset) -> float | None:
     return None
 
 
+def shown_aspect(ds: Dataset, shape: tuple[int, int]) -> float | None:
+    """The aspect (:func:`pixel_aspect`) of the pixels of a frame of ``shape`` that shows the whole of
+    source ``ds``: a sequence resizes its frames to its first frame's size (a prior study's image leads, a
+    series of mixed sizes), so a frame may have other pixels than its source (Rows x Columns) has."""
+    aspect = pixel_aspect(ds)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return aspect
+    if rows <= 0 or cols <= 0 or tuple(shape) == (rows, cols):
+        return aspect
+    return (1.0 if aspect is None else aspect) * (rows / shape[0]) / (cols / shape[1])
+
+
 def patient_orientation(ds: Dataset, frame: int = 1) -> tuple[str, str] | None:
     """The source's (row, column) Patient Orientation, from PatientOrientation or ImageOrientationPatient
     (of an enhanced multi-frame image: its Plane Orientation, shared or of 1-based ``frame``).
@@ -203,7 +218,7 @@ def build_overlay_sc(
     key = input_key(frame_refs or [(str(source_dataset.SOPInstanceUID), int(source_frame_number or 1))])
 
     # the SC has no pixel spacing, so a viewer shows its pixels square: resample non-square source pixels
-    frame, heatmap = square_pixels(frame, heatmap, pixel_aspect(source_dataset))
+    frame, heatmap = square_pixels(frame, heatmap, shown_aspect(source_dataset, frame.shape))
     pixels = render_overlay(frame, heatmap, caption_lines(detection, card, frame_index=frame_index,
                                                           n_frames=n_frames, frame_score=frame_score,
                                                           frame_score_among=frame_score_among))

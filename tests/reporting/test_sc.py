@@ -277,3 +277,30 @@ def test_the_overlay_series_has_a_date(dicom_corpus: Path) -> None:
     sc = build_overlay_sc(ds, frame, heat, h.detection(heat[None]), h.card())
     assert sc.SeriesDate == sc.ContentDate and len(str(sc.SeriesDate)) == 8
     assert sc.SeriesTime == sc.ContentTime
+
+
+def test_a_frame_resized_to_the_sequence_s_first_frame_is_shown_in_the_source_s_proportions(
+        dicom_corpus: Path) -> None:
+    """A sequence's frames are resized to its first frame's size (a prior study's radiograph leads, a series
+    of mixed sizes), so the frame the SC shows may have another shape than its source. Only the source's
+    pixel spacing was corrected for: a landscape source squeezed into a square first frame stayed square
+    in the SC, stretched against the image a viewer shows beside it."""
+    import cv2
+
+    ds = pydicom.dcmread(dicom_corpus / h.DX_FILE)  # 169 x 211, square pixels (1.2 mm)
+    native = h.windowed(ds)
+    rows, cols = native.shape
+    assert abs(rows / cols - 1.0) > 0.1  # the source is not square
+    side = min(rows, cols)
+    frame = np.clip(cv2.resize(native, (side, side), interpolation=cv2.INTER_AREA), 0.0, 1.0)  # the sequence's
+    heat = h.blob(frame.shape, cy=0.3, cx=0.7, sigma=0.06)
+    sc = build_overlay_sc(ds, frame, heat, h.detection(heat[None]), h.card())
+    px = sc.pixel_array.astype(np.int16)
+    ih, iw = output_size(rows, cols)  # the source's proportions
+    area = px[sc.Rows - ih:, :iw]
+    colour = area.max(axis=2) - area.min(axis=2)
+    ys, xs = np.nonzero(colour > 60)
+    assert len(ys) > 0
+    assert ys.mean() / ih == pytest.approx(0.3, abs=0.05)
+    assert xs.mean() / iw == pytest.approx(0.7, abs=0.05)
+    assert area[:, -1].any()  # the image fills the area to its last column: not narrower (square)
