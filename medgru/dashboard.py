@@ -640,28 +640,57 @@ REQUEST_TIMEOUT_S = 30.0
 #: thousand silent connections used up the process's file descriptors (1024 under systemd's default), and
 #: the DICOM listener, the database and /healthz failed with it
 MAX_CONNECTIONS = 64
+#: connections of one address served at once: one host's silent or trickling connections (the timeout is
+#: per read) filled all the others' slots, and /healthz answered 503 to systemd and the load balancer
+MAX_CONNECTIONS_PER_ADDRESS = 16
 
 
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS,
+                 max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS):
         self._slots = threading.BoundedSemaphore(max_connections)
         self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self._per_address: dict[str, int] = {}
+        self._per_address_lock = threading.Lock()
         self.tls = False  # set once the socket is wrapped: no plain-text 503 on a TLS connection
         self._refused = 0
         self._refused_logged_at: float | None = None
         super().__init__(address, handler)
 
+    def _take_address_slot(self, address: str) -> bool:
+        with self._per_address_lock:
+            if self._per_address.get(address, 0) >= self.max_per_address:
+                return False
+            self._per_address[address] = self._per_address.get(address, 0) + 1
+            return True
+
+    def _free_address_slot(self, address: str) -> None:
+        with self._per_address_lock:
+            left = self._per_address.get(address, 1) - 1
+            if left > 0:
+                self._per_address[address] = left
+            else:
+                self._per_address.pop(address, None)
+
     def process_request(self, request, client_address) -> None:
-        """A thread for the connection while fewer than ``max_connections`` are open; else it is closed."""
+        """A thread for the connection while fewer than ``max_connections`` are open, and fewer than
+        ``max_per_address`` of its address; else it is closed."""
+        address = str(client_address[0])
+        if not self._take_address_slot(address):
+            self._refuse(request, client_address, f"{self.max_per_address} from that address")
+            return
         if not self._slots.acquire(blocking=False):
-            self._refuse(request, client_address)
+            self._free_address_slot(address)
+            self._refuse(request, client_address, f"{self.max_connections} in all")
             return
         try:
             super().process_request(request, client_address)
-        except BaseException:  # no thread started: its slot is free again
+        except BaseException:  # no thread started: its slots are free again
             self._slots.release()
+            self._free_address_slot(address)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
@@ -669,15 +698,16 @@ class _HttpServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+            self._free_address_slot(str(client_address[0]))
 
-    def _refuse(self, request, client_address) -> None:
+    def _refuse(self, request, client_address, limit: str) -> None:
         import time
 
         self._refused += 1
         now = time.monotonic()
         if self._refused_logged_at is None or now - self._refused_logged_at >= 60:  # one line a minute at most
-            log.warning("dashboard: %d connections open (the most served at once); refused %d connection(s), "
-                        "the latest from %s", self.max_connections, self._refused, client_address[0])
+            log.warning("dashboard: the most connections served at once are open (%s); refused %d connection(s), "
+                        "the latest from %s", limit, self._refused, client_address[0])
             self._refused, self._refused_logged_at = 0, now
         if not self.tls:
             try:
@@ -701,7 +731,8 @@ class DashboardServer:
     def __init__(self, settings, session_factory, retry: Callable[[int], Any], cancel: Callable[[int], Any],
                  resend: Callable[[int], Any] | None = None,
                  health: Callable[[], dict[str, str | None]] | None = None, *,
-                 max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT_S):
+                 max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT_S,
+                 max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS):
         self.settings = settings
         self.request_timeout = request_timeout
         self.sf = session_factory
@@ -713,7 +744,8 @@ class DashboardServer:
         self.registry.register(_DbCollector(session_factory))
         self.registry.register(_DiskCollector(settings))
         handler = self._make_handler(retry, cancel, resend or (lambda item_id: resend_item(session_factory, item_id)))
-        self.httpd = _HttpServer((settings.dashboard_host, settings.dashboard_port), handler, max_connections)
+        self.httpd = _HttpServer((settings.dashboard_host, settings.dashboard_port), handler, max_connections,
+                                 max_per_address)
         tls = dashboard_context(settings)
         if tls is not None:  # the handshake happens in the request's thread, not in the accepting one
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
@@ -738,6 +770,32 @@ class DashboardServer:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = server.request_timeout  # a silent client is dropped, not waited for (socket timeout)
+
+            def setup(self):
+                """The request (TLS handshake, request line, headers) must arrive within the request timeout
+                in all, not only between two reads: a client sending a byte every 29 s held its connection
+                for ever. Past the deadline the socket is shut, and the read in progress ends."""
+                super().setup()
+                self._deadline = threading.Timer(server.request_timeout, self._too_slow)
+                self._deadline.daemon = True
+                self._deadline.start()
+
+            def _too_slow(self):
+                log.info("dashboard: %s did not send its request within %g s; connection closed",
+                         self.client_address[0], server.request_timeout)
+                try:  # the plain socket's shutdown (an SSLSocket's would unwrap it under the reading thread)
+                    socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
+                except OSError as exc:
+                    log.debug("dashboard: shutting a slow connection: %s", exc)
+
+            def parse_request(self):
+                ok = super().parse_request()
+                self._deadline.cancel()  # the request is in: what follows is our work, not the client's
+                return ok
+
+            def finish(self):
+                self._deadline.cancel()
+                super().finish()
 
             def log_message(self, fmt, *args):  # route through logging, not stderr
                 log.debug("dashboard: " + fmt, *args)

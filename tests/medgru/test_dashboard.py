@@ -982,3 +982,66 @@ def test_a_long_note_is_cut_with_an_ellipsis_and_shown_whole_on_hover(dash):
     assert f'title="{html.escape(long_note)}"' in page
     assert html.escape(long_note[:160].rstrip()) + "…</td>" in page
     assert "decode error in 1.2.3.4.1</td>" in page  # a short one as it is, without an ellipsis
+
+
+def _answer(sock) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def test_a_trickling_client_is_closed_at_the_request_deadline(make_settings):
+    """The request timeout was per read: a client sending a byte every 29 s kept its connection (and a slot)
+    for ever. The whole request must now arrive within it."""
+    import socket
+    import time
+
+    settings = make_settings(dashboard_port=0)
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None, request_timeout=1.0).start()
+    request = b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 200
+    closed = False
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+            for byte in request:  # one byte every 0.05 s: each read is quick, the request never ends (10 s)
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:  # reset or broken pipe: the server closed it
+                    closed = True
+                    break
+                time.sleep(0.05)
+            if not closed:
+                s.settimeout(0.5)
+                try:
+                    closed = s.recv(100) == b""
+                except (socket.timeout, OSError) as exc:
+                    closed = not isinstance(exc, socket.timeout)
+        assert closed, "the dashboard kept a trickling connection open past its request deadline"
+        assert _get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_one_address_cannot_take_every_connection(make_settings):
+    """64 silent connections from one host filled every slot, and /healthz answered 503 to the watchdog
+    on another address. One address gets at most max_per_address of them."""
+    import socket
+
+    settings = make_settings(dashboard_port=0)
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None, max_connections=8,
+                             max_per_address=2, request_timeout=60).start()
+    try:
+        held = [_silent_connection(server.port) for _ in range(2)]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as third:
+            third.sendall(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            assert _answer(third).startswith(b"HTTP/1.0 503")  # the same address: refused
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20,
+                                      source_address=("127.0.0.2", 0)) as other:
+            other.sendall(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            assert b" 200 " in _answer(other).split(b"\r\n")[0]  # another address: served
+        for s in held:
+            s.close()
+    finally:
+        server.stop()
