@@ -409,17 +409,21 @@ def series_calling_ae(session: Session, series_id: int) -> str:
 
 
 def earlier_results(session: Session, series_id: int, job_id: int, card: ModelCard) -> list[tuple[str, str]]:
-    """The (SR, SC) SOP Instance UIDs of the series' results by this model and version from older jobs (made
-    from other frames: a late slice re-scored the series; or from the same, whose UIDs are then the new
-    result's own), oldest first; an empty string where a result has no such object. The new SR names the
-    earlier SRs as the reports it revises, so a viewer that shows both tells which is current; with
+    """The (SR, SC) SOP Instance UIDs of the series' results by this model and version, oldest first; an
+    empty string where a result has no such object. They come from older jobs (made from other frames: a
+    late slice re-scored the series; or from the same, whose UIDs are then the new result's own) and from
+    this job's own result that a re-run replaces: made from the same frames its UIDs are the new result's
+    own, but a result made by a release whose UIDs did not carry the frames (before 2026-12-07) has others, and the
+    re-run's SR must revise it, not sit beside it unnamed. Newer jobs' results are left out: a re-run of an
+    older job (`medgru jobs retry --rerun`) must neither claim to revise nor reject the newer, current
+    result. The new SR names the earlier SRs (but its own UID) as the reports it revises, so a viewer that
+    shows both tells which is current; with
     ``reject_revised_results`` a rejection note lists them and the SCs (:func:`rejection_note`)."""
     rows = session.execute(
         select(Result.sr_sop_instance_uid, Result.sc_sop_instance_uid).join(Job, Result.job_fk == Job.id)
         .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
-        # only older jobs (smaller ids: earlier sequences of the series): a re-run of an older job
-        # (`medgru jobs retry --rerun`) must neither claim to revise nor reject the newer, current result
-        .where(SequenceRecord.series_fk == series_id, Job.id < job_id, Result.model_name == card.name,
+        # older jobs (smaller ids: earlier sequences of the series) and this job's own replaced result
+        .where(SequenceRecord.series_fk == series_id, Job.id <= job_id, Result.model_name == card.name,
                Result.model_version == card.version)
         .order_by(Result.id)).all()
     return list(dict.fromkeys((sr or "", sc or "") for sr, sc in rows))
@@ -527,8 +531,12 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
     with session_factory() as session:
         uids = [o.sop_instance_uid for o in outputs]
         old_results = select(Result.id).where(Result.job_fk == job_id)
-        session.execute(delete(OutboxItem).where(or_(OutboxItem.result_fk.in_(old_results),
-                                                     OutboxItem.sop_instance_uid.in_(uids))))
+        replaced = or_(OutboxItem.result_fk.in_(old_results), OutboxItem.sop_instance_uid.in_(uids))
+        # the replaced rows' files that no new object overwrote (a result made under other UIDs): once their
+        # rows are gone, nothing (retention included) would ever remove them
+        stale_files = set(session.scalars(select(OutboxItem.path).where(replaced))) - {o.path for o in outputs}
+        session.execute(delete(OutboxItem).where(replaced))
+        stale_files -= set(session.scalars(select(OutboxItem.path).where(OutboxItem.path.in_(stale_files))))
         session.execute(delete(Result).where(Result.job_fk == job_id))
         result = Result(
             job_fk=job_id,
@@ -568,6 +576,8 @@ def _run(settings, session_factory: sessionmaker[Session], job_id: int, registry
             log.info("job %d became %s while running; its results were discarded", job_id, state.value)
             return state
         session.commit()
+    for path in stale_files:
+        (settings.outbox_dir / path).unlink(missing_ok=True)
     log.info("job %d SUCCEEDED: SR %s, SC %s queued for %s", job_id, result.sr_sop_instance_uid,
              result.sc_sop_instance_uid, destination or "(no destination yet)")
     return JobState.SUCCEEDED

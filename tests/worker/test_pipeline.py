@@ -157,6 +157,56 @@ def test_rerun_is_idempotent_and_replaces_results(worker_settings, session_facto
     assert len([p for p in settings.outbox_dir.iterdir()]) == 2
 
 
+def _as_made_before_input_key(settings, session_factory, job_id: int) -> tuple[str, str]:
+    """Turn a job's result into one the release before migration 0008 made: its SR's and SC's SOP Instance
+    UIDs derived from the series, model and version alone (no input_key), in files of those names."""
+    from reporting.uids import SC_INSTANCE, SR_INSTANCE, derive_uid
+
+    with session_factory() as s:
+        result = s.scalars(select(Result).where(Result.job_fk == job_id)).one()
+        series_uid = s.get(Job, job_id).sequence.series.series_uid
+        old = {result.sr_sop_instance_uid: derive_uid(series_uid, result.model_name, result.model_version, SR_INSTANCE),
+               result.sc_sop_instance_uid: derive_uid(series_uid, result.model_name, result.model_version, SC_INSTANCE)}
+        for item in s.scalars(select(OutboxItem).where(OutboxItem.result_fk == result.id)):
+            ds = pydicom.dcmread(settings.outbox_dir / item.path)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = old[item.sop_instance_uid]
+            (settings.outbox_dir / item.path).unlink()
+            item.sop_instance_uid, item.path = old[item.sop_instance_uid], f"{old[item.sop_instance_uid]}.dcm"
+            ds.save_as(settings.outbox_dir / item.path)
+            item.state, item.sent_at = OutboxState.SENT, utcnow()
+        result.sr_sop_instance_uid, result.sc_sop_instance_uid = (old[result.sr_sop_instance_uid],
+                                                                  old[result.sc_sop_instance_uid])
+        s.get(Job, job_id).state = JobState.QUEUED  # medgru jobs retry --rerun
+        s.commit()
+        return result.sr_sop_instance_uid, result.sc_sop_instance_uid
+
+
+def test_a_rerun_of_a_result_made_before_the_upgrade_revises_it(worker_settings, session_factory, dicom_corpus):
+    """After the upgrade that added input_key to the UIDs, `medgru jobs retry --rerun` of an older job (same
+    frames, model and version) makes an SR and SC with other UIDs. The PACS then held two reports of the same
+    frames side by side: the new SR did not name the old one (the job's own result was left out of the
+    predecessors), no rejection note listed it, and the old objects' outbox files stayed behind with no row
+    (retention never removed them). Found upgrading a live 9230aa7 service."""
+    settings = worker_settings(reject_revised_results=True)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, job_id, registry) is JobState.SUCCEEDED
+    old_sr, old_sc = _as_made_before_input_key(settings, session_factory, job_id)
+
+    assert process_job(settings, session_factory, job_id, registry) is JobState.SUCCEEDED
+    (new,), items = _results(session_factory, job_id)
+    assert new.sr_sop_instance_uid != old_sr and new.sc_sop_instance_uid != old_sc
+    by_uid = {i.sop_instance_uid: pydicom.dcmread(settings.outbox_dir / i.path) for i in items}
+    sr = by_uid[new.sr_sop_instance_uid]
+    assert [str(i.ReferencedSOPInstanceUID) for i in sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence] == [old_sr]
+    (note,) = [ds for ds in by_uid.values() if ds.SOPClassUID == KeyObjectSelectionDocumentStorage]
+    assert {str(i.ReferencedSOPInstanceUID) for s in note.CurrentRequestedProcedureEvidenceSequence
+            for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence} == {old_sr, old_sc}
+    # no file is left in the outbox without an outbox row
+    assert sorted(p.name for p in settings.outbox_dir.iterdir()) == sorted(i.path for i in items)
+
+
 def _late_slice_job(settings, session_factory, corpus, job_id: int) -> int:
     """What the assembler does when a late slice completes a series it had already queued: the slice is
     stored, and a new sequence of the series (one frame more) gets a new job."""
