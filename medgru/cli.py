@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, settings) or 0)
     except Exception as exc:
+        from storage.db import SchemaNewerThanRelease
+
+        if isinstance(exc, SchemaNewerThanRelease):  # a newer release migrated the database: how to go back
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         outage = outage_message(exc, settings)
         if outage is None:
             raise

@@ -1,4 +1,4 @@
-"""``medgru serve``, ``medgru demo`` and ``medgru config``."""
+"""``medgru serve``, ``medgru demo``, ``medgru prune``, ``medgru config`` and ``medgru db``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("config", help="print the effective settings as JSON")
     p.set_defaults(func=_config)
+
+    p = sub.add_parser("db", help="the database schema: status, upgrade, downgrade (before going back to an "
+                                  "older release)")
+    db = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    q = db.add_parser("status", help="the database's schema revision and this release's newest")
+    q.set_defaults(func=_db_status)
+    q = db.add_parser("upgrade", help="migrate the database to this release's schema (medgru serve does it "
+                                      "at start)")
+    q.set_defaults(func=_db_upgrade)
+    q = db.add_parser("downgrade", help="undo migrations down to REVISION, the newest an older release knows "
+                                        "(stop every medgru process first; drops what the later ones added)")
+    q.add_argument("revision", metavar="REVISION", help="e.g. 0007 (the older release's newest: its "
+                                                        "storage/migrations/versions/)")
+    q.set_defaults(func=_db_downgrade)
 
 
 def _serve(args, settings) -> int:
@@ -120,3 +134,49 @@ def _prune(args, settings) -> int:
     for error in report.errors:
         print(f"error: {error}")
     return 1 if report.errors else 0
+
+
+def _db_url(settings) -> tuple[str, str]:
+    from sqlalchemy.engine import make_url
+
+    url = settings.effective_database_url
+    return url, make_url(url).set(query={}).render_as_string(hide_password=True)
+
+
+def _db_status(args, settings) -> int:
+    from storage.db import head_revision, make_engine, schema_revisions
+
+    url, shown = _db_url(settings)
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            current = schema_revisions(conn)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    print(f"database        {shown}")
+    print(f"schema revision {', '.join(current) or '(none: no medgru tables yet)'}")
+    print(f"this release    {head}")
+    return 0 if current == (head,) else 1
+
+
+def _db_upgrade(args, settings) -> int:
+    from storage.db import head_revision, init_db
+
+    init_db(settings.effective_database_url).dispose()
+    print(f"database {_db_url(settings)[1]} at schema revision {head_revision()}")
+    return 0
+
+
+def _db_downgrade(args, settings) -> int:
+    from alembic.util import CommandError
+
+    from storage.db import downgrade_db
+
+    try:
+        downgrade_db(settings.effective_database_url, args.revision)
+    except CommandError as exc:  # no such revision, or one above the database's
+        print(f"error: {exc}")
+        return 2
+    print(f"database {_db_url(settings)[1]} at schema revision {args.revision}")
+    return 0

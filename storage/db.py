@@ -105,11 +105,45 @@ def _check_foreign_keys(conn: Connection) -> None:
             raise RuntimeError(f"migration left rows referring to missing rows (table, rowid, parent): {dangling[:5]}")
 
 
+class SchemaNewerThanRelease(RuntimeError):
+    """The database is at a schema revision this release's migrations do not know: a newer release migrated
+    it. Alembic's own error (``Can't locate revision identified by '0010'``, a traceback) named no way out."""
+
+
+def head_revision() -> str:
+    """The newest schema revision this release's migrations reach."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head() or ""
+
+
+def schema_revisions(conn: Connection) -> tuple[str, ...]:
+    """The revision(s) the database at ``conn`` is at (empty: no medgru schema yet)."""
+    from alembic.runtime.migration import MigrationContext
+
+    return tuple(MigrationContext.configure(conn).get_current_heads())
+
+
+def _refuse_unknown_revision(conn: Connection) -> None:
+    from alembic.script import ScriptDirectory
+
+    known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    unknown = [rev for rev in schema_revisions(conn) if rev not in known]
+    if unknown:
+        head = head_revision()
+        raise SchemaNewerThanRelease(
+            f"the database's schema is at revision {', '.join(unknown)}, which this release does not know (its "
+            f"newest is {head}): a newer medgru release migrated it. Either run that release again, or, to go "
+            f"back to this one, first run the newer release's `medgru db downgrade {head}` (or restore the backup "
+            "taken before the upgrade)")
+
+
 def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
     lock = _sqlite_file_lock(engine) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
     with lock, engine.connect() as conn, _sqlite_foreign_keys_off(conn), conn.begin():
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
+        _refuse_unknown_revision(conn)
         cfg = alembic_config(conn)
         if down:
             command.downgrade(cfg, revision)
@@ -123,16 +157,22 @@ def init_db(url: str) -> Engine:
 
     Safe to call on every start and from several processes at once. Raises whatever the database
     raises (unreachable server, permissions); nothing is half-applied on PostgreSQL (transactional DDL).
+    :class:`SchemaNewerThanRelease` where a newer release migrated the database.
     """
     engine = make_engine(url)
-    _migrate(engine, "head")
+    try:
+        _migrate(engine, "head")
+    except BaseException:
+        engine.dispose()
+        raise
     # no password in the log: neither the URL's own nor libpq's ?password= (the query is left out whole)
     log.info("database schema at head (%s)", engine.url.set(query={}).render_as_string(hide_password=True))
     return engine
 
 
 def downgrade_db(url: str, revision: str = "base") -> None:
-    """``alembic downgrade <revision>`` on ``url`` (``base`` drops every medgru table). For tests/admins."""
+    """``alembic downgrade <revision>`` on ``url`` (``base`` drops every medgru table): ``medgru db downgrade``,
+    before an older release runs on the database again. Each step drops what its upgrade added."""
     engine = make_engine(url)
     try:
         _migrate(engine, revision, down=True)

@@ -107,3 +107,40 @@ def test_config_masks_a_password_given_as_a_url_query_parameter():
     assert "DbS3cret" not in shown and "db.example" in shown and "user=medgru" in shown, shown
     shown = hide_url_password("amqp://broker.example:5672//?user=mq&password=MqS3cret")
     assert "MqS3cret" not in shown and "broker.example" in shown, shown
+
+
+def test_db_downgrade_takes_the_database_back_for_an_older_release(make_settings, cli_env, capsys):
+    """There was no way to go back to the older release after an upgrade but Python: `medgru` had no command for
+    the schema, and the older release then failed on the newer revision with a traceback. `medgru db status`
+    says where the schema is, `medgru db downgrade REV` undoes the later migrations, and a database that a
+    newer release migrated stops every command with exit 2 and the way back."""
+    from sqlalchemy import create_engine, inspect, text
+
+    settings = make_settings()
+    cli_env.setenv("MEDGRU_HOME", str(settings.home))
+    assert main(["db", "upgrade"]) == 0
+    assert main(["db", "status"]) == 0
+    assert "schema revision 0010" in capsys.readouterr().out
+
+    assert main(["db", "downgrade", "0007"]) == 0
+    engine = create_engine(settings.effective_database_url)
+    try:
+        assert "heartbeat_at" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+        assert "refusals" not in {c["name"] for c in inspect(engine).get_columns("outbox")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0007"
+        capsys.readouterr()
+        assert main(["db", "status"]) == 1  # not at this release's schema
+        assert "schema revision 0007" in capsys.readouterr().out
+        assert main(["db", "downgrade", "0042"]) == 2
+        assert "0042" in capsys.readouterr().out
+
+        assert main(["db", "upgrade"]) == 0
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+        capsys.readouterr()
+        assert main(["jobs", "list"]) == 2
+        err = capsys.readouterr().err
+        assert "0099" in err and "medgru db downgrade 0010" in err
+    finally:
+        engine.dispose()

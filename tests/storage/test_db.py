@@ -51,3 +51,23 @@ def test_an_outage_with_an_empty_reason_is_logged_too(caplog):
         passes.failed(OperationalError("SELECT 1", {}, Exception("")), 1.0)
     [record] = caplog.records
     assert record.getMessage().startswith("retention pass failed: the database does not answer (")
+
+
+def test_a_database_a_newer_release_migrated_is_refused_with_the_way_back(tmp_path):
+    """An admin going back to the older release after an upgrade got Alembic's traceback, "Can't locate revision
+    identified by '0010'", from `medgru serve` and every admin command: nothing said that a newer release had
+    migrated the database or how to go back (found going back from this release to 9230aa7)."""
+    import pytest
+    from sqlalchemy import text
+
+    from storage.db import SchemaNewerThanRelease, head_revision, init_db
+
+    url = f"sqlite:///{tmp_path / 'medgru.sqlite3'}"
+    engine = init_db(url)
+    with engine.begin() as conn:  # what a later release's migration leaves
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    with pytest.raises(SchemaNewerThanRelease) as refused:
+        init_db(url)
+    message = str(refused.value)
+    assert "revision 0099" in message and f"`medgru db downgrade {head_revision()}`" in message
