@@ -39,6 +39,39 @@ class WorkerContext:
     engine: Engine
     session_factory: sessionmaker[Session]
     registry: ModelRegistry
+    #: the database was found at this release's schema (checked until it is, then no more)
+    schema_checked: bool = False
+
+
+class SchemaNotAtRelease(RuntimeError):
+    """The database's schema is not the one this worker's release was written for: a worker started before
+    the upgraded ``medgru serve`` migrated the database failed every job with the driver's "column
+    jobs.heartbeat_at does not exist", and a worker of an older release than the database ran jobs with
+    the older code (its result UIDs, no heartbeat) without a word."""
+
+
+def require_release_schema(ctx: WorkerContext) -> None:
+    """Raise :class:`SchemaNotAtRelease`, saying what to do, unless the database is at this release's schema."""
+    if ctx.schema_checked:
+        return
+    from alembic.script import ScriptDirectory
+
+    from storage.db import alembic_config, head_revision, schema_revisions
+
+    with ctx.engine.connect() as conn:
+        current = schema_revisions(conn)
+    head = head_revision()
+    if current != (head,):
+        known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+        at = ", ".join(current) or "(none)"
+        if all(rev in known for rev in current):
+            todo = ("start the upgraded `medgru serve` (it migrates the database at start) or run `medgru db "
+                    "upgrade`")
+        else:
+            todo = "a newer release migrated it: upgrade this worker to that release"
+        raise SchemaNotAtRelease(f"the database's schema is at revision {at}, this worker's release needs "
+                                 f"{head}: {todo}; the job waits")
+    ctx.schema_checked = True
 
 
 _context_lock = threading.Lock()
@@ -66,6 +99,7 @@ def run_job(self, *, job_id: int) -> str:
     settings = ctx.settings
     job_id = int(job_id)
     try:
+        require_release_schema(ctx)
         state = process_job(settings, ctx.session_factory, job_id, ctx.registry, task_id=self.request.id or "")
     except LookupError as exc:  # no such job (deleted?): nothing to run, nothing to keep
         log.error("job %d: %s; message dropped", job_id, exc)

@@ -135,3 +135,31 @@ def test_a_job_its_worker_finishes_during_the_reclaim_stays_finished(make_settin
         job = s.get(Job, job_id)
         assert (job.state, job.celery_task_id) == (JobState.SUCCEEDED, "task-of-a-late-worker")
     engine.dispose()
+
+
+def test_a_worker_runs_no_job_on_a_database_of_another_schema(make_settings, db_url, session_factory, dicom_corpus):
+    """Upgrading the production layout: a worker of the new release started before the upgraded `medgru serve`
+    had migrated the database failed every job with the driver's 'column jobs.heartbeat_at does not exist',
+    retried for ever; a worker of an older release than the database ran jobs with the older code without a
+    word. Now the task says which schema it found and what to do, and the job waits (QUEUED, no attempt)."""
+    from sqlalchemy import text
+
+    from storage.db import downgrade_db, head_revision, init_db
+    from worker.tasks import SchemaNotAtRelease, run_job, worker_context
+
+    settings = make_settings(database_url=db_url, job_max_retries=2)
+    job_id = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    app = make_celery(settings, queue="medgru.schema")
+    task = app.tasks[run_job.name]
+    downgrade_db(db_url, "0007")  # the release before: no jobs.heartbeat_at
+    with pytest.raises(SchemaNotAtRelease, match=rf"at revision 0007, this worker's release needs "
+                                                 rf"{head_revision()}: start the upgraded `medgru serve`"):
+        task(job_id=job_id)
+    init_db(db_url).dispose()
+    with worker_context(app).engine.begin() as conn:  # what a newer release leaves
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(SchemaNotAtRelease, match="at revision 0099.*a newer release migrated it"):
+        task(job_id=job_id)
+    with session_factory() as s:
+        job = s.get(Job, job_id)
+        assert job.state is JobState.QUEUED and job.attempts == 0
