@@ -54,12 +54,14 @@ def quarantine_rows(session, *, limit: int = 50, calling_ae: str | None = None) 
 
 def quarantine_detail(session, quarantine_dir: Path, item_id: int) -> dict[str, Any]:
     """One quarantined instance: its row, the file's absolute path and size, and the sidecar's extra UIDs
-    (study, series, transfer syntax). ``KeyError`` if there is no such item."""
+    (study, series, transfer syntax; none once retention removed it). ``KeyError`` if there is no such item."""
     item = session.get(QuarantineItem, item_id)
     if item is None:
         raise KeyError(f"no quarantined instance {item_id}")
     path = quarantine_dir / item.path
     detail = _row(item) | {"file": str(path), "file_bytes": path.stat().st_size if path.is_file() else None}
+    if item.purged_at is not None:  # retention removed the file and its reason file; the row keeps the reason
+        return detail
     try:
         sidecar = read_quarantine_reason(quarantine_dir, item.path)
     except (OSError, ValueError) as exc:
