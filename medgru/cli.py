@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, settings) or 0)
     except Exception as exc:
-        from storage.db import SchemaNewerThanRelease
+        from storage.db import SchemaMismatch
 
-        if isinstance(exc, SchemaNewerThanRelease):  # a newer release migrated the database: how to go back
+        if isinstance(exc, SchemaMismatch):  # not this release's schema, and not this command's to change
             print(f"error: {exc}", file=sys.stderr)
             return 2
         outage = outage_message(exc, settings)

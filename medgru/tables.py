@@ -43,7 +43,10 @@ def positive_int(text: str) -> int:
 
 
 def open_database(settings):
-    """A session factory on the service's database, brought to the newest schema (quietly)."""
+    """A session factory on the service's database; an empty one gets the schema (quietly). One at an older
+    schema revision is refused (:class:`storage.db.SchemaOlderThanRelease`), not migrated: an admin command
+    run between installing a release and restarting the service migrated the database under the older
+    service, which then ran on a schema it does not know (its listener's instances named no patient)."""
     # the table is the output, not migration chatter; set before alembic is imported, whose plugin
     # registry logs at INFO on import
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -51,7 +54,7 @@ def open_database(settings):
     from storage.db import init_db, make_session_factory
 
     settings.ensure_dirs()
-    return make_session_factory(init_db(settings.effective_database_url))
+    return make_session_factory(init_db(settings.effective_database_url, upgrade_existing=False))
 
 
 #: what a terminal acts on instead of showing: C0 controls (ESC starts a colour, a screen clear, a window

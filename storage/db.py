@@ -105,9 +105,20 @@ def _check_foreign_keys(conn: Connection) -> None:
             raise RuntimeError(f"migration left rows referring to missing rows (table, rowid, parent): {dangling[:5]}")
 
 
-class SchemaNewerThanRelease(RuntimeError):
+class SchemaMismatch(RuntimeError):
+    """The database's schema is not this release's, and this caller may not change that; the message says
+    what to do."""
+
+
+class SchemaNewerThanRelease(SchemaMismatch):
     """The database is at a schema revision this release's migrations do not know: a newer release migrated
     it. Alembic's own error (``Can't locate revision identified by '0010'``, a traceback) named no way out."""
+
+
+class SchemaOlderThanRelease(SchemaMismatch):
+    """The database is at an older revision and the caller (an admin command) does not migrate: ``medgru jobs
+    list`` run after installing the new release, before the older service was stopped, migrated the database
+    under the running older service."""
 
 
 def head_revision() -> str:
@@ -138,12 +149,18 @@ def _refuse_unknown_revision(conn: Connection) -> None:
             "taken before the upgrade)")
 
 
-def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
+def _migrate(engine: Engine, revision: str, *, down: bool = False, upgrade_existing: bool = True) -> None:
     lock = _sqlite_file_lock(engine) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
     with lock, engine.connect() as conn, _sqlite_foreign_keys_off(conn), conn.begin():
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
         _refuse_unknown_revision(conn)
+        current = schema_revisions(conn)
+        if not down and not upgrade_existing and current and current != (head_revision(),):
+            raise SchemaOlderThanRelease(
+                f"the database's schema is at revision {', '.join(current)}, this release's is {head_revision()}: "
+                "stop the older release's processes (medgru serve and every worker), then start this "
+                "release's `medgru serve`, which migrates it (or run `medgru db upgrade`)")
         cfg = alembic_config(conn)
         if down:
             command.downgrade(cfg, revision)
@@ -152,16 +169,18 @@ def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
         _check_foreign_keys(conn)
 
 
-def init_db(url: str) -> Engine:
+def init_db(url: str, *, upgrade_existing: bool = True) -> Engine:
     """Upgrade the database at ``url`` to the newest schema and return an engine for it.
 
     Safe to call on every start and from several processes at once. Raises whatever the database
     raises (unreachable server, permissions); nothing is half-applied on PostgreSQL (transactional DDL).
-    :class:`SchemaNewerThanRelease` where a newer release migrated the database.
+    :class:`SchemaNewerThanRelease` where a newer release migrated the database. With ``upgrade_existing``
+    false (the admin commands) only an empty database gets the schema; one at an older revision raises
+    :class:`SchemaOlderThanRelease` instead of being migrated under a service that may still run on it.
     """
     engine = make_engine(url)
     try:
-        _migrate(engine, "head")
+        _migrate(engine, "head", upgrade_existing=upgrade_existing)
     except BaseException:
         engine.dispose()
         raise

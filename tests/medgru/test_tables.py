@@ -77,3 +77,35 @@ def test_a_limit_below_one_is_an_error(hostile_home, command, capsys):
         assert exit_.value.code == 2
         assert "--limit" in capsys.readouterr().err
     assert main([*command, "--limit", "1"]) == 0
+
+
+def test_an_admin_command_does_not_migrate_a_database_at_an_older_schema(make_settings, cli_env, capsys):
+    """Upgrading in the usual order (install the new release, then restart the service), an admin's `medgru jobs
+    list` in between migrated the database (quietly) under the older service still running on it, which then
+    went on with its older code on the new schema: its listener recorded instances without their patient
+    (instances.patient_fk NULL), so they never get or give a prior study (found upgrading from 9230aa7 on
+    SQLite). An admin command now refuses a database at an older revision and says what to do; an empty
+    database still gets the schema, and `medgru db upgrade` migrates."""
+    from sqlalchemy import create_engine, text
+
+    from storage.db import downgrade_db, head_revision
+
+    settings = make_settings()
+    cli_env.setenv("MEDGRU_HOME", str(settings.home))
+    assert main(["jobs", "list"]) == 0  # an empty database: the schema is created
+    assert "(no jobs)" in capsys.readouterr().out
+    downgrade_db(settings.effective_database_url, "0007")  # what the older release left
+
+    for argv in (["jobs", "list"], ["outbox", "list"], ["quarantine", "list"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"schema is at revision 0007, this release's is {head_revision()}" in err
+        assert "medgru db upgrade" in err
+    engine = create_engine(settings.effective_database_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0007"
+    finally:
+        engine.dispose()
+    init_db(settings.effective_database_url).dispose()  # medgru serve's start
+    assert main(["outbox", "list"]) == 0
