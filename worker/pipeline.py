@@ -414,19 +414,25 @@ def earlier_results(session: Session, series_id: int, job_id: int, card: ModelCa
     late slice re-scored the series; or from the same, whose UIDs are then the new result's own) and from
     this job's own result that a re-run replaces: made from the same frames its UIDs are the new result's
     own, but a result made by a release whose UIDs did not carry the frames (before 2026-12-07) has others, and the
-    re-run's SR must revise it, not sit beside it unnamed. Newer jobs' results are left out: a re-run of an
-    older job (`medgru jobs retry --rerun`) must neither claim to revise nor reject the newer, current
-    result. The new SR names the earlier SRs (but its own UID) as the reports it revises, so a viewer that
+    re-run's SR must revise it, not sit beside it unnamed. Newer jobs' results are left out, and so are the
+    objects a newer job's result holds (before 0008 a late slice's result had the first result's UIDs): a
+    re-run of an older job (`medgru jobs retry --rerun`) must neither claim to revise nor reject the newer,
+    current result. The new SR names the earlier SRs (but its own UID) as the reports it revises, so a viewer that
     shows both tells which is current; with
     ``reject_revised_results`` a rejection note lists them and the SCs (:func:`rejection_note`)."""
-    rows = session.execute(
-        select(Result.sr_sop_instance_uid, Result.sc_sop_instance_uid).join(Job, Result.job_fk == Job.id)
-        .join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
-        # older jobs (smaller ids: earlier sequences of the series) and this job's own replaced result
-        .where(SequenceRecord.series_fk == series_id, Job.id <= job_id, Result.model_name == card.name,
-               Result.model_version == card.version)
-        .order_by(Result.id)).all()
-    return list(dict.fromkeys((sr or "", sc or "") for sr, sc in rows))
+    of_series = (select(Job.id.label("job_id"), Result.id.label("result_id"), Result.sr_sop_instance_uid.label("sr"),
+                        Result.sc_sop_instance_uid.label("sc"))
+                 .join(Job, Result.job_fk == Job.id).join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
+                 .where(SequenceRecord.series_fk == series_id, Result.model_name == card.name,
+                        Result.model_version == card.version))
+    rows = session.execute(of_series.order_by(Result.id)).all()
+    # a newer job's result is the current one: none of its objects may be revised or rejected here. Before
+    # 0008 a late slice's result had the same UIDs as the first job's, so the older job's result may name
+    # the very objects the newer one holds now
+    newer = {uid for row in rows if row.job_id > job_id for uid in (row.sr, row.sc) if uid}
+    pairs = ((row.sr or "", row.sc or "") for row in rows if row.job_id <= job_id)  # older jobs and this one's own
+    pairs = ((sr if sr not in newer else "", sc if sc not in newer else "") for sr, sc in pairs)
+    return list(dict.fromkeys(pair for pair in pairs if pair != ("", "")))
 
 
 def rejection_note(sources: Sequence[Dataset], sequence: FrameSequence, card: ModelCard, settings,

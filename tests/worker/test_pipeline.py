@@ -790,3 +790,55 @@ def test_a_rerun_of_an_older_job_does_not_reject_the_newer_result(worker_setting
             rejected |= {str(i.ReferencedSOPInstanceUID) for s in note.CurrentRequestedProcedureEvidenceSequence
                          for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
     assert not rejected & {late.sr_sop_instance_uid, late.sc_sop_instance_uid}
+
+
+def _rejected_and_predecessors(settings, items, result) -> tuple[set[str], set[str]]:
+    """The UIDs the result's rejection note lists and those its SR names as predecessors."""
+    rejected, predecessors = set(), set()
+    for item in items:
+        if item.result_fk != result.id:
+            continue
+        ds = pydicom.dcmread(settings.outbox_dir / item.path)
+        if item.sop_class_uid == KeyObjectSelectionDocumentStorage:
+            rejected |= {str(i.ReferencedSOPInstanceUID) for s in ds.CurrentRequestedProcedureEvidenceSequence
+                         for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+        if item.sop_instance_uid == result.sr_sop_instance_uid:
+            predecessors |= {str(i.ReferencedSOPInstanceUID) for s in ds.get("PredecessorDocumentsSequence", [])
+                             for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    return rejected, predecessors
+
+
+def test_a_rerun_of_an_older_job_made_before_the_upgrade_spares_the_newer_result(worker_settings, session_factory,
+                                                                                 dicom_corpus):
+    """Before migration 0008 a late slice's result had the same SR and SC UIDs as the series' first result
+    (the UIDs did not carry the frames), and the late job took the objects' outbox rows. After the upgrade,
+    `medgru jobs retry --rerun` of the first job counted its own old result among the ones it revises: its
+    SR named, and its rejection note rejected, the very objects that were the late job's current result."""
+    settings = worker_settings(reject_revised_results=True)
+    first_job = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=3)
+    registry = ModelRegistry.from_settings(settings)
+    assert process_job(settings, session_factory, first_job, registry) is JobState.SUCCEEDED
+    old_sr, old_sc = _as_made_before_input_key(settings, session_factory, first_job)
+    late_job = _late_slice_job(settings, session_factory, dicom_corpus, first_job)
+    assert process_job(settings, session_factory, late_job, registry) is JobState.SUCCEEDED
+    with session_factory() as s:  # as the old release left it: the late job's result holds the same objects
+        for item in s.scalars(select(OutboxItem)):
+            if item.sop_instance_uid in (old_sr, old_sc) or item.sop_class_uid == KeyObjectSelectionDocumentStorage:
+                (settings.outbox_dir / item.path).unlink()
+                s.delete(item)
+        s.commit()
+    assert _as_made_before_input_key(settings, session_factory, late_job) == (old_sr, old_sc)
+    with session_factory() as s:
+        s.get(Job, late_job).state = JobState.SUCCEEDED
+        s.get(Job, first_job).state = JobState.QUEUED  # medgru jobs retry --rerun of the first job
+        s.commit()
+
+    assert process_job(settings, session_factory, first_job, registry) is JobState.SUCCEEDED
+    (rerun,), items = _results(session_factory, first_job)
+    assert rerun.sr_sop_instance_uid not in (old_sr, old_sc)
+    rejected, predecessors = _rejected_and_predecessors(settings, items, rerun)
+    assert not rejected & {old_sr, old_sc}
+    assert old_sr not in predecessors
+    # the late job's objects stay in the outbox, files and all
+    late_items = [i for i in items if i.sop_instance_uid in (old_sr, old_sc)]
+    assert len(late_items) == 2 and all((settings.outbox_dir / i.path).is_file() for i in late_items)
