@@ -776,6 +776,7 @@ class DashboardServer:
                 in all, not only between two reads: a client sending a byte every 29 s held its connection
                 for ever. Past the deadline the socket is shut, and the read in progress ends."""
                 super().setup()
+                self._past_deadline = threading.Event()
                 self._deadline = threading.Timer(server.request_timeout, self._too_slow)
                 self._deadline.daemon = True
                 self._deadline.start()
@@ -783,14 +784,20 @@ class DashboardServer:
             def _too_slow(self):
                 log.info("dashboard: %s did not send its request within %g s; connection closed",
                          self.client_address[0], server.request_timeout)
+                self._past_deadline.set()  # before the shutdown, which ends the read in progress
                 try:  # the plain socket's shutdown (an SSLSocket's would unwrap it under the reading thread)
                     socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
                 except OSError as exc:
                     log.debug("dashboard: shutting a slow connection: %s", exc)
 
             def parse_request(self):
-                ok = super().parse_request()
+                # past the deadline the shut socket's read returned what had come so far as if the request
+                # had ended: an incomplete request (a POST's action included) must not be handled
+                ok = not self._past_deadline.is_set() and super().parse_request()
                 self._deadline.cancel()  # the request is in: what follows is our work, not the client's
+                if self._past_deadline.is_set():
+                    self.close_connection = True
+                    return False
                 return ok
 
             def finish(self):

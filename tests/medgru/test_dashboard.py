@@ -1045,3 +1045,24 @@ def test_one_address_cannot_take_every_connection(make_settings):
             s.close()
     finally:
         server.stop()
+
+
+def test_a_request_cut_at_the_deadline_is_not_acted_on(make_settings):
+    """At the request deadline the socket was shut under the reading thread, whose read then returned what
+    had come so far as if the request had ended: the incomplete request (no blank line after its headers)
+    was handled, and a POST's action ran for a client the log said was closed for being too slow."""
+    import socket
+
+    settings = make_settings(dashboard_port=0)
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    cancelled: list[int] = []
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=cancelled.append, request_timeout=1.0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+            s.sendall(b"POST /jobs/7/cancel HTTP/1.0\r\nHost: 127.0.0.1\r\nX-More: on its way")  # never ends
+            answer = _answer(s)  # until the server closes it, at the deadline
+        assert cancelled == [], "an incomplete request was acted on"
+        assert b" 303 " not in answer.split(b"\r\n")[0]
+        assert _get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+    finally:
+        server.stop()
