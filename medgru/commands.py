@@ -146,13 +146,24 @@ def _db_url(settings) -> tuple[str, str]:
 def _db_status(args, settings) -> int:
     from storage.db import head_revision, make_engine, schema_revisions
 
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
     url, shown = _db_url(settings)
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            current = schema_revisions(conn)
-    finally:
-        engine.dispose()
+    database = make_url(url).database or ""
+    if url.startswith("sqlite") and database not in ("", ":memory:") and not database.startswith("file:") \
+            and not Path(database).exists():
+        # a fresh home: no database file yet (connecting would create one, or fail where the folder is not
+        # there yet and be reported as a database that does not answer)
+        current: tuple[str, ...] = ()
+    else:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                current = schema_revisions(conn)
+        finally:
+            engine.dispose()
     head = head_revision()
     print(f"database        {shown}")
     print(f"schema revision {', '.join(current) or '(none: no medgru tables yet)'}")

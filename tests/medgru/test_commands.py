@@ -144,3 +144,19 @@ def test_db_downgrade_takes_the_database_back_for_an_older_release(make_settings
         assert "0099" in err and "medgru db downgrade 0010" in err
     finally:
         engine.dispose()
+
+
+def test_db_status_on_a_fresh_home_says_there_is_no_schema_yet(cli_env, tmp_path, capsys):
+    """`medgru db status` before the first `medgru serve` reported the embedded database as an outage
+    ("did not answer: unable to open database file") where the home's folder was not there yet, and where
+    it was, created an empty database file. It says there is no schema yet, and creates nothing."""
+    home = tmp_path / "fresh-home"
+    cli_env.setenv("MEDGRU_HOME", str(home))
+    cli_env.delenv("MEDGRU_DATABASE_URL", raising=False)
+    assert main(["db", "status"]) == 1  # not at this release's schema
+    captured = capsys.readouterr()
+    assert "(none: no medgru tables yet)" in captured.out and "did not answer" not in captured.err
+    home.mkdir()
+    assert main(["db", "status"]) == 1
+    assert "(none: no medgru tables yet)" in capsys.readouterr().out
+    assert list(home.iterdir()) == []
