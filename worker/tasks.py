@@ -230,21 +230,24 @@ class StalledJobSweeper:
         orphans = set(self.reclaim_orphans(now))
         with self.session_factory() as session:
             rows = session.execute(
-                select(Job.id, Job.state, Job.retry_at)
+                select(Job.id, Job.state, Job.retry_at, Job.queued_at)
                 .where(or_(Job.state == JobState.QUEUED,
                            and_(Job.state == JobState.RETRYING, or_(Job.retry_at.is_(None), Job.retry_at <= now))))
                 .order_by(Job.id)
             ).all()
         waiting: dict[int, datetime] = {}
-        for job_id, _state, retry_at in rows:
+        for job_id, _state, retry_at, queued_at in rows:
             # an orphan queued again just now has no message: due at once (and again at the next sweep
-            # if this enqueue fails)
-            since = now - timedelta(seconds=self.settings.requeue_after_s) if job_id in orphans \
-                else self._waiting_since.get(job_id, now)
+            # if this enqueue fails). A job first seen by this sweeper has waited since it was queued, not
+            # since now: a restart of `medgru serve` started the wait of a job without a message again
+            if job_id in orphans:
+                since = now - timedelta(seconds=self.settings.requeue_after_s)
+            else:
+                since = self._waiting_since.get(job_id) or min(queued_at or now, now)
             waiting[job_id] = since if retry_at is None else max(since, retry_at)
         self._waiting_since = waiting  # jobs that no longer wait are forgotten
         requeued: list[int] = []
-        for job_id, state, _retry_at in rows:
+        for job_id, state, _retry_at, _queued_at in rows:
             waited = (now - waiting[job_id]).total_seconds()
             if waited < self.settings.requeue_after_s:
                 continue

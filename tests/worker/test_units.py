@@ -275,7 +275,7 @@ def test_the_sweep_enqueues_again_a_job_left_waiting_without_a_message(worker_se
     sweeper = StalledJobSweeper(settings, session_factory, make_celery(settings, queue="medgru.sweep"))
     assert sweeper.sweep(now=t0) == []  # waiting, not yet for the grace period: its message may be in flight
     with session_factory() as s:
-        fresh = Job(sequence_fk=seq_fk, state=JobState.QUEUED)
+        fresh = Job(sequence_fk=seq_fk, state=JobState.QUEUED, queued_at=t0 + timedelta(seconds=299))
         s.add(fresh)
         s.commit()
         fresh = fresh.id
@@ -296,3 +296,29 @@ def test_the_sweep_enqueues_again_a_job_left_waiting_without_a_message(worker_se
         s.get(Job, stuck).state = JobState.RUNNING
         s.commit()
     assert sweeper.sweep(now=t0 + timedelta(seconds=601)) == [overdue, fresh]
+
+
+def test_a_restarted_sweeper_counts_the_wait_from_when_the_job_was_queued(worker_settings, session_factory,
+                                                                         dicom_corpus):
+    """The wait was counted from when this sweeper first saw a job: each restart of `medgru serve` started
+    it again (a review saw a job without a message wait from 23:30 to 23:40 across two restarts). A sweeper
+    that has just started enqueues at once a job queued more than requeue_after_s ago, and one queued
+    less long ago only when that much time has passed since its queueing."""
+    from datetime import timedelta
+
+    from storage.models import utcnow
+
+    settings = worker_settings(requeue_after_s=300.0)
+    t0 = utcnow()
+    old = add_series(settings, session_factory, dicom_corpus, BRAINIX, body_part="BRAIN", limit=1)
+    with session_factory() as s:
+        s.get(Job, old).queued_at = t0 - timedelta(seconds=400)
+        recent = Job(sequence_fk=s.get(Job, old).sequence_fk, state=JobState.QUEUED,
+                     queued_at=t0 - timedelta(seconds=100))
+        s.add(recent)
+        s.commit()
+        recent = recent.id
+    restarted = StalledJobSweeper(settings, session_factory, make_celery(settings, queue="medgru.restart"))
+    assert restarted.sweep(now=t0) == [old]
+    assert restarted.sweep(now=t0 + timedelta(seconds=199)) == []
+    assert restarted.sweep(now=t0 + timedelta(seconds=200)) == [recent]
