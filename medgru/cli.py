@@ -74,22 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def outage_message(exc: BaseException, settings: Settings) -> str | None:
     """One line for an expected outage (the database or the broker does not answer), passwords masked;
     ``None`` for any other error, which keeps its traceback. A page of traceback (the database's
     is 60 lines) hid the one line an admin needs."""
     from kombu.exceptions import OperationalError as BrokerError
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import OperationalError as DatabaseError
 
+    from medgru.commands import hide_url_password
+    from storage.db import error_line
+
     if isinstance(exc, DatabaseError):
-        url = make_url(settings.effective_database_url).set(query={}).render_as_string(hide_password=True)
-        return f"the database {url} did not answer: {_first_line(exc)}"
+        url = hide_url_password(settings.effective_database_url, database=True)
+        return f"the database {url} did not answer: {error_line(exc)}"
     from worker.tasks import BrokerUnavailable
 
     if isinstance(exc, BrokerUnavailable) and exc.__cause__ is not None:
@@ -97,7 +94,7 @@ def outage_message(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, (BrokerError, BrokerUnavailable)):
         from kombu.utils.url import maybe_sanitize_url
 
-        return (f"the broker {maybe_sanitize_url(settings.effective_broker_url)} did not answer: {_first_line(exc).rstrip('.')}. "
+        return (f"the broker {maybe_sanitize_url(settings.effective_broker_url)} did not answer: {error_line(exc).rstrip('.')}. "
                 "A job already put back in the database is sent to the queue by `medgru serve` within "
                 f"requeue_after_s ({settings.requeue_after_s:g} s) once the broker answers")
     return None

@@ -137,18 +137,14 @@ def _prune(args, settings) -> int:
 
 
 def _db_url(settings) -> tuple[str, str]:
-    from sqlalchemy.engine import make_url
-
     url = settings.effective_database_url
-    return url, make_url(url).set(query={}).render_as_string(hide_password=True)
+    return url, hide_url_password(url, database=True)
 
 
 def _db_status(args, settings) -> int:
-    from storage.db import head_revision, make_engine, schema_revisions
-
-    from pathlib import Path
-
     from sqlalchemy.engine import make_url
+
+    from storage.db import head_revision, make_engine, schema_revisions
 
     url, shown = _db_url(settings)
     database = make_url(url).database or ""

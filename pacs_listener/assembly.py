@@ -50,9 +50,9 @@ ASSEMBLED series whose instances all name that patient, of the same modality and
 (case-insensitive; an empty body part only matches an empty one), in other studies whose StudyDate is
 non-empty and strictly before this study's StudyDate (a later or same-day study is never a prior); the
 latest such study wins (StudyDate, then StudyTime), and within it the latest assembled series (last
-received). The prior contributes its own frames, ordered by the rule above (not the prior's own prior). There is no prior when this study has no
-StudyDate or the patient has an empty PatientID (anonymous studies share one patient row). No prior found
-→ the plain sequence.
+received). The prior contributes its own frames, ordered by the rule above (not the prior's own prior).
+There is no prior when this study has no StudyDate or the patient has an empty PatientID (anonymous studies
+share one patient row). No prior found → the plain sequence.
 
 Late instances
 --------------

@@ -135,10 +135,15 @@ def schema_revisions(conn: Connection) -> tuple[str, ...]:
     return tuple(MigrationContext.configure(conn).get_current_heads())
 
 
-def _refuse_unknown_revision(conn: Connection) -> None:
+def known_revisions() -> set[str]:
+    """Every schema revision this release's migrations know."""
     from alembic.script import ScriptDirectory
 
-    known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    return {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+
+
+def _refuse_unknown_revision(conn: Connection) -> None:
+    known = known_revisions()
     unknown = [rev for rev in schema_revisions(conn) if rev not in known]
     if unknown:
         head = head_revision()
@@ -199,6 +204,13 @@ def downgrade_db(url: str, revision: str = "base") -> None:
         engine.dispose()
 
 
+def error_line(exc: BaseException) -> str:
+    """The first line of what ``exc`` says (the driver's own error where SQLAlchemy wraps one), or its type's
+    name where it says nothing: for a one-line log message or report."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def database_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` is the database not answering (refused, dropped, timed out), not a bug or a refusal."""
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
@@ -220,7 +232,7 @@ class PassLog:
             self.logger.error("%s failed; retrying in %g s", self.what, retry_in_s, exc_info=exc)
             return
         now = time.monotonic()
-        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = error_line(exc)
         if self._outage_since is None:
             self._outage_since = self._last_said = now
             self.logger.error("%s failed: the database does not answer (%s); retrying every %g s",

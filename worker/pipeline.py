@@ -91,10 +91,16 @@ def fail_if_it_killed_its_workers(job: Job, max_retries: int) -> bool:
     if job.state is not JobState.RUNNING or job.attempts <= max_retries:
         return False
     job.state, job.finished_at = JobState.FAILED, utcnow()
-    job.last_error = (f"the worker stopped during each of its {job.attempts} attempts"
-                      + (f"; {job.last_error}" if job.last_error else ""))
+    job.last_error = killed_its_workers_error(job)
     log.error("job %d FAILED: the worker stopped during each of its %d attempts", job.id, job.attempts)
     return True
+
+
+def killed_its_workers_error(job: Job) -> str:
+    """The ``last_error`` of a job failed because its worker stopped during each of its attempts (also the
+    service's orphan reclaim, :meth:`worker.tasks.StalledJobSweeper.reclaim_orphans`)."""
+    return (f"the worker stopped during each of its {job.attempts} attempts"
+            + (f"; {job.last_error}" if job.last_error else ""))
 
 
 def _fail_redelivered_killer(session_factory, job_id: int, task_id: str, max_retries: int) -> bool:
@@ -340,9 +346,15 @@ def build_result_objects(sources: Sequence[Dataset], sequence: FrameSequence, de
         frame_index=k, n_frames=sequence.length, source_frame_number=int(number),
         series_uid=str(sources[-1].SeriesInstanceUID), frame_score=overlay.frame_score,
         frame_score_among=overlay.among,
-        frame_refs=sequence.frame_refs or [(str(ds.SOPInstanceUID), 1) for ds in sources],
+        frame_refs=result_frame_refs(sequence, sources),
     )
     return [("sr", sr), ("sc", sc)]
+
+
+def result_frame_refs(sequence: FrameSequence, sources: Sequence[Dataset]) -> list[tuple[str, int]]:
+    """The (SOP Instance UID, frame number) of each frame a result was computed from, which its objects'
+    UIDs derive from: the sequence's, else frame 1 of each source."""
+    return list(sequence.frame_refs) or [(str(ds.SOPInstanceUID), 1) for ds in sources]
 
 
 def write_atomically(ds: Dataset, path: Path) -> None:
@@ -410,27 +422,28 @@ def series_calling_ae(session: Session, series_id: int) -> str:
 
 def earlier_results(session: Session, series_id: int, job_id: int, card: ModelCard) -> list[tuple[str, str]]:
     """The (SR, SC) SOP Instance UIDs of the series' results by this model and version, oldest first; an
-    empty string where a result has no such object. They come from older jobs (made from other frames: a
-    late slice re-scored the series; or from the same, whose UIDs are then the new result's own) and from
-    this job's own result that a re-run replaces: made from the same frames its UIDs are the new result's
-    own, but a result made by a release whose UIDs did not carry the frames (before 2026-12-07) has others, and the
-    re-run's SR must revise it, not sit beside it unnamed. Newer jobs' results are left out, and so are the
-    objects a newer job's result holds (before 0008 a late slice's result had the first result's UIDs): a
-    re-run of an older job (`medgru jobs retry --rerun`) must neither claim to revise nor reject the newer,
-    current result. The new SR names the earlier SRs (but its own UID) as the reports it revises, so a viewer that
-    shows both tells which is current; with
-    ``reject_revised_results`` a rejection note lists them and the SCs (:func:`rejection_note`)."""
-    of_series = (select(Job.id.label("job_id"), Result.id.label("result_id"), Result.sr_sop_instance_uid.label("sr"),
+    empty string where a result has no such object. They come from older jobs (made from other frames: a late
+    slice re-scored the series; or from the same, whose UIDs are then the new result's own) and from this
+    job's own result that a re-run replaces: made from the same frames its UIDs are the new result's own,
+    but a result made by a release whose UIDs did not carry the frames (before 2026-12-07) has others, and
+    the re-run's SR must revise it, not sit beside it unnamed. Newer jobs' results are left out, and so are
+    the objects a newer job's result holds (under such a release a late slice's result took the first's
+    UIDs): a re-run of an older job (`medgru jobs retry --rerun`) must neither claim to revise nor reject the
+    newer, current result. The new SR names the earlier SRs (but its own UID) as the reports it revises, so
+    a viewer that shows both tells which is current; with ``reject_revised_results`` a rejection note lists
+    them and the SCs (:func:`rejection_note`)."""
+    of_series = (select(Job.id.label("job_id"), Result.sr_sop_instance_uid.label("sr"),
                         Result.sc_sop_instance_uid.label("sc"))
                  .join(Job, Result.job_fk == Job.id).join(SequenceRecord, Job.sequence_fk == SequenceRecord.id)
                  .where(SequenceRecord.series_fk == series_id, Result.model_name == card.name,
                         Result.model_version == card.version))
     rows = session.execute(of_series.order_by(Result.id)).all()
-    # a newer job's result is the current one: none of its objects may be revised or rejected here. Before
-    # 0008 a late slice's result had the same UIDs as the first job's, so the older job's result may name
-    # the very objects the newer one holds now
+    # a newer job's result is the current one: none of its objects may be revised or rejected here. Under a
+    # release whose UIDs did not carry the frames, a late slice's result had the same UIDs as the first
+    # job's, so the older job's result may name the very objects the newer one holds now
     newer = {uid for row in rows if row.job_id > job_id for uid in (row.sr, row.sc) if uid}
-    pairs = ((row.sr or "", row.sc or "") for row in rows if row.job_id <= job_id)  # older jobs and this one's own
+    # older jobs' results and this job's own
+    pairs = ((row.sr or "", row.sc or "") for row in rows if row.job_id <= job_id)
     pairs = ((sr if sr not in newer else "", sc if sc not in newer else "") for sr, sc in pairs)
     return list(dict.fromkeys(pair for pair in pairs if pair != ("", "")))
 
@@ -451,8 +464,8 @@ def rejection_note(sources: Sequence[Dataset], sequence: FrameSequence, card: Mo
                 if uid and uid not in own and kind in new]
     if not rejected:
         return None
-    refs = sequence.frame_refs or [(str(ds.SOPInstanceUID), 1) for ds in sources]
-    return build_rejection_note(sources[-1], rejected, card, frame_refs=refs, ae_title=settings.ae_title)
+    return build_rejection_note(sources[-1], rejected, card, frame_refs=result_frame_refs(sequence, sources),
+                                ae_title=settings.ae_title)
 
 
 def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Detection, judged: int) -> str:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import make_engine, make_session_factory
 from storage.models import Job, JobState, utcnow
 from worker.models import ModelRegistry
-from worker.pipeline import process_job, retry_delay, seconds_until_retry
+from worker.pipeline import killed_its_workers_error, process_job, retry_delay, seconds_until_retry
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,13 @@ def require_release_schema(ctx: WorkerContext) -> None:
     """Raise :class:`SchemaNotAtRelease`, saying what to do, unless the database is at this release's schema."""
     if ctx.schema_checked:
         return
-    from alembic.script import ScriptDirectory
-
-    from storage.db import alembic_config, head_revision, schema_revisions
+    from storage.db import head_revision, known_revisions, schema_revisions
 
     with ctx.engine.connect() as conn:
         current = schema_revisions(conn)
     head = head_revision()
     if current != (head,):
-        known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+        known = known_revisions()
         at = ", ".join(current) or "(none)"
         if all(rev in known for rev in current):
             todo = ("start the upgraded `medgru serve` (it migrates the database at start) or run `medgru db "
@@ -196,9 +194,7 @@ class StalledJobSweeper:
                 silent = (now - seen).total_seconds()
                 failed = job.attempts > self.settings.job_max_retries  # a job that kills its worker every time
                 if failed:
-                    note = f"the worker stopped during each of its {job.attempts} attempts"
-                    values = dict(state=JobState.FAILED, finished_at=now,
-                                  last_error=note + (f"; {job.last_error}" if job.last_error else ""))
+                    values = dict(state=JobState.FAILED, finished_at=now, last_error=killed_its_workers_error(job))
                 else:
                     note = (f"attempt {job.attempts}: its worker gave no sign of life for {silent:.0f} s "
                             "(killed, or its host lost); queued again")
