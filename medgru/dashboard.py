@@ -65,6 +65,7 @@ from pacs_listener.quarantine import quarantine_rows
 from pacs_listener.status import refused_for_our_fault
 from worker.admin import job_rows
 from worker.monitoring import DEFAULT_RECENT, verdict_rows
+from storage.db import error_line
 from storage.models import (
     Instance,
     Job,
@@ -962,7 +963,7 @@ def health_report(session_factory, health: Callable[[], dict[str, str | None]] |
             session.execute(select(1))
         parts["database"] = None
     except Exception as exc:  # any driver error means: not healthy
-        parts["database"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        parts["database"] = f"{type(exc).__name__}: {error_line(exc)[:200]}"
     if health is not None:
         parts.update(health())
     ok = all(problem is None for problem in parts.values())

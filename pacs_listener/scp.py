@@ -75,6 +75,7 @@ from pacs_listener.spool import (
 )
 from pacs_listener.status import StoreStatus, describe
 from pacs_listener.validate import InvalidDataset, RequestIds, is_valid_uid, validate_received
+from storage.db import error_line
 from storage.models import Instance, QuarantineItem
 
 log = logging.getLogger(__name__)
@@ -542,7 +543,7 @@ class Listener:
             with self._unrecorded_lock:
                 self._unrecorded_quarantine.add(rel)
             log.error("quarantine of %s kept in %s but not yet in the database (%s); recorded once it answers",
-                      request.sop_instance_uid, rel, str(exc.orig or exc).splitlines()[0])
+                      request.sop_instance_uid, rel, error_line(exc))
         except Exception:
             with self._unrecorded_lock:
                 self._unrecorded_quarantine.add(rel)
@@ -575,7 +576,7 @@ class Listener:
                 scan = False
             except OperationalError as exc:
                 log.error("quarantine rows not written yet (%s); next try in %g s",
-                          str(exc.orig or exc).splitlines()[0], interval_s)
+                          error_line(exc), interval_s)
             except Exception:
                 log.exception("quarantine rows not written; next try in %g s", interval_s)
             stop_event.wait(interval_s)

@@ -177,9 +177,10 @@ class JobHeartbeat:
                                 "as orphaned); its outcome will not be recorded", self.job_id)
                     return
             except Exception as exc:  # the database away: the next beat tries again
+                from storage.db import error_line
+
                 log.warning("job %d: heartbeat not recorded (%s: %s); next try in %g s",
-                            self.job_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
-                            self.interval_s)
+                            self.job_id, type(exc).__name__, error_line(exc), self.interval_s)
 
     def __enter__(self) -> "JobHeartbeat":
         self._thread.start()

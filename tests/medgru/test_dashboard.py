@@ -1066,3 +1066,15 @@ def test_a_request_cut_at_the_deadline_is_not_acted_on(make_settings):
         assert _get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
     finally:
         server.stop()
+
+
+def test_health_reports_a_database_error_without_text():
+    """An error with no text made health_report's ``str(exc).splitlines()[0]`` raise IndexError, and
+    /healthz failed instead of answering that the database is unhealthy."""
+    from medgru.dashboard import health_report
+
+    def away():
+        raise TimeoutError()
+
+    ok, text = health_report(away, None)
+    assert not ok and text == "unhealthy\ndatabase: TimeoutError: TimeoutError\n"

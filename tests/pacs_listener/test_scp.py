@@ -603,3 +603,30 @@ def test_a_rejected_association_is_logged_with_both_ae_titles_and_why(listener_f
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "rejected" in r.getMessage()]
     assert len(lines) == 1 and f"calling AE {calling!r}" in lines[0] and f"called AE {called!r}" in lines[0]
     assert reason in lines[0]
+
+
+def test_the_quarantine_recorder_survives_a_database_error_without_text(listener_factory, monkeypatch, caplog):
+    """A driver error whose text is empty made the recorder's one-line log (``str(exc.orig).splitlines()[0]``)
+    raise IndexError inside its except clause, which ended the thread for good: the rows of instances
+    refused while the database was away were then never written."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    listener = listener_factory()
+    stop = threading.Event()
+    calls: list[bool] = []
+
+    def record(*, scan: bool = False) -> list[str]:
+        calls.append(scan)
+        if len(calls) == 1:
+            raise OperationalError("SELECT 1", {}, Exception(""))
+        stop.set()  # the second pass: the loop went on after the error
+        return []
+
+    monkeypatch.setattr(listener, "record_unrecorded_quarantine", record)
+    with caplog.at_level(logging.ERROR, logger="pacs_listener.scp"):
+        listener.run_quarantine_recorder(stop, interval_s=0.01)
+    assert calls == [True, True]  # the failed first pass (a scan) is tried again as a scan
+    [line] = [r.getMessage() for r in caplog.records if "quarantine rows not written yet" in r.getMessage()]
+    assert "(OperationalError)" in line
