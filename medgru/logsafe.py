@@ -8,9 +8,12 @@ listener and the worker) therefore
 * adds a filter to the ``pydicom`` logger that replaces every quoted value in its messages by ``'…'`` and,
   while a thread is inside :func:`instance_context`, prefixes the message with that SOP Instance UID;
 * ignores pydicom's ``UserWarning`` copies of those messages (they would reach stderr with the values);
-* writes the control characters of every log message as ``\\xNN`` (:func:`medgru.tables.printable`, newlines
-  and tabs kept): a body part of ``ESC[2J`` or a terminal hyperlink from a modality reached the service's
-  and the worker's logs as it was, and acted on the terminal of the admin reading them (``tail -f``).
+* writes the control characters of every log message as ``\\xNN`` (:func:`medgru.tables.printable`): a body
+  part of ``ESC[2J`` or a terminal hyperlink from a modality reached the service's and the worker's logs as
+  it was, and acted on the terminal of the admin reading them (``tail -f``). Newlines and tabs are kept in
+  the message's own text (its format string) but escaped in its arguments, the values from outside: a
+  refusal reason or a PACS's error comment with a newline could write a line of its own into the log that
+  looked like the service's (``... refused: x\\n2026-12-08 INFO job 7 succeeded``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import re
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
@@ -47,12 +50,31 @@ class PydicomRecordFilter(logging.Filter):
 _TRACEBACKS = logging.Formatter()
 
 
+def _escaped_value(value, printable):
+    """``value``, or its text with every control character escaped (newlines too) where it has one."""
+    if isinstance(value, (int, float)):  # keeps %d / %.3f working; no control characters in their text
+        return value
+    try:
+        text = str(value)
+    except Exception:  # noqa: BLE001 - an argument whose str() raises: left for the handler to report
+        return value
+    safe = printable(text)
+    return value if safe == text else safe
+
+
 def _escaping_record_factory(base):
-    """A log record factory that writes the control characters of each message as ``\\xNN``."""
+    """A log record factory that writes the control characters of each message as ``\\xNN`` (newlines too,
+    where they come from an argument or a message that is not a format string)."""
     from medgru.tables import printable
 
     def factory(*args, **kwargs) -> logging.LogRecord:
         record = base(*args, **kwargs)
+        if not isinstance(record.msg, str):  # log.error(exc): the whole message is a value from outside
+            record.msg = _escaped_value(record.msg, printable)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_escaped_value(a, printable) for a in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = {k: _escaped_value(v, printable) for k, v in record.args.items()}
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a format that does not match its arguments (a missing %(key)s,

@@ -79,3 +79,22 @@ def test_a_traceback_logged_carries_no_control_characters(caplog):
     assert "\x1b" not in caplog.text
     assert "ValueError: no model covers body part \\x1b[31mRED" in caplog.text
     assert "Traceback (most recent call last):" in caplog.text  # the traceback is kept, escaped
+
+
+def test_a_value_logged_cannot_write_a_line_of_its_own(caplog):
+    """Newlines were kept in every message, so a value from outside with one (a PACS's error comment, a
+    refusal reason, an exception's text) wrote a second line into the log that looked like the service's
+    own. The message's own newlines (its format string) stay; those of its arguments are escaped."""
+    install()
+    caplog.set_level("INFO", logger="medgru.test")
+    log = logging.getLogger("medgru.test")
+    forged = "x\n2026-12-08 01:00:00 INFO medgru.worker: job 7 succeeded\r"
+    log.warning("PACS refused the SR: %s (%d tries)", forged, 3)
+    log.warning("study %(study)s refused: %(why)s", {"study": "1.2.3", "why": forged})
+    log.error(ValueError(forged))
+    log.info("two lines\nof our own: %s", "ok\tdone")
+    messages = [r.getMessage() for r in caplog.records]
+    escaped = "x\\x0a2026-12-08 01:00:00 INFO medgru.worker: job 7 succeeded\\x0d"
+    assert messages == [f"PACS refused the SR: {escaped} (3 tries)", f"study 1.2.3 refused: {escaped}",
+                        escaped, "two lines\nof our own: ok\\x09done"]
+    assert all("\n2026" not in m for m in messages)
