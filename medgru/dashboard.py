@@ -22,7 +22,8 @@ web framework):
 
 Pages show UIDs, modality and body part, never patient names. With ``settings.dashboard_password`` set
 every path but ``/healthz`` asks for HTTP Basic authentication (user ``settings.dashboard_user``); the
-settings refuse a non-loopback ``dashboard_host`` without one. The actions are plain form POSTs; one
+settings refuse a non-loopback ``dashboard_host`` without one; ten wrong passwords from one address within a
+minute lock that address out for a minute (429, :class:`LoginThrottle`). The actions are plain form POSTs; one
 whose ``Origin`` (or, without one, ``Sec-Fetch-Site``) says it came from another site is refused with
 403, so that a page elsewhere cannot make an admin's browser retry or re-send (cross-site request forgery).
 Every request but ``/healthz`` whose ``Host`` is not a name the dashboard is served as is refused with 421
@@ -43,9 +44,11 @@ import html
 import ipaddress
 import json
 import logging
+import math
 import re
 import socket
 import threading
+import time
 from datetime import timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -644,6 +647,64 @@ MAX_CONNECTIONS = 64
 #: connections of one address served at once: one host's silent or trickling connections (the timeout is
 #: per read) filled all the others' slots, and /healthz answered 503 to systemd and the load balancer
 MAX_CONNECTIONS_PER_ADDRESS = 16
+#: wrong passwords from one address within FAILED_LOGIN_WINDOW_S before that address is refused (429, its
+#: password not even checked) for LOGIN_LOCKOUT_S: without a limit a script could try passwords as fast as
+#: the dashboard answered (hundreds a second)
+MAX_FAILED_LOGINS = 10
+FAILED_LOGIN_WINDOW_S = 60.0
+LOGIN_LOCKOUT_S = 60.0
+
+
+class LoginThrottle:
+    """Counts wrong passwords per client address and locks an address out for a while after too many.
+
+    The lock-out refuses the address's requests before their password is checked, so guesses cannot go on
+    during it; the right password then also waits (an admin behind the same proxy as the guesser waits a
+    minute, which is the cost of the limit). Memory is bounded: addresses whose window and lock-out are over
+    are forgotten, and at most ``max_addresses`` are kept (the oldest dropped first)."""
+
+    def __init__(self, max_failures: int = MAX_FAILED_LOGINS, window_s: float = FAILED_LOGIN_WINDOW_S,
+                 lockout_s: float = LOGIN_LOCKOUT_S, clock: Callable[[], float] = time.monotonic,
+                 max_addresses: int = 4096):
+        self.max_failures, self.window_s, self.lockout_s = max_failures, window_s, lockout_s
+        self.clock, self.max_addresses = clock, max_addresses
+        self._lock = threading.Lock()
+        self._failures: dict[str, list[float]] = {}  # address -> times of its recent wrong passwords
+        self._locked_until: dict[str, float] = {}
+
+    def locked_for(self, address: str) -> float:
+        """Seconds the address is still refused for (0 where it is not)."""
+        with self._lock:
+            until = self._locked_until.get(address)
+            if until is None:
+                return 0.0
+            left = until - self.clock()
+            if left <= 0:
+                del self._locked_until[address]
+                return 0.0
+            return left
+
+    def failed(self, address: str) -> bool:
+        """Records a wrong password from ``address``; True where this one locks the address out."""
+        with self._lock:
+            now = self.clock()
+            recent = [t for t in self._failures.get(address, ()) if now - t < self.window_s] + [now]
+            self._failures.pop(address, None)  # re-inserted last: the dict's order is the age of its entries
+            if len(recent) < self.max_failures:
+                self._failures[address] = recent
+                self._forget_old(now)
+                return False
+            self._locked_until[address] = now + self.lockout_s
+            self._forget_old(now)
+            return True
+
+    def _forget_old(self, now: float) -> None:
+        for address in [a for a, times in self._failures.items() if now - times[-1] >= self.window_s]:
+            del self._failures[address]
+        for address in [a for a, until in self._locked_until.items() if until <= now]:
+            del self._locked_until[address]
+        while len(self._failures) > self.max_addresses:
+            del self._failures[next(iter(self._failures))]
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -733,13 +794,14 @@ class DashboardServer:
                  resend: Callable[[int], Any] | None = None,
                  health: Callable[[], dict[str, str | None]] | None = None, *,
                  max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT_S,
-                 max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS):
+                 max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS, login_throttle: LoginThrottle | None = None):
         self.settings = settings
         self.request_timeout = request_timeout
         self.sf = session_factory
         self.health = health
         secret = settings.dashboard_password
         self.password: str | None = secret.get_secret_value() if secret is not None else None
+        self.logins = login_throttle if login_throttle is not None else LoginThrottle()
         self.names = served_names(settings)
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(session_factory))
@@ -827,13 +889,26 @@ class DashboardServer:
                 return self._send(200, json.dumps(data).encode(), "application/json")
 
             def _authorised(self) -> bool:
-                """HTTP Basic against the settings' user and password, when a password is set; else 401."""
+                """HTTP Basic against the settings' user and password, when a password is set; else 401 (429
+                while the client's address is locked out for too many wrong passwords, :class:`LoginThrottle`)."""
+                if server.password is None:
+                    return True
+                address = self.client_address[0]
+                wait = server.logins.locked_for(address)
+                if wait > 0:
+                    self._send(429, b"too many wrong passwords from this address; try again later\n", "text/plain",
+                               {"Retry-After": str(math.ceil(wait))})
+                    return False
                 given = self.headers.get("Authorization", "")
-                if server.password is None or check_basic_auth(given, server.settings.dashboard_user, server.password):
+                if check_basic_auth(given, server.settings.dashboard_user, server.password):
                     return True
                 if given:  # a wrong user or password (a browser's first request, with none, is not logged)
                     log.warning("dashboard: wrong user or password (user %r) for %s %s from %s", basic_auth_user(given),
-                                self.command, self.path[:100], self.client_address[0])
+                                self.command, self.path[:100], address)
+                    if server.logins.failed(address):
+                        log.warning("dashboard: %d wrong passwords from %s within %g s; its requests are refused "
+                                    "for %g s", server.logins.max_failures, address, server.logins.window_s,
+                                    server.logins.lockout_s)
                 self._send(401, b"authentication required\n", "text/plain",
                            {"WWW-Authenticate": 'Basic realm="MedGRU worker", charset="UTF-8"'})
                 return False

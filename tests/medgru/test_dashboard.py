@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select
 
-from medgru.dashboard import DashboardServer
+from medgru.dashboard import DashboardServer, LoginThrottle
 from storage.db import init_db, make_session_factory
 from storage.models import (
     Instance,
@@ -486,6 +486,60 @@ def test_a_password_guards_every_page_but_healthz(make_settings, caplog):
     assert any("user 'root'" in m and "GET /metrics from 127.0.0.1" in m for m in failed), failed
     assert len(failed) == 6 and not any("wrong" in m.partition("(")[2].partition(")")[0] for m in failed)
     assert not any("s3cret" in r.getMessage() for r in caplog.records)
+
+
+def test_login_throttle_locks_an_address_out_after_too_many_wrong_passwords():
+    now = [1000.0]
+    throttle = LoginThrottle(max_failures=3, window_s=60, lockout_s=30, clock=lambda: now[0], max_addresses=2)
+    assert [throttle.failed("10.0.0.1") for _ in range(2)] == [False, False]
+    now[0] += 61  # the window is over: those two no longer count
+    assert [throttle.failed("10.0.0.1") for _ in range(3)] == [False, False, True]
+    assert throttle.locked_for("10.0.0.1") == 30 and throttle.locked_for("10.0.0.2") == 0
+    now[0] += 29.5
+    assert throttle.locked_for("10.0.0.1") == 0.5
+    now[0] += 0.5
+    assert throttle.locked_for("10.0.0.1") == 0
+    for address in ("10.0.0.3", "10.0.0.4", "10.0.0.5"):  # memory is bounded: the oldest is forgotten
+        throttle.failed(address)
+    assert list(throttle._failures) == ["10.0.0.4", "10.0.0.5"]
+
+
+def test_guessing_the_password_is_throttled(make_settings, caplog):
+    """Wrong passwords were not limited: a script could try them as fast as the dashboard answered. After
+    too many from one address its requests are refused with 429 (Retry-After) without their password being
+    checked, the right one included, until the lock-out is over; other addresses are not affected."""
+    import base64
+
+    caplog.set_level("INFO", logger="medgru.dashboard")
+    now = [0.0]
+    settings = make_settings(dashboard_port=0, dashboard_password="s3cret pass")
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None,
+                             login_throttle=LoginThrottle(max_failures=3, window_s=60, lockout_s=30,
+                                                          clock=lambda: now[0])).start()
+
+    def get(auth: str | None):
+        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+        req = urllib.request.Request(f"http://127.0.0.1:{server.port}/api/jobs", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, None
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Retry-After")
+
+    try:
+        assert [get(f"admin:guess{i}")[0] for i in range(3)] == [401, 401, 401]
+        assert get("admin:s3cret pass") == (429, "30")
+        assert get(None) == (429, "30")
+        now[0] = 12.2
+        assert get("admin:guess4") == (429, "18")  # not checked, not counted
+        now[0] = 30.0
+        assert get("admin:s3cret pass") == (200, None)
+    finally:
+        server.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("wrong user or password" in m for m in lines) == 3
+    assert "dashboard: 3 wrong passwords from 127.0.0.1 within 60 s; its requests are refused for 30 s" in lines
 
 
 def test_settings_refuse_a_dashboard_open_to_other_hosts_without_a_password(make_settings):
