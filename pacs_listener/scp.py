@@ -75,7 +75,7 @@ from pacs_listener.spool import (
 )
 from pacs_listener.status import StoreStatus, describe
 from pacs_listener.validate import InvalidDataset, RequestIds, is_valid_uid, validate_received
-from storage.db import error_line
+from storage.db import PassLog, error_line
 from storage.models import Instance, QuarantineItem
 
 log = logging.getLogger(__name__)
@@ -569,14 +569,13 @@ class Listener:
     def run_quarantine_recorder(self, stop_event: threading.Event, interval_s: float = 10.0) -> None:
         """The service's thread: at start every kept file without a row, then every ``interval_s`` those the
         listener could not record."""
+        passes = PassLog(log, "writing quarantine rows")  # an outage: one line, a reminder a minute, its end
         scan = True
         while not stop_event.is_set():
             try:
                 self.record_unrecorded_quarantine(scan=scan)
                 scan = False
-            except OperationalError as exc:
-                log.error("quarantine rows not written yet (%s); next try in %g s",
-                          error_line(exc), interval_s)
-            except Exception:
-                log.exception("quarantine rows not written; next try in %g s", interval_s)
+                passes.succeeded()
+            except Exception as exc:  # noqa: BLE001 - logged; the files stay and the next pass tries again
+                passes.failed(exc, interval_s)
             stop_event.wait(interval_s)

@@ -628,5 +628,35 @@ def test_the_quarantine_recorder_survives_a_database_error_without_text(listener
     with caplog.at_level(logging.ERROR, logger="pacs_listener.scp"):
         listener.run_quarantine_recorder(stop, interval_s=0.01)
     assert calls == [True, True]  # the failed first pass (a scan) is tried again as a scan
-    [line] = [r.getMessage() for r in caplog.records if "quarantine rows not written yet" in r.getMessage()]
-    assert "(OperationalError)" in line
+    [line] = [r.getMessage() for r in caplog.records if "writing quarantine rows failed" in r.getMessage()]
+    assert "the database does not answer (OperationalError)" in line
+
+
+def test_the_quarantine_recorder_logs_an_outage_once_and_its_end(listener_factory, monkeypatch, caplog):
+    """The recorder logged one error line every pass (10 s) for the whole of a database outage; like the
+    other service loops (storage.db.PassLog) it now says when the outage begins, reminds once a minute and
+    says when the database answers again."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    listener = listener_factory()
+    stop = threading.Event()
+    calls: list[bool] = []
+
+    def record(*, scan: bool = False) -> list[str]:
+        calls.append(scan)
+        if len(calls) <= 5:
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        stop.set()
+        return []
+
+    monkeypatch.setattr(listener, "record_unrecorded_quarantine", record)
+    with caplog.at_level(logging.WARNING, logger="pacs_listener.scp"):
+        listener.run_quarantine_recorder(stop, interval_s=0.01)
+    assert len(calls) == 6
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("writing quarantine rows failed: the database does not answer")
+    assert "connection refused" in lines[0]
+    assert lines[1].startswith("writing quarantine rows: the database answers again after")
