@@ -913,6 +913,21 @@ class DashboardServer:
                            {"WWW-Authenticate": 'Basic realm="MedGRU worker", charset="UTF-8"'})
                 return False
 
+            def _may_see_details(self) -> bool:
+                """Whether this request may read error texts on ``/healthz`` (no password set, or it carries
+                the right one; an address locked out for wrong passwords may not)."""
+                if server.password is None:
+                    return True
+                address = self.client_address[0]
+                if server.logins.locked_for(address) > 0:
+                    return False
+                given = self.headers.get("Authorization", "")
+                if check_basic_auth(given, server.settings.dashboard_user, server.password):
+                    return True
+                if given:  # counted as anywhere else: /healthz must not be a way round the throttle
+                    server.logins.failed(address)
+                return False
+
             def _for_us(self) -> bool:
                 """Whether the ``Host`` names this dashboard (:func:`misdirected`); else 421 and a log line."""
                 refused = misdirected(self.headers.get("Host"), server.names, self.connection.getsockname()[0])
@@ -926,7 +941,7 @@ class DashboardServer:
             def do_GET(self):
                 path, _, query = self.path.partition("?")
                 if path == "/healthz":
-                    ok, text = health_report(server.sf, server.health)
+                    ok, text = health_report(server.sf, server.health, detailed=self._may_see_details())
                     return self._send(200 if ok else 503, text.encode(), "text/plain")
                 if not self._for_us() or not self._authorised():
                     return None
@@ -984,7 +999,7 @@ class DashboardServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return None
-                ok, text = health_report(server.sf, server.health)
+                ok, text = health_report(server.sf, server.health, detailed=self._may_see_details())
                 self.send_response(200 if ok else 503)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(text.encode())))
@@ -1030,15 +1045,19 @@ def start_dashboard(settings, session_factory, celery_app, health=None) -> Dashb
     ).start()
 
 
-def health_report(session_factory, health: Callable[[], dict[str, str | None]] | None) -> tuple[bool, str]:
-    """``(healthy, text)``: the database answers a query, and every part ``health()`` names is fine."""
+def health_report(session_factory, health: Callable[[], dict[str, str | None]] | None, *,
+                  detailed: bool = True) -> tuple[bool, str]:
+    """``(healthy, text)``: the database answers a query, and every part ``health()`` names is fine.
+    ``detailed``: with the database driver's error text, which names the database's host, port and user;
+    ``/healthz`` needs no password, so it gives that text only to a request that carries the dashboard's."""
     parts: dict[str, str | None] = {}
     try:
         with session_factory() as session:
             session.execute(select(1))
         parts["database"] = None
     except Exception as exc:  # any driver error means: not healthy
-        parts["database"] = f"{type(exc).__name__}: {error_line(exc)[:200]}"
+        parts["database"] = (f"{type(exc).__name__}: {error_line(exc)[:200]}" if detailed else
+                             f"{type(exc).__name__} (its text: with the dashboard's password, or in the log)")
     if health is not None:
         parts.update(health())
     ok = all(problem is None for problem in parts.values())

@@ -542,6 +542,35 @@ def test_guessing_the_password_is_throttled(make_settings, caplog):
     assert "dashboard: 3 wrong passwords from 127.0.0.1 within 60 s; its requests are refused for 30 s" in lines
 
 
+def test_healthz_gives_the_database_error_only_with_the_password(make_settings, tmp_path):
+    """/healthz needs no password, and it showed the database driver's error line to anyone, which names the
+    database's host, port and user. Without the password it now names only the error's type."""
+    import base64
+
+    settings = make_settings(dashboard_port=0, dashboard_password="s3cret pass")
+    engine = init_db(f"sqlite:///{tmp_path / 'gone.sqlite3'}")
+    broken = make_session_factory(engine)
+    (tmp_path / "gone.sqlite3").unlink()
+    (tmp_path / "gone.sqlite3").mkdir()  # a folder where the file was: no connection opens
+    engine.dispose()
+    server = DashboardServer(settings, broken, retry=lambda j: None, cancel=lambda j: None).start()
+
+    def healthz(auth: str | None) -> str:
+        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+        req = urllib.request.Request(f"http://127.0.0.1:{server.port}/healthz", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 503
+        return err.value.read().decode()
+
+    try:
+        assert "unable to open database file" not in healthz(None)
+        assert "unable to open database file" not in healthz("admin:guess")
+        assert "unable to open database file" in healthz("admin:s3cret pass")
+    finally:
+        server.stop()
+
+
 def test_settings_refuse_a_dashboard_open_to_other_hosts_without_a_password(make_settings):
     from pydantic import ValidationError
 
@@ -633,6 +662,10 @@ def test_healthz_reports_each_part(make_settings, tmp_path):
 
     ok, text = health_report(broken, None)
     assert not ok and text.startswith("unhealthy\ndatabase: OperationalError")
+    assert "unable to open database file" in text
+    ok, text = health_report(broken, None, detailed=False)
+    assert not ok and "unable to open" not in text
+    assert text.startswith("unhealthy\ndatabase: OperationalError (its text: with the dashboard's password")
 
 
 def test_find_the_jobs_of_a_study_series_accession_or_instance(dash):
