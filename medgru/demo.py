@@ -105,6 +105,10 @@ def _send(files: list[Path], settings: Settings, port: int) -> tuple[int, int]:
 
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=DEMO_SCU_AET)
+    # the listener answers once the instance is on disk and recorded; on a loaded machine (the first
+    # instance also waits for the service to warm up) that took over pynetdicom's default of 30 s, the
+    # association was aborted and the demo failed with a RuntimeError from the next C-STORE
+    ae.dimse_timeout = 300
     seen = set()
     for ds in datasets:
         key = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -116,7 +120,11 @@ def _send(files: list[Path], settings: Settings, port: int) -> tuple[int, int]:
         raise RuntimeError(f"could not associate with our listener on port {port}")
     ok = failed = 0
     try:
-        for ds in datasets:
+        for i, ds in enumerate(datasets):
+            if not assoc.is_established:  # aborted (by either side): the rest were not sent
+                log.warning("the association with our listener ended; %d instances not sent", len(datasets) - i)
+                failed += len(datasets) - i
+                break
             status = assoc.send_c_store(ds)
             if status and status.Status == 0x0000:
                 ok += 1

@@ -79,3 +79,39 @@ def test_demo_stops_at_once_when_nothing_can_be_stored(make_settings, data_root:
     out = capsys.readouterr().out
     assert rc == 1 and "1 stored" not in out and "0 stored, 1 refused" in out, out
     assert "error: no instance was stored" in out and "timed out" not in out
+
+
+def test_send_counts_what_an_aborted_association_did_not_send(make_settings, tmp_path: Path):
+    """An association that ended half-way (the listener slow past the DIMSE timeout on a loaded machine:
+    pynetdicom aborted it) made the demo's next C-STORE raise RuntimeError ("must be established"), and
+    the demo failed with a traceback instead of saying what was not sent."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pynetdicom import AE, evt
+
+    from medgru.demo import _send
+
+    settings = make_settings()
+    files = []
+    for i in range(3):
+        ds = pydicom.Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        files.append(tmp_path / f"{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+
+    def on_store(event):
+        event.assoc.abort()  # the first instance: the association ends under the sender
+        return 0x0000
+
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        ok, failed = _send(files, settings, server.server_address[1])
+    finally:
+        server.shutdown()
+    assert (ok, failed) == (0, 3)
