@@ -98,7 +98,7 @@ def _start_demo_pacs(folder: Path, port: int):
     return server, received
 
 
-def _send(files: list[Path], settings: Settings, port: int) -> tuple[int, int]:
+def _send(files: list[Path], settings: Settings, port: int, dimse_timeout: float = 300.0) -> tuple[int, int]:
     import pydicom
     from pynetdicom import AE
     from pynetdicom.presentation import build_context
@@ -108,7 +108,7 @@ def _send(files: list[Path], settings: Settings, port: int) -> tuple[int, int]:
     # the listener answers once the instance is on disk and recorded; on a loaded machine (the first
     # instance also waits for the service to warm up) that took over pynetdicom's default of 30 s, the
     # association was aborted and the demo failed with a RuntimeError from the next C-STORE
-    ae.dimse_timeout = 300
+    ae.dimse_timeout = dimse_timeout
     seen = set()
     for ds in datasets:
         key = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
