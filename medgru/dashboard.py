@@ -16,7 +16,8 @@ web framework):
   ``/api/verdicts`` (ABNORMAL verdicts by model and sender, :mod:`worker.monitoring`) — the same as JSON;  ``POST /jobs/<id>/retry``, ``/jobs/<id>/cancel``, ``/outbox/<id>/resend`` and
   ``/quarantine/<id>/retry`` (``medgru quarantine retry``);
 * ``GET /metrics`` — Prometheus text format, read from the database at scrape time so that workers in
-  other processes are counted too (see :class:`_DbCollector`);  ``GET /healthz`` — 200 when the database
+  other processes are counted too (see :class:`_DbCollector`), and ``medgru_up{part}``, what ``/healthz``
+  finds of each part (:class:`_HealthCollector`; it answers with the database away);  ``GET /healthz`` — 200 when the database
   answers and every part of the service is running (listener, assembler, sender, worker), else 503 with
   what is wrong, one line per part.
 
@@ -136,6 +137,13 @@ class _DbCollector:
         self._sf = session_factory
 
     def collect(self):
+        try:
+            yield from self._collect()
+        except Exception as exc:  # the database away: the rest of /metrics (medgru_up says so) still answers
+            log.warning("/metrics: the database's figures are left out: %s: %s", type(exc).__name__,
+                        error_line(exc)[:200])
+
+    def _collect(self):
         now = utcnow()
         with self._sf() as session:
             s = summary(session)
@@ -214,6 +222,22 @@ class _DbCollector:
         yield GaugeMetricFamily("medgru_inference_seconds_mean",
                                 "Mean inference time per job (of each job's latest result)",
                                 value=float(sum_inf / n_inf) if n_inf else 0.0)
+
+
+class _HealthCollector:
+    """``medgru_up{part}``: 1 where ``/healthz`` finds a part of the service fine, 0 where it does not (the
+    database, the listener, the spool's disk, each loop, the embedded worker), so that an alert can tell a
+    part that stopped: with the assembler's thread ended no job is ever made, and no other figure moves."""
+
+    def __init__(self, session_factory, health: Callable[[], dict[str, str | None]] | None):
+        self._sf, self._health = session_factory, health
+
+    def collect(self):
+        g = GaugeMetricFamily("medgru_up", "1 where /healthz finds this part of the service fine, 0 where not "
+                              "(/healthz says why)", labels=["part"])
+        for part, problem in health_parts(self._sf, self._health).items():
+            g.add_metric([part], 0.0 if problem else 1.0)
+        yield g
 
 
 class _DiskCollector:
@@ -806,6 +830,7 @@ class DashboardServer:
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(session_factory))
         self.registry.register(_DiskCollector(settings))
+        self.registry.register(_HealthCollector(session_factory, health))
         handler = self._make_handler(retry, cancel, resend or (lambda item_id: resend_item(session_factory, item_id)))
         self.httpd = _HttpServer((settings.dashboard_host, settings.dashboard_port), handler, max_connections,
                                  max_per_address)
@@ -1050,6 +1075,15 @@ def health_report(session_factory, health: Callable[[], dict[str, str | None]] |
     """``(healthy, text)``: the database answers a query, and every part ``health()`` names is fine.
     ``detailed``: with the database driver's error text, which names the database's host, port and user;
     ``/healthz`` needs no password, so it gives that text only to a request that carries the dashboard's."""
+    parts = health_parts(session_factory, health, detailed=detailed)
+    ok = all(problem is None for problem in parts.values())
+    lines = [f"{name}: {problem or 'ok'}" for name, problem in parts.items()]
+    return ok, ("ok\n" if ok else "unhealthy\n") + "\n".join(lines) + "\n"
+
+
+def health_parts(session_factory, health: Callable[[], dict[str, str | None]] | None, *,
+                 detailed: bool = True) -> dict[str, str | None]:
+    """What is wrong with each part (``None``: fine): the database, then each part ``health()`` names."""
     parts: dict[str, str | None] = {}
     try:
         with session_factory() as session:
@@ -1060,6 +1094,4 @@ def health_report(session_factory, health: Callable[[], dict[str, str | None]] |
                              f"{type(exc).__name__} (its text: with the dashboard's password, or in the log)")
     if health is not None:
         parts.update(health())
-    ok = all(problem is None for problem in parts.values())
-    lines = [f"{name}: {problem or 'ok'}" for name, problem in parts.items()]
-    return ok, ("ok\n" if ok else "unhealthy\n") + "\n".join(lines) + "\n"
+    return parts

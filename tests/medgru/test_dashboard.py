@@ -668,6 +668,37 @@ def test_healthz_reports_each_part(make_settings, tmp_path):
     assert text.startswith("unhealthy\ndatabase: OperationalError (its text: with the dashboard's password")
 
 
+def test_metrics_answer_and_name_the_broken_part_when_the_database_does_not(make_settings, tmp_path):
+    """With the database away /metrics closed the connection without an answer: every figure, the spool's
+    disk included, was gone, so no alert could fire (each reads a medgru_ figure) while the listener refused
+    every instance. Now it answers, and medgru_up names each part /healthz checks, the database at 0."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    settings = make_settings(dashboard_port=0)
+    engine = init_db(f"sqlite:///{tmp_path / 'gone.sqlite3'}")
+    sf = make_session_factory(engine)
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None,
+                             health=lambda: {"listener": None, "sender": "thread stopped"}).start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def up() -> dict[str, float]:
+        status, _, text = _get(base + "/metrics")
+        assert status == 200
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert "medgru_spool_disk_free_bytes" in families
+        return {s.labels["part"]: s.value for s in families["medgru_up"].samples}
+
+    try:
+        assert up() == {"database": 1.0, "listener": 1.0, "sender": 0.0}
+        (tmp_path / "gone.sqlite3").unlink()
+        (tmp_path / "gone.sqlite3").mkdir()  # a folder where the file was: no connection opens
+        engine.dispose()
+        assert up() == {"database": 0.0, "listener": 1.0, "sender": 0.0}
+        assert "medgru_jobs" not in _get(base + "/metrics")[2]  # left out, not made up
+    finally:
+        server.stop()
+
+
 def test_find_the_jobs_of_a_study_series_accession_or_instance(dash):
     _, sf, base = dash
     with sf() as s:  # a second study, with an accession number and a recorded instance
