@@ -23,13 +23,15 @@ def test_alert_rules_name_only_exported_metrics(make_settings):
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from medgru.dashboard import _DbCollector, _DiskCollector
+    from medgru.dashboard import _DbCollector, _DiskCollector, _HealthCollector
     from storage.db import init_db, make_session_factory
 
     settings = make_settings()
     registry = CollectorRegistry()
-    registry.register(_DbCollector(make_session_factory(init_db(settings.effective_database_url))))
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    registry.register(_DbCollector(sf))
     registry.register(_DiskCollector(settings))
+    registry.register(_HealthCollector(sf, None))
     # every family the collectors declare (a labelled one has no sample line while nothing is unsent)
     exported = {line.split()[2] for line in generate_latest(registry).decode().splitlines()
                 if line.startswith("# TYPE ")}
@@ -79,3 +81,18 @@ def test_both_units_start_after_and_stop_before_the_database_and_the_broker():
         wants = [ln.split("=", 1)[1].split() for ln in lines if ln.startswith("Wants=")]
         assert after and {"postgresql.service", "redis-server.service", "network-online.target"} <= set(after[0]), unit
         assert wants and "network-online.target" in wants[0], unit
+
+
+def test_alert_rules_pass_their_promtool_tests():
+    """``promtool test rules``: each rule fires in the situation it names and stays quiet otherwise,
+    evaluated by Prometheus itself over series that play the situation (``prometheus-alerts.test.yml``).
+    promtool is a peer like Orthanc (Debian ``prometheus``; ``.ci/run`` installs it)."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (apt-get install prometheus)"
+    tests = Path(__file__).with_name("prometheus-alerts.test.yml")
+    run = subprocess.run([promtool, "test", "rules", tests.name], cwd=tests.parent, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
