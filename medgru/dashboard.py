@@ -69,7 +69,7 @@ from pacs_listener.quarantine import quarantine_rows
 from pacs_listener.status import refused_for_our_fault
 from worker.admin import job_rows
 from worker.monitoring import DEFAULT_RECENT, verdict_rows
-from storage.db import error_line
+from storage.db import database_unreachable, error_line
 from storage.models import (
     Instance,
     Job,
@@ -963,7 +963,26 @@ class DashboardServer:
                 self._send(421, f"refused: {refused}\n".encode(), "text/plain")
                 return False
 
+            def _or_503(self, handle):
+                """``handle()``, or 503 and one line where the database does not answer: the connection
+                was closed without an answer (an empty response in the browser, a dropped /api call) and
+                the log called it a failed connection of the client's."""
+                try:
+                    return handle()
+                except Exception as exc:
+                    if not database_unreachable(exc):
+                        raise
+                    log.warning("dashboard: %s %s: the database does not answer: %s", self.command,
+                                self.path[:100], error_line(exc)[:200])
+                    return self._send(503, b"the database does not answer (GET /healthz)\n", "text/plain")
+
             def do_GET(self):
+                return self._or_503(self._get)
+
+            def do_POST(self):
+                return self._or_503(self._post)
+
+            def _get(self):
                 path, _, query = self.path.partition("?")
                 if path == "/healthz":
                     ok, text = health_report(server.sf, server.health, detailed=self._may_see_details())
@@ -1031,7 +1050,7 @@ class DashboardServer:
                 self.end_headers()
                 return None
 
-            def do_POST(self):
+            def _post(self):
                 m = re.fullmatch(rf"/(jobs|outbox|quarantine)/{ID}/(retry|cancel|resend)", self.path)
                 if not self._for_us() or not self._authorised():
                     return None

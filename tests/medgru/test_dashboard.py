@@ -699,6 +699,27 @@ def test_metrics_answer_and_name_the_broken_part_when_the_database_does_not(make
         server.stop()
 
 
+def test_pages_answer_503_when_the_database_does_not(make_settings, tmp_path):
+    """With the database away the dashboard closed the connection without an answer (the browser showed an
+    empty response, an /api client a dropped connection) and logged a failed connection of the client's."""
+    settings = make_settings(dashboard_port=0)
+    engine = init_db(f"sqlite:///{tmp_path / 'gone.sqlite3'}")
+    sf = make_session_factory(engine)
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: cancel_job(sf, j)).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        (tmp_path / "gone.sqlite3").unlink()
+        (tmp_path / "gone.sqlite3").mkdir()  # a folder where the file was: no connection opens
+        engine.dispose()
+        for path, method in (("/", "GET"), ("/api/jobs", "GET"), ("/jobs/1", "GET"), ("/jobs/1/cancel", "POST")):
+            req = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=10)
+            assert err.value.code == 503 and b"database does not answer" in err.value.read(), path
+    finally:
+        server.stop()
+
+
 def test_find_the_jobs_of_a_study_series_accession_or_instance(dash):
     _, sf, base = dash
     with sf() as s:  # a second study, with an accession number and a recorded instance
