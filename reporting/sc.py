@@ -244,8 +244,9 @@ def build_overlay_sc(
             study_id=attrs["StudyID"],
             study_date=attrs["StudyDate"] or None,
             study_time=attrs["StudyTime"] or None,
-            # placeholder when unknown (highdicom requires one); replaced by an empty value below
-            patient_orientation=orientation or ("L", "F"),
+            # a placeholder (highdicom requires one and takes single letters only); the source's own
+            # value, which may combine letters for an oblique plane ("PH"), is set below
+            patient_orientation=("L", "F"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=SC_SERIES_DESCRIPTION,
             manufacturer_model_name=card.name[:64],
@@ -253,8 +254,8 @@ def build_overlay_sc(
             institution_name=institution_name,
         )
     info.apply_to(sc)  # exact (cleaned) names, dates and character set
-    if orientation is None:
-        sc.PatientOrientation = None  # Type 2C: present, empty = unknown
+    # Type 2C: present, empty = unknown
+    sc.PatientOrientation = list(orientation) if orientation is not None else None
     laterality = str(source_dataset.get("Laterality", "") or "").strip("\x00 ").upper()
     sc.Laterality = laterality if laterality in ("R", "L") else None  # Type 2C in the SC IOD: empty = unpaired/unknown
     sc.ConversionType = "WSD"  # workstation: made by software from another image

@@ -304,3 +304,24 @@ def test_a_frame_resized_to_the_sequence_s_first_frame_is_shown_in_the_source_s_
     assert ys.mean() / ih == pytest.approx(0.3, abs=0.05)
     assert xs.mean() / iw == pytest.approx(0.7, abs=0.05)
     assert area[:, -1].any()  # the image fills the area to its last column: not narrower (square)
+
+
+def test_an_oblique_source_gets_its_combined_patient_orientation(dicom_corpus: Path, tmp_path: Path) -> None:
+    """An oblique slice (a brain MR along the AC-PC line) has direction cosines that need two letters, such
+    as "PH". highdicom takes single letters only, so the SC of such a source raised ValueError ('PH' is
+    not a valid PatientOrientationValuesBiped) and every job of an oblique series failed after its
+    retries; the SC now carries the combined letters."""
+    import math
+
+    ds = pydicom.dcmread(sorted(dicom_corpus.glob(h.MR_SERIES_GLOB))[0])
+    c, s = math.cos(0.3), math.sin(0.3)
+    ds.ImageOrientationPatient = [1, 0, 0, 0, c, s]  # rows to the left; columns posterior and to the head
+    assert patient_orientation(ds) == ("L", "PH")
+    frame = h.windowed(ds)
+    heat = h.blob(frame.shape)
+    sc = build_overlay_sc(ds, frame, heat, h.detection(heat[None]), h.card())
+    assert list(sc.PatientOrientation) == ["L", "PH"]
+    path = tmp_path / "oblique.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    errors, _ = h.dciodvfy(path)
+    assert errors == []
