@@ -489,7 +489,7 @@ def warn_uncovered_series(job_id: int, series_uid: str, detector, detection: Det
         if bound is None or bound <= alpha + 1e-12:
             return ""
         note = (f"{judged} frames judged, more than the calibration normals of {name} cover: the "
-                f"false-positive rate is bounded by {bound:.3f}, not {alpha:.3f}; `medgru calibrate` on at least "
+                f"false-positive rate is bounded by {bound:.3g}, not {alpha:.3g}; `medgru calibrate` on at least "
                 f"{conformal_min_normals(alpha / judged)} normal frames restores it")
     log.warning("job %d (series %s): %s", job_id, series_uid, note)
     return note

@@ -442,7 +442,7 @@ def test_a_series_longer_than_the_calibration_covers_is_judged_at_the_largest_sc
     assert whole.extras["series_fpr_bound"] == pytest.approx(22 / 119)
     with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
         assert warn_uncovered_series(7, "1.2.3", detector, whole, 22)
-    assert "bounded by 0.185, not 0.050" in caplog.text and "at least 439 normal frames" in caplog.text
+    assert "bounded by 0.185, not 0.05" in caplog.text and "at least 439 normal frames" in caplog.text
     part = detector.detect(FrameSequence(frames=np.ascontiguousarray(frames[8:10]), modality="MR",
                                          body_part="BRAIN", bits_stored=bits), explain=False)
     assert part.threshold == detector.series_threshold(2) == cal[-2]  # rank ceil(119 * 0.975) = 117
@@ -460,6 +460,22 @@ def test_a_series_longer_than_the_calibration_covers_is_judged_at_the_largest_sc
     assert "keeps no calibration scores" in caplog.text and caplog.text.count("job 9") == 1
 
 
+def test_a_bound_just_above_the_target_is_not_shown_as_the_target(caplog):
+    """6 slices with the bundled brain model's 118 calibration normals: the bound is 6 / 119 = 0.0504,
+    just above the 0.05 target. Both were shown to 3 decimals, so the job's note and the log said "the
+    false-positive rate is bounded by 0.050, not 0.050" (seen live on a 6-slice MR series)."""
+    import logging
+    from types import SimpleNamespace
+
+    from worker.pipeline import warn_uncovered_series
+
+    detector = SimpleNamespace(card=SimpleNamespace(name="brain"), calibration_alpha=0.05)
+    detection = SimpleNamespace(extras={"series_fpr_bound": 6 / 119})
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+        note = warn_uncovered_series(3, "1.2.3", detector, detection, 6)
+    assert "bounded by 0.0504, not 0.05;" in note
+
+
 def test_a_series_beyond_the_calibration_says_so_in_the_jobs_note(worker_settings, session_factory, dicom_corpus):
     """Brainix's 22 slices with the bundled brain model: the verdict's false-positive bound is 0.185, not
     0.05. That was in the worker's log only; an admin reads it in the job's note (the dashboard's list and
@@ -474,7 +490,7 @@ def test_a_series_beyond_the_calibration_says_so_in_the_jobs_note(worker_setting
     with session_factory() as s:
         (row,) = [r for r in job_rows(s) if r["id"] == whole]
         fields = dict(job_fields(s, whole))
-    assert "22 frames judged" in row["note"] and "bounded by 0.185, not 0.050" in row["note"]
+    assert "22 frames judged" in row["note"] and "bounded by 0.185, not 0.05" in row["note"]
     assert "at least 439 normal frames" in fields["reason"]
     with session_factory() as s:  # the same series cut to 2 slices: covered, no note
         job = s.get(Job, whole)
