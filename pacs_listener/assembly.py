@@ -38,7 +38,11 @@ A series is set IGNORED, with the reason in ``Series.state_reason``, when
   SeriesDescription the reporting package writes, whose Manufacturer is "MedGRU") and it holds Secondary
   Capture (:data:`SECONDARY_CAPTURE_SOP_CLASSES`) or non-image instances only.
 
-Non-image instances inside an image series are left out of its sequence.
+Non-image instances inside an image series are left out of its sequence. So are the images that lie
+outside the series' stack (:func:`off_stack`): where every image has an ImageOrientationPatient and one
+slice orientation holds more images than any other, the images of the other orientations (a localizer or
+scout stored in the series of the axial stack) are not frames to judge; the series' ``state_reason`` and
+a warning name them.
 
 Prior study (only when ``settings.add_prior_study`` is true)
 ------------------------------------------------------------
@@ -360,6 +364,50 @@ def _projections(instances: Sequence[InstanceLike]) -> list[float] | None:
     return [sum(a * b for a, b in zip(p, normal)) for p, _n in positions]
 
 
+def _normal(inst: InstanceLike) -> list[float] | None:
+    """The unit slice normal (row × column direction cosines) of an instance, or None."""
+    ori = inst.image_orientation
+    if not ori or len(ori) != 6:
+        return None
+    try:
+        r, c = [float(v) for v in ori[:3]], [float(v) for v in ori[3:]]
+    except (TypeError, ValueError):
+        return None
+    n = [r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0]]
+    norm = math.sqrt(sum(v * v for v in n))
+    if not all(math.isfinite(v) for v in n) or norm < 1e-6:
+        return None
+    return [v / norm for v in n]
+
+
+def off_stack(instances: Sequence[InstanceLike]) -> list[InstanceLike]:
+    """The images outside the series' stack: those whose slice orientation is not that of the stack, the
+    orientation (within ~2.5°, either direction) that more images have than any other. A localizer or scout
+    stored in the series of an axial stack has another plane; judged as a frame, it would decide the
+    series' verdict and be resized with the stack. Nothing is left out where an image has no usable
+    orientation (radiographs, enhanced multi-frame objects) or no orientation has more images than every
+    other (a three-plane localizer of equal parts): ``[]``."""
+    groups: list[tuple[list[float], list[InstanceLike]]] = []
+    for inst in sorted(instances, key=lambda i: i.sop_instance_uid):
+        n = _normal(inst)
+        if n is None:
+            return []
+        for normal, members in groups:
+            if abs(sum(a * b for a, b in zip(n, normal))) >= _PARALLEL_COS:
+                members.append(inst)
+                break
+        else:
+            groups.append((n, [inst]))
+    if len(groups) < 2:
+        return []
+    sizes = sorted((len(members) for _n, members in groups), reverse=True)
+    if sizes[0] == sizes[1]:
+        return []
+    stack = max(groups, key=lambda g: len(g[1]))[1]
+    kept = {id(i) for i in stack}
+    return [i for i in instances if id(i) not in kept]
+
+
 def _distinct(values: list[float]) -> bool:
     s = sorted(values)
     return all(b - a > _POSITION_TOLERANCE_MM for a, b in zip(s, s[1:]))
@@ -566,7 +614,15 @@ class Assembler:
             series.state_reason = reason
             log.info("series %s ignored: %s", series.series_uid, reason)
             return None
-        refs, key = order_frames([i for i in instances if is_image_instance(i)])
+        images = [i for i in instances if is_image_instance(i)]
+        outside = off_stack(images)
+        if outside:
+            left_out = {id(i) for i in outside}
+            images = [i for i in images if id(i) not in left_out]
+            uids = sorted(i.sop_instance_uid for i in outside)
+            log.warning("series %s: %d image(s) left out, their slice orientation is not the stack's (a "
+                        "localizer?): %s", series.series_uid, len(uids), ", ".join(uids))
+        refs, key = order_frames(images)
         frame_refs: list[list[str | int]] = [[uid, frame] for uid, frame in refs]
         prior_uid = ""
         n_prior = 0
@@ -587,6 +643,9 @@ class Assembler:
         session.add_all([seq, job])
         series.state_reason = f"{len(refs)} frames ordered by {key}" + (
             f"; {n_prior} frames of prior study {prior_uid} prepended" if prior_uid else ""
+        ) + (
+            f"; {len(outside)} image(s) left out, their slice orientation not the stack's (a localizer?): "
+            + ", ".join(sorted(i.sop_instance_uid for i in outside)) if outside else ""
         )
         session.flush()
         log.info(

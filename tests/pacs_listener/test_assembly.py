@@ -413,6 +413,38 @@ def test_non_image_instances_inside_an_image_series_are_left_out(make_settings, 
         assert seq.frame_refs == [["6.1.1", 1], ["6.1.2", 1]] and seq.order_key == ORDER_INSTANCE_NUMBER
 
 
+SAGITTAL = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+CORONAL = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+
+
+def test_a_localizer_in_the_series_of_the_stack_is_left_out_with_reason(make_settings, session_factory, recorder,
+                                                                         caplog):
+    """A sagittal localizer stored in the series of an axial stack (InstanceNumber 1, before the slices)
+    was frame 1 of the sequence: judged as a slice of the stack, deciding the verdict, and the slices were
+    resized to its size (seen live: a 128 x 128 localizer with five 64 x 64 axial slices). It is left out,
+    and the series' note and a warning name it. A three-plane localizer series of equal parts keeps all."""
+    stack = [dict(instance_number=k + 2, image_position=[0.0, 0.0, 5.0 * k], image_orientation=AXIAL)
+             for k in range(5)]
+    localizer = dict(sop_instance_uid="6.2.0", instance_number=1, image_position=[0.0, -100.0, 100.0],
+                     image_orientation=SAGITTAL)
+    planes = [dict(instance_number=3 * p + k + 1, image_position=[0.0, 0.0, float(k)], image_orientation=o)
+              for p, o in enumerate((AXIAL, SAGITTAL, CORONAL)) for k in range(3)]
+    with session_factory() as s:
+        add_series(s, [localizer] + stack, uid="6.2")
+        add_series(s, planes, uid="6.3")
+        s.commit()
+    with caplog.at_level(logging.WARNING, logger="pacs_listener.assembly"):
+        ids = Assembler(make_settings(), session_factory, recorder).run_once(now=T0 + timedelta(minutes=1))
+    assert len(ids) == 2
+    with session_factory() as s:
+        by_series = {j.sequence.series.series_uid: j.sequence for j in s.scalars(select(Job))}
+        assert [u for u, _ in by_series["6.2"].frame_refs] == [f"6.2.{k}" for k in range(2, 7)]
+        series = s.scalar(select(Series).where(Series.series_uid == "6.2"))
+        assert "1 image(s) left out" in series.state_reason and "6.2.0" in series.state_reason
+        assert by_series["6.3"].n_frames == 9
+    assert "6.2.0" in caplog.text
+
+
 def test_enqueue_called_only_after_commit_with_the_new_ids(make_settings, session_factory, recorder):
     with session_factory() as s:
         for k in range(4):
