@@ -67,7 +67,7 @@ from medgru.tables import MAX_ROW_ID, when_iso
 from medgru.tls import dashboard_context
 from pacs_listener.quarantine import quarantine_rows
 from pacs_listener.status import refused_for_our_fault
-from worker.admin import job_rows
+from worker.admin import job_rows, series_without_jobs
 from worker.monitoring import DEFAULT_RECENT, verdict_rows
 from storage.db import database_unreachable, error_line
 from storage.models import (
@@ -442,9 +442,14 @@ def render_page(settings, session, state: str | None = None, find: str | None = 
     unsent = outbox_rows(session, states=(OutboxState.FAILED, OutboxState.PENDING), limit=PAGE_SECTION_ROWS)
     unsent.sort(key=lambda r: r["state"] != OutboxState.FAILED.value)  # failed first, each newest first
     jobs_title = _jobs_heading(s, rows, more, state, find, before)
+    skipped = series_without_jobs(session, find) if find else []
     if find and not out:
         out.append('<tr><td colspan="14" class="none">No job for this series, study, accession number or '
                    'SOP instance.</td></tr>')
+    for x in skipped:  # received, and skipped for a reason (or still receiving): say so, with the reason
+        out.append(f'<tr><td colspan="14" class="none">Series <code>{html.escape(x["series_uid"])}</code> '
+                   f'({html.escape(x["modality"] or "-")}), received without a job: {html.escape(x["state"])}'
+                   f'{": " + html.escape(x["reason"]) if x["reason"] else ""}</td></tr>')
     return _PAGE.format(ae=html.escape(settings.ae_title), port=settings.listen_port,
                         dest=html.escape(str(settings.destination or "(none)") + "".join(
                             f", from {ae} to {d}" for ae, d in settings.routes.items())), cards=cards, rows="".join(out),
@@ -1025,7 +1030,9 @@ class DashboardServer:
                     if path == "/api/jobs":  # a page of PAGE_JOB_ROWS; "before" the next one (the last id)
                         rows = job_rows(session, state=state, find=find, before=before, limit=PAGE_JOB_ROWS + 1)
                         return self._json({"summary": summary(session), "jobs": rows[:PAGE_JOB_ROWS],
-                                           "more": len(rows) > PAGE_JOB_ROWS})
+                                           "more": len(rows) > PAGE_JOB_ROWS,
+                                           **({"series_without_jobs": series_without_jobs(session, find)}
+                                              if find else {})})
                     if path == "/api/outbox":
                         states = (OutboxState(state),) if state else None
                         return self._json({"items": outbox_rows(session, states=states, limit=100)})

@@ -155,6 +155,23 @@ def jobs_query(*, state: str | None = None, find: str | None = None, limit: int 
     return q
 
 
+def series_without_jobs(session, find: str, limit: int = 100) -> list[dict[str, Any]]:
+    """The series that ``find`` names (as :func:`jobs_query`: series, study, accession number or SOP
+    instance) that have no job, each with its state and the assembler's reason: a series set IGNORED (no
+    image content, our own output, an assembly that failed on its data) or still RECEIVING. "Did the AI see
+    this study?" must not answer "no job" alone for what was received and skipped for a reason."""
+    value = find.strip()
+    has_job = select(SequenceRecord.series_fk).join(Job, Job.sequence_fk == SequenceRecord.id)
+    q = (select(Series).join(Study, Series.study_fk == Study.id)
+         .where(or_(Series.series_uid == value, Study.study_uid == value, Study.accession_number == value,
+                    Series.id.in_(select(Instance.series_fk).where(Instance.sop_instance_uid == value))),
+                Series.id.not_in(has_job))
+         .order_by(Series.id.desc()).limit(max(1, limit)))
+    return [{"series_uid": x.series_uid, "modality": x.modality, "body_part": x.body_part,
+             "state": x.state.value, "reason": x.state_reason or "",
+             "last_received_at": when(x.last_received_at)} for x in session.scalars(q)]
+
+
 def delivery_by_result(session, result_ids: list[int]) -> dict[int, str]:
     """Whether each result's SR and SC reached the PACS, as ``"2/2"``, ``"1/2, 1 failed"`` or ``"0/2"``."""
     counts: dict[int, dict[OutboxState, int]] = {}

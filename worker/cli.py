@@ -53,11 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------- plumbing
 # ------------------------------------------------------------------------------------- handlers
 def _list(args, settings) -> int:
-    from worker.admin import job_rows
+    from worker.admin import job_rows, series_without_jobs
 
     sf = open_database(settings)
     with sf() as session:
         jobs = job_rows(session, limit=args.limit, state=args.state, find=args.find)
+        skipped = series_without_jobs(session, args.find) if args.find else []
     rows = [[j["id"], j["state"], j["attempts"], j["modality"], j["body_part"], j["frames"], j["model"] or "",
              "" if j["score"] is None else f"{j['score']:.4f}", j["verdict"] or "", j["in_pacs"] or "",
              j["updated_at"], j["series_uid"]]
@@ -67,6 +68,11 @@ def _list(args, settings) -> int:
     print(format_table(headers, rows))
     if not rows:
         print("(no jobs)")
+    if skipped:
+        print("\nseries received without a job:")
+        print(format_table(["STATE", "MODALITY", "LAST RECEIVED (UTC)", "SERIES UID", "REASON"],
+                           [[x["state"], x["modality"], x["last_received_at"], x["series_uid"], x["reason"]]
+                            for x in skipped]))
     return 0
 
 

@@ -25,6 +25,7 @@ from storage.models import (
     Result,
     SequenceRecord,
     Series,
+    SeriesState,
     Study,
 )
 from worker.admin import cancel_job, retry_job
@@ -739,6 +740,30 @@ def test_find_the_jobs_of_a_study_series_accession_or_instance(dash):
     assert 'href="/jobs/4"' in page and 'href="/jobs/1"' not in page and 'value="ACC42"' in page
     _, _, page = _get(base + "/?q=" + urllib.parse.quote("<b>nothing</b>"))
     assert "No job for this series" in page and "<b>nothing</b>" not in page  # escaped, not rendered
+
+
+def test_a_search_names_the_series_received_without_a_job_and_why(dash):
+    """A series the assembler set IGNORED (no image content, an assembly that failed on its data) made no
+    job, and its reason was kept in the database only: "did the AI see this study?" answered "No job for
+    this series, study, accession number or SOP instance" for a study it had received and skipped (seen
+    live: a Basic Text SR series). The search names such series, their state and the reason."""
+    _, sf, base = dash
+    with sf() as s:
+        st = Study(study_uid="7.7.7", accession_number="ACC77", patient=Patient(patient_id="P7"))
+        se = Series(series_uid="7.7.7.1", study=st, modality="SR", state=SeriesState.IGNORED,
+                    state_reason="no image content: Basic Text SR Storage x1")
+        s.add(Instance(sop_instance_uid="7.7.7.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.11", series=se,
+                       path="y.dcm", has_pixels=False))
+        s.commit()
+    _, _, page = _get(base + "/?q=ACC77")
+    assert "7.7.7.1" in page and "no image content: Basic Text SR Storage x1" in page and "ignored" in page
+    _, _, api = _get(base + "/api/jobs?q=7.7.7.1.1")
+    body = json.loads(api)
+    assert body["jobs"] == []
+    assert [(x["series_uid"], x["state"], x["reason"]) for x in body["series_without_jobs"]] == [
+        ("7.7.7.1", "ignored", "no image content: Basic Text SR Storage x1")]
+    _, _, page = _get(base + "/?q=1.2.3")  # a study whose series have jobs: nothing more
+    assert "received without a job" not in page
 
 
 def test_job_page_shows_the_overlay_the_pacs_received(dash, dicom_corpus):

@@ -192,3 +192,26 @@ def test_jobs_verdicts_by_model_and_sender(cli, session_factory, dicom_corpus, c
     assert row.split()[:4] == [result.model_name, result.model_version, "SITE_A", "1"]
     assert f"{abnormal} ({abnormal:.0%})" in row and f"{abnormal} of 1 ({abnormal:.0%})" in row
     assert run("verdicts", "--recent", "0") == 2
+
+
+def test_jobs_list_find_names_a_series_received_without_a_job(cli, session_factory, capsys):
+    """``medgru jobs list --find`` of a study whose series was set IGNORED said "(no jobs)" and nothing
+    else: the assembler's reason was in the database only. It now lists such series with state and reason."""
+    from storage.models import Instance, Patient, Series, SeriesState, Study
+
+    _settings, run = cli
+    with session_factory() as s:
+        st = Study(study_uid="7.7.7", accession_number="ACC77", patient=Patient(patient_id="P7"))
+        se = Series(series_uid="7.7.7.1", study=st, modality="MR", state=SeriesState.IGNORED,
+                    state_reason="assembly failed: ValueError: bad")
+        s.add(Instance(sop_instance_uid="7.7.7.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", series=se,
+                       path="y.dcm", has_pixels=True))
+        s.commit()
+    capsys.readouterr()
+    assert run("list", "--find", "7.7.7") == 0
+    out = capsys.readouterr().out
+    assert "(no jobs)" in out and "received without a job" in out
+    (line,) = [ln for ln in out.splitlines() if "7.7.7.1" in ln]
+    assert "ignored" in line and "assembly failed: ValueError: bad" in line
+    assert run("list", "--find", "1.2.3.999") == 0
+    assert "received without a job" not in capsys.readouterr().out
