@@ -99,6 +99,9 @@ def job_fields(session, job_id: int) -> list[tuple[str, str]]:
     ]
     if seq.prior_study_uid:
         fields.append(("prior study UID", seq.prior_study_uid))
+    latest_seq = session.scalar(select(func.max(SequenceRecord.id)).where(SequenceRecord.series_fk == series.id))
+    if latest_seq == seq.id and series.state_reason:  # the assembler's note on this sequence (images left out)
+        fields.append(("assembly", series.state_reason))
     for res in session.scalars(select(Result).where(Result.job_fk == job.id).order_by(Result.id)).all():
         fields += [
             ("result", f"score {res.score:.4f}, threshold {res.threshold:.4f}, "

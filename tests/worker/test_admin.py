@@ -69,3 +69,31 @@ def test_two_retries_of_one_job_queue_it_once(make_settings, database_url, monke
     assert enqueued == [job_id]
     with sf() as s:
         assert s.get(Job, job_id).state is JobState.QUEUED
+
+
+def test_job_fields_show_the_assembly_note_of_the_job_s_sequence(make_settings, database_url):
+    """What the assembler noted on a series' sequence (the images it left out of it, a localizer of another
+    plane) was kept in series.state_reason only, which neither ``medgru jobs show`` nor the job page
+    showed. The series' latest job shows it; an older job of the series (an earlier sequence, before a late
+    slice) does not show a note that is not about its frames."""
+    from worker.admin import job_fields
+
+    settings = make_settings(database_url=database_url)
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    n = uuid.uuid4().int % 10**12
+    note = "5 frames ordered by instance_number; 1 image(s) left out, their slice orientation not the stack's"
+    with sf() as s:
+        series = Series(series_uid=f"1.2.3.4.{n}", study=Study(study_uid=f"1.2.3.{n}", patient=Patient(
+            patient_id=f"P{n}")), modality="MR", body_part="BRAIN", state_reason=note)
+        old = Job(sequence=SequenceRecord(series=series, frame_refs=[[f"1.2.3.4.{n}.1", 1]], n_frames=1),
+                  state=JobState.SUCCEEDED)
+        s.add(old)
+        s.flush()
+        new = Job(sequence=SequenceRecord(series=series, frame_refs=[[f"1.2.3.4.{n}.1", 1]], n_frames=1),
+                  state=JobState.QUEUED)
+        s.add(new)
+        s.commit()
+        old_id, new_id = old.id, new.id
+    with sf() as s:
+        assert dict(job_fields(s, new_id))["assembly"] == note
+        assert "assembly" not in dict(job_fields(s, old_id))
