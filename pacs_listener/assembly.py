@@ -701,7 +701,9 @@ class Assembler:
             return None
         prior_series_id, prior_study_uid = row
         prior_instances = session.scalars(select(Instance).where(Instance.series_fk == prior_series_id)).all()
-        refs, _key = order_frames([i for i in prior_instances if is_image_instance(i)])
+        prior_images = [i for i in prior_instances if is_image_instance(i)]
+        outside = {id(i) for i in off_stack(prior_images)}  # as in the prior's own sequence
+        refs, _key = order_frames([i for i in prior_images if id(i) not in outside])
         if not refs:
             return None
         return prior_study_uid, refs

@@ -638,6 +638,26 @@ def test_prior_study_frames_lead(make_settings, session_factory):
     assert seq.frame_refs == [["20.1.1", 1], ["20.2.1", 1]] and seq.n_frames == 2
 
 
+def test_a_localizer_of_the_prior_study_is_left_out_too(make_settings, session_factory):
+    """The prior study's frames lead the sequence; its series' localizer of another plane was among them
+    (its own sequence left it out): the first frame, whose size every frame of the sequence takes."""
+    settings = make_settings(add_prior_study=True)
+    stack = [dict(instance_number=k + 2, image_position=[0.0, 0.0, 5.0 * k], image_orientation=AXIAL)
+             for k in range(3)]
+    localizer = dict(instance_number=1, image_position=[0.0, -100.0, 100.0], image_orientation=SAGITTAL)
+    with session_factory() as s:
+        add_series(s, [localizer] + stack, uid="21.1", study_date="20240101")
+        s.commit()
+    _assemble(settings, session_factory, T0 + timedelta(minutes=1))
+    with session_factory() as s:
+        add_series(s, _stack(2), uid="21.2", study_date="20250101", last=T0 + timedelta(minutes=1))
+        s.commit()
+    _assemble(settings, session_factory, T0 + timedelta(minutes=3))
+    seq = _sequence_of(session_factory, "21.2")
+    assert seq.prior_study_uid == "21.1.0"
+    assert [u for u, _ in seq.frame_refs] == ["21.1.2", "21.1.3", "21.1.4", "21.2.1", "21.2.2"]
+
+
 def test_prior_rule_choices(make_settings, session_factory):
     settings = make_settings(add_prior_study=True)
     cr = dict(sop_class_uid=CR)
