@@ -184,8 +184,8 @@ class _DbCollector:
         yield GaugeMetricFamily("medgru_quarantined_instances",
                                 "Refused instances whose file is still held in quarantine (not stored by a retry, "
                                 "not removed by retention)", value=s["quarantine"])
-        yield CounterMetricFamily("medgru_refused_instances", "Instances the listener refused and quarantined",
-                                  value=s["refused"])
+        yield CounterMetricFamily("medgru_refused_instances", "Instances the listener quarantined: refused, or a "
+                                  "resend whose content differs from the stored copy", value=s["refused"])
         yield GaugeMetricFamily("medgru_stored_instances", "Instances received and stored", value=int(instances))
         yield GaugeMetricFamily("medgru_results", "Results produced", value=s["results"])
         yield GaugeMetricFamily("medgru_oldest_waiting_job_age_seconds",

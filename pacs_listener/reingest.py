@@ -91,6 +91,8 @@ def _retry_one(listener: _Retrying, session_factory: sessionmaker[Session], item
     status = listener.store(path.read_bytes(), request, calling_ae)
     if status != StoreStatus.SUCCESS:
         return RetryOutcome(item_id, False, f"refused again: {listener.refusal or describe(status)}")
+    if listener.refusal:  # answered Success yet kept aside: a copy with other content than the one stored
+        return RetryOutcome(item_id, False, f"not stored: {listener.refusal.partition(': ')[2]}")
     with session_factory() as session:
         session.get(QuarantineItem, item_id).released_at = utcnow()
         session.commit()

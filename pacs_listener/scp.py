@@ -27,9 +27,11 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from io import BytesIO
 from dataclasses import replace
 from pathlib import Path
 
+from pydicom import Dataset, dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
@@ -138,6 +140,34 @@ def supported_contexts() -> list[PresentationContext]:
 #: the listener logs a disk refusal at most this often (a PACS retrying a study sends many instances)
 DISK_WARNING_INTERVAL_S = 60.0
 
+
+
+def differs_from_stored(stored: Path, data: bytes, received: Dataset, transfer_syntax_uid: str) -> bool:
+    """Whether a resent instance (``data``, parsed as ``received``) differs from its stored copy: the same
+    bytes, else element by element (:func:`_content`; the file meta group aside: another sender writes
+    another implementation UID). Copies in different transfer syntaxes are taken as the same (one re-encoded: telling would need
+    both decoded); so is a stored copy that cannot be read (the first copy stays in use either way)."""
+    try:
+        stored_bytes = stored.read_bytes()
+        if stored_bytes == data:
+            return False
+        old = dcmread(BytesIO(stored_bytes))
+    except Exception as exc:  # noqa: BLE001 - logged; the resend is then taken as the same
+        log.warning("stored copy %s could not be read to compare it with a resend: %s", stored.name, error_line(exc))
+        return False
+    if str(old.file_meta.get("TransferSyntaxUID", "")) != str(transfer_syntax_uid):
+        return False
+    return _content(old) != _content(received)
+
+
+#: Data Set Trailing Padding: bytes after the data set, no content
+_TRAILING_PADDING = 0xFFFCFFFC
+
+
+def _content(ds: Dataset) -> dict:
+    """The elements of ``ds`` that carry content: group lengths (gggg,0000) and trailing padding, which an
+    encoder adds or leaves out, aside."""
+    return {tag: ds[tag] for tag in ds.keys() if tag.element != 0 and tag != _TRAILING_PADDING}
 
 def disk_short(folder: Path, min_free_mb: float) -> str | None:
     """Why ``folder``'s disk has too little room (``None`` when it has at least ``min_free_mb`` free, or the
@@ -405,6 +435,13 @@ class Listener:
                 self._describe_restored(meta, data)
                 log.warning("C-STORE %s: recorded but its file %s was missing (or removed by retention); "
                             "restored from this resend", meta.sop_instance_uid, stored_path)
+            elif differs_from_stored(self.spool_dir / stored_path, data, ds, request.transfer_syntax_uid):
+                # the first copy is kept and used (as a PACS keeps it by default); the other content is not
+                # lost nor passed over in silence: kept in quarantine, answered Success
+                return self._quarantine(
+                    data, request, calling_ae, "a second copy of an instance already stored, with other "
+                    "content (the same SOP Instance UID must mean the same data): the first copy is kept and "
+                    "used; this one was answered Success and is kept here", StoreStatus.SUCCESS, ds_uids=uids)
             log.info("C-STORE %s (series %s) from %s: already stored, kept the first copy",
                      meta.sop_instance_uid, meta.series_uid, calling_ae)
             return StoreStatus.SUCCESS
@@ -530,8 +567,10 @@ class Listener:
             log.error("C-STORE %s from %s refused (%s) and could not be quarantined either: %s",
                       request.sop_instance_uid, calling_ae, reason, exc)
             return StoreStatus.OUT_OF_RESOURCES if status == StoreStatus.SUCCESS else status
-        log.warning("C-STORE %s (class %s) from %s refused with %s: %s; quarantined as %s",
-                    request.sop_instance_uid, request.sop_class_uid, calling_ae, describe(status), reason, rel)
+        log.warning("C-STORE %s (class %s) from %s %s: %s; quarantined as %s", request.sop_instance_uid,
+                    request.sop_class_uid, calling_ae,
+                    "answered Success" if status == StoreStatus.SUCCESS else f"refused with {describe(status)}",
+                    reason, rel)
         try:
             with self.session_factory() as session:
                 session.add(QuarantineItem(

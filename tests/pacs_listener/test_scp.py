@@ -660,3 +660,52 @@ def test_the_quarantine_recorder_logs_an_outage_once_and_its_end(listener_factor
     assert lines[0].startswith("writing quarantine rows failed: the database does not answer")
     assert "connection refused" in lines[0]
     assert lines[1].startswith("writing quarantine rows: the database answers again after")
+
+
+def test_a_resend_with_other_content_is_kept_in_quarantine_not_dropped(make_settings, session_factory, caplog):
+    """A second copy of a stored SOP Instance UID with other content (a corrected image re-sent under the
+    same UID) was answered Success and dropped, with an INFO line saying only "already stored": the other
+    content was lost without a word. The first copy stays in use; the other is kept in quarantine with the
+    reason (answered Success, as before). An identical resend, or one in another transfer syntax, is not."""
+    import logging
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from pacs_listener.scp import Listener
+
+    from .conftest import make_mr, to_file_bytes
+
+    listener = Listener(make_settings(), session_factory)
+    first = make_mr()
+    first_bytes = to_file_bytes(first)
+    assert listener.store(first_bytes, _request(first, ExplicitVRLittleEndian)) == StoreStatus.SUCCESS
+    same_again = listener.store(first_bytes, _request(first, ExplicitVRLittleEndian))
+    other_syntax = listener.store(to_file_bytes(first, ImplicitVRLittleEndian), _request(first, ImplicitVRLittleEndian))
+    import copy
+
+    padded = copy.deepcopy(first)  # the same content, with trailing padding an encoder added
+    padded.DataSetTrailingPadding = b"\x00" * 8
+    padded_again = listener.store(to_file_bytes(padded), _request(padded, ExplicitVRLittleEndian))
+    assert same_again == other_syntax == padded_again == StoreStatus.SUCCESS
+    with session_factory() as s:
+        assert s.query(QuarantineItem).count() == 0
+    corrected = make_mr(SOPInstanceUID=first.SOPInstanceUID, StudyInstanceUID=first.StudyInstanceUID,
+                        SeriesInstanceUID=first.SeriesInstanceUID, PatientID=first.PatientID)
+    corrected.PixelData = b"\x07\x00" * (len(first.PixelData) // 2)  # other pixels, nothing else
+    corrected_bytes = to_file_bytes(corrected)
+    with caplog.at_level(logging.WARNING, logger="pacs_listener.scp"):
+        assert listener.store(corrected_bytes, _request(corrected, ExplicitVRLittleEndian), "MOD") == StoreStatus.SUCCESS
+    row = instance_row(session_factory, first.SOPInstanceUID)
+    assert (listener.spool_dir / row.path).read_bytes() == first_bytes  # the first copy is the one used
+    with session_factory() as s:
+        [item] = s.query(QuarantineItem).all()
+        assert item.status_code == StoreStatus.SUCCESS and "other content" in item.reason
+        assert (listener.quarantine_dir / item.path).read_bytes() == corrected_bytes
+    assert any("answered Success" in r.getMessage() and "other content" in r.getMessage() for r in caplog.records)
+    # an admin's retry of it does not claim to have stored it: the first copy is still the one stored
+    from pacs_listener.reingest import retry_quarantined
+
+    [outcome] = retry_quarantined(listener.settings, session_factory, [item.id])
+    assert not outcome.stored and outcome.message.startswith("not stored: a second copy")
+    with session_factory() as s:
+        assert s.get(QuarantineItem, item.id).released_at is None
