@@ -19,9 +19,11 @@ committed. A resent SOP Instance UID is answered Success and replaces nothing (s
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import shutil
+import sqlite3
 import socket
 import ssl
 import threading
@@ -181,6 +183,32 @@ def disk_short(folder: Path, min_free_mb: float) -> str | None:
     if free < min_free_mb * 1e6:
         return f"{free / 1e6:.0f} MB free on the spool's disk, below min_free_disk_mb {min_free_mb:g}"
     return None
+
+
+#: the errno of a write refused for want of room: the disk full, the user's quota used up
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: PostgreSQL's SQLSTATE class 53, "insufficient resources" (53100: disk full, 53200: out of memory...)
+PG_INSUFFICIENT_RESOURCES = "53"
+
+
+def out_of_room(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it wraps, says that a disk or the database is full: an ``OSError`` of
+    no room, SQLite's SQLITE_FULL ("database or disk is full"), a PostgreSQL error of class 53. Never raises."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_ROOM_ERRNOS:
+            return True
+        if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if str(getattr(e, "sqlstate", None) or getattr(e, "pgcode", None) or "").startswith(PG_INSUFFICIENT_RESOURCES):
+            return True
+        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+    return False
 
 
 def readable_study_series(data: bytes) -> dict[str, str] | None:
@@ -475,7 +503,10 @@ class Listener:
         except Exception as exc:
             log.exception("C-STORE %s (series %s): database record failed", meta.sop_instance_uid, meta.series_uid)
             self._remove_unrecorded(path, meta, existed_before=not published)
-            status = StoreStatus.OUT_OF_RESOURCES if isinstance(exc, OSError) else StoreStatus.PROCESSING_FAILURE
+            # the database's disk full (SQLITE_FULL is an OperationalError, not an OSError) is out of
+            # resources, which a PACS retries later, not a processing failure
+            status = (StoreStatus.OUT_OF_RESOURCES if isinstance(exc, OSError) or out_of_room(exc)
+                      else StoreStatus.PROCESSING_FAILURE)
             return self._quarantine(data, request, calling_ae, f"database record failed: {exc!r}", status, ds_uids=uids)
 
         log.info("stored %s (series %s, study %s, %s, %d bytes) from %s%s%s", meta.sop_instance_uid, meta.series_uid,

@@ -193,6 +193,55 @@ def test_database_failure_answers_processing_failure_and_leaves_no_orphan(listen
     engine.dispose()
 
 
+def test_a_full_database_answers_out_of_resources_and_leaves_no_orphan(listener_factory, sqlite_session_factory,
+                                                                     monkeypatch):
+    """The embedded database on a full disk: SQLite's commit fails with SQLITE_FULL ("database or disk is
+    full"), which SQLAlchemy raises as an OperationalError, not an OSError, so the instance was answered 0x0110
+    (processing failure) where a full spool is answered 0xA700 (out of resources), the status a PACS retries
+    later (seen with MEDGRU_HOME on a full tmpfs). The driver's error is raised where the row is written."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    def database_full(*_args, **_kwargs):
+        full = sqlite3.OperationalError("database or disk is full")
+        full.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise OperationalError("INSERT INTO instances ...", {}, full)
+
+    monkeypatch.setattr("pacs_listener.scp.record_instance", database_full)
+    listener = listener_factory()
+    ds = make_mr()
+    assert store_with(listener, ds) == StoreStatus.OUT_OF_RESOURCES
+    assert instance_row(sqlite_session_factory, ds.SOPInstanceUID) is None
+    assert not list(listener.spool_dir.rglob("*.dcm")), "spooled file left without a database row"
+    [item] = quarantine_rows(sqlite_session_factory)
+    assert item.status_code == StoreStatus.OUT_OF_RESOURCES and "disk is full" in item.reason
+
+
+def test_out_of_room_reads_the_wrapped_error():
+    import errno
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from pacs_listener.scp import out_of_room
+
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    assert out_of_room(OperationalError("INSERT", {}, full))
+    assert out_of_room(OSError(errno.ENOSPC, "No space left on device"))
+
+    class PgError(Exception):
+        sqlstate = "53100"  # disk_full
+
+    assert out_of_room(OperationalError("INSERT", {}, PgError("could not extend file")))
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    assert not out_of_room(OperationalError("INSERT", {}, locked))
+    assert not out_of_room(OSError(errno.EACCES, "Permission denied"))
+    assert not out_of_room(RuntimeError("no such table: instances"))
+
+
 def test_a_refusal_while_the_database_is_away_is_recorded_once_it_answers(listener_factory,
                                                                          sqlite_session_factory, caplog):
     """PostgreSQL unreachable: the instance was refused (0x0110) and its file kept with its reason, but its
