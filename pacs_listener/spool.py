@@ -196,15 +196,21 @@ class QuarantineReason:
 def write_quarantine(quarantine_dir: Path, data: bytes, reason: QuarantineReason) -> str:
     """Store refused bytes with their reason; returns the ``.dcm`` path relative to ``quarantine_dir``.
 
-    The sidecar is written first, so a quarantined file never exists without its reason.
+    The sidecar is written first, so a quarantined file never exists without its reason; it is removed
+    again when the file cannot be written (the disk full), so that no reason is left without its file.
     """
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     name = uuid.uuid4().hex
     folder = quarantine_dir / day
     sidecar: dict[str, Any] = asdict(reason)
     sidecar["file"] = f"{name}.dcm"
-    write_atomic(folder / f"{name}.reason.json", json.dumps(sidecar, indent=2, sort_keys=True).encode())
-    write_atomic(folder / f"{name}.dcm", data)
+    reason_path = folder / f"{name}.reason.json"
+    write_atomic(reason_path, json.dumps(sidecar, indent=2, sort_keys=True).encode())
+    try:
+        write_atomic(folder / f"{name}.dcm", data)
+    except BaseException:  # the disk full: no reason without its file (nothing would ever remove it)
+        reason_path.unlink(missing_ok=True)
+        raise
     return f"{day}/{name}.dcm"
 
 

@@ -156,3 +156,25 @@ def test_quarantine_writes_file_and_reason_sidecar(tmp_path):
     on_disk = json.loads((tmp_path / day / name.replace(".dcm", ".reason.json")).read_text())
     assert on_disk == sidecar
     assert not [p for p in os.listdir(tmp_path / day) if p.startswith(TEMP_PREFIX)]
+
+
+def test_a_quarantine_whose_file_cannot_be_written_leaves_no_reason_behind(tmp_path, monkeypatch):
+    """The disk full: the small reason sidecar fitted, the instance's bytes did not, and the sidecar stayed
+    behind without its file, one per refused instance (seen on a full tmpfs under a live listener), where
+    nothing lists, records or removes it (the quarantine recorder and retention go by the .dcm files)."""
+    import errno
+
+    from pacs_listener import spool
+
+    real = spool.write_atomic
+
+    def no_room_for_the_file(path, data):
+        if path.suffix == ".dcm":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(spool, "write_atomic", no_room_for_the_file)
+    reason = QuarantineReason(reason="spool write failed", status_code=0xA700, status_text="Failure")
+    with pytest.raises(OSError):
+        write_quarantine(tmp_path, b"bytes", reason)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
