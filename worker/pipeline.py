@@ -359,7 +359,9 @@ def result_frame_refs(sequence: FrameSequence, sources: Sequence[Dataset]) -> li
 
 
 def write_atomically(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` as a DICOM file at ``path``: temp file in the same folder, fsync, rename."""
+    """Write ``ds`` as a DICOM file at ``path``: temp file in the same folder, fsync, rename, fsync of the
+    folder. The outbox row that names the file is committed next: without the folder's fsync a power loss
+    could keep the row and lose the rename, and the result would never reach the PACS (file missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
     try:
@@ -371,6 +373,11 @@ def write_atomically(ds: Dataset, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def outbox_relpath(sop_instance_uid: str) -> str:

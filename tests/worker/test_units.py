@@ -322,3 +322,36 @@ def test_a_restarted_sweeper_counts_the_wait_from_when_the_job_was_queued(worker
     assert restarted.sweep(now=t0) == [old]
     assert restarted.sweep(now=t0 + timedelta(seconds=199)) == []
     assert restarted.sweep(now=t0 + timedelta(seconds=200)) == [recent]
+
+
+def test_a_result_file_is_written_durably_folder_included(tmp_path, monkeypatch):
+    """write_atomically fsync'ed the result's bytes and renamed them onto their name, but not the folder: the
+    outbox row naming the file is committed right after, so a power loss could keep the row and lose the
+    rename, and the result would never reach the PACS ("file missing from the outbox"). The spool's writes
+    fsync the folder after the rename; the outbox's now do too."""
+    import os
+    import stat
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from worker.pipeline import write_atomically
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    path = tmp_path / "outbox" / f"{ds.SOPInstanceUID}.dcm"
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        mode = os.fstat(fd).st_mode
+        synced.append("folder" if stat.S_ISDIR(mode) else "file" if path.is_file() else "temp")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_atomically(ds, path)
+    assert path.is_file() and not list(path.parent.glob(".tmp-*"))
+    assert synced == ["temp", "folder"]  # the bytes before the rename, the folder after it
