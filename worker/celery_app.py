@@ -31,6 +31,8 @@ DEFAULT_QUEUE = "medgru.jobs"
 #: environment variables through which :mod:`worker.embedded` hands a worker process its settings/queue
 SETTINGS_ENV = "MEDGRU_SETTINGS_JSON"
 QUEUE_ENV = "MEDGRU_WORKER_QUEUE"
+#: the embedded broker's transport: kombu's filesystem transport with whole-or-nothing messages
+EMBEDDED_TRANSPORT = "worker.filesystem_broker:Transport"
 #: seconds between polls of the filesystem transport's queue folder
 FILESYSTEM_POLLING_INTERVAL_S = 0.25
 #: Redis re-delivers a message not acknowledged within this many seconds (must exceed the longest job
@@ -86,6 +88,11 @@ def make_celery(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> Celery:
     }
     if settings.uses_embedded_broker:
         conf["broker_transport_options"] = filesystem_transport_options(settings)
+        # kombu's filesystem transport, writing each message whole or not at all (a full disk); by its
+        # alias, so that the broker's URL (as Celery logs it) stays filesystem://
+        from kombu.transport import TRANSPORT_ALIASES
+
+        TRANSPORT_ALIASES["filesystem"] = EMBEDDED_TRANSPORT
     elif broker.startswith(("redis://", "rediss://")):
         conf["broker_transport_options"] = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
     app.conf.update(conf)
