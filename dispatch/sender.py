@@ -166,6 +166,19 @@ def _connect_failure(destination: Destination, timeout: float, elapsed: float = 
         return exc.strerror or str(exc)
 
 
+def _rejection_reason(assoc: Association) -> str:
+    """``': <why> (<permanent or transient>)'`` from the peer's A-ASSOCIATE-RJ (PS3.8 9.3.4), or ``''``: a
+    PACS that does not know our AE title, one that is not the called AE title and one that is busy must read
+    differently in the outbox's error, where an admin looks first."""
+    rj = getattr(assoc.acceptor, "primitive", None)
+    if rj is None or getattr(rj, "result", None) not in (0x01, 0x02):
+        return ""
+    try:
+        return f": {rj.reason_str[:1].lower()}{rj.reason_str[1:]} ({rj.result_str.lower()})"
+    except (AttributeError, KeyError, TypeError, ValueError):  # an unknown source or diagnostic
+        return ""
+
+
 def open_association(destination: Destination, contexts: list, *, calling_ae: str,
                      timeout: float = DEFAULT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> Association:
     """An established association with ``destination`` proposing ``contexts`` (TCP_NODELAY set; over TLS
@@ -195,7 +208,7 @@ def open_association(destination: Destination, contexts: list, *, calling_ae: st
             reason = (f"{destination} unreachable "
                       f"({_connect_failure(destination, timeout, time.monotonic() - started)})")
         elif assoc.is_rejected:
-            reason = f"association rejected by {destination}"
+            reason = f"association rejected by {destination}{_rejection_reason(assoc)}"
         elif assoc.is_aborted:
             reason = f"association aborted by {destination}"
         else:

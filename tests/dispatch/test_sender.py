@@ -104,6 +104,27 @@ def test_send_files_peer_down_or_refusing(storescp, result_objects, tmp_path: Pa
     assert storescp.received() == []
 
 
+def test_a_rejected_association_says_why(result_objects, tmp_path: Path) -> None:
+    """A PACS whose allow-list lacks our AE title (Orthanc without us in DicomModalities) answers
+    A-ASSOCIATE-RJ "calling AE title not recognised"; the outbox's error said only "association rejected by
+    ...", the same as for a wrong called AE title or a busy PACS, so an admin could not tell which to fix."""
+    paths = write_objects(result_objects, tmp_path / "out")
+    ae = AE(ae_title=PACS_AET)
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    ae.require_calling_aet = ["SOMEONE_ELSE"]
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        with pytest.raises(AssociationError) as refused:
+            send_files(Destination(ae_title=PACS_AET, host="127.0.0.1", port=port), paths, calling_ae="MEDGRU",
+                       timeout=10)
+    finally:
+        server.shutdown()
+    assert str(refused.value) == (f"association rejected by {PACS_AET}@127.0.0.1:{port}: calling AE title not "
+                                  "recognised (rejected permanent) (calling AE MEDGRU)")
+
+
 @pytest.mark.integration
 def test_send_files_to_an_ipv6_peer(result_objects, tmp_path: Path) -> None:
     # a destination given as PACS@[::1]:port (the settings refused any IPv6 address before)
