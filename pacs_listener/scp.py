@@ -228,22 +228,38 @@ def readable_study_series(data: bytes) -> dict[str, str] | None:
     return {k: (v if is_valid_uid(v) else "") for k, v in uids.items()}
 
 
-def _log_refused_handshakes(server, tls: ssl.SSLContext) -> None:
-    """Make the server log a failed TLS handshake with the peer's address and the reason (a plain-TCP peer,
-    an untrusted or missing certificate). pynetdicom's server (``socketserver``) drops such a connection
-    without a word, which leaves an admin nothing to go on when a modality cannot send."""
+def _handshake_in_connection_thread(server, tls: ssl.SSLContext) -> None:
+    """Make the server do each TLS handshake in that connection's own thread, within the ACSE time-out, and
+    log a failed one with the peer's address and the reason (a plain-TCP peer, an untrusted or missing
+    certificate, a peer silent for the time-out).
+
+    pynetdicom's server (``socketserver``) wraps the accepted socket in its accepting thread, with no
+    time-out: one peer that connected and sent nothing (a port check, a stalled client) held that thread,
+    and no other association was accepted until it hung up. It also drops a refused handshake without a
+    word, which leaves an admin nothing to go on when a modality cannot send."""
+    timeout = server.ae.acse_timeout
+    serve_connection = server.process_request_thread
 
     def get_request():
-        client, address = server.socket.accept()
+        return server.socket.accept()  # a plain socket; its handshake is done by process_request_thread
+
+    def process_request_thread(client, address):
+        if isinstance(client, ssl.SSLSocket):  # accepted by pynetdicom's own get_request before this was set
+            serve_connection(client, address)
+            return
         try:
-            return tls.wrap_socket(client, server_side=True), address
+            client.settimeout(timeout)
+            secure = tls.wrap_socket(client, server_side=True)
+            secure.settimeout(None)  # blocking, as the accepted socket of a plain-TCP association
         except OSError as exc:  # ssl.SSLError, a reset during the handshake, a time-out
             log.warning("TLS handshake with %s:%s refused: %s", address[0], address[1],
                         getattr(exc, "reason", None) or exc)
             client.close()
-            raise
+            return
+        serve_connection(secure, address)
 
     server.get_request = get_request
+    server.process_request_thread = process_request_thread
 
 
 class Listener:
@@ -302,7 +318,7 @@ class Listener:
             ssl_context=tls,
         )
         if tls is not None:
-            _log_refused_handshakes(self._server, tls)
+            _handshake_in_connection_thread(self._server, tls)
         log.info(
             "DICOM listener %s listening on %s:%d%s (allowed calling AEs: %s)",
             self.settings.ae_title,

@@ -3,6 +3,8 @@ plain-TCP peer and a peer with an untrusted certificate store nothing."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from pydicom import dcmwrite
 
@@ -46,9 +48,9 @@ def test_listener_over_tls_stores_only_from_trusted_peers(listener_factory, sqli
     for name, res in (("plain", plain), ("stranger", stranger), ("anonymous", anonymous)):
         assert "Received Store Response" not in res.stderr, (name, res.stderr)
         assert instance_row(sqlite_session_factory, sent[name]) is None, name
-    # The server's accept loop does one handshake at a time, so a trusted store after the refused ones
-    # returns only once the server has finished (and logged) theirs. The client of a TLS 1.3 handshake
-    # without a certificate can exit before the server has read its empty Certificate message.
+    # Each storescu above has exited, and the server read (and logged) each refused handshake before the
+    # client's exit ended it. The client of a TLS 1.3 handshake without a certificate can exit before the
+    # server has read its empty Certificate message: its refusal is logged once that read ends.
     after = _storescu(listener.port, tmp_path / "after.dcm", "+tls", str(pki.peer.key), str(pki.peer.cert),
                       "+cf", str(pki.ca))
     assert "Received Store Response (Success)" in after.stderr, after.stderr
@@ -59,3 +61,22 @@ def test_listener_over_tls_stores_only_from_trusted_peers(listener_factory, sqli
     distrust = _storescu(listener.port, tmp_path / "stranger.dcm", "+tls", str(pki.peer.key), str(pki.peer.cert),
                          "+cf", str(pki.stranger.cert))
     assert "Received Store Response" not in distrust.stderr
+
+
+def test_a_silent_connection_does_not_stop_the_tls_listener(listener_factory, sqlite_session_factory, pki, tmp_path):
+    """A peer that connects and sends nothing (a port check, a stalled client) must not hold up the others:
+    the handshake used to run in the server's accepting thread with no time-out, so no other association
+    was accepted while that connection stayed open (storescu below never got its handshake answered)."""
+    listener = listener_factory(listen_tls=True, tls_certificate=pki.medgru.cert, tls_private_key=pki.medgru.key,
+                                tls_trusted_certificates=pki.ca)
+    ds = make_mr()
+    dcmwrite(tmp_path / "while-silent.dcm", ds, enforce_file_format=True)
+    silent = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(2)]
+    try:
+        res = _storescu(listener.port, tmp_path / "while-silent.dcm", "+tls", str(pki.peer.key),
+                        str(pki.peer.cert), "+cf", str(pki.ca))
+        assert "Received Store Response (Success)" in res.stderr, res.stderr
+        assert instance_row(sqlite_session_factory, ds.SOPInstanceUID) is not None
+    finally:
+        for sock in silent:
+            sock.close()
