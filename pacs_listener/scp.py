@@ -139,6 +139,11 @@ def supported_contexts() -> list[PresentationContext]:
     return contexts
 
 
+#: connections the kernel holds for the listener until its accepting thread takes them. socketserver's
+#: default, 5, is fewer than the associations served at once: the kernel dropped the rest of a burst of
+#: connections, whose TCP handshakes were tried again only after 1 s, then 3 s, 7 s...
+LISTEN_BACKLOG = 128
+
 #: the listener logs a disk refusal at most this often (a PACS retrying a study sends many instances)
 DISK_WARNING_INTERVAL_S = 60.0
 
@@ -317,6 +322,7 @@ class Listener:
             (self.settings.listen_host, self.settings.listen_port), block=False, evt_handlers=handlers,
             ssl_context=tls,
         )
+        self._server.socket.listen(LISTEN_BACKLOG)
         if tls is not None:
             _handshake_in_connection_thread(self._server, tls)
         log.info(

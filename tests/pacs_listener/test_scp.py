@@ -758,3 +758,17 @@ def test_a_resend_with_other_content_is_kept_in_quarantine_not_dropped(make_sett
     assert not outcome.stored and outcome.message.startswith("not stored: a second copy")
     with session_factory() as s:
         assert s.get(QuarantineItem, item.id).released_at is None
+
+
+def test_the_listener_queues_a_burst_of_connections_for_every_association_it_serves(listener_factory):
+    """The kernel holds at most the listen backlog of connections not yet accepted, and drops the rest (their
+    TCP handshakes are tried again after 1 s, then 3 s...). socketserver's backlog of 5 was less than the 16
+    associations served at once: 15 echoscu started together lost 5 handshakes (TcpExtListenOverflows) and
+    waited a second more. A listening socket's TCP_INFO names its backlog (tcpi_sacked, Linux)."""
+    import struct
+
+    listener = listener_factory()
+    server = listener._server.socket
+    info = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    _queued, backlog = struct.unpack_from("=II", info, 24)  # tcpi_unacked, tcpi_sacked
+    assert backlog >= listener._ae.maximum_associations, backlog
