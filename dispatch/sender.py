@@ -276,7 +276,13 @@ def store_files(destination: Destination, paths: Sequence[Path | str], *, callin
                                            f"syntax {ts} for {sop_uid}")
                 continue
             ds = pydicom.dcmread(path)
-            rsp = assoc.send_c_store(ds)
+            try:
+                rsp = assoc.send_c_store(ds)
+            except RuntimeError:  # the association ended since the check above (the peer aborted, a time-out)
+                if assoc.is_established:
+                    raise
+                outcomes[i] = StoreOutcome(path, STATUS_NO_RESPONSE, f"association lost before {sop_uid}")
+                continue
             status = int(rsp.Status) if rsp is not None and "Status" in rsp else STATUS_NO_RESPONSE
             error = "" if is_success(status) else f"{sop_uid}: {status_text(status)}"
             if error and rsp is not None and rsp.get("ErrorComment"):

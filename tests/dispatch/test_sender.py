@@ -206,6 +206,46 @@ def test_sender_backs_off_while_peer_down_then_sends(make_settings, session_fact
 
 
 @pytest.mark.integration
+def test_an_association_lost_between_two_stores_leaves_the_rest_due_again(make_settings, session_factory, storescp,
+                                                                          result_objects, monkeypatch) -> None:
+    """The association can end (the PACS restarting aborts it, a time-out) after the loop saw it established
+    and before the next C-STORE, whose send_c_store then raised RuntimeError: the pass failed with a
+    traceback, nothing of the batch was recorded (not even what the PACS had stored) and every item stayed
+    claimed for the batch's lease, up to 53 minutes for 100 items, although the PACS was back in seconds
+    (seen live: the stand-in PACS killed during a send). Here the abort lands while the second file is read."""
+    import dispatch.sender as sender_module
+
+    settings = _settings(make_settings, storescp.port)
+    storescp.start()
+    enqueue_objects(settings, session_factory, result_objects)
+    opened: list = []
+    real_open, real_read = sender_module.open_association, pydicom.dcmread
+
+    def open_and_keep(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    full_reads: list = []
+
+    def read(path, *args, **kwargs):
+        if not kwargs.get("stop_before_pixels"):
+            full_reads.append(path)
+            if len(full_reads) == 2:
+                opened[0].abort()
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(sender_module, "open_association", open_and_keep)
+    monkeypatch.setattr(pydicom, "dcmread", read)
+    sender = Sender(settings, session_factory, timeout=20)
+    assert sender.run_once(now=T0) == 1
+    first, second = _items(session_factory)
+    assert (first.state, first.sent_at) == (OutboxState.SENT, T0)
+    assert (second.state, second.attempts, second.last_status) == (OutboxState.PENDING, 1, None)
+    assert "association lost" in second.last_error
+    assert second.next_attempt_at == T0 + timedelta(seconds=2)  # its back-off, not the batch's claim lease
+
+
+@pytest.mark.integration
 def test_transient_failures_never_give_up(make_settings, session_factory, result_objects) -> None:
     settings = _settings(make_settings, free_port())  # nobody listens there
     enqueue_objects(settings, session_factory, result_objects[:1])
