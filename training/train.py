@@ -70,6 +70,8 @@ def _cluster_gamma(text: str) -> float | str:
 ENCODER_LOSSES = ("deep-sad", "hsc", "reconstruct", "reconstruct-whitened")
 ENCODER_REDUCER_INITS = ("random", "pca", "pca-mix")
 HPO_OBJECTIVE_CHOICES = ("synthetic-auroc", "tax-duin", "consistent-volume", "heldout-likelihood")
+#: the choices of --detector: the registered detectors medgru train can build (a test checks they are registered)
+DETECTOR_CHOICES = ("medgru-svc", "knn-effnet", "patch-gan")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,12 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--manifest", type=Path, help="manifest CSV (path, label[, split, group])")
     src.add_argument("--folder", type=Path, help="folder of <label>/*.png|jpg|jpeg|dcm or <split>/<label>/*")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
-    parser.add_argument("--detector", choices=("medgru-svc", "knn-effnet"), default="medgru-svc",
-                        help="what to train: MedGRU-SVC, or the k-NN baseline on pooled backbone features")
+    parser.add_argument("--detector", choices=DETECTOR_CHOICES, default="medgru-svc",
+                        help="what to train: MedGRU-SVC, the k-NN baseline on pooled backbone features, or the "
+                             "masked Patch-GAN with patch ranking")
     parser.add_argument("--train-split", default="train",
                         help="split whose normals are used (ignored when the rows have no split)")
     parser.add_argument("--name", default="",
-                        help="model name in the card (default: the detector's, medgru-svc or knn-effnet)")
+                        help="model name in the card (default: the detector's, e.g. medgru-svc or knn-effnet)")
     parser.add_argument("--version", default="", help="model version (default: UTC date-time)")
     parser.add_argument("--modalities", default="CR,DX", help="scope: DICOM modalities, comma separated")
     parser.add_argument("--body-parts", default="CHEST", help="scope: body parts examined, comma separated")
@@ -94,10 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-fraction", type=float, default=0.15,
                         help="share of normals for the conformal threshold")
     parser.add_argument("--knn-calibration-fraction", type=float, default=0.2,
-                        help="knn-effnet: grouped share of normals held out for the threshold")
+                        help="knn-effnet and patch-gan: grouped share of normals held out for the threshold")
     parser.add_argument("--hpo-trials", type=int, default=30, help="optuna trials for gamma, nu")
     parser.add_argument("--max-normals", type=int, default=0, help="use at most this many normals (0 = all)")
-    parser.add_argument("--epochs", type=int, default=30, help="ConvGRU epochs (seed: <= 50)")
+    parser.add_argument("--epochs", type=int, default=30, help="ConvGRU epochs (seed: <= 50); patch-gan: GAN epochs")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
@@ -150,6 +153,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-channels", type=int, default=64)
     parser.add_argument("--reduce-channels", type=int, default=128)
     parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=128,
+                        help="patch-gan: frames are resized to this square size (MedGRU-SVC's is --input-size)")
+    parser.add_argument("--patch-size", type=int, default=16,
+                        help="patch-gan: side of the masked blocks and of the patches the score ranks")
+    parser.add_argument("--base-channels", type=int, default=16,
+                        help="patch-gan: width of the reconstructor and the discriminator")
+    parser.add_argument("--adv-weight", type=float, default=0.01,
+                        help="patch-gan: weight of the adversarial term in the reconstructor's loss")
     parser.add_argument("--clip-limit", type=float, default=2.0, help="CLAHE clip limit (0 = no CLAHE)")
     parser.add_argument("--tile-grid", type=int, default=8, help="CLAHE tile grid")
     parser.add_argument("--cluster-pool", choices=("synthetic", "unlabelled"), default="synthetic")
@@ -528,8 +539,8 @@ def run(args: argparse.Namespace, settings) -> int:
         log.error("%s", problem)
         return 2
     args.name = args.name or args.detector  # a k-NN model is not called medgru-svc
-    if args.detector == "knn-effnet":
-        return _run_knn(args)
+    if args.detector in ("knn-effnet", "patch-gan"):
+        return _run_holdout_detector(args)
     t0 = time.time()
     try:
         prep = prepare(args, settings)
@@ -641,24 +652,36 @@ def _write_model_folder(out: Path, args: argparse.Namespace, det, prep: Prepared
             card.write(out)
 
 
-def _run_knn(args: argparse.Namespace) -> int:
-    from training.baseline import train_knn
+def _run_holdout_detector(args: argparse.Namespace) -> int:
+    """``knn-effnet`` or ``patch-gan``: fitted on the training split's normals less a grouped held-out share,
+    which calibrates the threshold (:mod:`training.baseline`)."""
+    from training import baseline
     from training.manifest import read_manifest, rows_from_folder, rows_of_split
 
     rows = read_manifest(args.manifest) if args.manifest else rows_from_folder(args.folder)
     normals = [r for r in rows_of_split(rows, args.train_split) if r.is_normal]
     if args.max_normals and len(normals) > args.max_normals:
         normals = normals[: args.max_normals]
+    common = dict(
+        name=args.name, version=args.version or "1.0.0",
+        modalities=[m.strip().upper() for m in args.modalities.split(",") if m.strip()],
+        body_parts=[b.strip().upper() for b in args.body_parts.split(",") if b.strip()],
+        source=str(args.manifest or args.folder), calibration_fraction=args.knn_calibration_fraction,
+        seed=args.seed, workers=args.workers)
     try:
         with staged_model_folder(Path(args.out)) as out:
-            card = train_knn(
-                normals, out, name=args.name, version=args.version or "1.0.0",
-                modalities=[m.strip().upper() for m in args.modalities.split(",") if m.strip()],
-                body_parts=[b.strip().upper() for b in args.body_parts.split(",") if b.strip()],
-                source=str(args.manifest or args.folder), calibration_fraction=args.knn_calibration_fraction,
-                seed=args.seed, workers=args.workers,
-                params={"alpha": args.target_fpr},  # the conformal threshold's FPR, as MedGRU-SVC's target_fpr
-            )
+            if args.detector == "patch-gan":
+                card = baseline.train_patch_gan(
+                    normals, out, **common, command_args={k: v for k, v in vars(args).items() if k != "func"},
+                    params={"alpha": args.target_fpr, "image_size": args.image_size, "patch_size": args.patch_size,
+                            "base_channels": args.base_channels, "epochs": args.epochs,
+                            "batch_size": args.batch_size, "lr": args.lr, "adv_weight": args.adv_weight,
+                            "holdout_fraction": args.knn_calibration_fraction})
+            else:
+                card = baseline.train_knn(
+                    normals, out, **common,
+                    params={"alpha": args.target_fpr},  # the conformal threshold's FPR, as MedGRU-SVC's target_fpr
+                )
     except ValueError as exc:
         log.error("%s", exc)
         return 2

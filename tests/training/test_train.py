@@ -370,7 +370,7 @@ def test_an_out_folder_that_is_not_a_model_folder_is_refused_before_any_work(tmp
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    for detector in ("medgru-svc", "knn-effnet"):
+    for detector in ("medgru-svc", "knn-effnet", "patch-gan"):
         args = build_parser().parse_args([
             "train", "--manifest", str(data_root / "kermany_cxr" / "manifest.csv"), "--out", str(precious),
             "--detector", detector, "--cache", str(tmp_path / "cache")])
@@ -439,6 +439,20 @@ def test_the_train_command_offers_exactly_the_detectors_objectives_reducer_start
 
     assert ENCODER_LOSSES == LOSSES and ENCODER_REDUCER_INITS == REDUCER_INITS
     assert HPO_OBJECTIVE_CHOICES == HPO_OBJECTIVES
+
+
+def test_every_detector_the_train_command_offers_is_registered():
+    from inference.api import registered_detectors
+    from training.train import DETECTOR_CHOICES
+
+    assert "patch-gan" in DETECTOR_CHOICES
+    assert set(DETECTOR_CHOICES) <= set(registered_detectors())
+    parser = build_parser()
+    for detector in DETECTOR_CHOICES:
+        args = parser.parse_args(["train", "--manifest", "m.csv", "--out", "o", "--detector", detector])
+        assert args.detector == detector
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--manifest", "m.csv", "--out", "o", "--detector", "no-such-detector"])
 
 
 def test_multi_frame_dicom_normals_train_one_image_per_frame(tmp_path, dicom_corpus, data_root):
