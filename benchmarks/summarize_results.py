@@ -26,6 +26,7 @@ RUNS = (("kermany-medgru-v7", "Kermany CXR"),
         ("brain_mri-medgru-v6", "Brain MRI (bundled until 8.0.0)"),
         ("brain_mri-medgru-v6-retrained", "Brain MRI (the 6.0.0 command re-run under newer packages; not bundled)"),
         ("brain_mri-medgru-v6-flushed", "Brain MRI (the 6.0.0 command re-run with denormals flushed on every thread; not bundled)"), ("brain_mri-medgru-v5", "Brain MRI"), ("brain_mri-medgru-v4", "Brain MRI"), ("brain_mri-knn", "Brain MRI"),
+        ("brain_mri-patchgan", "Brain MRI (masked Patch-GAN of a seed paper; not bundled)"),
         ("brain_mri-medgru-v3", "Brain MRI"), ("brain_mri-medgru-v2", "Brain MRI"))
 
 
