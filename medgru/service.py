@@ -94,7 +94,7 @@ class Service:
         a crash), after a back-off that doubles up to a minute while it keeps dying, re-enqueueing the jobs
         it left first (nothing runs them then; a job that used all its attempts fails instead).
 
-        This thread must live as long as the service: a worker gets SIGTERM when the thread that started it
+        This thread must live as long as the service: a worker is killed when the thread that started it
         ends (PR_SET_PDEATHSIG, :mod:`worker.embedded`). So an error of a restart (the database briefly
         away during the recovery, a failed fork) is logged and the whole restart, recovery included, tried
         again after the back-off; it never ends the thread."""

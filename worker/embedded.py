@@ -89,12 +89,19 @@ except OSError:  # pragma: no cover - a libc by another name
     _prctl = None
 
 
+#: the signal a worker gets when the thread that started it ends. SIGKILL, not SIGTERM: under SIGTERM (a
+#: warm shutdown) the orphan finished its job and even took the next one, while the restarted ``medgru
+#: serve`` re-queued those same jobs at its start, so two runs wrote the same result files at once and one
+#: run's clean-up could remove the files the other's outbox rows name. A killed run is simply run again.
+ORPHAN_SIGNAL = signal.SIGKILL
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the worker gets SIGTERM when the process that started it dies, so no worker outlives a
-    killed ``medgru serve`` (its unfinished job is recovered at the next start). The signal follows the
-    *thread* that forked, not the process: call :func:`start_worker` only from a thread that lives as long
-    as the worker should (the service's main thread, its supervisor thread)."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    """Linux: the worker is killed (:data:`ORPHAN_SIGNAL`) when the process that started it dies, so no
+    worker outlives a killed ``medgru serve`` (its unfinished job is recovered at the next start). The
+    signal follows the *thread* that forked, not the process: call :func:`start_worker` only from a thread
+    that lives as long as the worker should (the service's main thread, its supervisor thread)."""
+    _prctl(_PR_SET_PDEATHSIG, ORPHAN_SIGNAL)
 
 
 def worker_command(settings, queue: str, *, node_name: str | None = None) -> list[str]:

@@ -194,3 +194,36 @@ def test_worker_does_not_outlive_its_parent(tmp_path):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _alive(pid), f"worker {pid} outlived its parent"
+
+
+BUSY_PARENT_SCRIPT = """
+import subprocess, sys, time
+from worker.embedded import _die_with_parent
+# a child that goes on working after SIGTERM, as a worker in warm shutdown finishes its job (and took the next)
+child = subprocess.Popen([sys.executable, "-c",
+                          "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"],
+                         preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid, flush=True)
+time.sleep(1)
+"""
+
+
+def test_an_orphaned_worker_stops_working_at_once(tmp_path):
+    """Under SIGTERM on its parent's death the embedded worker of a killed ``medgru serve`` finished its job
+    and even took the next one, while the restarted service re-queued the same jobs: two runs wrote the same
+    result files at once. An orphan is now killed, whatever it is doing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", BUSY_PARENT_SCRIPT], capture_output=True, text=True, timeout=120,
+                         check=True)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survived = _alive(pid)
+    if survived:
+        os.kill(pid, signal.SIGKILL)
+    assert not survived, f"process {pid} went on after its parent died"
