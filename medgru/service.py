@@ -21,6 +21,9 @@ WORKER_CHECK_S = 2.0
 #: the embedded worker's restart back-off: the first delay, doubled while it keeps dying, up to the maximum
 WORKER_RESTART_DELAY_S = 1.0
 WORKER_RESTART_MAX_DELAY_S = 60.0
+#: how long stopping the service waits for the supervisor thread, which gives a worker it restarted its warm
+#: shutdown (WorkerHandle.stop: SIGKILL after 60 s)
+WORKER_STOP_JOIN_S = 75.0
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Service:
 
         delay = WORKER_RESTART_DELAY_S
         started = time.monotonic()
+        started_here = None  # the worker this thread started: it is killed the moment this thread ends
         while not stop.wait(WORKER_CHECK_S):
             try:
                 worker = self.worker
@@ -115,11 +119,15 @@ class Service:
                     break
                 delay = min(2 * delay, WORKER_RESTART_MAX_DELAY_S)
                 recover_orphans(self.session_factory, self.celery_app, max_retries=self.settings.job_max_retries)
-                self.worker = start_worker(self.settings)
+                self.worker = started_here = start_worker(self.settings)
                 self.worker_restarts += 1
                 started = time.monotonic()
             except Exception:
                 log.exception("restarting the embedded worker failed; trying again in %g s", WORKER_CHECK_S + delay)
+        if started_here is not None and self.worker is started_here:
+            # the service stops: a worker started here would get SIGKILL (ORPHAN_SIGNAL) as this thread ends,
+            # in the middle of its job; it is given its warm shutdown (the job finishes) first
+            started_here.stop()
 
     def health(self) -> dict[str, str | None]:
         """Each part of the running service and what is wrong with it (``None``: fine). The dashboard's
@@ -147,8 +155,8 @@ class Service:
         self._stop.set()
         if self.listener is not None:
             self.listener.stop()
-        for t in self._threads:
-            t.join(timeout=10)
+        for t in self._threads:  # the supervisor stops the worker it restarted: up to the worker's stop time-out
+            t.join(timeout=WORKER_STOP_JOIN_S if t.name == "worker-supervisor" else 10)
         if self.sender is not None:  # a send still in flight: its items are due again at the next start
             try:
                 self.sender.release_claims()

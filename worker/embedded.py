@@ -57,6 +57,8 @@ class WorkerHandle:
     def stop(self, timeout: float = 60.0) -> int | None:
         """Warm shutdown (SIGTERM: the running job finishes), SIGKILL after ``timeout`` seconds.
         Returns the exit code."""
+        if self._log_file is None and self.process.poll() is not None:  # stopped already (by the supervisor)
+            return self.process.returncode
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

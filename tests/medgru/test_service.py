@@ -196,3 +196,47 @@ def test_the_service_records_at_start_the_files_quarantined_while_the_database_w
         assert service.health()["quarantine-recorder"] is None
     finally:
         service.stop()
+
+
+WARM_WORKER_SCRIPT = """
+import pathlib, signal, sys, time
+def warm_shutdown(*_):  # a Celery worker's SIGTERM: the running job finishes, then it exits 0
+    pathlib.Path(sys.argv[1]).write_text("warm shutdown")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, warm_shutdown)
+pathlib.Path(sys.argv[1] + ".ready").touch()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_stopping_the_service_gives_a_restarted_worker_its_warm_shutdown(make_settings, monkeypatch, tmp_path):
+    """A worker restarted by the supervisor thread gets PR_SET_PDEATHSIG's SIGKILL as that thread ends. On a
+    clean stop (systemctl stop) the thread ended first, so the worker was killed in the middle of its job
+    (seen live: 'worker 28272 stopped (exit code -9)') instead of the warm shutdown that lets it finish."""
+    import subprocess
+    import sys
+
+    from worker.embedded import WorkerHandle
+
+    monkeypatch.setattr(service_module, "WORKER_CHECK_S", 0.1)
+    monkeypatch.setattr(service_module, "WORKER_RESTART_DELAY_S", 0.1)
+    monkeypatch.setattr(embedded, "recover_orphans", lambda *args, **kwargs: [])
+    mark = tmp_path / "worker-stopped"
+    monkeypatch.setattr(embedded, "worker_command",
+                        lambda settings, queue, node_name=None: [sys.executable, "-c", WARM_WORKER_SCRIPT, str(mark)])
+    service = Service(make_settings(listen_port=0, dashboard_port=0))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    service.worker = WorkerHandle(process=dead, queue="q", log_path=tmp_path / "w.log")
+    supervisor = threading.Thread(target=service._supervise_worker, args=(service._stop,), name="worker-supervisor",
+                                  daemon=True)
+    service._threads.append(supervisor)
+    supervisor.start()
+    try:
+        assert _wait(lambda: service.worker_restarts == 1 and (tmp_path / "worker-stopped.ready").exists(), 60)
+    finally:
+        service.stop()
+    assert not service.worker.is_alive()
+    assert service.worker.process.returncode == 0, f"the restarted worker ended with {service.worker.process.returncode}"
+    assert mark.read_text() == "warm shutdown"
