@@ -241,30 +241,68 @@ def _handshake_in_connection_thread(server, tls: ssl.SSLContext) -> None:
     pynetdicom's server (``socketserver``) wraps the accepted socket in its accepting thread, with no
     time-out: one peer that connected and sent nothing (a port check, a stalled client) held that thread,
     and no other association was accepted until it hung up. It also drops a refused handshake without a
-    word, which leaves an admin nothing to go on when a modality cannot send."""
+    word, which leaves an admin nothing to go on when a modality cannot send.
+
+    A handshake still under way when the server closes is ended then: the server's close waits for its
+    connection threads, and a silent peer held the listener's stop (``medgru serve``'s) for the whole
+    time-out, a peer trickling its handshake byte by byte for longer."""
     timeout = server.ae.acse_timeout
     serve_connection = server.process_request_thread
+    close_server = server.server_close
+    handshaking: set[socket.socket] = set()  # connections whose handshake is under way
+    lock = threading.Lock()
+    closed = threading.Event()
 
     def get_request():
-        return server.socket.accept()  # a plain socket; its handshake is done by process_request_thread
+        client, address = server.socket.accept()  # a plain socket; its handshake is done by process_request_thread
+        with lock:
+            handshaking.add(client)
+        return client, address
 
     def process_request_thread(client, address):
         if isinstance(client, ssl.SSLSocket):  # accepted by pynetdicom's own get_request before this was set
             serve_connection(client, address)
             return
+        secure = None
         try:
             client.settimeout(timeout)
-            secure = tls.wrap_socket(client, server_side=True)
+            secure = tls.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+            with lock:
+                handshaking.discard(client)
+                handshaking.add(secure)
+                stopping = closed.is_set()
+            if stopping:
+                raise ConnectionAbortedError("the listener stops")
+            secure.do_handshake()
             secure.settimeout(None)  # blocking, as the accepted socket of a plain-TCP association
         except OSError as exc:  # ssl.SSLError, a reset during the handshake, a time-out
-            log.warning("TLS handshake with %s:%s refused: %s", address[0], address[1],
-                        getattr(exc, "reason", None) or exc)
-            client.close()
+            if closed.is_set():
+                log.info("TLS handshake with %s:%s ended: the listener stops", address[0], address[1])
+            else:
+                log.warning("TLS handshake with %s:%s refused: %s", address[0], address[1],
+                            getattr(exc, "reason", None) or exc)
+            (secure or client).close()
             return
+        finally:
+            with lock:
+                handshaking.discard(client)
+                handshaking.discard(secure)
         serve_connection(secure, address)
+
+    def server_close():
+        with lock:
+            closed.set()
+            pending = list(handshaking)
+        for sock in pending:  # the plain socket's shutdown: ends the handshake's read in its thread
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        close_server()
 
     server.get_request = get_request
     server.process_request_thread = process_request_thread
+    server.server_close = server_close
 
 
 class Listener:

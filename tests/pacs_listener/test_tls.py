@@ -80,3 +80,40 @@ def test_a_silent_connection_does_not_stop_the_tls_listener(listener_factory, sq
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_stopping_the_tls_listener_ends_a_handshake_under_way(make_settings, sqlite_session_factory, pki, tmp_path,
+                                                              monkeypatch):
+    """The handshake runs in the connection's thread, and the server's close waits for those threads: a
+    silent peer held the listener's stop (``medgru serve``'s) for the whole handshake time-out (29.5 s,
+    seen with one idle TCP connection open). Its handshake is now ended when the listener stops."""
+    import threading
+
+    from pacs_listener.scp import Listener
+
+    build_ae = Listener._build_ae
+
+    def slow_handshakes(self):
+        ae = build_ae(self)
+        ae.acse_timeout = 3600  # the handshake's time-out: far longer than this test waits
+        return ae
+
+    monkeypatch.setattr(Listener, "_build_ae", slow_handshakes)
+    listener = Listener(make_settings(listen_host="127.0.0.1", listen_port=0, listen_tls=True,
+                                      tls_certificate=pki.medgru.cert, tls_private_key=pki.medgru.key,
+                                      tls_trusted_certificates=pki.ca), sqlite_session_factory)
+    listener.start()
+    stopper = threading.Thread(target=listener.stop, daemon=True)
+    ds = make_mr()
+    dcmwrite(tmp_path / "after-silent.dcm", ds, enforce_file_format=True)
+    with socket.create_connection(("127.0.0.1", listener.port)) as silent:
+        try:  # accepted after the silent connection: that one's handshake is under way in its thread
+            res = _storescu(listener.port, tmp_path / "after-silent.dcm", "+tls", str(pki.peer.key),
+                            str(pki.peer.cert), "+cf", str(pki.ca))
+            assert "Received Store Response (Success)" in res.stderr, res.stderr
+        finally:
+            stopper.start()
+        silent.settimeout(120)
+        assert silent.recv(1) == b"", "the listener's stop did not end the handshake"
+    stopper.join(120)
+    assert not stopper.is_alive() and not listener.listening
