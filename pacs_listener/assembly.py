@@ -40,9 +40,9 @@ A series is set IGNORED, with the reason in ``Series.state_reason``, when
 
 Non-image instances inside an image series are left out of its sequence. So are the images that lie
 outside the series' stack (:func:`off_stack`): where every image has an ImageOrientationPatient and one
-slice orientation holds more images than any other, the images of the other orientations (a localizer or
-scout stored in the series of the axial stack) are not frames to judge; the series' ``state_reason`` and
-a warning name them.
+slice orientation holds more images than any other, the images of another plane, more than 45° from it (a
+localizer or scout stored in the series of the axial stack), are not frames to judge; the series'
+``state_reason`` and a warning name them. Slices tilted less (a spine series' groups) are kept.
 
 Prior study (only when ``settings.add_prior_study`` is true)
 ------------------------------------------------------------
@@ -300,6 +300,9 @@ class InstanceLike(Protocol):
 
 _POSITION_TOLERANCE_MM = 1e-3
 _PARALLEL_COS = 0.999  # slice normals within ~2.5° are the same stack
+#: an image whose slice normal is more than 45° from the stack's lies in another plane (a localizer); slices
+#: angled less than that (a spine series' slice groups, each tilted to its disc) are the series' own images
+_OTHER_PLANE_COS = math.cos(math.radians(45.0))
 _TIME_RE = re.compile(r"^(\d+)(?:\.(\d+))?$")
 
 
@@ -381,10 +384,11 @@ def _normal(inst: InstanceLike) -> list[float] | None:
 
 
 def off_stack(instances: Sequence[InstanceLike]) -> list[InstanceLike]:
-    """The images outside the series' stack: those whose slice orientation is not that of the stack, the
-    orientation (within ~2.5°, either direction) that more images have than any other. A localizer or scout
-    stored in the series of an axial stack has another plane; judged as a frame, it would decide the
-    series' verdict and be resized with the stack. Nothing is left out where an image has no usable
+    """The images outside the series' stack: those whose slice plane is another than the stack's, more than
+    45° from the orientation (within ~2.5°, either direction) that more images have than any other. A
+    localizer or scout stored in the series of an axial stack has another plane; judged as a frame, it would
+    decide the series' verdict and be resized with the stack. Slices angled less than that (the groups of a
+    spine series, each tilted to its disc) are kept: they are the series' own images. Nothing is left out where an image has no usable
     orientation (radiographs, enhanced multi-frame objects) or no orientation has more images than every
     other (a three-plane localizer of equal parts): ``[]``."""
     groups: list[tuple[list[float], list[InstanceLike]]] = []
@@ -403,9 +407,10 @@ def off_stack(instances: Sequence[InstanceLike]) -> list[InstanceLike]:
     sizes = sorted((len(members) for _n, members in groups), reverse=True)
     if sizes[0] == sizes[1]:
         return []
-    stack = max(groups, key=lambda g: len(g[1]))[1]
-    kept = {id(i) for i in stack}
-    return [i for i in instances if id(i) not in kept]
+    normal = max(groups, key=lambda g: len(g[1]))[0]
+    other_plane = {id(i) for n, members in groups for i in members
+                   if abs(sum(a * b for a, b in zip(n, normal))) < _OTHER_PLANE_COS}
+    return [i for i in instances if id(i) in other_plane]
 
 
 def _distinct(values: list[float]) -> bool:

@@ -445,6 +445,32 @@ def test_a_localizer_in_the_series_of_the_stack_is_left_out_with_reason(make_set
     assert "6.2.0" in caplog.text
 
 
+def test_slices_tilted_within_the_stack_s_plane_are_not_left_out(make_settings, session_factory, recorder):
+    """A spine series whose axial slices come in groups, each tilted to its disc (-15°, 0°, +15°: 4, 5 and 4
+    slices), kept only the largest group: 8 of its 13 slices were left out as 'not the stack's orientation
+    (a localizer?)' (seen live: storescu -> medgru serve, a job of 5 frames). Only an image of another plane
+    (more than 45° off, as the sagittal localizer here) is left out."""
+    import math
+
+    def tilted(degrees: float) -> list[float]:
+        t = math.radians(degrees)
+        return [1.0, 0.0, 0.0, 0.0, math.cos(t), math.sin(t)]
+
+    planes = [(g, k, tilt) for g, (tilt, n) in enumerate(((-15, 4), (0, 5), (15, 4))) for k in range(n)]
+    slices = [dict(instance_number=i + 2, image_position=[0.0, 0.0, 40.0 * g + 4.0 * k],
+                   image_orientation=tilted(tilt)) for i, (g, k, tilt) in enumerate(planes)]
+    localizer = dict(sop_instance_uid="6.4.0", instance_number=1, image_position=[0.0, -100.0, 100.0],
+                     image_orientation=SAGITTAL)
+    with session_factory() as s:
+        add_series(s, [localizer] + slices, uid="6.4")
+        s.commit()
+    assert len(Assembler(make_settings(), session_factory, recorder).run_once(now=T0 + timedelta(minutes=1))) == 1
+    with session_factory() as s:
+        seq = s.scalar(select(Job)).sequence
+        assert seq.n_frames == 13 and "6.4.0" not in [u for u, _ in seq.frame_refs]
+        assert "1 image(s) left out" in seq.series.state_reason
+
+
 def test_enqueue_called_only_after_commit_with_the_new_ids(make_settings, session_factory, recorder):
     with session_factory() as s:
         for k in range(4):
