@@ -933,12 +933,7 @@ class DashboardServer:
                 if check_basic_auth(given, server.settings.dashboard_user, server.password):
                     return True
                 if given:  # a wrong user or password (a browser's first request, with none, is not logged)
-                    log.warning("dashboard: wrong user or password (user %r) for %s %s from %s", basic_auth_user(given),
-                                self.command, self.path[:100], address)
-                    if server.logins.failed(address):
-                        log.warning("dashboard: %d wrong passwords from %s within %g s; its requests are refused "
-                                    "for %g s", server.logins.max_failures, address, server.logins.window_s,
-                                    server.logins.lockout_s)
+                    self._wrong_password(given, address)
                 self._send(401, b"authentication required\n", "text/plain",
                            {"WWW-Authenticate": 'Basic realm="MedGRU worker", charset="UTF-8"'})
                 return False
@@ -954,9 +949,18 @@ class DashboardServer:
                 given = self.headers.get("Authorization", "")
                 if check_basic_auth(given, server.settings.dashboard_user, server.password):
                     return True
-                if given:  # counted as anywhere else: /healthz must not be a way round the throttle
-                    server.logins.failed(address)
+                if given:  # counted and logged as anywhere else: /healthz must not be a way round the throttle
+                    self._wrong_password(given, address)
                 return False
+
+            def _wrong_password(self, given: str, address: str) -> None:
+                """Log a wrong user or password and count it (:class:`LoginThrottle`); log a lock-out."""
+                log.warning("dashboard: wrong user or password (user %r) for %s %s from %s", basic_auth_user(given),
+                            self.command, self.path[:100], address)
+                if server.logins.failed(address):
+                    log.warning("dashboard: %d wrong passwords from %s within %g s; its requests are refused "
+                                "for %g s", server.logins.max_failures, address, server.logins.window_s,
+                                server.logins.lockout_s)
 
             def _for_us(self) -> bool:
                 """Whether the ``Host`` names this dashboard (:func:`misdirected`); else 421 and a log line."""

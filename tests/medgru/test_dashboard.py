@@ -543,6 +543,37 @@ def test_guessing_the_password_is_throttled(make_settings, caplog):
     assert "dashboard: 3 wrong passwords from 127.0.0.1 within 60 s; its requests are refused for 30 s" in lines
 
 
+def test_wrong_passwords_on_healthz_are_logged_as_elsewhere(make_settings, caplog):
+    """A wrong password sent to /healthz counts towards the lock-out, but was not logged, nor was the
+    lock-out it caused: the admin then got 429 with nothing in the log (seen live: ten wrong passwords on
+    /healthz, then 429 for the right one on /, no log line). Each is logged as on any other path."""
+    import base64
+
+    caplog.set_level("INFO", logger="medgru.dashboard")
+    settings = make_settings(dashboard_port=0, dashboard_password="s3cret pass")
+    sf = make_session_factory(init_db(settings.effective_database_url))
+    server = DashboardServer(settings, sf, retry=lambda j: None, cancel=lambda j: None,
+                             login_throttle=LoginThrottle(max_failures=2, window_s=60, lockout_s=30)).start()
+
+    def get(path: str, auth: str) -> int:
+        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+        req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        assert [get("/healthz", f"admin:guess{i}") for i in range(2)] == [200, 200]
+        assert get("/api/jobs", "admin:s3cret pass") == 429
+    finally:
+        server.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("wrong user or password (user 'admin') for GET /healthz" in m for m in lines) == 2, lines
+    assert "dashboard: 2 wrong passwords from 127.0.0.1 within 60 s; its requests are refused for 30 s" in lines
+
+
 def test_healthz_gives_the_database_error_only_with_the_password(make_settings, tmp_path):
     """/healthz needs no password, and it showed the database driver's error line to anyone, which names the
     database's host, port and user. Without the password it now names only the error's type."""
