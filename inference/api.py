@@ -499,6 +499,24 @@ _REGISTRY: dict[str, type[Detector]] = {}
 D = TypeVar("D", bound=type[Detector])
 
 
+def split_calibration_normals(name: str, normals: Sequence, validation: Sequence, fraction: float,
+                              rng: np.random.Generator) -> tuple[list, list]:
+    """``(fit normals, calibration normals)``: the given ``validation`` where there is one, else a share
+    ``fraction`` of ``normals`` (at least one, and one left to fit) drawn by ``rng`` (which is used only
+    then). The split of the detectors whose threshold is calibrated on held-out normals."""
+    normals, validation = list(normals), list(validation)
+    if not normals:
+        raise ValueError(f"{name}: fit needs at least one normal sequence")
+    if not validation:
+        if len(normals) < 2:
+            raise ValueError(f"{name}: need >= 2 normals to hold some out for calibration")
+        order = rng.permutation(len(normals))
+        n_val = min(len(normals) - 1, max(1, int(round(fraction * len(normals)))))
+        validation = [normals[i] for i in order[:n_val]]
+        normals = [normals[i] for i in order[n_val:]]
+    return normals, validation
+
+
 def register_detector(name: str):
     """Class decorator: make a detector available by ``name`` (the ``detector`` field of a model card)."""
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inference.api import (Detection, Detector, FrameSequence, ModelCard,
-                           register_detector)
+                           register_detector, split_calibration_normals)
 
 WEIGHTS_FILE = "knn_effnet.npz"
 
@@ -175,18 +175,8 @@ class KnnEffNetDetector(Detector):
             seed: int = 0) -> None:
         import torch
 
-        normals = list(normals)
-        validation = list(validation)
-        if not normals:
-            raise ValueError(f"{self.name}: fit needs at least one normal sequence")
         rng = np.random.default_rng(seed)
-        if not validation:
-            if len(normals) < 2:
-                raise ValueError(f"{self.name}: need >= 2 normals to hold some out for calibration")
-            order = rng.permutation(len(normals))
-            n_val = min(len(normals) - 1, max(1, int(round(self.holdout_fraction * len(normals)))))
-            validation = [normals[i] for i in order[:n_val]]
-            normals = [normals[i] for i in order[n_val:]]
+        normals, validation = split_calibration_normals(self.name, normals, validation, self.holdout_fraction, rng)
         pooled, maps, _ = self._pooled_of(normals, patches=True)
         pooled = pooled.float()
         self._mu = pooled.mean(dim=0).cpu().numpy().astype(np.float32)

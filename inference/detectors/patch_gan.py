@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.api import Detection, Detector, FrameSequence, ModelCard, register_detector
+from inference.api import (Detection, Detector, FrameSequence, ModelCard, register_detector,
+                           split_calibration_normals)
 
 log = logging.getLogger(__name__)
 
@@ -236,18 +237,8 @@ class PatchGANDetector(Detector):
     # ------------------------------------------------------------------------------------ training
     def fit(self, normals: Sequence[FrameSequence], *, validation: Sequence[FrameSequence] = (),
             seed: int = 0) -> None:
-        normals = list(normals)
-        validation = list(validation)
-        if not normals:
-            raise ValueError(f"{self.name}: fit needs at least one normal sequence")
         rng = np.random.default_rng(seed)
-        if not validation:
-            if len(normals) < 2:
-                raise ValueError(f"{self.name}: need >= 2 normals to hold some out for calibration")
-            order = rng.permutation(len(normals))
-            n_val = min(len(normals) - 1, max(1, int(round(self.holdout_fraction * len(normals)))))
-            validation = [normals[i] for i in order[:n_val]]
-            normals = [normals[i] for i in order[n_val:]]
+        normals, validation = split_calibration_normals(self.name, normals, validation, self.holdout_fraction, rng)
         train, _ = self._frames_of(normals)
         self._train(train, seed)
         # the two score terms standardised on (a seeded subsample of) the fit normals' patches

@@ -183,3 +183,18 @@ def test_a_folder_from_before_a_param_existed_loads_after_medgru_calibrate(tmp_p
     (new / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     assert "cluster_max_pool" in json.loads((new / "meta.json").read_text())["params"]
     assert load_model(new, verify=True).cluster_max_pool == 1000
+
+
+def test_split_calibration_normals_holds_out_a_share_or_takes_the_given_validation():
+    """The held-out calibration split that knn-effnet and patch-gan share."""
+    import numpy as np
+
+    from inference.api import split_calibration_normals
+
+    fit, cal = split_calibration_normals("d", list(range(10)), [], 0.2, np.random.default_rng(0))
+    assert len(cal) == 2 and sorted(fit + cal) == list(range(10))
+    assert split_calibration_normals("d", [1, 2], [9], 0.2, np.random.default_rng(0)) == ([1, 2], [9])
+    assert split_calibration_normals("d", [1, 2], [], 0.9, np.random.default_rng(0))[0] != []  # one left to fit
+    for normals in ([], [1]):
+        with pytest.raises(ValueError):
+            split_calibration_normals("d", normals, [], 0.2, np.random.default_rng(0))
