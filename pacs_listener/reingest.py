@@ -57,9 +57,12 @@ def retry_quarantined(settings: Settings, session_factory: sessionmaker[Session]
     every item not yet released whose file is still kept, oldest first."""
     with session_factory() as session:
         if item_ids is None:
-            item_ids = list(session.scalars(
+            item_ids = list(session.scalars(  # not the copies answered Success and kept aside (other content
+                # than the stored copy): nothing can store them, and --all reported each as failed every run
                 select(QuarantineItem.id).where(QuarantineItem.released_at.is_(None),
-                                                QuarantineItem.purged_at.is_(None)).order_by(QuarantineItem.id)))
+                                                QuarantineItem.purged_at.is_(None),
+                                                QuarantineItem.status_code != int(StoreStatus.SUCCESS))
+                .order_by(QuarantineItem.id)))
     listener = _Retrying(settings, session_factory)
     return [_retry_one(listener, session_factory, item_id) for item_id in item_ids]
 
@@ -71,6 +74,9 @@ def _retry_one(listener: _Retrying, session_factory: sessionmaker[Session], item
             return RetryOutcome(item_id, False, f"no quarantined instance {item_id}")
         if item.released_at is not None:
             return RetryOutcome(item_id, False, f"already stored by a retry on {item.released_at:%Y-%m-%d %H:%M} UTC")
+        if item.status_code == int(StoreStatus.SUCCESS):  # answered Success and kept aside: nothing to store
+            return RetryOutcome(item_id, False, "not stored: a second copy of a stored instance, with other "
+                                                "content; the first copy stays the one used")
         path = listener.quarantine_dir / item.path
         if item.purged_at is not None or not path.is_file():
             return RetryOutcome(item_id, False, "its file was removed (retention, or by hand): the PACS must send it again")

@@ -61,7 +61,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt, r
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -165,6 +165,13 @@ def differs_from_stored(stored: Path, data: bytes, received: Dataset, transfer_s
     if str(old.file_meta.get("TransferSyntaxUID", "")) != str(transfer_syntax_uid):
         return False
     return _content(old) != _content(received)
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 #: Data Set Trailing Padding: bytes after the data set, no content
@@ -525,7 +532,11 @@ class Listener:
                             "restored from this resend", meta.sop_instance_uid, stored_path)
             elif differs_from_stored(self.spool_dir / stored_path, data, ds, request.transfer_syntax_uid):
                 # the first copy is kept and used (as a PACS keeps it by default); the other content is not
-                # lost nor passed over in silence: kept in quarantine, answered Success
+                # lost nor passed over in silence: kept in quarantine (once), answered Success
+                if self._kept_aside_already(meta.sop_instance_uid, data):
+                    log.info("C-STORE %s (series %s) from %s: this other copy is kept in quarantine already",
+                             meta.sop_instance_uid, meta.series_uid, calling_ae)
+                    return StoreStatus.SUCCESS
                 return self._quarantine(
                     data, request, calling_ae, "a second copy of an instance already stored, with other "
                     "content (the same SOP Instance UID must mean the same data): the first copy is kept and "
@@ -592,6 +603,20 @@ class Listener:
                 session.commit()
         except Exception:
             log.exception("C-STORE %s: file restored but its row could not be updated", meta.sop_instance_uid)
+
+    def _kept_aside_already(self, sop_instance_uid: str, data: bytes) -> bool:
+        """Whether these very bytes are kept in quarantine already as another copy of a stored instance
+        (answered Success): a PACS re-sending the same study added a row for each time. Never raises."""
+        try:
+            with self.session_factory() as session:
+                kept = session.scalars(select(QuarantineItem.path).where(
+                    QuarantineItem.sop_instance_uid == sop_instance_uid[:64],
+                    QuarantineItem.status_code == int(StoreStatus.SUCCESS),
+                    QuarantineItem.purged_at.is_(None))).all()
+            return any(_same_bytes(self.quarantine_dir / rel, data) for rel in kept)
+        except Exception as exc:  # noqa: BLE001 - then it is kept once more, which loses nothing
+            log.warning("quarantine lookup for %s failed: %s", sop_instance_uid, error_line(exc))
+            return False
 
     def _stored_path(self, meta: InstanceMeta) -> str | None:
         """The spool path of this SOP Instance UID if it is already recorded."""

@@ -756,8 +756,17 @@ def test_a_resend_with_other_content_is_kept_in_quarantine_not_dropped(make_sett
 
     [outcome] = retry_quarantined(listener.settings, session_factory, [item.id])
     assert not outcome.stored and outcome.message.startswith("not stored: a second copy")
+    assert retry_quarantined(listener.settings, session_factory) == []  # --all: not one to retry
     with session_factory() as s:
         assert s.get(QuarantineItem, item.id).released_at is None
+    # the PACS sends the same other copy again: it is kept once, not once per resend; a third content is kept
+    assert listener.store(corrected_bytes, _request(corrected, ExplicitVRLittleEndian), "MOD") == StoreStatus.SUCCESS
+    third = make_mr(SOPInstanceUID=first.SOPInstanceUID, StudyInstanceUID=first.StudyInstanceUID,
+                    SeriesInstanceUID=first.SeriesInstanceUID, PatientID=first.PatientID)
+    third.PixelData = b"\x09\x00" * (len(first.PixelData) // 2)
+    assert listener.store(to_file_bytes(third), _request(third, ExplicitVRLittleEndian), "MOD") == StoreStatus.SUCCESS
+    with session_factory() as s:
+        assert s.query(QuarantineItem).count() == 2
 
 
 def test_the_listener_queues_a_burst_of_connections_for_every_association_it_serves(listener_factory):
