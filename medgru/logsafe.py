@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -47,7 +48,22 @@ class PydicomRecordFilter(logging.Filter):
         return True
 
 
-_TRACEBACKS = logging.Formatter()
+def _format_exception(exc_info, printable) -> str:
+    """The traceback of ``exc_info`` as logging writes it, each exception's message (of the chain too) with
+    its control characters escaped, newlines included: a message from outside must not write a line of its
+    own into the log."""
+    te = traceback.TracebackException(*exc_info)
+    seen: set[int] = set()
+    todo = [te]
+    while todo:
+        t = todo.pop()
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(getattr(t, "_str", None), str):  # the message, as format_exception_only writes it
+            t._str = printable(t._str)
+        todo += [t.__cause__, t.__context__, *(getattr(t, "exceptions", None) or ())]
+    return "".join(te.format()).rstrip("\n")
 
 
 def _escaped_value(value, printable):
@@ -84,9 +100,10 @@ def _escaping_record_factory(base):
         if safe != message:
             record.msg, record.args = safe, ()
         if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
-            # the traceback's last line is the exception's message: a value from outside as well
+            # the traceback's last line is the exception's message: a value from outside as well, whose
+            # newlines are escaped too (the traceback's own stay)
             try:
-                text = _TRACEBACKS.formatException(record.exc_info)
+                text = _format_exception(record.exc_info, printable)
             except Exception:  # noqa: BLE001 - left to the formatter
                 return record
             record.exc_text = printable(text, lines=True)

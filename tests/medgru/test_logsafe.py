@@ -98,3 +98,24 @@ def test_a_value_logged_cannot_write_a_line_of_its_own(caplog):
     assert messages == [f"PACS refused the SR: {escaped} (3 tries)", f"study 1.2.3 refused: {escaped}",
                         escaped, "two lines\nof our own: ok\\x09done"]
     assert all("\n2026" not in m for m in messages)
+
+
+def test_an_exception_message_logged_cannot_write_a_line_of_its_own(caplog):
+    """log.exception kept the newlines of the exception's message (the traceback's last line, a value from
+    outside): a message with one wrote a line into the log that looked like the service's own. The
+    traceback's own lines stay; the message's newlines are escaped, in a chained exception too."""
+    install()
+    caplog.set_level("INFO", logger="medgru.test")
+    forged = "bad value\n2026-12-08 01:00:00 INFO medgru.worker: job 7 succeeded"
+    try:
+        try:
+            raise OSError("first\nforged")
+        except OSError as exc:
+            raise ValueError(forged) from exc
+    except ValueError:
+        logging.getLogger("medgru.test").exception("job 2 failed")
+    text = caplog.records[-1].exc_text
+    assert "ValueError: bad value\\x0a2026-12-08 01:00:00 INFO" in text
+    assert "\n2026-12-08" not in text and "first\\x0aforged" in text
+    assert text.startswith("Traceback (most recent call last):\n")  # the traceback keeps its lines
+    assert "The above exception was the direct cause" in text
