@@ -412,9 +412,18 @@ class Listener:
     # event handlers -----------------------------------------------------------------------------
     @staticmethod
     def _on_conn_open(event) -> None:
+        """TCP_NODELAY, and the association's network time-out on the accepted socket itself.
+
+        socket.accept() hands out a blocking socket without a time-out, and pynetdicom reads a PDU whole
+        once its 6-byte header is in: a peer that sent a PDU header (an A-ASSOCIATE-RQ or a P-DATA) and
+        then nothing held that association's thread in recv() for as long as it kept the connection open;
+        the network time-out fired but could not end it, and 16 such connections from one host shut every
+        other sender out (rejected, local limit exceeded) until it hung up. With the time-out on the
+        socket, a read or a write that waits longer ends the connection."""
         sock = event.assoc.dul.socket.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(event.assoc.network_timeout)
 
     @staticmethod
     def _on_requested(event) -> None:

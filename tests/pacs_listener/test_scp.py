@@ -781,3 +781,58 @@ def test_the_listener_queues_a_burst_of_connections_for_every_association_it_ser
     info = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
     _queued, backlog = struct.unpack_from("=II", info, 24)  # tcpi_unacked, tcpi_sacked
     assert backlog >= listener._ae.maximum_associations, backlog
+
+
+def _a_associate_rq(called: bytes = b"MEDGRU", calling: bytes = b"STALLER") -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing Verification (PS3.8 9.3.2), built by hand."""
+    import struct
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    context = struct.pack(">BBBB", 1, 0, 0, 0) + item(0x30, Verification.encode()) + item(0x40, b"1.2.840.10008.1.2")
+    variable = item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, context)
+    variable += item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
+    body = struct.pack(">HH", 1, 0) + called.ljust(16) + calling.ljust(16) + bytes(32) + variable
+    return struct.pack(">BBI", 1, 0, len(body)) + body
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the listener closes ``sock`` (its answers read and dropped); False if it stays open for the
+    guard's 60 s, far beyond the network time-out the test sets."""
+    sock.settimeout(60)
+    try:
+        while sock.recv(65536):
+            pass
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize("associated", [False, True], ids=["inside-A-ASSOCIATE-RQ", "inside-P-DATA"])
+def test_a_peer_silent_inside_a_pdu_is_disconnected_after_the_network_timeout(listener_factory, associated):
+    """A peer that sends a PDU's 6-byte header (declaring 1000 bytes) and then nothing held that association's
+    thread in recv() for as long as it kept the connection open: the accepted socket had no time-out, the
+    network time-out fired ('Network timeout reached') but could not end the read, and 16 such connections
+    from one host shut every other sender out ('Local Limit Exceeded') until it hung up (seen live). The
+    connection is now closed once the peer has been silent for the network time-out, and the listener serves
+    the next association."""
+    import struct
+
+    listener = listener_factory()
+    listener._ae.network_timeout = 0.5  # copied by each new association; the default is 60 s
+    with socket.create_connection(("127.0.0.1", listener.port)) as sock:
+        if associated:
+            sock.sendall(_a_associate_rq())
+            sock.settimeout(60)
+            assert sock.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+            sock.sendall(struct.pack(">BBI", 4, 0, 1000))  # a P-DATA-TF header, then silence
+        else:
+            sock.sendall(struct.pack(">BBI", 1, 0, 1000))  # an A-ASSOCIATE-RQ header, then silence
+        assert _closed_by_peer(sock), "the listener kept a silent peer's connection open"
+    assoc = pynetdicom_assoc(listener.port, [(Verification, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == StoreStatus.SUCCESS
+    assoc.release()
