@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         default=1000.0, ge=0.0,
         description="below this much free space on the spool's disk the listener answers 0xA700 (out of "
                     "resources, retried by the PACS) and writes nothing; 0 turns the check off")
+    max_instance_mb: float = Field(
+        default=1024.0, gt=0.0,
+        description="the most one C-STORE request (its command and data set) may carry; the listener holds a "
+                    "request in memory until it is complete, so a larger one (or one that never ends) has its "
+                    "association aborted")
     add_prior_study: bool = Field(
         default=False, description="prepend the patient's latest prior study of the same modality as earlier frames"
     )

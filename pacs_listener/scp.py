@@ -312,6 +312,57 @@ def _handshake_in_connection_thread(server, tls: ssl.SSLContext) -> None:
     server.server_close = server_close
 
 
+#: what a PDU may carry beyond the largest request: PDU and PDV headers, a command set
+PDU_OVERHEAD_BYTES = 2**20
+
+
+def _bound_received_bytes(assoc, limit: int) -> None:
+    """Abort ``assoc`` once its peer has sent more than ``limit`` bytes towards one DIMSE message, or declares
+    a PDU longer than that.
+
+    pynetdicom gathers a request's command and data set fragments in memory until the last one arrives, and
+    reads each PDU whole, of whatever length its header declares: a peer that sent P-DATA that never
+    completed a message, or one huge PDU, grew the service's memory for as long as it kept sending (seen:
+    300 MB of data set fragments, 300 MB more resident, kept after the connection closed). The association is
+    aborted (A-ABORT, as pynetdicom does for an invalid message) and what was gathered is dropped."""
+    dimse, dul = assoc.dimse, assoc.dul
+    receive_primitive = dimse.receive_primitive
+    asock = dul.socket
+    recv = asock.recv
+    state = {"bytes": 0, "refused": False}
+
+    def refuse(what: str) -> None:
+        state["refused"] = True
+        message = dimse.message
+        command = getattr(message, "command_set", None)
+        sop_uid = str(getattr(command, "AffectedSOPInstanceUID", "") or "") if command is not None else ""
+        log.warning("association from %s:%s (calling AE %r) aborted: %s, more than max_instance_mb %g%s",
+                    assoc.requestor.address, assoc.requestor.port, str(assoc.requestor.ae_title).strip(), what,
+                    limit / 2**20, f" (C-STORE {sop_uid})" if sop_uid else "")
+        dimse.message = None  # what was gathered goes
+
+    def receive_bounded(primitive) -> None:
+        if state["refused"]:
+            return
+        if dimse.message is None:  # the previous message was complete: a new one starts
+            state["bytes"] = 0
+        state["bytes"] += sum(len(data) for _cx, data in primitive.presentation_data_value_list or [])
+        if state["bytes"] > limit:
+            refuse(f"a request already {state['bytes']} bytes long")
+            dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to the association
+            return
+        receive_primitive(primitive)
+
+    def recv_bounded(nr_bytes: int):
+        if nr_bytes > limit + PDU_OVERHEAD_BYTES:
+            refuse(f"a PDU of {nr_bytes} bytes")
+            return bytearray()  # read as a PDU cut short: the connection is closed
+        return recv(nr_bytes)
+
+    dimse.receive_primitive = receive_bounded
+    asock.recv = recv_bounded
+
+
 class Listener:
     """The Verification + Storage SCP of the service."""
 
@@ -410,8 +461,7 @@ class Listener:
         self.stop()
 
     # event handlers -----------------------------------------------------------------------------
-    @staticmethod
-    def _on_conn_open(event) -> None:
+    def _on_conn_open(self, event) -> None:
         """TCP_NODELAY, and the association's network time-out on the accepted socket itself.
 
         socket.accept() hands out a blocking socket without a time-out, and pynetdicom reads a PDU whole
@@ -424,6 +474,7 @@ class Listener:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(event.assoc.network_timeout)
+        _bound_received_bytes(event.assoc, int(self.settings.max_instance_mb * 2**20))
 
     @staticmethod
     def _on_requested(event) -> None:

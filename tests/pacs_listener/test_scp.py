@@ -836,3 +836,85 @@ def test_a_peer_silent_inside_a_pdu_is_disconnected_after_the_network_timeout(li
     assert assoc.is_established
     assert assoc.send_c_echo().Status == StoreStatus.SUCCESS
     assoc.release()
+
+
+def _p_data(control: int, data: bytes, context_id: int = 1) -> bytes:
+    import struct
+
+    return struct.pack(">BBIIBB", 4, 0, len(data) + 6, len(data) + 2, context_id, control) + data
+
+
+def _store_command(sop_class: str, sop_uid: str) -> bytes:
+    """A C-STORE-RQ command set, implicit VR little endian, with its group length."""
+    import struct
+
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = sop_class
+    cmd.CommandField = 0x0001
+    cmd.MessageID = 1
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0001
+    cmd.AffectedSOPInstanceUID = sop_uid
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, cmd)
+    return struct.pack("<HHII", 0, 0, 4, len(fp.getvalue())) + fp.getvalue()
+
+
+def _associate_raw(port: int, abstract_syntax: str) -> socket.socket:
+    import struct
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    context = struct.pack(">BBBB", 1, 0, 0, 0) + item(0x30, abstract_syntax.encode())
+    context += item(0x40, ExplicitVRLittleEndian.encode())
+    variable = item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, context)
+    variable += item(0x50, item(0x51, struct.pack(">I", 0)) + item(0x52, b"1.2.3.4"))
+    body = struct.pack(">HH", 1, 0) + b"MEDGRU".ljust(16) + b"FLOODER".ljust(16) + bytes(32) + variable
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+    sock.settimeout(60)
+    assert sock.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+    return sock
+
+
+@pytest.mark.parametrize("flood", ["fragments", "one-pdu"])
+def test_a_request_larger_than_max_instance_mb_aborts_its_association(listener_factory, caplog, flood):
+    """pynetdicom gathers a request in memory until its last fragment, and reads each PDU whole whatever its
+    header declares: a peer sending data set fragments that never complete a C-STORE (or one huge PDU) grew
+    the service's memory for as long as it sent (seen live: 300 MB sent, 300 MB more resident, kept after the
+    connection closed). Past max_instance_mb the association is aborted and the listener stores the next
+    instance as usual."""
+    import struct
+
+    listener = listener_factory(max_instance_mb=0.25)  # 256 KiB
+    listener._ae.network_timeout = 600  # only the bound may end the flood in this test
+    sop_uid = generate_uid()
+    sock = _associate_raw(listener.port, MRImageStorage)
+    with sock:
+        chunk = bytes(64 * 1024)
+        try:
+            if flood == "fragments":
+                sock.sendall(_p_data(0x03, _store_command(MRImageStorage, sop_uid)))
+                for _ in range(64):  # 4 MiB of data set fragments, none of them the last
+                    sock.sendall(_p_data(0x00, chunk))
+            else:
+                sock.sendall(struct.pack(">BBI", 4, 0, 64 * 2**20))  # a 64 MiB P-DATA-TF...
+                for _ in range(64):
+                    sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we sent
+        assert _closed_by_peer(sock), "the listener kept gathering the request"
+    assert "more than max_instance_mb 0.25" in caplog.text
+    if flood == "fragments":
+        assert f"(C-STORE {sop_uid})" in caplog.text
+    ds = make_mr()
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+    assoc.release()
