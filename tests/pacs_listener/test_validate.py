@@ -360,3 +360,29 @@ def test_encapsulated_pixel_data_whose_fragments_cannot_be_parsed_is_refused(mak
     listener = Listener(make_settings(min_free_disk_mb=0), sqlite_session_factory)
     assert store_with(listener, ds, JPEGBaseline8Bit) in (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                                           StoreStatus.CANNOT_UNDERSTAND)
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_data_set_of_more_elements_than_max_elements_is_refused_before_it_is_parsed(monkeypatch, ts):
+    """Empty data elements cost 8 bytes to send and some 400 bytes and 20 us each once pydicom has parsed
+    them: 1 M of them (8 MB) made medgru serve 380 MB larger for 24 s and were stored (seen live), so a
+    100 MB request held gigabytes. A data set with more than MAX_ELEMENTS elements, counted at every depth
+    (here most of them in a sequence item), is refused with 0xC000 and the reason; at the bound it passes."""
+    from pydicom.dataset import Dataset
+
+    import pacs_listener.validate as validate
+
+    ds = make_mr()
+    item = Dataset()
+    for element in range(0x1010, 0x1010 + 40):
+        item.add_new((0x0009, element), "LO", "")
+    item.add_new((0x0009, 0x0010), "LO", "MANY")
+    ds.add_new((0x0009, 0x0010), "LO", "MANY")
+    ds.add_new((0x0009, 0x1001), "SQ", [item])
+    data = to_file_bytes(ds, ts)
+    total = sum(1 for _ in dcmread(__import__("io").BytesIO(data)).iterall())
+    monkeypatch.setattr(validate, "MAX_ELEMENTS", total, raising=False)
+    validate_received(data, request_for(ds, ts))
+    monkeypatch.setattr(validate, "MAX_ELEMENTS", total - 1, raising=False)
+    reason = reject(data, request_for(ds, ts), StoreStatus.CANNOT_UNDERSTAND)
+    assert f"more than {total - 1} data elements" in reason
