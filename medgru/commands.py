@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args, settings) -> int:
-    from medgru.service import Service
+    from medgru.service import Service, StartError
 
     service = Service(settings, with_worker=not args.no_worker)
 
@@ -57,9 +58,12 @@ def _serve(args, settings) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    service.start()
     try:
+        service.start()
         service.wait()
+    except StartError as exc:  # what started before it (the embedded worker, the listener) stops below
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         service.stop()
     return 0

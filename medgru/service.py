@@ -6,7 +6,10 @@ the composition root: the only place that knows every part.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +27,28 @@ WORKER_RESTART_MAX_DELAY_S = 60.0
 #: how long stopping the service waits for the supervisor thread, which gives a worker it restarted its warm
 #: shutdown (WorkerHandle.stop: SIGKILL after 60 s)
 WORKER_STOP_JOIN_S = 75.0
+
+
+class StartError(RuntimeError):
+    """A part of the service could not start (its address is taken, not on this machine, not resolved): one
+    line that names the part and the address, instead of a traceback that names neither."""
+
+
+#: what binding a listening socket fails with: the address taken, not this machine's, a port below 1024
+_BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+def _bind(part: str, host: str, port: int, start):
+    """``start()``, its socket error said as a :class:`StartError` naming ``part`` at ``host:port``. Other
+    errors of ``start()`` (a spool folder or a TLS file it cannot read) keep their own words."""
+    try:
+        return start()
+    except OSError as exc:
+        bind_error = isinstance(exc, socket.gaierror) or (
+            exc.errno in _BIND_ERRNOS and exc.filename is None and not isinstance(exc, ssl.SSLError))
+        if not bind_error:
+            raise
+        raise StartError(f"the {part} cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 @dataclass
@@ -62,8 +87,8 @@ class Service:
             if recovered:
                 log.info("re-enqueued %d unfinished jobs found at start-up", len(recovered) if hasattr(recovered, "__len__") else recovered)
 
-        self.listener = Listener(s, sf)
-        self.listener.start()
+        self.listener = listener = Listener(s, sf)
+        _bind("DICOM listener", s.listen_host, s.listen_port, listener.start)
         log.info("listening as %s on %s:%s", s.ae_title, s.listen_host, self.listener.port)
 
         assembler = Assembler(s, sf, enqueue=lambda job_id: enqueue_job(app, job_id))
@@ -89,7 +114,8 @@ class Service:
         except ImportError:
             start_dashboard = None
         if start_dashboard is not None and s.dashboard_port:
-            self.dashboard = start_dashboard(s, sf, app, health=self.health)
+            self.dashboard = _bind("dashboard", s.dashboard_host, s.dashboard_port,
+                                   lambda: start_dashboard(s, sf, app, health=self.health))
         return self
 
     def _supervise_worker(self, stop: threading.Event) -> None:

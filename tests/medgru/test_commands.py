@@ -160,3 +160,29 @@ def test_db_status_on_a_fresh_home_says_there_is_no_schema_yet(cli_env, tmp_path
     assert main(["db", "status"]) == 1
     assert "(none: no medgru tables yet)" in capsys.readouterr().out
     assert list(home.iterdir()) == []
+
+
+def test_serve_says_which_address_is_taken_and_exits_1(make_settings, cli_env, capsys):
+    """A DICOM or dashboard port already taken (another PACS on 11112, anything on 8080) stopped `medgru serve`
+    with an OSError traceback that named neither the part nor the address; it now says which, in one line."""
+    import signal
+    import socket
+
+    cli_env.setenv("MEDGRU_HOME", str(make_settings().home))
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        try:
+            for part, env in (("DICOM listener", {"MEDGRU_LISTEN_PORT": str(port), "MEDGRU_DASHBOARD_PORT": "0"}),
+                              ("dashboard", {"MEDGRU_LISTEN_PORT": "0", "MEDGRU_DASHBOARD_PORT": str(port)})):
+                for key, value in env.items():
+                    cli_env.setenv(key, value)
+                assert main(["serve", "--no-worker"]) == 1
+                err = capsys.readouterr().err
+                assert f"error: the {part} cannot listen on 127.0.0.1:{port}" in err
+                assert "Traceback" not in err
+        finally:
+            signal.signal(signal.SIGTERM, handlers[0])
+            signal.signal(signal.SIGINT, handlers[1])
