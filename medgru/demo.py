@@ -150,7 +150,14 @@ def run_demo(settings: Settings, *, data_root: Path | None, inputs: list[Path] |
         if root is None:
             raise SystemExit("medgru demo: give --data-root (the shared/data folder) or --input")
         paths = [Path(root) / rel for rel in DEFAULT_SAMPLES]
-    files = _files(paths)
+        missing = [p for p in paths if not p.exists()]
+        if missing:  # a data root that is not shared/data (a relative one from another folder, say)
+            raise SystemExit(f"medgru demo: {missing[0]} does not exist: --data-root {root} is not the shared/data "
+                             "folder (the one that holds dicom/orthanc-tests/)")
+    try:
+        files = _files(paths)
+    except FileNotFoundError as exc:  # an --input that is not there
+        raise SystemExit(f"medgru demo: {exc}") from None
 
     listen_port, pacs_port = _free_port(), _free_port()
     demo_home = (home or settings.home / "demo").resolve()

@@ -117,3 +117,14 @@ def test_send_counts_what_an_aborted_association_did_not_send(make_settings, tmp
     finally:
         server.shutdown()
     assert (ok, failed) == (0, 3)
+
+
+def test_a_wrong_data_root_or_input_is_one_line_not_a_traceback(make_settings, tmp_path: Path):
+    """`medgru demo --data-root ../shared/data` (the README's command) run from a folder that has no
+    shared/data beside it stopped with a FileNotFoundError traceback; it now names the data root."""
+    settings = make_settings()
+    with pytest.raises(SystemExit, match=r"medgru demo: .* does not exist: --data-root .*nowhere is not the shared/data"):
+        run_demo(settings, data_root=tmp_path / "nowhere", inputs=None, timeout=60.0, home=tmp_path / "demo")
+    with pytest.raises(SystemExit, match=r"medgru demo: demo input .*missing\.dcm does not exist"):
+        run_demo(settings, data_root=None, inputs=[tmp_path / "missing.dcm"], timeout=60.0, home=tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()  # refused before anything was made
