@@ -580,6 +580,35 @@ def discover_model_dirs(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
+def hidden_models(cards: Iterable[tuple[Path, ModelCard]]
+                  ) -> list[tuple[Path, ModelCard, list[tuple[Path, ModelCard]]]]:
+    """The models :func:`select_model` never picks: every modality and body part of their scope is covered
+    by models before them in ``cards``; each with those earlier models. A site-calibrated copy beside the
+    model it came from (``models/chest-cxr`` and ``models/chest-cxr-site``, found in name order) is one."""
+    earlier: list[tuple[Path, ModelCard]] = []
+    hidden = []
+    for path, card in cards:
+        by: list[tuple[Path, ModelCard]] = []
+        covered = bool(card.scope.modalities)
+        for modality in card.scope.modalities:
+            mod = modality.strip().upper()
+            if card.scope.body_parts:
+                parts = {b.strip().upper() for b in card.scope.body_parts}
+                takers = [(p, c) for p, c in earlier if any(c.scope.covers(mod, b) for b in parts)]
+                if not all(any(c.scope.covers(mod, b) for _, c in earlier) for b in parts):
+                    covered = False
+            else:  # any body part: hidden only behind a model of that modality and any body part
+                takers = [(p, c) for p, c in earlier
+                          if mod in {m.strip().upper() for m in c.scope.modalities} and not c.scope.body_parts]
+                if not takers:
+                    covered = False
+            by.extend(t for t in takers if t not in by)
+        if covered:
+            hidden.append((path, card, by))
+        earlier.append((path, card))
+    return hidden
+
+
 def select_model(cards: Iterable[tuple[Path, ModelCard]], modality: str, body_part: str
                  ) -> tuple[Path, ModelCard] | None:
     """The first model whose scope covers the sequence, or ``None`` (the sequence is not processed)."""

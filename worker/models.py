@@ -12,7 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
-from inference.api import Detector, ModelCard, discover_model_dirs, load_model, select_model
+from inference.api import Detector, ModelCard, discover_model_dirs, hidden_models, load_model, select_model
 from inference.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ class ModelRegistry:
                         log.error("model folder %s left out: its card cannot be read (%s)", d, exc)
                 self._cards = cards
                 log.info("models available: %s", ", ".join(f"{c.name} {c.version}" for _, c in cards) or "none")
+                for path, card, by in hidden_models(cards):
+                    log.warning("model %s %s (%s) is never used: %s, before it in MEDGRU_MODEL (folders of "
+                                "models in name order), cover%s its whole scope; list the model to serve first",
+                                card.name, card.version, path,
+                                ", ".join(f"{c.name} {c.version} ({p})" for p, c in by), "s" if len(by) == 1 else "")
             return list(self._cards)
 
     def select(self, modality: str, body_part: str) -> tuple[Path, ModelCard] | None:

@@ -198,3 +198,26 @@ def test_split_calibration_normals_holds_out_a_share_or_takes_the_given_validati
     for normals in ([], [1]):
         with pytest.raises(ValueError):
             split_calibration_normals("d", normals, [], 0.2, np.random.default_rng(0))
+
+
+def test_hidden_models_are_those_an_earlier_model_covers_wholly():
+    """select_model takes the first model that covers a series, so a model whose whole scope an earlier one
+    covers is never used (a site-calibrated chest-cxr-site found after chest-cxr in a folder of models)."""
+    from inference.api import Scope, hidden_models
+
+    def card(name, modalities, body_parts=()):
+        return Path(name), ModelCard(name=name, version="1", detector="x",
+                                     scope=Scope(modalities=tuple(modalities), body_parts=tuple(body_parts)))
+
+    chest, chest_site = card("chest", ["CR", "DX"], ["CHEST"]), card("chest-site", ["CR", "DX"], ["chest"])
+    brain, any_mr = card("brain", ["MR"], ["BRAIN"]), card("any-mr", ["MR"])
+    assert hidden_models([chest, brain]) == []
+    assert hidden_models([chest, chest_site, brain]) == [(Path("chest-site"), chest_site[1], [chest])]
+    assert hidden_models([chest_site, chest]) == [(Path("chest"), chest[1], [chest_site])]
+    # partly covered is still used: a brain model before an any-body-part MR model, a CR-only before CR+DX
+    assert hidden_models([brain, any_mr]) == []
+    assert hidden_models([card("cr", ["CR"], ["CHEST"]), chest]) == []
+    # wholly covered by several earlier ones together, or by a model of any body part
+    cr, dx = card("cr", ["CR"], ["CHEST"]), card("dx", ["DX"], ["CHEST"])
+    assert hidden_models([cr, dx, chest]) == [(Path("chest"), chest[1], [cr, dx])]
+    assert hidden_models([any_mr, brain]) == [(Path("brain"), brain[1], [any_mr])]

@@ -355,3 +355,30 @@ def test_a_result_file_is_written_durably_folder_included(tmp_path, monkeypatch)
     write_atomically(ds, path)
     assert path.is_file() and not list(path.parent.glob(".tmp-*"))
     assert synced == ["temp", "folder"]  # the bytes before the rename, the folder after it
+
+
+def test_the_registry_warns_of_a_model_that_an_earlier_one_hides(tmp_path, caplog):
+    """The README's `medgru calibrate --model models/chest-cxr ... --out models/chest-cxr-site`, then
+    MEDGRU_MODEL=models: both folders were found in name order, every chest series went to the uncalibrated
+    chest-cxr, and the log's "models available" named both as if the calibrated one were in use."""
+    from medgru.settings import BUNDLED_MODELS_DIR
+
+    models = tmp_path / "models"
+    card = json.loads((BUNDLED_MODELS_DIR / "chest-cxr" / "card.json").read_text())
+    for name, version in (("chest-cxr", card["version"]), ("chest-cxr-site", card["version"] + "+cal.1")):
+        (models / name).mkdir(parents=True)
+        (models / name / "card.json").write_text(json.dumps({**card, "version": version}))
+    with caplog.at_level(logging.WARNING, logger="worker.models"):
+        registry = ModelRegistry([models, BUNDLED_MODELS_DIR / "brain-mr"], device="cpu")
+        assert registry.select("CR", "CHEST")[0] == models / "chest-cxr"
+    hidden = [r.getMessage() for r in caplog.records if "never used" in r.getMessage()]
+    assert len(hidden) == 1, hidden
+    assert f"+cal.1 ({models / 'chest-cxr-site'}) is never used" in hidden[0]
+    assert f"{card['version']} ({models / 'chest-cxr'})" in hidden[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="worker.models"):
+        ModelRegistry([models / "chest-cxr-site", BUNDLED_MODELS_DIR], device="cpu").cards
+    assert [r.getMessage() for r in caplog.records if "never used" in r.getMessage()] == [
+        f"model {card['name']} {card['version']} ({BUNDLED_MODELS_DIR / 'chest-cxr'}) is never used: "
+        f"{card['name']} {card['version']}+cal.1 ({models / 'chest-cxr-site'}), before it in MEDGRU_MODEL "
+        "(folders of models in name order), covers its whole scope; list the model to serve first"]
