@@ -187,7 +187,7 @@ def _db_downgrade(args, settings) -> int:
     try:
         downgrade_db(settings.effective_database_url, args.revision)
     except CommandError as exc:  # no such revision, or one above the database's
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)  # as every other error of medgru's; it was on stdout
         return 2
     print(f"database {_db_url(settings)[1]} at schema revision {args.revision}")
     return 0
