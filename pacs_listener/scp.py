@@ -317,8 +317,8 @@ PDU_OVERHEAD_BYTES = 2**20
 
 
 def _bound_received_bytes(assoc, limit: int) -> None:
-    """Abort ``assoc`` once its peer has sent more than ``limit`` bytes towards one DIMSE message, or declares
-    a PDU longer than that.
+    """Abort ``assoc`` once its peer has sent more than ``limit`` bytes towards one DIMSE message (and the
+    complete ones still waiting for the association to take them), or declares a PDU longer than that.
 
     pynetdicom gathers a request's command and data set fragments in memory until the last one arrives, and
     reads each PDU whole, of whatever length its header declares: a peer that sent P-DATA that never
@@ -344,11 +344,14 @@ def _bound_received_bytes(assoc, limit: int) -> None:
     def receive_bounded(primitive) -> None:
         if state["refused"]:
             return
-        if dimse.message is None:  # the previous message was complete: a new one starts
+        # the previous message was complete and the association has taken it: a new one starts. A complete
+        # request still waiting in msg_queue keeps counting: a peer that sends requests without waiting for
+        # their answers (beyond the one operation at a time negotiated) had them all held in memory
+        if dimse.message is None and dimse.msg_queue.empty():
             state["bytes"] = 0
         state["bytes"] += sum(len(data) for _cx, data in primitive.presentation_data_value_list or [])
         if state["bytes"] > limit:
-            refuse(f"a request already {state['bytes']} bytes long")
+            refuse(f"requests not yet answered already {state['bytes']} bytes long")
             dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to the association
             return
         receive_primitive(primitive)

@@ -918,3 +918,48 @@ def test_a_request_larger_than_max_instance_mb_aborts_its_association(listener_f
     assert assoc.is_established
     assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
     assoc.release()
+
+
+def test_requests_sent_without_waiting_for_their_answers_count_towards_max_instance_mb(
+        listener_factory, caplog, monkeypatch):
+    """The bound on one request was reset as each request completed, though the association still held the
+    complete ones it had not yet taken: a peer sending C-STOREs back to back without waiting for the answers
+    (beyond the one operation at a time negotiated) had them all held in memory (seen live: 100 requests of
+    7 MB against medgru serve with max_instance_mb 8, RSS 160 -> 592 MB). While a request is being served,
+    those queued behind it count, and past the bound the association is aborted."""
+    from pacs_listener.scp import Listener
+
+    serving, release = threading.Event(), threading.Event()
+    on_store = Listener._on_store
+
+    def held(self, event):  # the first request is served only once the flood is over
+        serving.set()
+        release.wait()
+        return on_store(self, event)
+
+    monkeypatch.setattr(Listener, "_on_store", held)
+    listener = listener_factory(max_instance_mb=0.25)  # 256 KiB
+    listener._ae.network_timeout = 600  # only the bound may end the flood in this test
+    sock = _associate_raw(listener.port, MRImageStorage)
+    try:
+        with sock:
+            chunk = bytes(32 * 1024)
+            try:
+                for n in range(32):  # 1 MiB of complete requests of 32 KiB each
+                    sock.sendall(_p_data(0x03, _store_command(MRImageStorage, generate_uid())))
+                    sock.sendall(_p_data(0x02, chunk))
+                    if n == 0:
+                        assert serving.wait(60)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed while we sent
+            assert _closed_by_peer(sock), "the listener kept every request sent ahead of its answers"
+    finally:
+        release.set()
+    assert "more than max_instance_mb 0.25" in caplog.text
+    monkeypatch.setattr(Listener, "_on_store", on_store)
+    listener = listener_factory(max_instance_mb=0.25)
+    assoc = pynetdicom_assoc(listener.port, [(MRImageStorage, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    for _ in range(3):  # 3 x 128 KiB, one request after the other, each answered: they do not add up
+        assert assoc.send_c_store(make_mr(rows=256, cols=256)).Status == StoreStatus.SUCCESS
+    assoc.release()
