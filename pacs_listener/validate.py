@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, UID_dictionary
 
@@ -86,7 +87,8 @@ MAX_NESTING = 32
 #: the most data elements a data set may hold, at every depth. pydicom keeps some 400 bytes and 20 us of
 #: parsing per element, so 8-byte empty elements make a small request cost ~50 times its size in memory
 #: (1 M of them, 8 MB sent: 380 MB more resident, 24 s of CPU, then again in the assembler and worker).
-#: A large enhanced multi-frame or RT structure set holds a few hundred thousand
+#: A large enhanced multi-frame or RT structure set holds a few hundred thousand. Sequence items count too:
+#: an empty item is 8 bytes sent and a whole Dataset once parsed (1 M of them: 26 s of CPU, then stored)
 MAX_ELEMENTS = 1_000_000
 #: the most a deflated data set may inflate to: a few kilobytes of deflate can claim gigabytes (a
 #: "deflate bomb"), which the check and then pydicom would each hold in memory; the deflated syntax
@@ -112,6 +114,15 @@ def _dataset_stream(file_bytes: bytes, transfer_syntax_uid: str) -> bytes | None
                                  f"(MAX_INFLATED_BYTES), from {len(file_bytes) - meta_end} bytes",
                                  StoreStatus.CANNOT_UNDERSTAND)
     return body
+
+
+def _implicit_sequence(tag: int) -> bool:
+    """Whether pydicom reads a defined-length element of ``tag`` in implicit VR as a sequence (its dictionary
+    VR is SQ); it then parses every item and element in it."""
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
 
 
 def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
@@ -160,6 +171,8 @@ def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
             if tag != _ITEM:
                 raise fail(pos - 8, f"expected an item tag, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
             item_syntax = un_item_syntax(pos) if un_value else syntax
+            if datasets:
+                count_element()
             if length == _UNDEFINED:
                 if not datasets:
                     raise fail(pos, "pixel data fragment of undefined length")
@@ -176,8 +189,14 @@ def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
 
     elements = 0
 
-    def walk_elements(pos: int, end: int | None, depth: int, syntax: tuple[bool, str]) -> int:
+    def count_element() -> None:
         nonlocal elements
+        elements += 1
+        if elements > MAX_ELEMENTS:
+            raise InvalidDataset(f"more than {MAX_ELEMENTS} data elements and sequence items (MAX_ELEMENTS)",
+                                 StoreStatus.CANNOT_UNDERSTAND)
+
+    def walk_elements(pos: int, end: int | None, depth: int, syntax: tuple[bool, str]) -> int:
         if depth > MAX_NESTING:
             raise fail(pos, f"sequences nested deeper than {MAX_NESTING}")
         implicit, order = syntax
@@ -190,10 +209,7 @@ def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
                 if end is not None or depth == 0:
                     raise fail(pos, "item delimiter inside a defined-length item")
                 return pos + 8
-            elements += 1
-            if elements > MAX_ELEMENTS:
-                raise InvalidDataset(f"more than {MAX_ELEMENTS} data elements (MAX_ELEMENTS)",
-                                     StoreStatus.CANNOT_UNDERSTAND)
+            count_element()
             if implicit:
                 vr, length, pos = None, int.from_bytes(body[pos + 4 : pos + 8], order), pos + 8
             else:
@@ -216,7 +232,7 @@ def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
             if pos + length > limit:
                 raise fail(pos, f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes, "
                                 f"only {limit - pos} remain")
-            if vr == b"SQ" and length:
+            if length and (vr == b"SQ" or (implicit and _implicit_sequence(tag))):  # pydicom parses both
                 walk_items(pos, pos + length, depth, syntax)
             pos += length
         if end is None and depth > 0:

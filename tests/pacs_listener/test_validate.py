@@ -380,9 +380,38 @@ def test_a_data_set_of_more_elements_than_max_elements_is_refused_before_it_is_p
     ds.add_new((0x0009, 0x0010), "LO", "MANY")
     ds.add_new((0x0009, 0x1001), "SQ", [item])
     data = to_file_bytes(ds, ts)
-    total = sum(1 for _ in dcmread(__import__("io").BytesIO(data)).iterall())
+    parsed = list(dcmread(__import__("io").BytesIO(data)).iterall())
+    total = len(parsed) + sum(len(e.value) for e in parsed if e.VR == "SQ")  # and the items pydicom parses
     monkeypatch.setattr(validate, "MAX_ELEMENTS", total, raising=False)
     validate_received(data, request_for(ds, ts))
     monkeypatch.setattr(validate, "MAX_ELEMENTS", total - 1, raising=False)
     reason = reject(data, request_for(ds, ts), StoreStatus.CANNOT_UNDERSTAND)
     assert f"more than {total - 1} data elements" in reason
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_sequence_items_count_towards_max_elements(monkeypatch, ts):
+    """MAX_ELEMENTS counted data elements only, and an empty sequence item, 8 bytes sent as an empty element
+    is, is a whole Dataset once pydicom has parsed it: 1 M empty items in one sequence (8 MB) passed the
+    check, cost medgru serve 26 s of CPU and were stored with Success (seen live), to be parsed again by
+    the assembler and the worker. In implicit VR a sequence of defined length (as pydicom and most writers
+    encode it) was not walked at all, so neither its items nor their elements counted (seen live: 1 M empty
+    elements in one item stored, 30 s of CPU). Items count towards the bound, and a defined-length
+    element whose dictionary VR is SQ is walked in implicit VR, as pydicom parses it."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    import pacs_listener.validate as validate
+
+    ds = make_mr()
+    items = [Dataset() for _ in range(300)]  # 200 empty items, 100 of one element
+    for item in items[200:]:
+        item.CodeValue = "1"
+    ds.add_new((0x0040, 0x0260), "SQ", Sequence(items))  # Performed Protocol Code Sequence
+    data = to_file_bytes(ds, ts)
+    elements = sum(1 for _ in dcmread(__import__("io").BytesIO(data)).iterall())  # the items not among them
+    monkeypatch.setattr(validate, "MAX_ELEMENTS", elements + 300, raising=False)
+    validate_received(data, request_for(ds, ts))
+    monkeypatch.setattr(validate, "MAX_ELEMENTS", elements + 299, raising=False)
+    reason = reject(data, request_for(ds, ts), StoreStatus.CANNOT_UNDERSTAND)
+    assert f"more than {elements + 299} data elements and sequence items" in reason
