@@ -560,8 +560,8 @@ class Listener:
         try:
             ds = validate_received(data, request)
         except InvalidDataset as exc:
-            return self._quarantine(data, request, calling_ae, exc.reason, exc.status,
-                                    ds_uids=readable_study_series(data))
+            return self._quarantine(data, request, calling_ae, exc.reason, exc.status,  # a bomb is not parsed
+                                    ds_uids=None if exc.costly else readable_study_series(data))
         except Exception as exc:  # a validator bug must not lose the instance or answer Success
             log.exception("validation of %s crashed", request.sop_instance_uid)
             return self._quarantine(data, request, calling_ae, f"validation error: {exc!r}",

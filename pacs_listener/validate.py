@@ -42,10 +42,14 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 class InvalidDataset(Exception):
     """A received data set we refuse: ``reason`` says what is wrong, ``status`` what we answer."""
 
-    def __init__(self, reason: str, status: StoreStatus = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS):
+    def __init__(self, reason: str, status: StoreStatus = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                 costly: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        #: refused because pydicom's parse would cost too much (a deflate bomb, too many elements, too deep):
+        #: nothing may parse the data set afterwards, not even for the quarantine record's UIDs
+        self.costly = costly
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def _dataset_stream(file_bytes: bytes, transfer_syntax_uid: str) -> bytes | None
         if inflater.unconsumed_tail:
             raise InvalidDataset(f"deflated data set inflates to more than {MAX_INFLATED_BYTES / 2**20:g} MiB "
                                  f"(MAX_INFLATED_BYTES), from {len(file_bytes) - meta_end} bytes",
-                                 StoreStatus.CANNOT_UNDERSTAND)
+                                 StoreStatus.CANNOT_UNDERSTAND, costly=True)
     return body
 
 
@@ -194,11 +198,12 @@ def check_encoding(file_bytes: bytes, transfer_syntax_uid: str) -> None:
         elements += 1
         if elements > MAX_ELEMENTS:
             raise InvalidDataset(f"more than {MAX_ELEMENTS} data elements and sequence items (MAX_ELEMENTS)",
-                                 StoreStatus.CANNOT_UNDERSTAND)
+                                 StoreStatus.CANNOT_UNDERSTAND, costly=True)
 
     def walk_elements(pos: int, end: int | None, depth: int, syntax: tuple[bool, str]) -> int:
         if depth > MAX_NESTING:
-            raise fail(pos, f"sequences nested deeper than {MAX_NESTING}")
+            raise InvalidDataset(f"malformed encoding at byte {pos} of the data set: sequences nested deeper than "
+                                 f"{MAX_NESTING}", StoreStatus.CANNOT_UNDERSTAND, costly=True)
         implicit, order = syntax
         limit = len(body) if end is None else end
         while pos < limit:

@@ -963,3 +963,47 @@ def test_requests_sent_without_waiting_for_their_answers_count_towards_max_insta
     for _ in range(3):  # 3 x 128 KiB, one request after the other, each answered: they do not add up
         assert assoc.send_c_store(make_mr(rows=256, cols=256)).Status == StoreStatus.SUCCESS
     assoc.release()
+
+
+def test_a_data_set_refused_as_too_costly_to_parse_is_not_parsed_for_its_quarantine_record(
+        make_settings, sqlite_session_factory, monkeypatch):
+    """A data set refused because pydicom's parse would cost too much (a deflate bomb past
+    MAX_INFLATED_BYTES, more than MAX_ELEMENTS) was parsed by pydicom all the same, to read its study and
+    series UIDs for the quarantine record: a refused deflate bomb was inflated whole (a 1 MB file of 1 GiB of
+    zeros: 1 GiB more resident, where the check holds at most 512 MiB; a 1 GB request could claim a
+    terabyte), and 1 M empty items cost their 18 s of CPU after the refusal. Such a data set is quarantined
+    without being parsed; a data set refused for another reason still has its UIDs read."""
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    import pacs_listener.validate as validate
+    from pacs_listener.scp import Listener
+    from pacs_listener.validate import RequestIds
+
+    from .test_validate import to_file_bytes
+
+    inflated = []
+    decompress = zlib.decompress
+    monkeypatch.setattr(zlib, "decompress", lambda data, *a: inflated.append(1) or decompress(data, *a))
+    monkeypatch.setattr(validate, "MAX_INFLATED_BYTES", 2**20)
+    listener = Listener(make_settings(min_free_disk_mb=0), sqlite_session_factory)
+
+    def refuse(ds, ts):
+        request = RequestIds(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax_uid=ts)
+        assert listener.store(to_file_bytes(ds, ts), request, "BOMBER") != StoreStatus.SUCCESS
+        with sqlite_session_factory() as session:
+            return session.scalars(select(QuarantineItem).where(
+                QuarantineItem.sop_instance_uid == ds.SOPInstanceUID)).one()
+
+    bomb = make_mr()
+    bomb.add_new(0x00091010, "OB", bytes(8 * 2**20))  # 8 MiB of zeros: a few KiB deflated
+    bomb.add_new(0x00090010, "LO", "BOMB TEST")
+    row = refuse(bomb, DeflatedExplicitVRLittleEndian)
+    assert "MAX_INFLATED_BYTES" in row.reason
+    assert inflated == [], "pydicom inflated the refused deflate bomb"
+
+    broken = make_mr()
+    broken.BitsAllocated = 12  # refused by the pixel module's check, after the encoding check passed
+    refuse(broken, DeflatedExplicitVRLittleEndian)
+    assert inflated, "the UIDs of a data set refused for its pixel module were not read"
