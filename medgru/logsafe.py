@@ -62,6 +62,9 @@ def _format_exception(exc_info, printable) -> str:
         seen.add(id(t))
         if isinstance(getattr(t, "_str", None), str):  # the message, as format_exception_only writes it
             t._str = printable(t._str)
+        notes = getattr(t, "__notes__", None)  # add_note() texts, printed after the message
+        if isinstance(notes, (list, tuple)):
+            t.__notes__ = [printable(note) for note in notes]
         todo += [t.__cause__, t.__context__, *(getattr(t, "exceptions", None) or ())]
     return "".join(te.format()).rstrip("\n")
 

@@ -111,7 +111,9 @@ def test_an_exception_message_logged_cannot_write_a_line_of_its_own(caplog):
         try:
             raise OSError("first\nforged")
         except OSError as exc:
-            raise ValueError(forged) from exc
+            error = ValueError(forged)
+            error.add_note("a note\nforged too")  # printed after the message: escaped as well
+            raise error from exc
     except ValueError:
         logging.getLogger("medgru.test").exception("job 2 failed")
     text = caplog.records[-1].exc_text
@@ -119,3 +121,4 @@ def test_an_exception_message_logged_cannot_write_a_line_of_its_own(caplog):
     assert "\n2026-12-08" not in text and "first\\x0aforged" in text
     assert text.startswith("Traceback (most recent call last):\n")  # the traceback keeps its lines
     assert "The above exception was the direct cause" in text
+    assert "a note\\x0aforged too" in text
