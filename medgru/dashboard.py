@@ -918,40 +918,44 @@ class DashboardServer:
             def _json(self, data: Any):
                 return self._send(200, json.dumps(data).encode(), "application/json")
 
-            def _authorised(self) -> bool:
-                """HTTP Basic against the settings' user and password, when a password is set; else 401 (429
-                while the client's address is locked out for too many wrong passwords, :class:`LoginThrottle`)."""
+            def _password(self) -> tuple[str, float]:
+                """The request's credentials against the settings' user and password: ``("ok", 0)`` (or no
+                password set), ``("locked", seconds left)`` while the client's address is locked out for too
+                many wrong passwords (:class:`LoginThrottle`; not checked then), ``("missing", 0)`` or
+                ``("wrong", 0)``, which is logged and counted on every path, ``/healthz`` included (it must not
+                be a way round the throttle)."""
                 if server.password is None:
-                    return True
+                    return "ok", 0.0
                 address = self.client_address[0]
                 wait = server.logins.locked_for(address)
                 if wait > 0:
+                    return "locked", wait
+                given = self.headers.get("Authorization", "")
+                if check_basic_auth(given, server.settings.dashboard_user, server.password):
+                    return "ok", 0.0
+                if not given:  # a browser's first request, with none, is not logged
+                    return "missing", 0.0
+                self._wrong_password(given, address)
+                return "wrong", 0.0
+
+            def _authorised(self) -> bool:
+                """HTTP Basic (:meth:`_password`), when a password is set; else 401 (429 while the client's
+                address is locked out)."""
+                verdict, wait = self._password()
+                if verdict == "ok":
+                    return True
+                if verdict == "locked":
                     self._send(429, b"too many wrong passwords from this address; try again later\n", "text/plain",
                                {"Retry-After": str(math.ceil(wait))})
                     return False
-                given = self.headers.get("Authorization", "")
-                if check_basic_auth(given, server.settings.dashboard_user, server.password):
-                    return True
-                if given:  # a wrong user or password (a browser's first request, with none, is not logged)
-                    self._wrong_password(given, address)
                 self._send(401, b"authentication required\n", "text/plain",
                            {"WWW-Authenticate": 'Basic realm="MedGRU worker", charset="UTF-8"'})
                 return False
 
             def _may_see_details(self) -> bool:
-                """Whether this request may read error texts on ``/healthz`` (no password set, or it carries
-                the right one; an address locked out for wrong passwords may not)."""
-                if server.password is None:
-                    return True
-                address = self.client_address[0]
-                if server.logins.locked_for(address) > 0:
-                    return False
-                given = self.headers.get("Authorization", "")
-                if check_basic_auth(given, server.settings.dashboard_user, server.password):
-                    return True
-                if given:  # counted and logged as anywhere else: /healthz must not be a way round the throttle
-                    self._wrong_password(given, address)
-                return False
+                """Whether this request may read error texts on ``/healthz``: no password set, or it carries
+                the right one (an address locked out for wrong passwords may not)."""
+                return self._password()[0] == "ok"
 
             def _wrong_password(self, given: str, address: str) -> None:
                 """Log a wrong user or password and count it (:class:`LoginThrottle`); log a lock-out."""
