@@ -441,6 +441,35 @@ class Detector(abc.ABC):
             extras["series_fpr_bound"] = float(bound)
         return extras
 
+    def frame_detection(self, sequence: "FrameSequence", frame_scores: np.ndarray, heat_grid: np.ndarray | None,
+                        heat_range: tuple[float, float] = (0.0, 1.0),
+                        extras: dict[str, float] | None = None) -> "Detection":
+        """The :class:`Detection` of a detector that scores each frame alone (knn-effnet, patch-gan): the
+        highest judged frame against the threshold for their number (:meth:`series_decision`); the heat map
+        each frame's grid of patch scores (``heat_grid``, ``(T, gh, gw)``) mapped to ``[0, 1]`` by
+        ``heat_range`` and resized to the frame, zeros without a grid; ``extras`` and, for several frames,
+        :meth:`series_extras`. Named by the card, or before one is written by the detector's own name and
+        version."""
+        import cv2
+
+        _, score, thr = self.series_decision(frame_scores, sequence.context_frames)
+        t, h, w = sequence.frames.shape
+        extras = dict(extras or {})
+        if heat_grid is not None:
+            lo, hi = heat_range
+            heat = np.clip((heat_grid - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+            heatmaps = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in heat])
+            heatmaps = np.clip(heatmaps, 0.0, 1.0).astype(np.float32)
+        else:
+            heatmaps = np.zeros((t, h, w), dtype=np.float32)
+        if t > 1:
+            extras.update(self.series_extras(len(sequence.judged)))
+        card = self.card
+        return Detection(score=score, threshold=thr, is_anomaly=score > thr, heatmaps=heatmaps,
+                         model_name=card.name if card else getattr(self, "name", self.registry_name),
+                         model_version=card.version if card else getattr(self, "version", "0"),
+                         cluster_label=None, frame_scores=tuple(float(s) for s in frame_scores), extras=extras)
+
     def save_calibration(self, model_dir: Path) -> list[str]:
         """Write :data:`CALIBRATION_FILENAME` (or remove a stale one when there are no scores); returns the
         names written. :func:`save_model` calls it after :meth:`save`."""
@@ -497,6 +526,16 @@ class Detector(abc.ABC):
 
 _REGISTRY: dict[str, type[Detector]] = {}
 D = TypeVar("D", bound=type[Detector])
+
+
+def highest_judged_frames(frame_scores: np.ndarray, owners: np.ndarray, sequences: Sequence[FrameSequence]
+                          ) -> np.ndarray:
+    """The highest frame score of each sequence among its judged frames (a prior study's leading context
+    frames are not judged); ``owners[i]`` is the index of the sequence frame ``i`` belongs to."""
+    out = np.full(len(sequences), -np.inf)
+    judged = np.concatenate([np.arange(s.length) >= s.context_frames for s in sequences])
+    np.maximum.at(out, owners[judged], frame_scores[judged])
+    return out
 
 
 def split_calibration_normals(name: str, normals: Sequence, validation: Sequence, fraction: float,

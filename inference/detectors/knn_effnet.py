@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inference.api import (Detection, Detector, FrameSequence, ModelCard,
-                           register_detector, split_calibration_normals)
+                           highest_judged_frames, register_detector, split_calibration_normals)
 
 WEIGHTS_FILE = "knn_effnet.npz"
 
@@ -161,15 +161,6 @@ class KnnEffNetDetector(Detector):
         d = torch.cat(out) / math.sqrt(c)
         return d.reshape(b, h, w).cpu().numpy()
 
-    @staticmethod
-    def _seq_max(frame_scores: np.ndarray, owners: np.ndarray, sequences: Sequence[FrameSequence]) -> np.ndarray:
-        """The highest frame score of each sequence among its judged frames (a prior study's leading
-        context frames are not judged)."""
-        out = np.full(len(sequences), -np.inf)
-        judged = np.concatenate([np.arange(s.length) >= s.context_frames for s in sequences])
-        np.maximum.at(out, owners[judged], frame_scores[judged])
-        return out
-
     # ------------------------------------------------------------------------------------ training
     def fit(self, normals: Sequence[FrameSequence], *, validation: Sequence[FrameSequence] = (),
             seed: int = 0) -> None:
@@ -205,31 +196,16 @@ class KnnEffNetDetector(Detector):
         if not sequences:
             return np.zeros(0, dtype=np.float64)
         pooled, _, owners = self._pooled_of(sequences, patches=False)
-        return self._seq_max(self._knn_scores(pooled), owners, sequences).astype(np.float64)
+        return highest_judged_frames(self._knn_scores(pooled), owners, sequences).astype(np.float64)
 
     def detect(self, sequence: FrameSequence, *, explain: bool = True) -> Detection:
-        import cv2
-
         pooled, maps, _ = self._pooled_of([sequence], patches=explain)
         frame_scores = self._knn_scores(pooled)
-        # the highest judged frame against the threshold for their number (Detector.series_threshold)
-        _, score, thr = self.series_decision(frame_scores, sequence.context_frames)
-        t, h, w = sequence.frames.shape
-        if explain:
-            pd = self._patch_distances(maps)
-            heat = np.clip((pd - self._heat_lo) / (self._heat_hi - self._heat_lo), 0.0, 1.0).astype(np.float32)
-            heatmaps = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in heat])
-            heatmaps = np.clip(heatmaps, 0.0, 1.0).astype(np.float32)
-            extras = {"max_patch_distance": float(pd.max())}
-        else:
-            heatmaps = np.zeros((t, h, w), dtype=np.float32)
-            extras = {}
-        if t > 1:
-            extras.update(self.series_extras(len(sequence.judged)))
-        return Detection(score=score, threshold=thr, is_anomaly=score > thr, heatmaps=heatmaps,
-                         model_name=self.card.name if self.card else self.name,
-                         model_version=self.card.version if self.card else self.version,
-                         cluster_label=None, frame_scores=tuple(float(s) for s in frame_scores), extras=extras)
+        if not explain:
+            return self.frame_detection(sequence, frame_scores, None)
+        pd = self._patch_distances(maps)
+        return self.frame_detection(sequence, frame_scores, pd, (self._heat_lo, self._heat_hi),
+                                    {"max_patch_distance": float(pd.max())})
 
     # ------------------------------------------------------------------------------------ persistence
     def save(self, model_dir: Path) -> list[str]:

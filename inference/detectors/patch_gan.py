@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.api import (Detection, Detector, FrameSequence, ModelCard, register_detector,
-                           split_calibration_normals)
+from inference.api import (Detection, Detector, FrameSequence, ModelCard, highest_judged_frames,
+                           register_detector, split_calibration_normals)
 
 log = logging.getLogger(__name__)
 
@@ -344,43 +344,21 @@ class PatchGANDetector(Detector):
         w = np.linspace(1.1, 1.0, self.top_k) if self.top_k > 1 else np.array([1.1])
         return (flat @ w) / w.sum()
 
-    @staticmethod
-    def _seq_max(frame_scores: np.ndarray, owners: np.ndarray, sequences: Sequence[FrameSequence]) -> np.ndarray:
-        out = np.full(len(sequences), -np.inf)
-        judged = np.concatenate([np.arange(s.length) >= s.context_frames for s in sequences])
-        np.maximum.at(out, owners[judged], frame_scores[judged])
-        return out
-
     def score_batch(self, sequences: Sequence[FrameSequence]) -> np.ndarray:
         sequences = list(sequences)
         if not sequences:
             return np.zeros(0, dtype=np.float64)
         frames, owners = self._frames_of(sequences)
-        return self._seq_max(self._rank(self._patch_scores(frames)), owners, sequences).astype(np.float64)
+        return highest_judged_frames(self._rank(self._patch_scores(frames)), owners, sequences).astype(np.float64)
 
     def detect(self, sequence: FrameSequence, *, explain: bool = True) -> Detection:
-        import cv2
-
         frames, _ = self._frames_of([sequence])
         patch = self._patch_scores(frames)
         frame_scores = self._rank(patch)
-        # the highest judged frame against the threshold for their number (Detector.series_threshold)
-        _, score, thr = self.series_decision(frame_scores, sequence.context_frames)
-        t, h, w = sequence.frames.shape
-        extras: dict[str, float] = {}
-        if explain:
-            heat = np.clip((patch - self._heat_lo) / (self._heat_hi - self._heat_lo), 0.0, 1.0).astype(np.float32)
-            heatmaps = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in heat])
-            heatmaps = np.clip(heatmaps, 0.0, 1.0).astype(np.float32)
-            extras["max_patch_score"] = float(patch.max())
-        else:
-            heatmaps = np.zeros((t, h, w), dtype=np.float32)
-        if t > 1:
-            extras.update(self.series_extras(len(sequence.judged)))
-        return Detection(score=score, threshold=thr, is_anomaly=score > thr, heatmaps=heatmaps,
-                         model_name=self.card.name if self.card else self.name,
-                         model_version=self.card.version if self.card else self.version,
-                         cluster_label=None, frame_scores=tuple(float(s) for s in frame_scores), extras=extras)
+        if not explain:
+            return self.frame_detection(sequence, frame_scores, None)
+        return self.frame_detection(sequence, frame_scores, patch, (self._heat_lo, self._heat_hi),
+                                    {"max_patch_score": float(patch.max())})
 
     # ------------------------------------------------------------------------------------ persistence
     def save(self, model_dir: Path) -> list[str]:
